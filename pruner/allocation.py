@@ -1,0 +1,255 @@
+"""Layerwise sparsity allocators: pure numpy, no torch, no model.
+
+Symbols: S is the target (mean) sparsity, λ (``lam``) bounds how far a block may move from S, M (``m``) is OWL's
+outlier threshold multiplier, r_i is block i's outlier ratio (LOD entry).
+
+Invariants every allocator keeps: every sparsity is in [0, 1), and the parameter-weighted mean sparsity over all
+prunable layers equals S (exactly, up to float round-off, for blocks of equal size, which every supported
+decoder-only family has). Inputs that cannot honour them raise ``ValueError`` naming the allowed range; nothing is
+clamped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+#: Paper defaults for LLaMA (OWL, Yin et al. 2024, Sec. 4): M = 5, λ = 0.08.
+OWL_DEFAULT_M = 5.0
+OWL_DEFAULT_LAMBDA = 0.08
+#: Round-off below this is treated as zero when checking that a sparsity is ≥ 0.
+_ROUNDOFF = 1e-12
+
+
+def check_sparsity(sparsity: float) -> float:
+    s = float(sparsity)
+    if not (0.0 < s < 1.0):
+        raise ValueError(f"target sparsity S must be in (0, 1); got {sparsity!r}")
+    return s
+
+
+def _check_lambda(lam: float) -> float:
+    lam = float(lam)
+    if not np.isfinite(lam) or lam < 0:
+        raise ValueError(f"λ (lam) must be ≥ 0; got {lam!r}")
+    return lam
+
+
+def uniform(n_blocks: int, sparsity: float) -> np.ndarray:
+    """Every block gets S. (n_blocks,)"""
+    if int(n_blocks) < 1:
+        raise ValueError(f"n_blocks must be ≥ 1; got {n_blocks!r}")
+    return np.full(int(n_blocks), check_sparsity(sparsity))
+
+
+def _scaled_ratios(outlier_ratios, lam: float) -> np.ndarray:
+    """r̃ = (r − min r) / (max r − min r) · 2λ, in [0, 2λ]; all zeros when every ratio is equal."""
+    r = np.asarray(outlier_ratios, dtype=np.float64)
+    if r.ndim != 1 or r.size < 1 or not np.all(np.isfinite(r)):
+        raise ValueError("outlier ratios must be a non-empty 1-D array of finite numbers")
+    spread = r.max() - r.min()
+    if spread == 0:
+        return np.zeros_like(r)
+    return (r - r.min()) / spread * (2 * lam)
+
+
+def _owl_family(outlier_ratios, sparsity: float, lam: float, direction: int, label: str) -> np.ndarray:
+    """sparsity_i = S − direction · (r̃_i − mean r̃); direction +1 is OWL, −1 its inverse."""
+    S = check_sparsity(sparsity)
+    lam = _check_lambda(lam)
+    r_tilde = _scaled_ratios(outlier_ratios, lam)
+    density = direction * (r_tilde - r_tilde.mean()) + (1.0 - S)
+    out = 1.0 - density
+    if out.min() < -_ROUNDOFF or out.max() >= 1.0:
+        lam_max = owl_lambda_max(outlier_ratios, S, inverse=direction < 0)
+        raise ValueError(
+            f"λ={lam:g} is too wide for S={S:g}: {label} would give block sparsities in "
+            f"[{out.min():.4f}, {out.max():.4f}], outside [0, 1); allowed here: 0 ≤ λ < {lam_max:.4f}"
+        )
+    return np.where(out < 0, 0.0, out)  # only round-off (> −1e-12) reaches here
+
+
+def owl(outlier_ratios, sparsity: float, lam: float) -> np.ndarray:
+    """OWL's per-block sparsities (Yin et al. 2024, Eq. in Sec. 3.3, as in the official code).
+
+    r̃_i = (r_i − min r) / (max r − min r) · 2λ;  density_i = r̃_i − mean(r̃) + (1 − S);  s_i = 1 − density_i.
+    Blocks with more outliers keep more weights. The unweighted mean of s_i is S; each s_i ∈ [S − λ, S + λ].
+    Equal ratios give the uniform allocation. (n_blocks,) → (n_blocks,)
+    """
+    return _owl_family(outlier_ratios, sparsity, lam, +1, "OWL")
+
+
+def owl_inverse(outlier_ratios, sparsity: float, lam: float) -> np.ndarray:
+    """The OWL paper's ablation: blocks with more outliers are pruned *more*: s_i = S + (r̃_i − mean r̃)."""
+    return _owl_family(outlier_ratios, sparsity, lam, -1, "OWL-inverse")
+
+
+def owl_lambda_max(outlier_ratios, sparsity: float, inverse: bool = False) -> float:
+    """Supremum of λ for which OWL (or its inverse) keeps every block sparsity in [0, 1).
+
+    With m̄ = mean of (r − min r)/(max r − min r): OWL's sparsities span [S − 2λ(1 − m̄), S + 2λm̄], so it needs
+    λ ≤ S / (2(1 − m̄)) and λ < (1 − S) / (2m̄); the inverse swaps m̄ and 1 − m̄. ``inf`` when all ratios are equal.
+    """
+    S = check_sparsity(sparsity)
+    unit = _scaled_ratios(outlier_ratios, 0.5)  # (r − min)/(max − min), in [0, 1]
+    if not unit.any():
+        return float("inf")
+    m_bar = float(unit.mean())
+    up, down = (1 - m_bar, m_bar) if inverse else (m_bar, 1 - m_bar)  # per unit of 2λ
+    bounds = [(1 - S) / (2 * up) if up > 0 else np.inf, S / (2 * down) if down > 0 else np.inf]
+    return float(min(bounds))
+
+
+def er(layer_shapes, sparsity: float) -> np.ndarray:
+    """Erdős–Rényi allocation per layer (Mocanu et al. 2018; Evci et al. 2020).
+
+    density_l = ε · (n_in + n_out) / (n_in · n_out), with ε chosen so that the parameter-weighted density is 1 − S.
+    Layers whose density would exceed 1 are kept dense and ε is re-solved for the rest.
+    layer_shapes: (L, 2) of (out_features, in_features) → (L,) sparsities.
+    """
+    S = check_sparsity(sparsity)
+    shapes = np.asarray(layer_shapes, dtype=np.float64)
+    if shapes.ndim != 2 or shapes.shape[1] != 2 or shapes.shape[0] < 1 or np.any(shapes < 1):
+        raise ValueError("layer_shapes must be an (L, 2) array of positive (out_features, in_features)")
+    n_out, n_in = shapes[:, 0], shapes[:, 1]
+    numel = n_out * n_in
+    raw = (n_in + n_out) / numel
+    dense = np.zeros(len(numel), dtype=bool)
+    while True:
+        budget = (1 - S) * numel.sum() - numel[dense].sum()  # weights to keep in the non-dense layers
+        eps = budget / (raw[~dense] * numel[~dense]).sum()
+        density = np.where(dense, 1.0, eps * raw)
+        newly = (density > 1.0) & ~dense
+        if not newly.any():
+            return 1.0 - density
+        dense |= newly
+
+
+def global_threshold(score_hist, sparsity: float) -> np.ndarray:
+    """One Wanda-score threshold across all prunable layers; returns each layer's resulting sparsity.
+
+    ``score_hist`` is (L, H): per layer, counts of scores in shared ascending bins. The threshold falls in the bin
+    where the cumulative count reaches S · N; inside that bin, weights are pruned from every layer in proportion to
+    its count there (one bin spans 2.3% in score with the bins ``pruner.stats`` uses). The parameter-weighted mean
+    of the result is exactly S. (L, H) → (L,)
+    """
+    S = check_sparsity(sparsity)
+    hist = np.asarray(score_hist, dtype=np.float64)
+    if hist.ndim != 2 or np.any(hist < 0):
+        raise ValueError("score_hist must be an (L, H) array of non-negative counts")
+    numel = hist.sum(axis=1)
+    if np.any(numel == 0):
+        raise ValueError("every layer needs at least one score in score_hist")
+    target = S * numel.sum()
+    cumulative = np.cumsum(hist.sum(axis=0))
+    b = int(np.searchsorted(cumulative, target, side="left"))  # first bin where the cumulative count ≥ target
+    before = cumulative[b - 1] if b > 0 else 0.0
+    in_bin = cumulative[b] - before
+    share = (target - before) / in_bin
+    pruned = hist[:, :b].sum(axis=1) + share * hist[:, b]
+    return pruned / numel
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registry: a uniform interface over the formulas above, fed by cached statistics.
+
+
+class AllocationInputs(Protocol):
+    """What allocators read (``pruner.stats.Stats`` provides it)."""
+
+    layer_block: np.ndarray  # (L,) block index of each layer
+    layer_shapes: np.ndarray  # (L, 2) (out_features, in_features)
+    score_hist: np.ndarray  # (L, H) Wanda-score histogram
+
+    @property
+    def n_blocks(self) -> int: ...
+
+    def lod(self, m: float) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Allocator:
+    name: str
+    label: str
+    granularity: str  # "block" (one sparsity per block) or "layer"
+    params: tuple[str, ...]  # which of ("lam", "m") it reads
+    compute: Callable[..., np.ndarray]  # (inputs, S, lam, m) -> (L,) per-layer sparsities
+    description: str
+
+
+def _per_block(fn):
+    def compute(inputs: AllocationInputs, S, lam, m):
+        return fn(inputs, S, lam, m)[np.asarray(inputs.layer_block)]
+
+    return compute
+
+
+ALLOCATORS: dict[str, Allocator] = {
+    a.name: a
+    for a in (
+        Allocator("uniform", "Uniform", "block", (), _per_block(lambda x, S, lam, m: uniform(x.n_blocks, S)),
+                  "the same sparsity S for every block"),
+        Allocator("owl", "OWL", "block", ("lam", "m"), _per_block(lambda x, S, lam, m: owl(x.lod(m), S, lam)),
+                  "blocks with more outliers (share of scores above M × the block mean) keep more weights; S ± λ"),
+        Allocator("owl_inverse", "OWL-inverse", "block", ("lam", "m"),
+                  _per_block(lambda x, S, lam, m: owl_inverse(x.lod(m), S, lam)),
+                  "ablation: blocks with more outliers are pruned more; S ± λ"),
+        Allocator("er", "Erdős–Rényi", "layer", (), lambda x, S, lam, m: er(x.layer_shapes, S),
+                  "per-layer density ∝ (n_in + n_out) / (n_in · n_out)"),
+        Allocator("global", "Global", "layer", (), lambda x, S, lam, m: global_threshold(x.score_hist, S),
+                  "one Wanda-score threshold across all layers"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """An allocator's result: per-layer sparsities plus their parameter-weighted mean per block."""
+
+    allocator: str
+    sparsity: float
+    params: dict
+    layer_sparsity: np.ndarray  # (L,)
+    block_sparsity: np.ndarray  # (B,)
+    overall: float  # parameter-weighted mean over all layers
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self, layer_names: list[str] | None = None, layer_block=None) -> dict:
+        out = {
+            "allocator": self.allocator,
+            "target_sparsity": self.sparsity,
+            "params": self.params,
+            "overall_sparsity": self.overall,
+            "block_sparsity": [float(v) for v in self.block_sparsity],
+        }
+        if layer_names is not None and layer_block is not None:
+            out["layer_sparsity"] = [
+                {"block": int(b), "layer": n, "sparsity": float(s)}
+                for n, b, s in zip(layer_names, layer_block, self.layer_sparsity)
+            ]
+        else:
+            out["layer_sparsity"] = [float(v) for v in self.layer_sparsity]
+        return out
+
+
+def allocate(name: str, inputs: AllocationInputs, sparsity: float, *, lam: float | None = None,
+             m: float | None = None) -> Allocation:
+    """Run allocator ``name`` on cached statistics. OWL's λ and M default to the paper's 0.08 and 5."""
+    if name not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {name!r}; choose one of {', '.join(ALLOCATORS)}")
+    S = check_sparsity(sparsity)
+    a = ALLOCATORS[name]
+    lam = OWL_DEFAULT_LAMBDA if lam is None else _check_lambda(lam)
+    m = OWL_DEFAULT_M if m is None else float(m)
+    if "m" in a.params and not (np.isfinite(m) and m > 0):
+        raise ValueError(f"M must be > 0; got {m!r}")
+    layer = np.asarray(a.compute(inputs, S, lam, m), dtype=np.float64)
+    shapes = np.asarray(inputs.layer_shapes, dtype=np.float64)
+    numel = shapes[:, 0] * shapes[:, 1]
+    blocks = np.asarray(inputs.layer_block)
+    kept_weighted = np.bincount(blocks, weights=layer * numel, minlength=inputs.n_blocks)
+    block = kept_weighted / np.bincount(blocks, weights=numel, minlength=inputs.n_blocks)
+    params = {k: v for k, v in (("lam", lam), ("m", m)) if k in a.params}
+    return Allocation(name, S, params, layer, block, float((layer * numel).sum() / numel.sum()))

@@ -1,0 +1,158 @@
+"""The one blockwise calibration loop.
+
+1. Capture what every decoder block is called with: the hidden states entering block 0 (one tensor per
+   calibration mini-batch) and, for each block, its other positional and keyword arguments (attention masks,
+   rotary ``position_embeddings``, ``position_ids``...). Per-block arguments matter: Gemma3 alternates sliding and
+   full attention, so blocks get different masks and rotary tables. The capture runs the model's base (no
+   ``lm_head``) with every block temporarily replaced by a recorder that passes the hidden states through, so no
+   exception is needed to stop the forward pass.
+2. Walk the blocks in order. Each block is moved to the compute device, run on every mini-batch with the
+   observer's hooks attached (hooks are always removed in ``finally``), and the observer then finishes the block
+   (computes statistics, or prunes it). If the observer changed the block's weights, the block runs again so that
+   the next block sees the outputs of the modified block (the sequential protocol of Wanda and SparseGPT).
+   The block then goes back to where it was, so only one block at a time needs to fit on the compute device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from pruner.models import find_blocks, prunable_layers
+
+#: Attributes some model families read from a block object in their outer loop; recorders carry them over.
+_BLOCK_ATTRIBUTES = ("attention_type", "layer_idx", "is_sliding", "sliding_window", "layer_type")
+
+ProgressFn = Callable[[int, int], None]  # (blocks done, blocks total)
+
+
+class BlockObserver(Protocol):
+    """What one pass of the loop does at each block."""
+
+    def attach(self, index: int, block: nn.Module, layers: dict[str, nn.Module]) -> list[RemovableHandle]:
+        """Register hooks on the block's layers before it sees the calibration batches; return their handles."""
+
+    def finish(self, index: int, block: nn.Module, layers: dict[str, nn.Module]) -> bool:
+        """Called once the block has seen every batch. Return True if the block's weights were changed."""
+
+
+class Cancelled(Exception):
+    """The caller asked the loop to stop (checked between blocks, never inside a forward pass)."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder block during capture: records its call and passes the hidden states through."""
+
+    def __init__(self, index: int, original: nn.Module, store: dict):
+        super().__init__()
+        self.index = index
+        self.store = store
+        for attr in _BLOCK_ATTRIBUTES:
+            if hasattr(original, attr):
+                setattr(self, attr, getattr(original, attr))
+
+    def forward(self, *args, **kwargs):
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        if self.index == 0:
+            self.store["hidden"].append(hidden.detach())
+        self.store["calls"].setdefault(self.index, (rest, kwargs))
+        return hidden
+
+
+def _first_tensor(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def mini_batch_size(nsamples: int, requested: int) -> int:
+    """Largest size ≤ ``requested`` dividing ``nsamples``: every mini-batch then has the same shape, so the
+    per-block arguments captured from the first one (e.g. a (b, 1, T, T) mask) are valid for all."""
+    return math.gcd(nsamples, max(1, requested))
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int
+) -> tuple[list[torch.Tensor], list[tuple[tuple, dict]]]:
+    """Hidden states entering block 0, per mini-batch ((b, T, hidden) each, on ``device``), and each block's call
+    arguments (positional after the hidden states, keyword) as recorded on the first mini-batch."""
+    _, blocks = find_blocks(model)
+    base = model.base_model if hasattr(model, "base_model") else model
+    originals = list(blocks)
+    store: dict = {"hidden": [], "calls": {}}
+    home = _module_device(model)
+    try:
+        for j, block in enumerate(originals):
+            blocks[j] = _Recorder(j, block, store)
+        model.to(device)  # only the non-block modules are in the tree now: embeddings, final norm, lm_head
+        for start in range(0, tokens.shape[0], batch_size):
+            base(input_ids=tokens[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        model.to(home)
+        for j, block in enumerate(originals):
+            blocks[j] = block
+    missing = [j for j in range(len(originals)) if j not in store["calls"]]
+    if missing:
+        raise RuntimeError(f"blocks {missing} were never called during capture; the model skips decoder blocks")
+    return store["hidden"], [store["calls"][j] for j in range(len(originals))]
+
+
+@torch.no_grad()
+def _run_block(block: nn.Module, inputs: list[torch.Tensor], call: tuple[tuple, dict]) -> list[torch.Tensor]:
+    args, kwargs = call
+    return [_first_tensor(block(x, *args, **kwargs)) for x in inputs]
+
+
+@torch.no_grad()
+def run_blockwise(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    observer: BlockObserver,
+    device: torch.device | str = "cpu",
+    batch_size: int = 4,
+    progress: ProgressFn | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Walk the decoder blocks over the calibration ``tokens`` (nsamples, seqlen) with ``observer``.
+
+    Returns the hidden states leaving the last block, (nsamples, seqlen, hidden), on CPU.
+    Raises ``Cancelled`` between blocks when ``should_cancel()`` becomes true.
+    """
+    device = torch.device(device)
+    _, blocks = find_blocks(model)
+    batch = mini_batch_size(tokens.shape[0], batch_size)
+    hidden, calls = capture_block_inputs(model, tokens, device, batch)
+    for i, block in enumerate(blocks):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"cancelled before block {i} of {len(blocks)}")
+        home = _module_device(block)
+        block.to(device)
+        try:
+            layers = prunable_layers(block)
+            handles: list[RemovableHandle] = []
+            try:
+                handles = observer.attach(i, block, layers)
+                outputs = _run_block(block, hidden, calls[i])
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if observer.finish(i, block, layers):
+                outputs = _run_block(block, hidden, calls[i])
+        finally:
+            block.to(home)
+        hidden = outputs
+        if progress is not None:
+            progress(i + 1, len(blocks))
+    return torch.cat([h.cpu() for h in hidden])

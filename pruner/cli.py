@@ -1,0 +1,173 @@
+"""``python -m pruner ...``: builds specs from argv and calls the same functions the dashboard calls.
+
+Bad input ends with a one-line ``error: ...`` on stderr naming the allowed values, exit code 2, and nothing cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pruner.allocation import ALLOCATORS, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, check_sparsity
+from pruner.data import DataError
+from pruner.specs import CALIB_PRESETS, DEFAULT_CALIB_PRESET, DTYPES, DEVICES, CalibSpec, ModelSpec, StatsSpec
+from pruner.stats import M_GRID
+from pruner.store import default_data_dir
+
+EXIT_BAD_INPUT = 2
+#: LOD columns printed by `stats` when no --m is given (the thresholds the OWL paper sweeps around its M = 5).
+DEFAULT_TABLE_M = (3.0, 5.0, 7.0)
+HUB = "hub"
+
+
+class BadInput(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the allowed values are in argparse's message)."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message}\n")
+
+
+def _data_dir(arg: str | None) -> str | None:
+    """--data-dir, else $PRUNER_DATA_DIR, else ../shared/data; 'hub' means load from the Hugging Face hub."""
+    value = arg or os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
+    if value == HUB:
+        return None
+    if not Path(value).is_dir():
+        raise BadInput(f"data directory {value} does not exist; pass --data-dir DIR (laid out like ../shared/data) "
+                       f"or --data-dir hub")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and calibration")
+    g.add_argument("--model", default="smollm2-135m", help="bundled name, local folder or hub id (owner/name)")
+    g.add_argument("--dtype", default="float32", choices=DTYPES)
+    g.add_argument("--device", default="auto", choices=DEVICES)
+    g.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
+    g.add_argument("--preset", default=DEFAULT_CALIB_PRESET, choices=list(CALIB_PRESETS),
+                   help="calibration preset (nsamples × seqlen): " +
+                        ", ".join(f"{k}={n}×{t}" for k, (n, t) in CALIB_PRESETS.items()))
+    g.add_argument("--nsamples", type=int, help="override the preset's number of calibration samples")
+    g.add_argument("--seqlen", type=int, help="override the preset's tokens per sample")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--data-dir", help="local data folder (default: $PRUNER_DATA_DIR or ../shared/data); 'hub' for the hub")
+    g.add_argument("--cache-dir", help="cache folder (default: <project>/cache)")
+    g.add_argument("--batch-size", type=int, default=4, help="calibration mini-batch size (memory vs speed)")
+
+
+def _stats_spec(args) -> StatsSpec:
+    model = ModelSpec(name=args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    from pruner.models import model_source
+
+    model_source(model)  # unknown names fail here, before anything is loaded
+    overrides = {k: v for k, v in (("nsamples", args.nsamples), ("seqlen", args.seqlen)) if v is not None}
+    calib = CalibSpec.preset(args.preset, seed=args.seed, data_dir=_data_dir(args.data_dir), **overrides)
+    if args.batch_size < 1:
+        raise BadInput(f"--batch-size must be ≥ 1; got {args.batch_size}")
+    return StatsSpec(model=model, calib=calib)
+
+
+def _check_m(m: float) -> float:
+    if not (M_GRID[0] <= m <= M_GRID[-1]):
+        raise BadInput(f"M must be in [{M_GRID[0]:g}, {M_GRID[-1]:.0f}]; got {m:g}")
+    return m
+
+
+def _progress_bar(label: str):
+    from tqdm import tqdm
+
+    bar = {"bar": None}
+
+    def update(done: int, total: int):
+        if bar["bar"] is None:
+            bar["bar"] = tqdm(total=total, desc=label, unit="block", file=sys.stderr)
+        bar["bar"].update(done - bar["bar"].n)
+        if done == total:
+            bar["bar"].close()
+
+    return update
+
+
+def _cache(args) -> Path | None:
+    return Path(args.cache_dir) if args.cache_dir else None
+
+
+def cmd_stats(args) -> int:
+    from pruner.api import get_stats
+
+    ms = [_check_m(m) for m in (args.m or DEFAULT_TABLE_M)]
+    spec = _stats_spec(args)
+    stats = get_stats(spec, _cache(args), progress=_progress_bar("outlier statistics"), batch_size=args.batch_size)
+    table = np.stack([stats.lod(m) for m in ms], axis=1) * 100
+    if args.json:
+        print(json.dumps({"key": spec.key(), "m": ms, "lod_percent": table.tolist()}, indent=2))
+        return 0
+    print(f"Layerwise outlier distribution (% of Wanda scores above M × block mean), stats key {spec.key()}")
+    print("block " + " ".join(f"{'M=' + format(m, 'g'):>8}" for m in ms))
+    for i, row in enumerate(table):
+        print(f"{i:5d} " + " ".join(f"{v:8.3f}" for v in row))
+    return 0
+
+
+def cmd_allocate(args) -> int:
+    from pruner.api import allocation_for
+
+    try:
+        S = check_sparsity(args.sparsity)
+    except ValueError as err:
+        raise BadInput(str(err)) from err
+    if args.lam < 0:
+        raise BadInput(f"λ (--lam) must be ≥ 0; got {args.lam:g}")
+    _check_m(args.m)
+    spec = _stats_spec(args)
+    stats, alloc = allocation_for(spec, args.allocator, S, lam=args.lam, m=args.m, cache_dir=_cache(args),
+                                  progress=_progress_bar("outlier statistics"), batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(alloc.to_dict(stats.layer_names, stats.layer_block), indent=2))
+        return 0
+    params = ", ".join(f"{k}={v:g}" for k, v in alloc.params.items())
+    print(f"{ALLOCATORS[args.allocator].label} allocation, S={S:g}{', ' + params if params else ''}: "
+          f"overall {alloc.overall:.6f}")
+    print("block  sparsity")
+    for i, s in enumerate(alloc.block_sparsity):
+        print(f"{i:5d}  {s:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m pruner", description="Layerwise sparsity allocation for LLM pruning")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("stats", help="outlier statistics of the dense model; prints the per-block LOD")
+    _add_common(p)
+    p.add_argument("--m", type=float, action="append", help=f"outlier threshold M (repeatable; default {DEFAULT_TABLE_M})")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("allocate", help="per-block and per-layer sparsities from cached statistics")
+    _add_common(p)
+    p.add_argument("--allocator", default="owl", choices=list(ALLOCATORS))
+    p.add_argument("--sparsity", type=float, required=True, help="target sparsity S in (0, 1)")
+    p.add_argument("--lam", type=float, default=OWL_DEFAULT_LAMBDA, help="OWL's λ (max deviation from S)")
+    p.add_argument("--m", type=float, default=OWL_DEFAULT_M, help="OWL's outlier threshold M")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_allocate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (BadInput, DataError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT

@@ -1,0 +1,112 @@
+"""Evaluation and calibration text, from a local data folder or from the hub.
+
+The local folder has the layout of ``../shared/data`` (see its README)::
+
+    wikitext2/wiki.test.raw, wikitext2/wiki.valid.raw   WikiText-2 raw
+    c4/c4_sample_text.jsonl                            C4 documents, one JSON object with "text" per line
+
+``data_dir=None`` means the hub: ``wikitext``/``wikitext-2-raw-v1`` and one explicit shard of ``allenai/c4``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pruner.specs import CalibSpec
+
+WIKITEXT_FILES = {"test": "wikitext2/wiki.test.raw", "validation": "wikitext2/wiki.valid.raw"}
+C4_FILE = "c4/c4_sample_text.jsonl"
+#: The hub shard used for C4 calibration (the old ``allenai--c4`` config no longer exists, so name a file).
+C4_HUB_SHARD = "en/c4-train.00000-of-01024.json.gz"
+#: How many documents of the hub shard form the calibration stream (about 2 M tokens, enough for 128 × 2048
+#: windows with little overlap); the whole shard (356 k documents) would take minutes to tokenize.
+C4_HUB_DOCUMENTS = 5000
+
+
+class DataError(ValueError):
+    """A data folder or file is missing or malformed."""
+
+
+def _require(data_dir: str | Path, relative: str) -> Path:
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise DataError(
+            f"data directory {folder} does not exist; pass --data-dir pointing at a folder laid out like "
+            f"../shared/data (wikitext2/, c4/, ...)"
+        )
+    path = folder / relative
+    if not path.is_file():
+        raise DataError(f"data directory {folder} has no {relative}; expected the layout of ../shared/data")
+    return path
+
+
+def wikitext2_lines(split: str = "test", data_dir: str | Path | None = None) -> list[str]:
+    """WikiText-2 raw rows as the hub dataset gives them: each line keeps its newline, blank lines are ''."""
+    if split not in WIKITEXT_FILES:
+        raise ValueError(f"WikiText-2 split must be one of {', '.join(WIKITEXT_FILES)}; got {split!r}")
+    if data_dir is None:
+        import datasets
+
+        return list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+    path = _require(data_dir, WIKITEXT_FILES[split])
+    with open(path, encoding="utf-8", newline="\n") as f:
+        return [line if line.strip() else "" for line in f]
+
+
+def wikitext2_text(split: str = "test", data_dir: str | Path | None = None) -> str:
+    """The evaluation text of the Wanda/SparseGPT/OWL protocol: the rows joined with two newlines."""
+    return "\n\n".join(wikitext2_lines(split, data_dir))
+
+
+def c4_documents(data_dir: str | Path | None = None) -> list[str]:
+    """C4 calibration documents (local sample, or the first ``C4_HUB_DOCUMENTS`` of one hub shard)."""
+    if data_dir is None:
+        import datasets
+
+        ds = datasets.load_dataset("allenai/c4", data_files={"train": C4_HUB_SHARD}, split="train")
+        return list(ds.select(range(min(C4_HUB_DOCUMENTS, len(ds))))["text"])
+    path = _require(data_dir, C4_FILE)
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError) as err:
+                raise DataError(f"{path}:{number}: expected a JSON object with a 'text' field ({err})") from err
+    if not docs:
+        raise DataError(f"{path} holds no documents")
+    return docs
+
+
+def token_stream(tokenizer, documents: list[str]) -> torch.Tensor:
+    """All documents joined by blank lines and tokenized once: (n_tokens,) int64, no special tokens."""
+    ids = tokenizer("\n\n".join(documents), add_special_tokens=False, return_tensors="pt").input_ids
+    return ids[0]
+
+
+def sample_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` consecutive tokens at seeded uniform random offsets: (nsamples, seqlen).
+
+    The local C4 documents are shorter than a window, so windows are cut from the concatenated stream rather
+    than from single documents (as the papers' loaders do with full-length C4).
+    """
+    n_tokens = int(stream.numel())
+    if n_tokens < seqlen:
+        raise DataError(f"calibration text has {n_tokens} tokens, fewer than seqlen={seqlen}; lower seqlen")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, n_tokens - seqlen + 1, size=nsamples)
+    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+
+
+def calibration_tokens(tokenizer, calib: CalibSpec) -> torch.Tensor:
+    """The calibration set a spec names: (nsamples, seqlen) int64 token ids, reproducible for a given seed."""
+    if calib.dataset != "c4":
+        raise ValueError(f"calibration dataset must be 'c4'; got {calib.dataset!r}")
+    stream = token_stream(tokenizer, c4_documents(calib.data_dir))
+    return sample_windows(stream, calib.nsamples, calib.seqlen, calib.seed)

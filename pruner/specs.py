@@ -1,0 +1,124 @@
+"""Frozen, validated descriptions of what to compute.
+
+Specs are the only thing that crosses from the CLI and the pages into the library. Each validates itself in
+``__post_init__`` (bad input raises ``ValueError`` naming the allowed values, before any work is done) and has a
+``key()``: a stable hash of its content, used to name cache folders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+CALIB_DATASETS = ("c4",)
+
+#: Named calibration presets: (nsamples, seqlen).
+#: ``cpu`` suits a 2-core machine; ``paper`` is the Wanda/SparseGPT/OWL protocol (128 C4 samples of 2048 tokens);
+#: ``tiny`` is for tests and quick demos.
+CALIB_PRESETS = {
+    "tiny": (8, 128),
+    "cpu": (32, 512),
+    "paper": (128, 2048),
+}
+DEFAULT_CALIB_PRESET = "cpu"
+
+
+def stable_hash(payload: dict, length: int = 16) -> str:
+    """Hex digest of a JSON-serialisable dict, independent of key order."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which causal LM to load.
+
+    ``name`` is one of: a bundled name (see ``pruner.models.BUNDLED``), a path to a local Hugging Face folder, or
+    a hub id such as ``HuggingFaceTB/SmolLM2-135M`` (needs internet on first use).
+    """
+
+    name: str = "smollm2-135m"
+    dtype: str = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError("model name must be a bundled name, a local folder or a hub id; got an empty name")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+
+    def identity(self) -> dict:
+        """What determines the weights (not where they are computed)."""
+        from pruner.models import model_identity
+
+        return model_identity(self)
+
+    def key(self) -> str:
+        return stable_hash(self.identity())
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Calibration data: ``nsamples`` windows of ``seqlen`` tokens drawn with ``seed``.
+
+    ``data_dir`` is a local folder in the layout of ``../shared/data``; ``None`` loads from the hub.
+    """
+
+    dataset: str = "c4"
+    nsamples: int = CALIB_PRESETS[DEFAULT_CALIB_PRESET][0]
+    seqlen: int = CALIB_PRESETS[DEFAULT_CALIB_PRESET][1]
+    seed: int = 0
+    data_dir: str | None = None
+
+    def __post_init__(self):
+        if self.dataset not in CALIB_DATASETS:
+            raise ValueError(f"calibration dataset must be one of {', '.join(CALIB_DATASETS)}; got {self.dataset!r}")
+        if not isinstance(self.nsamples, int) or self.nsamples < 1:
+            raise ValueError(f"nsamples must be an integer >= 1; got {self.nsamples!r}")
+        if not isinstance(self.seqlen, int) or self.seqlen < 2:
+            raise ValueError(f"seqlen must be an integer >= 2; got {self.seqlen!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0; got {self.seed!r}")
+        if self.data_dir is not None:
+            object.__setattr__(self, "data_dir", str(Path(self.data_dir).expanduser().resolve()))
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "CalibSpec":
+        if name not in CALIB_PRESETS:
+            raise ValueError(f"calibration preset must be one of {', '.join(CALIB_PRESETS)}; got {name!r}")
+        nsamples, seqlen = CALIB_PRESETS[name]
+        return cls(**{"nsamples": nsamples, "seqlen": seqlen, **overrides})
+
+    def identity(self) -> dict:
+        # The data directory's location does not change the data; its contents are identified by the dataset name.
+        d = dataclasses.asdict(self)
+        d["source"] = "local" if self.data_dir is not None else "hub"
+        del d["data_dir"]
+        return d
+
+    def key(self) -> str:
+        return stable_hash(self.identity())
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """Outlier statistics of a dense model on a calibration set (M-independent; M is applied at query time)."""
+
+    model: ModelSpec = ModelSpec()
+    calib: CalibSpec = CalibSpec()
+
+    def key(self) -> str:
+        from pruner.stats import STATS_FORMAT_VERSION
+
+        return stable_hash(
+            {"model": self.model.identity(), "calib": self.calib.identity(), "format": STATS_FORMAT_VERSION}
+        )

@@ -1,0 +1,316 @@
+"""Outlier statistics of a dense model: Wanda's input norms and OWL's Layerwise Outlier Distribution.
+
+Definitions (OWL, Yin et al. 2024, Sec. 3; Wanda, Sun et al. 2024, Eq. 1):
+
+* For a linear layer with weight W (out × in) and calibration inputs X (tokens × in), the Wanda score is
+  ``A_ij = |W_ij| · ‖X_j‖₂``, where ‖X_j‖₂ is the L2 norm of input feature j over all calibration tokens.
+* For a transformer block, concatenate the scores of all its linear layers; Ā is their mean. The block's
+  outlier ratio (its LOD entry) at threshold M is the share of scores with ``A_ij > M · Ā`` (strictly greater,
+  as in the official OWL code).
+
+To answer ``lod(M)`` for any M without touching the model again, the collector stores, for every layer, how many
+of its scores exceed ``m · Ā_block`` for every m on ``M_GRID``. At grid points (every multiple of 0.01 up to 50,
+then 100 log-spaced points per decade up to ~10⁴) the answer is exact; between grid points it is linearly
+interpolated. The same table gives the distribution of A/Ā for plots. Also stored per layer: the input-norm
+vector and a histogram of raw scores on a fixed log grid (for the global-threshold allocator).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pruner.models import layer_shape, weight_matrix
+
+#: Bump when the saved layout changes (it is part of the cache key).
+STATS_FORMAT_VERSION = 1
+
+#: M values at which outlier counts are exact: 0.01, 0.02, ..., 50 (fine), then 100 per decade up to ~9976.
+M_FINE_STEP = 0.01
+M_FINE_MAX = 50.0
+M_COARSE_PER_DECADE = 100
+M_COARSE_DECADES = 2.3
+M_GRID = np.concatenate(
+    [
+        np.arange(1, round(M_FINE_MAX / M_FINE_STEP) + 1) / round(1 / M_FINE_STEP),
+        M_FINE_MAX * 10.0 ** (np.arange(1, round(M_COARSE_DECADES * M_COARSE_PER_DECADE) + 1) / M_COARSE_PER_DECADE),
+    ]
+)
+
+#: Raw-score histogram: bins of 0.01 in log10(A) from 1e-12 to 1e8, plus an underflow bin (holding A = 0 too)
+#: and an overflow bin. One bin spans 2.3% in score.
+SCORE_LOG10_MIN, SCORE_LOG10_MAX, SCORE_LOG10_STEP = -12.0, 8.0, 0.01
+SCORE_EDGES = 10.0 ** np.linspace(
+    SCORE_LOG10_MIN, SCORE_LOG10_MAX, round((SCORE_LOG10_MAX - SCORE_LOG10_MIN) / SCORE_LOG10_STEP) + 1
+)
+
+#: Bin edges for plotting the distribution of A/Ā: the grid points nearest to 20 log-spaced values per decade.
+#: (The distribution is read off the exact count table, so it needs no histogram of its own.)
+RATIO_PLOT_PER_DECADE = 20
+
+#: Relative tolerance for treating a requested M as a grid point (absorbs decimal round-off such as 0.1 + 0.2).
+_GRID_MATCH_RTOL = 1e-9
+
+
+def counts_above(values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """For each threshold t (ascending), how many ``values`` are strictly greater than t. (len(thresholds),) int64."""
+    # bucketize(right=False) gives i with thresholds[i-1] < v <= thresholds[i], i.e. i = #{t : t < v}.
+    index = torch.bucketize(values, thresholds, right=False)
+    per_bucket = torch.bincount(index, minlength=len(thresholds) + 1)
+    # v > thresholds[k]  <=>  index >= k + 1
+    return per_bucket.flip(0).cumsum(0).flip(0)[1:]
+
+
+def histogram(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Counts in (−∞, e0], (e0, e1], ..., (e_last, ∞): len(edges) + 1 bins, int64."""
+    return torch.bincount(torch.bucketize(values, edges, right=False), minlength=len(edges) + 1)
+
+
+def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    """A = |W| · ‖X_j‖₂ broadcast over rows. weight (out, in), input_norm (in,) → (out, in) float32."""
+    return weight.detach().abs().float() * input_norm.float().unsqueeze(0)
+
+
+@dataclass
+class LayerSummary:
+    """What the collector keeps of one layer."""
+
+    input_norm: np.ndarray  # (in,) float32, ‖X_j‖₂
+    ratio_counts_above: np.ndarray  # (len(M_GRID),) int64: #{A_ij > m·Ā_block}
+    score_hist: np.ndarray  # (len(SCORE_EDGES)+1,) int64
+
+
+def summarize_block(weights: list[torch.Tensor], input_norms: list[torch.Tensor]) -> tuple[float, list[LayerSummary]]:
+    """Scores of one block's layers → (block mean score Ā, per-layer summaries).
+
+    ``weights[l]`` is (out, in) and ``input_norms[l]`` is (in,). Ā is the mean over all layers' scores
+    concatenated (OWL's definition: larger layers weigh more).
+    """
+    scores = [wanda_score(w, n) for w, n in zip(weights, input_norms)]
+    total = sum(float(s.double().sum()) for s in scores)
+    count = sum(s.numel() for s in scores)
+    mean = total / count
+    device = scores[0].device
+    m_grid = torch.as_tensor(M_GRID, dtype=torch.float64, device=device)
+    score_edges = torch.as_tensor(SCORE_EDGES, dtype=torch.float64, device=device)
+    out = []
+    for s, n in zip(scores, input_norms):
+        flat = s.flatten().double()
+        ratio = flat / mean if mean > 0 else torch.zeros_like(flat)
+        out.append(
+            LayerSummary(
+                input_norm=n.float().cpu().numpy(),
+                ratio_counts_above=counts_above(ratio, m_grid).cpu().numpy(),
+                score_hist=histogram(flat, score_edges).cpu().numpy(),
+            )
+        )
+    return mean, out
+
+
+class _InputNormObserver:
+    """Accumulates Σ_tokens x_j² of every layer's input during the block's forward passes."""
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        self.sumsq: dict[str, torch.Tensor] = {}
+        self.layers = layers
+
+    def hooks(self):
+        handles = []
+        for name, layer in self.layers.items():
+
+            def hook(module, args, output, name=name):
+                x = args[0].detach()
+                x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in_features)
+                acc = (x * x).sum(dim=0)
+                self.sumsq[name] = acc if name not in self.sumsq else self.sumsq[name] + acc
+
+            handles.append(layer.register_forward_hook(hook))
+        return handles
+
+    def norms(self) -> dict[str, torch.Tensor]:
+        return {name: acc.sqrt() for name, acc in self.sumsq.items()}
+
+
+@dataclass
+class Stats:
+    """Outlier statistics of one dense model on one calibration set (all numpy, no model needed).
+
+    Layers are numbered 0..L−1 in block order; ``layer_block[l]`` is the block of layer l.
+    """
+
+    layer_names: list[str]  # name inside its block, e.g. "mlp.down_proj"
+    layer_block: np.ndarray  # (L,) int
+    layer_shapes: np.ndarray  # (L, 2) int: (out_features, in_features)
+    block_mean_score: np.ndarray  # (B,) float64: Ā per block
+    ratio_counts_above: np.ndarray  # (L, len(M_GRID)) int64
+    score_hist: np.ndarray  # (L, len(SCORE_EDGES)+1) int64
+    input_norms: list[np.ndarray]  # L arrays of (in_features,) float32
+    meta: dict = field(default_factory=dict)
+
+    # -- sizes ---------------------------------------------------------------------------------------------
+    @property
+    def n_blocks(self) -> int:
+        return int(self.layer_block.max()) + 1
+
+    @property
+    def layer_numel(self) -> np.ndarray:
+        return self.layer_shapes[:, 0].astype(np.int64) * self.layer_shapes[:, 1]
+
+    @property
+    def block_numel(self) -> np.ndarray:
+        return np.bincount(self.layer_block, weights=self.layer_numel, minlength=self.n_blocks).astype(np.int64)
+
+    @property
+    def layers_per_block(self) -> list[str]:
+        """Layer names of block 0 (all supported families repeat the same layers in every block)."""
+        return [n for n, b in zip(self.layer_names, self.layer_block) if b == 0]
+
+    # -- queries -------------------------------------------------------------------------------------------
+    def _counts_at(self, m: float) -> np.ndarray:
+        """#{A_ij > m·Ā} per layer, exact at grid points, linearly interpolated between them. (L,) float64."""
+        m = float(m)
+        if not (M_GRID[0] <= m <= M_GRID[-1]) or not np.isfinite(m):
+            raise ValueError(f"M must be in [{M_GRID[0]:g}, {M_GRID[-1]:.0f}]; got {m:g}")
+        k = int(np.searchsorted(M_GRID, m))
+        if k < len(M_GRID) and np.isclose(M_GRID[k], m, rtol=_GRID_MATCH_RTOL, atol=0):
+            return self.ratio_counts_above[:, k].astype(np.float64)
+        if k > 0 and np.isclose(M_GRID[k - 1], m, rtol=_GRID_MATCH_RTOL, atol=0):
+            return self.ratio_counts_above[:, k - 1].astype(np.float64)
+        lo, hi = M_GRID[k - 1], M_GRID[k]
+        t = (m - lo) / (hi - lo)
+        return (1 - t) * self.ratio_counts_above[:, k - 1] + t * self.ratio_counts_above[:, k]
+
+    def lod(self, m: float) -> np.ndarray:
+        """Layerwise Outlier Distribution: per block, the share of scores above M·Ā (in [0, 1]). (B,)"""
+        counts = np.bincount(self.layer_block, weights=self._counts_at(m), minlength=self.n_blocks)
+        return counts / self.block_numel
+
+    def layer_outlier_ratios(self, m: float) -> np.ndarray:
+        """Per layer, the share of its scores above M·Ā of its block (the block's LOD is their weighted mean). (L,)"""
+        return self._counts_at(m) / self.layer_numel
+
+    def outlier_matrix(self, m: float) -> np.ndarray:
+        """Block × layer-name matrix of ``layer_outlier_ratios`` (for a heatmap). (B, layers per block)"""
+        return self.layer_outlier_ratios(m).reshape(self.n_blocks, -1)
+
+    def ratio_distribution(self, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Histogram of A/Ā for one block (or all): (edges (K,), counts (K+1,)).
+
+        counts[0] is #{A/Ā ≤ edges[0]}, counts[i] is #{edges[i-1] < A/Ā ≤ edges[i]}, counts[K] is #{A/Ā > edges[-1]}.
+        Edges are grid points, roughly ``RATIO_PLOT_PER_DECADE`` per decade, so every count is exact.
+        """
+        rows = slice(None) if block is None else self.layer_block == block
+        if block is not None and not (0 <= block < self.n_blocks):
+            raise ValueError(f"block must be in [0, {self.n_blocks - 1}]; got {block}")
+        above = self.ratio_counts_above[rows].sum(axis=0)  # (G,)
+        targets = 10.0 ** (np.arange(np.ceil(np.log10(M_GRID[0]) * RATIO_PLOT_PER_DECADE),
+                                     np.floor(np.log10(M_GRID[-1]) * RATIO_PLOT_PER_DECADE) + 1)
+                           / RATIO_PLOT_PER_DECADE)
+        idx = np.unique(np.abs(np.log(M_GRID)[None, :] - np.log(targets)[:, None]).argmin(axis=1))
+        total = int(self.layer_numel[rows].sum())
+        cum_above = above[idx]
+        counts = np.concatenate([[total - cum_above[0]], -np.diff(cum_above), [cum_above[-1]]])
+        return M_GRID[idx], counts.astype(np.int64)
+
+    # -- persistence ---------------------------------------------------------------------------------------
+    def save(self, folder: Path) -> None:
+        folder = Path(folder)
+        offsets = np.cumsum([0] + [len(n) for n in self.input_norms])
+        np.savez_compressed(
+            folder / "stats.npz",
+            layer_block=self.layer_block,
+            layer_shapes=self.layer_shapes,
+            block_mean_score=self.block_mean_score,
+            ratio_counts_above=self.ratio_counts_above,
+            score_hist=self.score_hist,
+            input_norms=np.concatenate(self.input_norms),
+            input_norm_offsets=offsets,
+            m_grid=M_GRID,
+        )
+        (folder / "meta.json").write_text(
+            json.dumps({**self.meta, "layer_names": self.layer_names, "format": STATS_FORMAT_VERSION}, indent=2)
+        )
+
+    @classmethod
+    def load(cls, folder: Path) -> "Stats":
+        folder = Path(folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("format") != STATS_FORMAT_VERSION:
+            raise ValueError(f"{folder} holds stats format {meta.get('format')}, expected {STATS_FORMAT_VERSION}")
+        with np.load(folder / "stats.npz") as z:
+            if not np.array_equal(z["m_grid"], M_GRID):
+                raise ValueError(f"{folder} was written with another M grid; recompute the statistics")
+            offsets = z["input_norm_offsets"]
+            norms = z["input_norms"]
+            names = meta.pop("layer_names")
+            meta.pop("format")
+            return cls(
+                layer_names=names,
+                layer_block=z["layer_block"],
+                layer_shapes=z["layer_shapes"],
+                block_mean_score=z["block_mean_score"],
+                ratio_counts_above=z["ratio_counts_above"],
+                score_hist=z["score_hist"],
+                input_norms=[norms[a:b] for a, b in zip(offsets[:-1], offsets[1:])],
+                meta=meta,
+            )
+
+
+class StatsCollector:
+    """A ``BlockObserver`` for ``run_blockwise`` that builds ``Stats`` on the dense model (changes no weight)."""
+
+    def __init__(self):
+        self._observer: _InputNormObserver | None = None
+        self.names: list[str] = []
+        self.blocks: list[int] = []
+        self.shapes: list[tuple[int, int]] = []
+        self.means: list[float] = []
+        self.summaries: list[LayerSummary] = []
+
+    def attach(self, index, block, layers):
+        self._observer = _InputNormObserver(layers)
+        return self._observer.hooks()
+
+    def finish(self, index, block, layers) -> bool:
+        norms = self._observer.norms()
+        names = list(layers)
+        missing = [n for n in names if n not in norms]
+        if missing:
+            raise RuntimeError(f"block {index}: layers {missing} never ran during calibration")
+        mean, summaries = summarize_block([weight_matrix(layers[n]) for n in names], [norms[n] for n in names])
+        self.names += names
+        self.blocks += [index] * len(names)
+        self.shapes += [layer_shape(layers[n]) for n in names]
+        self.means.append(mean)
+        self.summaries += summaries
+        self._observer = None
+        return False
+
+    def result(self, meta: dict | None = None) -> Stats:
+        return Stats(
+            layer_names=self.names,
+            layer_block=np.asarray(self.blocks, dtype=np.int64),
+            layer_shapes=np.asarray(self.shapes, dtype=np.int64),
+            block_mean_score=np.asarray(self.means, dtype=np.float64),
+            ratio_counts_above=np.stack([s.ratio_counts_above for s in self.summaries]),
+            score_hist=np.stack([s.score_hist for s in self.summaries]),
+            input_norms=[s.input_norm for s in self.summaries],
+            meta=meta or {},
+        )
+
+
+def collect_stats(model: nn.Module, tokens: torch.Tensor, device, batch_size: int = 4, progress=None, should_cancel=None) -> Stats:
+    """Run the calibration loop on a dense model and return its ``Stats`` (timing in ``meta['seconds']``)."""
+    from pruner.calibrate import run_blockwise
+
+    collector = StatsCollector()
+    t0 = time.perf_counter()
+    run_blockwise(model, tokens, collector, device=device, batch_size=batch_size, progress=progress,
+                  should_cancel=should_cancel)
+    return collector.result({"seconds": round(time.perf_counter() - t0, 3)})
