@@ -133,7 +133,7 @@ def global_threshold(score_hist, sparsity: float) -> np.ndarray:
     ``score_hist`` is (L, H): per layer, counts of scores in shared ascending bins. The threshold falls in the bin
     where the cumulative count reaches S · N; inside that bin, weights are pruned from every layer in proportion to
     its count there (one bin spans 2.3% in score with the bins ``pruner.stats`` uses). The parameter-weighted mean
-    of the result is exactly S. (L, H) → (L,)
+    of the result is exactly S. A threshold that would empty a whole layer raises ``ValueError``. (L, H) → (L,)
     """
     S = check_sparsity(sparsity)
     hist = np.asarray(score_hist, dtype=np.float64)
@@ -149,7 +149,14 @@ def global_threshold(score_hist, sparsity: float) -> np.ndarray:
     in_bin = cumulative[b] - before
     share = (target - before) / in_bin
     pruned = hist[:, :b].sum(axis=1) + share * hist[:, b]
-    return pruned / numel
+    out = pruned / numel
+    full = np.flatnonzero(out >= 1.0)
+    if full.size:
+        raise ValueError(
+            f"S={S:g} is too high for a global threshold here: it would prune every weight of layer(s) "
+            f"{full.tolist()}; lower S"
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pruner.models import layer_shape, weight_matrix
+from pruner.models import weight_matrix
 
 #: Bump when the saved layout changes (it is part of the cache key).
 STATS_FORMAT_VERSION = 1
@@ -262,37 +262,29 @@ class Stats:
             )
 
 
-class StatsCollector:
-    """A ``BlockObserver`` for ``run_blockwise`` that builds ``Stats`` on the dense model (changes no weight)."""
+class StatsBuilder:
+    """Accumulates per-block summaries into ``Stats`` (used by the collector, and directly on hand-made weights)."""
 
     def __init__(self):
-        self._observer: _InputNormObserver | None = None
         self.names: list[str] = []
         self.blocks: list[int] = []
         self.shapes: list[tuple[int, int]] = []
         self.means: list[float] = []
         self.summaries: list[LayerSummary] = []
 
-    def attach(self, index, block, layers):
-        self._observer = _InputNormObserver(layers)
-        return self._observer.hooks()
-
-    def finish(self, index, block, layers) -> bool:
-        norms = self._observer.norms()
-        names = list(layers)
-        missing = [n for n in names if n not in norms]
-        if missing:
-            raise RuntimeError(f"block {index}: layers {missing} never ran during calibration")
-        mean, summaries = summarize_block([weight_matrix(layers[n]) for n in names], [norms[n] for n in names])
+    def add_block(self, names: list[str], weights: list[torch.Tensor], input_norms: list[torch.Tensor]) -> None:
+        """Add the next block: its layers' names, (out, in) weights and (in,) input norms ‖X_j‖₂."""
+        mean, summaries = summarize_block(weights, input_norms)
+        index = len(self.means)
         self.names += names
         self.blocks += [index] * len(names)
-        self.shapes += [layer_shape(layers[n]) for n in names]
+        self.shapes += [(int(w.shape[0]), int(w.shape[1])) for w in weights]
         self.means.append(mean)
         self.summaries += summaries
-        self._observer = None
-        return False
 
     def result(self, meta: dict | None = None) -> Stats:
+        if not self.summaries:
+            raise ValueError("no blocks were added")
         return Stats(
             layer_names=self.names,
             layer_block=np.asarray(self.blocks, dtype=np.int64),
@@ -303,6 +295,28 @@ class StatsCollector:
             input_norms=[s.input_norm for s in self.summaries],
             meta=meta or {},
         )
+
+
+class StatsCollector(StatsBuilder):
+    """A ``BlockObserver`` for ``run_blockwise`` that builds ``Stats`` on the dense model (changes no weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self._observer: _InputNormObserver | None = None
+
+    def attach(self, index, block, layers):
+        self._observer = _InputNormObserver(layers)
+        return self._observer.hooks()
+
+    def finish(self, index, block, layers) -> bool:
+        norms = self._observer.norms()
+        self._observer = None
+        names = list(layers)
+        missing = [n for n in names if n not in norms]
+        if missing:
+            raise RuntimeError(f"block {index}: layers {missing} never ran during calibration")
+        self.add_block(names, [weight_matrix(layers[n]) for n in names], [norms[n] for n in names])
+        return False
 
 
 def collect_stats(model: nn.Module, tokens: torch.Tensor, device, batch_size: int = 4, progress=None, should_cancel=None) -> Stats:

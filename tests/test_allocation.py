@@ -1,0 +1,104 @@
+"""Allocators on hand-made inputs with outputs worked out by hand."""
+
+import numpy as np
+import pytest
+
+from pruner.allocation import (ALLOCATORS, allocate, er, global_threshold, owl, owl_inverse, owl_lambda_max,
+                               uniform)
+
+
+def test_uniform():
+    np.testing.assert_array_equal(uniform(3, 0.7), [0.7, 0.7, 0.7])
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        uniform(3, 1.0)
+    with pytest.raises(ValueError, match="n_blocks"):
+        uniform(0, 0.5)
+
+
+def test_owl_official_formula_worked_by_hand():
+    # r = [2, 10, 4, 4, 0], S = 0.7, λ = 0.08
+    # r̃ = (r − 0) / (10 − 0) · 0.16 = [0.032, 0.16, 0.064, 0.064, 0];  mean r̃ = 0.32 / 5 = 0.064
+    # density = r̃ − 0.064 + 0.3 = [0.268, 0.396, 0.300, 0.300, 0.236];  sparsity = 1 − density
+    out = owl([2, 10, 4, 4, 0], 0.7, 0.08)
+    np.testing.assert_allclose(out, [0.732, 0.604, 0.700, 0.700, 0.764], atol=1e-12)
+    assert out.mean() == pytest.approx(0.7, abs=1e-12)
+
+
+def test_owl_linear_ratios_and_inverse_mirror():
+    # r = 1..5, S = 0.5, λ = 0.1: r̃ = [0, .05, .1, .15, .2], density = r̃ − 0.1 + 0.5
+    np.testing.assert_allclose(owl([1, 2, 3, 4, 5], 0.5, 0.1), [0.6, 0.55, 0.5, 0.45, 0.4], atol=1e-12)
+    np.testing.assert_allclose(owl_inverse([1, 2, 3, 4, 5], 0.5, 0.1), [0.4, 0.45, 0.5, 0.55, 0.6], atol=1e-12)
+
+
+def test_owl_equal_ratios_is_uniform():
+    np.testing.assert_array_equal(owl([3, 3, 3, 3, 3], 0.6, 0.2), np.full(5, 0.6))
+
+
+def test_owl_lambda_too_wide_names_allowed_range():
+    # m̄ = mean(r / 10) = 0.4 → OWL needs λ < (1 − 0.7) / (2 · 0.4) = 0.375 and λ ≤ 0.7 / (2 · 0.6) = 0.5833
+    r = [2, 10, 4, 4, 0]
+    assert owl_lambda_max(r, 0.7) == pytest.approx(0.375)
+    assert owl_lambda_max(r, 0.7, inverse=True) == pytest.approx(min(0.3 / 1.2, 0.7 / 0.8))
+    with pytest.raises(ValueError, match=r"0 ≤ λ < 0\.3750"):
+        owl(r, 0.7, 0.4)
+    with pytest.raises(ValueError, match=r"0 ≤ λ < 0\.3750"):
+        owl(r, 0.7, 0.375)  # the lightest block would reach sparsity exactly 1
+    assert owl(r, 0.7, 0.37).max() < 1
+    with pytest.raises(ValueError, match="λ"):
+        owl(r, 0.7, -0.01)
+
+
+def test_er_by_hand():
+    # shapes (4,4) and (2,8): raw density 8/16 = 0.5 and 10/16 = 0.625; keep 16 of 32 → ε = 16 / (8 + 10)
+    eps = 16 / 18
+    np.testing.assert_allclose(er([(4, 4), (2, 8)], 0.5), [1 - 0.5 * eps, 1 - 0.625 * eps], atol=1e-12)
+
+
+def test_er_keeps_tiny_layer_dense_and_rescales():
+    # (1,1) would need density 4.59 > 1 → dense; the (10,10) layer then keeps 49.5 of 100 weights.
+    np.testing.assert_allclose(er([(1, 1), (10, 10)], 0.5), [0.0, 0.505], atol=1e-12)
+
+
+def test_global_threshold_by_hand():
+    hist = [[2, 2, 0, 0], [0, 1, 2, 1]]  # N = 8; S = 0.5 → prune 4: bin 0 (2) + 2/3 of bin 1 (3)
+    np.testing.assert_allclose(global_threshold(hist, 0.5), [(2 + 2 * 2 / 3) / 4, (2 / 3) / 4], atol=1e-12)
+    with pytest.raises(ValueError, match=r"layer\(s\) \[0\]"):
+        global_threshold(hist, 0.625)  # the whole of layer 0 falls below the threshold
+
+
+class _Inputs:
+    """Minimal AllocationInputs: 3 blocks × 2 layers."""
+
+    layer_block = np.array([0, 0, 1, 1, 2, 2])
+    layer_shapes = np.array([[4, 4], [8, 4]] * 3)
+    score_hist = np.array([[4, 6, 6], [10, 12, 10], [2, 8, 6], [4, 14, 14], [8, 4, 4], [6, 20, 6]])
+    n_blocks = 3
+
+    def lod(self, m):
+        return np.array([0.01, 0.05, 0.02]) * (5 / m)
+
+
+@pytest.mark.parametrize("name", list(ALLOCATORS))
+@pytest.mark.parametrize("S", [0.3, 0.5, 0.7])
+def test_registry_invariants(name, S):
+    a = allocate(name, _Inputs(), S, lam=0.05, m=5)
+    assert a.layer_sparsity.shape == (6,) and a.block_sparsity.shape == (3,)
+    assert a.overall == pytest.approx(S, abs=1e-6)
+    assert np.all(a.layer_sparsity >= 0) and np.all(a.layer_sparsity < 1)
+    if ALLOCATORS[name].granularity == "block":
+        np.testing.assert_allclose(a.layer_sparsity.reshape(3, 2), np.repeat(a.block_sparsity[:, None], 2, axis=1))
+
+
+def test_allocate_owl_uses_lod_at_m():
+    a = allocate("owl", _Inputs(), 0.5, lam=0.05, m=5)
+    np.testing.assert_allclose(a.block_sparsity, owl([0.01, 0.05, 0.02], 0.5, 0.05))
+    assert a.params == {"lam": 0.05, "m": 5.0}
+
+
+def test_allocate_rejects_bad_input():
+    with pytest.raises(ValueError, match="choose one of uniform, owl"):
+        allocate("nope", _Inputs(), 0.5)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        allocate("owl", _Inputs(), 0.0)
+    with pytest.raises(ValueError, match="M must be > 0"):
+        allocate("owl", _Inputs(), 0.5, m=0)

@@ -1,0 +1,79 @@
+"""`python -m pruner` in a real subprocess: tables, JSON, and one-line errors with exit code 2 and no cache."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers as tf
+
+from pruner.store import PROJECT_ROOT
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(smollm2, tmp_path_factory) -> str:
+    """A tiny random Llama saved as a local Hugging Face folder, with the bundled model's tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = tf.LlamaConfig(vocab_size=len(smollm2.tokenizer), hidden_size=32, intermediate_size=48,
+                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    smollm2.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def run_cli(*args, cache: Path, data_dir: str):
+    cmd = [sys.executable, "-m", "pruner", *args, "--cache-dir", str(cache), "--data-dir", data_dir]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300)
+
+
+def test_stats_and_allocate(tiny_folder, tmp_path, data_dir):
+    r = run_cli("stats", "--model", tiny_folder, "--preset", "tiny", cache=tmp_path, data_dir=data_dir)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[1].split() == ["block", "M=3", "M=5", "M=7"] and len(lines) == 2 + 4
+    assert "outlier statistics" in r.stderr and "4/4" in r.stderr  # the progress bar reached the last block
+    assert len(list((tmp_path / "stats").iterdir())) == 1
+
+    r = run_cli("allocate", "--model", tiny_folder, "--preset", "tiny", "--allocator", "owl", "--sparsity", "0.7",
+                "--lam", "0.08", "--m", "5", "--json", cache=tmp_path, data_dir=data_dir)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["allocator"] == "owl" and out["params"] == {"lam": 0.08, "m": 5.0}
+    assert len(out["block_sparsity"]) == 4 and len(out["layer_sparsity"]) == 4 * 7
+    first = out["layer_sparsity"][0]
+    assert (first["block"], first["layer"]) == (0, "self_attn.q_proj")
+    assert first["sparsity"] == pytest.approx(out["block_sparsity"][0], abs=1e-12)
+    assert abs(out["overall_sparsity"] - 0.7) < 1e-6
+    assert "outlier statistics" not in r.stderr  # reused the cached statistics
+
+
+@pytest.mark.parametrize("args, message", [
+    (["allocate", "--sparsity", "1.5"], "target sparsity S must be in (0, 1)"),
+    (["allocate", "--sparsity", "0.5", "--lam", "-0.1"], "λ (--lam) must be ≥ 0"),
+    (["allocate", "--sparsity", "0.5", "--m", "0"], "M must be in [0.01, 9976]"),
+    (["allocate", "--sparsity", "0.5", "--allocator", "magic"], "invalid choice: 'magic' (choose from 'uniform'"),
+    (["stats", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["stats", "--nsamples", "0"], "nsamples must be an integer >= 1"),
+    (["stats", "--preset", "huge"], "invalid choice: 'huge'"),
+])
+def test_bad_input_one_line_exit_2_nothing_cached(args, message, tmp_path, data_dir):
+    r = run_cli(*args, cache=tmp_path, data_dir=data_dir)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_data_dir(tmp_path):
+    r = run_cli("stats", cache=tmp_path, data_dir=str(tmp_path / "absent"))
+    assert r.returncode == 2 and "data directory" in r.stderr and "does not exist" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lambda_too_wide_leaves_cache_empty(tiny_folder, tmp_path, data_dir):
+    r = run_cli("allocate", "--model", tiny_folder, "--preset", "tiny", "--sparsity", "0.7", "--lam", "0.6",
+                cache=tmp_path, data_dir=data_dir)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: λ=0.6 is too wide for S=0.7") and "allowed here: 0 ≤ λ <" in last
+    assert not (tmp_path / "stats").exists() or list((tmp_path / "stats").iterdir()) == []

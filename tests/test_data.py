@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from pruner.data import DataError, c4_documents, sample_windows, wikitext2_lines, wikitext2_text
+from pruner.specs import CalibSpec
+
+
+def test_wikitext_rows_match_hub_layout(data_dir):
+    lines = wikitext2_lines("test", data_dir)
+    assert len(lines) == 4358
+    assert lines[0] == "" and lines[1] == " = Robert Boulter = \n"  # blank rows are '', others keep '\n'
+    text = wikitext2_text("test", data_dir)
+    assert text.startswith("\n\n = Robert Boulter = \n\n\n\n")
+    assert len(wikitext2_lines("validation", data_dir)) == 3760
+
+
+def test_c4_documents(data_dir):
+    docs = c4_documents(data_dir)
+    assert len(docs) == 1480 and all(isinstance(d, str) and d for d in docs)
+
+
+def test_missing_data_dir_names_layout(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        wikitext2_lines("test", tmp_path / "nope")
+    with pytest.raises(DataError, match="has no c4/c4_sample_text.jsonl"):
+        c4_documents(tmp_path)
+    with pytest.raises(ValueError, match="split must be one of test, validation"):
+        wikitext2_lines("train", tmp_path)
+
+
+def test_bad_jsonl_line_is_reported(tmp_path):
+    (tmp_path / "c4").mkdir()
+    (tmp_path / "c4" / "c4_sample_text.jsonl").write_text('{"text": "ok"}\n{"nottext": 1}\n')
+    with pytest.raises(DataError, match=r"c4_sample_text.jsonl:2"):
+        c4_documents(tmp_path)
+
+
+def test_windows_are_seeded_and_exact():
+    stream = torch.arange(1000)
+    a = sample_windows(stream, 5, 100, seed=3)
+    assert a.shape == (5, 100)
+    assert torch.equal(a, sample_windows(stream, 5, 100, seed=3))
+    assert not torch.equal(a, sample_windows(stream, 5, 100, seed=4))
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(5, 99, dtype=a.dtype))  # consecutive tokens
+    with pytest.raises(DataError, match="fewer than seqlen=2000"):
+        sample_windows(stream, 1, 2000, seed=0)
+
+
+def test_calib_spec_validation_and_presets():
+    assert CalibSpec.preset("paper").nsamples == 128 and CalibSpec.preset("paper").seqlen == 2048
+    assert (CalibSpec().nsamples, CalibSpec().seqlen) == (32, 512)
+    with pytest.raises(ValueError, match="preset must be one of tiny, cpu, paper"):
+        CalibSpec.preset("huge")
+    with pytest.raises(ValueError, match="nsamples must be an integer >= 1"):
+        CalibSpec(nsamples=0)
+    with pytest.raises(ValueError, match="dataset must be one of c4"):
+        CalibSpec(dataset="pile")
+    # where the local data sits does not change the cache key; local vs hub does
+    assert CalibSpec(data_dir="/a").key() == CalibSpec(data_dir="/b").key() != CalibSpec(data_dir=None).key()
