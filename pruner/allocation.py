@@ -75,7 +75,9 @@ def owl(outlier_ratios, sparsity: float, lam: float) -> np.ndarray:
     """OWL's per-block sparsities (Yin et al. 2024, Eq. in Sec. 3.3, as in the official code).
 
     r̃_i = (r_i − min r) / (max r − min r) · 2λ;  density_i = r̃_i − mean(r̃) + (1 − S);  s_i = 1 − density_i.
-    Blocks with more outliers keep more weights. The unweighted mean of s_i is S; each s_i ∈ [S − λ, S + λ].
+    Blocks with more outliers keep more weights. The unweighted mean of s_i is S and max s − min s = 2λ, but the
+    range is [S − 2λ(1 − m̄), S + 2λm̄] with m̄ = mean of (r − min r)/(max r − min r): it is the paper's band
+    [S − λ, S + λ] only when m̄ = 1/2, and a skewed LOD pushes the outlier-rich blocks below S − λ.
     Equal ratios give the uniform allocation. (n_blocks,) → (n_blocks,)
     """
     return _owl_family(outlier_ratios, sparsity, lam, +1, "OWL")

@@ -30,6 +30,14 @@ def test_owl_linear_ratios_and_inverse_mirror():
     np.testing.assert_allclose(owl_inverse([1, 2, 3, 4, 5], 0.5, 0.1), [0.4, 0.45, 0.5, 0.55, 0.6], atol=1e-12)
 
 
+def test_owl_spread_is_two_lambda_but_not_centred_on_s():
+    # r = [2, 10, 4, 4, 0]: m̄ = 0.4, so the range is [S − 2λ·0.6, S + 2λ·0.4] = [0.604, 0.764], not S ± λ
+    out = owl([2, 10, 4, 4, 0], 0.7, 0.08)
+    assert out.max() - out.min() == pytest.approx(0.16, abs=1e-12)
+    assert out.min() == pytest.approx(0.7 - 2 * 0.08 * 0.6) and out.max() == pytest.approx(0.7 + 2 * 0.08 * 0.4)
+    assert out.min() < 0.7 - 0.08  # outside the paper's band
+
+
 def test_owl_equal_ratios_is_uniform():
     np.testing.assert_array_equal(owl([3, 3, 3, 3, 3], 0.6, 0.2), np.full(5, 0.6))
 

@@ -1,0 +1,50 @@
+"""Allocation update latency from cached statistics (what one slider move costs the server).
+
+For random (M, λ, S) draws on the bundled SmolLM2's 30-block statistics, times (a) OWL alone: lod(M) plus the
+OWL formula and expansion to 210 layers, and (b) all five allocators, as the Allocation page redraws them.
+Target: p95 ≤ 20 ms. Run: `.venv/bin/python -m bench.allocation_latency [--draws 2000]`.
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+from bench.common import git_rev, machine
+from pruner import api
+from pruner.allocation import ALLOCATORS, allocate, owl_lambda_max
+from pruner.specs import CalibSpec, ModelSpec, StatsSpec
+from pruner.store import default_data_dir
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--draws", type=int, default=2000)
+    ap.add_argument("--preset", default="tiny")
+    args = ap.parse_args()
+    spec = StatsSpec(ModelSpec("smollm2-135m", device="cpu"), CalibSpec.preset(args.preset, data_dir=str(default_data_dir())))
+    stats = api.get_stats(spec)
+    rng = np.random.default_rng(0)
+    times = {"owl": [], "all five": []}
+    for _ in range(args.draws):
+        m = float(rng.uniform(1, 20))
+        S = float(rng.uniform(0.1, 0.9))
+        lod = stats.lod(m)
+        lam = float(rng.uniform(0, 0.99)) * min(0.2, owl_lambda_max(lod, S), owl_lambda_max(lod, S, inverse=True))
+        t0 = time.perf_counter()
+        allocate("owl", stats, S, lam=lam, m=m)
+        t1 = time.perf_counter()
+        for name in ALLOCATORS:
+            allocate(name, stats, S, lam=lam, m=m)
+        t2 = time.perf_counter()
+        times["owl"].append((t1 - t0) * 1e3)
+        times["all five"].append((t2 - t1) * 1e3)
+    print(f"# allocation latency, {stats.n_blocks} blocks / {len(stats.layer_names)} layers, {args.draws} draws")
+    print(f"# machine: {machine()}; commit {git_rev()}")
+    print(f"{'update':<10} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}")
+    for k, v in times.items():
+        print(f"{k:<10} {np.percentile(v, 50):8.3f} {np.percentile(v, 95):8.3f} {np.max(v):8.3f}")
+
+
+if __name__ == "__main__":
+    main()
