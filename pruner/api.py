@@ -11,7 +11,7 @@ from typing import Callable
 
 from pruner.allocation import Allocation, allocate
 from pruner.data import calibration_tokens
-from pruner.models import LoadedModel, load_model, model_summary
+from pruner.models import LoadedModel, load_model, model_summary, resolve_device
 from pruner.specs import StatsSpec
 from pruner.stats import Stats, collect_stats
 from pruner.store import atomic_dir, default_cache_dir
@@ -83,3 +83,150 @@ def allocation_for(spec: StatsSpec, allocator: str, sparsity: float, *, lam: flo
     if cached is None:
         save_stats(spec, stats, cache_dir)
     return stats, result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pruning runs and evaluation
+
+PhaseProgress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+def _peak_memory() -> dict:
+    import resource
+
+    import torch
+
+    out = {"process_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if torch.cuda.is_available():
+        out["cuda_peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return out
+
+
+def _versions() -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    import pruner
+
+    return {"pruner": pruner.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None = None,
+              progress: PhaseProgress | None = None, should_cancel: Callable[[], bool] | None = None,
+              force: bool = False, batch_size: int = 4) -> Path:
+    """Prune a copy of the dense model as ``spec`` says and store it as a run; return the run folder.
+
+    The allocation comes from the dense model's cached statistics (computed first if missing). An existing run
+    of the same spec is returned as it is unless ``force``. The folder appears only when complete.
+    """
+    import copy
+
+    from pruner.methods import METHODS, NM
+    from pruner.prune import layer_targets, prune_model
+    from pruner.store import read_manifest, run_dir, run_exists
+
+    folder = run_dir(spec.key(), cache_dir)
+    if run_exists(spec.key(), cache_dir) and not force:
+        return folder
+    phase = (lambda name: (lambda d, t: progress(name, d, t))) if progress else (lambda name: None)
+    t_start = time.perf_counter()
+    base = loaded if loaded is not None else load_model(spec.model, cache_dir)
+    t0 = time.perf_counter()
+    stats = get_stats(spec.stats_spec, cache_dir, loaded=base, progress=phase("statistics"), batch_size=batch_size)
+    t_stats = time.perf_counter() - t0
+    alloc = allocate(spec.allocator, stats, spec.sparsity, lam=spec.lam, m=spec.m)
+    nm = NM.parse(spec.nm) if spec.nm else None
+    targets = layer_targets(alloc.layer_sparsity, list(zip(stats.layer_block.tolist(), stats.layer_names)), nm)
+    model = copy.deepcopy(base.model)  # the dense model (possibly cached by the UI) is never modified
+    tokens = calibration_tokens(base.tokenizer, spec.calib) if METHODS[spec.method].needs_inputs else None
+    t0 = time.perf_counter()
+    report = prune_model(model, tokens, spec.method, targets, spec.scope, base.device, batch_size,
+                         progress=phase("prune"), should_cancel=should_cancel)
+    t_prune = time.perf_counter() - t0
+    manifest = {
+        "key": spec.key(),
+        "label": spec.label(),
+        "spec": spec.identity(),
+        "model_summary": model_summary(base),
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "allocation": alloc.to_dict(),
+        "achieved": {
+            "overall": report.overall(),
+            "block": report.block_achieved().tolist(),
+            "layers": [vars(l) for l in report.layers],
+        },
+        "timings_s": {"statistics": round(t_stats, 2), "prune": round(t_prune, 2)},
+        "memory": _peak_memory(),
+        "metrics": {},
+    }
+    t0 = time.perf_counter()
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        base.tokenizer.save_pretrained(tmp)
+        manifest["timings_s"]["save"] = round(time.perf_counter() - t0, 2)
+        manifest["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
+        (tmp / "manifest.json").write_text(__import__("json").dumps(manifest, indent=2))
+    read_manifest(folder)  # fail loudly if the folder is not complete
+    return folder
+
+
+def load_run(folder: Path, device: str = "cpu"):
+    """(model, tokenizer) of a stored run, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
+    return model.to(device), AutoTokenizer.from_pretrained(folder)
+
+
+def perplexity_metric_name(result: dict) -> str:
+    name = f"perplexity:{result['dataset']}:seq{result['seqlen']}"
+    return name + (f":first{result['chunks']}" if result["partial"] else "")
+
+
+def evaluate_perplexity(folder: Path, data_dir: str | None, *, max_chunks: int | None = None,
+                        seqlen: int | None = None, device: str = "cpu", batch_size: int = 1,
+                        progress: ProgressFn | None = None) -> dict:
+    """WikiText-2 test perplexity of a stored run; the result is added to its manifest."""
+    from pruner.evaluate.perplexity import wikitext2_perplexity
+    from pruner.store import add_metrics
+
+    model, tokenizer = load_run(folder, device)
+    result = wikitext2_perplexity(model, tokenizer, data_dir, seqlen=seqlen, max_chunks=max_chunks, device=device,
+                                  batch_size=batch_size, progress=progress)
+    add_metrics(folder, perplexity_metric_name(result), result)
+    return result
+
+
+def dense_perplexity(model_spec, data_dir: str | None, cache_dir: Path | None = None, *,
+                     loaded: LoadedModel | None = None, max_chunks: int | None = None, seqlen: int | None = None,
+                     batch_size: int = 1, progress: ProgressFn | None = None) -> dict:
+    """WikiText-2 test perplexity of the dense model, cached under cache/dense/<model key>/metrics.json."""
+    import json
+
+    from pruner.evaluate.perplexity import default_seqlen, wikitext2_perplexity
+    from pruner.store import write_json_atomic
+
+    base = loaded if loaded is not None else load_model(model_spec, cache_dir)
+    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "dense" / model_spec.key()
+    path = root / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    seqlen = seqlen or default_seqlen(base.model)
+    for result in metrics.values():
+        if result["seqlen"] == seqlen and (result["chunks"] == max_chunks or (max_chunks is None and not result["partial"])):
+            return result
+    home = next(base.model.parameters()).device
+    try:  # weights live on CPU between uses; evaluate on the compute device
+        base.model.to(base.device)
+        result = wikitext2_perplexity(base.model, base.tokenizer, data_dir, seqlen=seqlen, max_chunks=max_chunks,
+                                      device=base.device, batch_size=batch_size, progress=progress)
+    finally:
+        base.model.to(home)
+    root.mkdir(parents=True, exist_ok=True)
+    metrics[perplexity_metric_name(result)] = result
+    write_json_atomic(path, metrics)
+    return result

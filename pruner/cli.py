@@ -143,6 +143,107 @@ def cmd_allocate(args) -> int:
     return 0
 
 
+def _phase_bars():
+    bars = {}
+
+    def update(phase: str, done: int, total: int):
+        if phase not in bars:
+            bars[phase] = _progress_bar(phase)
+        bars[phase](done, total)
+
+    return update
+
+
+def _print_ppl(label: str, r: dict) -> None:
+    part = f" (partial: first {r['chunks']} of {r['chunks_total']} chunks)" if r["partial"] else ""
+    print(f"{label}: WikiText-2 test perplexity {r['perplexity']:.3f} at seqlen {r['seqlen']}{part}; "
+          f"{r['tokens_per_second']:.0f} tokens/s")
+
+
+def _check_chunks(args) -> None:
+    if args.max_chunks is not None and args.max_chunks < 1:
+        raise BadInput(f"--max-chunks must be ≥ 1; got {args.max_chunks}")
+    if getattr(args, "seqlen_eval", None) is not None and args.seqlen_eval < 2:
+        raise BadInput(f"--eval-seqlen must be ≥ 2; got {args.seqlen_eval}")
+
+
+def cmd_prune(args) -> int:
+    import shutil
+
+    from pruner import api
+    from pruner.methods import NM
+    from pruner.specs import PruneSpec
+    from pruner.store import atomic_dir, read_manifest
+
+    if args.nm is not None:
+        try:
+            nm = NM.parse(args.nm)
+        except ValueError as err:
+            raise BadInput(str(err)) from err
+        sparsity = nm.sparsity if args.sparsity is None else args.sparsity
+    elif args.sparsity is None:
+        raise BadInput("--sparsity is required (a number in (0, 1)) unless --nm gives it")
+    else:
+        sparsity = args.sparsity
+    _check_chunks(args)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and any(out.iterdir()):
+        raise BadInput(f"--out {out} exists and is not empty; choose a new folder")
+    stats_spec = _stats_spec(args)
+    spec = PruneSpec(model=stats_spec.model, calib=stats_spec.calib, allocator=args.allocator, method=args.method,
+                     sparsity=sparsity, lam=args.lam, m=args.m, nm=args.nm, scope=args.scope)
+    if spec.m is not None:
+        _check_m(spec.m)
+    folder = api.run_prune(spec, _cache(args), progress=_phase_bars(), force=args.force, batch_size=args.batch_size)
+    manifest = read_manifest(folder)
+    print(f"run {spec.key()}: {spec.label()}")
+    print(f"  folder {folder}")
+    print(f"  achieved sparsity {manifest['achieved']['overall']:.6f} (target {sparsity:g}); "
+          f"prune {manifest['timings_s']['prune']:.1f} s")
+    if args.ppl:
+        result = api.evaluate_perplexity(folder, stats_spec.calib.data_dir, max_chunks=args.max_chunks,
+                                         device=str(api.resolve_device(args.device)),
+                                         progress=_progress_bar("perplexity"))
+        _print_ppl("  pruned", result)
+    if out is not None:
+        if out.exists():
+            out.rmdir()
+        with atomic_dir(out) as tmp:
+            shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        print(f"  copied to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pruner import api
+    from pruner.store import run_dir, run_exists
+
+    if not args.ppl:
+        raise BadInput("nothing to evaluate: pass --ppl (WikiText-2 perplexity)")
+    _check_chunks(args)
+    data_dir = _data_dir(args.data_dir)
+    if args.run:
+        if not run_exists(args.run, _cache(args)):
+            raise BadInput(f"no run {args.run!r} in {run_dir(args.run, _cache(args)).parent}; "
+                           f"`python -m pruner prune ...` prints run keys")
+        result = api.evaluate_perplexity(run_dir(args.run, _cache(args)), data_dir, max_chunks=args.max_chunks,
+                                         seqlen=args.seqlen_eval, device=str(api.resolve_device(args.device)),
+                                         progress=_progress_bar("perplexity"))
+        _print_ppl(f"run {args.run}", result)
+    else:
+        model = ModelSpec(name=args.model, dtype=args.dtype, device=args.device,
+                          trust_remote_code=args.trust_remote_code)
+        from pruner.models import model_source
+
+        model_source(model)
+        result = api.dense_perplexity(model, data_dir, _cache(args), max_chunks=args.max_chunks,
+                                      seqlen=args.seqlen_eval, progress=_progress_bar("perplexity"))
+        _print_ppl(f"dense {args.model}", result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pruner", description="Layerwise sparsity allocation for LLM pruning")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -161,6 +262,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", type=float, default=OWL_DEFAULT_M, help="OWL's outlier threshold M")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_allocate)
+
+    from pruner.methods import METHODS, SCOPES
+
+    p = sub.add_parser("prune", help="prune a copy of the model with an allocator and a method; store the run")
+    _add_common(p)
+    p.add_argument("--allocator", default="owl", choices=list(ALLOCATORS))
+    p.add_argument("--method", default="wanda", choices=list(METHODS))
+    p.add_argument("--sparsity", type=float, help="target sparsity S in (0, 1) (implied by --nm)")
+    p.add_argument("--lam", type=float, help=f"OWL's λ (default {OWL_DEFAULT_LAMBDA})")
+    p.add_argument("--m", type=float, help=f"OWL's outlier threshold M (default {OWL_DEFAULT_M:g})")
+    p.add_argument("--nm", help="N:M semi-structured sparsity, e.g. 2:4 (N kept of every M)")
+    p.add_argument("--scope", choices=list(SCOPES), help="comparison group (default: the method's own)")
+    p.add_argument("--out", help="also copy the pruned Hugging Face folder here")
+    p.add_argument("--force", action="store_true", help="recompute even if this run exists")
+    p.add_argument("--ppl", action="store_true", help="evaluate WikiText-2 perplexity afterwards")
+    p.add_argument("--max-chunks", type=int, help="perplexity on the first N chunks only (a partial estimate)")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="evaluate a stored run (--run KEY) or a dense model (--model)")
+    _add_common(p)
+    p.add_argument("--run", help="run key printed by `prune`")
+    p.add_argument("--ppl", action="store_true", help="WikiText-2 test perplexity")
+    p.add_argument("--max-chunks", type=int, help="first N chunks only (a partial estimate)")
+    p.add_argument("--eval-seqlen", dest="seqlen_eval", type=int, help="evaluation window (default min(2048, context))")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -122,3 +122,69 @@ class StatsSpec:
         return stable_hash(
             {"model": self.model.identity(), "calib": self.calib.identity(), "format": STATS_FORMAT_VERSION}
         )
+
+
+#: Bump when pruning semantics change (it is part of the run key).
+PRUNE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """One pruning run: model + calibration + allocator (+ λ, M) + method + target sparsity (+ N:M).
+
+    With ``nm`` (e.g. "2:4") the target sparsity is 1 − N/M; a non-uniform allocator then gives each block its own
+    N (OWL's mixed N:M), N_i = round(M · (1 − s_i)).
+    """
+
+    model: ModelSpec = ModelSpec()
+    calib: CalibSpec = CalibSpec()
+    allocator: str = "uniform"
+    method: str = "wanda"
+    sparsity: float = 0.5
+    lam: float | None = None
+    m: float | None = None
+    nm: str | None = None
+    scope: str | None = None
+
+    def __post_init__(self):
+        from pruner.allocation import ALLOCATORS, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M
+        from pruner.methods import METHODS, NM, SCOPES
+
+        if self.allocator not in ALLOCATORS:
+            raise ValueError(f"unknown allocator {self.allocator!r}; choose one of {', '.join(ALLOCATORS)}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.scope is not None and self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {self.scope!r}")
+        if not isinstance(self.sparsity, (int, float)) or not (0 < self.sparsity < 1):
+            raise ValueError(f"target sparsity S must be in (0, 1); got {self.sparsity!r}")
+        if self.nm is not None:
+            nm = NM.parse(self.nm)
+            if abs(nm.sparsity - self.sparsity) > 1e-9:
+                raise ValueError(f"with N:M {nm} the target sparsity is {nm.sparsity:g}; got {self.sparsity:g}")
+            object.__setattr__(self, "nm", str(nm))
+        uses = ALLOCATORS[self.allocator].params
+        # Normalise: parameters the allocator ignores are dropped, the ones it uses get their defaults.
+        object.__setattr__(self, "lam", (OWL_DEFAULT_LAMBDA if self.lam is None else float(self.lam)) if "lam" in uses else None)
+        object.__setattr__(self, "m", (OWL_DEFAULT_M if self.m is None else float(self.m)) if "m" in uses else None)
+        if self.lam is not None and self.lam < 0:
+            raise ValueError(f"λ (lam) must be ≥ 0; got {self.lam:g}")
+        if self.m is not None and self.m <= 0:
+            raise ValueError(f"M must be > 0; got {self.m:g}")
+        object.__setattr__(self, "scope", self.scope or METHODS[self.method].default_scope)
+
+    @property
+    def stats_spec(self) -> StatsSpec:
+        return StatsSpec(model=self.model, calib=self.calib)
+
+    def identity(self) -> dict:
+        d = {k: getattr(self, k) for k in ("allocator", "method", "sparsity", "lam", "m", "nm", "scope")}
+        return {"model": self.model.identity(), "calib": self.calib.identity(), **d, "format": PRUNE_FORMAT_VERSION}
+
+    def key(self) -> str:
+        return stable_hash(self.identity())
+
+    def label(self) -> str:
+        params = "".join(f", {k}={getattr(self, k):g}" for k in ("lam", "m") if getattr(self, k) is not None)
+        nm = f", {self.nm}" if self.nm else ""
+        return f"{self.method} + {self.allocator}{params} @ {self.sparsity:.0%}{nm}"

@@ -13,8 +13,10 @@ only when complete, so an interrupted write never leaves a folder that looks fin
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -53,3 +55,55 @@ def atomic_dir(target: Path):
     os.rename(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def runs_dir(cache_dir: Path | None = None) -> Path:
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "runs"
+
+
+MANIFEST = "manifest.json"
+
+
+def run_dir(key: str, cache_dir: Path | None = None) -> Path:
+    return runs_dir(cache_dir) / key
+
+
+def run_exists(key: str, cache_dir: Path | None = None) -> bool:
+    return (run_dir(key, cache_dir) / MANIFEST).is_file()
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"no run at {folder} (missing {MANIFEST})")
+    return json.loads(path.read_text())
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def add_metrics(folder: Path, name: str, metrics: dict) -> dict:
+    """Add (or replace) ``manifest['metrics'][name]`` atomically; returns the new manifest."""
+    manifest = read_manifest(folder)
+    manifest.setdefault("metrics", {})[name] = metrics
+    write_json_atomic(Path(folder) / MANIFEST, manifest)
+    return manifest
+
+
+def list_runs(cache_dir: Path | None = None) -> list[dict]:
+    """Manifests of all complete runs, newest first."""
+    root = runs_dir(cache_dir)
+    if not root.is_dir():
+        return []
+    out = [read_manifest(p) for p in root.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file()]
+    return sorted(out, key=lambda m: m.get("created", ""), reverse=True)

@@ -24,3 +24,17 @@ def smollm2():
     from pruner.specs import ModelSpec
 
     return load_model(ModelSpec("smollm2-135m", device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(smollm2, tmp_path_factory) -> str:
+    """A tiny random Llama saved as a local Hugging Face folder, with the bundled model's tokenizer."""
+    import transformers as tf
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(smollm2.tokenizer), hidden_size=32, intermediate_size=48,
+                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    smollm2.tokenizer.save_pretrained(folder)
+    return str(folder)

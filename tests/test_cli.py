@@ -6,20 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import transformers as tf
 
 from pruner.store import PROJECT_ROOT
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(smollm2, tmp_path_factory) -> str:
-    """A tiny random Llama saved as a local Hugging Face folder, with the bundled model's tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    config = tf.LlamaConfig(vocab_size=len(smollm2.tokenizer), hidden_size=32, intermediate_size=48,
-                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
-    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    smollm2.tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def run_cli(*args, cache: Path, data_dir: str):
@@ -77,3 +65,34 @@ def test_lambda_too_wide_leaves_cache_empty(tiny_folder, tmp_path, data_dir):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: λ=0.6 is too wide for S=0.7") and "allowed here: 0 ≤ λ <" in last
     assert not (tmp_path / "stats").exists() or list((tmp_path / "stats").iterdir()) == []
+
+
+def test_prune_eval_and_out(tiny_folder, tmp_path, data_dir):
+    cache, out = tmp_path / "cache", tmp_path / "exported"
+    r = run_cli("prune", "--model", tiny_folder, "--preset", "tiny", "--allocator", "owl", "--method", "wanda",
+                "--sparsity", "0.7", "--lam", "0.05", "--m", "3", "--out", str(out), cache=cache, data_dir=data_dir)
+    assert r.returncode == 0, r.stderr
+    key = r.stdout.split()[1].rstrip(":")
+    assert "achieved sparsity 0.69" in r.stdout and "prune" in r.stderr  # progress bar per block
+    assert (out / "model.safetensors").is_file() and json.loads((out / "manifest.json").read_text())["key"] == key
+    r = run_cli("eval", "--run", key, "--ppl", "--max-chunks", "2", "--eval-seqlen", "64", "--json",
+                cache=cache, data_dir=data_dir)
+    assert r.returncode == 0, r.stderr
+    assert "partial: first 2 of" in r.stdout
+    result = json.loads(r.stdout[r.stdout.index("{"):])
+    assert result["chunks"] == 2 and result["perplexity"] > 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prune", "--nm", "3:2"], "N:M needs integers 1 ≤ N < M"),
+    (["prune"], "--sparsity is required"),
+    (["prune", "--sparsity", "0.5", "--method", "obs"], "invalid choice: 'obs'"),
+    (["prune", "--sparsity", "0.7", "--nm", "2:4"], "with N:M 2:4 the target sparsity is 0.5"),
+    (["prune", "--sparsity", "0.5", "--max-chunks", "0"], "--max-chunks must be ≥ 1"),
+    (["eval", "--run", "deadbeef", "--ppl"], "no run 'deadbeef'"),
+    (["eval", "--run", "deadbeef"], "nothing to evaluate: pass --ppl"),
+])
+def test_prune_eval_bad_input(args, message, tmp_path, data_dir):
+    r = run_cli(*args, cache=tmp_path, data_dir=data_dir)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []

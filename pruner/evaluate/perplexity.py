@@ -1,0 +1,87 @@
+"""WikiText-2 perplexity, the protocol of the Wanda / SparseGPT / OWL papers.
+
+The raw test rows are joined with "\\n\\n" and tokenized once (no BOS added); the token stream is cut into
+non-overlapping chunks of ``seqlen`` tokens (the remainder is dropped); each chunk is scored independently and
+the result is exp(mean NLL over every predicted token). This is *token-level* perplexity: it is not comparable
+with lm-eval's ``wikitext`` task, which reports word perplexity over rolling windows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pruner.data import wikitext2_text
+
+#: Label value that cross_entropy skips (the last position of a chunk has no next token).
+IGNORE = -100
+#: Longest evaluation window the papers use.
+PAPER_SEQLEN = 2048
+
+
+def default_seqlen(model) -> int:
+    """min(2048, the model's context length)."""
+    ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None) or PAPER_SEQLEN
+    return min(PAPER_SEQLEN, int(ctx))
+
+
+def chunk_stream(ids: torch.Tensor, seqlen: int, max_chunks: int | None = None) -> torch.Tensor:
+    """(n_tokens,) → (n_chunks, seqlen), non-overlapping, remainder dropped; at most ``max_chunks`` chunks."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than seqlen={seqlen}")
+    if max_chunks is not None:
+        if max_chunks < 1:
+            raise ValueError(f"max_chunks must be ≥ 1; got {max_chunks}")
+        n = min(n, max_chunks)
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+@torch.no_grad()
+def perplexity_of_chunks(model, chunks: torch.Tensor, device, batch_size: int = 1,
+                         progress: Callable[[int, int], None] | None = None) -> tuple[float, int]:
+    """exp(mean NLL) over all predicted tokens of the chunks (each chunk scored on its own); also the count."""
+    total_nll = 0.0
+    count = 0
+    for start in range(0, len(chunks), batch_size):
+        batch = chunks[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits  # (b, T, vocab)
+        # Shift the labels, not the logits: slicing the logits would copy a (b, T, vocab) tensor per batch.
+        targets = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], IGNORE)], dim=1)  # (b, T)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        del logits
+        total_nll += float(nll)
+        count += batch[:, 1:].numel()
+        if progress is not None:
+            progress(min(start + batch_size, len(chunks)), len(chunks))
+    return math.exp(total_nll / count), count
+
+
+def wikitext2_perplexity(model, tokenizer, data_dir=None, split: str = "test", seqlen: int | None = None,
+                         max_chunks: int | None = None, device=None, batch_size: int = 1,
+                         progress: Callable[[int, int], None] | None = None) -> dict:
+    """The papers' WikiText-2 perplexity; ``max_chunks`` gives a quick estimate, flagged ``partial``."""
+    device = device if device is not None else next(model.parameters()).device
+    seqlen = seqlen or default_seqlen(model)
+    ids = tokenizer(wikitext2_text(split, data_dir), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    chunks = chunk_stream(ids, seqlen, max_chunks)
+    full = ids.numel() // seqlen
+    t0 = time.perf_counter()
+    ppl, count = perplexity_of_chunks(model, chunks, device, batch_size, progress)
+    seconds = time.perf_counter() - t0
+    return {
+        "dataset": f"wikitext2-{split}",
+        "perplexity": ppl,
+        "seqlen": seqlen,
+        "chunks": len(chunks),
+        "chunks_total": full,
+        "partial": len(chunks) < full,
+        "tokens_scored": count,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(len(chunks) * seqlen / seconds, 1),
+        "kind": "token-level (not lm-eval word perplexity)",
+    }

@@ -1,0 +1,34 @@
+"""What a pruning method is: a few per-layer functions, no calibration loop.
+
+One instance is made per prunable layer while its block is processed: ``accumulate`` sees the layer's inputs
+for every calibration mini-batch, then ``prune`` returns the new weight and its mask (True = pruned).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from pruner.methods.masks import NM
+
+
+class LayerMethod:
+    name: ClassVar[str]
+    #: False for methods that look only at the weights (they then need no calibration forward pass).
+    needs_inputs: ClassVar[bool] = True
+    #: Default comparison group for unstructured selection ('row' or 'layer').
+    default_scope: ClassVar[str] = "row"
+    description: ClassVar[str] = ""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", scope: str | None = None):
+        self.in_features = in_features
+        self.device = torch.device(device)
+        self.scope = scope or self.default_scope
+
+    def accumulate(self, x: torch.Tensor) -> None:
+        """x: (tokens, in_features), this mini-batch's inputs to the layer."""
+
+    def prune(self, weight: torch.Tensor, sparsity: float, nm: NM | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """weight: (out, in) float32. Returns (pruned weight (out, in), mask (out, in) bool, True = pruned)."""
+        raise NotImplementedError  # every registered method overrides this

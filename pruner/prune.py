@@ -1,0 +1,147 @@
+"""Sequential pruning: orchestration only (the loop is ``calibrate.run_blockwise``, the math is in ``methods``).
+
+Block i is run on inputs produced by the already pruned blocks before it; its layers' methods accumulate what
+they need during that pass, the block is pruned, and it runs once more so the next block sees the pruned outputs
+(the protocol of Wanda and SparseGPT). Methods that need no activations (magnitude) prune without any forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from pruner.calibrate import Cancelled, ProgressFn, run_blockwise
+from pruner.methods import METHODS, NM, LayerMethod
+from pruner.models import find_blocks, prunable_layers, weight_matrix
+
+
+@dataclass
+class LayerTarget:
+    sparsity: float  # allocated sparsity (used when nm is None)
+    nm: NM | None  # N:M pattern for this layer, or None for unstructured
+    dense: bool = False  # N:M with N = M: leave the layer as it is
+
+
+@dataclass
+class LayerReport:
+    block: int
+    name: str
+    allocated: float
+    achieved: float  # zeros in the weight after pruning ÷ its size, measured from the weights
+    pruned: int  # weights the method masked
+    numel: int
+    nm: str | None = None
+
+
+@dataclass
+class PruneReport:
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def block_achieved(self) -> np.ndarray:
+        n_blocks = max(l.block for l in self.layers) + 1
+        zeros = np.zeros(n_blocks)
+        sizes = np.zeros(n_blocks)
+        for l in self.layers:
+            zeros[l.block] += l.achieved * l.numel
+            sizes[l.block] += l.numel
+        return zeros / sizes
+
+    def overall(self) -> float:
+        return sum(l.achieved * l.numel for l in self.layers) / sum(l.numel for l in self.layers)
+
+
+def layer_targets(layer_sparsity: np.ndarray, layer_keys: list[tuple[int, str]], nm: NM | None) -> dict:
+    """(block, name) → LayerTarget. With N:M, each layer's N is round(M · (1 − s)) (OWL's mixed N:M)."""
+    out = {}
+    for key, s in zip(layer_keys, layer_sparsity):
+        if nm is None:
+            out[key] = LayerTarget(float(s), None)
+            continue
+        n = int(round(nm.m * (1 - s)))
+        if n < 1:
+            raise ValueError(f"layer {key} would keep 0 of every {nm.m} weights (allocated sparsity {s:.3f}); "
+                             f"use a smaller λ")
+        out[key] = LayerTarget(float(s), NM(n, nm.m) if n < nm.m else None, dense=n >= nm.m)
+    return out
+
+
+def _apply(layer: nn.Module, method: LayerMethod, target: LayerTarget, block: int, name: str) -> LayerReport:
+    weight = weight_matrix(layer)  # (out, in) view of the parameter
+    numel = weight.numel()
+    if target.dense:
+        pruned = 0
+    else:
+        new, mask = method.prune(weight.detach().float(), target.sparsity, target.nm)
+        with torch.no_grad():
+            weight.copy_(new.to(weight.dtype))
+        pruned = int(mask.sum())
+    zeros = int((weight == 0).sum())
+    allocated = target.nm.sparsity if target.nm is not None else (0.0 if target.dense else target.sparsity)
+    return LayerReport(block, name, allocated, zeros / numel, pruned, numel, str(target.nm) if target.nm else None)
+
+
+class PruningObserver:
+    """A ``BlockObserver`` that feeds each layer's inputs to its method, then prunes the block."""
+
+    def __init__(self, method: str, targets: dict, scope: str, device: torch.device):
+        self.cls = METHODS[method]
+        self.targets = targets
+        self.scope = scope
+        self.device = device
+        self.report = PruneReport()
+        self._methods: dict[str, LayerMethod] = {}
+
+    def attach(self, index, block, layers):
+        self._methods = {}
+        handles = []
+        for name, layer in layers.items():
+            method = self.cls(weight_matrix(layer).shape[1], self.device, self.scope)
+            self._methods[name] = method
+
+            def hook(module, args, output, method=method):
+                x = args[0].detach()
+                method.accumulate(x.reshape(-1, x.shape[-1]))
+
+            handles.append(layer.register_forward_hook(hook))
+        return handles
+
+    def finish(self, index, block, layers) -> bool:
+        for name, layer in layers.items():
+            self.report.layers.append(_apply(layer, self._methods[name], self.targets[(index, name)], index, name))
+        self._methods = {}
+        return True
+
+
+def prune_model(
+    model: nn.Module,
+    tokens: torch.Tensor | None,
+    method: str,
+    targets: dict,
+    scope: str,
+    device: torch.device | str = "cpu",
+    batch_size: int = 4,
+    progress: ProgressFn | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place, block by block, to ``targets`` ((block, name) → LayerTarget)."""
+    device = torch.device(device)
+    if METHODS[method].needs_inputs:
+        observer = PruningObserver(method, targets, scope, device)
+        run_blockwise(model, tokens, observer, device=device, batch_size=batch_size, progress=progress,
+                      should_cancel=should_cancel)
+        return observer.report
+    report = PruneReport()
+    _, blocks = find_blocks(model)
+    for i, block in enumerate(blocks):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"cancelled before block {i} of {len(blocks)}")
+        for name, layer in prunable_layers(block).items():
+            m = METHODS[method](weight_matrix(layer).shape[1], device, scope)
+            report.layers.append(_apply(layer, m, targets[(i, name)], i, name))
+        if progress is not None:
+            progress(i + 1, len(blocks))
+    return report

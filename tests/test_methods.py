@@ -1,0 +1,121 @@
+"""Each method's mask on hand-made tensors (exact), ties, N:M, and SparseGPT's reconstruction advantage."""
+
+import pytest
+import torch
+
+from pruner.methods import METHODS, NM
+from pruner.methods.masks import lowest_mask, nm_mask, prune_count
+from pruner.methods.sparsegpt import HessianNotPositiveDefinite
+
+T, F = True, False
+
+
+def test_row_scope_exact_with_ties_broken_by_position():
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 2.0, 2.0, 1.0]])
+    assert lowest_mask(scores, 0.5, "row").tolist() == [[T, T, F, F], [F, T, F, T]]
+
+
+def test_layer_scope_exact():
+    scores = torch.tensor([[1.0, 5.0], [2.0, 2.0]])
+    assert lowest_mask(scores, 0.5, "layer").tolist() == [[T, F], [T, F]]
+    assert lowest_mask(scores, 0.75, "layer").tolist() == [[T, F], [T, T]]
+
+
+def test_prune_count_rounds_and_validates():
+    assert prune_count(576, 0.7) == 403 and prune_count(10, 0.0) == 0
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        prune_count(10, 1.0)
+
+
+def test_nm_mask_2_4():
+    scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.0, 5.0, 5.0, 1.0], [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]])
+    assert nm_mask(scores, NM(2, 4)).tolist() == [[F, T, F, T, T, F, F, T], [T, T, F, F, T, T, F, F]]
+    assert nm_mask(torch.arange(8.0)[None], NM(4, 8)).tolist() == [[T, T, T, T, F, F, F, F]]
+    with pytest.raises(ValueError, match="divisible by 4"):
+        nm_mask(torch.ones(2, 6), NM(2, 4))
+
+
+def test_nm_parse():
+    assert NM.parse("2:4") == NM(2, 4) and NM.parse("4:8").sparsity == 0.5
+    with pytest.raises(ValueError, match="1 ≤ N < M"):
+        NM.parse("4:2")
+    with pytest.raises(ValueError, match="like 2:4"):
+        NM.parse("2-4")
+
+
+def test_magnitude_by_hand():
+    W = torch.tensor([[-3.0, 1.0], [0.5, 2.0]])
+    Wp, mask = METHODS["magnitude"](2).prune(W, 0.5)
+    assert Wp.tolist() == [[-3.0, 0.0], [0.0, 2.0]] and mask.sum() == 2
+
+
+def test_wanda_by_hand_row_and_layer_scope():
+    # ‖X‖ = [2, 1] → scores [[2, 2], [6, 1]]
+    W = torch.tensor([[1.0, 2.0], [3.0, 1.0]])
+    row = METHODS["wanda"](2)
+    row.accumulate(torch.tensor([[2.0, 1.0]]))
+    Wp, _ = row.prune(W, 0.5)
+    assert Wp.tolist() == [[0.0, 2.0], [3.0, 0.0]]  # row 0: tie, first position goes
+    # W2 = [[1, 1], [3, 4]] → scores [[2, 1], [6, 4]]: per row prune 1 and 4; per layer the two smallest, 1 and 2
+    W2 = torch.tensor([[1.0, 1.0], [3.0, 4.0]])
+    Wp, _ = row.prune(W2, 0.5)
+    assert Wp.tolist() == [[1.0, 0.0], [3.0, 0.0]]
+    layer = METHODS["wanda"](2, scope="layer")
+    layer.accumulate(torch.tensor([[2.0, 1.0]]))
+    Wp, _ = layer.prune(W2, 0.5)
+    assert Wp.tolist() == [[0.0, 0.0], [3.0, 4.0]]
+
+
+def test_wanda_accumulates_over_batches():
+    a, b = METHODS["wanda"](3), METHODS["wanda"](3)
+    x = torch.randn(10, 3)
+    a.accumulate(x)
+    b.accumulate(x[:4])
+    b.accumulate(x[4:])
+    torch.testing.assert_close(a.sumsq, b.sumsq)
+
+
+def _correlated_layer(seed=0, n=2048, din=256, dout=64):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(din, din, generator=g) / din**0.5
+    X = torch.randn(n, din, generator=g) @ mix + 0.1 * torch.randn(n, din, generator=g)
+    X[:, :8] *= 10  # a few outlier features
+    return X, torch.randn(dout, din, generator=g)
+
+
+def _error(X, W, Wp):
+    return float(((X @ W.T - X @ Wp.T) ** 2).sum())
+
+
+@pytest.mark.parametrize("sparsity, nm", [(0.5, None), (0.6, None), (0.7, None), (0.5, NM(2, 4))])
+def test_sparsegpt_reconstructs_better_than_wanda(sparsity, nm):
+    X, W = _correlated_layer()
+    errors, masks = {}, {}
+    for name in ("wanda", "sparsegpt"):
+        m = METHODS[name](W.shape[1])
+        m.accumulate(X)
+        Wp, masks[name] = m.prune(W, sparsity, nm)
+        errors[name] = _error(X, W, Wp)
+        assert torch.equal(Wp == 0, masks[name])  # exactly the masked weights are zero
+    assert errors["sparsegpt"] < 0.85 * errors["wanda"]
+    if nm is None:  # exact count per block of 128 columns (64 rows × 128 = 8192 weights each)
+        per_block = masks["sparsegpt"].reshape(64, 2, 128).sum(dim=(0, 2))
+        assert per_block.tolist() == [prune_count(8192, sparsity)] * 2
+    else:
+        assert (masks["sparsegpt"].reshape(64, -1, 4).sum(-1) == 2).all()
+
+
+def test_sparsegpt_zero_sparsity_changes_nothing():
+    X, W = _correlated_layer(n=512)
+    m = METHODS["sparsegpt"](W.shape[1])
+    m.accumulate(X)
+    Wp, mask = m.prune(W, 0.0)
+    assert not mask.any()
+    torch.testing.assert_close(Wp, W)
+
+
+def test_sparsegpt_reports_non_positive_definite_hessian():
+    m = METHODS["sparsegpt"](4)
+    m.H = -torch.eye(4)
+    with pytest.raises(HessianNotPositiveDefinite, match="not positive definite even after 1% dampening"):
+        m.prune(torch.ones(2, 4), 0.5)

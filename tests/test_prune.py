@@ -1,0 +1,114 @@
+"""Sequential pruning on tiny random models: exact per-layer sparsities, sequential inputs, store, perplexity."""
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pruner.allocation import allocate
+from pruner.calibrate import Cancelled
+from pruner.evaluate.perplexity import chunk_stream, perplexity_of_chunks
+from pruner.methods.masks import lowest_mask, prune_count
+from pruner.models import find_blocks, prunable_layers, weight_matrix
+from pruner.prune import LayerTarget, layer_targets, prune_model
+from pruner.stats import collect_stats, wanda_score
+from tests.test_calibrate import direct_input_norms
+from tests.tiny_models import tiny_model, tiny_tokens
+
+
+def _owl_targets(model, tokens, S=0.6, lam=0.1):
+    stats = collect_stats(model, tokens, "cpu")
+    alloc = allocate("owl", stats, S, lam=lam, m=1.5)
+    keys = list(zip(stats.layer_block.tolist(), stats.layer_names))
+    return layer_targets(alloc.layer_sparsity, keys, None), alloc
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "opt", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_exact_per_layer_sparsity(family, method):
+    model = tiny_model(family)
+    tokens = tiny_tokens(8, 16)
+    targets, alloc = _owl_targets(model, tokens)
+    assert len(set(np.round(alloc.block_sparsity, 6))) > 1  # OWL gives the blocks different sparsities
+    scope = {"magnitude": "layer", "wanda": "row", "sparsegpt": "row"}[method]
+    report = prune_model(model, tokens, method, targets, scope)
+    _, blocks = find_blocks(model)
+    for layer_report in report.layers:
+        W = weight_matrix(prunable_layers(blocks[layer_report.block])[layer_report.name])
+        target = targets[(layer_report.block, layer_report.name)].sparsity
+        zeros_per_row = (W == 0).sum(dim=1)
+        if method == "wanda":  # every row (comparison group) has exactly round(s · in) zeros
+            assert (zeros_per_row == prune_count(W.shape[1], target)).all()
+        elif method == "magnitude":
+            assert int((W == 0).sum()) == prune_count(W.numel(), target)
+        else:  # sparsegpt: exact per block of 128 columns; these layers are narrower than one block
+            assert int((W == 0).sum()) == prune_count(W.numel(), target)
+        assert abs(layer_report.achieved - target) <= 1 / W.shape[1]
+
+
+def test_blocks_see_inputs_from_already_pruned_blocks():
+    dense = tiny_model("llama")
+    model = copy.deepcopy(dense)
+    tokens = tiny_tokens(8, 16)
+    targets = {k: LayerTarget(0.5, None) for k in
+               [(i, n) for i, b in enumerate(find_blocks(model)[1]) for n in prunable_layers(b)]}
+    prune_model(model, tokens, "wanda", targets, "row")
+    # Block 2's q_proj input is produced by blocks 0 and 1, already pruned: a direct forward of the final pruned
+    # model gives that input, and Wanda's mask from it on the dense weight is exactly the pruned pattern.
+    norms = direct_input_norms(model, tokens)[(2, "self_attn.q_proj")].float()
+    W_dense = weight_matrix(prunable_layers(find_blocks(dense)[1][2])["self_attn.q_proj"])
+    expected = lowest_mask(wanda_score(W_dense, norms), 0.5, "row")
+    pruned = weight_matrix(prunable_layers(find_blocks(model)[1][2])["self_attn.q_proj"]) == 0
+    assert torch.equal(pruned, expected)
+    # ... and it differs from the mask the dense model's inputs would give
+    dense_norms = direct_input_norms(dense, tokens)[(2, "self_attn.q_proj")].float()
+    assert not torch.equal(lowest_mask(wanda_score(W_dense, dense_norms), 0.5, "row"), expected)
+
+
+def test_mixed_nm_per_block():
+    keys = [(0, "a"), (1, "a"), (2, "a")]
+    targets = layer_targets(np.array([0.375, 0.5, 0.625]), keys, __import__("pruner.methods", fromlist=["NM"]).NM(4, 8))
+    assert [str(targets[k].nm) for k in keys] == ["5:8", "4:8", "3:8"]
+    with pytest.raises(ValueError, match="keep 0 of every 8"):
+        layer_targets(np.array([0.97]), [(0, "a")], targets[(1, "a")].nm)
+
+
+def test_nm_pruning_pattern():
+    model = tiny_model("llama")
+    tokens = tiny_tokens(8, 16)
+    from pruner.methods import NM
+
+    targets = {k: LayerTarget(0.5, NM(2, 4)) for k in
+               [(i, n) for i, b in enumerate(find_blocks(model)[1]) for n in prunable_layers(b)]}
+    prune_model(model, tokens, "sparsegpt", targets, "row")
+    W = weight_matrix(prunable_layers(find_blocks(model)[1][1])["mlp.down_proj"])
+    assert ((W == 0).reshape(W.shape[0], -1, 4).sum(-1) == 2).all()
+
+
+def test_cancel_leaves_model_partially_pruned_but_raises():
+    model = tiny_model("llama")
+    targets = {k: LayerTarget(0.5, None) for k in
+               [(i, n) for i, b in enumerate(find_blocks(model)[1]) for n in prunable_layers(b)]}
+    with pytest.raises(Cancelled):
+        prune_model(model, tiny_tokens(), "wanda", targets, "row", should_cancel=lambda: True)
+
+
+def test_chunking():
+    ids = torch.arange(10)
+    assert chunk_stream(ids, 3).tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert chunk_stream(ids, 3, max_chunks=2).shape == (2, 3)
+    with pytest.raises(ValueError, match="fewer than seqlen=20"):
+        chunk_stream(ids, 20)
+
+
+def test_perplexity_equals_direct_full_sequence_computation():
+    model = tiny_model("llama")
+    chunks = tiny_tokens(5, 16, seed=7)
+    ppl, count = perplexity_of_chunks(model, chunks, "cpu", batch_size=2)
+    # direct: Hugging Face's own loss (mean NLL of the 15 predicted tokens) per chunk; equal counts → mean of means
+    losses = [float(model(input_ids=c[None], labels=c[None]).loss) for c in chunks]
+    assert count == 5 * 15
+    assert ppl == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)

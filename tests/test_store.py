@@ -1,0 +1,97 @@
+"""Runs on disk: complete folders only, reuse by key, save → load → same logits, metrics in the manifest."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pruner import api
+from pruner.allocation import allocate
+from pruner.calibrate import Cancelled
+from pruner.data import calibration_tokens
+from pruner.models import load_model
+from pruner.prune import layer_targets, prune_model
+from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+from pruner.store import atomic_dir, list_runs, read_manifest
+
+
+@pytest.fixture
+def spec(tiny_folder, data_dir):
+    return PruneSpec(model=ModelSpec(tiny_folder, device="cpu"), calib=CalibSpec(nsamples=4, seqlen=64, data_dir=data_dir),
+                     allocator="owl", method="wanda", sparsity=0.5, lam=0.05, m=3)
+
+
+def test_run_folder_manifest_and_reuse(spec, tmp_path):
+    phases = []
+    folder = api.run_prune(spec, tmp_path, progress=lambda p, d, t: phases.append((p, d, t)))
+    assert ("statistics", 4, 4) in phases and ("prune", 4, 4) in phases
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "manifest.json"):
+        assert (folder / name).is_file()
+    m = read_manifest(folder)
+    assert m["key"] == spec.key() and m["spec"]["allocator"] == "owl" and m["spec"]["lam"] == 0.05
+    assert set(m["versions"]) >= {"torch", "transformers", "pruner"}
+    assert len(m["allocation"]["block_sparsity"]) == 4 and len(m["achieved"]["layers"]) == 28
+    for layer in m["achieved"]["layers"]:
+        in_features = 32 if layer["name"] != "mlp.down_proj" else 48
+        assert abs(layer["achieved"] - layer["allocated"]) <= 1 / in_features
+    assert m["memory"]["process_peak_rss_gb"] > 0 and m["timings_s"]["prune"] > 0
+    assert [r["key"] for r in list_runs(tmp_path)] == [spec.key()]
+    # same spec: returned as is, not recomputed
+    assert api.run_prune(spec, tmp_path, progress=lambda *a: pytest.fail("recomputed")) == folder
+    again = api.run_prune(spec, tmp_path, force=True)
+    assert read_manifest(again)["created"] >= m["created"]
+
+
+def test_saved_run_loads_with_the_same_logits(spec, tmp_path):
+    folder = api.run_prune(spec, tmp_path)
+    loaded, _ = api.load_run(folder)
+    # prune a fresh copy in memory the same way
+    base = load_model(spec.model)
+    stats = api.get_stats(spec.stats_spec, tmp_path, loaded=base)
+    alloc = allocate("owl", stats, 0.5, lam=0.05, m=3)
+    model = copy.deepcopy(base.model)
+    targets = layer_targets(alloc.layer_sparsity, list(zip(stats.layer_block.tolist(), stats.layer_names)), None)
+    prune_model(model, calibration_tokens(base.tokenizer, spec.calib), "wanda", targets, "row")
+    ids = torch.randint(0, 1000, (2, 12))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert not torch.equal(base.model(ids).logits, model(ids).logits)  # the dense model was left alone
+
+
+def test_cancelled_run_leaves_nothing(spec, tmp_path):
+    with pytest.raises(Cancelled):
+        api.run_prune(spec, tmp_path, should_cancel=lambda: True)
+    runs = tmp_path / "runs"
+    assert not runs.exists() or list(runs.iterdir()) == []
+
+
+def test_perplexity_lands_in_manifest_and_reproduces(spec, tmp_path, data_dir):
+    folder = api.run_prune(spec, tmp_path)
+    r1 = api.evaluate_perplexity(folder, data_dir, max_chunks=2, seqlen=64)
+    r2 = api.evaluate_perplexity(folder, data_dir, max_chunks=2, seqlen=64)
+    assert r1["perplexity"] == r2["perplexity"] and r1["partial"] and r1["chunks"] == 2
+    metrics = read_manifest(folder)["metrics"]
+    assert metrics["perplexity:wikitext2-test:seq64:first2"]["perplexity"] == r1["perplexity"]
+
+
+def test_atomic_dir_keeps_target_on_error(tmp_path):
+    target = tmp_path / "x"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a").write_text("2")
+            raise RuntimeError("interrupted")
+    assert (target / "a").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_prune_spec_validation():
+    with pytest.raises(ValueError, match="unknown method 'obs'; choose one of magnitude, wanda, sparsegpt"):
+        PruneSpec(method="obs")
+    with pytest.raises(ValueError, match="with N:M 2:4 the target sparsity is 0.5"):
+        PruneSpec(sparsity=0.7, nm="2:4")
+    assert PruneSpec(allocator="uniform", lam=0.3).lam is None  # ignored parameters do not split cache keys
+    assert PruneSpec(allocator="uniform", lam=0.3).key() == PruneSpec(allocator="uniform").key()
+    assert PruneSpec(allocator="owl").lam == 0.08 and PruneSpec(method="magnitude").scope == "layer"
