@@ -70,8 +70,9 @@ def main():
         spec = PruneSpec(model=lm.spec, calib=calib, allocator=alloc, method=method, sparsity=S, lam=lam, m=mm)
         try:
             folder = api.run_prune(spec, loaded=lm)
-            r = api.evaluate_perplexity(folder, data_dir, max_chunks=args.max_chunks)
             manifest = json.loads((folder / "manifest.json").read_text())
+            stored = manifest["metrics"].get(f"perplexity:wikitext2-test:seq{seqlen}:first{args.max_chunks}")
+            r = stored or api.evaluate_perplexity(folder, data_dir, max_chunks=args.max_chunks)
             row = {"kind": "run", "method": method, "allocator": alloc, "sparsity": S, "lam": spec.lam, "m": spec.m,
                    "ppl": r["perplexity"], "prune_s": manifest["timings_s"]["prune"],
                    "prune_over_forward": manifest["timings_s"]["prune"] / t_forward,

@@ -140,7 +140,9 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     alloc = allocate(spec.allocator, stats, spec.sparsity, lam=spec.lam, m=spec.m)
     nm = NM.parse(spec.nm) if spec.nm else None
     targets = layer_targets(alloc.layer_sparsity, list(zip(stats.layer_block.tolist(), stats.layer_names)), nm)
-    model = copy.deepcopy(base.model)  # the dense model (possibly cached by the UI) is never modified
+    # A model the caller passed in (e.g. the dashboard's cached dense model) is never modified: prune a copy.
+    # One this function loaded itself is pruned in place, which saves a model's worth of memory.
+    model = copy.deepcopy(base.model) if loaded is not None else base.model
     tokens = calibration_tokens(base.tokenizer, spec.calib) if METHODS[spec.method].needs_inputs else None
     t0 = time.perf_counter()
     report = prune_model(model, tokens, spec.method, targets, spec.scope, base.device, batch_size,

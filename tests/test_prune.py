@@ -112,3 +112,24 @@ def test_perplexity_equals_direct_full_sequence_computation():
     losses = [float(model(input_ids=c[None], labels=c[None]).loss) for c in chunks]
     assert count == 5 * 15
     assert ppl == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+
+
+def test_layers_fed_the_same_tensor_share_one_state():
+    from pruner.calibrate import run_blockwise
+    from pruner.prune import PruningObserver
+
+    model = tiny_model("llama")
+    targets = {k: LayerTarget(0.5, None) for k in
+               [(i, n) for i, b in enumerate(find_blocks(model)[1]) for n in prunable_layers(b)]}
+    shared = []
+
+    class Spy(PruningObserver):
+        def finish(self, index, block, layers):
+            s = self._state
+            shared.append((s["self_attn.q_proj"] is s["self_attn.k_proj"] is s["self_attn.v_proj"],
+                           s["mlp.gate_proj"] is s["mlp.up_proj"],
+                           len({id(v) for v in s.values()})))
+            return super().finish(index, block, layers)
+
+    run_blockwise(model, tiny_tokens(), Spy("sparsegpt", targets, "row", torch.device("cpu")))
+    assert shared == [(True, True, 4)] * 3  # q/k/v, o, gate/up, down

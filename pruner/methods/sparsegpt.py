@@ -46,7 +46,8 @@ class SparseGPT(LayerMethod):
                 f"the layer Hessian XᵀX is not positive definite even after {DAMPENING:.0%} dampening "
                 f"(Cholesky failed at column {info.item()}); use more calibration tokens or another method"
             )
-        Hinv = torch.cholesky_inverse(L)
+        # (H + λI)⁻¹ via two triangular solves: torch.cholesky_inverse is ~40× slower on CPU at 1536 × 1536.
+        Hinv = torch.cholesky_solve(torch.eye(H.shape[0], dtype=H.dtype, device=H.device), L)
         return torch.linalg.cholesky(Hinv, upper=True)
 
     def prune(self, weight, sparsity, nm: NM | None = None):
