@@ -21,6 +21,7 @@ run: $(STAMP)
 		--browser.gatherUsageStats false --server.headless true
 
 test: $(STAMP)
+	$(BIN)/python -m pyflakes app.py pages pruner bench tests
 	$(BIN)/python -m pytest -q tests
 
 clean-cache:

@@ -27,3 +27,31 @@ def git_rev() -> str:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except Exception:
         return "unknown"
+
+
+def plain_forward(model, tokens, batch):
+    """The reference cost: the whole causal LM over ``tokens`` in mini-batches, under no_grad."""
+    with torch.no_grad():
+        for i in range(0, len(tokens), batch):
+            model(input_ids=tokens[i : i + batch], use_cache=False)
+
+
+def forward_baseline(preset: str, batch_size: int = 4):
+    """Load SmolLM2 and its calibration tokens, and time one plain forward over them (after a warm-up).
+
+    Returns (loaded model, CalibSpec, tokens (nsamples, seqlen), forward seconds).
+    """
+    import time
+
+    from pruner.data import calibration_tokens
+    from pruner.models import load_model
+    from pruner.specs import CalibSpec, ModelSpec
+    from pruner.store import default_data_dir
+
+    lm = load_model(ModelSpec("smollm2-135m"))
+    calib = CalibSpec.preset(preset, data_dir=str(default_data_dir()))
+    tokens = calibration_tokens(lm.tokenizer, calib)
+    plain_forward(lm.model, tokens[:batch_size], batch_size)
+    t0 = time.perf_counter()
+    plain_forward(lm.model, tokens, batch_size)
+    return lm, calib, tokens, time.perf_counter() - t0

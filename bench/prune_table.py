@@ -15,14 +15,11 @@ import time
 
 import torch
 
-from bench.common import git_rev, machine
-from bench.stats_pass import plain_forward
+from bench.common import forward_baseline, git_rev, machine
 from pruner import api
-from pruner.data import calibration_tokens
-from pruner.evaluate.perplexity import chunk_stream, default_seqlen
 from pruner.data import wikitext2_text
-from pruner.models import load_model
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+from pruner.evaluate.perplexity import chunk_stream, default_seqlen
+from pruner.specs import PruneSpec
 from pruner.store import default_data_dir
 
 
@@ -37,13 +34,7 @@ def main():
     ap.add_argument("--out", default="docs/prune_table.jsonl")
     args = ap.parse_args()
     data_dir = str(default_data_dir())
-    lm = load_model(ModelSpec("smollm2-135m"))
-    calib = CalibSpec.preset(args.preset, data_dir=data_dir)
-    tokens = calibration_tokens(lm.tokenizer, calib)
-    plain_forward(lm.model, tokens[:4], 4)
-    t0 = time.perf_counter()
-    plain_forward(lm.model, tokens, 4)
-    t_forward = time.perf_counter() - t0
+    lm, calib, tokens, t_forward = forward_baseline(args.preset)
     seqlen = default_seqlen(lm.model)
     ids = lm.tokenizer(wikitext2_text("test", data_dir), add_special_tokens=False, return_tensors="pt").input_ids[0]
     chunks = chunk_stream(ids, seqlen, 2)

@@ -9,20 +9,9 @@ import argparse
 import time
 
 import numpy as np
-import torch
 
-from bench.common import git_rev, machine
-from pruner.data import calibration_tokens
-from pruner.models import load_model
-from pruner.specs import CalibSpec, ModelSpec
+from bench.common import forward_baseline, git_rev, machine, plain_forward
 from pruner.stats import collect_stats
-from pruner.store import default_data_dir
-
-
-def plain_forward(model, tokens, batch):
-    with torch.no_grad():
-        for i in range(0, len(tokens), batch):
-            model(input_ids=tokens[i : i + batch], use_cache=False)
 
 
 def main():
@@ -31,10 +20,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    lm = load_model(ModelSpec("smollm2-135m"))
-    calib = CalibSpec.preset(args.preset, data_dir=str(default_data_dir()))
-    tokens = calibration_tokens(lm.tokenizer, calib)
-    plain_forward(lm.model, tokens[: args.batch_size], args.batch_size)  # warm-up
+    lm, calib, tokens, first = forward_baseline(args.preset, args.batch_size)
     rows = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()

@@ -11,7 +11,7 @@ from typing import Callable
 
 from pruner.allocation import Allocation, allocate
 from pruner.data import calibration_tokens
-from pruner.models import LoadedModel, load_model, model_summary, resolve_device
+from pruner.models import LoadedModel, load_model, model_summary
 from pruner.specs import StatsSpec
 from pruner.stats import Stats, collect_stats
 from pruner.store import atomic_dir, default_cache_dir

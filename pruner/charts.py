@@ -27,7 +27,7 @@ def allocation_figure(allocations: list[Allocation], sparsity: float, lam: float
     if lam is not None:
         fig.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[np.full(n, sparsity + lam), np.full(n, sparsity - lam)] * 100,
                                  fill="toself", fillcolor="rgba(99,110,250,0.10)", line=dict(width=0),
-                                 name=f"S ± λ band", hoverinfo="skip"))
+                                 name="S ± λ band", hoverinfo="skip"))
     for a in allocations:
         fig.add_trace(go.Scatter(x=x, y=a.block_sparsity * 100, mode="lines+markers",
                                  name=ALLOCATORS[a.allocator].label))

@@ -16,6 +16,7 @@ import numpy as np
 from pruner.allocation import ALLOCATORS, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, check_sparsity
 from pruner.data import DataError
 from pruner.specs import CALIB_PRESETS, DEFAULT_CALIB_PRESET, DTYPES, DEVICES, CalibSpec, ModelSpec, StatsSpec
+from pruner.models import resolve_device
 from pruner.stats import M_GRID
 from pruner.store import default_data_dir
 
@@ -202,7 +203,7 @@ def cmd_prune(args) -> int:
           f"prune {manifest['timings_s']['prune']:.1f} s")
     if args.ppl:
         result = api.evaluate_perplexity(folder, stats_spec.calib.data_dir, max_chunks=args.max_chunks,
-                                         device=str(api.resolve_device(args.device)),
+                                         device=str(resolve_device(args.device)),
                                          progress=_progress_bar("perplexity"))
         _print_ppl("  pruned", result)
     if out is not None:
@@ -227,7 +228,7 @@ def cmd_eval(args) -> int:
             raise BadInput(f"no run {args.run!r} in {run_dir(args.run, _cache(args)).parent}; "
                            f"`python -m pruner prune ...` prints run keys")
         result = api.evaluate_perplexity(run_dir(args.run, _cache(args)), data_dir, max_chunks=args.max_chunks,
-                                         seqlen=args.seqlen_eval, device=str(api.resolve_device(args.device)),
+                                         seqlen=args.seqlen_eval, device=str(resolve_device(args.device)),
                                          progress=_progress_bar("perplexity"))
         _print_ppl(f"run {args.run}", result)
     else:

@@ -1,7 +1,6 @@
 """Sequential pruning on tiny random models: exact per-layer sparsities, sequential inputs, store, perplexity."""
 
 import copy
-import json
 import math
 
 import numpy as np

@@ -1,9 +1,7 @@
 """Runs on disk: complete folders only, reuse by key, save → load → same logits, metrics in the manifest."""
 
 import copy
-import json
 
-import numpy as np
 import pytest
 import torch
 

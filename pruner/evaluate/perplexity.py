@@ -1,6 +1,7 @@
 """WikiText-2 perplexity, the protocol of the Wanda / SparseGPT / OWL papers.
 
-The raw test rows are joined with "\\n\\n" and tokenized once (no BOS added); the token stream is cut into
+The raw test rows are joined with "\\n\\n" and tokenized once with the tokenizer's defaults (so a BOS, for
+tokenizers that add one, opens the stream only); the token stream is cut into
 non-overlapping chunks of ``seqlen`` tokens (the remainder is dropped); each chunk is scored independently and
 the result is exp(mean NLL over every predicted token). This is *token-level* perplexity: it is not comparable
 with lm-eval's ``wikitext`` task, which reports word perplexity over rolling windows.
@@ -67,7 +68,8 @@ def wikitext2_perplexity(model, tokenizer, data_dir=None, split: str = "test", s
     """The papers' WikiText-2 perplexity; ``max_chunks`` gives a quick estimate, flagged ``partial``."""
     device = device if device is not None else next(model.parameters()).device
     seqlen = seqlen or default_seqlen(model)
-    ids = tokenizer(wikitext2_text(split, data_dir), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    # Tokenizer defaults, as the papers' code: a BOS (if the tokenizer adds one) opens the stream, not each chunk.
+    ids = tokenizer(wikitext2_text(split, data_dir), return_tensors="pt").input_ids[0]
     chunks = chunk_stream(ids, seqlen, max_chunks)
     full = ids.numel() // seqlen
     t0 = time.perf_counter()

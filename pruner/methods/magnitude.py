@@ -1,7 +1,5 @@
 """Magnitude pruning: remove the weights of smallest |W| (within each layer by default)."""
 
-import torch
-
 from pruner.methods.base import LayerMethod
 from pruner.methods.masks import select
 

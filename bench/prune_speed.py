@@ -1,0 +1,91 @@
+"""Speed and memory of pruning and evaluation on the bundled SmolLM2, as ratios measured in one run.
+
+* prune time ÷ plain forward over the same calibration batches (targets: Wanda ≤ 2.2×, SparseGPT ≤ 3×);
+* perplexity tokens/s ÷ plain forward tokens/s at the evaluation window (target ≥ 0.9×);
+* peak RSS of a real `python -m pruner prune` process per method, against the model's fp32 size
+  (target ≤ fp32 size + 1 GB).
+
+Run on an otherwise idle machine: `.venv/bin/python -m bench.prune_speed [--preset cpu]`.
+"""
+
+import argparse
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from bench.common import forward_baseline, git_rev, machine
+from pruner.allocation import allocate
+from pruner.data import wikitext2_text
+from pruner.evaluate.perplexity import chunk_stream, default_seqlen, perplexity_of_chunks
+from pruner.prune import layer_targets, prune_model
+from pruner.stats import collect_stats
+from pruner.store import PROJECT_ROOT, default_data_dir
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--eval-chunks", type=int, default=4)
+    args = ap.parse_args()
+    data_dir = str(default_data_dir())
+    lm, calib, tokens, t_fwd = forward_baseline(args.preset)
+    stats = collect_stats(lm.model, tokens, lm.device)
+    alloc = allocate("owl", stats, 0.7)
+    targets = layer_targets(alloc.layer_sparsity, list(zip(stats.layer_block.tolist(), stats.layer_names)), None)
+    print(f"# prune and evaluation speed, SmolLM2-135M, calibration {calib.nsamples}×{calib.seqlen}, OWL 70%")
+    print(f"# machine: {machine()}; commit {git_rev()}")
+    print(f"plain forward over the calibration batches: {t_fwd:.2f} s")
+    print(f"{'method':<10} {'prune s':>8} {'÷ forward':>10} {'target':>7}")
+    for method, target in (("magnitude", "-"), ("wanda", "≤ 2.2"), ("sparsegpt", "≤ 3.0")):
+        model = copy.deepcopy(lm.model)
+        t0 = time.perf_counter()
+        prune_model(model, tokens, method, targets, "layer" if method == "magnitude" else "row")
+        t = time.perf_counter() - t0
+        print(f"{method:<10} {t:8.2f} {t / t_fwd:10.3f} {target:>7}")
+        del model
+
+    seqlen = default_seqlen(lm.model)
+    ids = lm.tokenizer(wikitext2_text("test", data_dir), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    chunks = chunk_stream(ids, seqlen, args.eval_chunks)
+    with torch.no_grad():
+        lm.model(input_ids=chunks[:1], use_cache=False)
+        t0 = time.perf_counter()
+        for c in chunks:
+            lm.model(input_ids=c[None], use_cache=False)
+        t_plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    perplexity_of_chunks(lm.model, chunks, lm.device)
+    t_ppl = time.perf_counter() - t0
+    print(f"\nperplexity evaluation, {len(chunks)} × {seqlen} tokens: {chunks.numel() / t_ppl:.0f} tok/s vs plain "
+          f"forward {chunks.numel() / t_plain:.0f} tok/s → {t_plain / t_ppl:.3f}× (target ≥ 0.9)")
+
+    fp32_gb = sum(p.numel() for p in lm.model.parameters()) * 4 / 2**30
+    print(f"\npeak RSS of `python -m pruner prune` (fresh process, OWL 70%), model fp32 size {fp32_gb:.3f} GiB")
+    print(f"{'method':<10} {'peak GiB':>9} {'− fp32':>8} {'target':>8}")
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        with tempfile.TemporaryDirectory() as cache:
+            # the converted bundled model is shared through a link so the child does not convert it again
+            os.symlink(PROJECT_ROOT / "cache" / "models", f"{cache}/models")
+            cmd = [sys.executable, "-c", REPORT_PEAK, "prune", "--method", method, "--allocator", "owl",
+                   "--sparsity", "0.7", "--preset", args.preset, "--cache-dir", cache, "--data-dir", data_dir]
+            r = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=PROJECT_ROOT)
+            peak = int(r.stderr.strip().splitlines()[-1].split()[-1]) / 2**20
+        print(f"{method:<10} {peak:9.3f} {peak - fp32_gb:8.3f} {'≤ 1.000':>8}")
+
+
+#: Runs the CLI in this process and prints its own peak RSS (KiB) as the last stderr line.
+REPORT_PEAK = (
+    "import atexit, resource, sys, runpy\n"
+    "atexit.register(lambda: print('peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))\n"
+    "sys.argv = ['pruner'] + sys.argv[1:]\n"
+    "runpy.run_module('pruner', run_name='__main__')\n"
+)
+
+
+if __name__ == "__main__":
+    main()
