@@ -192,14 +192,14 @@ def perplexity_metric_name(result: dict) -> str:
 
 def evaluate_perplexity(folder: Path, data_dir: str | None, *, max_chunks: int | None = None,
                         seqlen: int | None = None, device: str = "cpu", batch_size: int = 1,
-                        progress: ProgressFn | None = None) -> dict:
+                        progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None) -> dict:
     """WikiText-2 test perplexity of a stored run; the result is added to its manifest."""
     from pruner.evaluate.perplexity import wikitext2_perplexity
     from pruner.store import add_metrics
 
     model, tokenizer = load_run(folder, device)
     result = wikitext2_perplexity(model, tokenizer, data_dir, seqlen=seqlen, max_chunks=max_chunks, device=device,
-                                  batch_size=batch_size, progress=progress)
+                                  batch_size=batch_size, progress=progress, should_cancel=should_cancel)
     add_metrics(folder, perplexity_metric_name(result), result)
     return result
 

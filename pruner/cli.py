@@ -195,6 +195,16 @@ def cmd_prune(args) -> int:
                      sparsity=sparsity, lam=args.lam, m=args.m, nm=args.nm, scope=args.scope)
     if spec.m is not None:
         _check_m(spec.m)
+    if args.background:
+        from pruner.jobs import JobStore, default_db, submit
+        from pruner.specs import spec_to_dict
+
+        store = JobStore(default_db(_cache(args)))
+        payload = {"spec": spec_to_dict(spec), "ppl": args.ppl, "max_chunks": args.max_chunks,
+                   "data_dir": stats_spec.calib.data_dir}
+        job = submit(store, "prune", payload, cache_dir=_cache(args))
+        print(f"job {job} queued: {spec.label()} (follow it with `python -m pruner jobs list`)")
+        return 0
     folder = api.run_prune(spec, _cache(args), progress=_phase_bars(), force=args.force, batch_size=args.batch_size)
     manifest = read_manifest(folder)
     print(f"run {spec.key()}: {spec.label()}")
@@ -245,6 +255,46 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_jobs(args) -> int:
+    from pruner.jobs import JobStore, default_db, ensure_workers, worker_main
+
+    db = Path(args.db) if args.db else default_db(_cache(args))
+    if args.action == "worker":
+        worker_main(db, _cache(args))
+        return 0
+    store = JobStore(db)
+    ensure_workers(store, cache_dir=_cache(args))  # reaps dead jobs; restarts a worker for queued ones
+    if args.action == "cancel":
+        if args.id is None:
+            raise BadInput("jobs cancel needs a job id")
+        try:
+            job = store.cancel(args.id)
+        except ValueError as err:
+            raise BadInput(str(err)) from err
+        print(f"job {job.id}: {job.state}{' (cancel requested)' if job.cancel_requested else ''}")
+        return 0
+    if args.action == "wait":
+        if args.id is None:
+            raise BadInput("jobs wait needs a job id")
+        import time
+
+        while store.get(args.id).state not in ("done", "failed", "cancelled"):
+            time.sleep(1)
+            store.reap()
+    jobs = [store.get(args.id)] if args.id is not None else store.list(args.limit)
+    if args.json:
+        print(json.dumps([{k: v for k, v in vars(j).items()} for j in jobs], indent=2, default=str))
+        return 0
+    print(f"{'id':>4}  {'state':<9} {'progress':<22} {'elapsed':>8}  job")
+    for j in jobs:
+        prog = f"{j.phase or ''} {j.done}/{j.total}" if j.total else ""
+        elapsed = f"{j.elapsed:.0f} s" if j.elapsed is not None else ""
+        print(f"{j.id:>4}  {j.state:<9} {prog:<22} {elapsed:>8}  {j.label}")
+        if j.error and j.state == "failed":
+            print(f"      error: {j.error.splitlines()[0]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pruner", description="Layerwise sparsity allocation for LLM pruning")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -279,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute even if this run exists")
     p.add_argument("--ppl", action="store_true", help="evaluate WikiText-2 perplexity afterwards")
     p.add_argument("--max-chunks", type=int, help="perplexity on the first N chunks only (a partial estimate)")
+    p.add_argument("--background", action="store_true", help="queue it as a background job and return at once")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("eval", help="evaluate a stored run (--run KEY) or a dense model (--model)")
@@ -289,6 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", dest="seqlen_eval", type=int, help="evaluation window (default min(2048, context))")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("jobs", help="the background job table: list, wait for or cancel jobs")
+    p.add_argument("action", choices=["list", "cancel", "wait", "worker"])
+    p.add_argument("id", nargs="?", type=int)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--cache-dir", help="cache folder (default: <project>/cache)")
+    p.add_argument("--db", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_jobs)
     return parser
 
 

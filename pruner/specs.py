@@ -188,3 +188,19 @@ class PruneSpec:
         params = "".join(f", {k}={getattr(self, k):g}" for k in ("lam", "m") if getattr(self, k) is not None)
         nm = f", {self.nm}" if self.nm else ""
         return f"{self.method} + {self.allocator}{params} @ {self.sparsity:.0%}{nm}"
+
+
+def spec_to_dict(spec) -> dict:
+    """JSON-able form of a StatsSpec or PruneSpec (for the job table)."""
+    return {"type": type(spec).__name__, **dataclasses.asdict(spec)}
+
+
+def spec_from_dict(payload: dict):
+    """Inverse of ``spec_to_dict``."""
+    data = dict(payload)
+    kind = data.pop("type", None)
+    if kind not in ("StatsSpec", "PruneSpec"):
+        raise ValueError(f"spec type must be StatsSpec or PruneSpec; got {kind!r}")
+    model = ModelSpec(**data.pop("model"))
+    calib = CalibSpec(**data.pop("calib"))
+    return (StatsSpec if kind == "StatsSpec" else PruneSpec)(model=model, calib=calib, **data)

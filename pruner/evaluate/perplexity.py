@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from pruner.calibrate import Cancelled
 from pruner.data import wikitext2_text
 
 #: Label value that cross_entropy skips (the last position of a chunk has no next token).
@@ -44,11 +45,15 @@ def chunk_stream(ids: torch.Tensor, seqlen: int, max_chunks: int | None = None) 
 
 @torch.no_grad()
 def perplexity_of_chunks(model, chunks: torch.Tensor, device, batch_size: int = 1,
-                         progress: Callable[[int, int], None] | None = None) -> tuple[float, int]:
-    """exp(mean NLL) over all predicted tokens of the chunks (each chunk scored on its own); also the count."""
+                         progress: Callable[[int, int], None] | None = None,
+                         should_cancel: Callable[[], bool] | None = None) -> tuple[float, int]:
+    """exp(mean NLL) over all predicted tokens of the chunks (each chunk scored on its own); also the count.
+    Raises ``Cancelled`` between batches once ``should_cancel()`` is true."""
     total_nll = 0.0
     count = 0
     for start in range(0, len(chunks), batch_size):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"cancelled after {start} of {len(chunks)} chunks")
         batch = chunks[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits  # (b, T, vocab)
         # Shift the labels, not the logits: slicing the logits would copy a (b, T, vocab) tensor per batch.
@@ -64,7 +69,8 @@ def perplexity_of_chunks(model, chunks: torch.Tensor, device, batch_size: int = 
 
 def wikitext2_perplexity(model, tokenizer, data_dir=None, split: str = "test", seqlen: int | None = None,
                          max_chunks: int | None = None, device=None, batch_size: int = 1,
-                         progress: Callable[[int, int], None] | None = None) -> dict:
+                         progress: Callable[[int, int], None] | None = None,
+                         should_cancel: Callable[[], bool] | None = None) -> dict:
     """The papers' WikiText-2 perplexity; ``max_chunks`` gives a quick estimate, flagged ``partial``."""
     device = device if device is not None else next(model.parameters()).device
     seqlen = seqlen or default_seqlen(model)
@@ -73,7 +79,7 @@ def wikitext2_perplexity(model, tokenizer, data_dir=None, split: str = "test", s
     chunks = chunk_stream(ids, seqlen, max_chunks)
     full = ids.numel() // seqlen
     t0 = time.perf_counter()
-    ppl, count = perplexity_of_chunks(model, chunks, device, batch_size, progress)
+    ppl, count = perplexity_of_chunks(model, chunks, device, batch_size, progress, should_cancel)
     seconds = time.perf_counter() - t0
     return {
         "dataset": f"wikitext2-{split}",

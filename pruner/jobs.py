@@ -1,0 +1,363 @@
+"""Background jobs: a SQLite job table and worker processes that run stats, prune and eval specs.
+
+* ``submit`` adds a queued job and makes sure a worker is running. Workers are separate processes started with
+  ``start_new_session=True``, so they survive Streamlit reruns, a browser refresh and an app restart.
+* A worker claims the oldest queued job in a write transaction (so two workers never take the same job),
+  reports progress per block, and beats a heartbeat every ``HEARTBEAT_S`` seconds from a side thread.
+* ``cancel`` sets a flag that the job checks between blocks (between chunks for perplexity); the job ends as
+  ``cancelled`` and, because runs are written atomically, leaves no half-written run.
+* ``reap`` marks a running job ``failed`` when its worker process is gone or its heartbeat is older than
+  ``DEAD_AFTER_S``, with that cause as the error text.
+* At most ``max_workers`` workers run at once (default 1: one job at a time); a worker exits after
+  ``IDLE_EXIT_S`` seconds without work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pruner.store import PROJECT_ROOT, default_cache_dir
+
+#: Seconds between heartbeats of a worker.
+HEARTBEAT_S = 2.0
+#: A running job whose worker has not beaten for this long is declared dead.
+DEAD_AFTER_S = 30.0
+#: A worker with nothing to do exits after this long.
+IDLE_EXIT_S = 20.0
+#: How often an idle worker looks for new jobs.
+POLL_S = 0.5
+
+KINDS = ("stats", "prune", "eval")
+STATES = ("queued", "running", "done", "failed", "cancelled")
+FINAL_STATES = ("done", "failed", "cancelled")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    label TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued',
+    phase TEXT,
+    done INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    heartbeat REAL,
+    worker_pid INTEGER,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    result TEXT
+);
+CREATE TABLE IF NOT EXISTS workers (pid INTEGER PRIMARY KEY, started REAL NOT NULL, heartbeat REAL NOT NULL);
+"""
+
+
+def default_db(cache_dir: Path | None = None) -> Path:
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "jobs.sqlite"
+
+
+@dataclass
+class Job:
+    id: int
+    kind: str
+    payload: dict
+    label: str
+    state: str
+    phase: str | None
+    done: int
+    total: int
+    created: float
+    started: float | None
+    finished: float | None
+    heartbeat: float | None
+    worker_pid: int | None
+    cancel_requested: bool
+    error: str | None
+    result: dict | None
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else (1.0 if self.state == "done" else 0.0)
+
+    @property
+    def elapsed(self) -> float | None:
+        if self.started is None:
+            return None
+        return (self.finished or time.time()) - self.started
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left, from the pace of the current phase (None until there is a pace)."""
+        if self.state != "running" or not self.done or not self.total or self.heartbeat is None:
+            return None
+        return self.elapsed / self.done * (self.total - self.done)
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class JobStore:
+    """The job table. Every method opens its own short connection, so it is safe across threads and processes."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path) if path is not None else default_db()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _db(self):
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            yield db
+        finally:
+            db.close()
+
+    @staticmethod
+    def _job(row) -> Job:
+        d = dict(row)
+        d["payload"] = json.loads(d["payload"])
+        d["result"] = json.loads(d["result"]) if d["result"] else None
+        d["cancel_requested"] = bool(d["cancel_requested"])
+        return Job(**d)
+
+    # -- queries -------------------------------------------------------------------------------------------
+    def get(self, job_id: int) -> Job:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise ValueError(f"no job {job_id}")
+        return self._job(row)
+
+    def list(self, limit: int = 100) -> list[Job]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [self._job(r) for r in rows]
+
+    def alive_workers(self) -> list[int]:
+        now = time.time()
+        with self._db() as db:
+            rows = db.execute("SELECT pid, heartbeat FROM workers").fetchall()
+            dead = [r["pid"] for r in rows if not _pid_alive(r["pid"]) or now - r["heartbeat"] > DEAD_AFTER_S]
+            db.executemany("DELETE FROM workers WHERE pid = ?", [(p,) for p in dead])
+        return [r["pid"] for r in rows if r["pid"] not in dead]
+
+    # -- changes -------------------------------------------------------------------------------------------
+    def add(self, kind: str, payload: dict, label: str) -> int:
+        if kind not in KINDS:
+            raise ValueError(f"job kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        with self._db() as db:
+            cur = db.execute("INSERT INTO jobs (kind, payload, label, created) VALUES (?, ?, ?, ?)",
+                             (kind, json.dumps(payload), label, time.time()))
+            return int(cur.lastrowid)
+
+    def cancel(self, job_id: int) -> Job:
+        """Queued jobs are cancelled at once; running ones stop at their next check."""
+        with self._db() as db:
+            db.execute("UPDATE jobs SET state = 'cancelled', finished = ? WHERE id = ? AND state = 'queued'",
+                       (time.time(), job_id))
+            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'", (job_id,))
+        return self.get(job_id)
+
+    def claim(self, pid: int) -> Job | None:
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1").fetchone()
+            if row is None:
+                db.execute("COMMIT")
+                return None
+            now = time.time()
+            db.execute("UPDATE jobs SET state = 'running', started = ?, heartbeat = ?, worker_pid = ? WHERE id = ?",
+                       (now, now, pid, row["id"]))
+            db.execute("COMMIT")
+        return self.get(row["id"])
+
+    def progress(self, job_id: int, phase: str, done: int, total: int) -> None:
+        with self._db() as db:
+            db.execute("UPDATE jobs SET phase = ?, done = ?, total = ?, heartbeat = ? WHERE id = ?",
+                       (phase, done, total, time.time(), job_id))
+
+    def beat(self, pid: int, job_id: int | None) -> None:
+        now = time.time()
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO workers (pid, started, heartbeat) VALUES "
+                       "(?, COALESCE((SELECT started FROM workers WHERE pid = ?), ?), ?)", (pid, pid, now, now))
+            if job_id is not None:
+                db.execute("UPDATE jobs SET heartbeat = ? WHERE id = ? AND state = 'running'", (now, job_id))
+
+    def cancel_requested(self, job_id: int) -> bool:
+        with self._db() as db:
+            row = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row["cancel_requested"])
+
+    def finish(self, job_id: int, state: str, error: str | None = None, result: dict | None = None) -> None:
+        if state not in FINAL_STATES:
+            raise ValueError(f"final state must be one of {', '.join(FINAL_STATES)}; got {state!r}")
+        with self._db() as db:
+            db.execute("UPDATE jobs SET state = ?, finished = ?, error = ?, result = ? WHERE id = ?",
+                       (state, time.time(), error, json.dumps(result) if result is not None else None, job_id))
+
+    def remove_worker(self, pid: int) -> None:
+        with self._db() as db:
+            db.execute("DELETE FROM workers WHERE pid = ?", (pid,))
+
+    def reap(self) -> list[int]:
+        """Mark running jobs whose worker died as failed; return their ids."""
+        now = time.time()
+        failed = []
+        with self._db() as db:
+            for r in db.execute("SELECT id, worker_pid, heartbeat FROM jobs WHERE state = 'running'").fetchall():
+                silent = now - (r["heartbeat"] or 0)
+                if not _pid_alive(r["worker_pid"]) or silent > DEAD_AFTER_S:
+                    cause = (f"worker process {r['worker_pid']} died" if not _pid_alive(r["worker_pid"])
+                             else f"worker process {r['worker_pid']} stopped responding")
+                    db.execute("UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ? "
+                               "AND state = 'running'",
+                               (now, f"{cause} (last heartbeat {silent:.0f} s ago); the job did not finish", r["id"]))
+                    failed.append(r["id"])
+        return failed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Submitting and running
+
+
+def _label(kind: str, payload: dict) -> str:
+    from pruner.specs import spec_from_dict
+
+    if kind == "eval":
+        return f"perplexity of run {payload['run']}" + (f" (first {payload['max_chunks']} chunks)"
+                                                        if payload.get("max_chunks") else "")
+    spec = spec_from_dict(payload["spec"])
+    if kind == "stats":
+        return f"statistics of {spec.model.name} on {spec.calib.nsamples}×{spec.calib.seqlen} tokens"
+    return spec.label()
+
+
+def submit(store: JobStore, kind: str, payload: dict, *, cache_dir: Path | None = None, max_workers: int = 1,
+           start_worker: bool = True) -> int:
+    """Queue a job (payload: {"spec": spec_to_dict(...)} for stats/prune, {"run": key, ...} for eval); start a
+    worker if fewer than ``max_workers`` are alive."""
+    if kind in ("stats", "prune"):
+        from pruner.specs import spec_from_dict
+
+        spec_from_dict(payload["spec"])  # validate now, not in the worker
+    elif kind == "eval" and not payload.get("run"):
+        raise ValueError("an eval job needs the key of a stored run")
+    job_id = store.add(kind, payload, _label(kind, payload))
+    if start_worker:
+        ensure_workers(store, cache_dir=cache_dir, max_workers=max_workers)
+    return job_id
+
+
+def ensure_workers(store: JobStore, *, cache_dir: Path | None = None, max_workers: int = 1) -> list[int]:
+    """Reap dead jobs, and start workers while fewer than ``max_workers`` are alive and jobs are queued."""
+    store.reap()
+    alive = store.alive_workers()
+    queued = sum(1 for j in store.list(1000) if j.state == "queued")
+    started = []
+    for _ in range(min(max_workers - len(alive), queued)):
+        cmd = [sys.executable, "-m", "pruner", "jobs", "worker", "--db", str(store.path)]
+        if cache_dir is not None:
+            cmd += ["--cache-dir", str(cache_dir)]
+        log = open(store.path.parent / "worker.log", "ab")
+        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        store.beat(proc.pid, None)  # registered at once, so a second call does not start another
+        started.append(proc.pid)
+    return started
+
+
+def _execute(store: JobStore, job: Job, cache_dir: Path | None) -> dict:
+    from pruner import api
+    from pruner.specs import spec_from_dict
+    from pruner.store import run_dir
+
+    def progress(phase: str):
+        return lambda done, total: store.progress(job.id, phase, done, total)
+
+    def should_cancel():
+        return store.cancel_requested(job.id)
+
+    if job.kind == "stats":
+        spec = spec_from_dict(job.payload["spec"])
+        stats = api.get_stats(spec, cache_dir, progress=progress("statistics"), should_cancel=should_cancel)
+        return {"stats_key": spec.key(), "blocks": stats.n_blocks}
+    if job.kind == "prune":
+        spec = spec_from_dict(job.payload["spec"])
+        folder = api.run_prune(spec, cache_dir, progress=lambda ph, d, t: store.progress(job.id, ph, d, t),
+                               should_cancel=should_cancel)
+        out = {"run": spec.key(), "folder": str(folder)}
+        if job.payload.get("ppl"):
+            r = api.evaluate_perplexity(folder, job.payload.get("data_dir"), max_chunks=job.payload.get("max_chunks"),
+                                        progress=progress("perplexity"), should_cancel=should_cancel)
+            out["perplexity"] = r["perplexity"]
+        return out
+    folder = run_dir(job.payload["run"], cache_dir)
+    r = api.evaluate_perplexity(folder, job.payload.get("data_dir"), max_chunks=job.payload.get("max_chunks"),
+                                progress=progress("perplexity"), should_cancel=should_cancel)
+    return {"run": job.payload["run"], "perplexity": r["perplexity"]}
+
+
+def worker_main(db_path: Path, cache_dir: Path | None = None, idle_exit_s: float = IDLE_EXIT_S) -> None:
+    """Claim and run jobs until none has been queued for ``idle_exit_s`` seconds."""
+    from pruner.calibrate import Cancelled
+
+    store = JobStore(db_path)
+    pid = os.getpid()
+    current: dict = {"job": None}
+    stop = threading.Event()
+
+    def heartbeat():
+        while not stop.wait(HEARTBEAT_S):
+            store.beat(pid, current["job"])
+
+    store.beat(pid, None)
+    threading.Thread(target=heartbeat, daemon=True).start()
+    idle_since = time.time()
+    try:
+        while time.time() - idle_since < idle_exit_s:
+            job = store.claim(pid)
+            if job is None:
+                time.sleep(POLL_S)
+                continue
+            current["job"] = job.id
+            try:
+                result = _execute(store, job, cache_dir)
+                store.finish(job.id, "done", result=result)
+            except Cancelled as err:
+                store.finish(job.id, "cancelled", error=str(err))
+            except Exception as err:  # the job fails with its cause; the worker goes on with the next job
+                store.finish(job.id, "failed", error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
+            current["job"] = None
+            idle_since = time.time()
+    finally:
+        stop.set()
+        store.remove_worker(pid)

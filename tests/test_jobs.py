@@ -1,0 +1,108 @@
+"""The job runner with real worker processes: completion, app restart, concurrent submitters, cancel, dead worker."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pruner.jobs import JobStore, submit
+from pruner.specs import CalibSpec, ModelSpec, PruneSpec, spec_to_dict
+from pruner.store import PROJECT_ROOT, run_exists
+
+WAIT_S = 240
+
+
+@pytest.fixture
+def cache(tmp_path, smollm2):
+    """A fresh cache folder that shares the converted bundled model (no second conversion)."""
+    os.symlink(PROJECT_ROOT / "cache" / "models", tmp_path / "models")
+    return tmp_path
+
+
+def _spec(data_dir, model="smollm2-135m", method="wanda", seed=0):
+    return PruneSpec(model=ModelSpec(model, device="cpu"), calib=CalibSpec(nsamples=4, seqlen=128, seed=seed,
+                     data_dir=data_dir), allocator="owl", method=method, sparsity=0.5)
+
+
+def _wait(store, job_id, until, timeout=WAIT_S):
+    end = time.time() + timeout
+    while time.time() < end:
+        job = store.get(job_id)
+        if until(job):
+            return job
+        store.reap()
+        time.sleep(0.3)
+    pytest.fail(f"job {job_id} did not reach the expected state in {timeout} s: {store.get(job_id)}")
+
+
+def _final(job):
+    return job.state in ("done", "failed", "cancelled")
+
+
+def test_job_runs_to_completion_in_a_worker_process(cache, data_dir):
+    store = JobStore(cache / "jobs.sqlite")
+    spec = _spec(data_dir)
+    job_id = submit(store, "prune", {"spec": spec_to_dict(spec)}, cache_dir=cache)
+    job = _wait(store, job_id, _final)
+    assert job.state == "done", job.error
+    assert job.result["run"] == spec.key() and run_exists(spec.key(), cache)
+    assert job.phase == "prune" and job.done == job.total == 30 and job.worker_pid != os.getpid()
+
+
+def test_job_survives_the_submitting_process_and_concurrent_submitters(cache, data_dir):
+    """Two short-lived 'app' processes submit at the same moment and exit; both jobs still complete."""
+    cmds = [[sys.executable, "-m", "pruner", "prune", "--background", "--model", "smollm2-135m", "--device", "cpu",
+             "--method", method, "--allocator", "uniform", "--sparsity", "0.5", "--nsamples", "4", "--seqlen",
+             "128", "--cache-dir", str(cache), "--data-dir", data_dir] for method in ("magnitude", "wanda")]
+    procs = [subprocess.Popen(c, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cmds]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert all("queued" in o[0] for o in outs)
+    store = JobStore(cache / "jobs.sqlite")  # a new connection, as a restarted app would open
+    jobs = store.list()
+    assert len(jobs) == 2
+    for job in jobs:
+        assert _wait(store, job.id, _final).state == "done"
+    assert len({j.worker_pid for j in store.list()}) >= 1
+
+
+def test_cancel_stops_between_blocks_and_leaves_no_run(cache, data_dir):
+    store = JobStore(cache / "jobs.sqlite")
+    spec = _spec(data_dir, method="sparsegpt", seed=1)
+    job_id = submit(store, "prune", {"spec": spec_to_dict(spec)}, cache_dir=cache)
+    _wait(store, job_id, lambda j: j.phase == "prune" and j.done >= 1)
+    store.cancel(job_id)
+    job = _wait(store, job_id, _final)
+    assert job.state == "cancelled" and "cancelled before block" in job.error
+    assert job.done < 30
+    assert not run_exists(spec.key(), cache)
+    assert not (cache / "runs").exists() or list((cache / "runs").iterdir()) == []
+
+
+def test_queued_job_cancels_at_once(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job_id = submit(store, "prune", {"spec": spec_to_dict(PruneSpec())}, start_worker=False)
+    assert store.cancel(job_id).state == "cancelled"
+
+
+def test_killed_worker_is_detected(cache, data_dir):
+    store = JobStore(cache / "jobs.sqlite")
+    job_id = submit(store, "prune", {"spec": spec_to_dict(_spec(data_dir, method="sparsegpt", seed=2))},
+                    cache_dir=cache)
+    job = _wait(store, job_id, lambda j: j.phase == "prune" and j.done >= 1)
+    os.kill(job.worker_pid, signal.SIGKILL)
+    job = _wait(store, job_id, _final, timeout=30)
+    assert job.state == "failed" and f"worker process {job.worker_pid} died" in job.error
+
+
+def test_submit_validates_before_queueing(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    with pytest.raises(ValueError, match="unknown method"):
+        submit(store, "prune", {"spec": {**spec_to_dict(PruneSpec()), "method": "nope"}}, start_worker=False)
+    with pytest.raises(ValueError, match="job kind must be one of stats, prune, eval"):
+        store.add("train", {}, "x")
+    assert store.list() == []
