@@ -232,3 +232,14 @@ def dense_perplexity(model_spec, data_dir: str | None, cache_dir: Path | None = 
     metrics[perplexity_metric_name(result)] = result
     write_json_atomic(path, metrics)
     return result
+
+
+def dense_perplexity_cached(model_spec, cache_dir: Path | None = None) -> dict | None:
+    """The most recent cached dense perplexity of a model (None if never computed); never computes."""
+    import json
+
+    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "dense" / model_spec.key() / "metrics.json"
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    return list(metrics.values())[-1] if metrics else None

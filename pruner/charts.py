@@ -34,3 +34,98 @@ def allocation_figure(allocations: list[Allocation], sparsity: float, lam: float
     fig.update_layout(title=f"Per-block sparsity at target S = {sparsity:.0%}", xaxis_title="transformer block",
                       yaxis_title="sparsity (%)", height=420, margin=dict(l=60, r=20, t=60, b=50))
     return fig
+
+
+def heatmap_figure(matrix: np.ndarray, layer_names: list[str], m: float) -> go.Figure:
+    """Block × layer outlier ratios (%), each relative to its block's mean score."""
+    fig = go.Figure(go.Heatmap(z=np.asarray(matrix).T * 100, x=np.arange(matrix.shape[0]), y=layer_names,
+                               colorscale="Viridis", colorbar=dict(title="%"),
+                               hovertemplate="block %{x}<br>%{y}<br>%{z:.3f}%<extra></extra>"))
+    fig.update_layout(title=f"Outlier ratio per layer at M = {m:g} (scores above M × the block mean)",
+                      xaxis_title="transformer block", yaxis_title="linear layer", height=380,
+                      margin=dict(l=130, r=20, t=60, b=50))
+    return fig
+
+
+def distribution_figure(edges: np.ndarray, counts: np.ndarray, m: float, above: float, title: str) -> go.Figure:
+    """Histogram of A/Ā on log-spaced bins (share of weights per bin), with the M · mean threshold marked and
+    ``above``, the exact share of weights above it."""
+    total = counts.sum()
+    lefts = np.r_[edges[0] / 10 ** 0.05, edges[:-1]]
+    centers = np.sqrt(lefts * edges)  # geometric centre of (left, edge]
+    share = counts[:-1] / total * 100
+    fig = go.Figure(go.Bar(x=centers, y=share, width=(edges - lefts) * 0.95, name="weights",
+                           hovertemplate="A/Ā ≤ %{x:.3g}: %{y:.3f}%<extra></extra>"))
+    fig.add_vline(x=m, line=dict(color="crimson", dash="dash"),
+                  annotation_text=f"M = {m:g}: {above:.2%} of weights above",
+                  annotation_position="top right")
+    fig.update_layout(title=title, xaxis_type="log", xaxis_title="score ÷ block mean score (A / Ā, log scale)",
+                      yaxis_title="share of weights (%)", yaxis_type="log", height=380, showlegend=False,
+                      margin=dict(l=60, r=20, t=60, b=50))
+    return fig
+
+
+def allocation_comparison_figure(allocations: list[Allocation], block_numel: np.ndarray, sparsity: float,
+                                 lam: float | None) -> go.Figure:
+    """Two rows: per-block sparsity of each allocator (with the S ± λ band), and the share of all kept
+    weights that each block holds."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.08,
+                        subplot_titles=(f"Per-block sparsity at target S = {sparsity:.0%}",
+                                        "Share of all kept weights held by each block"))
+    n = len(block_numel)
+    x = np.arange(n)
+    if lam is not None:
+        fig.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[np.full(n, sparsity + lam), np.full(n, sparsity - lam)] * 100,
+                                 fill="toself", fillcolor="rgba(99,110,250,0.10)", line=dict(width=0),
+                                 name="S ± λ", hoverinfo="skip"), row=1, col=1)
+    palette = {"uniform": "#7f7f7f", "owl": "#d62728", "owl_inverse": "#9467bd", "er": "#2ca02c", "global": "#1f77b4"}
+    for a in allocations:
+        color = palette.get(a.allocator)
+        label = ALLOCATORS[a.allocator].label
+        fig.add_trace(go.Scatter(x=x, y=a.block_sparsity * 100, mode="lines+markers", name=label,
+                                 line=dict(color=color), legendgroup=a.allocator), row=1, col=1)
+        kept = (1 - a.block_sparsity) * block_numel
+        fig.add_trace(go.Bar(x=x, y=kept / kept.sum() * 100, name=label, marker_color=color, showlegend=False,
+                             legendgroup=a.allocator, opacity=0.8), row=2, col=1)
+    fig.update_yaxes(title_text="sparsity (%)", row=1, col=1)
+    fig.update_yaxes(title_text="kept weights (%)", row=2, col=1)
+    fig.update_xaxes(title_text="transformer block", row=2, col=1)
+    fig.update_layout(height=640, barmode="group", margin=dict(l=60, r=20, t=40, b=90),
+                      legend=dict(orientation="h", yanchor="top", y=-0.12, x=0))
+    return fig
+
+
+def ppl_vs_sparsity_figure(rows: list[dict], dense: float | None) -> go.Figure:
+    """Perplexity (log scale) against achieved sparsity, one line per allocator × method."""
+    fig = go.Figure()
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(f"{r['method']} + {ALLOCATORS[r['allocator']].label}", []).append(r)
+    for name, rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["sparsity"])
+        fig.add_trace(go.Scatter(x=[r["sparsity"] * 100 for r in rs], y=[r["ppl"] for r in rs], mode="lines+markers",
+                                 name=name))
+    if dense is not None:
+        fig.add_hline(y=dense, line=dict(dash="dot", color="black"), annotation_text=f"dense {dense:.2f}")
+    fig.update_layout(title="WikiText-2 perplexity vs sparsity", xaxis_title="achieved sparsity (%)",
+                      yaxis_title="perplexity (log scale)", yaxis_type="log", height=450,
+                      margin=dict(l=60, r=20, t=60, b=50))
+    return fig
+
+
+def two_runs_figure(a: dict, b: dict) -> go.Figure:
+    """Per-block allocated (line) and achieved (markers) sparsity of two runs."""
+    fig = go.Figure()
+    for run, color in ((a, "#d62728"), (b, "#1f77b4")):
+        alloc = np.asarray(run["allocation"]["block_sparsity"]) * 100
+        achieved = np.asarray(run["achieved"]["block"]) * 100
+        fig.add_trace(go.Scatter(x=np.arange(len(alloc)), y=alloc, mode="lines", name=f"{run['label']} (allocated)",
+                                 line=dict(color=color)))
+        fig.add_trace(go.Scatter(x=np.arange(len(achieved)), y=achieved, mode="markers",
+                                 name=f"{run['label']} (achieved)", marker=dict(color=color, symbol="x")))
+    fig.update_layout(title="Per-block sparsity of two runs", xaxis_title="transformer block",
+                      yaxis_title="sparsity (%)", height=420, legend=dict(orientation="h", y=-0.2),
+                      margin=dict(l=60, r=20, t=60, b=50))
+    return fig

@@ -350,6 +350,7 @@ def model_summary(loaded: LoadedModel) -> dict:
         "blocks": len(blocks),
         "blocks_path": path,
         "prunable_layers_per_block": len(layers) // len(blocks),
+        "layer_names": [l.name for l in layers if l.block == 0],
         "prunable_parameters": sum(l.numel for l in layers),
         "total_parameters": total,
         "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),

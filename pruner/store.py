@@ -107,3 +107,26 @@ def list_runs(cache_dir: Path | None = None) -> list[dict]:
         return []
     out = [read_manifest(p) for p in root.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file()]
     return sorted(out, key=lambda m: m.get("created", ""), reverse=True)
+
+
+def run_zip(folder: Path) -> Path:
+    """A zip of a run folder (Hugging Face files + manifest.json) next to it, built once, atomically."""
+    import zipfile
+
+    folder = Path(folder)
+    read_manifest(folder)
+    target = folder.parent.parent / "exports" / f"{folder.name}.zip"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:  # safetensors barely compress
+            for path in sorted(folder.iterdir()):
+                z.write(path, f"{folder.name}/{path.name}")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

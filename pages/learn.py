@@ -1,0 +1,74 @@
+"""Learn: outliers, the LOD, OWL's formula with the current numbers, and why uniform and global fall short."""
+
+import numpy as np
+import streamlit as st
+
+from pruner.allocation import OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, allocate, owl_lambda_max
+from pruner.charts import allocation_figure, distribution_figure, lod_figure
+from pruner.dashboard import cached_stats, page_setup
+
+st.title("🎓 Learn: outlier-weighed layerwise sparsity")
+sel = page_setup()
+if sel is None:
+    st.stop()
+stats = cached_stats(sel)
+if stats is None:
+    st.warning("The live charts need this model's outlier statistics: compute them on the Model page.")
+    st.stop()
+
+c = st.columns(3)
+S = c[0].slider("Target sparsity S", 0.1, 0.9, 0.7, 0.05, key="learn_S")
+lam = c[1].slider("λ", 0.0, 0.3, OWL_DEFAULT_LAMBDA, 0.01, key="learn_lam")
+m = c[2].slider("M", 1.0, 15.0, OWL_DEFAULT_M, 0.5, key="learn_M")
+lod = stats.lod(m)
+
+st.header("1 · What an outlier is")
+st.markdown(
+    "Pruning removes weights. Which ones matter? **Wanda** scores each weight by its size *and* the size of the "
+    "input it multiplies, measured on a little calibration text:")
+st.latex(r"A_{ij} = |W_{ij}| \cdot \lVert X_j \rVert_2")
+st.markdown(
+    "Most scores are small; a few are huge. A weight is an **outlier** if its score exceeds *M* times the mean "
+    "score Ā of its transformer block. Removing outliers hurts an LLM badly, so they should be kept.")
+edges, counts = stats.ratio_distribution()
+above = (lod * stats.block_numel).sum() / stats.block_numel.sum()
+st.plotly_chart(distribution_figure(edges, counts, m, above, "All scores of this model, relative to their block mean"),
+                width="stretch")
+
+st.header("2 · The layerwise outlier distribution (LOD)")
+st.latex(r"D_\ell = \frac{1}{N_\ell}\,\#\{(i,j) \in \text{block } \ell : A_{ij} > M \cdot \bar A_\ell\}")
+st.markdown(f"Blocks differ: here {lod.min():.2%} (block {lod.argmin()}) to {lod.max():.2%} (block {lod.argmax()}) "
+            f"of scores are outliers at M = {m:g}.")
+st.plotly_chart(lod_figure({m: lod}, title=f"Outlier ratio D per block at M = {m:g}"), width="stretch")
+
+st.header("3 · OWL: give outlier-rich blocks more weights")
+r_min, r_max = lod.min(), lod.max()
+unit = (lod - r_min) / (r_max - r_min) if r_max > r_min else np.zeros_like(lod)
+st.latex(r"\tilde D_\ell = \frac{D_\ell - \min D}{\max D - \min D}\cdot 2\lambda, \qquad "
+         r"s_\ell = S - \left(\tilde D_\ell - \overline{\tilde D}\right)")
+st.latex(rf"\tilde D_\ell = \frac{{D_\ell - {r_min:.4f}}}{{{r_max:.4f} - {r_min:.4f}}}\cdot {2 * lam:.2f}, \qquad "
+         rf"\overline{{\tilde D}} = {2 * lam * unit.mean():.4f}, \qquad s_\ell = {S:.2f} - (\tilde D_\ell - "
+         rf"{2 * lam * unit.mean():.4f})")
+lam_max = owl_lambda_max(lod, S)
+if lam >= lam_max:
+    st.warning(f"With S = {S:.2f} this λ would push a block's sparsity outside [0, 1): λ must stay below {lam_max:.3f}.")
+else:
+    owl = allocate("owl", stats, S, lam=lam, m=m)
+    st.markdown(
+        f"The mean sparsity stays exactly S = {S:.0%} and the spread max − min is exactly 2λ = {2 * lam:.0%}. "
+        f"Here blocks range from {owl.block_sparsity.min():.1%} (block {owl.block_sparsity.argmin()}, most outliers) "
+        f"to {owl.block_sparsity.max():.1%} (block {owl.block_sparsity.argmax()}). Note the range is centred on "
+        f"the *mean* of D̃, not on its midpoint, so it is S ± λ only when the outlier ratios are symmetric.")
+
+    st.header("4 · Why uniform and global fall short")
+    uniform = allocate("uniform", stats, S)
+    glob = allocate("global", stats, S)
+    st.markdown(
+        "* **Uniform** gives every block S, ignoring that outlier-rich blocks lose important weights.\n"
+        "* **Global** ranks all scores of the whole model against one threshold. Scores of different layers live "
+        f"on different scales, so some blocks are pruned far more than others: here from "
+        f"{glob.block_sparsity.min():.0%} to {glob.block_sparsity.max():.0%}, which can gut whole blocks.\n"
+        "* **OWL** moves each block at most a little (set by λ) in the direction its outliers ask for.")
+    st.plotly_chart(allocation_figure([uniform, owl, glob], S, lam), width="stretch")
+st.caption("Yin et al., “Outlier Weighed Layerwise Sparsity (OWL)”, ICML 2024; Sun et al., “A Simple and Effective "
+           "Pruning Approach for LLMs (Wanda)”, ICLR 2024.")

@@ -1,0 +1,157 @@
+"""Streamlit glue shared by app.py and the pages: the sidebar selection, read-only cached resources, jobs.
+
+No computation lives here; it builds specs from widgets and hands them to the library.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from pruner import api
+from pruner.jobs import JobStore, default_db
+from pruner.models import DEFAULT_MODEL, available_bundled
+from pruner.specs import CALIB_PRESETS, DEFAULT_CALIB_PRESET, DEVICES, CalibSpec, ModelSpec, StatsSpec
+from pruner.store import default_data_dir
+
+SOURCES = ("bundled", "local folder", "hub id")
+
+
+def _use_navigation_only() -> None:
+    """app.py declares every page with st.navigation. Streamlit 1.67 also keeps a legacy mode for apps that have
+    a pages/ folder, in force for the whole server process until some run calls st.navigation; a server whose
+    first request is a deep link (e.g. /allocation) would otherwise list bare file names in the sidebar. The
+    pages import this module, so switching the legacy mode off here covers that case."""
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+
+        PagesManager.uses_pages_directory = False
+    except (ImportError, AttributeError):  # another Streamlit version: nothing to switch off
+        pass
+
+
+_use_navigation_only()
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the sidebar selected, as specs plus the folders the library needs."""
+
+    stats_spec: StatsSpec
+    cache_dir: Path | None
+    data_dir: str
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.stats_spec.model
+
+    @property
+    def calib(self) -> CalibSpec:
+        return self.stats_spec.calib
+
+
+def cache_dir() -> Path | None:
+    value = os.environ.get("PRUNER_CACHE_DIR")
+    return Path(value) if value else None
+
+
+def data_dir() -> str:
+    return os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
+
+
+#: Keys of the sidebar's widgets; re-assigned on every page so their values survive page switches.
+SIDEBAR_KEYS = ("model_source", "bundled_name", "local_path", "hub_id", "trust_remote_code", "calib_preset", "device")
+
+
+def page_setup() -> Selection | None:
+    """Render the shared sidebar on the current page and return its selection (None: nothing usable selected).
+
+    Streamlit drops a widget's state when a run does not draw it; re-assigning the keys first keeps the values
+    when the user moves between pages.
+    """
+    for key in SIDEBAR_KEYS:
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
+    return sidebar()
+
+
+def sidebar() -> Selection | None:
+    """The model / calibration / device picker shared by every page."""
+    with st.sidebar:
+        st.header("Model")
+        source = st.radio("Source", SOURCES, horizontal=True, key="model_source")
+        if source == "bundled":
+            bundled = available_bundled()
+            name = st.selectbox("Bundled model", bundled, key="bundled_name",
+                                index=bundled.index(DEFAULT_MODEL) if DEFAULT_MODEL in bundled else 0)
+        elif source == "local folder":
+            name = st.text_input("Folder with config.json and weights", key="local_path").strip()
+        else:
+            name = st.text_input("Hub id (owner/name; needs internet)", key="hub_id").strip()
+        trust = source == "hub id" and st.checkbox("Trust remote code", key="trust_remote_code",
+                                                   help="Runs the repository's own Python code. Off by default.")
+        preset = st.selectbox("Calibration", list(CALIB_PRESETS), key="calib_preset",
+                              index=list(CALIB_PRESETS).index(DEFAULT_CALIB_PRESET),
+                              format_func=lambda k: f"{k}: {CALIB_PRESETS[k][0]} × {CALIB_PRESETS[k][1]} C4 tokens")
+        device = st.selectbox("Device", DEVICES, key="device", help="auto = CUDA when present, else CPU")
+    if not name:
+        st.info("Enter a model in the sidebar.")
+        return None
+    try:
+        model = ModelSpec(name=name, device=device, trust_remote_code=trust)
+        spec = StatsSpec(model=model, calib=CalibSpec.preset(preset, data_dir=data_dir()))
+        spec.key()  # resolves the model's identity: unknown names fail here
+    except ValueError as err:
+        st.error(str(err))
+        return None
+    return Selection(spec, cache_dir(), data_dir())
+
+
+@st.cache_resource(show_spinner="Loading the dense model (read-only)…")
+def dense_model(model: ModelSpec, cache: Path | None):
+    """The dense model, loaded once per process. Never modified: pruning always works on a copy."""
+    return api.load_model(model, cache)
+
+
+def cached_stats(sel: Selection):
+    """The selection's statistics if they were computed, else None (never computes)."""
+    try:
+        return _stats(sel.stats_spec.key(), sel.stats_spec, sel.cache_dir)
+    except LookupError:
+        return None
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _stats(key: str, spec: StatsSpec, cache: Path | None):
+    """Loaded once per process and shared read-only (a miss raises, so it is not remembered)."""
+    stats = api.load_cached_stats(spec, cache)
+    if stats is None:
+        raise LookupError(key)
+    return stats
+
+
+def job_store(sel: Selection | None = None) -> JobStore:
+    return JobStore(default_db(sel.cache_dir if sel else cache_dir()))
+
+
+def job_row(job) -> None:
+    """One job as the pages list it: state, per-block progress, elapsed, ETA, cancel, error."""
+    cols = st.columns([5, 3, 2, 1])
+    cols[0].markdown(f"**#{job.id}** {job.label}")
+    if job.state == "running":
+        eta = f", ETA {job.eta:.0f} s" if job.eta is not None else ""
+        cols[1].progress(job.fraction, text=f"{job.phase or 'starting'} {job.done}/{job.total}{eta}")
+    else:
+        icon = {"done": "✅", "failed": "❌", "cancelled": "⏹️", "queued": "⏳"}[job.state]
+        cols[1].write(f"{icon} {job.state}")
+    if job.elapsed is not None:
+        cols[2].write(f"{job.elapsed:.0f} s")
+    if job.state in ("queued", "running") and not job.cancel_requested:
+        if cols[3].button("Cancel", key=f"cancel-{job.id}"):
+            job_store().cancel(job.id)
+            st.rerun()
+    if job.state == "failed" and job.error:
+        st.error(f"Job #{job.id} failed: {job.error.splitlines()[0]}")

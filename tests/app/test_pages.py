@@ -1,0 +1,145 @@
+"""AppTest of every page on the bundled model, with cached small statistics and one real pruned run."""
+
+import base64
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from pruner import api
+from pruner.allocation import allocate, owl
+from pruner.jobs import JobStore, default_db
+from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
+from pruner.store import PROJECT_ROOT
+
+LABEL = {"uniform": "Uniform", "owl": "OWL", "owl_inverse": "OWL-inverse", "er": "Erdős–Rényi", "global": "Global"}
+
+
+@pytest.fixture(scope="module")
+def cached(smollm2, data_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("app-cache")
+    os.symlink(PROJECT_ROOT / "cache" / "models", cache / "models")
+    calib = CalibSpec.preset("tiny", data_dir=data_dir)
+    stats = api.get_stats(StatsSpec(ModelSpec("smollm2-135m"), calib), cache, loaded=smollm2)
+    spec = PruneSpec(model=ModelSpec("smollm2-135m"), calib=calib, allocator="owl", method="wanda", sparsity=0.5)
+    folder = api.run_prune(spec, cache, loaded=smollm2)
+    api.evaluate_perplexity(folder, data_dir, max_chunks=1, seqlen=128)
+    return cache, stats, spec
+
+
+@pytest.fixture
+def app(cached, data_dir, monkeypatch):
+    monkeypatch.setenv("PRUNER_CACHE_DIR", str(cached[0]))
+    monkeypatch.setenv("PRUNER_DATA_DIR", data_dir)
+    at = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=90)
+    at.run()
+    at.sidebar.selectbox(key="calib_preset").select("tiny").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def values(v) -> np.ndarray:
+    """A trace's data from figure JSON: plotly ≥ 6 encodes numpy arrays as {"dtype", "bdata": base64}."""
+    if isinstance(v, dict) and "bdata" in v:
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+    return np.asarray(v, dtype=float)
+
+
+def figures(at):
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def trace(fig, name, axis="y"):
+    for t in fig["data"]:
+        if t.get("name") == name and t.get("yaxis", "y") == axis and t["type"] == "scatter":
+            return values(t["y"]) / 100
+    raise KeyError(name)
+
+
+def go(at, page):
+    at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_model_page(app):
+    assert [m.value for m in app.metric][:2] == ["LlamaForCausalLM", "30"]
+    assert app.metric[3].value == "Q4_1-dequantized"
+    assert any("Cached: 8 × 128 C4 tokens" in s.value for s in app.success)
+
+
+def test_outliers_page(app, cached):
+    go(app, "outliers")
+    lod, heat, dist = figures(app)
+    np.testing.assert_allclose(values(lod["data"][0]["y"]) / 100, cached[1].lod(5.0))
+    assert len(heat["data"][0]["y"]) == 7 and heat["layout"]["xaxis"]["title"]["text"] == "transformer block"
+    assert dist["layout"]["xaxis"]["type"] == "log" and dist["layout"]["shapes"][0]["x0"] == 5.0
+
+
+def test_allocation_sliders_redraw_as_the_allocators_predict(app, cached):
+    stats = cached[1]
+    go(app, "allocation")
+    fig = figures(app)[0]
+    for name, label in LABEL.items():
+        np.testing.assert_allclose(trace(fig, label), allocate(name, stats, 0.7, lam=0.08, m=5).block_sparsity,
+                                   atol=1e-9)
+    app.slider(key="alloc_M").set_value(8.0).run()
+    app.slider(key="alloc_lam").set_value(0.12).run()
+    after = trace(figures(app)[0], "OWL")
+    assert not np.allclose(after, trace(fig, "OWL"))
+    np.testing.assert_allclose(after, owl(stats.lod(8.0), 0.7, 0.12), atol=1e-9)
+    assert [b.label for b in app.get("download_button")] == ["Download CSV (per block)", "Download JSON (per block and layer)"]
+
+
+def test_allocation_too_wide_lambda_says_what_is_allowed(app):
+    go(app, "allocation")
+    app.slider(key="alloc_S").set_value(0.95).run()
+    app.slider(key="alloc_lam").set_value(0.5).run()
+    assert any("too wide" in w.value and "choose λ <" in w.value for w in app.warning)
+    names = {t.get("name") for t in figures(app)[0]["data"]}
+    assert "OWL" not in names and "Uniform" in names  # no nonsense curve; the others still drawn
+
+
+def test_allocation_prefills_prune(app):
+    go(app, "allocation")
+    app.button[0].click().run()  # "Prune with this allocation"
+    assert not app.exception
+    assert app.session_state["prune_prefill"]["sparsity"] == 0.7
+    assert "Prune" in app.title[0].value
+
+
+def test_prune_page_queues_jobs_and_lists_runs(app, cached):
+    go(app, "prune")
+    assert any("wanda + owl" in m.value for m in app.markdown)  # the finished run, with a download button
+    assert any(b.label == "Download zip" for b in app.get("download_button"))
+    app.multiselect[0].set_value(["uniform"])
+    app.multiselect[2].set_value([0.6])
+    app.checkbox[0].uncheck()
+    app.button[0].click().run()  # the form's submit button
+    assert any("Queued 1 job" in s.value for s in app.success)
+    store = JobStore(default_db(cached[0]))
+    job = store.list()[0]
+    assert job.label == "wanda + uniform @ 60%"
+    store.cancel(job.id)  # stop the real worker soon
+    end = time.time() + 120
+    while store.get(job.id).state not in ("done", "failed", "cancelled") and time.time() < end:
+        time.sleep(0.5)
+    assert store.get(job.id).state in ("done", "cancelled")
+
+
+def test_compare_page(app, cached):
+    go(app, "compare")
+    table = app.dataframe[0].value
+    assert cached[2].key() in set(table["run"])
+    figs = figures(app)
+    assert figs[0]["layout"]["yaxis"]["type"] == "log"
+    assert "Per-block sparsity of two runs" in figs[-1]["layout"]["title"]["text"]
+
+
+def test_learn_page(app):
+    go(app, "learn")
+    assert len(app.get("latex")) >= 3 and len(figures(app)) == 3
+    assert any("2λ = 16%" in m.value for m in app.markdown)
