@@ -18,13 +18,13 @@ except (ValueError, OSError) as err:
     st.error(f"Could not load {sel.model.name}: {err}")
     st.stop()
 s = api.model_summary(lm)
-c = st.columns(4)
-c[0].metric("Architecture", s["architecture"])
-c[1].metric("Transformer blocks", s["blocks"])
-c[2].metric("Prunable weights", f"{s['prunable_parameters'] / 1e6:.1f} M",
-            help=f"{s['prunable_layers_per_block']} linear layers per block; embeddings, norms and lm_head are "
-                 f"never pruned ({s['total_parameters'] / 1e6:.1f} M parameters in all)")
-c[3].metric("Weights", s["weights"], help=f"held as {s['dtype']}; computed on {s['device']}")
+st.markdown(f"**{sel.model.name}** · `{s['architecture']}` · weights **{s['weights']}**, held as {s['dtype']}, "
+            f"computed on {s['device']}")
+c = st.columns(3)
+c[0].metric("Transformer blocks", s["blocks"])
+c[1].metric("Prunable weights", f"{s['prunable_parameters'] / 1e6:.1f} M",
+            help="embeddings, norms and lm_head are never pruned")
+c[2].metric("All parameters", f"{s['total_parameters'] / 1e6:.1f} M")
 st.caption(f"Blocks found at `{s['blocks_path']}`. Prunable layers per block: "
            + ", ".join(f"`{n}`" for n in s["layer_names"]))
 

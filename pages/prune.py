@@ -35,8 +35,8 @@ with st.form("grid"):
                              key="grid_pattern")
     ppl = c[3].checkbox("Perplexity afterwards", True, help="WikiText-2 test, token level", key="grid_ppl")
     max_chunks = c[3].number_input("chunks of 2048 tokens (0 = all)", 0, 200, 8, key="grid_chunks")
-    n = len(allocators) * len(methods) * (1 if pattern != "unstructured" else len(sparsities))
-    go = st.form_submit_button(f"Queue {n} job{'s' if n != 1 else ''}", type="primary", key="grid_go")
+    # a form does not rerun while it is edited, so the button cannot show a live count; the confirmation does
+    go = st.form_submit_button("Queue jobs (allocators × methods × sparsities)", type="primary", key="grid_go")
 
 if go:
     store = job_store(sel)
@@ -67,6 +67,10 @@ def jobs_panel():
         st.caption("No jobs yet.")
     for job in jobs:
         job_row(job)
+    finished = sum(j.state == "done" for j in jobs)
+    if st.session_state.setdefault("prune_jobs_done", finished) != finished:
+        st.session_state["prune_jobs_done"] = finished
+        st.rerun(scope="app")  # a job just finished: redraw the finished runs below
 
 
 jobs_panel()

@@ -78,6 +78,14 @@ def page_setup() -> Selection | None:
     return sidebar()
 
 
+def default_preset() -> str:
+    """$PRUNER_CALIB_PRESET (e.g. 'tiny' for a quick classroom demo), else the library's default."""
+    value = os.environ.get("PRUNER_CALIB_PRESET", DEFAULT_CALIB_PRESET)
+    if value not in CALIB_PRESETS:
+        raise ValueError(f"PRUNER_CALIB_PRESET must be one of {', '.join(CALIB_PRESETS)}; got {value!r}")
+    return value
+
+
 def sidebar() -> Selection | None:
     """The model / calibration / device picker shared by every page."""
     with st.sidebar:
@@ -94,7 +102,7 @@ def sidebar() -> Selection | None:
         trust = source == "hub id" and st.checkbox("Trust remote code", key="trust_remote_code",
                                                    help="Runs the repository's own Python code. Off by default.")
         preset = st.selectbox("Calibration", list(CALIB_PRESETS), key="calib_preset",
-                              index=list(CALIB_PRESETS).index(DEFAULT_CALIB_PRESET),
+                              index=list(CALIB_PRESETS).index(default_preset()),
                               format_func=lambda k: f"{k}: {CALIB_PRESETS[k][0]} × {CALIB_PRESETS[k][1]} C4 tokens")
         device = st.selectbox("Device", DEVICES, key="device", help="auto = CUDA when present, else CPU")
     if not name:

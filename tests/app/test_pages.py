@@ -66,8 +66,8 @@ def go(at, page):
 
 
 def test_model_page(app):
-    assert [m.value for m in app.metric][:2] == ["LlamaForCausalLM", "30"]
-    assert app.metric[3].value == "Q4_1-dequantized"
+    assert [m.value for m in app.metric] == ["30", "106.2 M", "134.5 M"]
+    assert "`LlamaForCausalLM` · weights **Q4_1-dequantized**" in app.markdown[0].value
     assert any("Cached: 8 × 128 C4 tokens" in s.value for s in app.success)
 
 
