@@ -7,18 +7,11 @@ import streamlit as st
 
 from pruner.allocation import ALLOCATORS, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, allocate, owl_lambda_max
 from pruner.charts import allocation_comparison_figure
-from pruner.dashboard import cached_stats, page_setup
+from pruner.dashboard import page_setup, page_with_stats
 
 st.title("🎚️ Allocation")
 st.caption("Every curve is recomputed from the cached statistics when a slider moves: no model forward.")
-sel = page_setup()
-if sel is None:
-    st.stop()
-stats = cached_stats(sel)
-if stats is None:
-    st.warning("No outlier statistics for this model and calibration set yet: compute them on the Model page.")
-    st.page_link("pages/model.py", label="Go to the Model page", icon="🧠")
-    st.stop()
+sel, stats = page_with_stats(page_setup())
 
 c = st.columns(3)
 S = c[0].slider("Target sparsity S", 0.05, 0.95, 0.70, 0.05, key="alloc_S")

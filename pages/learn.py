@@ -5,16 +5,10 @@ import streamlit as st
 
 from pruner.allocation import OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, allocate, owl_lambda_max
 from pruner.charts import allocation_figure, distribution_figure, lod_figure
-from pruner.dashboard import cached_stats, page_setup
+from pruner.dashboard import page_setup, page_with_stats
 
 st.title("🎓 Learn: outlier-weighed layerwise sparsity")
-sel = page_setup()
-if sel is None:
-    st.stop()
-stats = cached_stats(sel)
-if stats is None:
-    st.warning("The live charts need this model's outlier statistics: compute them on the Model page.")
-    st.stop()
+sel, stats = page_with_stats(page_setup())
 
 c = st.columns(3)
 S = c[0].slider("Target sparsity S", 0.1, 0.9, 0.7, 0.05, key="learn_S")

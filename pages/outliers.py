@@ -4,19 +4,12 @@ import streamlit as st
 
 from pruner.allocation import OWL_DEFAULT_M
 from pruner.charts import distribution_figure, heatmap_figure, lod_figure
-from pruner.dashboard import cached_stats, page_setup
+from pruner.dashboard import page_setup, page_with_stats
 
 st.title("📊 Layerwise outlier distribution")
 st.caption("Wanda score A = |W|·‖X‖₂ from calibration activations. A block's outlier ratio is the share of its "
            "scores above M × the block's mean score Ā (OWL, Yin et al. 2024).")
-sel = page_setup()
-if sel is None:
-    st.stop()
-stats = cached_stats(sel)
-if stats is None:
-    st.warning("No outlier statistics for this model and calibration set yet: compute them on the Model page.")
-    st.page_link("pages/model.py", label="Go to the Model page", icon="🧠")
-    st.stop()
+sel, stats = page_with_stats(page_setup())
 
 m = st.slider("Outlier threshold M", 1.0, 20.0, OWL_DEFAULT_M, 0.5, key="outliers_m")
 compare = st.multiselect("Also draw M =", [3.0, 5.0, 7.0, 10.0], default=[], key="outliers_more")

@@ -5,6 +5,7 @@ Each function takes specs (never argparse namespaces or session state) and an op
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -171,7 +172,7 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
         base.tokenizer.save_pretrained(tmp)
         manifest["timings_s"]["save"] = round(time.perf_counter() - t0, 2)
         manifest["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
-        (tmp / "manifest.json").write_text(__import__("json").dumps(manifest, indent=2))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     read_manifest(folder)  # fail loudly if the folder is not complete
     return folder
 
@@ -208,8 +209,6 @@ def dense_perplexity(model_spec, data_dir: str | None, cache_dir: Path | None = 
                      loaded: LoadedModel | None = None, max_chunks: int | None = None, seqlen: int | None = None,
                      batch_size: int = 1, progress: ProgressFn | None = None) -> dict:
     """WikiText-2 test perplexity of the dense model, cached under cache/dense/<model key>/metrics.json."""
-    import json
-
     from pruner.evaluate.perplexity import default_seqlen, wikitext2_perplexity
     from pruner.store import write_json_atomic
 
@@ -236,8 +235,6 @@ def dense_perplexity(model_spec, data_dir: str | None, cache_dir: Path | None = 
 
 def dense_perplexity_cached(model_spec, cache_dir: Path | None = None) -> dict | None:
     """The most recent cached dense perplexity of a model (None if never computed); never computes."""
-    import json
-
     path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "dense" / model_spec.key() / "metrics.json"
     if not path.exists():
         return None

@@ -141,6 +141,18 @@ def _stats(key: str, spec: StatsSpec, cache: Path | None):
     return stats
 
 
+def page_with_stats(sel: Selection | None):
+    """(selection, statistics) for pages that need both; otherwise says what is missing and stops the page."""
+    if sel is None:
+        st.stop()
+    stats = cached_stats(sel)
+    if stats is None:
+        st.warning("No outlier statistics for this model and calibration set yet: compute them on the Model page.")
+        st.page_link("pages/model.py", label="Go to the Model page", icon="🧠")
+        st.stop()
+    return sel, stats
+
+
 def job_store(sel: Selection | None = None) -> JobStore:
     return JobStore(default_db(sel.cache_dir if sel else cache_dir()))
 

@@ -10,6 +10,7 @@ import torch
 from pruner.allocation import allocate
 from pruner.calibrate import Cancelled
 from pruner.evaluate.perplexity import chunk_stream, perplexity_of_chunks
+from pruner.methods import NM
 from pruner.methods.masks import lowest_mask, prune_count
 from pruner.models import find_blocks, prunable_layers, weight_matrix
 from pruner.prune import LayerTarget, layer_targets, prune_model
@@ -69,7 +70,7 @@ def test_blocks_see_inputs_from_already_pruned_blocks():
 
 def test_mixed_nm_per_block():
     keys = [(0, "a"), (1, "a"), (2, "a")]
-    targets = layer_targets(np.array([0.375, 0.5, 0.625]), keys, __import__("pruner.methods", fromlist=["NM"]).NM(4, 8))
+    targets = layer_targets(np.array([0.375, 0.5, 0.625]), keys, NM(4, 8))
     assert [str(targets[k].nm) for k in keys] == ["5:8", "4:8", "3:8"]
     with pytest.raises(ValueError, match="keep 0 of every 8"):
         layer_targets(np.array([0.97]), [(0, "a")], targets[(1, "a")].nm)
@@ -78,8 +79,6 @@ def test_mixed_nm_per_block():
 def test_nm_pruning_pattern():
     model = tiny_model("llama")
     tokens = tiny_tokens(8, 16)
-    from pruner.methods import NM
-
     targets = {k: LayerTarget(0.5, NM(2, 4)) for k in
                [(i, n) for i, b in enumerate(find_blocks(model)[1]) for n in prunable_layers(b)]}
     prune_model(model, tokens, "sparsegpt", targets, "row")

@@ -6,6 +6,7 @@ for every calibration mini-batch, then ``prune`` returns the new weight and its 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from pruner.methods.masks import NM
 
 
-class LayerMethod:
+class LayerMethod(ABC):
     name: ClassVar[str]
     #: False for methods that look only at the weights (they then need no calibration forward pass).
     needs_inputs: ClassVar[bool] = True
@@ -29,6 +30,6 @@ class LayerMethod:
     def accumulate(self, x: torch.Tensor) -> None:
         """x: (tokens, in_features), this mini-batch's inputs to the layer."""
 
+    @abstractmethod
     def prune(self, weight: torch.Tensor, sparsity: float, nm: NM | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """weight: (out, in) float32. Returns (pruned weight (out, in), mask (out, in) bool, True = pruned)."""
-        raise NotImplementedError  # every registered method overrides this
