@@ -3,7 +3,7 @@
 import streamlit as st
 
 from pruner import api
-from pruner.dashboard import cached_stats, dense_model, job_row, job_store, page_setup
+from pruner.dashboard import cached_stats, dense_model, job_row, job_store, keep_workers, page_setup
 from pruner.jobs import submit
 from pruner.specs import spec_to_dict
 
@@ -48,7 +48,9 @@ if not active and st.button("Compute outlier statistics", type="primary", key="c
 
 @st.fragment(run_every=1.0)
 def progress():
-    jobs = [j for j in job_store(sel).list(200) if j.kind == "stats" and j.payload.get("key") == key]
+    store = job_store(sel)
+    keep_workers(store, sel)
+    jobs = [j for j in store.list(200) if j.kind == "stats" and j.payload.get("key") == key]
     for job in jobs[:3]:
         job_row(job)
     if jobs and jobs[0].state == "done":

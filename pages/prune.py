@@ -5,7 +5,7 @@ import itertools
 import streamlit as st
 
 from pruner.allocation import ALLOCATORS, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M
-from pruner.dashboard import job_row, job_store, page_setup
+from pruner.dashboard import job_row, job_store, keep_workers, page_setup
 from pruner.jobs import submit
 from pruner.methods import METHODS
 from pruner.specs import PruneSpec, spec_to_dict
@@ -62,7 +62,9 @@ if go:
 @st.fragment(run_every=2.0)
 def jobs_panel():
     st.subheader("Jobs")
-    jobs = job_store(sel).list(50)
+    store = job_store(sel)
+    keep_workers(store, sel)
+    jobs = store.list(50)
     if not jobs:
         st.caption("No jobs yet.")
     for job in jobs:

@@ -12,7 +12,7 @@ from pathlib import Path
 import streamlit as st
 
 from pruner import api
-from pruner.jobs import JobStore, default_db
+from pruner.jobs import JobStore, default_db, ensure_workers
 from pruner.models import DEFAULT_MODEL, available_bundled
 from pruner.specs import CALIB_PRESETS, DEFAULT_CALIB_PRESET, DEVICES, CalibSpec, ModelSpec, StatsSpec
 from pruner.store import default_data_dir
@@ -155,6 +155,11 @@ def page_with_stats(sel: Selection | None):
 
 def job_store(sel: Selection | None = None) -> JobStore:
     return JobStore(default_db(sel.cache_dir if sel else cache_dir()))
+
+
+def keep_workers(store: JobStore, sel: Selection | None) -> None:
+    """Mark jobs of dead workers failed and start a worker for queued jobs (e.g. after an app restart)."""
+    ensure_workers(store, cache_dir=sel.cache_dir if sel else cache_dir())
 
 
 def job_row(job) -> None:

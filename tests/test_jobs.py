@@ -106,3 +106,21 @@ def test_submit_validates_before_queueing(tmp_path):
     with pytest.raises(ValueError, match="job kind must be one of stats, prune, eval"):
         store.add("train", {}, "x")
     assert store.list() == []
+
+
+def test_queued_job_starts_when_a_page_calls_ensure_workers(tiny_folder, tmp_path, data_dir):
+    """An app that died right after queueing: the job waits; the next ensure_workers (every jobs panel refresh,
+    and `python -m pruner jobs list`) starts a worker that runs it."""
+    from pruner.jobs import ensure_workers
+    from pruner.specs import StatsSpec
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    spec = StatsSpec(ModelSpec(tiny_folder, device="cpu"), CalibSpec(nsamples=4, seqlen=64, data_dir=data_dir))
+    job_id = submit(store, "stats", {"spec": spec_to_dict(spec)}, cache_dir=tmp_path, start_worker=False)
+    time.sleep(1)
+    assert store.get(job_id).state == "queued" and store.alive_workers() == []
+    assert len(ensure_workers(store, cache_dir=tmp_path)) == 1
+    assert ensure_workers(store, cache_dir=tmp_path) == []  # one worker at a time by default
+    job = _wait(store, job_id, _final)
+    assert job.state == "done", job.error
+    assert job.result["blocks"] == 4
