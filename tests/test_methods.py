@@ -119,3 +119,13 @@ def test_sparsegpt_reports_non_positive_definite_hessian():
     m.H = -torch.eye(4)
     with pytest.raises(HessianNotPositiveDefinite, match="not positive definite even after 1% dampening"):
         m.prune(torch.ones(2, 4), 0.5)
+
+
+@pytest.mark.parametrize("n, block", [(5, 2), (8, 8), (10, 3), (7, 100)])
+def test_blocked_gram_equals_xtx(n, block):
+    from pruner.methods.sparsegpt import add_gram_
+
+    x = torch.randn(50, n, dtype=torch.float64)
+    H = torch.ones(n, n, dtype=torch.float64)
+    add_gram_(H, x, block)
+    torch.testing.assert_close(H, 1 + x.T @ x)

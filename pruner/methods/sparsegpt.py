@@ -15,6 +15,24 @@ from pruner.methods.masks import NM, lowest_mask, nm_mask
 BLOCK = 128
 #: Dampening added to H's diagonal, as a fraction of its mean diagonal (the paper's 1%).
 DAMPENING = 0.01
+#: XᵀX is accumulated as a grid of column blocks of about this width, computing only the blocks on and above the
+#: diagonal (k(k+1)/2 of k² products) and mirroring the rest: XᵀX is symmetric.
+GRAM_BLOCK = 384
+
+
+def add_gram_(H: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> None:
+    """H += xᵀx in place, using symmetry. H: (n, n), x: (tokens, n)."""
+    n = x.shape[1]
+    edges = list(range(0, n, block)) + [n]
+    for i in range(len(edges) - 1):
+        a, b = edges[i], edges[i + 1]
+        xa = x[:, a:b].T
+        H[a:b, a:b] += xa @ x[:, a:b]
+        for j in range(i + 1, len(edges) - 1):
+            c, d = edges[j], edges[j + 1]
+            product = xa @ x[:, c:d]
+            H[a:b, c:d] += product
+            H[c:d, a:b] += product.T
 
 
 class HessianNotPositiveDefinite(ValueError):
@@ -32,8 +50,7 @@ class SparseGPT(LayerMethod):
         self.tokens = 0
 
     def accumulate(self, x):
-        x = x.float()
-        self.H += x.T @ x  # (in, in); scale does not matter for the update
+        add_gram_(self.H, x.float())  # (in, in); its scale does not matter for the update
         self.tokens += x.shape[0]
 
     def _inverse_cholesky(self, H: torch.Tensor) -> torch.Tensor:
