@@ -66,6 +66,18 @@ class _Recorder(nn.Module):
         return hidden
 
 
+def _return_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc only). Each block allocates and frees many differently sized
+    buffers; without this the process's resident size grew by ~60 MB per block on SmolLM2 (fragmentation, not a
+    leak: peak RSS of a stats pass 2.19 GiB without, 1.13 GiB with)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _first_tensor(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
@@ -153,6 +165,7 @@ def run_blockwise(
         finally:
             block.to(home)
         hidden = outputs
+        _return_freed_memory()
         if progress is not None:
             progress(i + 1, len(blocks))
     return torch.cat([h.cpu() for h in hidden])
