@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Callable
 
 from pruner.allocation import Allocation, allocate
+from pruner.calibrate import ProgressFn
 from pruner.data import calibration_tokens
 from pruner.models import LoadedModel, load_model, model_summary
 from pruner.specs import StatsSpec
 from pruner.stats import Stats, collect_stats
 from pruner.store import atomic_dir, default_cache_dir
 
-ProgressFn = Callable[[int, int], None]
 
 
 def stats_dir(spec: StatsSpec, cache_dir: Path | None = None) -> Path:
@@ -44,11 +44,13 @@ def compute_stats(
     progress: ProgressFn | None = None,
     batch_size: int = 4,
     should_cancel: Callable[[], bool] | None = None,
+    tokens=None,
 ) -> Stats:
-    """Run the calibration pass on the dense model (does not save; see ``get_stats``)."""
+    """Run the calibration pass on the dense model (does not save; see ``get_stats``). ``tokens``: the spec's
+    calibration tokens if the caller already has them."""
     loaded = loaded if loaded is not None else load_model(spec.model, cache_dir)
     t0 = time.perf_counter()
-    tokens = calibration_tokens(loaded.tokenizer, spec.calib)
+    tokens = tokens if tokens is not None else calibration_tokens(loaded.tokenizer, spec.calib)
     t_data = time.perf_counter() - t0
     stats = collect_stats(loaded.model, tokens, loaded.device, batch_size=batch_size, progress=progress,
                           should_cancel=should_cancel)
@@ -135,8 +137,13 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     phase = (lambda name: (lambda d, t: progress(name, d, t))) if progress else (lambda name: None)
     t_start = time.perf_counter()
     base = loaded if loaded is not None else load_model(spec.model, cache_dir)
+    cached = load_cached_stats(spec.stats_spec, cache_dir)
+    # tokenized once, for the statistics pass (if the statistics are not cached) and for pruning
+    needs_tokens = METHODS[spec.method].needs_inputs or cached is None
+    tokens = calibration_tokens(base.tokenizer, spec.calib) if needs_tokens else None
     t0 = time.perf_counter()
-    stats = get_stats(spec.stats_spec, cache_dir, loaded=base, progress=phase("statistics"), batch_size=batch_size)
+    stats = cached if cached is not None else get_stats(spec.stats_spec, cache_dir, loaded=base, tokens=tokens,
+                                                       progress=phase("statistics"), batch_size=batch_size)
     t_stats = time.perf_counter() - t0
     alloc = allocate(spec.allocator, stats, spec.sparsity, lam=spec.lam, m=spec.m)
     nm = NM.parse(spec.nm) if spec.nm else None
@@ -144,7 +151,6 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     # A model the caller passed in (e.g. the dashboard's cached dense model) is never modified: prune a copy.
     # One this function loaded itself is pruned in place, which saves a model's worth of memory.
     model = copy.deepcopy(base.model) if loaded is not None else base.model
-    tokens = calibration_tokens(base.tokenizer, spec.calib) if METHODS[spec.method].needs_inputs else None
     t0 = time.perf_counter()
     report = prune_model(model, tokens, spec.method, targets, spec.scope, base.device, batch_size,
                          progress=phase("prune"), should_cancel=should_cancel)

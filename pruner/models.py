@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,9 +356,3 @@ def model_summary(loaded: LoadedModel) -> dict:
         "weights": loaded.info.get("weights"),
         "device": str(loaded.device),
     }
-
-
-def remove_converted(name: str, cache_dir: Path | None = None) -> None:
-    """Delete a converted bundled model (it is rebuilt on next load)."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    shutil.rmtree(cache_dir / "models" / name, ignore_errors=True)
