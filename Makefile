@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PORT   ?= 8501
 
-.PHONY: run test install clean-cache
+.PHONY: run test install clean-cache deepsparse
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,14 @@ run: $(STAMP)
 	$(BIN)/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) \
 		--browser.gatherUsageStats false --server.headless true
 
+# DeepSparse 1.8.0 needs numpy<2 and onnx<1.15, so it gets its own venv (.venv-deepsparse). `make test` tries to
+# build it so its test runs; where DeepSparse cannot run (no AVX2, not x86-64 Linux, no Python ≤ 3.11) the build
+# says why and that test skips with the reason.
+deepsparse: $(STAMP)
+	$(BIN)/python -m pruner deepsparse-env
+
 test: $(STAMP)
+	-$(BIN)/python -m pruner deepsparse-env
 	$(BIN)/python -m pyflakes app.py pages pruner bench tests
 	$(BIN)/python -m pytest -q tests
 

@@ -4,17 +4,27 @@ import pandas as pd
 import streamlit as st
 
 from pruner import api
-from pruner.charts import ppl_vs_sparsity_figure, two_runs_figure
-from pruner.dashboard import page_setup
+from pruner.charts import (accuracy_vs_sparsity_figure, ppl_vs_speedup_figure, ppl_vs_sparsity_figure,
+                           speedup_vs_sparsity_figure, two_runs_figure, zeroshot_tasks_figure)
+from pruner.dashboard import (deepsparse_available, job_store, jobs_panel, page_setup, speed_setting_label,
+                              speed_table_row, zeroshot_set_label)
+from pruner.evaluate.speed import STATUS_NOTE, SpeedSpec
+from pruner.evaluate.zeroshot import TASKS
+from pruner.jobs import submit
 from pruner.store import list_runs
 
 st.title("📈 Compare")
 sel = page_setup()
 if sel is None:
     st.stop()
-runs = list_runs(sel.cache_dir)
+all_runs = list_runs(sel.cache_dir)
+model_identity = sel.model.identity()
+runs = [r for r in all_runs if r["spec"]["model"] == model_identity]  # one model per comparison
+if len(runs) < len(all_runs):
+    st.caption(f"Showing the {len(runs)} run(s) of the model chosen in the sidebar; "
+               f"{len(all_runs) - len(runs)} run(s) of other models are hidden.")
 if not runs:
-    st.info("No runs yet: queue some on the Prune page.")
+    st.info("No runs of this model yet: queue some on the Prune page.")
     st.page_link("pages/prune.py", label="Go to the Prune page", icon="✂️")
     st.stop()
 
@@ -71,6 +81,101 @@ b = c[1].selectbox("Run B", list(labels), index=min(1, len(labels) - 1), format_
 by_key = {r["key"]: r for r in runs}
 st.plotly_chart(two_runs_figure(by_key[a], by_key[b]), width="stretch")
 
-st.subheader("Zero-shot accuracy and CPU speed-up")
-st.info("Zero-shot accuracy (lm-eval) and DeepSparse speed-up charts appear here once those evaluations exist "
-        "for the runs (the evaluation module is not in this version yet).")
+# ---------------------------------------------------------------------------------------------------------------
+st.subheader("Zero-shot accuracy (lm-eval)")
+dense_all = api.dense_metrics(sel.model, sel.cache_dir)
+zs_names = sorted({k for r in runs for k in r.get("metrics", {}) if k.startswith("zeroshot:")})
+if not zs_names:
+    st.caption("No zero-shot results yet: queue them under “Evaluate runs” below.")
+else:
+    zs_name = st.selectbox("Result set", zs_names, format_func=zeroshot_set_label, key="cmp_zs_set")
+    with_zs = [r for r in runs if zs_name in r["metrics"]]
+    dense_zs = dense_all.get(zs_name)
+    task_sets = [set(r["metrics"][zs_name]["tasks"]) for r in with_zs] + ([set(dense_zs["tasks"])] if dense_zs else [])
+    common = [t for t in TASKS if all(t in ts for ts in task_sets)]
+    limit = with_zs[0]["metrics"][zs_name]["limit"]
+    note = f" (partial: first {limit} documents per task)" if limit else ""
+    if not common:
+        st.warning("These runs were evaluated on different tasks; there is no task they all share.")
+    else:
+        if len(common) < len(TASKS):
+            st.caption(f"Shown: the {len(common)} task(s) every run here was evaluated on.")
+        labels_zs = {r["key"]: r["label"] for r in with_zs}
+        picked = st.multiselect("Runs in the per-task chart", list(labels_zs), default=list(labels_zs)[:4],
+                                format_func=labels_zs.get, key="cmp_zs_runs")
+        entries = ([{"label": "dense", "tasks": dense_zs["tasks"]}] if dense_zs else []) + [
+            {"label": labels_zs[k], "tasks": next(r for r in with_zs if r["key"] == k)["metrics"][zs_name]["tasks"]}
+            for k in picked]
+        if entries:
+            st.plotly_chart(zeroshot_tasks_figure(entries, {t: TASKS[t].label for t in common}, note),
+                            width="stretch")
+
+        def mean_over(tasks):
+            return sum(tasks[t]["acc"] for t in common) / len(common)
+
+        acc_rows = [{"method": r["spec"]["method"], "allocator": r["spec"]["allocator"],
+                     "sparsity": r["achieved"]["overall"], "mean_acc": mean_over(r["metrics"][zs_name]["tasks"])}
+                    for r in with_zs]
+        st.plotly_chart(accuracy_vs_sparsity_figure(acc_rows, mean_over(dense_zs["tasks"]) if dense_zs else None,
+                                                    len(common), note), width="stretch")
+
+# ---------------------------------------------------------------------------------------------------------------
+st.subheader("CPU speed-up (DeepSparse)")
+st.caption("⚠️ " + STATUS_NOTE)
+ds = deepsparse_available()
+if not ds["available"]:
+    st.warning(f"DeepSparse cannot run here: {ds['reason']}. Speed evaluations then record dense ONNX Runtime "
+               "timings and an *estimate* of the ideal decode speed-up, never a measured sparse speed-up.")
+speed_names = sorted({k for r in runs for k in r.get("metrics", {}) if k.startswith("speed:")})
+if not speed_names:
+    st.caption("No speed measurements yet: queue them under “Evaluate runs” below.")
+else:
+    sp_name = st.selectbox("Setting", speed_names, format_func=speed_setting_label, key="cmp_speed_set")
+    with_sp = [r for r in runs if sp_name in r["metrics"]]
+    measured = [r for r in with_sp if r["metrics"][sp_name]["speedup"].get("decode")]
+    sp_rows = [{"method": r["spec"]["method"], "allocator": r["spec"]["allocator"],
+                "sparsity": r["achieved"]["overall"], **r["metrics"][sp_name]["speedup"],
+                "ideal": r["metrics"][sp_name].get("ideal_decode_speedup_estimate"),
+                "ppl": (latest_ppl(r) or {}).get("perplexity")} for r in measured]
+    env = with_sp[0]["metrics"][sp_name]["env"]
+    st.caption(f"CPU: {env['cpu']} ({', '.join(env['flags'])}), {env['threads']} threads; "
+               f"median of {with_sp[0]['metrics'][sp_name]['spec']['runs']} timed calls after warm-up.")
+    if sp_rows:
+        st.plotly_chart(speedup_vs_sparsity_figure(sp_rows), width="stretch")
+        with_ppl_sp = [r for r in sp_rows if r["ppl"] is not None]
+        if with_ppl_sp:
+            st.plotly_chart(ppl_vs_speedup_figure(with_ppl_sp, dense), width="stretch")
+    st.dataframe(pd.DataFrame([speed_table_row(r, sp_name) for r in with_sp]), width="stretch", hide_index=True)
+
+# ---------------------------------------------------------------------------------------------------------------
+with st.expander("Evaluate runs: zero-shot accuracy and CPU speed-up (background jobs)"):
+    with st.form("cmp_eval_form"):
+        chosen = st.multiselect("Runs", list(labels), format_func=labels.get, key="cmp_eval_runs")
+        c = st.columns(2)
+        do_zs = c[0].checkbox("Zero-shot accuracy (lm-eval)", value=True, key="cmp_eval_zs")
+        tasks = c[0].multiselect("Tasks", list(TASKS), default=list(TASKS), format_func=lambda t: TASKS[t].label,
+                                 key="cmp_eval_tasks")
+        limit = c[0].number_input("Documents per task (0 = full sets, slow on CPU)", min_value=0, value=100,
+                                  step=50, key="cmp_eval_limit")
+        do_speed = c[1].checkbox("CPU speed-up (ONNX export + DeepSparse)", value=False, key="cmp_eval_speed")
+        seqlen = c[1].number_input("T: prefill tokens and decode KV-cache length", min_value=16, max_value=2048,
+                                   value=SpeedSpec.seqlen, step=16, key="cmp_eval_seqlen")
+        go = st.form_submit_button("Queue evaluations")
+    if go:
+        if not chosen:
+            st.error("Choose at least one run.")
+        elif not (do_zs or do_speed):
+            st.error("Choose zero-shot accuracy, CPU speed-up or both.")
+        elif do_zs and not tasks:
+            st.error("Choose at least one zero-shot task.")
+        else:
+            store = job_store(sel)
+            for key in chosen:
+                payload = {"run": key, "ppl": False, "data_dir": sel.data_dir}
+                if do_zs:
+                    payload["zeroshot"] = {"tasks": tasks, "limit": int(limit) or None}
+                if do_speed:
+                    payload["speed"] = {"seqlen": int(seqlen)}
+                submit(store, "eval", payload, cache_dir=sel.cache_dir)
+            st.success(f"Queued {len(chosen)} evaluation job(s); results appear here when they finish.")
+    jobs_panel(sel, "cmp_jobs_done")

@@ -5,7 +5,7 @@ import itertools
 import streamlit as st
 
 from pruner.allocation import ALLOCATORS, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M
-from pruner.dashboard import job_row, job_store, keep_workers, page_setup
+from pruner.dashboard import job_store, jobs_panel, page_setup
 from pruner.jobs import submit
 from pruner.methods import METHODS
 from pruner.specs import PruneSpec, spec_to_dict
@@ -59,23 +59,7 @@ if go:
         st.error(e)
 
 
-@st.fragment(run_every=2.0)
-def jobs_panel():
-    st.subheader("Jobs")
-    store = job_store(sel)
-    keep_workers(store, sel)
-    jobs = store.list(50)
-    if not jobs:
-        st.caption("No jobs yet.")
-    for job in jobs:
-        job_row(job)
-    finished = sum(j.state == "done" for j in jobs)
-    if st.session_state.setdefault("prune_jobs_done", finished) != finished:
-        st.session_state["prune_jobs_done"] = finished
-        st.rerun(scope="app")  # a job just finished: redraw the finished runs below
-
-
-jobs_panel()
+jobs_panel(sel, "prune_jobs_done")
 
 st.subheader("Finished runs")
 runs = list_runs(sel.cache_dir)

@@ -211,20 +211,37 @@ def evaluate_perplexity(folder: Path, data_dir: str | None, *, max_chunks: int |
     return result
 
 
+def _dense_metrics_path(model_spec, cache_dir: Path | None) -> Path:
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "dense" / model_spec.key() / "metrics.json"
+
+
+def dense_metrics(model_spec, cache_dir: Path | None = None) -> dict:
+    """All cached metrics of the dense model ({metric name: result}); never computes."""
+    path = _dense_metrics_path(model_spec, cache_dir)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _add_dense_metric(model_spec, cache_dir: Path | None, name: str, result: dict) -> None:
+    from pruner.store import write_json_atomic
+
+    path = _dense_metrics_path(model_spec, cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metrics = dense_metrics(model_spec, cache_dir)
+    metrics[name] = result
+    write_json_atomic(path, metrics)
+
+
 def dense_perplexity(model_spec, data_dir: str | None, cache_dir: Path | None = None, *,
                      loaded: LoadedModel | None = None, max_chunks: int | None = None, seqlen: int | None = None,
                      batch_size: int = 1, progress: ProgressFn | None = None) -> dict:
     """WikiText-2 test perplexity of the dense model, cached under cache/dense/<model key>/metrics.json."""
     from pruner.evaluate.perplexity import default_seqlen, wikitext2_perplexity
-    from pruner.store import write_json_atomic
 
     base = loaded if loaded is not None else load_model(model_spec, cache_dir)
-    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "dense" / model_spec.key()
-    path = root / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.exists() else {}
     seqlen = seqlen or default_seqlen(base.model)
-    for result in metrics.values():
-        if result["seqlen"] == seqlen and (result["chunks"] == max_chunks or (max_chunks is None and not result["partial"])):
+    for name, result in dense_metrics(model_spec, cache_dir).items():
+        if name.startswith("perplexity") and result["seqlen"] == seqlen and (
+                result["chunks"] == max_chunks or (max_chunks is None and not result["partial"])):
             return result
     home = next(base.model.parameters()).device
     try:  # weights live on CPU between uses; evaluate on the compute device
@@ -233,16 +250,119 @@ def dense_perplexity(model_spec, data_dir: str | None, cache_dir: Path | None = 
                                       device=base.device, batch_size=batch_size, progress=progress)
     finally:
         base.model.to(home)
-    root.mkdir(parents=True, exist_ok=True)
-    metrics[perplexity_metric_name(result)] = result
-    write_json_atomic(path, metrics)
+    _add_dense_metric(model_spec, cache_dir, perplexity_metric_name(result), result)
     return result
 
 
 def dense_perplexity_cached(model_spec, cache_dir: Path | None = None) -> dict | None:
     """The most recent cached dense perplexity of a model (None if never computed); never computes."""
-    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "dense" / model_spec.key() / "metrics.json"
-    if not path.exists():
-        return None
-    metrics = json.loads(path.read_text())
-    return list(metrics.values())[-1] if metrics else None
+    found = [v for k, v in dense_metrics(model_spec, cache_dir).items() if k.startswith("perplexity")]
+    return found[-1] if found else None
+
+
+def model_spec_of_run(manifest: dict):
+    """The dense model a run was pruned from, as a ModelSpec."""
+    from pruner.specs import ModelSpec
+
+    ident = manifest["spec"]["model"]
+    name = ident.get("name") or ident.get("path") or ident.get("hub_id")
+    return ModelSpec(name=name, dtype=ident.get("dtype", "float32"), revision=ident.get("revision"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zero-shot accuracy (lm-eval)
+
+
+def zeroshot_metric_name(source: str, limit: int | None) -> str:
+    return f"zeroshot:{source}" + (f":limit{limit}" if limit else "")
+
+
+def _merge_zeroshot(previous: dict | None, result: dict) -> dict:
+    """Tasks evaluated earlier under the same metric name (same source, limit and lm-eval version) are kept."""
+    tasks = dict(previous["tasks"]) if previous and previous.get("lm_eval") == result["lm_eval"] else {}
+    tasks.update(result["tasks"])
+    from pruner.evaluate.zeroshot import DEFAULT_TASKS
+
+    ordered = {t: tasks[t] for t in DEFAULT_TASKS if t in tasks}
+    return {**result, "tasks": ordered, "mean_acc": sum(r["acc"] for r in ordered.values()) / len(ordered),
+            "complete": len(ordered) == len(DEFAULT_TASKS)}
+
+
+def _zeroshot(model, tokenizer, device, data_dir, tasks, limit, source, batch_size, progress, should_cancel):
+    from pruner.evaluate.zeroshot import zeroshot_accuracy
+
+    return zeroshot_accuracy(model, tokenizer, tasks=tasks, limit=limit, source=source, data_dir=data_dir,
+                             batch_size=batch_size, device=str(device), progress=progress,
+                             should_cancel=should_cancel)
+
+
+def evaluate_zeroshot(folder: Path, data_dir: str | None, *, tasks=None, limit: int | None = None,
+                      source: str = "local", device: str = "cpu", batch_size: int = 8,
+                      progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None) -> dict:
+    """Zero-shot accuracy of a stored run (lm-eval, in memory); merged into its manifest under
+    ``zeroshot:<source>[:limit<n>]``. Returns the merged result."""
+    from pruner.store import add_metrics, read_manifest
+
+    model, tokenizer = load_run(folder, device)
+    result = _zeroshot(model, tokenizer, device, data_dir, tasks, limit, source, batch_size, progress, should_cancel)
+    name = zeroshot_metric_name(source, limit)
+    merged = _merge_zeroshot(read_manifest(folder).get("metrics", {}).get(name), result)
+    add_metrics(folder, name, merged)
+    return merged
+
+
+def dense_zeroshot(model_spec, data_dir: str | None, cache_dir: Path | None = None, *, loaded: LoadedModel | None = None,
+                   tasks=None, limit: int | None = None, source: str = "local", batch_size: int = 8,
+                   progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None) -> dict:
+    """Zero-shot accuracy of the dense model, cached with its other metrics; tasks already cached are not rerun."""
+    from pruner.evaluate.zeroshot import parse_tasks
+
+    name = zeroshot_metric_name(source, limit)
+    previous = dense_metrics(model_spec, cache_dir).get(name)
+    wanted = parse_tasks(tasks)
+    missing = [t for t in wanted if not previous or t not in previous["tasks"]]
+    if not missing:
+        return previous
+    base = loaded if loaded is not None else load_model(model_spec, cache_dir)
+    home = next(base.model.parameters()).device
+    try:
+        base.model.to(base.device)
+        result = _zeroshot(base.model, base.tokenizer, base.device, data_dir, missing, limit, source, batch_size,
+                           progress, should_cancel)
+    finally:
+        base.model.to(home)
+    merged = _merge_zeroshot(previous, result)
+    _add_dense_metric(model_spec, cache_dir, name, merged)
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU speed (ONNX + DeepSparse)
+
+
+def speed_metric_name(result: dict) -> str:
+    s = result["spec"]
+    return f"speed:{result['engine']}:b{s['batch']}:t{s['seqlen']}:threads{s['threads']}"
+
+
+def evaluate_speed(folder: Path, speed_spec=None, cache_dir: Path | None = None, *, engine: str = "auto",
+                   progress: PhaseProgress | None = None) -> dict:
+    """Time the dense model and a stored run in DeepSparse (or say why not); the result goes into the manifest.
+
+    The dense model's ONNX graphs are kept under cache/dense/<model key>/onnx/<shape>/ for later runs; the pruned
+    graphs are temporary.
+    """
+    from pruner.evaluate.speed import SpeedSpec, export_and_measure
+    from pruner.store import add_metrics, read_manifest
+
+    speed_spec = speed_spec or SpeedSpec()
+    manifest = read_manifest(folder)
+    model_spec = model_spec_of_run(manifest)
+    dense = load_model(model_spec, cache_dir)
+    pruned, _ = load_run(folder)
+    onnx_dir = _dense_metrics_path(model_spec, cache_dir).parent / "onnx" / speed_spec.shape_key()
+    result = export_and_measure(dense.model, pruned, speed_spec, dense_dir=onnx_dir, engine=engine,
+                                progress=progress)
+    result["sparsity"] = manifest["achieved"]["overall"]
+    add_metrics(folder, speed_metric_name(result), result)
+    return result

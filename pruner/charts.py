@@ -129,3 +129,93 @@ def two_runs_figure(a: dict, b: dict) -> go.Figure:
                       yaxis_title="sparsity (%)", height=420, legend=dict(orientation="h", y=-0.2),
                       margin=dict(l=60, r=20, t=60, b=50))
     return fig
+
+
+def _group_name(r: dict) -> str:
+    return f"{r['method']} + {ALLOCATORS[r['allocator']].label}"
+
+
+def zeroshot_tasks_figure(entries: list[dict], task_labels: dict[str, str], partial_note: str = "") -> go.Figure:
+    """Accuracy (%) per task and the mean, one bar group per task, one bar per model (dense first), ± stderr.
+
+    entries: [{"label": str, "tasks": {task: {"acc", "acc_stderr"}}}], all over the same tasks.
+    """
+    fig = go.Figure()
+    tasks = list(task_labels)
+    for i, e in enumerate(entries):
+        accs = [e["tasks"][t]["acc"] * 100 for t in tasks]
+        errs = [(e["tasks"][t].get("acc_stderr") or 0) * 100 for t in tasks]
+        fig.add_trace(go.Bar(x=[task_labels[t] for t in tasks] + ["mean"], y=accs + [sum(accs) / len(accs)],
+                             error_y=dict(type="data", array=errs + [0], visible=True), name=e["label"],
+                             marker_color="#7f7f7f" if i == 0 and e["label"].startswith("dense") else None))
+    fig.update_layout(title="Zero-shot accuracy per task" + partial_note, barmode="group", yaxis_title="accuracy (%)",
+                      height=460, legend=dict(orientation="h", yanchor="top", y=-0.15, x=0),
+                      margin=dict(l=60, r=20, t=60, b=60))
+    return fig
+
+
+def accuracy_vs_sparsity_figure(rows: list[dict], dense: float | None, n_tasks: int,
+                                partial_note: str = "") -> go.Figure:
+    """Mean zero-shot accuracy (%) against achieved sparsity, one line per method × allocator, dense dotted."""
+    fig = go.Figure()
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_group_name(r), []).append(r)
+    for name, rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["sparsity"])
+        fig.add_trace(go.Scatter(x=[r["sparsity"] * 100 for r in rs], y=[r["mean_acc"] * 100 for r in rs],
+                                 mode="lines+markers", name=name))
+    if dense is not None:
+        fig.add_hline(y=dense * 100, line=dict(dash="dot", color="black"), annotation_text=f"dense {dense:.1%}")
+    fig.update_layout(title=f"Mean zero-shot accuracy over {n_tasks} task(s) vs sparsity" + partial_note,
+                      xaxis_title="achieved sparsity (%)", yaxis_title="mean accuracy (%)", height=420,
+                      margin=dict(l=60, r=20, t=60, b=50))
+    return fig
+
+
+def speedup_vs_sparsity_figure(rows: list[dict], title_note: str = "") -> go.Figure:
+    """Measured speed-up (dense time ÷ pruned time) against sparsity: decode solid, prefill dashed, per method ×
+    allocator; the estimated ideal decode speed-up as grey crosses; 1× as the break-even line."""
+    fig = go.Figure()
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_group_name(r), []).append(r)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    for i, (name, rs) in enumerate(sorted(groups.items())):
+        rs = sorted(rs, key=lambda r: r["sparsity"])
+        x = [r["sparsity"] * 100 for r in rs]
+        color = palette[i % len(palette)]
+        fig.add_trace(go.Scatter(x=x, y=[r["decode"] for r in rs], mode="lines+markers", name=f"{name}: decode",
+                                 line=dict(color=color)))
+        fig.add_trace(go.Scatter(x=x, y=[r["prefill"] for r in rs], mode="lines+markers", name=f"{name}: prefill",
+                                 line=dict(color=color, dash="dash"), marker=dict(symbol="square")))
+    ideal = sorted({(r["sparsity"], r["ideal"]) for r in rows if r.get("ideal")})
+    if ideal:
+        fig.add_trace(go.Scatter(x=[s * 100 for s, _ in ideal], y=[v for _, v in ideal], mode="markers",
+                                 name="ideal decode (estimate from weights removed)",
+                                 marker=dict(symbol="x", color="#7f7f7f", size=9)))
+    fig.add_hline(y=1, line=dict(dash="dot", color="black"), annotation_text="dense speed")
+    fig.update_layout(title="DeepSparse speed-up vs sparsity" + title_note, xaxis_title="achieved sparsity (%)",
+                      yaxis_title="speed-up (dense time ÷ pruned time)", height=460,
+                      legend=dict(orientation="h", yanchor="top", y=-0.15, x=0), margin=dict(l=60, r=20, t=60, b=60))
+    return fig
+
+
+def ppl_vs_speedup_figure(rows: list[dict], dense_ppl: float | None) -> go.Figure:
+    """The trade-off: perplexity (log) against measured decode speed-up, one marker per run (dense at 1×)."""
+    fig = go.Figure()
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_group_name(r), []).append(r)
+    for name, rs in sorted(groups.items()):
+        fig.add_trace(go.Scatter(x=[r["decode"] for r in rs], y=[r["ppl"] for r in rs], mode="markers+text",
+                                 text=[f"{r['sparsity']:.0%}" for r in rs], textposition="top center", name=name,
+                                 marker=dict(size=10)))
+    if dense_ppl is not None:
+        fig.add_trace(go.Scatter(x=[1.0], y=[dense_ppl], mode="markers+text", text=["dense"],
+                                 textposition="top center", name="dense", marker=dict(size=11, color="black",
+                                                                                       symbol="star")))
+    fig.update_layout(title="Perplexity vs decode speed-up (labels: sparsity)", xaxis_title="decode speed-up (×)",
+                      yaxis_title="WikiText-2 perplexity (log scale)", yaxis_type="log", height=440,
+                      margin=dict(l=60, r=20, t=60, b=50))
+    return fig

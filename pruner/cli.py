@@ -225,33 +225,111 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _print_zeroshot(label: str, r: dict) -> None:
+    from pruner.evaluate.zeroshot import TASKS
+
+    part = f" (partial: first {r['limit']} documents per task)" if r["partial"] else ""
+    cells = ", ".join(f"{TASKS[t].label} {v['acc']:.3f}" for t, v in r["tasks"].items())
+    print(f"{label}: zero-shot accuracy{part}: {cells}; mean {r['mean_acc']:.3f} over {len(r['tasks'])} tasks "
+          f"(lm-eval {r['lm_eval']})")
+
+
+def _print_speed(label: str, r: dict) -> None:
+    s = r["spec"]
+    print(f"{label}: {r['engine']} on {r['env']['cpu']} ({', '.join(r['env']['flags'])}), {s['threads']} threads, "
+          f"B={s['batch']}, T={s['seqlen']}, median of {s['runs']}")
+    for graph, row in r["graphs"].items():
+        cells = [f"{name} {row[name]['median_ms']:.2f} ms" for name in ("dense", "pruned") if row.get(name)]
+        speedup = r["speedup"].get(graph)
+        print(f"  {graph}: " + ", ".join(cells) + (f", speed-up {speedup:.2f}×" if speedup else ""))
+    if not r["deepsparse_available"]:
+        print(f"  DeepSparse not used: {r['deepsparse_reason']}")
+    if r.get("ideal_decode_speedup_estimate"):
+        print(f"  estimate (not a measurement): ideal decode speed-up {r['ideal_decode_speedup_estimate']:.2f}× "
+              f"from the weights removed")
+    for reason in r["rejected"]:
+        print(f"  rejected: {reason}")
+
+
+def _speed_spec(args):
+    from pruner.evaluate.speed import SpeedSpec
+
+    return SpeedSpec(batch=args.speed_batch, seqlen=args.speed_seqlen, threads=args.threads, runs=args.runs)
+
+
 def cmd_eval(args) -> int:
     from pruner import api
     from pruner.store import run_dir, run_exists
 
-    if not args.ppl:
-        raise BadInput("nothing to evaluate: pass --ppl (WikiText-2 perplexity)")
+    if not (args.ppl or args.zeroshot or args.speed):
+        raise BadInput("nothing to evaluate: pass --ppl (WikiText-2 perplexity), --zeroshot (lm-eval accuracy) "
+                       "and/or --speed (DeepSparse CPU speed-up, needs --run)")
     _check_chunks(args)
-    data_dir = _data_dir(args.data_dir)
+    if args.limit is not None and args.limit < 1:
+        raise BadInput(f"--limit must be ≥ 1 (documents per task); got {args.limit}")
+    tasks = None
+    if args.tasks:
+        from pruner.evaluate.zeroshot import parse_tasks
+
+        tasks = parse_tasks(args.tasks)
+    speed_spec = _speed_spec(args) if args.speed else None
+    if args.speed and not args.run:
+        raise BadInput("--speed compares a pruned run with its dense model: pass --run KEY")
+    data_dir = _data_dir(args.data_dir) if (args.ppl or args.zeroshot) else None
+    source = "hub" if (args.zeroshot and data_dir is None) else "local"
+    device = str(resolve_device(args.device))
+    results = {}
     if args.run:
         if not run_exists(args.run, _cache(args)):
             raise BadInput(f"no run {args.run!r} in {run_dir(args.run, _cache(args)).parent}; "
                            f"`python -m pruner prune ...` prints run keys")
-        result = api.evaluate_perplexity(run_dir(args.run, _cache(args)), data_dir, max_chunks=args.max_chunks,
-                                         seqlen=args.seqlen_eval, device=str(resolve_device(args.device)),
-                                         progress=_progress_bar("perplexity"))
-        _print_ppl(f"run {args.run}", result)
+        folder = run_dir(args.run, _cache(args))
+        if args.ppl:
+            results["perplexity"] = api.evaluate_perplexity(folder, data_dir, max_chunks=args.max_chunks,
+                                                            seqlen=args.seqlen_eval, device=device,
+                                                            progress=_progress_bar("perplexity"))
+            _print_ppl(f"run {args.run}", results["perplexity"])
+        if args.zeroshot:
+            results["zeroshot"] = api.evaluate_zeroshot(folder, data_dir, tasks=tasks, limit=args.limit,
+                                                        source=source, device=device,
+                                                        progress=_progress_bar("zero-shot tasks"))
+            _print_zeroshot(f"run {args.run}", results["zeroshot"])
+        if args.speed:
+            results["speed"] = api.evaluate_speed(folder, speed_spec, _cache(args), engine=args.engine,
+                                                  progress=_phase_bars())
+            _print_speed(f"run {args.run}", results["speed"])
     else:
         model = ModelSpec(name=args.model, dtype=args.dtype, device=args.device,
                           trust_remote_code=args.trust_remote_code)
         from pruner.models import model_source
 
         model_source(model)
-        result = api.dense_perplexity(model, data_dir, _cache(args), max_chunks=args.max_chunks,
-                                      seqlen=args.seqlen_eval, progress=_progress_bar("perplexity"))
-        _print_ppl(f"dense {args.model}", result)
+        if args.ppl:
+            results["perplexity"] = api.dense_perplexity(model, data_dir, _cache(args), max_chunks=args.max_chunks,
+                                                         seqlen=args.seqlen_eval,
+                                                         progress=_progress_bar("perplexity"))
+            _print_ppl(f"dense {args.model}", results["perplexity"])
+        if args.zeroshot:
+            results["zeroshot"] = api.dense_zeroshot(model, data_dir, _cache(args), tasks=tasks, limit=args.limit,
+                                                     source=source, progress=_progress_bar("zero-shot tasks"))
+            _print_zeroshot(f"dense {args.model}", results["zeroshot"])
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_deepsparse_env(args) -> int:
+    from pruner.evaluate.speed import deepsparse_status, ensure_deepsparse_env
+
+    if args.check:
+        status = deepsparse_status()
+        print("DeepSparse available" if status["available"] else f"DeepSparse not available: {status['reason']}")
+        return 0 if status["available"] else 1
+    try:
+        ensure_deepsparse_env(print)
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -338,8 +416,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl", action="store_true", help="WikiText-2 test perplexity")
     p.add_argument("--max-chunks", type=int, help="first N chunks only (a partial estimate)")
     p.add_argument("--eval-seqlen", dest="seqlen_eval", type=int, help="evaluation window (default min(2048, context))")
+    from pruner.evaluate.speed import MIN_RUNS, SpeedSpec
+    from pruner.evaluate.zeroshot import TASKS
+
+    g = p.add_argument_group("zero-shot accuracy (lm-eval)")
+    g.add_argument("--zeroshot", action="store_true", help="zero-shot accuracy with lm-evaluation-harness")
+    g.add_argument("--tasks", help=f"comma-separated subset of: {', '.join(TASKS)} (default: all seven)")
+    g.add_argument("--limit", type=int, help="first N documents per task only (a partial result, labelled so)")
+    g = p.add_argument_group("CPU speed (ONNX export, DeepSparse)")
+    g.add_argument("--speed", action="store_true", help="time dense vs pruned in DeepSparse (needs --run)")
+    g.add_argument("--engine", default="auto", choices=["auto", "deepsparse", "onnxruntime"],
+                   help="auto: DeepSparse if it can run here, else dense ONNX Runtime timings + an estimate")
+    g.add_argument("--speed-batch", type=int, default=SpeedSpec.batch, help="batch size B of both graphs")
+    g.add_argument("--speed-seqlen", type=int, default=SpeedSpec.seqlen,
+                   help="T: prefill length and decode KV-cache length")
+    g.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    g.add_argument("--runs", type=int, default=MIN_RUNS, help=f"timed calls per graph (≥ {MIN_RUNS}; median)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("deepsparse-env", help="create the DeepSparse virtual environment (.venv-deepsparse)")
+    p.add_argument("--check", action="store_true", help="only say whether DeepSparse can run (exit 1 if not)")
+    p.set_defaults(func=cmd_deepsparse_env)
 
     p = sub.add_parser("jobs", help="the background job table: list, wait for or cancel jobs")
     p.add_argument("action", choices=["list", "cancel", "wait", "worker"])

@@ -180,3 +180,59 @@ def job_row(job) -> None:
             st.rerun()
     if job.state == "failed" and job.error:
         st.error(f"Job #{job.id} failed: {job.error.splitlines()[0]}")
+
+
+@st.fragment(run_every=2.0)
+def jobs_panel(sel: Selection | None, state_key: str) -> None:
+    """The job list, refreshed every 2 s; the whole page reruns when a job finishes (to show its results)."""
+    st.subheader("Jobs")
+    store = job_store(sel)
+    keep_workers(store, sel)
+    jobs = store.list(50)
+    if not jobs:
+        st.caption("No jobs yet.")
+    for job in jobs:
+        job_row(job)
+    finished = sum(j.state == "done" for j in jobs)
+    if st.session_state.setdefault(state_key, finished) != finished:
+        st.session_state[state_key] = finished
+        st.rerun(scope="app")
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def deepsparse_available() -> dict:
+    """Whether DeepSparse can run here and why not (probed at most once a minute)."""
+    from pruner.evaluate.speed import deepsparse_status
+
+    return deepsparse_status()
+
+
+def zeroshot_set_label(name: str) -> str:
+    """'zeroshot:local:limit100' → 'local files, first 100 documents per task'."""
+    parts = name.split(":")
+    source = "local files" if parts[1] == "local" else "hub datasets"
+    return f"{source}, " + (f"first {parts[2][len('limit'):]} documents per task (partial)" if len(parts) > 2
+                            else "full sets")
+
+
+def speed_setting_label(name: str) -> str:
+    """'speed:deepsparse:b1:t128:threads2' → 'deepsparse, B=1, T=128, 2 threads'."""
+    _, engine, b, t, threads = name.split(":")
+    return f"{engine}, B={b[1:]}, T={t[1:]}, {threads[len('threads'):]} threads"
+
+
+def speed_table_row(run: dict, name: str) -> dict:
+    """One run's timings in milliseconds (median), speed-ups, and the output checks, for the Compare table."""
+    r = run["metrics"][name]
+
+    def ms(graph, model):
+        cell = r["graphs"][graph].get(model)
+        return round(cell["median_ms"], 2) if cell else None
+
+    return {"run": run["label"], "achieved": f"{run['achieved']['overall']:.1%}", "engine": r["engine"],
+            "dense prefill ms": ms("prefill", "dense"), "pruned prefill ms": ms("prefill", "pruned"),
+            "prefill ×": r["speedup"].get("prefill"), "dense decode ms": ms("decode", "dense"),
+            "pruned decode ms": ms("decode", "pruned"), "decode ×": r["speedup"].get("decode"),
+            "ideal decode × (estimate)": r.get("ideal_decode_speedup_estimate"),
+            "outputs match ONNX Runtime": ("n/a (dense ONNX Runtime timings only)" if r["engine"] != "deepsparse"
+                                           else "no: " + "; ".join(r["rejected"]) if r["rejected"] else "yes")}

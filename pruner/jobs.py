@@ -253,8 +253,15 @@ def _label(kind: str, payload: dict) -> str:
     from pruner.specs import spec_from_dict
 
     if kind == "eval":
-        return f"perplexity of run {payload['run']}" + (f" (first {payload['max_chunks']} chunks)"
-                                                        if payload.get("max_chunks") else "")
+        what = []
+        if payload.get("ppl", True):
+            what.append("perplexity" + (f" (first {payload['max_chunks']} chunks)" if payload.get("max_chunks") else ""))
+        if payload.get("zeroshot"):
+            limit = payload["zeroshot"].get("limit")
+            what.append("zero-shot accuracy" + (f" (first {limit} per task)" if limit else ""))
+        if payload.get("speed"):
+            what.append("CPU speed-up")
+        return f"{' + '.join(what)} of run {payload['run']}"
     spec = spec_from_dict(payload["spec"])
     if kind == "stats":
         return f"statistics of {spec.model.name} on {spec.calib.nsamples}×{spec.calib.seqlen} tokens"
@@ -297,6 +304,7 @@ def ensure_workers(store: JobStore, *, cache_dir: Path | None = None, max_worker
 
 def _execute(store: JobStore, job: Job, cache_dir: Path | None) -> dict:
     from pruner import api
+    from pruner.calibrate import Cancelled
     from pruner.specs import spec_from_dict
     from pruner.store import run_dir
 
@@ -321,9 +329,32 @@ def _execute(store: JobStore, job: Job, cache_dir: Path | None) -> dict:
             out["perplexity"] = r["perplexity"]
         return out
     folder = run_dir(job.payload["run"], cache_dir)
-    r = api.evaluate_perplexity(folder, job.payload.get("data_dir"), max_chunks=job.payload.get("max_chunks"),
-                                progress=progress("perplexity"), should_cancel=should_cancel)
-    return {"run": job.payload["run"], "perplexity": r["perplexity"]}
+    out = {"run": job.payload["run"]}
+    if job.payload.get("ppl", True):
+        r = api.evaluate_perplexity(folder, job.payload.get("data_dir"), max_chunks=job.payload.get("max_chunks"),
+                                    progress=progress("perplexity"), should_cancel=should_cancel)
+        out["perplexity"] = r["perplexity"]
+    if job.payload.get("zeroshot"):
+        z = job.payload["zeroshot"]
+        from pruner.store import read_manifest
+
+        # the dense model's accuracy on the same tasks and limit is the charts' reference (cached after once)
+        api.dense_zeroshot(api.model_spec_of_run(read_manifest(folder)), job.payload.get("data_dir"), cache_dir,
+                           tasks=z.get("tasks"), limit=z.get("limit"), source=z.get("source", "local"),
+                           progress=progress("dense zero-shot tasks"), should_cancel=should_cancel)
+        r = api.evaluate_zeroshot(folder, job.payload.get("data_dir"), tasks=z.get("tasks"), limit=z.get("limit"),
+                                  source=z.get("source", "local"), progress=progress("zero-shot tasks"),
+                                  should_cancel=should_cancel)
+        out["mean_acc"] = r["mean_acc"]
+    if job.payload.get("speed"):
+        from pruner.evaluate.speed import SpeedSpec
+
+        if should_cancel():
+            raise Cancelled("cancelled before the speed measurement")
+        r = api.evaluate_speed(folder, SpeedSpec(**job.payload["speed"]), cache_dir,
+                               progress=lambda ph, d, t: store.progress(job.id, ph, d, t))
+        out["speedup"] = r["speedup"]
+    return out
 
 
 def worker_main(db_path: Path, cache_dir: Path | None = None, idle_exit_s: float = IDLE_EXIT_S) -> None:

@@ -79,8 +79,14 @@ def test_prune_eval_and_out(tiny_folder, tmp_path, data_dir):
                 cache=cache, data_dir=data_dir)
     assert r.returncode == 0, r.stderr
     assert "partial: first 2 of" in r.stdout
-    result = json.loads(r.stdout[r.stdout.index("{"):])
+    result = json.loads(r.stdout[r.stdout.index("{"):])["perplexity"]
     assert result["chunks"] == 2 and result["perplexity"] > 1
+    r = run_cli("eval", "--run", key, "--zeroshot", "--tasks", "rte,winogrande", "--limit", "2", cache=cache,
+                data_dir=data_dir)
+    assert r.returncode == 0, r.stderr
+    assert "zero-shot accuracy (partial: first 2 documents per task): RTE " in r.stdout and "WinoGrande" in r.stdout
+    stored = json.loads((cache / "runs" / key / "manifest.json").read_text())["metrics"]["zeroshot:local:limit2"]
+    assert list(stored["tasks"]) == ["rte", "winogrande"] and stored["tasks"]["rte"]["n"] == 2
 
 
 @pytest.mark.parametrize("args, message", [
@@ -91,6 +97,10 @@ def test_prune_eval_and_out(tiny_folder, tmp_path, data_dir):
     (["prune", "--sparsity", "0.5", "--max-chunks", "0"], "--max-chunks must be ≥ 1"),
     (["eval", "--run", "deadbeef", "--ppl"], "no run 'deadbeef'"),
     (["eval", "--run", "deadbeef"], "nothing to evaluate: pass --ppl"),
+    (["eval", "--run", "deadbeef", "--zeroshot", "--tasks", "mmlu"], "allowed: boolq, rte, hellaswag"),
+    (["eval", "--run", "deadbeef", "--zeroshot", "--limit", "0"], "--limit must be ≥ 1"),
+    (["eval", "--speed"], "--speed compares a pruned run with its dense model: pass --run KEY"),
+    (["eval", "--run", "deadbeef", "--speed", "--runs", "5"], "runs must be ≥ 30"),
 ])
 def test_prune_eval_bad_input(args, message, tmp_path, data_dir):
     r = run_cli(*args, cache=tmp_path, data_dir=data_dir)

@@ -1,0 +1,457 @@
+"""CPU inference speed of a dense and a pruned model: ONNX export, then DeepSparse (sparse kernels) timing.
+
+* ``export_graphs`` writes two static-shape ONNX graphs of a causal LM with the torch dynamo exporter (opset 18, IR
+  version lowered to 8 for DeepSparse 1.8): **prefill** (B × T token ids → last-position logits and the KV cache) and
+  **decode** (B × 1 token ids plus an explicit KV cache of T positions per layer → logits and the KV cache of T + 1).
+* DeepSparse 1.8.0 lives in its own virtual environment (``ensure_deepsparse_env``; it needs numpy < 2 and
+  onnx < 1.15) and is driven through ``speed_worker.py`` in a subprocess (JSON in, JSON out; analytics off).
+* ``measure`` times dense and pruned graphs in one worker call: warm-up, then the median of ``runs`` ≥ 30 calls,
+  engine compile time separately; DeepSparse's outputs must match ONNX Runtime's or the result is rejected.
+* Where DeepSparse cannot run, ``measure`` says why, times only the dense graphs in ONNX Runtime and adds
+  ``ideal_decode_speedup``: an *estimate* from the weights removed, never a timing of zeroed weights in a dense
+  runtime (which would show no speed-up and mean nothing).
+
+DeepSparse is end-of-life (Neural Magic, 2024) and its community licence allows evaluation only, not production.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from pruner.store import PROJECT_ROOT
+
+#: The versions that work together (see DESIGN.md): 1.9.0 is an end-of-life stub that refuses to install, and with
+#: numpy 2 DeepSparse 1.8.0 returns wrong logits.
+DEEPSPARSE_REQUIREMENTS = ("deepsparse==1.8.0", "onnxruntime", "numpy<2", "onnx<1.15")
+#: DeepSparse 1.8.0 publishes wheels for CPython 3.8 to 3.11 only.
+DEEPSPARSE_PYTHONS = ((3, 8), (3, 11))
+#: DeepSparse 1.8.0's bundled ONNX reader accepts IR version 8; the exporter writes 10 (opset 18 is fine).
+DEEPSPARSE_IR_VERSION = 8
+ONNX_OPSET = 18
+#: A measurement is the median of at least this many timed calls (after warm-up).
+MIN_RUNS = 30
+#: DeepSparse's outputs must be within this fraction of ONNX Runtime's largest |output| (and give the same arg-max).
+OUTPUT_RTOL = 1e-3
+WORKER = Path(__file__).with_name("speed_worker.py")
+STATUS_NOTE = ("DeepSparse is end-of-life (Neural Magic, 2024) and its community licence allows evaluation only, "
+               "not production use.")
+
+
+@dataclass(frozen=True)
+class SpeedSpec:
+    """Shapes and timing protocol. ``seqlen`` (T) is the prefill length and the decode step's KV-cache length."""
+
+    batch: int = 1
+    seqlen: int = 128
+    threads: int | None = None  #: None: all logical CPUs of the machine
+    warmup: int = 5
+    runs: int = MIN_RUNS
+
+    def __post_init__(self):
+        if self.batch < 1:
+            raise ValueError(f"batch must be ≥ 1, got {self.batch}")
+        if self.seqlen < 1:
+            raise ValueError(f"seqlen (T) must be ≥ 1, got {self.seqlen}")
+        if self.threads is not None and not 1 <= self.threads <= (os.cpu_count() or 1):
+            raise ValueError(f"threads must be between 1 and {os.cpu_count()} (this machine's CPUs), got {self.threads}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be ≥ 0, got {self.warmup}")
+        if self.runs < MIN_RUNS:
+            raise ValueError(f"runs must be ≥ {MIN_RUNS} (a median of fewer calls is too noisy), got {self.runs}")
+
+    @property
+    def n_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+    def shape_key(self) -> str:
+        return f"b{self.batch}-t{self.seqlen}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX export
+
+
+def _cache_layers(cache) -> list:
+    return list(cache.layers)
+
+
+def kv_cache_shapes(model, batch: int, seqlen: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(key shape, value shape) per layer for a KV cache of ``seqlen`` positions, read off a real forward."""
+    import torch
+
+    ids = torch.zeros((batch, seqlen), dtype=torch.long)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    return [(tuple(l.keys.shape), tuple(l.values.shape)) for l in _cache_layers(out.past_key_values)]
+
+
+def _graph_modules(model, n_layers: int):
+    import torch
+    from transformers import DynamicCache
+
+    def flat_cache(cache) -> list:
+        flat = []
+        for layer in _cache_layers(cache):
+            flat += [layer.keys, layer.values]
+        return flat
+
+    class Prefill(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = model
+
+        def forward(self, input_ids):
+            out = self.lm(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+            return (out.logits, *flat_cache(out.past_key_values))
+
+    class Decode(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = model
+
+        def forward(self, input_ids, *past):
+            cache = DynamicCache()
+            for i in range(n_layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            position = torch.full_like(input_ids, past[0].shape[2])
+            out = self.lm(input_ids=input_ids, position_ids=position, past_key_values=cache, use_cache=True)
+            return (out.logits, *flat_cache(out.past_key_values))
+
+    return Prefill().eval(), Decode().eval()
+
+
+def fold_weight_transposes(proto) -> int:
+    """Replace every Transpose of a stored weight by the transposed weight itself; returns how many.
+
+    A tied output projection (lm_head sharing the embedding matrix) is exported as MatMul(x, Transpose(E)), because
+    the embedding lookup needs E untransposed; left alone, a runtime may transpose the whole vocabulary matrix on
+    every call. Folding costs one extra copy of that matrix in the file.
+    """
+    from onnx import numpy_helper
+
+    weights = {w.name: w for w in proto.graph.initializer}
+    folded = []
+    for node in proto.graph.node:
+        if node.op_type == "Transpose" and len(node.input) == 1 and node.input[0] in weights:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            array = numpy_helper.to_array(weights[node.input[0]]).transpose(perm)
+            proto.graph.initializer.append(numpy_helper.from_array(array.copy(), name=node.output[0]))
+            folded.append(node)
+    for node in folded:
+        proto.graph.node.remove(node)
+    used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    for w in [w for w in proto.graph.initializer if w.name not in used]:
+        proto.graph.initializer.remove(w)
+    return len(folded)
+
+
+def export_graphs(model, folder: Path, spec: SpeedSpec, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Write ``prefill.onnx`` and ``decode.onnx`` for ``model`` into ``folder``; returns {graph: path}.
+
+    The graphs are checked against PyTorch on random inputs before they are kept (outputs within 1e-4 of the
+    largest |logit|); a mismatch is an error that names the graph. The model is left as it was.
+    """
+    model = model.eval()
+    previous_attention = model.config._attn_implementation
+    # plain matmul + softmax attention: SDPA's decomposition adds IsNaN/Where guards that DeepSparse cannot run,
+    # which splits its graph at every layer (measured on SmolLM2: decode speed-up 1.35× with SDPA, 1.40× eager)
+    model.set_attn_implementation("eager")
+    try:
+        return _export(model, Path(folder), spec, progress)
+    finally:
+        model.set_attn_implementation(previous_attention)
+
+
+def _export(model, folder: Path, spec: SpeedSpec, progress) -> dict:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    shapes = kv_cache_shapes(model, spec.batch, spec.seqlen)
+    prefill, decode = _graph_modules(model, len(shapes))
+    g = torch.Generator().manual_seed(0)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    prefill_args = (torch.randint(0, vocab, (spec.batch, spec.seqlen), generator=g),)
+    past = []
+    for k_shape, v_shape in shapes:
+        past += [torch.randn(k_shape, generator=g), torch.randn(v_shape, generator=g)]
+    decode_args = (torch.randint(0, vocab, (spec.batch, 1), generator=g), *past)
+    kv_names = [f"{kind}_{i}" for i in range(len(shapes)) for kind in ("key", "value")]
+    graphs = {
+        "prefill": (prefill, prefill_args, ["input_ids"], ["logits"] + [f"present_{n}" for n in kv_names]),
+        "decode": (decode, decode_args, ["input_ids"] + [f"past_{n}" for n in kv_names],
+                   ["logits"] + [f"present_{n}" for n in kv_names]),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for i, (name, (module, args, inputs, outputs)) in enumerate(graphs.items()):
+        path = folder / f"{name}.onnx"
+        with torch.no_grad():
+            expected = module(*args)
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=ONNX_OPSET, input_names=inputs,
+                                        output_names=outputs, verbose=False)
+        proto = program.model_proto
+        proto.ir_version = DEEPSPARSE_IR_VERSION
+        fold_weight_transposes(proto)
+        onnx.save(proto, str(path))
+        del program, proto
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {n: a.numpy() for n, a in zip(inputs, args)})
+        for out_name, a, b in zip(outputs, got, expected):
+            scale = float(b.abs().max()) or 1.0
+            if a.shape != tuple(b.shape) or float(np.abs(a - b.numpy()).max()) > 1e-4 * scale:
+                raise RuntimeError(f"ONNX export of the {name} graph does not reproduce PyTorch's {out_name}")
+        paths[name] = str(path)
+        if progress is not None:
+            progress(i + 1, len(graphs))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSparse environment
+
+
+def deepsparse_env_dir() -> Path:
+    return Path(os.environ.get("PRUNER_DEEPSPARSE_ENV", PROJECT_ROOT / ".venv-deepsparse"))
+
+
+def _env_python(env: Path) -> Path:
+    return env / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _find_base_python() -> str | None:
+    """A CPython 3.8–3.11 to build the DeepSparse environment with (this one if it qualifies)."""
+    lo, hi = DEEPSPARSE_PYTHONS
+    if lo <= sys.version_info[:2] <= hi:
+        return sys.executable
+    for minor in range(hi[1], lo[1] - 1, -1):
+        found = shutil.which(f"python3.{minor}")
+        if found:
+            return found
+    return None
+
+
+def platform_problem() -> str | None:
+    """Why DeepSparse cannot run on this machine at all (None if it can)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"DeepSparse runs only on x86-64 CPUs; this machine is {platform.machine()}"
+    if sys.platform != "linux":
+        return f"DeepSparse runs only on Linux; this is {sys.platform}"
+    if "avx2" not in _cpu_flags():
+        return "DeepSparse needs a CPU with AVX2; this CPU does not report it"
+    if _find_base_python() is None:
+        lo, hi = DEEPSPARSE_PYTHONS
+        return (f"DeepSparse 1.8.0 needs CPython {lo[0]}.{lo[1]}–{hi[0]}.{hi[1]}; this is "
+                f"{platform.python_version()} and no python3.{hi[1]}…3.{lo[1]} is on PATH")
+    return None
+
+
+def deepsparse_status() -> dict:
+    """{"available": bool, "reason": why not (or None), "python": the environment's Python}."""
+    problem = platform_problem()
+    if problem:
+        return {"available": False, "reason": problem, "python": None}
+    python = _env_python(deepsparse_env_dir())
+    if not python.exists():
+        return {"available": False, "python": None,
+                "reason": f"the DeepSparse environment {deepsparse_env_dir()} does not exist yet; build it with "
+                          f"`make deepsparse` or `python -m pruner deepsparse-env`"}
+    probe = subprocess.run([str(python), str(WORKER)], input=json.dumps({"probe": True}), capture_output=True,
+                           text=True, env=_worker_env())
+    if probe.returncode != 0:
+        tail = (probe.stderr or probe.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"available": False, "python": str(python),
+                "reason": f"DeepSparse does not import in {deepsparse_env_dir()}: {tail[0]}"}
+    return {"available": True, "reason": None, "python": str(python), **_last_json(probe.stdout)}
+
+
+def ensure_deepsparse_env(log: Callable[[str], None] = print) -> Path:
+    """Create the DeepSparse virtual environment if missing (venv + pip, streamed to ``log``); returns its Python.
+
+    Raises RuntimeError with the cause when the platform cannot run DeepSparse or pip fails; a failed install
+    removes the half-built environment.
+    """
+    problem = platform_problem()
+    if problem:
+        raise RuntimeError(problem)
+    env = deepsparse_env_dir()
+    python = _env_python(env)
+    if python.exists() and deepsparse_status()["available"]:
+        log(f"DeepSparse environment ready: {env}")
+        return python
+    base = _find_base_python()
+    log(f"creating {env} with {base}")
+    shutil.rmtree(env, ignore_errors=True)
+    steps = [[base, "-m", "venv", str(env)],
+             [str(python), "-m", "pip", "install", "--disable-pip-version-check", *DEEPSPARSE_REQUIREMENTS]]
+    try:
+        for cmd in steps:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for line in proc.stdout:
+                if line.strip() and "is ignored: it is neither a file nor a directory" not in line:
+                    log(line.rstrip())
+            if proc.wait() != 0:
+                raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {proc.returncode}")
+        status = deepsparse_status()
+        if not status["available"]:
+            raise RuntimeError(status["reason"])
+    except BaseException:
+        shutil.rmtree(env, ignore_errors=True)
+        raise
+    log(f"DeepSparse {status.get('deepsparse')} ready in {env}")
+    return python
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def _worker_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["NM_DISABLE_ANALYTICS"] = "1"
+    return env
+
+
+def _last_json(stdout: str) -> dict:
+    """The worker's answer: the last line of stdout that parses as JSON (DeepSparse prints a banner)."""
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    raise RuntimeError(f"the speed worker printed no JSON answer; its output ended with: {stdout[-500:]!r}")
+
+
+def run_worker(python: str, request: dict) -> dict:
+    proc = subprocess.run([python, str(WORKER)], input=json.dumps(request), capture_output=True, text=True,
+                          env=_worker_env())
+    if proc.returncode != 0:
+        steps = [line for line in proc.stderr.splitlines() if line.startswith("timing ")]
+        where = f" while {steps[-1]}" if steps else ""
+        if "Segmentation fault" in proc.stderr:  # DeepSparse prints its own crash report, then exits
+            raise RuntimeError(f"DeepSparse crashed (segmentation fault){where}; it has crashed on very small "
+                               f"shapes (seen with T = 8): try a larger --speed-seqlen")
+        raise RuntimeError(f"the speed worker failed (exit {proc.returncode}){where}: {proc.stderr.strip()[-2000:]}")
+    return _last_json(proc.stdout)
+
+
+def matmul_weight_counts(model) -> tuple[int, int]:
+    """(all, nonzero) weights of the matrix multiplies one decode step reads: every prunable linear layer inside
+    the blocks plus the output projection (lm_head, read in full even when tied to the embedding)."""
+    from pruner.models import find_blocks, prunable_layers, weight_matrix
+
+    total = nonzero = 0
+    for block in find_blocks(model)[1]:
+        for layer in prunable_layers(block).values():
+            w = weight_matrix(layer)
+            total += w.numel()
+            nonzero += int((w != 0).sum())
+    head = model.get_output_embeddings().weight
+    return total + head.numel(), nonzero + int((head != 0).sum())
+
+
+def ideal_decode_speedup(model) -> float:
+    """Upper estimate of the decode speed-up from sparsity alone: decode at batch 1 is bound by reading the
+    weights, so the ideal time scales with the weights still stored; all ÷ nonzero of the decode matmuls.
+    An estimate, not a measurement: sparse formats also store indices, and kernels are not ideal."""
+    total, nonzero = matmul_weight_counts(model)
+    return total / max(nonzero, 1)
+
+
+def _summarise(entry: dict, engine: str, spec: SpeedSpec, graph: str) -> dict | None:
+    timing = entry.get(engine)
+    if not timing or "median_ms" not in timing:
+        return None
+    tokens = spec.batch * (spec.seqlen if graph == "prefill" else 1)
+    return {**timing, "tokens_per_s": tokens / (timing["median_ms"] / 1e3)}
+
+
+def measure(dense_graphs: dict, pruned_graphs: dict | None, spec: SpeedSpec, *, pruned_model=None,
+            engine: str = "auto") -> dict:
+    """Time the graphs; returns the result that goes into a run's manifest.
+
+    engine: "deepsparse" (error if unavailable), "onnxruntime" (dense timings only), or "auto" (DeepSparse if it
+    can run, otherwise ONNX Runtime with the reason recorded).
+    """
+    if engine not in ("auto", "deepsparse", "onnxruntime"):
+        raise ValueError(f"engine must be auto, deepsparse or onnxruntime; got {engine!r}")
+    status = deepsparse_status() if engine != "onnxruntime" else {"available": False,
+                                                                   "reason": "ONNX Runtime was asked for"}
+    if engine == "deepsparse" and not status["available"]:
+        raise RuntimeError(status["reason"])
+    use_ds = status["available"]
+    models = {"dense": dense_graphs}
+    if use_ds and pruned_graphs is not None:
+        models["pruned"] = pruned_graphs
+    request = {"models": models, "engines": ["deepsparse", "onnxruntime"] if use_ds else ["onnxruntime"],
+               "threads": spec.n_threads, "warmup": spec.warmup, "runs": spec.runs, "seed": 0, "rtol": OUTPUT_RTOL}
+    answer = run_worker(status["python"] if use_ds else sys.executable, request)
+    timed_engine = "deepsparse" if use_ds else "onnxruntime"
+    result = {"engine": timed_engine, "spec": asdict(spec) | {"threads": spec.n_threads}, "env": answer["env"],
+              "deepsparse_available": use_ds, "deepsparse_reason": status["reason"], "note": STATUS_NOTE,
+              "raw": answer["results"], "graphs": {}, "speedup": {}}
+    for graph in ("prefill", "decode"):
+        row = {name: _summarise(answer["results"][name][graph], timed_engine, spec, graph)
+               for name in answer["results"]}
+        row["onnxruntime_dense"] = _summarise(answer["results"]["dense"][graph], "onnxruntime", spec, graph)
+        checks = {name: answer["results"][name][graph].get("check") for name in answer["results"]}
+        row["checks"] = checks
+        result["graphs"][graph] = row
+        if use_ds and row.get("dense") and row.get("pruned"):
+            result["speedup"][graph] = row["dense"]["median_ms"] / row["pruned"]["median_ms"]
+        else:
+            result["speedup"][graph] = None
+    rejected = [f"{m} {g}: {c['reason']}" for g, r in result["graphs"].items() for m, c in r["checks"].items()
+                if c and not c["ok"]]
+    result["rejected"] = rejected
+    if pruned_model is not None:
+        result["ideal_decode_speedup_estimate"] = ideal_decode_speedup(pruned_model)
+    return result
+
+
+def export_and_measure(dense_model, pruned_model, spec: SpeedSpec, *, dense_dir: Path | None = None,
+                       engine: str = "auto", progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Export both models (the dense graphs are reused from ``dense_dir`` when present there) and measure."""
+    phase = (lambda name: (lambda d, t: progress(name, d, t))) if progress else (lambda name: None)
+    # without DeepSparse the pruned graphs would only be timed on a dense runtime, which says nothing: skip them
+    time_pruned = engine == "deepsparse" or (engine == "auto" and deepsparse_status()["available"])
+    with tempfile.TemporaryDirectory(prefix="pruner-onnx-") as tmp:
+        if dense_dir is not None and all((Path(dense_dir) / f"{g}.onnx").exists() for g in ("prefill", "decode")):
+            dense_graphs = {g: str(Path(dense_dir) / f"{g}.onnx") for g in ("prefill", "decode")}
+        else:
+            target = Path(dense_dir) if dense_dir is not None else Path(tmp) / "dense"
+            partial = target.with_name(target.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            export_graphs(dense_model, partial, spec, phase("export dense"))
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(partial, target)
+            dense_graphs = {g: str(target / f"{g}.onnx") for g in ("prefill", "decode")}
+        pruned_graphs = (export_graphs(pruned_model, Path(tmp) / "pruned", spec, phase("export pruned"))
+                         if time_pruned else None)
+        if progress:
+            progress("timing", 0, 1)
+        result = measure(dense_graphs, pruned_graphs, spec, pruned_model=pruned_model, engine=engine)
+        if progress:
+            progress("timing", 1, 1)
+    return result

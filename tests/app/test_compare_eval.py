@@ -1,0 +1,91 @@
+"""The Compare page's zero-shot and speed-up charts on real stored results of a tiny run, and queuing an
+evaluation job from the page (a real worker process)."""
+
+import time
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from pruner import api
+from pruner.evaluate.speed import SpeedSpec, deepsparse_status
+from pruner.jobs import JobStore, default_db
+from pruner.store import PROJECT_ROOT, read_manifest
+from tests.app.test_pages import figures, values
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_run, data_dir):
+    cache, folder = tiny_run
+    api.evaluate_perplexity(folder, data_dir, max_chunks=1, seqlen=64)
+    api.evaluate_zeroshot(folder, data_dir, tasks=["rte", "arc_easy"], limit=2)
+    api.dense_zeroshot(api.model_spec_of_run(read_manifest(folder)), data_dir, cache, tasks=["rte", "arc_easy"],
+                       limit=2)
+    api.evaluate_speed(folder, SpeedSpec(seqlen=16), cache)  # DeepSparse where it runs, else the labelled fallback
+    return cache, folder
+
+
+@pytest.fixture
+def compare(evaluated, tiny_folder, data_dir, monkeypatch):
+    monkeypatch.setenv("PRUNER_CACHE_DIR", str(evaluated[0]))
+    monkeypatch.setenv("PRUNER_DATA_DIR", data_dir)
+    at = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=90)
+    at.run()
+    at.sidebar.radio(key="model_source").set_value("local folder").run()
+    at.sidebar.text_input(key="local_path").input(tiny_folder).run()
+    at.switch_page("pages/compare.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def by_title(at, text):
+    found = [f for f in figures(at) if text in f["layout"]["title"]["text"]]
+    assert found, [f["layout"]["title"]["text"] for f in figures(at)]
+    return found[0]
+
+
+def test_zeroshot_charts_show_the_stored_accuracies(compare, evaluated):
+    manifest = read_manifest(evaluated[1])
+    stored = manifest["metrics"]["zeroshot:local:limit2"]["tasks"]
+    dense = api.dense_metrics(api.model_spec_of_run(manifest), evaluated[0])["zeroshot:local:limit2"]["tasks"]
+    fig = by_title(compare, "Zero-shot accuracy per task (partial: first 2 documents per task)")
+    bars = {t["name"]: values(t["y"]) for t in fig["data"]}
+    assert list(fig["data"][0]["x"]) == ["RTE", "ARC-e", "mean"]
+    assert bars["dense"][:2].tolist() == [dense["rte"]["acc"] * 100, dense["arc_easy"]["acc"] * 100]
+    assert bars[manifest["label"]][:2].tolist() == [stored["rte"]["acc"] * 100, stored["arc_easy"]["acc"] * 100]
+    line = by_title(compare, "Mean zero-shot accuracy over 2 task(s) vs sparsity")
+    mean = (stored["rte"]["acc"] + stored["arc_easy"]["acc"]) / 2 * 100
+    assert values(line["data"][0]["y"]).tolist() == pytest.approx([mean])
+
+
+def test_speed_section_shows_measurements_or_says_why_not(compare, evaluated):
+    result = next(v for k, v in read_manifest(evaluated[1])["metrics"].items() if k.startswith("speed:"))
+    assert any("end-of-life" in c.value for c in compare.caption)
+    if deepsparse_status()["available"]:
+        fig = by_title(compare, "DeepSparse speed-up vs sparsity")
+        decode = next(t for t in fig["data"] if t["name"].endswith(": decode"))
+        assert values(decode["y"]).tolist() == pytest.approx([result["speedup"]["decode"]])
+        by_title(compare, "Perplexity vs decode speed-up")
+    else:
+        assert any("DeepSparse cannot run here" in w.value for w in compare.warning)
+        assert not [f for f in figures(compare) if "speed-up vs sparsity" in f["layout"]["title"]["text"]]
+    table = compare.dataframe[-1].value
+    assert table["dense decode ms"].iloc[0] == pytest.approx(result["graphs"]["decode"]["dense"]["median_ms"], abs=0.01)
+
+
+def test_queue_a_zeroshot_evaluation_from_the_page(compare, evaluated):
+    key = read_manifest(evaluated[1])["key"]
+    compare.multiselect(key="cmp_eval_runs").set_value([key])
+    compare.multiselect(key="cmp_eval_tasks").set_value(["winogrande"])
+    compare.number_input(key="cmp_eval_limit").set_value(1)
+    next(b for b in compare.button if b.label == "Queue evaluations").click().run()
+    assert any("Queued 1 evaluation job" in s.value for s in compare.success)
+    store = JobStore(default_db(evaluated[0]))
+    job = store.list()[0]
+    assert job.label == f"zero-shot accuracy (first 1 per task) of run {key}"
+    end = time.time() + 240
+    while store.get(job.id).state not in ("done", "failed", "cancelled") and time.time() < end:
+        time.sleep(0.5)
+    assert store.get(job.id).state == "done", store.get(job.id).error
+    assert read_manifest(evaluated[1])["metrics"]["zeroshot:local:limit1"]["tasks"]["winogrande"]["n"] == 1
+    dense = api.dense_metrics(api.model_spec_of_run(read_manifest(evaluated[1])), evaluated[0])
+    assert dense["zeroshot:local:limit1"]["tasks"]["winogrande"]["n"] == 1  # the reference came with it

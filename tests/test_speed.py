@@ -1,0 +1,123 @@
+"""ONNX export (same logits as PyTorch, prefill + decode with an explicit KV cache), the decode-speed estimate on
+hand-counted weights, the dense-runtime fallback, and the DeepSparse worker round trip."""
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from pruner import api
+from pruner.evaluate import speed
+from pruner.evaluate.speed import SpeedSpec, export_graphs, fold_weight_transposes, ideal_decode_speedup
+from pruner.store import read_manifest
+from tests.tiny_models import VOCAB, tiny_model
+
+
+def _run(path, feeds):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: x for i, x in zip(session.get_inputs(), feeds)})
+
+
+def test_export_reproduces_pytorch_prefill_and_decode(tmp_path):
+    model = tiny_model("llama")
+    before = model.config._attn_implementation
+    spec = SpeedSpec(batch=2, seqlen=8)
+    paths = export_graphs(model, tmp_path, spec)
+    assert model.config._attn_implementation == before  # the caller's model is left as it was
+    assert onnx.load(paths["decode"]).ir_version == speed.DEEPSPARSE_IR_VERSION
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids).logits
+    prefill = _run(paths["prefill"], [ids[:, :8].numpy()])
+    assert prefill[0].shape == (2, 1, VOCAB)  # last position only
+    np.testing.assert_allclose(prefill[0][:, 0], full[:, 7].numpy(), atol=1e-5)
+    # decode step on the prefill's KV cache = the full forward's next position
+    decode = _run(paths["decode"], [ids[:, 8:].numpy(), *prefill[1:]])
+    np.testing.assert_allclose(decode[0][:, 0], full[:, 8].numpy(), atol=1e-5)
+    assert decode[1].shape[2] == 9  # the cache grew by one position
+
+
+def test_fold_weight_transposes_on_a_hand_made_graph(tmp_path):
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "Wt"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])], [numpy_helper.from_array(w, "W")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert fold_weight_transposes(proto) == 1
+    assert [n.op_type for n in proto.graph.node] == ["MatMul"]
+    assert [i.name for i in proto.graph.initializer] == ["Wt"]  # the untransposed copy is no longer used
+    onnx.save(proto, tmp_path / "g.onnx")
+    x = np.array([[1, 2, 3]], dtype=np.float32)
+    np.testing.assert_array_equal(_run(tmp_path / "g.onnx", [x])[0], x @ w.T)  # [[8, 26]]
+
+
+def test_ideal_decode_speedup_counts_block_linears_and_the_head():
+    model = tiny_model("llama")  # hidden 32, intermediate 48, 4 heads of 8, 2 KV heads, 3 blocks, vocab 96
+    per_block = 32 * 32 + 2 * (16 * 32) + 32 * 32 + 3 * (48 * 32)  # q, k, v, o, gate, up, down
+    total = 3 * per_block + 96 * 32
+    zeroed = 0
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.mlp.up_proj.weight[:, :16] = 0  # 48 × 16 per block
+            zeroed += 48 * 16
+    assert speed.matmul_weight_counts(model) == (total, total - zeroed)
+    assert ideal_decode_speedup(model) == pytest.approx(total / (total - zeroed))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"runs": 5}, "runs must be ≥ 30"), ({"batch": 0}, "batch must be ≥ 1"), ({"seqlen": 0}, "seqlen"),
+    ({"threads": 10_000}, "threads must be between 1 and"),
+])
+def test_speed_spec_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpeedSpec(**kwargs)
+
+
+def test_dense_runtime_fallback_reports_an_estimate_not_a_speedup(tmp_path):
+    dense, pruned = tiny_model("llama"), tiny_model("llama")
+    with torch.no_grad():
+        for block in pruned.model.layers:
+            block.mlp.down_proj.weight.zero_()
+    result = speed.export_and_measure(dense, pruned, SpeedSpec(seqlen=8), engine="onnxruntime")
+    assert result["engine"] == "onnxruntime" and not result["deepsparse_available"]
+    assert "ONNX Runtime was asked for" in result["deepsparse_reason"]
+    for graph in ("prefill", "decode"):
+        row = result["graphs"][graph]
+        assert row["dense"]["runs"] == 30 and row["dense"]["median_ms"] > 0 and "pruned" not in row
+        assert result["speedup"][graph] is None
+    estimate = result["ideal_decode_speedup_estimate"]
+    assert estimate == pytest.approx(ideal_decode_speedup(pruned)) and estimate > 1
+
+
+def _deepsparse_or_skip():
+    status = speed.deepsparse_status()
+    if not status["available"]:
+        if os.environ.get("CI") == "true" and speed.platform_problem() is None:
+            pytest.fail(f"CI must run the DeepSparse test (`make test` builds the environment): {status['reason']}")
+        pytest.skip(status["reason"])
+
+
+def test_deepsparse_worker_round_trip_on_a_stored_run(tiny_run):
+    _deepsparse_or_skip()
+    cache, folder = tiny_run
+    phases = []
+    result = api.evaluate_speed(folder, SpeedSpec(seqlen=16), cache, engine="deepsparse",
+                                progress=lambda p, d, t: phases.append(p))
+    assert {"export dense", "export pruned", "timing"} <= set(phases)
+    assert result["engine"] == "deepsparse" and result["env"]["deepsparse"] == "1.8.0" and result["rejected"] == []
+    for graph in ("prefill", "decode"):
+        row = result["graphs"][graph]
+        for model in ("dense", "pruned"):
+            assert row["checks"][model]["ok"] and row["checks"][model]["max_rel_diff"] <= speed.OUTPUT_RTOL
+            assert row[model]["runs"] == 30 and row[model]["compile_s"] > 0
+        assert result["speedup"][graph] == pytest.approx(row["dense"]["median_ms"] / row["pruned"]["median_ms"])
+    stored = read_manifest(folder)["metrics"][api.speed_metric_name(result)]
+    assert stored["speedup"] == result["speedup"] and stored["sparsity"] == pytest.approx(0.5, abs=0.01)
+    # the dense graphs are kept for the next run of the same model and shape
+    assert sorted(p.name for p in next((cache / "dense").iterdir()).glob("onnx/b1-t16/*.onnx")) == [
+        "decode.onnx", "prefill.onnx"]

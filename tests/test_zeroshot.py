@@ -1,0 +1,89 @@
+"""Zero-shot accuracy through upstream lm-eval on the offline task files: prompts from the local files, numbers
+equal to a direct log-likelihood computation, results merged into the run's manifest."""
+
+import json
+
+import pytest
+import torch
+
+from pruner import api
+from pruner.evaluate.zeroshot import TASKS, parse_tasks, write_local_tasks, zeroshot_accuracy
+from pruner.store import read_manifest
+
+
+def test_parse_tasks_names_the_allowed_ones():
+    assert parse_tasks("rte, boolq,rte") == ("rte", "boolq")
+    assert parse_tasks(None) == tuple(TASKS) and len(TASKS) == 7
+    with pytest.raises(ValueError, match="allowed: boolq, rte, hellaswag"):
+        parse_tasks(["mmlu"])
+
+
+def test_local_task_yaml_includes_lm_eval_and_reads_the_data_dir(data_dir, tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    names = write_local_tasks(["arc_easy", "boolq"], data_dir, tmp_path)
+    text = (tmp_path / f"{names['arc_easy']}.yaml").read_text()
+    assert "lm_eval/tasks/arc/arc_easy.yaml" in text and "arc/arc_easy_test.jsonl" in text
+    task = TaskManager(include_path=str(tmp_path)).load([names["boolq"]])["tasks"][names["boolq"]]
+    first = json.loads(open(f"{data_dir}/boolq/validation.jsonl").readline())
+    doc = next(iter(task.eval_docs))
+    assert task.doc_to_text(doc) == f"{first['passage']}\nQuestion: {first['question']}?\nAnswer:"
+    assert len(task.eval_docs) == sum(1 for _ in open(f"{data_dir}/boolq/validation.jsonl"))
+
+
+def test_missing_task_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="rte/validation.jsonl"):
+        write_local_tasks(["rte"], tmp_path, tmp_path)
+
+
+def _loglik(model, tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context) with lm-eval's split: encode the whole string, the continuation is what
+    follows the context's own tokens."""
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    n_ctx = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+    return float(sum(logp[i - 1, whole[i]] for i in range(n_ctx, len(whole))))
+
+
+def test_arc_easy_accuracy_equals_direct_loglikelihood(smollm2, data_dir):
+    limit = 6
+    result = zeroshot_accuracy(smollm2.model, smollm2.tokenizer, tasks=["arc_easy"], limit=limit, data_dir=data_dir)
+    hits = hits_norm = 0
+    with open(f"{data_dir}/arc/arc_easy_test.jsonl") as f:
+        docs = [json.loads(next(f)) for _ in range(limit)]
+    for doc in docs:
+        context = f"Question: {doc['question']}\nAnswer:"
+        conts = [" " + c for c in doc["choices"]["text"]]
+        ll = [_loglik(smollm2.model, smollm2.tokenizer, context, c) for c in conts]
+        gold = doc["choices"]["label"].index(doc["answerKey"])
+        hits += max(range(len(ll)), key=ll.__getitem__) == gold
+        norm = [v / len(c.encode()) for v, c in zip(ll, conts)]
+        hits_norm += max(range(len(norm)), key=norm.__getitem__) == gold
+    r = result["tasks"]["arc_easy"]
+    assert r["n"] == limit and r["acc"] == pytest.approx(hits / limit) and r["acc_norm"] == pytest.approx(hits_norm / limit)
+    assert result["partial"] and result["limit"] == limit and result["source"] == "local"
+
+
+def test_run_manifest_gets_merged_results(tiny_run, data_dir):
+    _, folder = tiny_run
+    first = api.evaluate_zeroshot(folder, data_dir, tasks=["rte", "hellaswag"], limit=2)
+    assert set(first["tasks"]) == {"rte", "hellaswag"} and not first["complete"]
+    merged = api.evaluate_zeroshot(folder, data_dir, tasks="boolq", limit=2)
+    stored = read_manifest(folder)["metrics"]["zeroshot:local:limit2"]
+    assert stored == json.loads(json.dumps(merged))
+    assert list(stored["tasks"]) == ["boolq", "rte", "hellaswag"]  # the papers' order
+    for r in stored["tasks"].values():
+        assert r["n"] == 2 and r["acc"] in (0.0, 0.5, 1.0)
+    assert "acc_norm" in stored["tasks"]["hellaswag"] and "acc_norm" not in stored["tasks"]["rte"]
+    assert stored["mean_acc"] == pytest.approx(sum(r["acc"] for r in stored["tasks"].values()) / 3)
+    assert stored["partial"] and stored["lm_eval"].startswith("0.4")
+
+
+def test_bad_limit_is_rejected(tiny_run, data_dir):
+    _, folder = tiny_run
+    before = read_manifest(folder)
+    with pytest.raises(ValueError, match="limit must be a whole number >= 1"):
+        api.evaluate_zeroshot(folder, data_dir, tasks="rte", limit=0)
+    assert read_manifest(folder) == before
