@@ -69,19 +69,28 @@ def layer_targets(layer_sparsity: np.ndarray, layer_keys: list[tuple[int, str]],
     return out
 
 
-def _apply(layer: nn.Module, method: LayerMethod, target: LayerTarget, block: int, name: str) -> LayerReport:
+def _store(layer: nn.Module, target: LayerTarget, block: int, name: str, result) -> LayerReport:
+    """Write a method's result (new weight, mask) into the layer (None: left dense) and measure it."""
     weight = weight_matrix(layer)  # (out, in) view of the parameter
     numel = weight.numel()
-    if target.dense:
-        pruned = 0
-    else:
-        new, mask = method.prune(weight.detach().float(), target.sparsity, target.nm)
+    pruned = 0
+    if result is not None:
+        new, mask = result
         with torch.no_grad():
             weight.copy_(new.to(weight.dtype))
         pruned = int(mask.sum())
     zeros = int((weight == 0).sum())
     allocated = target.nm.sparsity if target.nm is not None else (0.0 if target.dense else target.sparsity)
     return LayerReport(block, name, allocated, zeros / numel, pruned, numel, str(target.nm) if target.nm else None)
+
+
+def _apply_group(layers: dict[str, nn.Module], method: LayerMethod, targets: dict, block: int) -> list[LayerReport]:
+    """Prune the layers that share ``method``'s state together (``prune_many``) and report each."""
+    todo = [name for name in layers if not targets[(block, name)].dense]
+    items = [(weight_matrix(layers[n]).detach().float(), targets[(block, n)].sparsity, targets[(block, n)].nm)
+             for n in todo]
+    results = dict(zip(todo, method.prune_many(items))) if items else {}
+    return [_store(layer, targets[(block, n)], block, n, results.get(n)) for n, layer in layers.items()]
 
 
 class PruningObserver:
@@ -124,10 +133,17 @@ class PruningObserver:
 
     def finish(self, index, block, layers) -> bool:
         self._call = {}
+        groups: dict[int, tuple[LayerMethod, dict]] = {}  # layers sharing one state, in module order
         for name, layer in layers.items():
             if name not in self._state:
                 raise RuntimeError(f"block {index}: layer {name} never ran during calibration")
-            self.report.layers.append(_apply(layer, self._state[name], self.targets[(index, name)], index, name))
+            state = self._state[name]
+            groups.setdefault(id(state), (state, {}))[1][name] = layer
+        reports = {}
+        for state, members in groups.values():
+            for report in _apply_group(members, state, self.targets, index):
+                reports[report.name] = report
+        self.report.layers.extend(reports[name] for name in layers)  # report in module order
         self._state = {}
         return True
 
@@ -157,7 +173,7 @@ def prune_model(
             raise Cancelled(f"cancelled before block {i} of {len(blocks)}")
         for name, layer in prunable_layers(block).items():
             m = METHODS[method](weight_matrix(layer).shape[1], device, scope)
-            report.layers.append(_apply(layer, m, targets[(i, name)], i, name))
+            report.layers.extend(_apply_group({name: layer}, m, targets, i))
         if progress is not None:
             progress(i + 1, len(blocks))
     return report

@@ -129,3 +129,22 @@ def test_blocked_gram_equals_xtx(n, block):
     H = torch.ones(n, n, dtype=torch.float64)
     add_gram_(H, x, block)
     torch.testing.assert_close(H, 1 + x.T @ x)
+
+
+def test_sparsegpt_layers_sharing_inputs_pruned_together_equal_one_by_one():
+    """q/k/v (and gate/up) share H: the stacked walk must give each layer exactly what pruning it alone gives,
+    with its own sparsity or N:M (OBS updates each output row independently)."""
+    torch.manual_seed(0)
+    n = 64
+    x = torch.randn(512, n) @ torch.randn(n, n)
+    weights = [torch.randn(48, n), torch.randn(16, n), torch.randn(16, n)]
+    for targets in ([(0.6, None), (0.75, None), (0.5, None)], [(0.5, NM(2, 4)), (0.6, None), (0.75, NM(1, 4))]):
+        alone = METHODS["sparsegpt"](n)
+        alone.accumulate(x)
+        expected = [alone.prune(w, s, nm) for w, (s, nm) in zip(weights, targets)]
+        together = METHODS["sparsegpt"](n)
+        together.accumulate(x)
+        got = together.prune_many([(w, s, nm) for w, (s, nm) in zip(weights, targets)])
+        for (w_exp, m_exp), (w_got, m_got), (s, _) in zip(expected, got, targets):
+            assert torch.equal(m_exp, m_got) and torch.allclose(w_exp, w_got, atol=1e-6)
+            assert abs(m_got.float().mean().item() - s) <= 0.5 / m_got.numel()  # round(s · size) weights

@@ -33,3 +33,9 @@ class LayerMethod(ABC):
     @abstractmethod
     def prune(self, weight: torch.Tensor, sparsity: float, nm: NM | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """weight: (out, in) float32. Returns (pruned weight (out, in), mask (out, in) bool, True = pruned)."""
+
+    def prune_many(self, items: list[tuple[torch.Tensor, float, NM | None]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Prune several layers that were fed the same inputs (so they share this state): one (weight, mask) per
+        (weight, sparsity, nm). The default prunes them one by one; a method may do them together when that gives
+        the same result faster."""
+        return [self.prune(w, s, nm) for w, s, nm in items]

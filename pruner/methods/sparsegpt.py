@@ -48,8 +48,10 @@ class SparseGPT(LayerMethod):
         super().__init__(in_features, device, scope)
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=self.device)
         self.tokens = 0
+        self._U = None  # factor of the dampened H⁻¹, once H is complete
 
     def accumulate(self, x):
+        self._U = None
         add_gram_(self.H, x.float())  # (in, in); its scale does not matter for the update
         self.tokens += x.shape[0]
 
@@ -67,13 +69,32 @@ class SparseGPT(LayerMethod):
         Hinv = torch.cholesky_solve(torch.eye(H.shape[0], dtype=H.dtype, device=H.device), L)
         return torch.linalg.cholesky(Hinv, upper=True)
 
+    def _factor(self) -> torch.Tensor:
+        """The upper Cholesky factor of the dampened H⁻¹, computed once and shared by the layers reading H."""
+        if self._U is None:
+            H = self.H.clone()
+            dead = H.diagonal() == 0  # inputs that were always zero: unit curvature keeps H invertible
+            H[dead, dead] = 1.0
+            self._U = self._inverse_cholesky(H)
+        return self._U
+
     def prune(self, weight, sparsity, nm: NM | None = None):
-        W = weight.detach().float().clone()
-        H = self.H.clone()
-        dead = H.diagonal() == 0  # inputs that were always zero: give them unit curvature so H stays invertible
-        H[dead, dead] = 1.0
-        U = self._inverse_cholesky(H)  # (in, in) upper triangular
+        return self.prune_many([(weight, sparsity, nm)])[0]
+
+    def prune_many(self, items):
+        """Layers fed the same inputs share H, and OBS treats every output row on its own (the update of a row
+        reads only that row and H⁻¹). So their rows are stacked and walked through the columns once; each layer's
+        mask is still chosen from its own rows with its own sparsity, which gives the same result as one by one."""
+        U = self._factor()
+        W = torch.cat([w.detach().float() for w, _, _ in items]).clone()
+        edges = [0]
+        for w, _, _ in items:
+            edges.append(edges[-1] + w.shape[0])
+        segments = [(edges[i], edges[i + 1], s, nm) for i, (_, s, nm) in enumerate(items)]
         n_cols = W.shape[1]
+        for _, _, _, nm in segments:
+            if nm is not None and n_cols % nm.m:
+                raise ValueError(f"N:M {nm} needs in_features divisible by {nm.m}; this layer has {n_cols}")
         mask = torch.zeros_like(W, dtype=torch.bool)
         for c1 in range(0, n_cols, BLOCK):
             c2 = min(c1 + BLOCK, n_cols)
@@ -81,23 +102,20 @@ class SparseGPT(LayerMethod):
             U1 = U[c1:c2, c1:c2]
             d = U1.diagonal()
             err = torch.zeros_like(W1)
-            if nm is None:
-                block_mask = lowest_mask(W1**2 / d.unsqueeze(0) ** 2, sparsity, scope="layer")
-            else:
-                if (c2 - c1) % nm.m:
-                    raise ValueError(f"N:M {nm} needs in_features divisible by {nm.m}; this layer has {n_cols}")
-                block_mask = torch.zeros_like(W1, dtype=torch.bool)
+            block_mask = torch.zeros_like(W1, dtype=torch.bool)
+            for r1, r2, sparsity, nm in segments:
+                if nm is None:  # exactly round(p · size) of this layer's weights in this block of columns
+                    block_mask[r1:r2] = lowest_mask(W1[r1:r2] ** 2 / d.unsqueeze(0) ** 2, sparsity, scope="layer")
             for j in range(c2 - c1):
-                if nm is not None and j % nm.m == 0:
-                    block_mask[:, j : j + nm.m] = nm_mask(W1[:, j : j + nm.m] ** 2 / d[j : j + nm.m] ** 2, nm)
-                w = W1[:, j]
-                q = w.masked_fill(block_mask[:, j], 0.0)
-                e = (w - q) / d[j]
-                W1[:, j:] -= e.unsqueeze(1) * U1[j, j:].unsqueeze(0)
-                W1[:, j] = q
+                for r1, r2, _, nm in segments:
+                    if nm is not None and j % nm.m == 0:  # N:M: chosen as the walk reaches each group of M
+                        group = W1[r1:r2, j : j + nm.m]
+                        block_mask[r1:r2, j : j + nm.m] = nm_mask(group**2 / d[j : j + nm.m] ** 2, nm)
+                e = W1[:, j] * block_mask[:, j] / d[j]  # the pruned weights' error, scaled by 1 / [H⁻¹]_jj
+                W1[:, j:].addr_(e, U1[j, j:], alpha=-1.0)  # spread it over this and the later columns
                 err[:, j] = e
             W[:, c1:c2] = W1
             mask[:, c1:c2] = block_mask
-            W[:, c2:] -= err @ U[c1:c2, c2:]
+            W[:, c2:].addmm_(err, U[c1:c2, c2:], alpha=-1.0)
         W[mask] = 0.0
-        return W, mask
+        return [(W[r1:r2], mask[r1:r2]) for r1, r2, _, _ in segments]

@@ -1,0 +1,90 @@
+"""Zero-shot accuracy (lm-eval, 7 tasks) and DeepSparse CPU speed-up on the bundled SmolLM2: dense vs Wanda with
+uniform and OWL allocation.
+
+* ``--zeroshot``: dense and {uniform, owl} × ``--zs-sparsities`` (default 50%, 70%), first ``--limit`` documents
+  per task (0 = full sets), through the library (results are stored in each run's manifest and reused).
+* ``--speed``: {uniform, owl} × ``--speed-sparsities`` (default 50/70/80%) in DeepSparse, prefill (B × T) and decode
+  (one token on a KV cache of T), each against the dense model timed in the same worker call.
+Rows are appended to ``--out`` (JSON lines) as soon as they exist. Runs must not overlap other heavy work: the
+speed numbers are medians of wall-clock timings on this machine.
+
+Run: `.venv/bin/python -m bench.eval_table --zeroshot --speed [--limit 200] [--seqlen 128]`
+"""
+
+import argparse
+import json
+import time
+
+from bench.common import git_rev, machine
+from pruner import api
+from pruner.evaluate.speed import SpeedSpec
+from pruner.evaluate.zeroshot import TASKS
+from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+from pruner.store import default_data_dir
+
+
+def spec(alloc: str, sparsity: float, preset: str, data_dir: str) -> PruneSpec:
+    return PruneSpec(model=ModelSpec("smollm2-135m"), calib=CalibSpec.preset(preset, data_dir=data_dir),
+                     allocator=alloc, method="wanda", sparsity=sparsity)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--zeroshot", action="store_true")
+    ap.add_argument("--speed", action="store_true")
+    ap.add_argument("--limit", type=int, default=200, help="documents per task (0 = full sets)")
+    ap.add_argument("--zs-sparsities", nargs="+", type=float, default=[0.5, 0.7])
+    ap.add_argument("--speed-sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.8])
+    ap.add_argument("--allocators", nargs="+", default=["uniform", "owl"])
+    ap.add_argument("--seqlen", type=int, default=SpeedSpec.seqlen)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--out", default="docs/eval_table.jsonl")
+    args = ap.parse_args()
+    data_dir = str(default_data_dir())
+    limit = args.limit or None
+    out = open(args.out, "a")
+
+    def emit(row):
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+
+    emit({"kind": "header", "machine": machine(), "commit": git_rev(), "preset": args.preset, "limit": limit,
+          "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    print(f"# {machine()}; commit {git_rev()}")
+    if args.zeroshot:
+        print(f"# zero-shot, first {limit} documents per task" if limit else "# zero-shot, full sets")
+        print(f"{'model':<24} " + " ".join(f"{TASKS[t].label:>10}" for t in TASKS) + f" {'mean':>7} {'s':>6}")
+        t0 = time.perf_counter()
+        dense = api.dense_zeroshot(ModelSpec("smollm2-135m"), data_dir, limit=limit)
+        rows = [("dense", dense, time.perf_counter() - t0, None)]
+        for S in args.zs_sparsities:
+            for alloc in args.allocators:
+                s = spec(alloc, S, args.preset, data_dir)
+                folder = api.run_prune(s)
+                t0 = time.perf_counter()
+                r = api.evaluate_zeroshot(folder, data_dir, limit=limit)
+                rows.append((s.label(), r, time.perf_counter() - t0, s.key()))
+        for label, r, secs, key in rows:
+            emit({"kind": "zeroshot", "label": label, "run": key, "result": r, "seconds": secs})
+            print(f"{label:<24} " + " ".join(f"{r['tasks'][t]['acc'] * 100:>10.1f}" for t in TASKS) +
+                  f" {r['mean_acc'] * 100:>7.2f} {secs:>6.0f}")
+    if args.speed:
+        sp = SpeedSpec(batch=args.batch, seqlen=args.seqlen)
+        print(f"# DeepSparse, B={sp.batch}, T={sp.seqlen}, {sp.n_threads} threads, median of {sp.runs}")
+        print(f"{'run':<26} {'prefill d/p ms':>16} {'×':>6} {'decode d/p ms':>15} {'×':>6} {'ideal×':>7}")
+        for S in args.speed_sparsities:
+            for alloc in args.allocators:
+                s = spec(alloc, S, args.preset, data_dir)
+                folder = api.run_prune(s)
+                r = api.evaluate_speed(folder, sp, engine="deepsparse")
+                emit({"kind": "speed", "label": s.label(), "run": s.key(), "result": r})
+                g = r["graphs"]
+                print(f"{s.label():<26} {g['prefill']['dense']['median_ms']:>7.1f}/{g['prefill']['pruned']['median_ms']:<7.1f}"
+                      f" {r['speedup']['prefill']:>6.2f} {g['decode']['dense']['median_ms']:>7.2f}/"
+                      f"{g['decode']['pruned']['median_ms']:<6.2f} {r['speedup']['decode']:>6.2f} "
+                      f"{r['ideal_decode_speedup_estimate']:>7.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
