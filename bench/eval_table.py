@@ -54,7 +54,7 @@ def main():
     print(f"# {machine()}; commit {git_rev()}")
     if args.zeroshot:
         print(f"# zero-shot, first {limit} documents per task" if limit else "# zero-shot, full sets")
-        print(f"{'model':<24} " + " ".join(f"{TASKS[t].label:>10}" for t in TASKS) + f" {'mean':>7} {'s':>6}")
+        print(f"{'model':<34} " + " ".join(f"{TASKS[t].label:>10}" for t in TASKS) + f" {'mean':>7} {'s':>6}")
         t0 = time.perf_counter()
         dense = api.dense_zeroshot(ModelSpec("smollm2-135m"), data_dir, limit=limit)
         rows = [("dense", dense, time.perf_counter() - t0, None)]
@@ -67,12 +67,12 @@ def main():
                 rows.append((s.label(), r, time.perf_counter() - t0, s.key()))
         for label, r, secs, key in rows:
             emit({"kind": "zeroshot", "label": label, "run": key, "result": r, "seconds": secs})
-            print(f"{label:<24} " + " ".join(f"{r['tasks'][t]['acc'] * 100:>10.1f}" for t in TASKS) +
+            print(f"{label:<34} " + " ".join(f"{r['tasks'][t]['acc'] * 100:>10.1f}" for t in TASKS) +
                   f" {r['mean_acc'] * 100:>7.2f} {secs:>6.0f}")
     if args.speed:
         sp = SpeedSpec(batch=args.batch, seqlen=args.seqlen)
         print(f"# DeepSparse, B={sp.batch}, T={sp.seqlen}, {sp.n_threads} threads, median of {sp.runs}")
-        print(f"{'run':<26} {'prefill d/p ms':>16} {'×':>6} {'decode d/p ms':>15} {'×':>6} {'ideal×':>7}")
+        print(f"{'run':<34} {'prefill d/p ms':>16} {'×':>6} {'decode d/p ms':>15} {'×':>6} {'ideal×':>7}")
         for S in args.speed_sparsities:
             for alloc in args.allocators:
                 s = spec(alloc, S, args.preset, data_dir)
@@ -80,7 +80,7 @@ def main():
                 r = api.evaluate_speed(folder, sp, engine="deepsparse")
                 emit({"kind": "speed", "label": s.label(), "run": s.key(), "result": r})
                 g = r["graphs"]
-                print(f"{s.label():<26} {g['prefill']['dense']['median_ms']:>7.1f}/{g['prefill']['pruned']['median_ms']:<7.1f}"
+                print(f"{s.label():<34} {g['prefill']['dense']['median_ms']:>7.1f}/{g['prefill']['pruned']['median_ms']:<7.1f}"
                       f" {r['speedup']['prefill']:>6.2f} {g['decode']['dense']['median_ms']:>7.2f}/"
                       f"{g['decode']['pruned']['median_ms']:<6.2f} {r['speedup']['decode']:>6.2f} "
                       f"{r['ideal_decode_speedup_estimate']:>7.2f}", flush=True)

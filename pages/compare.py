@@ -84,12 +84,20 @@ st.plotly_chart(two_runs_figure(by_key[a], by_key[b]), width="stretch")
 # ---------------------------------------------------------------------------------------------------------------
 st.subheader("Zero-shot accuracy (lm-eval)")
 dense_all = api.dense_metrics(sel.model, sel.cache_dir)
-zs_names = sorted({k for r in runs for k in r.get("metrics", {}) if k.startswith("zeroshot:")})
-if not zs_names:
-    st.caption("No zero-shot results yet: queue them under “Evaluate runs” below.")
-else:
-    zs_name = st.selectbox("Result set", zs_names, format_func=zeroshot_set_label, key="cmp_zs_set")
-    with_zs = [r for r in runs if zs_name in r["metrics"]]
+
+
+def metric_set(prefix: str, label: str, describe, key: str, missing: str):
+    """Let the user pick one stored result set (metric name) with this prefix; (name, runs that have it)."""
+    names = sorted({k for r in runs for k in r.get("metrics", {}) if k.startswith(prefix)})
+    if not names:
+        st.caption(f"No {missing} yet: queue them under “Evaluate runs” below.")
+        return None, []
+    name = st.selectbox(label, names, format_func=describe, key=key)
+    return name, [r for r in runs if name in r["metrics"]]
+
+
+zs_name, with_zs = metric_set("zeroshot:", "Result set", zeroshot_set_label, "cmp_zs_set", "zero-shot results")
+if zs_name:
     dense_zs = dense_all.get(zs_name)
     task_sets = [set(r["metrics"][zs_name]["tasks"]) for r in with_zs] + ([set(dense_zs["tasks"])] if dense_zs else [])
     common = [t for t in TASKS if all(t in ts for ts in task_sets)]
@@ -126,12 +134,8 @@ ds = deepsparse_available()
 if not ds["available"]:
     st.warning(f"DeepSparse cannot run here: {ds['reason']}. Speed evaluations then record dense ONNX Runtime "
                "timings and an *estimate* of the ideal decode speed-up, never a measured sparse speed-up.")
-speed_names = sorted({k for r in runs for k in r.get("metrics", {}) if k.startswith("speed:")})
-if not speed_names:
-    st.caption("No speed measurements yet: queue them under “Evaluate runs” below.")
-else:
-    sp_name = st.selectbox("Setting", speed_names, format_func=speed_setting_label, key="cmp_speed_set")
-    with_sp = [r for r in runs if sp_name in r["metrics"]]
+sp_name, with_sp = metric_set("speed:", "Setting", speed_setting_label, "cmp_speed_set", "speed measurements")
+if sp_name:
     measured = [r for r in with_sp if r["metrics"][sp_name]["speedup"].get("decode")]
     sp_rows = [{"method": r["spec"]["method"], "allocator": r["spec"]["allocator"],
                 "sparsity": r["achieved"]["overall"], **r["metrics"][sp_name]["speedup"],

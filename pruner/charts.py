@@ -100,11 +100,7 @@ def allocation_comparison_figure(allocations: list[Allocation], block_numel: np.
 def ppl_vs_sparsity_figure(rows: list[dict], dense: float | None) -> go.Figure:
     """Perplexity (log scale) against achieved sparsity, one line per allocator × method."""
     fig = go.Figure()
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(f"{r['method']} + {ALLOCATORS[r['allocator']].label}", []).append(r)
-    for name, rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: r["sparsity"])
+    for name, rs in _groups(rows):
         fig.add_trace(go.Scatter(x=[r["sparsity"] * 100 for r in rs], y=[r["ppl"] for r in rs], mode="lines+markers",
                                  name=name))
     if dense is not None:
@@ -131,8 +127,12 @@ def two_runs_figure(a: dict, b: dict) -> go.Figure:
     return fig
 
 
-def _group_name(r: dict) -> str:
-    return f"{r['method']} + {ALLOCATORS[r['allocator']].label}"
+def _groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Rows grouped by method × allocator ("wanda + OWL"), groups sorted by name, rows by sparsity."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(f"{r['method']} + {ALLOCATORS[r['allocator']].label}", []).append(r)
+    return [(name, sorted(rs, key=lambda r: r["sparsity"])) for name, rs in sorted(groups.items())]
 
 
 def zeroshot_tasks_figure(entries: list[dict], task_labels: dict[str, str], partial_note: str = "") -> go.Figure:
@@ -158,11 +158,7 @@ def accuracy_vs_sparsity_figure(rows: list[dict], dense: float | None, n_tasks: 
                                 partial_note: str = "") -> go.Figure:
     """Mean zero-shot accuracy (%) against achieved sparsity, one line per method × allocator, dense dotted."""
     fig = go.Figure()
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(_group_name(r), []).append(r)
-    for name, rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: r["sparsity"])
+    for name, rs in _groups(rows):
         fig.add_trace(go.Scatter(x=[r["sparsity"] * 100 for r in rs], y=[r["mean_acc"] * 100 for r in rs],
                                  mode="lines+markers", name=name))
     if dense is not None:
@@ -177,12 +173,8 @@ def speedup_vs_sparsity_figure(rows: list[dict], title_note: str = "") -> go.Fig
     """Measured speed-up (dense time ÷ pruned time) against sparsity: decode solid, prefill dashed, per method ×
     allocator; the estimated ideal decode speed-up as grey crosses; 1× as the break-even line."""
     fig = go.Figure()
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(_group_name(r), []).append(r)
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
-    for i, (name, rs) in enumerate(sorted(groups.items())):
-        rs = sorted(rs, key=lambda r: r["sparsity"])
+    for i, (name, rs) in enumerate(_groups(rows)):
         x = [r["sparsity"] * 100 for r in rs]
         color = palette[i % len(palette)]
         fig.add_trace(go.Scatter(x=x, y=[r["decode"] for r in rs], mode="lines+markers", name=f"{name}: decode",
@@ -204,10 +196,7 @@ def speedup_vs_sparsity_figure(rows: list[dict], title_note: str = "") -> go.Fig
 def ppl_vs_speedup_figure(rows: list[dict], dense_ppl: float | None) -> go.Figure:
     """The trade-off: perplexity (log) against measured decode speed-up, one marker per run (dense at 1×)."""
     fig = go.Figure()
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(_group_name(r), []).append(r)
-    for name, rs in sorted(groups.items()):
+    for name, rs in _groups(rows):
         fig.add_trace(go.Scatter(x=[r["decode"] for r in rs], y=[r["ppl"] for r in rs], mode="markers+text",
                                  text=[f"{r['sparsity']:.0%}" for r in rs], textposition="top center", name=name,
                                  marker=dict(size=10)))

@@ -148,3 +148,51 @@ def test_sparsegpt_layers_sharing_inputs_pruned_together_equal_one_by_one():
         for (w_exp, m_exp), (w_got, m_got), (s, _) in zip(expected, got, targets):
             assert torch.equal(m_exp, m_got) and torch.allclose(w_exp, w_got, atol=1e-6)
             assert abs(m_got.float().mean().item() - s) <= 0.5 / m_got.numel()  # round(s · size) weights
+
+
+def test_cubic_schedule_by_hand():
+    from pruner.methods.admm import cubic_schedule
+
+    s = cubic_schedule(0.6, steps=3)  # 0.6 − 0.6·(1 − t/3)³: t=1 → 0.6·(1 − 8/27), t=2 → 0.6·(1 − 1/27), t=3 → 0.6
+    assert s == pytest.approx([0.6 * 19 / 27, 0.6 * 26 / 27, 0.6])
+    assert len(cubic_schedule(0.7)) == 15 and cubic_schedule(0.7)[-1] == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("name", ["admm", "admm-gradual"])
+def test_admm_reconstructs_better_than_wanda_and_sparsegpt(name):
+    X, W = _correlated_layer()
+    errors = {}
+    for method in ("wanda", "sparsegpt", name):
+        m = METHODS[method](W.shape[1])
+        m.accumulate(X)
+        Wp, mask = m.prune(W, 0.6)
+        errors[method] = _error(X, W, Wp)
+        assert torch.equal(Wp == 0, mask)
+        assert (mask.sum(dim=1) == prune_count(W.shape[1], 0.6)).all() or method == "sparsegpt"  # exact per row
+    assert errors[name] < errors["sparsegpt"] < errors["wanda"]
+
+
+def test_admm_error_decreases_with_iterations_and_keeps_the_wanda_mask():
+    from pruner.methods.admm import ADMM
+
+    X, W = _correlated_layer(seed=1)
+    wanda = METHODS["wanda"](W.shape[1])
+    wanda.accumulate(X)
+    _, wanda_mask = wanda.prune(W, 0.6)
+    errors = []
+    for iterations in (1, 3, 10, 30):
+        m = ADMM(W.shape[1], iterations=iterations)
+        m.accumulate(X)
+        Wp, mask = m.prune(W, 0.6)
+        assert torch.equal(mask, wanda_mask)  # ADMM moves the kept weights, not the mask
+        errors.append(_error(X, W, Wp))
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.8 * errors[0]
+
+
+def test_admm_nm_keeps_the_pattern():
+    X, W = _correlated_layer(seed=2)
+    for name in ("admm", "admm-gradual"):
+        m = METHODS[name](W.shape[1])
+        m.accumulate(X)
+        Wp, mask = m.prune(W, 0.5, NM(2, 4))
+        assert (mask.reshape(64, -1, 4).sum(-1) == 2).all() and torch.equal(Wp == 0, mask)

@@ -119,5 +119,5 @@ def test_deepsparse_worker_round_trip_on_a_stored_run(tiny_run):
     stored = read_manifest(folder)["metrics"][api.speed_metric_name(result)]
     assert stored["speedup"] == result["speedup"] and stored["sparsity"] == pytest.approx(0.5, abs=0.01)
     # the dense graphs are kept for the next run of the same model and shape
-    assert sorted(p.name for p in next((cache / "dense").iterdir()).glob("onnx/b1-t16/*.onnx")) == [
+    assert sorted(p.name for p in next((cache / "dense").iterdir()).glob(f"onnx/v{speed.EXPORT_VERSION}-b1-t16/*.onnx")) == [
         "decode.onnx", "prefill.onnx"]
