@@ -17,10 +17,10 @@ import time
 
 from bench.common import git_rev, machine
 from pruner import api
-from pruner.evaluate.speed import SpeedSpec
+from pruner.evaluate.speed import EXPORT_VERSION, SpeedSpec
 from pruner.evaluate.zeroshot import TASKS
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec
-from pruner.store import default_data_dir
+from pruner.store import default_data_dir, read_manifest
 
 
 def spec(alloc: str, sparsity: float, preset: str, data_dir: str) -> PruneSpec:
@@ -77,7 +77,10 @@ def main():
             for alloc in args.allocators:
                 s = spec(alloc, S, args.preset, data_dir)
                 folder = api.run_prune(s)
-                r = api.evaluate_speed(folder, sp, engine="deepsparse")
+                stored = [v for k, v in read_manifest(folder)["metrics"].items() if k.startswith("speed:deepsparse:")
+                          and v.get("export_version") == EXPORT_VERSION and v["spec"]["seqlen"] == sp.seqlen
+                          and v["spec"]["batch"] == sp.batch and v["spec"]["threads"] == sp.n_threads]
+                r = stored[-1] if stored else api.evaluate_speed(folder, sp, engine="deepsparse")
                 emit({"kind": "speed", "label": s.label(), "run": s.key(), "result": r})
                 g = r["graphs"]
                 print(f"{s.label():<34} {g['prefill']['dense']['median_ms']:>7.1f}/{g['prefill']['pruned']['median_ms']:<7.1f}"

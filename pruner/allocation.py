@@ -165,12 +165,50 @@ def global_threshold(score_hist, sparsity: float) -> np.ndarray:
 # Registry: a uniform interface over the formulas above, fed by cached statistics.
 
 
+#: AlphaPruning's ε as a fraction of S: block sparsities span [S − ε, S + ε] before the mean is restored.
+ALPHA_EPSILON_FRACTION = 0.3
+
+
+def alpha_pruning(block_alpha, block_numel, sparsity: float) -> np.ndarray:
+    """AlphaPruning (Lu et al., NeurIPS 2024) per block: the block's mean PL_Alpha_Hill α_b mapped linearly onto
+    [S − ε, S + ε] (higher α, a lighter tail, is pruned more), then shifted so the parameter-weighted mean is S.
+
+    ε = ALPHA_EPSILON_FRACTION · S, but at most half the distance from S to 1, so that S + ε stays below 1;
+    a result outside [0, 1) after the shift is an error, not clipped.
+    """
+    a = np.asarray(block_alpha, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError(f"PL_Alpha_Hill is undefined for block(s) {np.flatnonzero(~np.isfinite(a)).tolist()} "
+                         f"(weights with fewer than two nonzero singular values); AlphaPruning cannot rank them")
+    w = np.asarray(block_numel, dtype=np.float64)
+    S = check_sparsity(sparsity)
+    eps = min(ALPHA_EPSILON_FRACTION * S, (1 - S) / 2)
+    span = a.max() - a.min()
+    unit = (a - a.min()) / span if span > 0 else np.full_like(a, 0.5)
+    s = S - eps + 2 * eps * unit
+    s = s + (S - (s * w).sum() / w.sum())
+    if s.min() < 0 or s.max() >= 1:
+        raise ValueError(f"AlphaPruning's sparsities leave [0, 1) at S = {S:g} (range {s.min():.3f}…{s.max():.3f})")
+    return s
+
+
+def _block_numel(x) -> np.ndarray:
+    shapes = np.asarray(x.layer_shapes, dtype=np.float64)
+    return np.bincount(np.asarray(x.layer_block), weights=shapes[:, 0] * shapes[:, 1], minlength=x.n_blocks)
+
+
+def _block_mean(values, layer_block, n_blocks) -> np.ndarray:
+    layer_block = np.asarray(layer_block)
+    return np.bincount(layer_block, weights=values, minlength=n_blocks) / np.bincount(layer_block, minlength=n_blocks)
+
+
 class AllocationInputs(Protocol):
     """What allocators read (``pruner.stats.Stats`` provides it)."""
 
     layer_block: np.ndarray  # (L,) block index of each layer
     layer_shapes: np.ndarray  # (L, 2) (out_features, in_features)
     score_hist: np.ndarray  # (L, H) Wanda-score histogram
+    layer_alpha: np.ndarray  # (L,) PL_Alpha_Hill per layer
 
     @property
     def n_blocks(self) -> int: ...
@@ -209,6 +247,10 @@ ALLOCATORS: dict[str, Allocator] = {
                   "per-layer density ∝ (n_in + n_out) / (n_in · n_out)"),
         Allocator("global", "Global", "layer", (), lambda x, S, lam, m: global_threshold(x.score_hist, S),
                   "one Wanda-score threshold across all layers"),
+        Allocator("alpha", "AlphaPruning", "block", (),
+                  _per_block(lambda x, S, lam, m: alpha_pruning(_block_mean(x.layer_alpha, x.layer_block, x.n_blocks),
+                                                                _block_numel(x), S)),
+                  "blocks whose weight spectra have lighter tails (higher PL_Alpha_Hill) are pruned more"),
     )
 }
 

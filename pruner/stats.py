@@ -29,7 +29,7 @@ from torch import nn
 from pruner.models import weight_matrix
 
 #: Bump when the saved layout changes (it is part of the cache key).
-STATS_FORMAT_VERSION = 1
+STATS_FORMAT_VERSION = 2  # 2: per-layer PL_Alpha_Hill (AlphaPruning)
 
 #: M values at which outlier counts are exact: 0.01, 0.02, ..., 50 (fine), then 100 per decade up to ~9976.
 M_FINE_STEP = 0.01
@@ -70,6 +70,39 @@ def counts_above(values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor
 def histogram(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """Counts in (−∞, e0], (e0, e1], ..., (e_last, ∞): len(edges) + 1 bins, int64."""
     return torch.bincount(torch.bucketize(values, edges, right=False), minlength=len(edges) + 1)
+
+
+#: Share of the eigenvalues (the largest) that the Hill estimator treats as the power-law tail; 0.5 puts x_min at
+#: the median eigenvalue, AlphaPruning's choice.
+HILL_TAIL_FRACTION = 0.5
+
+
+def hill_alpha(eigenvalues: np.ndarray, tail_fraction: float = HILL_TAIL_FRACTION) -> float:
+    """PL_Alpha_Hill: the Hill estimate of the power-law exponent α of an eigenvalue spectrum's tail.
+
+    With the eigenvalues sorted ascending and x_min = λ_i at i = ⌊n·(1 − tail_fraction)⌋, the tail is
+    λ_i…λ_{n−1} (k values, x_min included) and α = 1 + k / Σ_tail ln(λ / x_min). Lower α: heavier tail.
+    """
+    lam = np.sort(np.asarray(eigenvalues, dtype=np.float64))
+    lam = lam[lam > 0]
+    if len(lam) < 2:
+        raise ValueError("the Hill estimator needs at least two positive eigenvalues")
+    i = int(len(lam) * (1 - tail_fraction))
+    tail = lam[min(i, len(lam) - 2):]
+    spread = np.log(tail / tail[0]).sum()
+    if spread <= 0:
+        raise ValueError("the eigenvalue tail is flat: PL_Alpha_Hill is undefined")
+    return float(1 + len(tail) / spread)
+
+
+def layer_alpha(weight: torch.Tensor) -> float:
+    """PL_Alpha_Hill of the eigenvalues of WᵀW (the squared singular values of W), in float64; NaN where it is
+    undefined (fewer than two positive eigenvalues, or a flat tail), which the AlphaPruning allocator rejects."""
+    singular = torch.linalg.svdvals(weight.detach().double().cpu())
+    try:
+        return hill_alpha((singular**2).numpy())
+    except ValueError:
+        return float("nan")
 
 
 def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
@@ -151,6 +184,7 @@ class Stats:
     ratio_counts_above: np.ndarray  # (L, len(M_GRID)) int64
     score_hist: np.ndarray  # (L, len(SCORE_EDGES)+1) int64
     input_norms: list[np.ndarray]  # L arrays of (in_features,) float32
+    layer_alpha: np.ndarray  # (L,) float64: PL_Alpha_Hill of each weight's WᵀW spectrum (AlphaPruning)
     meta: dict = field(default_factory=dict)
 
     # -- sizes ---------------------------------------------------------------------------------------------
@@ -231,6 +265,7 @@ class Stats:
             score_hist=self.score_hist,
             input_norms=np.concatenate(self.input_norms),
             input_norm_offsets=offsets,
+            layer_alpha=self.layer_alpha,
             m_grid=M_GRID,
         )
         (folder / "meta.json").write_text(
@@ -258,6 +293,7 @@ class Stats:
                 ratio_counts_above=z["ratio_counts_above"],
                 score_hist=z["score_hist"],
                 input_norms=[norms[a:b] for a, b in zip(offsets[:-1], offsets[1:])],
+                layer_alpha=z["layer_alpha"],
                 meta=meta,
             )
 
@@ -271,6 +307,7 @@ class StatsBuilder:
         self.shapes: list[tuple[int, int]] = []
         self.means: list[float] = []
         self.summaries: list[LayerSummary] = []
+        self.alphas: list[float] = []
 
     def add_block(self, names: list[str], weights: list[torch.Tensor], input_norms: list[torch.Tensor]) -> None:
         """Add the next block: its layers' names, (out, in) weights and (in,) input norms ‖X_j‖₂."""
@@ -281,6 +318,7 @@ class StatsBuilder:
         self.shapes += [(int(w.shape[0]), int(w.shape[1])) for w in weights]
         self.means.append(mean)
         self.summaries += summaries
+        self.alphas += [layer_alpha(w) for w in weights]
 
     def result(self, meta: dict | None = None) -> Stats:
         if not self.summaries:
@@ -293,6 +331,7 @@ class StatsBuilder:
             ratio_counts_above=np.stack([s.ratio_counts_above for s in self.summaries]),
             score_hist=np.stack([s.score_hist for s in self.summaries]),
             input_norms=[s.input_norm for s in self.summaries],
+            layer_alpha=np.asarray(self.alphas, dtype=np.float64),
             meta=meta or {},
         )
 

@@ -80,6 +80,7 @@ class _Inputs:
     layer_block = np.array([0, 0, 1, 1, 2, 2])
     layer_shapes = np.array([[4, 4], [8, 4]] * 3)
     score_hist = np.array([[4, 6, 6], [10, 12, 10], [2, 8, 6], [4, 14, 14], [8, 4, 4], [6, 20, 6]])
+    layer_alpha = np.array([2.0, 2.5, 3.0, 3.5, 4.0, 6.0])
     n_blocks = 3
 
     def lod(self, m):
@@ -110,3 +111,32 @@ def test_allocate_rejects_bad_input():
         allocate("owl", _Inputs(), 0.0)
     with pytest.raises(ValueError, match="M must be > 0"):
         allocate("owl", _Inputs(), 0.5, m=0)
+
+
+def test_hill_alpha_by_hand():
+    import math
+
+    import torch
+
+    from pruner.stats import hill_alpha, layer_alpha
+
+    # ascending [1, 2, 4, 8], tail = the upper half [4, 8] with x_min = 4: α = 1 + 2 / (ln 1 + ln 2)
+    assert hill_alpha([8, 1, 4, 2]) == pytest.approx(1 + 2 / math.log(2))
+    # eigenvalues of WᵀW are the squared singular values: diag(1, √2, 2, √8) gives the same spectrum
+    w = torch.diag(torch.tensor([1.0, 2**0.5, 2.0, 8**0.5]))
+    assert layer_alpha(w) == pytest.approx(1 + 2 / math.log(2))
+    with pytest.raises(ValueError, match="flat"):
+        hill_alpha([3, 3, 3, 3])
+
+
+def test_alpha_pruning_by_hand():
+    from pruner.allocation import alpha_pruning
+
+    # S = 0.5: ε = 0.3·S = 0.15; α ↦ [0.35, 0.5, 0.65] linearly; equal sizes, so the mean is already S
+    assert alpha_pruning([2.0, 3.0, 4.0], [1, 1, 1], 0.5) == pytest.approx([0.35, 0.5, 0.65])
+    # a double-size first block pulls the weighted mean to 0.4625: everything shifts up by 0.0375
+    assert alpha_pruning([2.0, 3.0, 4.0], [2, 1, 1], 0.5) == pytest.approx([0.3875, 0.5375, 0.6875])
+    # S = 0.8: ε is capped at half the headroom, (1 − 0.8) / 2 = 0.1
+    assert alpha_pruning([1.0, 5.0], [1, 1], 0.8) == pytest.approx([0.7, 0.9])
+    # equal α everywhere: uniform
+    assert alpha_pruning([3.0, 3.0], [1, 3], 0.6) == pytest.approx([0.6, 0.6])

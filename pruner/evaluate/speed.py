@@ -45,6 +45,9 @@ ONNX_OPSET = 18
 EXPORT_VERSION = 2
 #: A measurement is the median of at least this many timed calls (after warm-up).
 MIN_RUNS = 30
+#: The exported graphs must reproduce PyTorch within this fraction of its largest |output| (float32 kernels of two
+#: runtimes through 30 layers differ by ~1e-4 of the largest logit on SmolLM2 with a random KV cache).
+EXPORT_RTOL = 1e-3
 #: DeepSparse's outputs must be within this fraction of ONNX Runtime's largest |output| (and give the same arg-max).
 OUTPUT_RTOL = 1e-3
 WORKER = Path(__file__).with_name("speed_worker.py")
@@ -200,7 +203,7 @@ def export_graphs(model, folder: Path, spec: SpeedSpec, progress: Callable[[int,
     """Write ``prefill.onnx`` and ``decode.onnx`` for ``model`` into ``folder``; returns {graph: path}.
 
     The graphs are checked against PyTorch on random inputs before they are kept (outputs within 1e-4 of the
-    largest |logit|); a mismatch is an error that names the graph. The model is left as it was.
+    largest |output| × EXPORT_RTOL); a mismatch is an error that names the graph. The model is left as it was.
     """
     model = model.eval()
     previous_attention = model.config._attn_implementation
@@ -253,8 +256,11 @@ def _export(model, folder: Path, spec: SpeedSpec, progress) -> dict:
         got = session.run(None, {n: a.numpy() for n, a in zip(inputs, args)})
         for out_name, a, b in zip(outputs, got, expected):
             scale = float(b.abs().max()) or 1.0
-            if a.shape != tuple(b.shape) or float(np.abs(a - b.numpy()).max()) > 1e-4 * scale:
-                raise RuntimeError(f"ONNX export of the {name} graph does not reproduce PyTorch's {out_name}")
+            if a.shape != tuple(b.shape) or float(np.abs(a - b.numpy()).max()) > EXPORT_RTOL * scale:
+                diff = float(np.abs(a - b.numpy()).max()) if a.shape == tuple(b.shape) else float("nan")
+                raise RuntimeError(f"ONNX export of the {name} graph does not reproduce PyTorch's {out_name}: "
+                                   f"max |difference| {diff:.3g} vs max |output| {scale:.3g} (shapes {a.shape}, "
+                                   f"{tuple(b.shape)})")
         paths[name] = str(path)
         if progress is not None:
             progress(i + 1, len(graphs))
