@@ -31,8 +31,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--eval-chunks", type=int, default=4)
+    ap.add_argument("--rss-only", action="store_true", help="only the peak-RSS table")
     args = ap.parse_args()
     data_dir = str(default_data_dir())
+    if args.rss_only:
+        from pruner.models import load_model
+        from pruner.specs import ModelSpec
+
+        print(f"# machine: {machine()}; commit {git_rev()}")
+        return peak_rss_table(load_model(ModelSpec("smollm2-135m")), args.preset, data_dir)
     lm, calib, tokens, t_fwd = forward_baseline(args.preset)
     stats = collect_stats(lm.model, tokens, lm.device)
     alloc = allocate("owl", stats, 0.7)
@@ -67,6 +74,10 @@ def main():
     print(f"\nperplexity evaluation, {len(chunks)} × {seqlen} tokens: {chunks.numel() / t_ppl:.0f} tok/s vs plain "
           f"forward {chunks.numel() / t_plain:.0f} tok/s → {t_plain / t_ppl:.3f}× (target ≥ 0.9)")
 
+    peak_rss_table(lm, args.preset, data_dir)
+
+
+def peak_rss_table(lm, preset, data_dir):
     fp32_gb = sum(p.numel() for p in lm.model.parameters()) * 4 / 2**30
     print(f"\npeak RSS of `python -m pruner prune` (fresh process, OWL 70%), model fp32 size {fp32_gb:.3f} GiB")
     print(f"{'method':<10} {'peak GiB':>9} {'− fp32':>8} {'target':>8}")
@@ -75,16 +86,20 @@ def main():
             # the converted bundled model is shared through a link so the child does not convert it again
             os.symlink(PROJECT_ROOT / "cache" / "models", f"{cache}/models")
             cmd = [sys.executable, "-c", REPORT_PEAK, "prune", "--method", method, "--allocator", "owl",
-                   "--sparsity", "0.7", "--preset", args.preset, "--cache-dir", cache, "--data-dir", data_dir]
+                   "--sparsity", "0.7", "--preset", preset, "--cache-dir", cache, "--data-dir", data_dir]
             r = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=PROJECT_ROOT)
             peak = int(r.stderr.strip().splitlines()[-1].split()[-1]) / 2**20
         print(f"{method:<10} {peak:9.3f} {peak - fp32_gb:8.3f} {'≤ 1.000':>8}")
 
 
-#: Runs the CLI in this process and prints its own peak RSS (KiB) as the last stderr line.
+#: Runs the CLI in this process and prints its own peak RSS (KiB) as the last stderr line. The peak is VmHWM of
+#: this process's memory map: getrusage's ru_maxrss survives exec on Linux, so a child started from a large parent
+#: reports the parent's peak (every method read 2.08 GiB that way, the parent's size).
 REPORT_PEAK = (
-    "import atexit, resource, sys, runpy\n"
-    "atexit.register(lambda: print('peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))\n"
+    "import atexit, sys, runpy\n"
+    "def _hwm():\n"
+    "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+    "atexit.register(lambda: print('peak_kib', _hwm(), file=sys.stderr))\n"
     "sys.argv = ['pruner'] + sys.argv[1:]\n"
     "runpy.run_module('pruner', run_name='__main__')\n"
 )

@@ -229,10 +229,13 @@ def speed_table_row(run: dict, name: str) -> dict:
         cell = r["graphs"][graph].get(model)
         return round(cell["median_ms"], 2) if cell else None
 
+    def ratio(value):
+        return round(value, 2) if value is not None else None
+
     return {"run": run["label"], "achieved": f"{run['achieved']['overall']:.1%}", "engine": r["engine"],
             "dense prefill ms": ms("prefill", "dense"), "pruned prefill ms": ms("prefill", "pruned"),
-            "prefill ×": r["speedup"].get("prefill"), "dense decode ms": ms("decode", "dense"),
-            "pruned decode ms": ms("decode", "pruned"), "decode ×": r["speedup"].get("decode"),
-            "ideal decode × (estimate)": r.get("ideal_decode_speedup_estimate"),
+            "prefill ×": ratio(r["speedup"].get("prefill")), "dense decode ms": ms("decode", "dense"),
+            "pruned decode ms": ms("decode", "pruned"), "decode ×": ratio(r["speedup"].get("decode")),
+            "ideal decode × (estimate)": ratio(r.get("ideal_decode_speedup_estimate")),
             "outputs match ONNX Runtime": ("n/a (dense ONNX Runtime timings only)" if r["engine"] != "deepsparse"
                                            else "no: " + "; ".join(r["rejected"]) if r["rejected"] else "yes")}
