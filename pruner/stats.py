@@ -98,9 +98,10 @@ def hill_alpha(eigenvalues: np.ndarray, tail_fraction: float = HILL_TAIL_FRACTIO
 def layer_alpha(weight: torch.Tensor) -> float:
     """PL_Alpha_Hill of the eigenvalues of WᵀW (the squared singular values of W), in float64; NaN where it is
     undefined (fewer than two positive eigenvalues, or a flat tail), which the AlphaPruning allocator rejects."""
-    singular = torch.linalg.svdvals(weight.detach().double().cpu())
+    w = weight.detach().double().cpu()
+    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w  # the smaller Gram: same nonzero eigenvalues
     try:
-        return hill_alpha((singular**2).numpy())
+        return hill_alpha(torch.linalg.eigvalsh(gram).clamp_min(0).numpy())
     except ValueError:
         return float("nan")
 

@@ -108,7 +108,7 @@ def test_deepsparse_worker_round_trip_on_a_stored_run(tiny_run):
     phases = []
     result = api.evaluate_speed(folder, SpeedSpec(seqlen=16), cache, engine="deepsparse",
                                 progress=lambda p, d, t: phases.append(p))
-    assert {"export dense", "export pruned", "timing"} <= set(phases)
+    assert {"export pruned", "timing"} <= set(phases)  # the dense graphs may be cached by an earlier test
     assert result["engine"] == "deepsparse" and result["env"]["deepsparse"] == "1.8.0" and result["rejected"] == []
     for graph in ("prefill", "decode"):
         row = result["graphs"][graph]

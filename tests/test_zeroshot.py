@@ -69,15 +69,17 @@ def test_arc_easy_accuracy_equals_direct_loglikelihood(smollm2, data_dir):
 def test_run_manifest_gets_merged_results(tiny_run, data_dir):
     _, folder = tiny_run
     first = api.evaluate_zeroshot(folder, data_dir, tasks=["rte", "hellaswag"], limit=2)
-    assert set(first["tasks"]) == {"rte", "hellaswag"} and not first["complete"]
+    assert {"rte", "hellaswag"} <= set(first["tasks"]) and not first["complete"]  # the run is shared by tests
     merged = api.evaluate_zeroshot(folder, data_dir, tasks="boolq", limit=2)
     stored = read_manifest(folder)["metrics"]["zeroshot:local:limit2"]
     assert stored == json.loads(json.dumps(merged))
-    assert list(stored["tasks"]) == ["boolq", "rte", "hellaswag"]  # the papers' order
+    order = list(stored["tasks"])
+    assert {"boolq", "rte", "hellaswag"} <= set(order) and order.index("boolq") < order.index("rte") < order.index(
+        "hellaswag")  # the papers' order
     for r in stored["tasks"].values():
         assert r["n"] == 2 and r["acc"] in (0.0, 0.5, 1.0)
     assert "acc_norm" in stored["tasks"]["hellaswag"] and "acc_norm" not in stored["tasks"]["rte"]
-    assert stored["mean_acc"] == pytest.approx(sum(r["acc"] for r in stored["tasks"].values()) / 3)
+    assert stored["mean_acc"] == pytest.approx(sum(r["acc"] for r in stored["tasks"].values()) / len(order))
     assert stored["partial"] and stored["lm_eval"].startswith("0.4")
 
 
