@@ -89,17 +89,13 @@ class SpeedSpec:
 # ONNX export
 
 
-def _cache_layers(cache) -> list:
-    return list(cache.layers)
-
-
 def kv_cache_shapes(model, batch: int, seqlen: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """(key shape, value shape) per layer for a KV cache of ``seqlen`` positions, read off a real forward."""
 
     ids = torch.zeros((batch, seqlen), dtype=torch.long)
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
-    return [(tuple(l.keys.shape), tuple(l.values.shape)) for l in _cache_layers(out.past_key_values)]
+    return [(tuple(l.keys.shape), tuple(l.values.shape)) for l in out.past_key_values.layers]
 
 
 #: The attention implementation used while exporting (registered with transformers on first export).
@@ -115,7 +111,8 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
     engine; measured on SmolLM2 at 70%: decode speed-up 1.27× with eager attention, 1.36× with this.
     """
     if getattr(module, "sinks", None) is not None:
-        raise NotImplementedError("ONNX export does not support attention sinks")
+        raise ValueError(f"{type(module).__name__} uses attention sinks, which this ONNX export does not model; "
+                         f"speed measurement supports causal LMs with plain softmax attention")
     b, h, q, d = query.shape
     kv_heads, t = key.shape[1], key.shape[2]
     n_rep = h // kv_heads
@@ -145,7 +142,7 @@ def _graph_modules(model, n_layers: int):
 
     def flat_cache(cache) -> list:
         flat = []
-        for layer in _cache_layers(cache):
+        for layer in cache.layers:
             flat += [layer.keys, layer.values]
         return flat
 
@@ -279,17 +276,6 @@ def _env_python(env: Path) -> Path:
     return env / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _find_base_python() -> str | None:
     """A CPython 3.8–3.11 to build the DeepSparse environment with (this one if it qualifies)."""
     lo, hi = DEEPSPARSE_PYTHONS
@@ -308,7 +294,9 @@ def platform_problem() -> str | None:
         return f"DeepSparse runs only on x86-64 CPUs; this machine is {platform.machine()}"
     if sys.platform != "linux":
         return f"DeepSparse runs only on Linux; this is {sys.platform}"
-    if "avx2" not in _cpu_flags():
+    from pruner.evaluate.speed_worker import cpu_info  # the worker's own CPU probe (it cannot import pruner)
+
+    if "avx2" not in cpu_info()["flags"]:
         return "DeepSparse needs a CPU with AVX2; this CPU does not report it"
     if _find_base_python() is None:
         lo, hi = DEEPSPARSE_PYTHONS
