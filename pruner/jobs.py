@@ -36,6 +36,8 @@ DEAD_AFTER_S = 30.0
 IDLE_EXIT_S = 20.0
 #: How often an idle worker looks for new jobs.
 POLL_S = 0.5
+#: How long opening the job table waits for other processes that hold it (seconds).
+DB_BUSY_TIMEOUT_S = 30.0
 
 KINDS = ("stats", "prune", "eval")
 STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -127,15 +129,29 @@ class JobStore:
     def __init__(self, path: Path | None = None):
         self.path = Path(path) if path is not None else default_db()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
-            db.executescript(SCHEMA)
+        self._create()
+
+    def _create(self) -> None:
+        """Create the table and switch the file to WAL (a persistent setting). Switching needs a moment of exclusive
+        access, and SQLite reports "database is locked" at once, without waiting, when another process opens the
+        same new file at that moment (two app processes starting together), so that case is retried."""
+        end = time.monotonic() + DB_BUSY_TIMEOUT_S
+        while True:
+            try:
+                with self._db() as db:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.executescript(SCHEMA)
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() > end:
+                    raise
+                time.sleep(POLL_S / 5)
 
     @contextmanager
     def _db(self):
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=DB_BUSY_TIMEOUT_S, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
-            db.execute("PRAGMA journal_mode=WAL")
             yield db
         finally:
             db.close()
