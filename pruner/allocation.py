@@ -19,6 +19,10 @@ import numpy as np
 #: Paper defaults for LLaMA (OWL, Yin et al. 2024, Sec. 4): M = 5, λ = 0.08.
 OWL_DEFAULT_M = 5.0
 OWL_DEFAULT_LAMBDA = 0.08
+#: BESA's β, the weight of the sparsity penalty ((ŝ − S)/S)² against the block's relative reconstruction error
+#: (pruner.besa). 50 held every SmolLM2 block's learned mean within 0.7 points of S at S = 0.7; 5 let it sag
+#: 2.5–5 points below S.
+BESA_DEFAULT_BETA = 50.0
 #: Round-off below this is treated as zero when checking that a sparsity is ≥ 0.
 _ROUNDOFF = 1e-12
 
@@ -221,9 +225,18 @@ class Allocator:
     name: str
     label: str
     granularity: str  # "block" (one sparsity per block) or "layer"
-    params: tuple[str, ...]  # which of ("lam", "m") it reads
+    params: tuple[str, ...]  # which of ("lam", "m", "beta") it reads
     compute: Callable[..., np.ndarray]  # (inputs, S, lam, m) -> (L,) per-layer sparsities
     description: str
+    #: True for allocators learned from calibration data through the model (BESA): ``allocate`` then takes the
+    #: learned per-layer sparsities instead of computing them from the statistics.
+    learned: bool = False
+
+
+def _learned_elsewhere(inputs, S, lam, m):
+    raise ValueError("BESA's sparsities are learned from calibration data through the model, not computed from the "
+                     "statistics: learn them with pruner.api.besa_allocation (CLI: `allocate --allocator besa`) and "
+                     "pass them as learned=")
 
 
 def _per_block(fn):
@@ -251,8 +264,15 @@ ALLOCATORS: dict[str, Allocator] = {
                   _per_block(lambda x, S, lam, m: alpha_pruning(_block_mean(x.layer_alpha, x.layer_block, x.n_blocks),
                                                                 _block_numel(x), S)),
                   "blocks whose weight spectra have lighter tails (higher PL_Alpha_Hill) are pruned more"),
+        Allocator("besa", "BESA (learned)", "layer", ("beta",), _learned_elsewhere,
+                  "per-layer sparsities learned per block to minimise its reconstruction error at mean S",
+                  learned=True),
     )
 }
+
+
+#: Allocators computed from the statistics alone (instant); the others are learned through the model.
+STATS_ALLOCATORS = tuple(name for name, a in ALLOCATORS.items() if not a.learned)
 
 
 @dataclass(frozen=True)
@@ -285,9 +305,22 @@ class Allocation:
         return out
 
 
+def _check_learned(learned, n_layers: int, S: float) -> np.ndarray:
+    s = np.asarray(learned, dtype=np.float64)
+    if s.shape != (n_layers,):
+        raise ValueError(f"learned sparsities must be one per prunable layer ({n_layers}); got shape {s.shape}")
+    if not np.all(np.isfinite(s)) or s.min() < -_ROUNDOFF or s.max() >= 1:
+        raise ValueError(f"learned sparsities must lie in [0, 1); got {s.min():.4f}…{s.max():.4f}")
+    return s
+
+
 def allocate(name: str, inputs: AllocationInputs, sparsity: float, *, lam: float | None = None,
-             m: float | None = None) -> Allocation:
-    """Run allocator ``name`` on cached statistics. OWL's λ and M default to the paper's 0.08 and 5."""
+             m: float | None = None, beta: float | None = None, learned: np.ndarray | None = None) -> Allocation:
+    """Run allocator ``name`` on cached statistics. OWL's λ and M default to the paper's 0.08 and 5.
+
+    A learned allocator (BESA) takes its per-layer sparsities as ``learned`` ((L,), learned at this S with this β),
+    which this function checks and summarises like any other allocation.
+    """
     if name not in ALLOCATORS:
         raise ValueError(f"unknown allocator {name!r}; choose one of {', '.join(ALLOCATORS)}")
     S = check_sparsity(sparsity)
@@ -296,11 +329,14 @@ def allocate(name: str, inputs: AllocationInputs, sparsity: float, *, lam: float
     m = OWL_DEFAULT_M if m is None else float(m)
     if "m" in a.params and not (np.isfinite(m) and m > 0):
         raise ValueError(f"M must be > 0; got {m!r}")
-    layer = np.asarray(a.compute(inputs, S, lam, m), dtype=np.float64)
+    if a.learned and learned is not None:
+        layer = _check_learned(learned, len(inputs.layer_shapes), S)
+    else:
+        layer = np.asarray(a.compute(inputs, S, lam, m), dtype=np.float64)
     shapes = np.asarray(inputs.layer_shapes, dtype=np.float64)
     numel = shapes[:, 0] * shapes[:, 1]
     blocks = np.asarray(inputs.layer_block)
     kept_weighted = np.bincount(blocks, weights=layer * numel, minlength=inputs.n_blocks)
     block = kept_weighted / np.bincount(blocks, weights=numel, minlength=inputs.n_blocks)
-    params = {k: v for k, v in (("lam", lam), ("m", m)) if k in a.params}
+    params = {k: v for k, v in (("lam", lam), ("m", m), ("beta", beta)) if k in a.params and v is not None}
     return Allocation(name, S, params, layer, block, float((layer * numel).sum() / numel.sum()))

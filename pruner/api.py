@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pruner.allocation import Allocation, allocate
+from pruner.allocation import ALLOCATORS, Allocation, allocate
 from pruner.calibrate import ProgressFn
 from pruner.data import calibration_tokens
 from pruner.models import LoadedModel, load_model, model_summary
@@ -89,6 +89,85 @@ def allocation_for(spec: StatsSpec, allocator: str, sparsity: float, *, lam: flo
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# BESA: per-layer sparsities learned through the model (pruner.besa), cached per (model, calibration, S, β)
+
+
+def besa_key(spec: StatsSpec, sparsity: float, beta: float) -> str:
+    from pruner.besa import BESA_DEFAULT_EPOCHS, BESA_DEFAULT_LR, BESA_FORMAT_VERSION, BESA_STEP
+    from pruner.specs import stable_hash
+
+    return stable_hash({"model": spec.model.identity(), "calib": spec.calib.identity(), "sparsity": float(sparsity),
+                        "beta": float(beta), "epochs": BESA_DEFAULT_EPOCHS, "lr": BESA_DEFAULT_LR, "step": BESA_STEP,
+                        "format": BESA_FORMAT_VERSION})
+
+
+def _besa_path(spec: StatsSpec, sparsity: float, beta: float, cache_dir: Path | None) -> Path:
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "besa" / besa_key(spec, sparsity, beta)
+
+
+def cached_besa(spec: StatsSpec, sparsity: float, beta: float | None = None,
+                cache_dir: Path | None = None) -> dict | None:
+    """The learned BESA allocation for this model, calibration set, S and β, or None if never learned."""
+    from pruner.allocation import BESA_DEFAULT_BETA
+
+    path = _besa_path(spec, sparsity, BESA_DEFAULT_BETA if beta is None else beta, cache_dir) / "besa.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def besa_allocation(spec: StatsSpec, sparsity: float, beta: float | None = None, cache_dir: Path | None = None, *,
+                    loaded: LoadedModel | None = None, tokens=None, progress: ProgressFn | None = None,
+                    should_cancel: Callable[[], bool] | None = None, batch_size: int = 4) -> dict:
+    """Learn (or load the cached) BESA per-layer sparsities on the dense model.
+
+    Returns {"layer_sparsity": [...], "layer_names", "layer_block", per-block "learned_mean", "shift",
+    "error_first", "error_last", "error_hard", "error_uniform", "seconds", settings}; the layer order is the
+    statistics' order. The dense model is not modified. The cache entry appears only when complete."""
+    from pruner.allocation import BESA_DEFAULT_BETA, check_sparsity
+    from pruner.besa import BESA_DEFAULT_EPOCHS, BESA_DEFAULT_LR, BESA_STEP, learn_sparsities
+
+    S = check_sparsity(sparsity)
+    beta = BESA_DEFAULT_BETA if beta is None else float(beta)
+    found = cached_besa(spec, S, beta, cache_dir)
+    if found is not None:
+        return found
+    loaded = loaded if loaded is not None else load_model(spec.model, cache_dir)
+    tokens = tokens if tokens is not None else calibration_tokens(loaded.tokenizer, spec.calib)
+    t0 = time.perf_counter()
+    blocks = learn_sparsities(loaded.model, tokens, S, beta=beta, device=loaded.device, batch_size=batch_size,
+                              progress=progress, should_cancel=should_cancel)
+    numel = [[int(w) for w in b.numel] for b in blocks]
+    result = {
+        "sparsity": S, "beta": beta, "epochs": BESA_DEFAULT_EPOCHS, "lr": BESA_DEFAULT_LR, "step": BESA_STEP,
+        "model": spec.model.identity(), "calib": spec.calib.identity(),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "layer_names": [n for b in blocks for n in b.layer_names],
+        "layer_block": [i for i, b in enumerate(blocks) for _ in b.layer_names],
+        "layer_sparsity": [float(v) for b in blocks for v in b.sparsity],
+        "layer_learned": [float(v) for b in blocks for v in b.learned],
+        "learned_mean": [float((b.learned * b.numel).sum() / b.numel.sum()) for b in blocks],
+        "shift": [b.shift for b in blocks],
+        **{k: [getattr(b, k) for b in blocks] for k in ("error_first", "error_last", "error_hard", "error_uniform")},
+        "steps_per_block": blocks[0].steps,
+        "layer_numel": numel,
+    }
+    with atomic_dir(_besa_path(spec, S, beta, cache_dir)) as tmp:
+        (tmp / "besa.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def besa_layer_sparsity(result: dict, stats: Stats):
+    """The learned per-layer sparsities in the statistics' layer order (checked name by name)."""
+    import numpy as np
+
+    ours = list(zip(result["layer_block"], result["layer_names"]))
+    theirs = list(zip(stats.layer_block.tolist(), stats.layer_names))
+    if ours != theirs:
+        raise ValueError("the BESA allocation was learned on a model with different prunable layers than these "
+                         "statistics")
+    return np.asarray(result["layer_sparsity"], dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Pruning runs and evaluation
 
 PhaseProgress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -145,7 +224,15 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     stats = cached if cached is not None else get_stats(spec.stats_spec, cache_dir, loaded=base, tokens=tokens,
                                                        progress=phase("statistics"), batch_size=batch_size)
     t_stats = time.perf_counter() - t0
-    alloc = allocate(spec.allocator, stats, spec.sparsity, lam=spec.lam, m=spec.m)
+    learned, t_learn = None, 0.0
+    if ALLOCATORS[spec.allocator].learned:
+        t0 = time.perf_counter()
+        besa = besa_allocation(spec.stats_spec, spec.sparsity, spec.beta, cache_dir, loaded=base,
+                               tokens=tokens if tokens is not None else calibration_tokens(base.tokenizer, spec.calib),
+                               progress=phase("learn allocation"), should_cancel=should_cancel,
+                               batch_size=batch_size)
+        learned, t_learn = besa_layer_sparsity(besa, stats), time.perf_counter() - t0
+    alloc = allocate(spec.allocator, stats, spec.sparsity, lam=spec.lam, m=spec.m, beta=spec.beta, learned=learned)
     nm = NM.parse(spec.nm) if spec.nm else None
     targets = layer_targets(alloc.layer_sparsity, list(zip(stats.layer_block.tolist(), stats.layer_names)), nm)
     # A model the caller passed in (e.g. the dashboard's cached dense model) is never modified: prune a copy.
@@ -168,7 +255,8 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
             "block": report.block_achieved().tolist(),
             "layers": [vars(l) for l in report.layers],
         },
-        "timings_s": {"statistics": round(t_stats, 2), "prune": round(t_prune, 2)},
+        "timings_s": {"statistics": round(t_stats, 2), **({"learn_allocation": round(t_learn, 2)} if learned is not None
+                                                          else {}), "prune": round(t_prune, 2)},
         "memory": _peak_memory(),
         "metrics": {},
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,9 +146,10 @@ class PruneSpec:
     m: float | None = None
     nm: str | None = None
     scope: str | None = None
+    beta: float | None = None  # BESA's penalty weight β (learned allocator only)
 
     def __post_init__(self):
-        from pruner.allocation import ALLOCATORS, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M
+        from pruner.allocation import ALLOCATORS, BESA_DEFAULT_BETA, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M
         from pruner.methods import METHODS, NM, SCOPES
 
         if self.allocator not in ALLOCATORS:
@@ -167,6 +169,10 @@ class PruneSpec:
         # Normalise: parameters the allocator ignores are dropped, the ones it uses get their defaults.
         object.__setattr__(self, "lam", (OWL_DEFAULT_LAMBDA if self.lam is None else float(self.lam)) if "lam" in uses else None)
         object.__setattr__(self, "m", (OWL_DEFAULT_M if self.m is None else float(self.m)) if "m" in uses else None)
+        object.__setattr__(self, "beta", (BESA_DEFAULT_BETA if self.beta is None else float(self.beta))
+                           if "beta" in uses else None)
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"β (beta) must be a finite number > 0; got {self.beta:g}")
         if self.lam is not None and self.lam < 0:
             raise ValueError(f"λ (lam) must be ≥ 0; got {self.lam:g}")
         if self.m is not None and self.m <= 0:
@@ -179,13 +185,15 @@ class PruneSpec:
 
     def identity(self) -> dict:
         d = {k: getattr(self, k) for k in ("allocator", "method", "sparsity", "lam", "m", "nm", "scope")}
+        if self.beta is not None:  # only learned allocators have it; other runs keep the keys they always had
+            d["beta"] = self.beta
         return {"model": self.model.identity(), "calib": self.calib.identity(), **d, "format": PRUNE_FORMAT_VERSION}
 
     def key(self) -> str:
         return stable_hash(self.identity())
 
     def label(self) -> str:
-        params = "".join(f", {k}={getattr(self, k):g}" for k in ("lam", "m") if getattr(self, k) is not None)
+        params = "".join(f", {k}={getattr(self, k):g}" for k in ("lam", "m", "beta") if getattr(self, k) is not None)
         nm = f", {self.nm}" if self.nm else ""
         return f"{self.method} + {self.allocator}{params} @ {self.sparsity:.0%}{nm}"
 

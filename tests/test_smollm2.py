@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pruner import api
-from pruner.allocation import ALLOCATORS, allocate
+from pruner.allocation import STATS_ALLOCATORS, allocate
 from pruner.data import calibration_tokens
 from pruner.models import model_summary
 from pruner.specs import CalibSpec, ModelSpec, StatsSpec
@@ -54,7 +54,7 @@ def test_lod_shape_and_monotone(small_stats):
     assert 0 < lods[1].mean() < 0.1  # a few percent of scores exceed 5 × the block mean
 
 
-@pytest.mark.parametrize("name", list(ALLOCATORS))
+@pytest.mark.parametrize("name", STATS_ALLOCATORS)
 @pytest.mark.parametrize("S", [0.5, 0.7])
 def test_allocators_hit_target_on_real_stats(small_stats, name, S):
     _, _, stats, _ = small_stats

@@ -1,0 +1,274 @@
+"""BESA-style learned layer sparsities (Xu et al., ICLR 2024: "BESA: Pruning Large Language Models with Blockwise
+Parameter-Efficient Sparsity Allocation").
+
+Per transformer block, every linear layer l gets learnable probabilities p_l over candidate sparsities
+s_k = k · step (k = 0 … K − 1, step 0.01, so 0 … 0.99). Its weights are ranked by the Wanda score |W_ij|·‖X_j‖₂
+within each output row; candidate k prunes the c_k = round(s_k · n_in) lowest of every row. A weight of rank r
+(0 = lowest score) is kept by every candidate with c_k ≤ r, so its *expected* keep-mask is
+
+    M_ij = Σ_{k : c_k ≤ r_ij} p_k = cumsum(p)[idx(r_ij)],
+
+differentiable in p = softmax(logits). The layer's expected sparsity is ŝ_l = Σ_k p_k c_k / n_in and the
+block's is ŝ = Σ_l n_l ŝ_l / Σ_l n_l (n_l: the layer's weight count). The logits minimise
+
+    loss = E + β · ((ŝ − S) / S)²,
+
+where E is the block's reconstruction error with the expected masks against the dense block on the same
+calibration inputs, *relative to the dense block's own contribution*: E = ‖Ŷ − Y‖² / ‖Y − X‖² (X the block's
+input, Y its dense output, Ŷ the output with W ⊙ M). BESA's raw MSE grows by orders of magnitude with depth
+(the residual stream's norm grows), so one β would mean a different trade-off in every block; the relative
+error makes β comparable across blocks and models.
+
+After training, each layer's sparsity is its expected ŝ_l, and the block's layers are shifted by one common
+amount so that the block's parameter-weighted mean is exactly S (the penalty only gets close); the shift and the
+block's learned ŝ before it are reported. A shift that would leave [0, 1) is an error, never a clamp.
+
+What differs from the paper, deliberately: the sparsities are learned on the *dense* model's block inputs (one
+cacheable allocation per model, calibration set and S, usable with every pruning method), while BESA learns
+them sequentially on the already pruned model and prunes with the learned masks directly. Here the chosen
+method then prunes to these sparsities in the usual sequential pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from pruner.allocation import BESA_DEFAULT_BETA
+from pruner.calibrate import ProgressFn, run_blockwise
+from pruner.methods.masks import prune_count
+from pruner.models import weight_matrix
+from pruner.stats import wanda_score
+
+#: Spacing of the candidate sparsities (the paper's 1%).
+BESA_STEP = 0.01
+#: Passes over the calibration mini-batches per block (one optimiser step per mini-batch).
+BESA_DEFAULT_EPOCHS = 4
+#: Adam's learning rate on the candidate logits (0.05 moved SmolLM2's first blocks about half as far in 4 epochs
+#: and left a larger error).
+BESA_DEFAULT_LR = 0.2
+#: Width (in sparsity units) of the initial distribution over candidates: a discretised Gaussian centred on S,
+#: so that training starts at the target, as uniform allocation does.
+BESA_INIT_WIDTH = 0.05
+#: Expected keep-probabilities below this are set to exactly 0. Such a weight is pruned by every candidate that
+#: carries any weight; the values matter only for speed: products of weights with probabilities near 1e-40 are
+#: subnormal floats, and a block forward with them ran 27× slower on this CPU (flush-to-zero is per thread and
+#: does not reach the matmul's worker threads).
+KEEP_FLOOR = 1e-12
+#: Bump when the learning procedure changes (part of the cache key).
+BESA_FORMAT_VERSION = 1
+
+
+def candidate_sparsities(step: float = BESA_STEP) -> torch.Tensor:
+    """s_k = k · step for k = 0 … K − 1 with K = round(1 / step): (K,) float64 in [0, 1)."""
+    if not (0 < step < 1) or abs(1 / step - round(1 / step)) > 1e-9:
+        raise ValueError(f"the candidate step must divide 1 (e.g. 0.01, 0.05); got {step!r}")
+    return torch.arange(round(1 / step), dtype=torch.float64) * step
+
+
+def prune_counts(n_in: int, candidates: torch.Tensor) -> torch.Tensor:
+    """c_k: how many weights of a row of ``n_in`` each candidate prunes (the same rounding as the pruning methods)."""
+    return torch.tensor([prune_count(n_in, float(s)) for s in candidates], dtype=torch.long)
+
+
+def row_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """r: each weight's rank within its row by score, 0 = lowest; ties broken by position, as the methods' stable
+    sort does. scores (out, in) → (out, in) long."""
+    order = torch.argsort(scores.contiguous(), dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    return ranks.scatter_(1, order, torch.arange(scores.shape[1]).expand_as(order).contiguous())
+
+
+def rank_buckets(ranks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """idx(r) = max{k : c_k ≤ r}, the last candidate that still keeps a weight of rank r (c_k is nondecreasing and
+    c_0 = 0 ≤ r, so it exists). ranks (out, in) → (out, in) long."""
+    return torch.searchsorted(counts, ranks, right=True) - 1
+
+
+def expected_keep(logits: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    """M = cumsum(softmax(logits))[idx]: each weight's probability of being kept, with values below KEEP_FLOOR
+    set to 0. (K,), (out, in) → (out, in)."""
+    keep = torch.cumsum(torch.softmax(logits, dim=0), dim=0)
+    return (keep * (keep >= KEEP_FLOOR))[buckets]
+
+
+def expected_sparsity(logits: torch.Tensor, counts: torch.Tensor, n_in: int) -> torch.Tensor:
+    """ŝ_l = Σ_k p_k c_k / n_in, the layer's expected share of pruned weights (a scalar tensor)."""
+    return (torch.softmax(logits, dim=0) * counts.to(logits.dtype)).sum() / n_in
+
+
+def initial_logits(target: float, candidates: torch.Tensor, width: float = BESA_INIT_WIDTH) -> torch.Tensor:
+    """Logits of a discretised Gaussian over the candidates centred on S (float32, (K,))."""
+    return (-0.5 * ((candidates - target) / width) ** 2).float()
+
+
+def shift_to_target(layer_sparsity: np.ndarray, numel: np.ndarray, target: float) -> tuple[np.ndarray, float]:
+    """Add one δ to every layer so that Σ n_l s_l / Σ n_l = S exactly; return (shifted, δ).
+
+    Raises ValueError when a shifted sparsity would leave [0, 1) (no clamping)."""
+    s = np.asarray(layer_sparsity, dtype=np.float64)
+    n = np.asarray(numel, dtype=np.float64)
+    delta = float(target - (s * n).sum() / n.sum())
+    out = s + delta
+    if out.min() < 0 or out.max() >= 1:
+        raise ValueError(f"BESA's learned sparsities cannot be shifted to mean S = {target:g} inside [0, 1) "
+                         f"(range after the shift {out.min():.3f}…{out.max():.3f}); raise β so the penalty holds "
+                         f"the block nearer S")
+    return out, delta
+
+
+@dataclass
+class BlockResult:
+    layer_names: list[str]
+    learned: np.ndarray  # (layers,) expected ŝ_l after training, before the shift
+    sparsity: np.ndarray  # (layers,) after the shift: parameter-weighted mean exactly S
+    shift: float  # δ added to every layer
+    error_first: float  # mean relative reconstruction error E (expected masks) over the first epoch
+    error_last: float  # … and over the last epoch
+    steps: int
+    numel: np.ndarray  # (layers,) weights per layer
+    error_hard: float  # E with hard Wanda masks (per row) at the final sparsities
+    error_uniform: float  # E with hard Wanda masks at S in every layer: what uniform allocation gets here
+
+
+def _matrix_to_param(layer: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """An (out, in) matrix in the orientation of the layer's ``weight`` parameter (Conv1D stores it transposed)."""
+    return matrix if weight_matrix(layer) is layer.weight else matrix.T
+
+
+def learn_block(block: nn.Module, layers: dict[str, nn.Module], input_norms: dict[str, torch.Tensor],
+                batches: list[tuple[torch.Tensor, tuple, dict, torch.Tensor]], target: float, *,
+                beta: float = BESA_DEFAULT_BETA, epochs: int = BESA_DEFAULT_EPOCHS, lr: float = BESA_DEFAULT_LR,
+                step: float = BESA_STEP) -> BlockResult:
+    """Learn the sparsities of one block's ``layers``.
+
+    input_norms: layer name → ‖X_j‖₂ over the calibration tokens, (in,). batches: (X (b, T, d), the block's other
+    positional arguments, its keyword arguments, the dense output Y (b, T, d)) per calibration mini-batch.
+    """
+    from torch.func import functional_call
+
+    candidates = candidate_sparsities(step)
+    names = list(layers)
+    weights, ranks, buckets, counts, logits, numel = {}, {}, {}, {}, {}, []
+    for name in names:
+        w = weight_matrix(layers[name]).detach().float()
+        counts[name] = prune_counts(w.shape[1], candidates)
+        ranks[name] = row_ranks(wanda_score(w, input_norms[name].float()))
+        buckets[name] = rank_buckets(ranks[name], counts[name])
+        weights[name] = w
+        logits[name] = initial_logits(target, candidates).requires_grad_(True)
+        numel.append(w.numel())
+    numel_t = torch.tensor(numel, dtype=torch.float32)
+    optimiser = torch.optim.Adam(list(logits.values()), lr=lr)
+    # ‖Y − X‖² per mini-batch: the dense block's own contribution, the scale of its reconstruction error
+    scales = [float(((y.float() - x.float()) ** 2).sum()) for x, _, _, y in batches]
+    losses = []
+    frozen = [(p, p.requires_grad) for p in block.parameters()]
+    for p, _ in frozen:  # gradients flow to the logits only; the block's own parameters get no .grad
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for _ in range(epochs):
+                for (x, args, kwargs, y), scale in zip(batches, scales):
+                    params = {f"{n}.weight": _matrix_to_param(layers[n], weights[n] * expected_keep(logits[n], buckets[n]))
+                              for n in names}
+                    out = functional_call(block, params, (x, *args), kwargs)
+                    out = out if isinstance(out, torch.Tensor) else out[0]
+                    error = ((out.float() - y.float()) ** 2).sum() / scale
+                    s_layers = torch.stack([expected_sparsity(logits[n], counts[n], weights[n].shape[1]) for n in names])
+                    s_block = (s_layers.float() * numel_t).sum() / numel_t.sum()
+                    loss = error + beta * ((s_block - target) / target) ** 2
+                    optimiser.zero_grad()
+                    loss.backward()
+                    optimiser.step()
+                    losses.append(error.item())
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    with torch.no_grad():
+        learned = np.array([float(expected_sparsity(logits[n], counts[n], weights[n].shape[1])) for n in names])
+    shifted, delta = shift_to_target(learned, np.array(numel), target)
+    per_epoch = len(batches)
+
+    def hard_error(sparsities) -> float:
+        masked = {f"{n}.weight": _matrix_to_param(layers[n], weights[n] * (ranks[n] >= prune_count(weights[n].shape[1], s)))
+                  for n, s in zip(names, sparsities)}
+        with torch.no_grad():
+            errors = []
+            for (x, args, kwargs, y), scale in zip(batches, scales):
+                out = functional_call(block, masked, (x, *args), kwargs)
+                out = out if isinstance(out, torch.Tensor) else out[0]
+                errors.append(float(((out.float() - y.float()) ** 2).sum()) / scale)
+        return float(np.mean(errors))
+
+    return BlockResult(names, learned, shifted, delta, float(np.mean(losses[:per_epoch])),
+                       float(np.mean(losses[-per_epoch:])), len(losses), np.array(numel), hard_error(shifted),
+                       hard_error([target] * len(names)))
+
+
+@dataclass
+class BesaObserver:
+    """A ``BlockObserver`` that learns each block's layer sparsities from the dense block's inputs and outputs and
+    leaves the weights as they are (so the next block sees dense inputs)."""
+
+    target: float
+    beta: float = BESA_DEFAULT_BETA
+    epochs: int = BESA_DEFAULT_EPOCHS
+    lr: float = BESA_DEFAULT_LR
+    results: list[BlockResult] = field(default_factory=list)
+
+    def attach(self, index, block, layers):
+        self._batches = []
+        self._sumsq = {name: None for name in layers}
+
+        def record_block(module, args, kwargs, output):
+            x, rest = (args[0], args[1:]) if args else (kwargs["hidden_states"], ())
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            y = output if isinstance(output, torch.Tensor) else output[0]
+            self._batches.append((x.detach(), rest, kw, y.detach()))
+
+        handles = [block.register_forward_hook(record_block, with_kwargs=True)]
+        for name, layer in layers.items():
+
+            def record_layer(module, args, output, name=name):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                part = (x * x).sum(dim=0)
+                self._sumsq[name] = part if self._sumsq[name] is None else self._sumsq[name] + part
+
+            handles.append(layer.register_forward_hook(record_layer))
+        return handles
+
+    def finish(self, index, block, layers) -> bool:
+        norms = {name: s.sqrt() for name, s in self._sumsq.items()}
+        self.results.append(learn_block(block, layers, norms, self._batches, self.target, beta=self.beta,
+                                        epochs=self.epochs, lr=self.lr))
+        self._batches = []
+        return False
+
+
+def check_besa_params(beta: float, epochs: int, lr: float) -> None:
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"β (beta) must be a finite number > 0; got {beta!r}")
+    if not (isinstance(epochs, int) and epochs >= 1):
+        raise ValueError(f"BESA epochs must be an integer ≥ 1; got {epochs!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"BESA's learning rate must be > 0; got {lr!r}")
+
+
+def learn_sparsities(model: nn.Module, tokens: torch.Tensor, target: float, *, beta: float = BESA_DEFAULT_BETA,
+                     epochs: int = BESA_DEFAULT_EPOCHS, lr: float = BESA_DEFAULT_LR, device="cpu", batch_size: int = 4,
+                     progress: ProgressFn | None = None,
+                     should_cancel: Callable[[], bool] | None = None) -> list[BlockResult]:
+    """Learn every block's layer sparsities through the one calibration loop (the model is not modified)."""
+    if not (0 < target < 1):
+        raise ValueError(f"target sparsity S must be in (0, 1); got {target!r}")
+    check_besa_params(beta, epochs, lr)
+    observer = BesaObserver(target, beta, epochs, lr)
+    run_blockwise(model, tokens, observer, device=device, batch_size=batch_size, progress=progress,
+                  should_cancel=should_cancel)
+    return observer.results
