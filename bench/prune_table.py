@@ -67,6 +67,8 @@ def main():
             row = {"kind": "run", "method": method, "allocator": alloc, "sparsity": S, "lam": spec.lam, "m": spec.m,
                    "ppl": r["perplexity"], "prune_s": manifest["timings_s"]["prune"],
                    "prune_over_forward": manifest["timings_s"]["prune"] / t_forward,
+                   # a learned allocator's (BESA's) learning pass, separate from the pruning pass
+                   "learn_s": manifest["timings_s"].get("learn_allocation"),
                    "achieved": manifest["achieved"]["overall"], "key": spec.key(),
                    "peak_rss_gb": manifest["memory"]["process_peak_rss_gb"]}
         except ValueError as err:
@@ -76,8 +78,10 @@ def main():
         if "error" in row:
             print(f"{method:<10} {alloc:<12} {S:5.2f} error: {row['error']}")
         else:
+            learn = (f"  learning {row['learn_s']:.0f} s = {row['learn_s'] / t_forward:.1f}× a forward"
+                     if row["learn_s"] is not None else "")
             print(f"{method:<10} {alloc:<12} {S:5.2f} {row['ppl']:10.3f} {row['prune_s']:8.1f} "
-                  f"{row['prune_over_forward']:6.2f}" + (f"  (λ={lam}, M={mm})" if lam else ""), flush=True)
+                  f"{row['prune_over_forward']:6.2f}" + (f"  (λ={lam}, M={mm})" if lam else "") + learn, flush=True)
 
 
 if __name__ == "__main__":
