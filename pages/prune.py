@@ -4,7 +4,7 @@ import itertools
 
 import streamlit as st
 
-from pruner.allocation import ALLOCATORS, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M
+from pruner.allocation import ALLOCATORS, BESA_DEFAULT_BETA, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M
 from pruner.dashboard import job_store, jobs_panel, page_setup
 from pruner.jobs import submit
 from pruner.methods import METHODS
@@ -27,9 +27,12 @@ with st.form("grid"):
     methods = c[1].multiselect("Methods", list(METHODS), default=["wanda"], key="grid_methods")
     sparsities = c[2].multiselect("Target sparsities", SPARSITIES, default=[round(prefill.get("sparsity", 0.7), 2)],
                                   format_func=lambda s: f"{s:.0%}", key="grid_sparsities")
-    c = st.columns(4)
+    c = st.columns(5)
     lam = c[0].number_input("λ (OWL)", 0.0, 0.5, float(prefill.get("lam", OWL_DEFAULT_LAMBDA)), 0.01, key="grid_lam")
     m = c[1].number_input("M (OWL)", 0.5, 50.0, float(prefill.get("m", OWL_DEFAULT_M)), 0.5, key="grid_m")
+    beta = c[4].number_input("β (BESA)", 0.1, 1000.0, BESA_DEFAULT_BETA, 5.0, key="grid_beta",
+                             help="weight of BESA's sparsity penalty ((ŝ − S)/S)²; BESA learns its allocation "
+                                  "first (about 10 s per SmolLM2 block here, cached per S and β)")
     pattern = c[2].selectbox("Pattern", ["unstructured", "2:4", "4:8"],
                              help="N:M keeps N of every M weights; its sparsity replaces the targets above",
                              key="grid_pattern")
@@ -47,7 +50,7 @@ if go:
         try:
             spec = PruneSpec(model=sel.model, calib=sel.calib, allocator=alloc, method=method,
                              sparsity=S if nm is None else 1 - int(nm.split(":")[0]) / int(nm.split(":")[1]),
-                             lam=lam, m=m, nm=nm)
+                             lam=lam, m=m, nm=nm, beta=beta)
             submit(store, "prune", {"spec": spec_to_dict(spec), "ppl": ppl, "max_chunks": max_chunks or None,
                                     "data_dir": sel.data_dir}, cache_dir=sel.cache_dir)
             queued += 1

@@ -251,9 +251,14 @@ class BesaObserver:
         return False
 
 
-def check_besa_params(beta: float, epochs: int, lr: float) -> None:
+def check_beta(beta: float) -> float:
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"β (beta) must be a finite number > 0; got {beta!r}")
+    return float(beta)
+
+
+def check_besa_params(beta: float, epochs: int, lr: float) -> None:
+    check_beta(beta)
     if not (isinstance(epochs, int) and epochs >= 1):
         raise ValueError(f"BESA epochs must be an integer ≥ 1; got {epochs!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):

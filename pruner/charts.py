@@ -47,6 +47,23 @@ def heatmap_figure(matrix: np.ndarray, layer_names: list[str], m: float) -> go.F
     return fig
 
 
+def layer_sparsity_heatmap_figure(allocation: Allocation, layer_names: list[str], layer_block: np.ndarray,
+                                  zrange: tuple[float, float]) -> go.Figure:
+    """Block × layer sparsities (%) of one allocation; ``zrange`` (in %) is shared by the heatmaps shown together,
+    so equal colours mean equal sparsities."""
+    blocks = np.asarray(layer_block)
+    n_blocks = int(blocks.max()) + 1
+    names = [n for n, b in zip(layer_names, blocks) if b == 0]
+    z = np.asarray(allocation.layer_sparsity).reshape(n_blocks, len(names)).T * 100  # (layers, blocks)
+    fig = go.Figure(go.Heatmap(z=z, x=np.arange(n_blocks), y=[n.split(".")[-1] for n in names], colorscale="Viridis",
+                               zmin=zrange[0], zmax=zrange[1], colorbar=dict(title="sparsity %"),
+                               hovertemplate="block %{x}<br>%{y}<br>%{z:.2f}%<extra></extra>"))
+    fig.update_layout(title=f"{ALLOCATORS[allocation.allocator].label}: sparsity per layer at S = "
+                            f"{allocation.sparsity:.0%}", xaxis_title="transformer block", yaxis_title="linear layer",
+                      height=360, margin=dict(l=90, r=20, t=60, b=50))
+    return fig
+
+
 def distribution_figure(edges: np.ndarray, counts: np.ndarray, m: float, above: float, title: str) -> go.Figure:
     """Histogram of A/Ā on log-spaced bins (share of weights per bin), with the M · mean threshold marked and
     ``above``, the exact share of weights above it."""
@@ -80,7 +97,8 @@ def allocation_comparison_figure(allocations: list[Allocation], block_numel: np.
         fig.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[np.full(n, sparsity + lam), np.full(n, sparsity - lam)] * 100,
                                  fill="toself", fillcolor="rgba(99,110,250,0.10)", line=dict(width=0),
                                  name="S ± λ", hoverinfo="skip"), row=1, col=1)
-    palette = {"uniform": "#7f7f7f", "owl": "#d62728", "owl_inverse": "#9467bd", "er": "#2ca02c", "global": "#1f77b4"}
+    palette = {"uniform": "#7f7f7f", "owl": "#d62728", "owl_inverse": "#9467bd", "er": "#2ca02c", "global": "#1f77b4",
+               "alpha": "#ff7f0e", "besa": "#17becf"}
     for a in allocations:
         color = palette.get(a.allocator)
         label = ALLOCATORS[a.allocator].label

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pruner.allocation import ALLOCATORS, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, check_sparsity
+from pruner.allocation import ALLOCATORS, BESA_DEFAULT_BETA, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, check_sparsity
 from pruner.data import DataError
 from pruner.specs import CALIB_PRESETS, DEFAULT_CALIB_PRESET, DTYPES, DEVICES, CalibSpec, ModelSpec, StatsSpec
 from pruner.models import resolve_device
@@ -130,6 +130,8 @@ def cmd_allocate(args) -> int:
         raise BadInput(f"λ (--lam) must be ≥ 0; got {args.lam:g}")
     _check_m(args.m)
     spec = _stats_spec(args)
+    if ALLOCATORS[args.allocator].learned:
+        return _allocate_besa(args, spec, S)
     stats, alloc = allocation_for(spec, args.allocator, S, lam=args.lam, m=args.m, cache_dir=_cache(args),
                                   progress=_progress_bar("outlier statistics"), batch_size=args.batch_size)
     if args.json:
@@ -141,6 +143,40 @@ def cmd_allocate(args) -> int:
     print("block  sparsity")
     for i, s in enumerate(alloc.block_sparsity):
         print(f"{i:5d}  {s:.4f}")
+    return 0
+
+
+def _check_beta(beta: float | None) -> float | None:
+    from pruner.besa import check_beta
+
+    try:
+        return None if beta is None else check_beta(beta)
+    except ValueError as err:
+        raise BadInput(f"{err} (--beta)") from err
+
+
+def _allocate_besa(args, spec, S: float) -> int:
+    """Learn (or load) BESA's per-layer sparsities and print them per block with what the learning achieved."""
+    from pruner import api
+    from pruner.allocation import allocate
+
+    beta = _check_beta(args.beta)
+    stats = api.get_stats(spec, _cache(args), progress=_progress_bar("outlier statistics"), batch_size=args.batch_size)
+    result = api.besa_allocation(spec, S, beta, _cache(args), progress=_progress_bar("learning BESA sparsities"),
+                                 batch_size=args.batch_size)
+    alloc = allocate("besa", stats, S, beta=result["beta"], learned=api.besa_layer_sparsity(result, stats))
+    if args.json:
+        print(json.dumps({**alloc.to_dict(stats.layer_names, stats.layer_block), "learning": result}, indent=2))
+        return 0
+    print(f"BESA allocation, S={S:g}, β={result['beta']:g} ({result['epochs']} epochs, {result['steps_per_block']} steps "
+          f"per block, learned in {result['seconds']:.0f} s): overall {alloc.overall:.6f}")
+    print("E: the block's squared error ÷ its own contribution ‖Y − X‖², with hard Wanda masks")
+    names = [n for n, b in zip(stats.layer_names, stats.layer_block) if b == 0]
+    print("block  learned  shift   E BESA  E uniform  " + "  ".join(f"{n.split('.')[-1]:>9}" for n in names))
+    for i in range(stats.n_blocks):
+        layer = alloc.layer_sparsity[np.asarray(stats.layer_block) == i]
+        print(f"{i:5d}  {result['learned_mean'][i]:.4f}  {result['shift'][i]:+.4f}  {result['error_hard'][i]:.4f}  "
+              f"{result['error_uniform'][i]:9.4f}  " + "  ".join(f"{v:9.4f}" for v in layer))
     return 0
 
 
@@ -192,7 +228,8 @@ def cmd_prune(args) -> int:
         raise BadInput(f"--out {out} exists and is not empty; choose a new folder")
     stats_spec = _stats_spec(args)
     spec = PruneSpec(model=stats_spec.model, calib=stats_spec.calib, allocator=args.allocator, method=args.method,
-                     sparsity=sparsity, lam=args.lam, m=args.m, nm=args.nm, scope=args.scope)
+                     sparsity=sparsity, lam=args.lam, m=args.m, nm=args.nm, scope=args.scope,
+                     beta=_check_beta(args.beta))
     if spec.m is not None:
         _check_m(spec.m)
     if args.background:
@@ -389,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, required=True, help="target sparsity S in (0, 1)")
     p.add_argument("--lam", type=float, default=OWL_DEFAULT_LAMBDA, help="OWL's λ (max deviation from S)")
     p.add_argument("--m", type=float, default=OWL_DEFAULT_M, help="OWL's outlier threshold M")
+    p.add_argument("--beta", type=float, help=f"BESA's sparsity-penalty weight β (default {BESA_DEFAULT_BETA:g})")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_allocate)
 
@@ -401,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, help="target sparsity S in (0, 1) (implied by --nm)")
     p.add_argument("--lam", type=float, help=f"OWL's λ (default {OWL_DEFAULT_LAMBDA})")
     p.add_argument("--m", type=float, help=f"OWL's outlier threshold M (default {OWL_DEFAULT_M:g})")
+    p.add_argument("--beta", type=float, help=f"BESA's sparsity-penalty weight β (default {BESA_DEFAULT_BETA:g})")
     p.add_argument("--nm", help="N:M semi-structured sparsity, e.g. 2:4 (N kept of every M)")
     p.add_argument("--scope", choices=list(SCOPES), help="comparison group (default: the method's own)")
     p.add_argument("--out", help="also copy the pruned Hugging Face folder here")

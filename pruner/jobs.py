@@ -280,18 +280,26 @@ def _label(kind: str, payload: dict) -> str:
         return f"{' + '.join(what)} of run {payload['run']}"
     spec = spec_from_dict(payload["spec"])
     if kind == "stats":
-        return f"statistics of {spec.model.name} on {spec.calib.nsamples}×{spec.calib.seqlen} tokens"
+        what = (f"BESA sparsities at S = {payload['besa']['sparsity']:.0%} (β = {payload['besa']['beta']:g})"
+                if payload.get("besa") else "statistics")
+        return f"{what} of {spec.model.name} on {spec.calib.nsamples}×{spec.calib.seqlen} tokens"
     return spec.label()
 
 
 def submit(store: JobStore, kind: str, payload: dict, *, cache_dir: Path | None = None, max_workers: int = 1,
            start_worker: bool = True) -> int:
-    """Queue a job (payload: {"spec": spec_to_dict(...)} for stats/prune, {"run": key, ...} for eval); start a
-    worker if fewer than ``max_workers`` are alive."""
+    """Queue a job (payload: {"spec": spec_to_dict(...)} for stats/prune, plus optionally {"besa": {"sparsity",
+    "beta"}} for stats; {"run": key, ...} for eval); start a worker if fewer than ``max_workers`` are alive."""
     if kind in ("stats", "prune"):
         from pruner.specs import spec_from_dict
 
         spec_from_dict(payload["spec"])  # validate now, not in the worker
+        if payload.get("besa"):
+            from pruner.allocation import check_sparsity
+            from pruner.besa import check_beta
+
+            check_sparsity(payload["besa"]["sparsity"])
+            check_beta(payload["besa"]["beta"])
     elif kind == "eval" and not payload.get("run"):
         raise ValueError("an eval job needs the key of a stored run")
     job_id = store.add(kind, payload, _label(kind, payload))
@@ -333,7 +341,13 @@ def _execute(store: JobStore, job: Job, cache_dir: Path | None) -> dict:
     if job.kind == "stats":
         spec = spec_from_dict(job.payload["spec"])
         stats = api.get_stats(spec, cache_dir, progress=progress("statistics"), should_cancel=should_cancel)
-        return {"stats_key": spec.key(), "blocks": stats.n_blocks}
+        out = {"stats_key": spec.key(), "blocks": stats.n_blocks}
+        if job.payload.get("besa"):  # then learn BESA's sparsities at this S and β (cached like the statistics)
+            b = job.payload["besa"]
+            result = api.besa_allocation(spec, b["sparsity"], b["beta"], cache_dir, progress=progress("learn allocation"),
+                                         should_cancel=should_cancel)
+            out["besa_seconds"] = result["seconds"]
+        return out
     if job.kind == "prune":
         spec = spec_from_dict(job.payload["spec"])
         folder = api.run_prune(spec, cache_dir, progress=lambda ph, d, t: store.progress(job.id, ph, d, t),

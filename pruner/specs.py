@@ -171,7 +171,7 @@ class PruneSpec:
         object.__setattr__(self, "m", (OWL_DEFAULT_M if self.m is None else float(self.m)) if "m" in uses else None)
         object.__setattr__(self, "beta", (BESA_DEFAULT_BETA if self.beta is None else float(self.beta))
                            if "beta" in uses else None)
-        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):  # pruner.besa.check_beta's rule
             raise ValueError(f"β (beta) must be a finite number > 0; got {self.beta:g}")
         if self.lam is not None and self.lam < 0:
             raise ValueError(f"λ (lam) must be ≥ 0; got {self.lam:g}")

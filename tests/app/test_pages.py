@@ -94,6 +94,41 @@ def test_allocation_sliders_redraw_as_the_allocators_predict(app, cached):
     assert [b.label for b in app.get("download_button")] == ["Download CSV (per block)", "Download JSON (per block and layer)"]
 
 
+def test_allocation_besa_is_queued_then_shown_beside_owl(tiny_folder, data_dir, tmp_path, monkeypatch):
+    """On the tiny Llama (4 blocks, so learning takes a second): the page offers to learn BESA, queues the job,
+    and once the allocation is learned shows it as a heatmap beside OWL's on one colour scale."""
+    calib = CalibSpec.preset("tiny", data_dir=data_dir)
+    spec = StatsSpec(ModelSpec(tiny_folder), calib)
+    stats = api.get_stats(spec, tmp_path)
+    monkeypatch.setenv("PRUNER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PRUNER_DATA_DIR", data_dir)
+    at = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=90)
+    at.run()
+    at.sidebar.selectbox(key="calib_preset").select("tiny").run()
+    at.sidebar.radio(key="model_source").set_value("local folder").run()
+    at.sidebar.text_input(key="local_path").input(tiny_folder).run()
+    go(at, "allocation")
+    assert any("BESA has not been learned for S = 70%" in i.value for i in at.info)
+    next(b for b in at.button if b.label == "Learn BESA at S = 70% in the background").click().run()
+    store = JobStore(default_db(tmp_path))
+    job = store.list()[0]
+    assert job.kind == "stats" and job.payload["besa"] == {"sparsity": 0.7, "beta": 50.0}
+    assert job.label.startswith("BESA sparsities at S = 70% (β = 50) of ")
+    store.cancel(job.id)  # the queue works; learn it here instead, with the same function the worker calls
+    learned = api.besa_allocation(spec, 0.7, None, tmp_path)
+    at.run()
+    assert not at.exception, at.exception
+    owl_heat, besa_heat = [f for f in figures(at) if f["data"][0]["type"] == "heatmap"]
+    assert owl_heat["layout"]["title"]["text"].startswith("OWL: sparsity per layer")
+    z = values(besa_heat["data"][0]["z"]).reshape(7, 4)  # (layers, blocks), in %
+    np.testing.assert_allclose(z.T.ravel() / 100, learned["layer_sparsity"], atol=1e-9)
+    owl_z = values(owl_heat["data"][0]["z"]).reshape(7, 4)
+    np.testing.assert_allclose(owl_z / 100, np.repeat(allocate("owl", stats, 0.7).block_sparsity[None], 7, 0), atol=1e-9)
+    assert owl_heat["data"][0]["zmin"] == besa_heat["data"][0]["zmin"]  # one colour scale for both
+    np.testing.assert_allclose(trace(figures(at)[0], "BESA (learned)"), 0.7, atol=1e-9)  # each block's mean is S
+    assert any("lower)" in c.value for c in at.caption)
+
+
 def test_allocation_too_wide_lambda_says_what_is_allowed(app):
     go(app, "allocation")
     app.slider(key="alloc_S").set_value(0.95).run()
