@@ -6,7 +6,7 @@ import streamlit as st
 from pruner import api
 from pruner.charts import (accuracy_vs_sparsity_figure, ppl_vs_speedup_figure, ppl_vs_sparsity_figure,
                            speedup_vs_sparsity_figure, two_runs_figure, zeroshot_tasks_figure)
-from pruner.dashboard import (deepsparse_available, job_store, jobs_panel, page_setup, speed_setting_label,
+from pruner.dashboard import (deepsparse_available, job_store, jobs_panel, method_label, page_setup, speed_setting_label,
                               speed_table_row, zeroshot_set_label)
 from pruner.evaluate.speed import STATUS_NOTE, SpeedSpec
 from pruner.evaluate.zeroshot import TASKS
@@ -38,7 +38,7 @@ rows = []
 for r in runs:
     spec, p = r["spec"], latest_ppl(r)
     rows.append({"run": r["key"], "model": spec["model"].get("name") or spec["model"].get("hub_id") or spec["model"].get("path"),
-                 "method": spec["method"], "allocator": spec["allocator"], "sparsity": spec["sparsity"],
+                 "method": method_label(spec), "allocator": spec["allocator"], "sparsity": spec["sparsity"],
                  "N:M": spec["nm"] or "", "λ": spec["lam"] if spec["lam"] is not None else float("nan"),
                  "M": spec["m"] if spec["m"] is not None else float("nan"), "achieved": r["achieved"]["overall"],
                  "ppl": p["perplexity"] if p else None,
@@ -121,7 +121,7 @@ if zs_name:
         def mean_over(tasks):
             return sum(tasks[t]["acc"] for t in common) / len(common)
 
-        acc_rows = [{"method": r["spec"]["method"], "allocator": r["spec"]["allocator"],
+        acc_rows = [{"method": method_label(r["spec"]), "allocator": r["spec"]["allocator"],
                      "sparsity": r["achieved"]["overall"], "mean_acc": mean_over(r["metrics"][zs_name]["tasks"])}
                     for r in with_zs]
         st.plotly_chart(accuracy_vs_sparsity_figure(acc_rows, mean_over(dense_zs["tasks"]) if dense_zs else None,
@@ -137,7 +137,7 @@ if not ds["available"]:
 sp_name, with_sp = metric_set("speed:", "Setting", speed_setting_label, "cmp_speed_set", "speed measurements")
 if sp_name:
     measured = [r for r in with_sp if r["metrics"][sp_name]["speedup"].get("decode")]
-    sp_rows = [{"method": r["spec"]["method"], "allocator": r["spec"]["allocator"],
+    sp_rows = [{"method": method_label(r["spec"]), "allocator": r["spec"]["allocator"],
                 "sparsity": r["achieved"]["overall"], **r["metrics"][sp_name]["speedup"],
                 "ideal": r["metrics"][sp_name].get("ideal_decode_speedup_estimate"),
                 "ppl": (latest_ppl(r) or {}).get("perplexity")} for r in measured]

@@ -1,6 +1,7 @@
 """Prune: a grid of allocators × methods × sparsities as background jobs, with progress, cancel and download."""
 
 import itertools
+from dataclasses import asdict
 
 import streamlit as st
 
@@ -8,6 +9,7 @@ from pruner.allocation import ALLOCATORS, BESA_DEFAULT_BETA, OWL_DEFAULT_LAMBDA,
 from pruner.dashboard import job_store, jobs_panel, page_setup
 from pruner.jobs import submit
 from pruner.methods import METHODS
+from pruner.recover import RECOVER_DEFAULT_STEPS, RecoverSpec
 from pruner.specs import PruneSpec, spec_to_dict
 from pruner.store import list_runs, run_dir, run_zip
 
@@ -77,3 +79,11 @@ for run in runs:
     folder = run_dir(run["key"], sel.cache_dir)
     c[1].download_button("Download zip", data=lambda folder=folder: open(run_zip(folder), "rb").read(),
                          file_name=f"{run['key']}.zip", mime="application/zip", key=f"dl-{run['key']}")
+    if "recovery" not in run and c[1].button("LoRA recovery", key=f"rec-{run['key']}",
+                                            help=f"fine-tune LoRA adapters for {RECOVER_DEFAULT_STEPS} steps on "
+                                                 "calibration text (adapters kept separate, so the zeros stay); "
+                                                 "stored as a new run with perplexity before and after"):
+        chunks = ppl_metrics[-1]["chunks"] if ppl_metrics and ppl_metrics[-1]["partial"] else None
+        submit(job_store(sel), "recover", {"recover": asdict(RecoverSpec(run["key"])), "ppl": True,
+                                           "max_chunks": chunks, "data_dir": sel.data_dir}, cache_dir=sel.cache_dir)
+        st.success(f"Queued the LoRA recovery of {run['key']}.")

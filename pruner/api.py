@@ -271,13 +271,93 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     return folder
 
 
+#: Subfolder of a LoRA-recovered run that holds its (unmerged) adapters, in peft's format.
+LORA_SUBFOLDER = "lora"
+
+
 def load_run(folder: Path, device: str = "cpu"):
-    """(model, tokenizer) of a stored run, in eval mode."""
+    """(model, tokenizer) of a stored run, in eval mode. A LoRA-recovered run is its pruned base weights with the
+    adapters attached (not merged) through peft."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
+    adapters = Path(folder) / LORA_SUBFOLDER
+    if (adapters / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapters).eval().requires_grad_(False)
     return model.to(device), AutoTokenizer.from_pretrained(folder)
+
+
+def recover_run(parent_folder: Path, spec, data_dir: str | None, cache_dir: Path | None = None, *,
+                device: str = "cpu", progress: PhaseProgress | None = None,
+                should_cancel: Callable[[], bool] | None = None, force: bool = False) -> Path:
+    """LoRA-recover a stored pruned run (``spec``: a ``pruner.recover.RecoverSpec``) and store the result as a new
+    run linked to its parent: the parent's files (hard-linked where possible, else copied), the adapters in
+    ``lora/``, and a manifest with the parent's key and the training curve. Returns the new run's folder."""
+    import os
+    import shutil
+
+    from pruner.models import find_blocks, prunable_layers, weight_matrix
+    from pruner.recover import RECOVER_SEED_OFFSET, train_lora
+    from pruner.specs import CalibSpec, stable_hash
+    from pruner.store import read_manifest, run_dir, run_exists
+
+    parent = read_manifest(parent_folder)
+    if "recovery" in parent:
+        raise ValueError(f"run {parent['key']} is already a LoRA recovery; recover its parent {parent['parent']} "
+                         f"instead")
+    if spec.parent != parent["key"]:
+        raise ValueError(f"the recovery spec names run {spec.parent}, but the folder holds run {parent['key']}")
+    key = stable_hash(spec.identity())
+    folder = run_dir(key, cache_dir)
+    if run_exists(key, cache_dir) and not force:
+        return folder
+    t0 = time.perf_counter()
+    model, tokenizer = load_run(parent_folder, device)
+    c = parent["spec"]["calib"]
+    calib = CalibSpec(dataset=c["dataset"], nsamples=spec.steps * spec.batch, seqlen=spec.seqlen,
+                      seed=c["seed"] + RECOVER_SEED_OFFSET, data_dir=data_dir)
+    tokens = calibration_tokens(tokenizer, calib)
+    phase = (lambda d, t: progress("LoRA steps", d, t)) if progress else None
+    peft_model, losses = train_lora(model, tokens, spec, device=device, progress=phase, should_cancel=should_cancel)
+    seconds = time.perf_counter() - t0
+    # the base weights were frozen: their zeros must be exactly the parent's
+    zeros = sum(int((weight_matrix(l) == 0).sum()) for b in find_blocks(peft_model.get_base_model())[1]
+                for name, l in prunable_layers(b).items() if "lora_" not in name)  # base layers, not the adapters
+    expected = sum(round(l["achieved"] * l["numel"]) for l in parent["achieved"]["layers"])
+    if zeros != expected:
+        raise RuntimeError(f"LoRA training changed the pruned weights ({zeros} zeros, the parent has {expected})")
+    tail = max(1, len(losses) // 10)
+    manifest = {
+        **{k: parent[k] for k in ("model_summary", "allocation", "achieved") if k in parent},
+        "key": key,
+        "label": f"{parent['label']} + {spec.label()}",
+        "parent": parent["key"],
+        "spec": {**parent["spec"], **spec.identity()},
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "recovery": {
+            "settings": spec.identity()["recover"], "data": calib.identity(), "seconds": round(seconds, 2),
+            "trainable_params": sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n),
+            "losses": losses, "loss_first": sum(losses[:tail]) / tail, "loss_last": sum(losses[-tail:]) / tail,
+            "merged": False,
+        },
+        "timings_s": {"recover": round(seconds, 2)},
+        "memory": _peak_memory(),
+        "metrics": {},
+    }
+    with atomic_dir(folder) as tmp:
+        for path in Path(parent_folder).iterdir():
+            if path.is_file() and path.name != "manifest.json":
+                try:
+                    os.link(path, tmp / path.name)  # the same bytes: share them
+                except OSError:
+                    shutil.copy2(path, tmp / path.name)
+        peft_model.save_pretrained(tmp / LORA_SUBFOLDER)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return folder
 
 
 def perplexity_metric_name(result: dict) -> str:

@@ -355,6 +355,49 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_recover(args) -> int:
+    """LoRA-recover a stored run; store it as a new run; print perplexity before and after (same chunks)."""
+    from pruner import api
+    from pruner.recover import RecoverSpec
+    from pruner.store import run_dir, run_exists
+
+    if not run_exists(args.run, _cache(args)):
+        raise BadInput(f"no run {args.run!r} in {run_dir(args.run, _cache(args)).parent}; "
+                       f"`python -m pruner prune ...` prints run keys")
+    _check_chunks(args)
+    spec = RecoverSpec(args.run, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr,
+                       seqlen=args.train_seqlen, batch=args.train_batch)
+    data_dir = _data_dir(args.data_dir)
+    if args.background:
+        from dataclasses import asdict
+
+        from pruner.jobs import JobStore, default_db, submit
+
+        job = submit(JobStore(default_db(_cache(args))), "recover",
+                     {"recover": asdict(spec), "ppl": not args.no_ppl, "max_chunks": args.max_chunks,
+                      "data_dir": data_dir}, cache_dir=_cache(args))
+        print(f"job {job} queued: {spec.label()} of run {args.run} (follow it with `python -m pruner jobs list`)")
+        return 0
+    device = str(resolve_device(args.device))
+    parent = run_dir(args.run, _cache(args))
+    folder = api.recover_run(parent, spec, data_dir, _cache(args), device=device, progress=_phase_bars(),
+                             force=args.force)
+    from pruner.store import read_manifest
+
+    m = read_manifest(folder)
+    rec = m["recovery"]
+    print(f"run {m['key']}: {m['label']} (parent {args.run})")
+    print(f"  folder {folder} (adapters in {api.LORA_SUBFOLDER}/, not merged: the pruned weights are unchanged)")
+    print(f"  {rec['trainable_params']:,} adapter parameters; training loss {rec['loss_first']:.3f} → "
+          f"{rec['loss_last']:.3f} (mean of the first and last tenth of {len(rec['losses'])} steps); {rec['seconds']:.0f} s")
+    if not args.no_ppl:
+        for label, f in (("  before (pruned)", parent), ("  after LoRA", folder)):
+            r = api.evaluate_perplexity(f, data_dir, max_chunks=args.max_chunks, device=device,
+                                        progress=_progress_bar("perplexity"))
+            _print_ppl(label, r)
+    return 0
+
+
 def cmd_deepsparse_env(args) -> int:
     from pruner.evaluate.speed import deepsparse_status, ensure_deepsparse_env
 
@@ -473,6 +516,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--runs", type=int, default=MIN_RUNS, help=f"timed calls per graph (≥ {MIN_RUNS}; median)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    from pruner.recover import (RECOVER_DEFAULT_ALPHA, RECOVER_DEFAULT_BATCH, RECOVER_DEFAULT_LR, RECOVER_DEFAULT_RANK,
+                                RECOVER_DEFAULT_SEQLEN, RECOVER_DEFAULT_STEPS)
+
+    p = sub.add_parser("recover", help="LoRA fine-tune of a pruned run (adapters not merged); stored as a new run")
+    p.add_argument("--run", required=True, help="key of the pruned run")
+    p.add_argument("--steps", type=int, default=RECOVER_DEFAULT_STEPS, help="optimiser steps")
+    p.add_argument("--rank", type=int, default=RECOVER_DEFAULT_RANK, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, default=RECOVER_DEFAULT_ALPHA, help="LoRA α (update scaled by α/r)")
+    p.add_argument("--lr", type=float, default=RECOVER_DEFAULT_LR, help="peak learning rate (warm-up, linear decay)")
+    p.add_argument("--train-seqlen", type=int, default=RECOVER_DEFAULT_SEQLEN, help="tokens per training sequence")
+    p.add_argument("--train-batch", type=int, default=RECOVER_DEFAULT_BATCH, help="sequences per step")
+    p.add_argument("--max-chunks", type=int, help="perplexity before/after on the first N chunks only (partial)")
+    p.add_argument("--no-ppl", action="store_true", help="skip the perplexity before and after")
+    p.add_argument("--force", action="store_true", help="retrain even if this recovery exists")
+    p.add_argument("--background", action="store_true", help="queue it as a background job and return at once")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--data-dir", help="local data folder (default: $PRUNER_DATA_DIR or ../shared/data); 'hub' for the hub")
+    p.add_argument("--cache-dir", help="cache folder (default: <project>/cache)")
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("deepsparse-env", help="create the DeepSparse virtual environment (.venv-deepsparse)")
     p.add_argument("--check", action="store_true", help="only say whether DeepSparse can run (exit 1 if not)")

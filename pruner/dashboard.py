@@ -207,6 +207,11 @@ def deepsparse_available() -> dict:
     return deepsparse_status()
 
 
+def method_label(spec: dict) -> str:
+    """A run's method as the Compare charts group it: a LoRA-recovered run is its own line ("wanda + LoRA")."""
+    return spec["method"] + (" + LoRA" if "recover" in spec else "")
+
+
 def zeroshot_set_label(name: str) -> str:
     """'zeroshot:local:limit100' → 'local files, first 100 documents per task'."""
     parts = name.split(":")

@@ -39,7 +39,7 @@ POLL_S = 0.5
 #: How long opening the job table waits for other processes that hold it (seconds).
 DB_BUSY_TIMEOUT_S = 30.0
 
-KINDS = ("stats", "prune", "eval")
+KINDS = ("stats", "prune", "eval", "recover")
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATES = ("done", "failed", "cancelled")
 
@@ -268,6 +268,9 @@ class JobStore:
 def _label(kind: str, payload: dict) -> str:
     from pruner.specs import spec_from_dict
 
+    if kind == "recover":
+        r = payload["recover"]
+        return f"LoRA recovery (r={r['rank']}, {r['steps']} steps) of run {r['parent']}"
     if kind == "eval":
         what = []
         if payload.get("ppl", True):
@@ -302,6 +305,10 @@ def submit(store: JobStore, kind: str, payload: dict, *, cache_dir: Path | None 
             check_beta(payload["besa"]["beta"])
     elif kind == "eval" and not payload.get("run"):
         raise ValueError("an eval job needs the key of a stored run")
+    elif kind == "recover":
+        from pruner.recover import RecoverSpec
+
+        RecoverSpec(**payload["recover"])  # validate now
     job_id = store.add(kind, payload, _label(kind, payload))
     if start_worker:
         ensure_workers(store, cache_dir=cache_dir, max_workers=max_workers)
@@ -357,6 +364,20 @@ def _execute(store: JobStore, job: Job, cache_dir: Path | None) -> dict:
             r = api.evaluate_perplexity(folder, job.payload.get("data_dir"), max_chunks=job.payload.get("max_chunks"),
                                         progress=progress("perplexity"), should_cancel=should_cancel)
             out["perplexity"] = r["perplexity"]
+        return out
+    if job.kind == "recover":
+        from pruner.recover import RecoverSpec
+
+        spec = RecoverSpec(**job.payload["recover"])
+        parent = run_dir(spec.parent, cache_dir)
+        folder = api.recover_run(parent, spec, job.payload.get("data_dir"), cache_dir,
+                                 progress=lambda ph, d, t: store.progress(job.id, ph, d, t), should_cancel=should_cancel)
+        out = {"run": folder.name, "parent": spec.parent}
+        if job.payload.get("ppl", True):
+            for name, f in (("perplexity_before", parent), ("perplexity", folder)):
+                r = api.evaluate_perplexity(f, job.payload.get("data_dir"), max_chunks=job.payload.get("max_chunks"),
+                                            progress=progress("perplexity"), should_cancel=should_cancel)
+                out[name] = r["perplexity"]
         return out
     folder = run_dir(job.payload["run"], cache_dir)
     out = {"run": job.payload["run"]}

@@ -123,8 +123,9 @@ def run_zip(folder: Path) -> Path:
     os.close(fd)
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:  # safetensors barely compress
-            for path in sorted(folder.iterdir()):
-                z.write(path, f"{folder.name}/{path.name}")
+            for path in sorted(folder.rglob("*")):  # subfolders too (a LoRA run's adapters live in lora/)
+                if path.is_file():
+                    z.write(path, f"{folder.name}/{path.relative_to(folder)}")
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,90 @@
+"""LoRA recovery: settings, the learning-rate schedule by hand, and a real recovery of the tiny stored run (library,
+store, zip and the CLI in a subprocess)."""
+
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pruner import api
+from pruner.recover import RecoverSpec, learning_rate
+from pruner.store import PROJECT_ROOT, read_manifest, run_zip
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="steps must be an integer ≥ 1"):
+        RecoverSpec("abc", steps=0)
+    with pytest.raises(ValueError, match="lr must be a number > 0"):
+        RecoverSpec("abc", lr=float("nan"))
+    assert RecoverSpec("abc").key() != RecoverSpec("abc", steps=50).key() != RecoverSpec("abd").key()
+
+
+def test_learning_rate_warms_up_then_decays_linearly():
+    # 20 steps: warm-up over round(0.1 · 20) = 2 steps, then (20 − t) / 18 of the peak
+    assert [learning_rate(t, 20, 1.0) for t in (0, 1, 2, 11, 19)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 1 / 18])
+
+
+@pytest.fixture(scope="module")
+def recovered(tiny_run, data_dir):
+    cache, parent = tiny_run
+    spec = RecoverSpec(read_manifest(parent)["key"], steps=12, seqlen=32, lr=1e-2)
+    phases = []
+    folder = api.recover_run(parent, spec, data_dir, cache, progress=lambda ph, d, t: phases.append((ph, d, t)))
+    return cache, parent, folder, spec, phases
+
+
+def test_recovery_is_a_new_run_linked_to_its_parent(recovered):
+    cache, parent, folder, spec, phases = recovered
+    assert phases[-1] == ("LoRA steps", 12, 12)
+    m, p = read_manifest(folder), read_manifest(parent)
+    assert m["parent"] == p["key"] and m["key"] == folder.name != p["key"]
+    assert m["label"] == f"{p['label']} + LoRA r=8, 12 steps"
+    assert m["achieved"] == p["achieved"] and m["spec"]["recover"]["steps"] == 12
+    rec = m["recovery"]
+    assert len(rec["losses"]) == 12 and rec["loss_last"] < rec["loss_first"]
+    assert rec["merged"] is False and rec["trainable_params"] > 0
+    assert api.recover_run(parent, spec, None, cache) == folder  # stored: not trained again (no data needed)
+
+
+def test_pruned_weights_are_untouched_and_the_adapters_change_the_output(recovered):
+    _, parent, folder, _, _ = recovered
+    assert load_file(folder / "model.safetensors").keys() == load_file(parent / "model.safetensors").keys()
+    for name, tensor in load_file(parent / "model.safetensors").items():
+        assert torch.equal(load_file(folder / "model.safetensors")[name], tensor)
+    adapters = load_file(folder / api.LORA_SUBFOLDER / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapters.items())  # B starts at 0; it was trained
+    base, _ = api.load_run(parent)
+    model, _ = api.load_run(folder)
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    ids = torch.arange(1, 17)[None]
+    assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits)
+    q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert torch.equal(q, base.model.layers[0].self_attn.q_proj.weight)  # the zeros are where they were
+
+
+def test_zip_carries_the_adapters_and_a_recovered_run_is_not_recovered_again(recovered, data_dir):
+    cache, _, folder, _, _ = recovered
+    with zipfile.ZipFile(run_zip(folder)) as z:
+        names = z.namelist()
+    assert f"{folder.name}/lora/adapter_config.json" in names and f"{folder.name}/model.safetensors" in names
+    with pytest.raises(ValueError, match="is already a LoRA recovery; recover its parent"):
+        api.recover_run(folder, RecoverSpec(folder.name, steps=1), data_dir, cache)
+
+
+def test_cli_recover_prints_perplexity_before_and_after(tiny_run, data_dir, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_run[0], cache)
+    key = tiny_run[1].name
+    cmd = [sys.executable, "-m", "pruner", "recover", "--run", key, "--steps", "3", "--train-seqlen", "32",
+           "--max-chunks", "1", "--device", "cpu", "--cache-dir", str(cache), "--data-dir", data_dir]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"(parent {key})" in r.stdout and "not merged" in r.stdout and "LoRA steps" in r.stderr
+    assert "before (pruned): WikiText-2 test perplexity" in r.stdout and "after LoRA: WikiText-2" in r.stdout
+    bad = subprocess.run(cmd[:4] + ["--run", "deadbeef", "--cache-dir", str(cache)], capture_output=True, text=True,
+                         cwd=PROJECT_ROOT, timeout=60)
+    assert bad.returncode == 2 and "no run 'deadbeef'" in bad.stderr
