@@ -163,10 +163,10 @@ def test_prune_page_queues_jobs_and_lists_runs(app, cached):
     while store.get(job.id).state not in ("done", "failed", "cancelled") and time.time() < end:
         time.sleep(0.5)
     assert store.get(job.id).state in ("done", "cancelled")
-    next(b for b in app.button if b.label == "LoRA recovery").click().run()
+    app.button(key=f"rec-{cached[2].key()}").click().run()  # the stored run, with a 1-chunk perplexity
     assert any("Queued the LoRA recovery of" in s.value for s in app.success)
     rec = next(j for j in store.list() if j.kind == "recover")
-    assert rec.label.startswith("LoRA recovery (r=8, 100 steps) of run ") and rec.payload["max_chunks"] == 1
+    assert rec.label == f"LoRA recovery (r=8, 100 steps) of run {cached[2].key()}" and rec.payload["max_chunks"] == 1
     store.cancel(rec.id)
 
 
