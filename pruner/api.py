@@ -525,6 +525,10 @@ def evaluate_speed(folder: Path, speed_spec=None, cache_dir: Path | None = None,
 
     speed_spec = speed_spec or SpeedSpec()
     manifest = read_manifest(folder)
+    if "recovery" in manifest:
+        raise ValueError(f"run {manifest['key']} is a LoRA recovery: its unmerged adapters are a dense branch beside "
+                         f"the sparse weights, so a speed-up would not be the sparsity's; measure its parent "
+                         f"{manifest['parent']}")
     model_spec = model_spec_of_run(manifest)
     dense = load_model(model_spec, cache_dir)
     pruned, _ = load_run(folder)

@@ -73,6 +73,15 @@ def test_zip_carries_the_adapters_and_a_recovered_run_is_not_recovered_again(rec
     assert f"{folder.name}/lora/adapter_config.json" in names and f"{folder.name}/model.safetensors" in names
     with pytest.raises(ValueError, match="is already a LoRA recovery; recover its parent"):
         api.recover_run(folder, RecoverSpec(folder.name, steps=1), data_dir, cache)
+    with pytest.raises(ValueError, match="is a LoRA recovery: its unmerged adapters are a dense branch"):
+        api.evaluate_speed(folder, None, cache)
+
+
+def test_zero_shot_runs_on_the_recovered_model(recovered, data_dir):
+    _, _, folder, _, _ = recovered
+    result = api.evaluate_zeroshot(folder, data_dir, tasks=["rte"], limit=2)
+    assert result["tasks"]["rte"]["n"] == 2
+    assert read_manifest(folder)["metrics"]["zeroshot:local:limit2"]["tasks"]["rte"]["acc"] == result["tasks"]["rte"]["acc"]
 
 
 def test_cli_recover_prints_perplexity_before_and_after(tiny_run, data_dir, tmp_path):
