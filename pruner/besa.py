@@ -80,8 +80,8 @@ def row_ranks(scores: torch.Tensor) -> torch.Tensor:
     """r: each weight's rank within its row by score, 0 = lowest; ties broken by position, as the methods' stable
     sort does. scores (out, in) → (out, in) long."""
     order = torch.argsort(scores.contiguous(), dim=1, stable=True)
-    ranks = torch.empty_like(order)
-    return ranks.scatter_(1, order, torch.arange(scores.shape[1]).expand_as(order).contiguous())
+    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order).contiguous()
+    return torch.empty_like(order).scatter_(1, order, positions)
 
 
 def rank_buckets(ranks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -156,14 +156,14 @@ def learn_block(block: nn.Module, layers: dict[str, nn.Module], input_norms: dic
     names = list(layers)
     weights, ranks, buckets, counts, logits, numel = {}, {}, {}, {}, {}, []
     for name in names:
-        w = weight_matrix(layers[name]).detach().float()
-        counts[name] = prune_counts(w.shape[1], candidates)
-        ranks[name] = row_ranks(wanda_score(w, input_norms[name].float()))
+        w = weight_matrix(layers[name]).detach().float()  # on the block's (compute) device
+        counts[name] = prune_counts(w.shape[1], candidates).to(w.device)
+        ranks[name] = row_ranks(wanda_score(w, input_norms[name].float().to(w.device)))
         buckets[name] = rank_buckets(ranks[name], counts[name])
         weights[name] = w
-        logits[name] = initial_logits(target, candidates).requires_grad_(True)
+        logits[name] = initial_logits(target, candidates).to(w.device).requires_grad_(True)
         numel.append(w.numel())
-    numel_t = torch.tensor(numel, dtype=torch.float32)
+    numel_t = torch.tensor(numel, dtype=torch.float32, device=weights[names[0]].device)
     optimiser = torch.optim.Adam(list(logits.values()), lr=lr)
     # ‖Y − X‖² per mini-batch: the dense block's own contribution, the scale of its reconstruction error
     scales = [float(((y.float() - x.float()) ** 2).sum()) for x, _, _, y in batches]
