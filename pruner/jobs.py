@@ -178,12 +178,28 @@ class JobStore:
         return [self._job(r) for r in rows]
 
     def alive_workers(self) -> list[int]:
-        now = time.time()
         with self._db() as db:
-            rows = db.execute("SELECT pid, heartbeat FROM workers").fetchall()
-            dead = [r["pid"] for r in rows if not _pid_alive(r["pid"]) or now - r["heartbeat"] > DEAD_AFTER_S]
-            db.executemany("DELETE FROM workers WHERE pid = ?", [(p,) for p in dead])
+            return self._alive_workers(db)
+
+    @staticmethod
+    def _alive_workers(db) -> list[int]:
+        now = time.time()
+        rows = db.execute("SELECT pid, heartbeat FROM workers").fetchall()
+        dead = [r["pid"] for r in rows if not _pid_alive(r["pid"]) or now - r["heartbeat"] > DEAD_AFTER_S]
+        db.executemany("DELETE FROM workers WHERE pid = ?", [(p,) for p in dead])
         return [r["pid"] for r in rows if r["pid"] not in dead]
+
+    @contextmanager
+    def _write_lock(self):
+        """A connection holding SQLite's write lock until the block ends (other writers wait; readers do not)."""
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     # -- changes -------------------------------------------------------------------------------------------
     def add(self, kind: str, payload: dict, label: str) -> int:
@@ -318,18 +334,23 @@ def submit(store: JobStore, kind: str, payload: dict, *, cache_dir: Path | None 
 def ensure_workers(store: JobStore, *, cache_dir: Path | None = None, max_workers: int = 1) -> list[int]:
     """Reap dead jobs, and start workers while fewer than ``max_workers`` are alive and jobs are queued."""
     store.reap()
-    alive = store.alive_workers()
-    queued = sum(1 for j in store.list(1000) if j.state == "queued")
     started = []
-    for _ in range(min(max_workers - len(alive), queued)):
-        cmd = [sys.executable, "-m", "pruner", "jobs", "worker", "--db", str(store.path)]
-        if cache_dir is not None:
-            cmd += ["--cache-dir", str(cache_dir)]
-        log = open(store.path.parent / "worker.log", "ab")
-        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-        store.beat(proc.pid, None)  # registered at once, so a second call does not start another
-        started.append(proc.pid)
+    # Counting the live workers and registering new ones happen under one write lock: two processes submitting at
+    # the same moment (two app sessions, two CLI calls) would otherwise both see no worker and both start one —
+    # and two torch workers on a 2-core machine slow each other down many times over.
+    with store._write_lock() as db:
+        alive = store._alive_workers(db)
+        queued = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
+        for _ in range(min(max_workers - len(alive), queued)):
+            cmd = [sys.executable, "-m", "pruner", "jobs", "worker", "--db", str(store.path)]
+            if cache_dir is not None:
+                cmd += ["--cache-dir", str(cache_dir)]
+            log = open(store.path.parent / "worker.log", "ab")
+            proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+            now = time.time()
+            db.execute("INSERT OR REPLACE INTO workers (pid, started, heartbeat) VALUES (?, ?, ?)", (proc.pid, now, now))
+            started.append(proc.pid)
     return started
 
 

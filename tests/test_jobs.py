@@ -85,7 +85,7 @@ def test_job_survives_the_submitting_process_and_concurrent_submitters(cache, da
     assert len(jobs) == 2
     for job in jobs:
         assert _wait(store, job.id, _final).state == "done"
-    assert len({j.worker_pid for j in store.list()}) >= 1
+    assert len({j.worker_pid for j in store.list()}) == 1  # one worker (max_workers=1) ran both, despite the race
 
 
 def test_cancel_stops_between_blocks_and_leaves_no_run(cache, data_dir):
