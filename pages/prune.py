@@ -29,10 +29,10 @@ with st.form("grid"):
     methods = c[1].multiselect("Methods", list(METHODS), default=["wanda"], key="grid_methods")
     sparsities = c[2].multiselect("Target sparsities", SPARSITIES, default=[round(prefill.get("sparsity", 0.7), 2)],
                                   format_func=lambda s: f"{s:.0%}", key="grid_sparsities")
-    c = st.columns(5)
+    c = st.columns(4)
     lam = c[0].number_input("λ (OWL)", 0.0, 0.5, float(prefill.get("lam", OWL_DEFAULT_LAMBDA)), 0.01, key="grid_lam")
-    m = c[1].number_input("M (OWL)", 0.5, 50.0, float(prefill.get("m", OWL_DEFAULT_M)), 0.5, key="grid_m")
-    beta = c[4].number_input("β (BESA)", 0.1, 1000.0, BESA_DEFAULT_BETA, 5.0, key="grid_beta",
+    m = c[0].number_input("M (OWL)", 0.5, 50.0, float(prefill.get("m", OWL_DEFAULT_M)), 0.5, key="grid_m")
+    beta = c[1].number_input("β (BESA)", 0.1, 1000.0, BESA_DEFAULT_BETA, 5.0, key="grid_beta",
                              help="weight of BESA's sparsity penalty ((ŝ − S)/S)²; BESA learns its allocation "
                                   "first (about 10 s per SmolLM2 block here, cached per S and β)")
     pattern = c[2].selectbox("Pattern", ["unstructured", "2:4", "4:8"],
