@@ -89,7 +89,7 @@ if "besa" in shown:
                                                            (float(values.min()), float(values.max()))),
                              width="stretch", key=f"alloc_heat_{a.allocator}")
         gain = 1 - np.mean(besa["error_hard"]) / np.mean(besa["error_uniform"])
-        st.caption(f"Learned in {besa['seconds']:.0f} s ({besa['epochs']} epochs of {besa['steps_per_block']} "
-                   f"steps per block). Block reconstruction error with hard Wanda masks, averaged over blocks: "
+        st.caption(f"Learned in {besa['seconds']:.0f} s ({besa['epochs']} epochs, {besa['steps_per_block']} "
+                   f"optimiser steps per block). Block reconstruction error with hard Wanda masks, averaged over blocks: "
                    f"{np.mean(besa['error_hard']):.4f} with BESA's sparsities vs {np.mean(besa['error_uniform']):.4f} "
                    f"with S in every layer ({gain:.0%} lower).")
