@@ -78,8 +78,9 @@ def main():
         if "error" in row:
             print(f"{method:<10} {alloc:<12} {S:5.2f} error: {row['error']}")
         else:
-            learn = (f"  learning {row['learn_s']:.0f} s = {row['learn_s'] / t_forward:.1f}× a forward"
-                     if row["learn_s"] is not None else "")
+            learn = "" if row["learn_s"] is None else (
+                "  learned allocation reused from the cache" if row["learn_s"] < 1 else
+                f"  learning {row['learn_s']:.0f} s = {row['learn_s'] / t_forward:.1f}× a forward")
             print(f"{method:<10} {alloc:<12} {S:5.2f} {row['ppl']:10.3f} {row['prune_s']:8.1f} "
                   f"{row['prune_over_forward']:6.2f}" + (f"  (λ={lam}, M={mm})" if lam else "") + learn, flush=True)
 
