@@ -27,6 +27,13 @@ BESA_DEFAULT_BETA = 50.0
 _ROUNDOFF = 1e-12
 
 
+def check_beta(beta: float) -> float:
+    """BESA's β must be a finite number > 0."""
+    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and np.isfinite(beta) and beta > 0):
+        raise ValueError(f"β (beta) must be a finite number > 0; got {beta!r}")
+    return float(beta)
+
+
 def check_sparsity(sparsity: float) -> float:
     s = float(sparsity)
     if not (0.0 < s < 1.0):
@@ -305,7 +312,7 @@ class Allocation:
         return out
 
 
-def _check_learned(learned, n_layers: int, S: float) -> np.ndarray:
+def _check_learned(learned, n_layers: int) -> np.ndarray:
     s = np.asarray(learned, dtype=np.float64)
     if s.shape != (n_layers,):
         raise ValueError(f"learned sparsities must be one per prunable layer ({n_layers}); got shape {s.shape}")
@@ -330,7 +337,7 @@ def allocate(name: str, inputs: AllocationInputs, sparsity: float, *, lam: float
     if "m" in a.params and not (np.isfinite(m) and m > 0):
         raise ValueError(f"M must be > 0; got {m!r}")
     if a.learned and learned is not None:
-        layer = _check_learned(learned, len(inputs.layer_shapes), S)
+        layer = _check_learned(learned, len(inputs.layer_shapes))
     else:
         layer = np.asarray(a.compute(inputs, S, lam, m), dtype=np.float64)
     shapes = np.asarray(inputs.layer_shapes, dtype=np.float64)

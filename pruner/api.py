@@ -115,13 +115,15 @@ def cached_besa(spec: StatsSpec, sparsity: float, beta: float | None = None,
 
 
 def besa_allocation(spec: StatsSpec, sparsity: float, beta: float | None = None, cache_dir: Path | None = None, *,
-                    loaded: LoadedModel | None = None, tokens=None, progress: ProgressFn | None = None,
+                    loaded: LoadedModel | None = None, tokens=None, stats: Stats | None = None,
+                    progress: ProgressFn | None = None,
                     should_cancel: Callable[[], bool] | None = None, batch_size: int = 4) -> dict:
     """Learn (or load the cached) BESA per-layer sparsities on the dense model.
 
     Returns {"layer_sparsity": [...], "layer_names", "layer_block", per-block "learned_mean", "shift",
     "error_first", "error_last", "error_hard", "error_uniform", "seconds", settings}; the layer order is the
-    statistics' order. The dense model is not modified. The cache entry appears only when complete."""
+    statistics' order. The dense model is not modified. The cache entry appears only when complete. ``stats``: the
+    spec's statistics if the caller has them (else cached or computed)."""
     from pruner.allocation import BESA_DEFAULT_BETA, check_sparsity
     from pruner.besa import BESA_DEFAULT_EPOCHS, BESA_DEFAULT_LR, BESA_STEP, learn_sparsities
 
@@ -132,10 +134,11 @@ def besa_allocation(spec: StatsSpec, sparsity: float, beta: float | None = None,
         return found
     loaded = loaded if loaded is not None else load_model(spec.model, cache_dir)
     tokens = tokens if tokens is not None else calibration_tokens(loaded.tokenizer, spec.calib)
+    stats = stats if stats is not None else get_stats(spec, cache_dir, loaded=loaded, tokens=tokens,
+                                                      batch_size=batch_size)
     t0 = time.perf_counter()
-    blocks = learn_sparsities(loaded.model, tokens, S, beta=beta, device=loaded.device, batch_size=batch_size,
+    blocks = learn_sparsities(loaded.model, tokens, S, stats, beta=beta, device=loaded.device, batch_size=batch_size,
                               progress=progress, should_cancel=should_cancel)
-    numel = [[int(w) for w in b.numel] for b in blocks]
     result = {
         "sparsity": S, "beta": beta, "epochs": BESA_DEFAULT_EPOCHS, "lr": BESA_DEFAULT_LR, "step": BESA_STEP,
         "model": spec.model.identity(), "calib": spec.calib.identity(),
@@ -148,7 +151,6 @@ def besa_allocation(spec: StatsSpec, sparsity: float, beta: float | None = None,
         "shift": [b.shift for b in blocks],
         **{k: [getattr(b, k) for b in blocks] for k in ("error_first", "error_last", "error_hard", "error_uniform")},
         "steps_per_block": blocks[0].steps,
-        "layer_numel": numel,
     }
     with atomic_dir(_besa_path(spec, S, beta, cache_dir)) as tmp:
         (tmp / "besa.json").write_text(json.dumps(result, indent=1))
@@ -229,7 +231,7 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
         t0 = time.perf_counter()
         besa = besa_allocation(spec.stats_spec, spec.sparsity, spec.beta, cache_dir, loaded=base,
                                tokens=tokens if tokens is not None else calibration_tokens(base.tokenizer, spec.calib),
-                               progress=phase("learn allocation"), should_cancel=should_cancel,
+                               stats=stats, progress=phase("learn allocation"), should_cancel=should_cancel,
                                batch_size=batch_size)
         learned, t_learn = besa_layer_sparsity(besa, stats), time.perf_counter() - t0
     alloc = allocate(spec.allocator, stats, spec.sparsity, lam=spec.lam, m=spec.m, beta=spec.beta, learned=learned)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pruner.allocation import BESA_DEFAULT_BETA
+from pruner.allocation import BESA_DEFAULT_BETA, check_beta
 from pruner.calibrate import ProgressFn, run_blockwise
 from pruner.methods.masks import prune_count
 from pruner.models import weight_matrix
@@ -211,20 +211,34 @@ def learn_block(block: nn.Module, layers: dict[str, nn.Module], input_norms: dic
                        hard_error([target] * len(names)))
 
 
+def block_input_norms(stats) -> list[dict[str, torch.Tensor]]:
+    """‖X_j‖₂ of every prunable layer, per block (name → (in,)), from the dense model's cached statistics: the same
+    calibration inputs BESA learns on, so the Wanda ranking is not accumulated a second time."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(stats.n_blocks)]
+    for block, name, norm in zip(np.asarray(stats.layer_block).tolist(), stats.layer_names, stats.input_norms):
+        out[block][name] = torch.as_tensor(norm)
+    return out
+
+
 @dataclass
 class BesaObserver:
     """A ``BlockObserver`` that learns each block's layer sparsities from the dense block's inputs and outputs and
-    leaves the weights as they are (so the next block sees dense inputs)."""
+    leaves the weights as they are (so the next block sees dense inputs).
+
+    input_norms: per block, layer name → ‖X_j‖₂ on the same calibration set (``block_input_norms(stats)``)."""
 
     target: float
+    input_norms: list[dict[str, torch.Tensor]]
     beta: float = BESA_DEFAULT_BETA
     epochs: int = BESA_DEFAULT_EPOCHS
     lr: float = BESA_DEFAULT_LR
     results: list[BlockResult] = field(default_factory=list)
 
     def attach(self, index, block, layers):
+        if set(self.input_norms[index]) != set(layers):
+            raise ValueError(f"block {index}: the statistics' layers {sorted(self.input_norms[index])} are not this "
+                             f"model's {sorted(layers)}")
         self._batches = []
-        self._sumsq = {name: None for name in layers}
 
         def record_block(module, args, kwargs, output):
             x, rest = (args[0], args[1:]) if args else (kwargs["hidden_states"], ())
@@ -232,29 +246,13 @@ class BesaObserver:
             y = output if isinstance(output, torch.Tensor) else output[0]
             self._batches.append((x.detach(), rest, kw, y.detach()))
 
-        handles = [block.register_forward_hook(record_block, with_kwargs=True)]
-        for name, layer in layers.items():
-
-            def record_layer(module, args, output, name=name):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                part = (x * x).sum(dim=0)
-                self._sumsq[name] = part if self._sumsq[name] is None else self._sumsq[name] + part
-
-            handles.append(layer.register_forward_hook(record_layer))
-        return handles
+        return [block.register_forward_hook(record_block, with_kwargs=True)]
 
     def finish(self, index, block, layers) -> bool:
-        norms = {name: s.sqrt() for name, s in self._sumsq.items()}
-        self.results.append(learn_block(block, layers, norms, self._batches, self.target, beta=self.beta,
-                                        epochs=self.epochs, lr=self.lr))
+        self.results.append(learn_block(block, layers, self.input_norms[index], self._batches, self.target,
+                                        beta=self.beta, epochs=self.epochs, lr=self.lr))
         self._batches = []
         return False
-
-
-def check_beta(beta: float) -> float:
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"β (beta) must be a finite number > 0; got {beta!r}")
-    return float(beta)
 
 
 def check_besa_params(beta: float, epochs: int, lr: float) -> None:
@@ -265,15 +263,16 @@ def check_besa_params(beta: float, epochs: int, lr: float) -> None:
         raise ValueError(f"BESA's learning rate must be > 0; got {lr!r}")
 
 
-def learn_sparsities(model: nn.Module, tokens: torch.Tensor, target: float, *, beta: float = BESA_DEFAULT_BETA,
+def learn_sparsities(model: nn.Module, tokens: torch.Tensor, target: float, stats, *, beta: float = BESA_DEFAULT_BETA,
                      epochs: int = BESA_DEFAULT_EPOCHS, lr: float = BESA_DEFAULT_LR, device="cpu", batch_size: int = 4,
                      progress: ProgressFn | None = None,
                      should_cancel: Callable[[], bool] | None = None) -> list[BlockResult]:
-    """Learn every block's layer sparsities through the one calibration loop (the model is not modified)."""
+    """Learn every block's layer sparsities through the one calibration loop (the model is not modified).
+    ``stats``: the dense model's ``Stats`` on the same calibration tokens (for the Wanda ranking's ‖X_j‖₂)."""
     if not (0 < target < 1):
         raise ValueError(f"target sparsity S must be in (0, 1); got {target!r}")
     check_besa_params(beta, epochs, lr)
-    observer = BesaObserver(target, beta, epochs, lr)
+    observer = BesaObserver(target, block_input_norms(stats), beta, epochs, lr)
     run_blockwise(model, tokens, observer, device=device, batch_size=batch_size, progress=progress,
                   should_cancel=should_cancel)
     return observer.results

@@ -147,7 +147,7 @@ def cmd_allocate(args) -> int:
 
 
 def _check_beta(beta: float | None) -> float | None:
-    from pruner.besa import check_beta
+    from pruner.allocation import check_beta
 
     try:
         return None if beta is None else check_beta(beta)
@@ -162,7 +162,8 @@ def _allocate_besa(args, spec, S: float) -> int:
 
     beta = _check_beta(args.beta)
     stats = api.get_stats(spec, _cache(args), progress=_progress_bar("outlier statistics"), batch_size=args.batch_size)
-    result = api.besa_allocation(spec, S, beta, _cache(args), progress=_progress_bar("learning BESA sparsities"),
+    result = api.besa_allocation(spec, S, beta, _cache(args), stats=stats,
+                                 progress=_progress_bar("learning BESA sparsities"),
                                  batch_size=args.batch_size)
     alloc = allocate("besa", stats, S, beta=result["beta"], learned=api.besa_layer_sparsity(result, stats))
     if args.json:

@@ -314,8 +314,7 @@ def submit(store: JobStore, kind: str, payload: dict, *, cache_dir: Path | None 
 
         spec_from_dict(payload["spec"])  # validate now, not in the worker
         if payload.get("besa"):
-            from pruner.allocation import check_sparsity
-            from pruner.besa import check_beta
+            from pruner.allocation import check_beta, check_sparsity
 
             check_sparsity(payload["besa"]["sparsity"])
             check_beta(payload["besa"]["beta"])
@@ -372,8 +371,8 @@ def _execute(store: JobStore, job: Job, cache_dir: Path | None) -> dict:
         out = {"stats_key": spec.key(), "blocks": stats.n_blocks}
         if job.payload.get("besa"):  # then learn BESA's sparsities at this S and β (cached like the statistics)
             b = job.payload["besa"]
-            result = api.besa_allocation(spec, b["sparsity"], b["beta"], cache_dir, progress=progress("learn allocation"),
-                                         should_cancel=should_cancel)
+            result = api.besa_allocation(spec, b["sparsity"], b["beta"], cache_dir, stats=stats,
+                                         progress=progress("learn allocation"), should_cancel=should_cancel)
             out["besa_seconds"] = result["seconds"]
         return out
     if job.kind == "prune":

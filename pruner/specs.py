@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +148,7 @@ class PruneSpec:
     beta: float | None = None  # BESA's penalty weight β (learned allocator only)
 
     def __post_init__(self):
-        from pruner.allocation import ALLOCATORS, BESA_DEFAULT_BETA, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M
+        from pruner.allocation import ALLOCATORS, BESA_DEFAULT_BETA, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, check_beta
         from pruner.methods import METHODS, NM, SCOPES
 
         if self.allocator not in ALLOCATORS:
@@ -169,10 +168,8 @@ class PruneSpec:
         # Normalise: parameters the allocator ignores are dropped, the ones it uses get their defaults.
         object.__setattr__(self, "lam", (OWL_DEFAULT_LAMBDA if self.lam is None else float(self.lam)) if "lam" in uses else None)
         object.__setattr__(self, "m", (OWL_DEFAULT_M if self.m is None else float(self.m)) if "m" in uses else None)
-        object.__setattr__(self, "beta", (BESA_DEFAULT_BETA if self.beta is None else float(self.beta))
+        object.__setattr__(self, "beta", (BESA_DEFAULT_BETA if self.beta is None else check_beta(self.beta))
                            if "beta" in uses else None)
-        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):  # pruner.besa.check_beta's rule
-            raise ValueError(f"β (beta) must be a finite number > 0; got {self.beta:g}")
         if self.lam is not None and self.lam < 0:
             raise ValueError(f"λ (lam) must be ≥ 0; got {self.lam:g}")
         if self.m is not None and self.m <= 0:

@@ -7,11 +7,12 @@ import torch
 
 from pruner import api
 from pruner.allocation import BESA_DEFAULT_BETA, allocate
-from pruner.besa import (KEEP_FLOOR, BesaObserver, candidate_sparsities, expected_keep, expected_sparsity,
-                         learn_sparsities, prune_counts, rank_buckets, row_ranks, shift_to_target)
+from pruner.besa import (KEEP_FLOOR, BesaObserver, block_input_norms, candidate_sparsities, expected_keep,
+                         expected_sparsity, learn_sparsities, prune_counts, rank_buckets, row_ranks, shift_to_target)
 from pruner.calibrate import Cancelled, run_blockwise
 from pruner.data import calibration_tokens
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+from pruner.stats import collect_stats
 from pruner.store import read_manifest
 from tests.tiny_models import tiny_model, tiny_tokens
 
@@ -58,7 +59,7 @@ def test_shift_to_target_by_hand():
 
 
 def _learn_first_blocks(model, tokens, target, blocks=1, **kw):
-    observer = BesaObserver(target, **kw)
+    observer = BesaObserver(target, block_input_norms(collect_stats(model, tokens, "cpu")), **kw)
     try:
         run_blockwise(model, tokens, observer, progress=None, should_cancel=lambda: len(observer.results) >= blocks)
     except Cancelled:
@@ -70,7 +71,8 @@ def _learn_first_blocks(model, tokens, target, blocks=1, **kw):
 def test_learning_lowers_the_error_and_meets_the_target_exactly(family):
     model = tiny_model(family)
     flags = [p.requires_grad for p in model.parameters()]
-    results = learn_sparsities(model, tiny_tokens(8, 16), 0.6, epochs=4, batch_size=4)
+    tokens = tiny_tokens(8, 16)
+    results = learn_sparsities(model, tokens, 0.6, collect_stats(model, tokens, "cpu"), epochs=4, batch_size=4)
     assert len(results) == 3
     for r in results:
         assert r.error_last < r.error_first
@@ -82,13 +84,16 @@ def test_learning_lowers_the_error_and_meets_the_target_exactly(family):
 
 
 def test_bad_settings_are_rejected():
-    model = tiny_model("llama")
+    model, tokens = tiny_model("llama"), tiny_tokens(4, 8)
+    stats = collect_stats(model, tokens, "cpu")
     with pytest.raises(ValueError, match=r"β \(beta\) must be a finite number > 0"):
-        learn_sparsities(model, tiny_tokens(4, 8), 0.5, beta=0)
+        learn_sparsities(model, tokens, 0.5, stats, beta=0)
     with pytest.raises(ValueError, match="epochs must be an integer ≥ 1"):
-        learn_sparsities(model, tiny_tokens(4, 8), 0.5, epochs=0)
+        learn_sparsities(model, tokens, 0.5, stats, epochs=0)
     with pytest.raises(ValueError, match=r"S must be in \(0, 1\)"):
-        learn_sparsities(model, tiny_tokens(4, 8), 1.0)
+        learn_sparsities(model, tokens, 1.0, stats)
+    with pytest.raises(ValueError, match="the statistics' layers"):
+        learn_sparsities(tiny_model("gpt2"), tokens, 0.5, stats)  # another architecture's statistics
     with pytest.raises(ValueError, match="learned from calibration data"):
         allocate("besa", None, 0.5)
     with pytest.raises(ValueError, match=r"β \(beta\) must be a finite number > 0"):
