@@ -78,7 +78,8 @@ for run in runs:
     c[0].markdown(f"**{run['label']}** · achieved {run['achieved']['overall']:.2%} · {ppl_text} · `{run['key']}`")
     folder = run_dir(run["key"], sel.cache_dir)
     c[1].download_button("Download zip", data=lambda folder=folder: open(run_zip(folder), "rb").read(),
-                         file_name=f"{run['key']}.zip", mime="application/zip", key=f"dl-{run['key']}")
+                         file_name=f"{run['key']}.zip", mime="application/zip", key=f"dl-{run['key']}",
+                         on_click="ignore")  # a rerun here would race the zip being made (see JOBS_REFRESH_*)
     if "recovery" not in run and c[1].button("LoRA recovery", key=f"rec-{run['key']}",
                                             help=f"fine-tune LoRA adapters for {RECOVER_DEFAULT_STEPS} steps on "
                                                  "calibration text (adapters kept separate, so the zeros stay); "

@@ -12,7 +12,7 @@ from pathlib import Path
 import streamlit as st
 
 from pruner import api
-from pruner.jobs import JobStore, default_db, ensure_workers
+from pruner.jobs import ACTIVE_STATES, JobStore, default_db, ensure_workers
 from pruner.models import DEFAULT_MODEL, available_bundled
 from pruner.specs import CALIB_PRESETS, DEFAULT_CALIB_PRESET, DEVICES, CalibSpec, ModelSpec, StatsSpec
 from pruner.store import default_data_dir
@@ -174,7 +174,7 @@ def job_row(job) -> None:
         cols[1].write(f"{icon} {job.state}")
     if job.elapsed is not None:
         cols[2].write(f"{job.elapsed:.0f} s")
-    if job.state in ("queued", "running") and not job.cancel_requested:
+    if job.state in ACTIVE_STATES and not job.cancel_requested:
         if cols[3].button("Cancel", key=f"cancel-{job.id}"):
             job_store().cancel(job.id)
             st.rerun()
@@ -182,10 +182,40 @@ def job_row(job) -> None:
         st.error(f"Job #{job.id} failed: {job.error.splitlines()[0]}")
 
 
-@st.fragment(run_every=2.0)
+# How often the job list refreshes itself. Every refresh ends with Streamlit's sweep of media files no element
+# references, and a zip made by a "Download zip" click is such a file: the second sweep after it is made deletes
+# it, and a browser that has not started fetching it by then gets a cancelled download. So the list refreshes
+# quickly only while there is progress to show, and slowly otherwise (still picking up jobs queued from the CLI or
+# another tab).
+JOBS_REFRESH_ACTIVE_S = 2.0
+JOBS_REFRESH_IDLE_S = 15.0
+
+
 def jobs_panel(sel: Selection | None, state_key: str) -> None:
-    """The job list, refreshed every 2 s; the whole page reruns when a job finishes (to show its results)."""
+    """The job list: refreshed every 2 s while a job is queued or running, every 15 s otherwise; the whole page
+    reruns when a job finishes (to show its results) and when the list turns active or idle."""
     st.subheader("Jobs")
+    if any(j.state in ACTIVE_STATES for j in job_store(sel).list(50)):
+        _jobs_live(sel, state_key)
+    else:
+        _jobs_idle(sel, state_key)
+
+
+@st.fragment(run_every=JOBS_REFRESH_ACTIVE_S)
+def _jobs_live(sel: Selection | None, state_key: str) -> None:
+    if not _job_list(sel, state_key):
+        st.rerun(scope="app")  # the last job ended: switch to the slow refresh
+
+
+@st.fragment(run_every=JOBS_REFRESH_IDLE_S)
+def _jobs_idle(sel: Selection | None, state_key: str) -> None:
+    if _job_list(sel, state_key):
+        st.rerun(scope="app")  # a job was queued elsewhere: switch to the fast refresh
+
+
+def _job_list(sel: Selection | None, state_key: str) -> bool:
+    """Draw the jobs (starting a worker if queued jobs have none); rerun the page when one more has finished.
+    Returns whether any job is still queued or running."""
     store = job_store(sel)
     keep_workers(store, sel)
     jobs = store.list(50)
@@ -197,6 +227,7 @@ def jobs_panel(sel: Selection | None, state_key: str) -> None:
     if st.session_state.setdefault(state_key, finished) != finished:
         st.session_state[state_key] = finished
         st.rerun(scope="app")
+    return any(j.state in ACTIVE_STATES for j in jobs)
 
 
 @st.cache_data(ttl=60, show_spinner=False)

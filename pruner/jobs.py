@@ -41,6 +41,7 @@ DB_BUSY_TIMEOUT_S = 30.0
 
 KINDS = ("stats", "prune", "eval", "recover")
 STATES = ("queued", "running", "done", "failed", "cancelled")
+ACTIVE_STATES = ("queued", "running")  # a job in these states has not ended
 FINAL_STATES = ("done", "failed", "cancelled")
 
 SCHEMA = """
