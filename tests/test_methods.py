@@ -21,6 +21,19 @@ def test_layer_scope_exact():
     assert lowest_mask(scores, 0.75, "layer").tolist() == [[T, F], [T, T]]
 
 
+@pytest.mark.parametrize("scope", ["row", "layer"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.7, 0.95])
+def test_lowest_mask_equals_a_stable_sort_prefix(scope, sparsity):
+    """The k-th-value selection must pick exactly what a stable sort's first k positions pick, ties included."""
+    torch.manual_seed(1)
+    scores = torch.randint(0, 5, (37, 23)).float()  # 5 distinct values: ties everywhere
+    groups = scores.reshape(1, -1) if scope == "layer" else scores
+    k = prune_count(groups.shape[1], sparsity)
+    expected = torch.zeros_like(groups, dtype=torch.bool)
+    expected.scatter_(1, torch.argsort(groups, dim=1, stable=True)[:, :k], True)
+    assert torch.equal(lowest_mask(scores, sparsity, scope), expected.reshape(scores.shape))
+
+
 def test_prune_count_rounds_and_validates():
     assert prune_count(576, 0.7) == 403 and prune_count(10, 0.0) == 0
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
@@ -103,6 +116,38 @@ def test_sparsegpt_reconstructs_better_than_wanda(sparsity, nm):
         assert per_block.tolist() == [prune_count(8192, sparsity)] * 2
     else:
         assert (masks["sparsegpt"].reshape(64, -1, 4).sum(-1) == 2).all()
+
+
+def _textbook_sparsegpt(W, H, sparsity, block=128, dampening=0.01):
+    """SparseGPT without lazy batching: one column at a time, the mask chosen at the start of each block of
+    columns from the current weights (float64), as the paper's Algorithm 1 states it."""
+    W = W.double().clone()
+    H = H.double().clone()
+    H.diagonal().add_(dampening * H.diagonal().mean())
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for j in range(W.shape[1]):
+        if j % block == 0:
+            cols = slice(j, min(j + block, W.shape[1]))
+            scores = W[:, cols] ** 2 / U.diagonal()[cols] ** 2
+            mask[:, cols] = lowest_mask(scores, sparsity, "layer")
+        e = W[:, j] * mask[:, j] / U[j, j]
+        W[:, j:] -= torch.outer(e, U[j, j:])
+    W[mask] = 0
+    return W, mask
+
+
+def test_sparsegpt_equals_the_textbook_column_by_column_algorithm():
+    torch.manual_seed(2)
+    n = 300  # two full blocks of 128 columns and a partial one
+    X = torch.randn(2000, n) @ (torch.eye(n) + 0.2 * torch.randn(n, n))
+    W = (torch.randn(40, n) * 4).round() / 4  # quantized weights: many tied scores
+    m = METHODS["sparsegpt"](n)
+    m.accumulate(X)
+    got, got_mask = m.prune(W, 0.6)
+    expected, expected_mask = _textbook_sparsegpt(W, X.double().T @ X.double(), 0.6)
+    assert torch.equal(got_mask, expected_mask)
+    torch.testing.assert_close(got.double(), expected, atol=2e-4, rtol=1e-4)
 
 
 def test_sparsegpt_zero_sparsity_changes_nothing():
