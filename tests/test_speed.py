@@ -28,7 +28,10 @@ def test_export_reproduces_pytorch_prefill_and_decode(tmp_path):
     spec = SpeedSpec(batch=2, seqlen=8)
     paths = export_graphs(model, tmp_path, spec)
     assert model.config._attn_implementation == before  # the caller's model is left as it was
-    assert onnx.load(paths["decode"]).ir_version == speed.DEEPSPARSE_IR_VERSION
+    decode_graph = onnx.load(paths["decode"])
+    assert decode_graph.ir_version == speed.DEEPSPARSE_IR_VERSION
+    ops = {n.op_type for n in decode_graph.graph.node}
+    assert "Reciprocal" not in ops and "Div" in ops  # RMSNorm's rsqrt, in the form DeepSparse runs itself
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids).logits
@@ -54,6 +57,20 @@ def test_fold_weight_transposes_on_a_hand_made_graph(tmp_path):
     onnx.save(proto, tmp_path / "g.onnx")
     x = np.array([[1, 2, 3]], dtype=np.float32)
     np.testing.assert_array_equal(_run(tmp_path / "g.onnx", [x])[0], x @ w.T)  # [[8, 26]]
+
+
+def test_reciprocals_become_divisions_on_a_hand_made_graph(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Sqrt", ["x"], ["r"]), helper.make_node("Reciprocal", ["r"], ["inv"]),
+         helper.make_node("Mul", ["x", "inv"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert speed.reciprocals_as_divisions(proto) == 1
+    assert [n.op_type for n in proto.graph.node] == ["Sqrt", "Div", "Mul"]  # order kept
+    onnx.save(proto, tmp_path / "g.onnx")
+    x = np.array([[1, 4, 9]], dtype=np.float32)
+    np.testing.assert_allclose(_run(tmp_path / "g.onnx", [x])[0], [[1, 2, 3]])  # x / √x
 
 
 def test_ideal_decode_speedup_counts_block_linears_and_the_head():
