@@ -41,7 +41,11 @@ def test_export_reproduces_pytorch_prefill_and_decode(tmp_path):
     # decode step on the prefill's KV cache = the full forward's next position
     decode = _run(paths["decode"], [ids[:, 8:].numpy(), *prefill[1:]])
     np.testing.assert_allclose(decode[0][:, 0], full[:, 8].numpy(), atol=1e-5)
-    assert decode[1].shape[2] == 9  # the cache grew by one position
+    assert decode[1].shape[2] == 1  # only the new position's key (the caller appends it to its cache)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    np.testing.assert_allclose(decode[1], cache.layers[0].keys[:, :, 8:].numpy(), atol=1e-5)
+    np.testing.assert_allclose(decode[2], cache.layers[0].values[:, :, 8:].numpy(), atol=1e-5)
 
 
 def test_fold_weight_transposes_on_a_hand_made_graph(tmp_path):
