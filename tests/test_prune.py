@@ -112,6 +112,24 @@ def test_perplexity_equals_direct_full_sequence_computation():
     assert ppl == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
 
 
+def test_summed_nll_by_hand_and_sliced(monkeypatch):
+    from pruner.evaluate import perplexity
+
+    IGN = perplexity.IGNORE
+    logits = torch.zeros(5, 4)  # uniform over 4 tokens: each scored row costs log 4
+    targets = torch.tensor([0, 1, IGN, 3, 2])
+    assert perplexity.summed_nll(logits, targets) == pytest.approx(4 * math.log(4))
+    # slices of 2 rows (3 slices for 5 rows) give the same sum as one cross-entropy over everything
+    monkeypatch.setattr(perplexity, "NLL_SLICE_BYTES", 2 * 4 * 4)
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    whole = float(torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGN, reduction="sum"))
+    assert perplexity.summed_nll(logits, targets) == pytest.approx(whole, rel=1e-6)
+    model = tiny_model("llama")  # and perplexity over slices equals Hugging Face's own loss
+    chunks = tiny_tokens(2, 16, seed=7)
+    losses = [float(model(input_ids=c[None], labels=c[None]).loss) for c in chunks]
+    assert perplexity_of_chunks(model, chunks, "cpu")[0] == pytest.approx(math.exp(sum(losses) / 2), rel=1e-5)
+
+
 def test_layers_fed_the_same_tensor_share_one_state():
     from pruner.calibrate import run_blockwise
     from pruner.prune import PruningObserver
