@@ -43,9 +43,11 @@ for r in runs:
                  "M": spec["m"] if spec["m"] is not None else float("nan"), "achieved": r["achieved"]["overall"],
                  "ppl": p["perplexity"] if p else None,
                  "ppl chunks": f"{p['chunks']}/{p['chunks_total']}" if p else "",
-                 "prune s": r["timings_s"]["prune"], "created": r["created"]})
+                 # a LoRA-recovered run was trained from its parent, not pruned: its time is the training's
+                 "prune / LoRA s": r["timings_s"]["recover" if "recover" in spec else "prune"],
+                 "created": r["created"]})
 table = pd.DataFrame(rows)
-st.dataframe(table.style.format({"sparsity": "{:.0%}", "achieved": "{:.4%}", "ppl": "{:,.3f}", "prune s": "{:.1f}",
+st.dataframe(table.style.format({"sparsity": "{:.0%}", "achieved": "{:.4%}", "ppl": "{:,.3f}", "prune / LoRA s": "{:.1f}",
                                  "λ": "{:.2f}", "M": "{:g}"}, na_rep="–"), width="stretch", hide_index=True)
 partial = table["ppl chunks"].str.split("/").apply(lambda x: len(x) == 2 and x[0] != x[1]).any()
 if partial:

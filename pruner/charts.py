@@ -122,7 +122,11 @@ def ppl_vs_sparsity_figure(rows: list[dict], dense: float | None) -> go.Figure:
         fig.add_trace(go.Scatter(x=[r["sparsity"] * 100 for r in rs], y=[r["ppl"] for r in rs], mode="lines+markers",
                                  name=name))
     if dense is not None:
-        fig.add_hline(y=dense, line=dict(dash="dot", color="black"), annotation_text=f"dense {dense:.2f}")
+        fig.add_hline(y=dense, line=dict(dash="dot", color="black"))
+        # On a log axis an annotation's y is in log10 units: the label placed at y=dense (what add_hline's
+        # annotation_text does) stretched the axis up to 10^dense, squashing every curve against its floor.
+        fig.add_annotation(x=1, xref="x domain", y=np.log10(dense), yref="y", text=f"dense {dense:.2f}",
+                           showarrow=False, xanchor="right", yanchor="bottom")
     fig.update_layout(title="WikiText-2 perplexity vs sparsity", xaxis_title="achieved sparsity (%)",
                       yaxis_title="perplexity (log scale)", yaxis_type="log", height=450,
                       margin=dict(l=60, r=20, t=60, b=50))

@@ -89,3 +89,18 @@ def test_queue_a_zeroshot_evaluation_from_the_page(compare, evaluated):
     assert read_manifest(evaluated[1])["metrics"]["zeroshot:local:limit1"]["tasks"]["winogrande"]["n"] == 1
     dense = api.dense_metrics(api.model_spec_of_run(read_manifest(evaluated[1])), evaluated[0])
     assert dense["zeroshot:local:limit1"]["tasks"]["winogrande"]["n"] == 1  # the reference came with it
+
+
+def test_compare_lists_a_lora_recovered_run(compare, evaluated, data_dir):
+    """A recovered run has no prune time of its own (it was trained, not pruned): the table shows its training time."""
+    from pruner.recover import RecoverSpec
+
+    cache, folder = evaluated
+    recovered = read_manifest(api.recover_run(folder, RecoverSpec(read_manifest(folder)["key"], steps=2, seqlen=32),
+                                              data_dir, cache))
+    compare.run()
+    assert not compare.exception, compare.exception
+    table = compare.dataframe[0].value
+    row = table[table["run"] == recovered["key"]]
+    assert row["method"].item() == "wanda + LoRA"
+    assert row["prune / LoRA s"].item() == recovered["timings_s"]["recover"]
