@@ -190,6 +190,12 @@ class JobStore:
         db.executemany("DELETE FROM workers WHERE pid = ?", [(p,) for p in dead])
         return [r["pid"] for r in rows if r["pid"] not in dead]
 
+    @staticmethod
+    def _register_worker(db, pid: int, now: float) -> None:
+        """Insert the worker or refresh its heartbeat (keeping its start time)."""
+        db.execute("INSERT OR REPLACE INTO workers (pid, started, heartbeat) VALUES "
+                   "(?, COALESCE((SELECT started FROM workers WHERE pid = ?), ?), ?)", (pid, pid, now, now))
+
     @contextmanager
     def _write_lock(self):
         """A connection holding SQLite's write lock until the block ends (other writers wait; readers do not)."""
@@ -240,8 +246,7 @@ class JobStore:
     def beat(self, pid: int, job_id: int | None) -> None:
         now = time.time()
         with self._db() as db:
-            db.execute("INSERT OR REPLACE INTO workers (pid, started, heartbeat) VALUES "
-                       "(?, COALESCE((SELECT started FROM workers WHERE pid = ?), ?), ?)", (pid, pid, now, now))
+            self._register_worker(db, pid, now)
             if job_id is not None:
                 db.execute("UPDATE jobs SET heartbeat = ? WHERE id = ? AND state = 'running'", (now, job_id))
 
@@ -348,8 +353,7 @@ def ensure_workers(store: JobStore, *, cache_dir: Path | None = None, max_worker
             log = open(store.path.parent / "worker.log", "ab")
             proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
-            now = time.time()
-            db.execute("INSERT OR REPLACE INTO workers (pid, started, heartbeat) VALUES (?, ?, ?)", (proc.pid, now, now))
+            store._register_worker(db, proc.pid, time.time())  # registered at once: counted by the next caller
             started.append(proc.pid)
     return started
 

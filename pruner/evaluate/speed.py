@@ -214,18 +214,17 @@ def reciprocals_as_divisions(proto) -> int:
                                                             *proto.graph.output]}
     types |= {w.name: w.data_type for w in proto.graph.initializer}
     ones: dict[int, str] = {}  # element type → name of the scalar 1 of that type
-    nodes = []
+    nodes, rewritten = [], 0
     for node in proto.graph.node:
-        if node.op_type != "Reciprocal":
-            nodes.append(node)
-            continue
-        elem = types.get(node.input[0], TensorProto.FLOAT)
-        if elem not in ones:
-            ones[elem] = f"pruner_one_{TensorProto.DataType.Name(elem).lower()}"
-            one = np.ones((), dtype=helper.tensor_dtype_to_np_dtype(elem))
-            proto.graph.initializer.append(numpy_helper.from_array(one, ones[elem]))
-        nodes.append(helper.make_node("Div", [ones[elem], node.input[0]], list(node.output), name=f"{node.name}_as_div"))
-    rewritten = sum(n.op_type == "Reciprocal" for n in proto.graph.node)
+        if node.op_type == "Reciprocal":
+            rewritten += 1
+            elem = types.get(node.input[0], TensorProto.FLOAT)
+            if elem not in ones:
+                ones[elem] = f"pruner_one_{TensorProto.DataType.Name(elem).lower()}"
+                one = np.ones((), dtype=helper.tensor_dtype_to_np_dtype(elem))
+                proto.graph.initializer.append(numpy_helper.from_array(one, ones[elem]))
+            node = helper.make_node("Div", [ones[elem], node.input[0]], list(node.output), name=f"{node.name}_as_div")
+        nodes.append(node)
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     return rewritten
