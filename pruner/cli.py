@@ -275,11 +275,14 @@ def _print_zeroshot(label: str, r: dict) -> None:
 def _print_speed(label: str, r: dict) -> None:
     s = r["spec"]
     print(f"{label}: {r['engine']} on {r['env']['cpu']} ({', '.join(r['env']['flags'])}), {s['threads']} threads, "
-          f"B={s['batch']}, T={s['seqlen']}, median of {s['runs']}")
+          f"B={s['batch']}, T={s['seqlen']}, median of {s['runs']}"
+          + (f" in {s['rounds']} rounds, dense and pruned in turn" if s.get("rounds") else ""))
     for graph, row in r["graphs"].items():
         cells = [f"{name} {row[name]['median_ms']:.2f} ms" for name in ("dense", "pruned") if row.get(name)]
         speedup = r["speedup"].get(graph)
-        print(f"  {graph}: " + ", ".join(cells) + (f", speed-up {speedup:.2f}×" if speedup else ""))
+        by_round = (r.get("speedup_by_round") or {}).get(graph)
+        rounds = f" (per round {min(by_round):.2f}–{max(by_round):.2f}×)" if by_round else ""
+        print(f"  {graph}: " + ", ".join(cells) + (f", speed-up {speedup:.2f}×{rounds}" if speedup else ""))
     if not r["deepsparse_available"]:
         print(f"  DeepSparse not used: {r['deepsparse_reason']}")
     if r.get("ideal_decode_speedup_estimate"):
@@ -292,7 +295,8 @@ def _print_speed(label: str, r: dict) -> None:
 def _speed_spec(args):
     from pruner.evaluate.speed import SpeedSpec
 
-    return SpeedSpec(batch=args.speed_batch, seqlen=args.speed_seqlen, threads=args.threads, runs=args.runs)
+    return SpeedSpec(batch=args.speed_batch, seqlen=args.speed_seqlen, threads=args.threads, runs=args.runs,
+                     rounds=args.rounds)
 
 
 def cmd_eval(args) -> int:
@@ -499,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl", action="store_true", help="WikiText-2 test perplexity")
     p.add_argument("--max-chunks", type=int, help="first N chunks only (a partial estimate)")
     p.add_argument("--eval-seqlen", dest="seqlen_eval", type=int, help="evaluation window (default min(2048, context))")
-    from pruner.evaluate.speed import MIN_RUNS, SpeedSpec
+    from pruner.evaluate.speed import DEFAULT_ROUNDS, MIN_RUNS, SpeedSpec
     from pruner.evaluate.zeroshot import TASKS
 
     g = p.add_argument_group("zero-shot accuracy (lm-eval)")
@@ -515,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="T: prefill length and decode KV-cache length")
     g.add_argument("--threads", type=int, help="CPU threads (default: all)")
     g.add_argument("--runs", type=int, default=MIN_RUNS, help=f"timed calls per graph (≥ {MIN_RUNS}; median)")
+    g.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+                   help="dense and pruned take turns in this many rounds of the timed calls (1 ≤ rounds ≤ runs)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -268,10 +268,15 @@ def speed_table_row(run: dict, name: str) -> dict:
     def ratio(value):
         return round(value, 2) if value is not None else None
 
+    def spread(graph):  # dense and pruned took turns in rounds (results before that have no rounds)
+        by_round = (r.get("speedup_by_round") or {}).get(graph)
+        return f"{min(by_round):.2f}–{max(by_round):.2f}" if by_round else None
+
     return {"run": run["label"], "achieved": f"{run['achieved']['overall']:.1%}", "engine": r["engine"],
             "dense prefill ms": ms("prefill", "dense"), "pruned prefill ms": ms("prefill", "pruned"),
             "prefill ×": ratio(r["speedup"].get("prefill")), "dense decode ms": ms("decode", "dense"),
             "pruned decode ms": ms("decode", "pruned"), "decode ×": ratio(r["speedup"].get("decode")),
+            "decode × per round": spread("decode"),
             "ideal decode × (estimate)": ratio(r.get("ideal_decode_speedup_estimate")),
             "outputs match ONNX Runtime": ("n/a (dense ONNX Runtime timings only)" if r["engine"] != "deepsparse"
                                            else "no: " + "; ".join(r["rejected"]) if r["rejected"] else "yes")}

@@ -32,6 +32,8 @@ def test_export_reproduces_pytorch_prefill_and_decode(tmp_path):
     assert decode_graph.ir_version == speed.DEEPSPARSE_IR_VERSION
     ops = {n.op_type for n in decode_graph.graph.node}
     assert "Reciprocal" not in ops and "Div" in ops  # RMSNorm's rsqrt, in the form DeepSparse runs itself
+    assert "Transpose" not in ops  # with one new position, every transpose only moves length-1 axes: reshapes
+    assert "Neg" not in ops  # rotate_half is a MatMul with a signed permutation (rotate_half_as_matmul)
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids).logits
@@ -41,11 +43,17 @@ def test_export_reproduces_pytorch_prefill_and_decode(tmp_path):
     # decode step on the prefill's KV cache = the full forward's next position
     decode = _run(paths["decode"], [ids[:, 8:].numpy(), *prefill[1:]])
     np.testing.assert_allclose(decode[0][:, 0], full[:, 8].numpy(), atol=1e-5)
-    assert decode[1].shape[2] == 1  # only the new position's key (the caller appends it to its cache)
+    assert decode[1].shape[3] == 1  # only the new position's key (the caller appends it to its cache)
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
-    np.testing.assert_allclose(decode[1], cache.layers[0].keys[:, :, 8:].numpy(), atol=1e-5)
+    # keys cross the graph boundary transposed, (B, H_kv, d, T); values as transformers keeps them, (B, H_kv, T, d)
+    np.testing.assert_allclose(prefill[1], cache.layers[0].keys[:, :, :8].transpose(2, 3).numpy(), atol=1e-5)
+    np.testing.assert_allclose(decode[1], cache.layers[0].keys[:, :, 8:].transpose(2, 3).numpy(), atol=1e-5)
     np.testing.assert_allclose(decode[2], cache.layers[0].values[:, :, 8:].numpy(), atol=1e-5)
+    # the decode step never copies the cache: every past tensor is read only by a MatMul (no Concat, no Transpose)
+    past = {i.name for i in decode_graph.graph.input if i.name.startswith("past_")}
+    readers = {n.op_type for n in decode_graph.graph.node for i in n.input if i in past}
+    assert len(past) == 2 * len(model.model.layers) and readers == {"MatMul"}
 
 
 def test_fold_weight_transposes_on_a_hand_made_graph(tmp_path):
@@ -77,6 +85,63 @@ def test_reciprocals_become_divisions_on_a_hand_made_graph(tmp_path):
     np.testing.assert_allclose(_run(tmp_path / "g.onnx", [x])[0], [[1, 2, 3]])  # x / √x
 
 
+def _worker_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speed_worker", speed.WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_timing_takes_turns_in_rounds():
+    calls = []
+    timings = _worker_module().time_interleaved({"dense": lambda: calls.append("d"), "pruned": lambda: calls.append("p")},
+                                               warmup=2, runs=7, rounds=3)
+    # 2 warm-up calls each, then 3 rounds of ⌈7 / 3⌉ = 3 timed calls, dense and pruned in turn, each turn
+    # after one untimed call
+    assert "".join(calls) == "dd" + "pp" + "d" + "ddd" + "p" + "ppp" + ("d" + "ddd" + "p" + "ppp") * 2
+    for name in ("dense", "pruned"):
+        t = timings[name]
+        assert t["runs"] == 9 and t["rounds"] == 3 and len(t["round_medians_ms"]) == 3 and t["warmup"] == 2
+        assert 0 <= t["p10_ms"] <= t["median_ms"] <= t["p90_ms"]
+
+
+def test_rotate_half_as_matmul_is_exact_and_restored():
+    from transformers.models.llama import modeling_llama
+
+    model = tiny_model("llama")
+    original = modeling_llama.rotate_half
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-5.0, 6.5, 7.0, -8.0]])
+    with speed.rotate_half_as_matmul(model):
+        assert modeling_llama.rotate_half is not original
+        got = modeling_llama.rotate_half(x)
+    assert modeling_llama.rotate_half is original
+    assert torch.equal(got, torch.tensor([[-3.0, -4.0, 1.0, 2.0], [-7.0, 8.0, -5.0, 6.5]]))  # cat(-x₂, x₁)
+    assert torch.equal(got, original(x))
+
+
+def test_unit_transposes_become_reshapes_on_a_hand_made_graph(tmp_path):
+    # (1, 1, 2, 3) → (1, 2, 1, 3) moves only a length-1 axis; (1, 2, 2, 3) → (1, 2, 2, 3) with axes 1, 2 swapped
+    # moves data and must stay a Transpose
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["a"], ["ta"], perm=[0, 2, 1, 3]),
+         helper.make_node("Transpose", ["b"], ["tb"], perm=[0, 2, 1, 3])],
+        "g", [helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [1, 1, 2, 3]),
+              helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [1, 2, 2, 3])],
+        [helper.make_tensor_value_info("ta", onnx.TensorProto.FLOAT, [1, 2, 1, 3]),
+         helper.make_tensor_value_info("tb", onnx.TensorProto.FLOAT, [1, 2, 2, 3])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert speed.unit_transposes_as_reshapes(proto) == 1
+    assert [n.op_type for n in proto.graph.node] == ["Reshape", "Transpose"]
+    onnx.save(proto, tmp_path / "g.onnx")
+    a = np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)
+    b = np.arange(12, dtype=np.float32).reshape(1, 2, 2, 3)
+    ta, tb = _run(tmp_path / "g.onnx", [a, b])
+    np.testing.assert_array_equal(ta, a.transpose(0, 2, 1, 3))  # [[[[0, 1, 2]], [[3, 4, 5]]]]
+    np.testing.assert_array_equal(tb, b.transpose(0, 2, 1, 3))
+
+
 def test_ideal_decode_speedup_counts_block_linears_and_the_head():
     model = tiny_model("llama")  # hidden 32, intermediate 48, 4 heads of 8, 2 KV heads, 3 blocks, vocab 96
     per_block = 32 * 32 + 2 * (16 * 32) + 32 * 32 + 3 * (48 * 32)  # q, k, v, o, gate, up, down
@@ -92,7 +157,8 @@ def test_ideal_decode_speedup_counts_block_linears_and_the_head():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"runs": 5}, "runs must be ≥ 30"), ({"batch": 0}, "batch must be ≥ 1"), ({"seqlen": 0}, "seqlen"),
-    ({"threads": 10_000}, "threads must be between 1 and"),
+    ({"threads": 10_000}, "threads must be between 1 and"), ({"rounds": 0}, r"rounds must be between 1 and runs \(30\)"),
+    ({"runs": 30, "rounds": 31}, "rounds must be between 1 and runs"),
 ])
 def test_speed_spec_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -136,7 +202,10 @@ def test_deepsparse_worker_round_trip_on_a_stored_run(tiny_run):
         for model in ("dense", "pruned"):
             assert row["checks"][model]["ok"] and row["checks"][model]["max_rel_diff"] <= speed.OUTPUT_RTOL
             assert row[model]["runs"] == 30 and row[model]["compile_s"] > 0
+            assert len(row[model]["round_medians_ms"]) == speed.DEFAULT_ROUNDS  # 5 rounds of 6 calls, in turn
         assert result["speedup"][graph] == pytest.approx(row["dense"]["median_ms"] / row["pruned"]["median_ms"])
+        assert result["speedup_by_round"][graph] == pytest.approx(
+            [d / p for d, p in zip(row["dense"]["round_medians_ms"], row["pruned"]["round_medians_ms"])])
     stored = read_manifest(folder)["metrics"][api.speed_metric_name(result)]
     assert stored["speedup"] == result["speedup"] and stored["sparsity"] == pytest.approx(0.5, abs=0.01)
     # the dense graphs are kept for the next run of the same model and shape

@@ -3,11 +3,13 @@
 * ``export_graphs`` writes two static-shape ONNX graphs of a causal LM with the torch dynamo exporter (opset 18, IR
   version lowered to 8 for DeepSparse 1.8): **prefill** (B × T token ids → last-position logits and the KV cache) and
   **decode** (B × 1 token ids plus an explicit KV cache of T positions per layer → logits and the new position's
-  key and value).
+  key and value). At the graph boundary keys are stored transposed, (B, H_kv, d, T), values as (B, H_kv, T, d), so
+  the decode step reads the cache in place and never copies it.
 * DeepSparse 1.8.0 lives in its own virtual environment (``ensure_deepsparse_env``; it needs numpy < 2 and
   onnx < 1.15) and is driven through ``speed_worker.py`` in a subprocess (JSON in, JSON out; analytics off).
 * ``measure`` times dense and pruned graphs in one worker call: warm-up, then the median of ``runs`` ≥ 30 calls,
-  engine compile time separately; DeepSparse's outputs must match ONNX Runtime's or the result is rejected.
+  dense and pruned taking turns in ``rounds`` rounds, engine compile time separately; DeepSparse's outputs must
+  match ONNX Runtime's or the result is rejected.
 * Where DeepSparse cannot run, ``measure`` says why, times only the dense graphs in ONNX Runtime and adds
   ``ideal_decode_speedup``: an *estimate* from the weights removed, never a timing of zeroed weights in a dense
   runtime (which would show no speed-up and mean nothing).
@@ -18,6 +20,7 @@ DeepSparse is end-of-life (Neural Magic, 2024) and its community licence allows 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -43,9 +46,13 @@ DEEPSPARSE_PYTHONS = ((3, 8), (3, 11))
 DEEPSPARSE_IR_VERSION = 8
 ONNX_OPSET = 18
 #: Bump when the exported graphs change (part of the cached dense graphs' folder name and of every result).
-EXPORT_VERSION = 4
+EXPORT_VERSION = 6
 #: A measurement is the median of at least this many timed calls (after warm-up).
 MIN_RUNS = 30
+#: Dense and pruned take turns in this many rounds of timed calls (see speed_worker.time_interleaved). Timed one
+#: after the other, repeated measurements of the same two graphs gave decode ratios from 1.46× to 1.56× on this
+#: project's 2-core machine; in turns, every round sees the same machine.
+DEFAULT_ROUNDS = 5
 #: The exported graphs must reproduce PyTorch within this fraction of its largest |output| (float32 kernels of two
 #: runtimes through 30 layers differ by ~1e-4 of the largest logit on SmolLM2 with a random KV cache).
 EXPORT_RTOL = 1e-3
@@ -65,6 +72,7 @@ class SpeedSpec:
     threads: int | None = None  #: None: all logical CPUs of the machine
     warmup: int = 5
     runs: int = MIN_RUNS
+    rounds: int = DEFAULT_ROUNDS  #: dense and pruned alternate in this many rounds of ⌈runs / rounds⌉ calls
 
     def __post_init__(self):
         if self.batch < 1:
@@ -77,6 +85,8 @@ class SpeedSpec:
             raise ValueError(f"warmup must be ≥ 0, got {self.warmup}")
         if self.runs < MIN_RUNS:
             raise ValueError(f"runs must be ≥ {MIN_RUNS} (a median of fewer calls is too noisy), got {self.runs}")
+        if not 1 <= self.rounds <= self.runs:
+            raise ValueError(f"rounds must be between 1 and runs ({self.runs}), got {self.rounds}")
 
     @property
     def n_threads(self) -> int:
@@ -101,6 +111,9 @@ def kv_cache_shapes(model, batch: int, seqlen: int) -> list[tuple[tuple[int, ...
 
 #: The attention implementation used while exporting (registered with transformers on first export).
 EXPORT_ATTENTION = "pruner_export"
+#: While the decode graph is traced: per layer, (past keys transposed (B, H_kv, d, T), past values (B, H_kv, T, d)),
+#: the graph's own inputs, which ``grouped_attention`` reads instead of a concatenated cache (see ``_graph_modules``).
+_DECODE_PAST: contextvars.ContextVar[list | None] = contextvars.ContextVar("pruner_decode_past", default=None)
 
 
 def grouped_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -110,15 +123,28 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
     side, (B, H, q, d) → (B, H_kv, n_rep·q, d), so the graph has only reshapes and matmuls. The eager
     implementation's Expand-based repeat (and SDPA's IsNaN/Where guards) are ops DeepSparse 1.8 runs outside its
     engine; measured on SmolLM2 at 70%: decode speed-up 1.27× with eager attention, 1.36× with this.
+
+    While a decode graph is traced (``_DECODE_PAST`` set), ``key``/``value`` are only the new positions and the past
+    comes in as graph inputs with the keys already transposed: scores against past and new keys are computed
+    separately and joined (B·H·q·(T+q) numbers), and the output is probs_past · V_past + probs_new · V_new. The
+    graph then never copies the cache: no per-layer Concat of K and V and no Transpose of K (together 1.2 ms of a
+    15 ms 70%-sparse decode step on SmolLM2, the same in dense and pruned graphs).
     """
     if getattr(module, "sinks", None) is not None:
         raise ValueError(f"{type(module).__name__} uses attention sinks, which this ONNX export does not model; "
                          f"speed measurement supports causal LMs with plain softmax attention")
     b, h, q, d = query.shape
-    kv_heads, t = key.shape[1], key.shape[2]
+    kv_heads = key.shape[1]
     n_rep = h // kv_heads
     grouped = query.reshape(b, kv_heads, n_rep * q, d)
-    scores = torch.matmul(grouped, key.transpose(2, 3)) * scaling
+    past = _DECODE_PAST.get()
+    if past is None:
+        scores = torch.matmul(grouped, key.transpose(2, 3))
+    else:
+        past_keys_t, past_values = past[module.layer_idx]
+        scores = torch.cat([torch.matmul(grouped, past_keys_t), torch.matmul(grouped, key.transpose(2, 3))], dim=-1)
+    scores = scores * scaling
+    t = scores.shape[-1]
     softcap = kwargs.get("softcap")
     if softcap:
         scores = (scores / softcap).tanh() * softcap
@@ -126,8 +152,12 @@ def grouped_attention(module, query, key, value, attention_mask, scaling, dropou
         scores = (scores.reshape(b, kv_heads, n_rep, q, t) + attention_mask[:, :, None, :, :t]).reshape(
             b, kv_heads, n_rep * q, t)
     probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(probs, value).reshape(b, h, q, d)
-    return out.transpose(1, 2).contiguous(), probs
+    if past is None:
+        out = torch.matmul(probs, value)
+    else:
+        t_past = past_values.shape[2]
+        out = torch.matmul(probs[..., :t_past], past_values) + torch.matmul(probs[..., t_past:], value)
+    return out.reshape(b, h, q, d).transpose(1, 2).contiguous(), probs
 
 
 def _register_export_attention() -> None:
@@ -139,13 +169,30 @@ def _register_export_attention() -> None:
 
 
 def _graph_modules(model, n_layers: int):
-    from transformers import DynamicCache
+    """The prefill and decode graphs as modules, plus the decode graph's reference (see ``Decode``).
 
-    def flat_cache(cache) -> list:
-        flat = []
-        for layer in cache.layers:
-            flat += [layer.keys, layer.values]
-        return flat
+    KV-cache layout at the graph boundary: keys transposed, (B, H_kv, d, T), values (B, H_kv, T, d), so that the
+    decode step's q·Kᵀ reads the cache as it is stored.
+    """
+    from transformers import Cache, DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class NewPositionsLayer(DynamicLayer):
+        """A cache layer that holds only the new positions: the past is a graph input read by ``grouped_attention``,
+        so updating the cache concatenates nothing."""
+
+        def __init__(self, past_length: int):
+            super().__init__()
+            self.past_length = past_length
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+
+        def get_seq_length(self) -> int:
+            return self.past_length
 
     class Prefill(torch.nn.Module):
         def __init__(self):
@@ -154,25 +201,40 @@ def _graph_modules(model, n_layers: int):
 
         def forward(self, input_ids):
             out = self.lm(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-            return (out.logits, *flat_cache(out.past_key_values))
+            return (out.logits, *[t for l in out.past_key_values.layers for t in (l.keys.transpose(2, 3), l.values)])
 
     class Decode(torch.nn.Module):
-        def __init__(self):
+        """One step: new token ids + the past cache → logits and the new positions' keys (transposed) and values,
+        which the caller appends to its cache (copying the whole cache out on every step is work no serving
+        runtime does). ``concatenate=True`` is the reference: a plain transformers cache that concatenates past and
+        new, as generation does; the exported graph (False) never copies the cache (see ``grouped_attention``)."""
+
+        def __init__(self, concatenate: bool = False):
             super().__init__()
             self.lm = model
+            self.concatenate = concatenate
 
         def forward(self, input_ids, *past):
-            cache = DynamicCache()
-            for i in range(n_layers):
-                cache.update(past[2 * i], past[2 * i + 1], i)
-            position = torch.full_like(input_ids, past[0].shape[2])
-            out = self.lm(input_ids=input_ids, position_ids=position, past_key_values=cache, use_cache=True)
-            # Only the new position's key and value leave the graph (the caller appends them to its cache): copying
-            # the whole T + 1 cache out on every step is work no serving runtime does (1.2-1.4 ms of a 15-22 ms
-            # step on SmolLM2, the same in dense and pruned, so it only dilutes the speed-up).
-            return (out.logits, *[kv[:, :, -input_ids.shape[1]:] for kv in flat_cache(out.past_key_values)])
+            q, past_length = input_ids.shape[1], past[1].shape[2]
+            position = torch.arange(past_length, past_length + q).expand_as(input_ids)
+            if self.concatenate:
+                cache = DynamicCache()
+                for i in range(n_layers):
+                    cache.update(past[2 * i].transpose(2, 3), past[2 * i + 1], i)
+                out = self.lm(input_ids=input_ids, position_ids=position, past_key_values=cache, use_cache=True)
+                new = [(l.keys[:, :, -q:], l.values[:, :, -q:]) for l in cache.layers]
+            else:
+                layers = [NewPositionsLayer(past_length) for _ in range(n_layers)]
+                token = _DECODE_PAST.set([(past[2 * i], past[2 * i + 1]) for i in range(n_layers)])
+                try:
+                    out = self.lm(input_ids=input_ids, position_ids=position, past_key_values=Cache(layers=layers),
+                                  use_cache=True)
+                finally:
+                    _DECODE_PAST.reset(token)
+                new = [(l.keys, l.values) for l in layers]
+            return (out.logits, *[t for k, v in new for t in (k.transpose(2, 3), v)])
 
-    return Prefill().eval(), Decode().eval()
+    return Prefill().eval(), Decode().eval(), Decode(concatenate=True).eval()
 
 
 def fold_weight_transposes(proto) -> int:
@@ -230,6 +292,69 @@ def reciprocals_as_divisions(proto) -> int:
     return rewritten
 
 
+@contextlib.contextmanager
+def rotate_half_as_matmul(model):
+    """While exporting, compute the rotary embedding's ``rotate_half`` as one MatMul with a constant matrix.
+
+    transformers' ``rotate_half(x) = cat(−x₂, x₁)`` (x₁, x₂ the two halves of the head dimension) exports as two
+    Slices, a Neg and a Concat, four data copies per call that DeepSparse 1.8 runs one by one (0.55 ms of a 15 ms
+    SmolLM2 decode step, in dense and pruned alike). The function is linear, so it equals x · R with
+    R = rotate_half(I), a signed permutation matrix built with the model's own function: exact in floating point
+    (one nonzero ±1 per column), and a MatMul that DeepSparse runs with a sparse kernel. Applies to models whose
+    modeling module defines ``rotate_half`` (Llama, Mistral, Qwen2, Gemma, ...); others are exported unchanged.
+    """
+    module = sys.modules.get(type(model).__module__)
+    original = getattr(module, "rotate_half", None)
+    if original is None:
+        yield
+        return
+
+    def rotate_half(x):
+        return torch.matmul(x, original(torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)))
+
+    module.rotate_half = rotate_half
+    try:
+        yield
+    finally:
+        module.rotate_half = original
+
+
+def unit_transposes_as_reshapes(proto) -> int:
+    """Rewrite every Transpose that only moves axes of length 1 as a Reshape; returns how many.
+
+    Such a transpose keeps every element where it is (the axes longer than 1 stay in order): a decode step's
+    (B, 1, H, d) → (B, H, 1, d) head split, for one. DeepSparse 1.8 copies the data for each (0.002 ms apiece, ~100
+    per SmolLM2 decode step) and crashes (segmentation fault) on some small ones, e.g. (1, 1, 2, 8) → (1, 2, 1, 8).
+    Needs the exporter's static shapes (value_info); a transpose whose input shape is unknown is left alone.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    shapes = {}
+    for v in [*proto.graph.input, *proto.graph.value_info, *proto.graph.output]:
+        dims = v.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[v.name] = [d.dim_value for d in dims]
+    shapes |= {w.name: list(w.dims) for w in proto.graph.initializer}
+    nodes, rewritten = [], 0
+    for node in proto.graph.node:
+        shape = shapes.get(node.input[0]) if node.op_type == "Transpose" else None
+        if shape is not None:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(len(shape)))[::-1])
+            moved = [axis for axis in perm if shape[axis] != 1]
+            if moved == sorted(moved):
+                rewritten += 1
+                target = f"{node.output[0]}_pruner_shape"
+                proto.graph.initializer.append(
+                    numpy_helper.from_array(np.array([shape[axis] for axis in perm], dtype=np.int64), target))
+                node = helper.make_node("Reshape", [node.input[0], target], list(node.output),
+                                        name=f"{node.name}_as_reshape")
+        nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return rewritten
+
+
 def export_graphs(model, folder: Path, spec: SpeedSpec, progress: Callable[[int, int], None] | None = None) -> dict:
     """Write ``prefill.onnx`` and ``decode.onnx`` for ``model`` into ``folder``; returns {graph: path}.
 
@@ -256,32 +381,34 @@ def _export(model, folder: Path, spec: SpeedSpec, progress) -> dict:
     import onnxruntime as ort
 
     shapes = kv_cache_shapes(model, spec.batch, spec.seqlen)
-    prefill, decode = _graph_modules(model, len(shapes))
+    prefill, decode, decode_reference = _graph_modules(model, len(shapes))
     g = torch.Generator().manual_seed(0)
     vocab = model.get_output_embeddings().weight.shape[0]
     prefill_args = (torch.randint(0, vocab, (spec.batch, spec.seqlen), generator=g),)
     past = []
-    for k_shape, v_shape in shapes:
-        past += [torch.randn(k_shape, generator=g), torch.randn(v_shape, generator=g)]
+    for k_shape, v_shape in shapes:  # keys transposed at the graph boundary (see _graph_modules)
+        past += [torch.randn(k_shape, generator=g).transpose(2, 3).contiguous(), torch.randn(v_shape, generator=g)]
     decode_args = (torch.randint(0, vocab, (spec.batch, 1), generator=g), *past)
-    kv_names = [f"{kind}_{i}" for i in range(len(shapes)) for kind in ("key", "value")]
-    graphs = {
-        "prefill": (prefill, prefill_args, ["input_ids"], ["logits"] + [f"present_{n}" for n in kv_names]),
-        "decode": (decode, decode_args, ["input_ids"] + [f"past_{n}" for n in kv_names],
+    kv_names = [f"{kind}_{i}" for i in range(len(shapes)) for kind in ("key_t", "value")]
+    graphs = {  # graph: (module, example inputs, reference module, input names, output names)
+        "prefill": (prefill, prefill_args, prefill, ["input_ids"], ["logits"] + [f"present_{n}" for n in kv_names]),
+        "decode": (decode, decode_args, decode_reference, ["input_ids"] + [f"past_{n}" for n in kv_names],
                    ["logits"] + [f"new_{n}" for n in kv_names]),
     }
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for i, (name, (module, args, inputs, outputs)) in enumerate(graphs.items()):
+    for i, (name, (module, args, reference, inputs, outputs)) in enumerate(graphs.items()):
         path = folder / f"{name}.onnx"
         with torch.no_grad():
-            expected = module(*args)
-            program = torch.onnx.export(module, args, dynamo=True, opset_version=ONNX_OPSET, input_names=inputs,
-                                        output_names=outputs, verbose=False)
+            expected = reference(*args)  # transformers' own rotate_half: the check below compares the two
+            with rotate_half_as_matmul(model):
+                program = torch.onnx.export(module, args, dynamo=True, opset_version=ONNX_OPSET,
+                                            input_names=inputs, output_names=outputs, verbose=False)
         proto = program.model_proto
         proto.ir_version = DEEPSPARSE_IR_VERSION
         fold_weight_transposes(proto)
         reciprocals_as_divisions(proto)
+        unit_transposes_as_reshapes(proto)
         onnx.save(proto, str(path))
         del program, proto
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -478,12 +605,13 @@ def measure(dense_graphs: dict, pruned_graphs: dict | None, spec: SpeedSpec, *, 
     if use_ds and pruned_graphs is not None:
         models["pruned"] = pruned_graphs
     request = {"models": models, "engines": ["deepsparse", "onnxruntime"] if use_ds else ["onnxruntime"],
-               "threads": spec.n_threads, "warmup": spec.warmup, "runs": spec.runs, "seed": 0, "rtol": OUTPUT_RTOL}
+               "threads": spec.n_threads, "warmup": spec.warmup, "runs": spec.runs, "rounds": spec.rounds, "seed": 0,
+               "rtol": OUTPUT_RTOL}
     answer = run_worker(status["python"] if use_ds else sys.executable, request)
     timed_engine = "deepsparse" if use_ds else "onnxruntime"
     result = {"engine": timed_engine, "spec": asdict(spec) | {"threads": spec.n_threads}, "env": answer["env"],
               "deepsparse_available": use_ds, "export_version": EXPORT_VERSION, "deepsparse_reason": status["reason"], "note": STATUS_NOTE,
-              "raw": answer["results"], "graphs": {}, "speedup": {}}
+              "raw": answer["results"], "graphs": {}, "speedup": {}, "speedup_by_round": {}}
     for graph in ("prefill", "decode"):
         row = {name: _summarise(answer["results"][name][graph], timed_engine, spec, graph)
                for name in answer["results"]}
@@ -493,8 +621,12 @@ def measure(dense_graphs: dict, pruned_graphs: dict | None, spec: SpeedSpec, *, 
         result["graphs"][graph] = row
         if use_ds and row.get("dense") and row.get("pruned"):
             result["speedup"][graph] = row["dense"]["median_ms"] / row["pruned"]["median_ms"]
+            # dense and pruned took turns: each round's ratio is a speed-up on one stretch of the machine's time
+            result["speedup_by_round"][graph] = [d / p for d, p in zip(row["dense"]["round_medians_ms"],
+                                                                      row["pruned"]["round_medians_ms"])]
         else:
             result["speedup"][graph] = None
+            result["speedup_by_round"][graph] = None
     rejected = [f"{m} {g}: {c['reason']}" for g, r in result["graphs"].items() for m, c in r["checks"].items()
                 if c and not c["ok"]]
     result["rejected"] = rejected

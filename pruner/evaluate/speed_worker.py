@@ -5,13 +5,14 @@ This file imports nothing from ``pruner``: it is run by the DeepSparse virtual e
 for ONNX Runtime alone. It reads one JSON request on stdin and writes one JSON answer on stdout:
 
 request  {"models": {"dense": {"prefill": path, "decode": path}, "pruned": {...}}, "engines": ["deepsparse",
-          "onnxruntime"], "threads": 2, "warmup": 5, "runs": 30, "seed": 0, "rtol": 1e-3}
+          "onnxruntime"], "threads": 2, "warmup": 5, "runs": 30, "rounds": 5, "seed": 0, "rtol": 1e-3}
 answer   {"env": {...versions, cpu, flags}, "results": {model: {graph: {"inputs": {...}, engine: {timing},
           "check": {...}}}}}
 
 Every DeepSparse measurement is preceded by a check that its outputs equal ONNX Runtime's on the same inputs
 (max |difference| ≤ rtol × max |ONNX Runtime output| for every output, and the same arg-max token); a graph that
-fails the check gets ``"rejected": reason`` instead of timings.
+fails the check gets ``"rejected": reason`` instead of timings. For each graph, the dense and pruned versions on
+every engine are timed taking turns (``time_interleaved``), so the speed-up compares the same stretch of time.
 """
 
 from __future__ import annotations
@@ -58,17 +59,39 @@ def make_inputs(session, seed: int) -> list[np.ndarray]:
     return feeds
 
 
-def time_calls(fn, warmup: int, runs: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return {"median_ms": statistics.median(times) * 1e3, "p10_ms": times[len(times) // 10] * 1e3,
-            "p90_ms": times[(9 * len(times)) // 10] * 1e3, "runs": runs, "warmup": warmup}
+def time_interleaved(calls: dict, warmup: int, runs: int, rounds: int) -> dict:
+    """Time every callable of ``calls`` ({name: fn}) ``runs`` times or more, alternating between them.
+
+    After ``warmup`` untimed calls each, the callables take turns in ``rounds`` rounds of ⌈runs / rounds⌉ timed
+    calls each, so a slow stretch of the machine (another process, a frequency change) lands on all of them rather
+    than on whichever happened to be timed then. Every turn starts with one untimed call: the first call after
+    switching runs at up to half speed while the previous runtime's threads still spin. Returns, per name, the
+    median, 10th and 90th percentile over all timed calls, and each round's median (their spread shows how steady
+    the machine was).
+    """
+    per_round = -(-runs // rounds)
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {name: [] for name in calls}
+    round_medians: dict = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            fn()  # settles the switch from the previous callable, untimed
+            batch = []
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                batch.append(time.perf_counter() - t0)
+            times[name] += batch
+            round_medians[name].append(statistics.median(batch) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        ts = sorted(ts)
+        out[name] = {"median_ms": statistics.median(ts) * 1e3, "p10_ms": ts[len(ts) // 10] * 1e3,
+                     "p90_ms": ts[(9 * len(ts)) // 10] * 1e3, "runs": len(ts), "warmup": warmup,
+                     "rounds": rounds, "round_medians_ms": round_medians[name]}
+    return out
 
 
 def compare(ours: list[np.ndarray], reference: list[np.ndarray], rtol: float) -> dict:
@@ -89,6 +112,7 @@ def measure(request: dict) -> dict:
 
     engines = request["engines"]
     threads, warmup, runs = int(request["threads"]), int(request["warmup"]), int(request["runs"])
+    rounds = int(request.get("rounds", 1))
     env = {"python": platform.python_version(), "numpy": np.__version__, "onnxruntime": ort.__version__,
            "threads": threads, **cpu_info()}
     if "deepsparse" in engines:
@@ -96,9 +120,15 @@ def measure(request: dict) -> dict:
 
         env["deepsparse"] = deepsparse.__version__
     results: dict = {}
-    for model_name, graphs in request["models"].items():
-        for graph_name, path in graphs.items():
-            print(f"timing {model_name} {graph_name}", file=sys.stderr, flush=True)
+    graph_names = list(dict.fromkeys(g for graphs in request["models"].values() for g in graphs))
+    for graph_name in graph_names:
+        # every model's version of this graph is prepared and checked first, then all are timed taking turns
+        calls = {}
+        for model_name, graphs in request["models"].items():
+            if graph_name not in graphs:
+                continue
+            path = graphs[graph_name]
+            print(f"preparing {model_name} {graph_name}", file=sys.stderr, flush=True)
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -108,7 +138,7 @@ def measure(request: dict) -> dict:
             reference = session.run(None, named)
             entry = {"inputs": {spec.name: list(x.shape) for spec, x in zip(session.get_inputs(), feeds)}}
             if "onnxruntime" in engines:
-                entry["onnxruntime"] = time_calls(lambda: session.run(None, named), warmup, runs)
+                calls[(model_name, "onnxruntime")] = lambda session=session, named=named: session.run(None, named)
             if "deepsparse" in engines:
                 from deepsparse import Engine
 
@@ -118,12 +148,18 @@ def measure(request: dict) -> dict:
                 compile_s = time.perf_counter() - t0
                 check = compare(engine.run(feeds), reference, float(request.get("rtol", 1e-3)))
                 entry["check"] = check
+                entry["deepsparse"] = {"compile_s": compile_s}
                 if check["ok"]:
-                    entry["deepsparse"] = time_calls(lambda: engine.run(feeds), warmup, runs) | {
-                        "compile_s": compile_s}
+                    calls[(model_name, "deepsparse")] = lambda engine=engine, feeds=feeds: engine.run(feeds)
                 else:
-                    entry["deepsparse"] = {"rejected": check["reason"], "compile_s": compile_s}
+                    entry["deepsparse"]["rejected"] = check["reason"]
             results.setdefault(model_name, {})[graph_name] = entry
+        for engine_name in engines:  # one engine at a time; within it, the models take turns
+            turns = {model: fn for (model, name), fn in calls.items() if name == engine_name}
+            print(f"timing {graph_name} in {engine_name}: {', '.join(turns)} in turn", file=sys.stderr, flush=True)
+            for model_name, timing in time_interleaved(turns, warmup, runs, rounds).items():
+                results[model_name][graph_name].setdefault(engine_name, {}).update(timing)
+        calls.clear()  # frees the engines before the next graph's are compiled
     return {"env": env, "results": results}
 
 
