@@ -144,8 +144,11 @@ if sp_name:
                 "ideal": r["metrics"][sp_name].get("ideal_decode_speedup_estimate"),
                 "ppl": (latest_ppl(r) or {}).get("perplexity")} for r in measured]
     env = with_sp[0]["metrics"][sp_name]["env"]
+    timing = with_sp[0]["metrics"][sp_name]["spec"]
+    turns = (f", dense and pruned in turn over {timing['rounds']} rounds (the table gives each round's decode "
+             f"speed-up)" if timing.get("rounds") else "")
     st.caption(f"CPU: {env['cpu']} ({', '.join(env['flags'])}), {env['threads']} threads; "
-               f"median of {with_sp[0]['metrics'][sp_name]['spec']['runs']} timed calls after warm-up.")
+               f"median of {timing['runs']} timed calls after warm-up{turns}.")
     if sp_rows:
         st.plotly_chart(speedup_vs_sparsity_figure(sp_rows), width="stretch")
         with_ppl_sp = [r for r in sp_rows if r["ppl"] is not None]

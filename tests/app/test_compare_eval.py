@@ -70,6 +70,12 @@ def test_speed_section_shows_measurements_or_says_why_not(compare, evaluated):
         assert not [f for f in figures(compare) if "speed-up vs sparsity" in f["layout"]["title"]["text"]]
     table = compare.dataframe[-1].value
     assert table["dense decode ms"].iloc[0] == pytest.approx(result["graphs"]["decode"]["dense"]["median_ms"], abs=0.01)
+    by_round = result["speedup_by_round"]["decode"]
+    if by_round:  # dense and pruned took turns: the range of the rounds' decode speed-ups
+        assert table["decode × per round"].iloc[0] == f"{min(by_round):.2f}–{max(by_round):.2f}"
+        assert any(f"over {SpeedSpec().rounds} rounds" in c.value for c in compare.caption)
+    else:  # dense ONNX Runtime timings only
+        assert table["decode × per round"].iloc[0] is None
 
 
 def test_queue_a_zeroshot_evaluation_from_the_page(compare, evaluated):
