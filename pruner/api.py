@@ -323,7 +323,8 @@ def recover_run(parent_folder: Path, spec, data_dir: str | None, cache_dir: Path
                       seed=c["seed"] + RECOVER_SEED_OFFSET, data_dir=data_dir)
     tokens = calibration_tokens(tokenizer, calib)
     phase = (lambda d, t: progress("LoRA steps", d, t)) if progress else None
-    peft_model, losses = train_lora(model, tokens, spec, device=device, progress=phase, should_cancel=should_cancel)
+    peft_model, losses = train_lora(model, tokens, spec, seed=calib.seed, device=device, progress=phase,
+                                    should_cancel=should_cancel)
     seconds = time.perf_counter() - t0
     # the base weights were frozen: their zeros must be exactly the parent's
     zeros = sum(int((weight_matrix(l) == 0).sum()) for b in find_blocks(peft_model.get_base_model())[1]
@@ -391,14 +392,13 @@ def dense_metrics(model_spec, cache_dir: Path | None = None) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _add_dense_metric(model_spec, cache_dir: Path | None, name: str, result: dict) -> None:
-    from pruner.store import write_json_atomic
+def _update_dense_metric(model_spec, cache_dir: Path | None, name: str, update: Callable[[dict | None], dict]) -> dict:
+    """Set the dense model's cached metric ``name`` to ``update(previous or None)`` under a lock; returns it."""
+    from pruner.store import update_json_entry
 
     path = _dense_metrics_path(model_spec, cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metrics = dense_metrics(model_spec, cache_dir)
-    metrics[name] = result
-    write_json_atomic(path, metrics)
+    return update_json_entry(path, name, update)[name]
 
 
 def dense_perplexity(model_spec, data_dir: str | None, cache_dir: Path | None = None, *,
@@ -420,7 +420,7 @@ def dense_perplexity(model_spec, data_dir: str | None, cache_dir: Path | None = 
                                       device=base.device, batch_size=batch_size, progress=progress)
     finally:
         base.model.to(home)
-    _add_dense_metric(model_spec, cache_dir, perplexity_metric_name(result), result)
+    _update_dense_metric(model_spec, cache_dir, perplexity_metric_name(result), lambda _previous: result)
     return result
 
 
@@ -471,14 +471,13 @@ def evaluate_zeroshot(folder: Path, data_dir: str | None, *, tasks=None, limit: 
                       progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None) -> dict:
     """Zero-shot accuracy of a stored run (lm-eval, in memory); merged into its manifest under
     ``zeroshot:<source>[:limit<n>]``. Returns the merged result."""
-    from pruner.store import add_metrics, read_manifest
+    from pruner.store import update_metrics
 
     model, tokenizer = load_run(folder, device)
     result = _zeroshot(model, tokenizer, device, data_dir, tasks, limit, source, batch_size, progress, should_cancel)
     name = zeroshot_metric_name(source, limit)
-    merged = _merge_zeroshot(read_manifest(folder).get("metrics", {}).get(name), result)
-    add_metrics(folder, name, merged)
-    return merged
+    # merged with what is stored at the moment of writing (another job may have added tasks meanwhile)
+    return update_metrics(folder, name, lambda previous: _merge_zeroshot(previous, result))["metrics"][name]
 
 
 def dense_zeroshot(model_spec, data_dir: str | None, cache_dir: Path | None = None, *, loaded: LoadedModel | None = None,
@@ -501,9 +500,7 @@ def dense_zeroshot(model_spec, data_dir: str | None, cache_dir: Path | None = No
                            progress, should_cancel)
     finally:
         base.model.to(home)
-    merged = _merge_zeroshot(previous, result)
-    _add_dense_metric(model_spec, cache_dir, name, merged)
-    return merged
+    return _update_dense_metric(model_spec, cache_dir, name, lambda stored: _merge_zeroshot(stored, result))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -522,7 +519,7 @@ def evaluate_speed(folder: Path, speed_spec=None, cache_dir: Path | None = None,
     The dense model's ONNX graphs are kept under cache/dense/<model key>/onnx/<shape>/ for later runs; the pruned
     graphs are temporary.
     """
-    from pruner.evaluate.speed import SpeedSpec, export_and_measure
+    from pruner.evaluate.speed import SpeedSpec, cached_graphs, export_and_measure
     from pruner.store import add_metrics, read_manifest
 
     speed_spec = speed_spec or SpeedSpec()
@@ -532,11 +529,11 @@ def evaluate_speed(folder: Path, speed_spec=None, cache_dir: Path | None = None,
                          f"the sparse weights, so a speed-up would not be the sparsity's; measure its parent "
                          f"{manifest['parent']}")
     model_spec = model_spec_of_run(manifest)
-    dense = load_model(model_spec, cache_dir)
-    pruned, _ = load_run(folder)
     onnx_dir = _dense_metrics_path(model_spec, cache_dir).parent / "onnx" / speed_spec.shape_key()
-    result = export_and_measure(dense.model, pruned, speed_spec, dense_dir=onnx_dir, engine=engine,
-                                progress=progress)
+    # the dense model is loaded only when its graphs for this shape are not cached yet
+    dense = None if cached_graphs(onnx_dir) else load_model(model_spec, cache_dir).model
+    pruned, _ = load_run(folder)
+    result = export_and_measure(dense, pruned, speed_spec, dense_dir=onnx_dir, engine=engine, progress=progress)
     result["sparsity"] = manifest["achieved"]["overall"]
     add_metrics(folder, speed_metric_name(result), result)
     return result

@@ -81,11 +81,15 @@ def learning_rate(step: int, total: int, peak: float) -> float:
     return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def train_lora(model: nn.Module, tokens: torch.Tensor, spec: RecoverSpec, *, device="cpu",
+def train_lora(model: nn.Module, tokens: torch.Tensor, spec: RecoverSpec, *, seed: int, device="cpu",
                progress: Callable[[int, int], None] | None = None,
                should_cancel: Callable[[], bool] | None = None):
     """Wrap ``model`` with LoRA adapters on its prunable linears and train them on ``tokens`` (steps × batch,
-    seqlen) with the causal-LM loss. Returns (peft model, per-step losses). The base weights are frozen."""
+    seqlen) with the causal-LM loss. Returns (peft model, per-step losses). The base weights are frozen.
+
+    The adapters' random initialisation (LoRA's A matrices) is drawn from ``seed``, not from whatever state the
+    process's random generator is in, so one spec gives one result; the caller's generator state is left as it was.
+    """
     from peft import LoraConfig, get_peft_model
 
     from pruner.calibrate import Cancelled
@@ -94,7 +98,9 @@ def train_lora(model: nn.Module, tokens: torch.Tensor, spec: RecoverSpec, *, dev
         raise ValueError(f"LoRA recovery needs {spec.steps * spec.batch} training sequences; got {tokens.shape[0]}")
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, bias="none",
                         target_modules=lora_target_names(model), task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
     peft_model.to(device).train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)

@@ -13,12 +13,14 @@ only when complete, so an interrupted write never leaves a folder that looks fin
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Callable
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,12 +94,48 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         raise
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """Hold an exclusive lock on ``folder`` (POSIX ``flock`` on the folder itself: no lock file to clean up, and the
+    lock goes when the holder exits or dies). Every read-modify-write of a JSON file in the folder takes it."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def update_json_entry(path: Path, name: str, update: Callable[[dict | None], dict]) -> dict:
+    """``payload[name] = update(payload.get(name))`` for the JSON object in ``path`` ({} when the file is missing),
+    under the folder's lock and written atomically; returns the new payload.
+
+    Two evaluations of one model that finish together (a zero-shot job and a speed job in two workers) each read,
+    add their entry and write: without the lock the later write drops the other's entry.
+    """
+    path = Path(path)
+    with folder_lock(path.parent):
+        payload = json.loads(path.read_text()) if path.exists() else {}
+        payload[name] = update(payload.get(name))
+        write_json_atomic(path, payload)
+    return payload
+
+
+def update_metrics(folder: Path, name: str, update: Callable[[dict | None], dict]) -> dict:
+    """``manifest['metrics'][name] = update(previous or None)``, under the run folder's lock; returns the manifest."""
+    read_manifest(folder)  # a clear error for a folder that is not a run
+
+    def with_metric(metrics: dict | None) -> dict:
+        metrics = dict(metrics or {})
+        metrics[name] = update(metrics.get(name))
+        return metrics
+
+    return update_json_entry(Path(folder) / MANIFEST, "metrics", with_metric)
+
+
 def add_metrics(folder: Path, name: str, metrics: dict) -> dict:
     """Add (or replace) ``manifest['metrics'][name]`` atomically; returns the new manifest."""
-    manifest = read_manifest(folder)
-    manifest.setdefault("metrics", {})[name] = metrics
-    write_json_atomic(Path(folder) / MANIFEST, manifest)
-    return manifest
+    return update_metrics(folder, name, lambda _previous: metrics)
 
 
 def list_runs(cache_dir: Path | None = None) -> list[dict]:
@@ -110,13 +148,14 @@ def list_runs(cache_dir: Path | None = None) -> list[dict]:
 
 
 def run_zip(folder: Path) -> Path:
-    """A zip of a run folder (Hugging Face files + manifest.json) next to it, built once, atomically."""
+    """A zip of a run folder (Hugging Face files + manifest.json) next to it, built atomically, and built again
+    only when the manifest changed since (an evaluation added metrics)."""
     import zipfile
 
     folder = Path(folder)
     read_manifest(folder)
     target = folder.parent.parent / "exports" / f"{folder.name}.zip"
-    if target.exists():
+    if target.exists() and target.stat().st_mtime_ns >= (folder / MANIFEST).stat().st_mtime_ns:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from pruner import api
-from pruner.recover import RecoverSpec, learning_rate
+from pruner.recover import RecoverSpec, learning_rate, train_lora
+from tests.tiny_models import tiny_model, tiny_tokens
 from pruner.store import PROJECT_ROOT, read_manifest, run_zip
 
 
@@ -26,6 +27,21 @@ def test_settings_are_checked():
 def test_learning_rate_warms_up_then_decays_linearly():
     # 20 steps: warm-up over round(0.1 · 20) = 2 steps, then (20 − t) / 18 of the peak
     assert [learning_rate(t, 20, 1.0) for t in (0, 1, 2, 11, 19)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 1 / 18])
+
+
+def test_lora_result_depends_on_its_seed_not_on_the_process_random_state():
+    tokens = tiny_tokens(n=3, seqlen=16)
+    spec = RecoverSpec("abc", steps=3, seqlen=16, lr=1e-2)
+    runs = []
+    for process_seed, seed in ((1, 7), (2, 7), (1, 8)):
+        model = tiny_model("llama")  # (seeds the generator itself)
+        torch.manual_seed(process_seed)
+        state = torch.random.get_rng_state()
+        _, losses = train_lora(model, tokens, spec, seed=seed)
+        assert torch.equal(torch.random.get_rng_state(), state)  # the caller's generator is left as it was
+        runs.append(losses)
+    assert runs[0] == runs[1]  # same seed, different process state: the same training
+    assert runs[0][1:] != runs[2][1:]  # another seed: other adapters (step 1's loss is the base model's: B = 0)
 
 
 @pytest.fixture(scope="module")

@@ -181,6 +181,21 @@ def test_dense_runtime_fallback_reports_an_estimate_not_a_speedup(tmp_path):
     assert estimate == pytest.approx(ideal_decode_speedup(pruned)) and estimate > 1
 
 
+def test_cached_dense_graphs_need_no_dense_model(tmp_path):
+    dense, pruned = tiny_model("llama"), tiny_model("llama")
+    spec = SpeedSpec(seqlen=8)
+    with pytest.raises(ValueError, match="no dense graphs cached in .*: pass the dense model"):
+        speed.export_and_measure(None, pruned, spec, dense_dir=tmp_path / "dense", engine="onnxruntime")
+    assert speed.cached_graphs(tmp_path / "dense") is None and not (tmp_path / "dense").exists()
+    first = speed.export_and_measure(dense, pruned, spec, dense_dir=tmp_path / "dense", engine="onnxruntime")
+    assert speed.cached_graphs(tmp_path / "dense") == {g: str(tmp_path / "dense" / f"{g}.onnx") for g in speed.GRAPHS}
+    phases = []
+    again = speed.export_and_measure(None, pruned, spec, dense_dir=tmp_path / "dense", engine="onnxruntime",
+                                     progress=lambda p, d, t: phases.append(p))
+    assert "export dense" not in phases and again["graphs"]["decode"]["dense"]["runs"] == 30
+    assert again["raw"]["dense"]["decode"]["inputs"] == first["raw"]["dense"]["decode"]["inputs"]
+
+
 def _deepsparse_or_skip():
     status = speed.deepsparse_status()
     if not status["available"]:

@@ -1,6 +1,10 @@
 """Runs on disk: complete folders only, reuse by key, save → load → same logits, metrics in the manifest."""
 
 import copy
+import json
+import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ from pruner.data import calibration_tokens
 from pruner.models import load_model
 from pruner.prune import layer_targets, prune_model
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec
-from pruner.store import atomic_dir, list_runs, read_manifest
+from pruner.store import PROJECT_ROOT, add_metrics, atomic_dir, list_runs, read_manifest, run_zip, update_metrics
 
 
 @pytest.fixture
@@ -83,6 +87,53 @@ def test_atomic_dir_keeps_target_on_error(tmp_path):
             raise RuntimeError("interrupted")
     assert (target / "a").read_text() == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def _fake_run(tmp_path):
+    folder = tmp_path / "runs" / "abc"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"key": "abc", "metrics": {}}))
+    (folder / "model.safetensors").write_bytes(b"weights")
+    return folder
+
+
+WRITER = """
+import sys
+from pruner.store import add_metrics
+folder, tag = sys.argv[1], sys.argv[2]
+for i in range(60):
+    add_metrics(folder, f"{tag}{i}", {"i": i})
+"""
+
+
+def test_metrics_written_by_two_processes_at_once_are_all_kept(tmp_path):
+    folder = _fake_run(tmp_path)
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(folder), tag], cwd=PROJECT_ROOT)
+               for tag in ("a", "b")]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    metrics = read_manifest(folder)["metrics"]
+    assert sorted(metrics) == sorted(f"{t}{i}" for t in "ab" for i in range(60))  # none lost to the other writer
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # no lock or temporary files left
+
+
+def test_update_metrics_sees_the_stored_value(tmp_path):
+    folder = _fake_run(tmp_path)
+    seen = []
+    for value in (1, 2):
+        update_metrics(folder, "count", lambda previous, value=value: seen.append(previous) or {"n": value})
+    assert seen == [None, {"n": 1}] and read_manifest(folder)["metrics"]["count"] == {"n": 2}
+
+
+def test_run_zip_is_rebuilt_when_the_manifest_changes(tmp_path):
+    folder = _fake_run(tmp_path)
+    first = run_zip(folder)
+    with zipfile.ZipFile(first) as z:
+        assert json.loads(z.read("abc/manifest.json"))["metrics"] == {}
+    assert run_zip(folder).stat().st_mtime_ns == first.stat().st_mtime_ns  # unchanged run: the same zip
+    add_metrics(folder, "ppl", {"perplexity": 19.1})
+    with zipfile.ZipFile(run_zip(folder)) as z:
+        assert json.loads(z.read("abc/manifest.json"))["metrics"] == {"ppl": {"perplexity": 19.1}}
+        assert z.read("abc/model.safetensors") == b"weights"
 
 
 def test_prune_spec_validation():

@@ -47,6 +47,8 @@ DEEPSPARSE_IR_VERSION = 8
 ONNX_OPSET = 18
 #: Bump when the exported graphs change (part of the cached dense graphs' folder name and of every result).
 EXPORT_VERSION = 6
+#: The two exported graphs of every model (see ``export_graphs``).
+GRAPHS = ("prefill", "decode")
 #: A measurement is the median of at least this many timed calls (after warm-up).
 MIN_RUNS = 30
 #: Dense and pruned take turns in this many rounds of timed calls (see speed_worker.time_interleaved). Timed one
@@ -612,7 +614,7 @@ def measure(dense_graphs: dict, pruned_graphs: dict | None, spec: SpeedSpec, *, 
     result = {"engine": timed_engine, "spec": asdict(spec) | {"threads": spec.n_threads}, "env": answer["env"],
               "deepsparse_available": use_ds, "export_version": EXPORT_VERSION, "deepsparse_reason": status["reason"], "note": STATUS_NOTE,
               "raw": answer["results"], "graphs": {}, "speedup": {}, "speedup_by_round": {}}
-    for graph in ("prefill", "decode"):
+    for graph in GRAPHS:
         row = {name: _summarise(answer["results"][name][graph], timed_engine, spec, graph)
                for name in answer["results"]}
         row["onnxruntime_dense"] = _summarise(answer["results"]["dense"][graph], "onnxruntime", spec, graph)
@@ -635,23 +637,32 @@ def measure(dense_graphs: dict, pruned_graphs: dict | None, spec: SpeedSpec, *, 
     return result
 
 
+def cached_graphs(folder: Path | None) -> dict | None:
+    """{graph: path} when ``folder`` holds both exported graphs, else None."""
+    if folder is None or not all((Path(folder) / f"{g}.onnx").exists() for g in GRAPHS):
+        return None
+    return {g: str(Path(folder) / f"{g}.onnx") for g in GRAPHS}
+
+
 def export_and_measure(dense_model, pruned_model, spec: SpeedSpec, *, dense_dir: Path | None = None,
                        engine: str = "auto", progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Export both models (the dense graphs are reused from ``dense_dir`` when present there) and measure."""
+    """Export both models (the dense graphs are reused from ``dense_dir`` when present there; ``dense_model`` may
+    then be None) and measure."""
     phase = (lambda name: (lambda d, t: progress(name, d, t))) if progress else (lambda name: None)
     # without DeepSparse the pruned graphs would only be timed on a dense runtime, which says nothing: skip them
     time_pruned = engine == "deepsparse" or (engine == "auto" and deepsparse_status()["available"])
     with tempfile.TemporaryDirectory(prefix="pruner-onnx-") as tmp:
-        if dense_dir is not None and all((Path(dense_dir) / f"{g}.onnx").exists() for g in ("prefill", "decode")):
-            dense_graphs = {g: str(Path(dense_dir) / f"{g}.onnx") for g in ("prefill", "decode")}
-        else:
+        dense_graphs = cached_graphs(dense_dir)
+        if dense_graphs is None:
+            if dense_model is None:
+                raise ValueError(f"no dense graphs cached in {dense_dir}: pass the dense model to export them")
             target = Path(dense_dir) if dense_dir is not None else Path(tmp) / "dense"
             partial = target.with_name(target.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
             export_graphs(dense_model, partial, spec, phase("export dense"))
             shutil.rmtree(target, ignore_errors=True)
             os.replace(partial, target)
-            dense_graphs = {g: str(target / f"{g}.onnx") for g in ("prefill", "decode")}
+            dense_graphs = cached_graphs(target)
         pruned_graphs = (export_graphs(pruned_model, Path(tmp) / "pruned", spec, phase("export pruned"))
                          if time_pruned else None)
         if progress:
