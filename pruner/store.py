@@ -149,14 +149,19 @@ def list_runs(cache_dir: Path | None = None) -> list[dict]:
 
 def run_zip(folder: Path) -> Path:
     """A zip of a run folder (Hugging Face files + manifest.json) next to it, built atomically, and built again
-    only when the manifest changed since (an evaluation added metrics)."""
+    only when the manifest in it is not the current one (an evaluation added metrics since)."""
     import zipfile
 
     folder = Path(folder)
     read_manifest(folder)
     target = folder.parent.parent / "exports" / f"{folder.name}.zip"
-    if target.exists() and target.stat().st_mtime_ns >= (folder / MANIFEST).stat().st_mtime_ns:
-        return target
+    # compared by content: file times tick too coarsely to order a zip and a manifest written in the same moment
+    try:
+        with zipfile.ZipFile(target) as z:
+            if z.read(f"{folder.name}/{MANIFEST}") == (folder / MANIFEST).read_bytes():
+                return target
+    except (OSError, KeyError, zipfile.BadZipFile):
+        pass  # no zip yet, or one without a manifest: build it
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)

@@ -123,7 +123,7 @@ def measure(request: dict) -> dict:
     graph_names = list(dict.fromkeys(g for graphs in request["models"].values() for g in graphs))
     for graph_name in graph_names:
         # every model's version of this graph is prepared and checked first, then all are timed taking turns
-        calls = {}
+        calls: dict = {engine_name: {} for engine_name in engines}  # engine → {model: call}
         for model_name, graphs in request["models"].items():
             if graph_name not in graphs:
                 continue
@@ -138,7 +138,7 @@ def measure(request: dict) -> dict:
             reference = session.run(None, named)
             entry = {"inputs": {spec.name: list(x.shape) for spec, x in zip(session.get_inputs(), feeds)}}
             if "onnxruntime" in engines:
-                calls[(model_name, "onnxruntime")] = lambda session=session, named=named: session.run(None, named)
+                calls["onnxruntime"][model_name] = lambda session=session, named=named: session.run(None, named)
             if "deepsparse" in engines:
                 from deepsparse import Engine
 
@@ -150,16 +150,15 @@ def measure(request: dict) -> dict:
                 entry["check"] = check
                 entry["deepsparse"] = {"compile_s": compile_s}
                 if check["ok"]:
-                    calls[(model_name, "deepsparse")] = lambda engine=engine, feeds=feeds: engine.run(feeds)
+                    calls["deepsparse"][model_name] = lambda engine=engine, feeds=feeds: engine.run(feeds)
                 else:
                     entry["deepsparse"]["rejected"] = check["reason"]
             results.setdefault(model_name, {})[graph_name] = entry
-        for engine_name in engines:  # one engine at a time; within it, the models take turns
-            turns = {model: fn for (model, name), fn in calls.items() if name == engine_name}
+        for engine_name, turns in calls.items():  # one engine at a time; within it, the models take turns
             print(f"timing {graph_name} in {engine_name}: {', '.join(turns)} in turn", file=sys.stderr, flush=True)
             for model_name, timing in time_interleaved(turns, warmup, runs, rounds).items():
                 results[model_name][graph_name].setdefault(engine_name, {}).update(timing)
-        calls.clear()  # frees the engines before the next graph's are compiled
+        calls = engine = None  # drops this graph's engines before the next graph's are compiled
     return {"env": env, "results": results}
 
 
