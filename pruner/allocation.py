@@ -26,6 +26,16 @@ BESA_DEFAULT_BETA = 50.0
 #: Round-off below this is treated as zero when checking that a sparsity is ≥ 0.
 _ROUNDOFF = 1e-12
 
+#: What an allocator reads (``Allocator.needs``), from cheapest to dearest. Pruning computes only what the chosen
+#: allocator needs: the layout is read off the model; the weights' spectra need no calibration data; the dense
+#: model's statistics are a full calibration pass over every block *before* any block is pruned, because these
+#: allocators normalise over all blocks at once (OWL's min–max scaling of the LOD, the global threshold's one
+#: cut across all layers), so block 0's sparsity depends on the last block's scores.
+NEEDS_LAYOUT = "layout"  # layer names, blocks and shapes
+NEEDS_WEIGHTS = "weights"  # the layout plus per-layer quantities of the dense weights alone (PL_Alpha_Hill)
+NEEDS_STATISTICS = "statistics"  # the dense model's calibration statistics (input norms, Wanda-score summaries)
+NEEDS = (NEEDS_LAYOUT, NEEDS_WEIGHTS, NEEDS_STATISTICS)
+
 
 def check_beta(beta: float) -> float:
     """BESA's β must be a finite number > 0."""
@@ -238,6 +248,12 @@ class Allocator:
     #: True for allocators learned from calibration data through the model (BESA): ``allocate`` then takes the
     #: learned per-layer sparsities instead of computing them from the statistics.
     learned: bool = False
+    #: What ``compute`` reads: one of ``NEEDS`` (a learned allocator: what its learning reads).
+    needs: str = NEEDS_STATISTICS
+
+    def __post_init__(self):
+        if self.needs not in NEEDS:
+            raise ValueError(f"allocator {self.name!r}: needs must be one of {', '.join(NEEDS)}; got {self.needs!r}")
 
 
 def _learned_elsewhere(inputs, S, lam, m):
@@ -257,20 +273,21 @@ ALLOCATORS: dict[str, Allocator] = {
     a.name: a
     for a in (
         Allocator("uniform", "Uniform", "block", (), _per_block(lambda x, S, lam, m: uniform(x.n_blocks, S)),
-                  "the same sparsity S for every block"),
+                  "the same sparsity S for every block", needs=NEEDS_LAYOUT),
         Allocator("owl", "OWL", "block", ("lam", "m"), _per_block(lambda x, S, lam, m: owl(x.lod(m), S, lam)),
                   "blocks with more outliers (share of scores above M × the block mean) keep more weights; S ± λ"),
         Allocator("owl_inverse", "OWL-inverse", "block", ("lam", "m"),
                   _per_block(lambda x, S, lam, m: owl_inverse(x.lod(m), S, lam)),
                   "ablation: blocks with more outliers are pruned more; S ± λ"),
         Allocator("er", "Erdős–Rényi", "layer", (), lambda x, S, lam, m: er(x.layer_shapes, S),
-                  "per-layer density ∝ (n_in + n_out) / (n_in · n_out)"),
+                  "per-layer density ∝ (n_in + n_out) / (n_in · n_out)", needs=NEEDS_LAYOUT),
         Allocator("global", "Global", "layer", (), lambda x, S, lam, m: global_threshold(x.score_hist, S),
                   "one Wanda-score threshold across all layers"),
         Allocator("alpha", "AlphaPruning", "block", (),
                   _per_block(lambda x, S, lam, m: alpha_pruning(_block_mean(x.layer_alpha, x.layer_block, x.n_blocks),
                                                                 _block_numel(x), S)),
-                  "blocks whose weight spectra have lighter tails (higher PL_Alpha_Hill) are pruned more"),
+                  "blocks whose weight spectra have lighter tails (higher PL_Alpha_Hill) are pruned more",
+                  needs=NEEDS_WEIGHTS),
         Allocator("besa", "BESA (learned)", "layer", ("beta",), _learned_elsewhere,
                   "per-layer sparsities learned per block to minimise its reconstruction error at mean S",
                   learned=True),

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pruner.allocation import ALLOCATORS, Allocation, allocate
+from pruner.allocation import ALLOCATORS, NEEDS_STATISTICS, NEEDS_WEIGHTS, Allocation, allocate
 from pruner.calibrate import ProgressFn
 from pruner.data import calibration_tokens
 from pruner.models import LoadedModel, load_model, model_summary
 from pruner.specs import StatsSpec
-from pruner.stats import Stats, collect_stats
+from pruner.stats import ModelLayout, Stats, collect_stats
 from pruner.store import atomic_dir, default_cache_dir
 
 
@@ -77,10 +77,19 @@ def get_stats(spec: StatsSpec, cache_dir: Path | None = None, *, save: bool = Tr
 
 
 def allocation_for(spec: StatsSpec, allocator: str, sparsity: float, *, lam: float | None = None,
-                   m: float | None = None, cache_dir: Path | None = None, **kwargs) -> tuple[Stats, Allocation]:
-    """Statistics (cached or computed) and one allocation. Newly computed statistics are saved only if the
-    allocation succeeds, so a rejected λ leaves the cache as it was."""
+                   m: float | None = None, cache_dir: Path | None = None,
+                   **kwargs) -> tuple[Stats | ModelLayout, Allocation]:
+    """The allocation's inputs and one allocation: cached statistics when there are some, else only what the
+    allocator needs (the model's layout or weights, or a statistics pass). Newly computed statistics are saved
+    only if the allocation succeeds, so a rejected λ leaves the cache as it was."""
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
     cached = load_cached_stats(spec, cache_dir)
+    needs = ALLOCATORS[allocator].needs
+    if cached is None and needs != NEEDS_STATISTICS:
+        loaded = kwargs.get("loaded") or load_model(spec.model, cache_dir)
+        layout = ModelLayout.of(loaded.model, weights=needs == NEEDS_WEIGHTS)
+        return layout, allocate(allocator, layout, sparsity, lam=lam, m=m)
     stats = cached if cached is not None else compute_stats(spec, cache_dir, **kwargs)
     result = allocate(allocator, stats, sparsity, lam=lam, m=m)
     if cached is None:
@@ -218,25 +227,30 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     phase = (lambda name: (lambda d, t: progress(name, d, t))) if progress else (lambda name: None)
     t_start = time.perf_counter()
     base = loaded if loaded is not None else load_model(spec.model, cache_dir)
-    cached = load_cached_stats(spec.stats_spec, cache_dir)
-    # tokenized once, for the statistics pass (if the statistics are not cached) and for pruning
-    needs_tokens = METHODS[spec.method].needs_inputs or cached is None
+    allocator = ALLOCATORS[spec.allocator]
+    stats = load_cached_stats(spec.stats_spec, cache_dir)
+    # the dense statistics pass runs only for an allocator that reads them (uniform and ER read the layout,
+    # AlphaPruning the weights); cached statistics serve every allocator
+    stats_pass = stats is None and allocator.needs == NEEDS_STATISTICS
+    # tokenized once, for the statistics pass (when it runs) and for pruning
+    needs_tokens = METHODS[spec.method].needs_inputs or stats_pass or allocator.learned
     tokens = calibration_tokens(base.tokenizer, spec.calib) if needs_tokens else None
     t0 = time.perf_counter()
-    stats = cached if cached is not None else get_stats(spec.stats_spec, cache_dir, loaded=base, tokens=tokens,
-                                                       progress=phase("statistics"), batch_size=batch_size)
+    if stats_pass:
+        stats = get_stats(spec.stats_spec, cache_dir, loaded=base, tokens=tokens, progress=phase("statistics"),
+                          batch_size=batch_size)
+    inputs = stats if stats is not None else ModelLayout.of(base.model, weights=allocator.needs == NEEDS_WEIGHTS)
     t_stats = time.perf_counter() - t0
     learned, t_learn = None, 0.0
     if ALLOCATORS[spec.allocator].learned:
         t0 = time.perf_counter()
         besa = besa_allocation(spec.stats_spec, spec.sparsity, spec.beta, cache_dir, loaded=base,
-                               tokens=tokens if tokens is not None else calibration_tokens(base.tokenizer, spec.calib),
-                               stats=stats, progress=phase("learn allocation"), should_cancel=should_cancel,
+                               tokens=tokens, stats=stats, progress=phase("learn allocation"), should_cancel=should_cancel,
                                batch_size=batch_size)
         learned, t_learn = besa_layer_sparsity(besa, stats), time.perf_counter() - t0
-    alloc = allocate(spec.allocator, stats, spec.sparsity, lam=spec.lam, m=spec.m, beta=spec.beta, learned=learned)
+    alloc = allocate(spec.allocator, inputs, spec.sparsity, lam=spec.lam, m=spec.m, beta=spec.beta, learned=learned)
     nm = NM.parse(spec.nm) if spec.nm else None
-    targets = layer_targets(alloc.layer_sparsity, list(zip(stats.layer_block.tolist(), stats.layer_names)), nm)
+    targets = layer_targets(alloc.layer_sparsity, list(zip(inputs.layer_block.tolist(), inputs.layer_names)), nm)
     # A model the caller passed in (e.g. the dashboard's cached dense model) is never modified: prune a copy.
     # One this function loaded itself is pruned in place, which saves a model's worth of memory.
     model = copy.deepcopy(base.model) if loaded is not None else base.model
@@ -257,6 +271,9 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
             "block": report.block_achieved().tolist(),
             "layers": [vars(l) for l in report.layers],
         },
+        # where the allocation's inputs came from: cached statistics, a statistics pass run now, or the model alone
+        "allocation_inputs": ("statistics pass" if stats_pass else "cached statistics" if stats is not None
+                              else f"model {allocator.needs}"),
         "timings_s": {"statistics": round(t_stats, 2), **({"learn_allocation": round(t_learn, 2)} if learned is not None
                                                           else {}), "prune": round(t_prune, 2)},
         "memory": _peak_memory(),

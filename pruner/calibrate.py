@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from pruner.models import find_blocks, prunable_layers
+from pruner.models import find_blocks, prunable_layers, weight_matrix
 
 #: Attributes some model families read from a block object in their outer loop; recorders carry them over.
 _BLOCK_ATTRIBUTES = ("attention_type", "layer_idx", "is_sliding", "sliding_window", "layer_type")
@@ -38,6 +38,11 @@ class BlockObserver(Protocol):
 
     def finish(self, index: int, block: nn.Module, layers: dict[str, nn.Module]) -> bool:
         """Called once the block has seen every batch. Return True if the block's weights were changed."""
+
+    #: Optional (default False): True when the observer reads only the layers' inputs and ``finish`` always
+    #: changes the weights, so the block runs again and its first-pass outputs are never used. The loop then skips
+    #: the matmul of the block's last-running layer in the first pass (see ``_run_block``).
+    first_pass_outputs_unused: bool
 
 
 class Cancelled(Exception):
@@ -128,6 +133,38 @@ def _run_block(block: nn.Module, inputs: list[torch.Tensor], call: tuple[tuple, 
 
 
 @torch.no_grad()
+def _run_block_for_inputs(block: nn.Module, inputs: list[torch.Tensor], call: tuple[tuple, dict],
+                          layers: dict[str, nn.Module]) -> None:
+    """Run the block only so that the observer's hooks see every layer's inputs; its outputs are not returned.
+
+    The last prunable layer to run in the block (found on the first mini-batch: the MLP's output projection in every
+    supported family) feeds no other layer of the block, only the block's output, which this pass discards. From
+    the second mini-batch on, that layer returns zeros of its output shape instead of computing its matmul (about a
+    quarter of a Llama block's linear work); hooks still fire with its true input. Every layer's input, and so
+    every method's state, is exactly what a full forward gives.
+    """
+    args, kwargs = call
+    order: list[str] = []
+    handles = [layer.register_forward_pre_hook(lambda module, a, name=name: order.append(name))
+               for name, layer in layers.items()]
+    try:
+        block(inputs[0], *args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(inputs) == 1 or not order:
+        return
+    last = layers[order[-1]]
+    out_features = weight_matrix(last).shape[0]
+    last.forward = lambda x, *a, **k: x.new_zeros(*x.shape[:-1], out_features)  # instance attribute: hooks still run
+    try:
+        for x in inputs[1:]:
+            block(x, *args, **kwargs)
+    finally:
+        del last.forward
+
+
+@torch.no_grad()
 def run_blockwise(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -154,13 +191,18 @@ def run_blockwise(
         try:
             layers = prunable_layers(block)
             handles: list[RemovableHandle] = []
+            inputs_only = getattr(observer, "first_pass_outputs_unused", False)
+            outputs = None
             try:
                 handles = observer.attach(i, block, layers)
-                outputs = _run_block(block, hidden, calls[i])
+                if inputs_only:
+                    _run_block_for_inputs(block, hidden, calls[i], layers)
+                else:
+                    outputs = _run_block(block, hidden, calls[i])
             finally:
                 for handle in handles:
                     handle.remove()
-            if observer.finish(i, block, layers):
+            if observer.finish(i, block, layers) or outputs is None:
                 outputs = _run_block(block, hidden, calls[i])
         finally:
             block.to(home)

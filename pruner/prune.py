@@ -101,6 +101,9 @@ class PruningObserver:
     only on the inputs, and ``prune`` does not modify it). For SparseGPT this halves the Hessian work.
     """
 
+    #: ``finish`` always changes the block, so the loop may skip work whose only use is the first pass's outputs
+    first_pass_outputs_unused = True
+
     def __init__(self, method: str, targets: dict, scope: str, device: torch.device):
         self.cls = METHODS[method]
         self.targets = targets

@@ -299,6 +299,59 @@ class Stats:
             )
 
 
+@dataclass
+class ModelLayout:
+    """What the allocators that need no calibration data read (``pruner.allocation.NEEDS_LAYOUT`` and
+    ``NEEDS_WEIGHTS``), taken from the model without a forward pass; layers in the same order as ``Stats``.
+
+    ``layer_alpha`` exists only when asked for (``weights=True``): it is the same per-layer PL_Alpha_Hill the
+    statistics pass stores, computed by the same function from the same weights.
+    """
+
+    layer_names: list[str]
+    layer_block: np.ndarray  # (L,) int
+    layer_shapes: np.ndarray  # (L, 2) int: (out_features, in_features)
+    alpha: np.ndarray | None = None  # (L,) float64 PL_Alpha_Hill, or None when not computed
+
+    @classmethod
+    def of(cls, model: nn.Module, weights: bool = False) -> "ModelLayout":
+        from pruner.models import find_blocks, prunable_layers
+
+        names, blocks, shapes, alphas = [], [], [], []
+        for index, block in enumerate(find_blocks(model)[1]):
+            for name, layer in prunable_layers(block).items():
+                w = weight_matrix(layer)
+                names.append(name)
+                blocks.append(index)
+                shapes.append((int(w.shape[0]), int(w.shape[1])))
+                if weights:
+                    alphas.append(layer_alpha(w))
+        return cls(names, np.asarray(blocks, dtype=np.int64), np.asarray(shapes, dtype=np.int64),
+                   np.asarray(alphas, dtype=np.float64) if weights else None)
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.layer_block.max()) + 1
+
+    @property
+    def layer_alpha(self) -> np.ndarray:
+        if self.alpha is None:
+            raise ValueError("PL_Alpha_Hill was not computed for this layout; build it with ModelLayout.of(model, "
+                             "weights=True)")
+        return self.alpha
+
+    def _needs_statistics(self, what: str):
+        raise ValueError(f"{what} needs the dense model's calibration statistics, not just its layout; "
+                         f"compute them first (pruner.api.get_stats, CLI `stats`)")
+
+    @property
+    def score_hist(self):
+        self._needs_statistics("the Wanda-score histogram (global threshold)")
+
+    def lod(self, m: float):
+        self._needs_statistics("the Layerwise Outlier Distribution (OWL)")
+
+
 class StatsBuilder:
     """Accumulates per-block summaries into ``Stats`` (used by the collector, and directly on hand-made weights)."""
 

@@ -149,3 +149,44 @@ def test_layers_fed_the_same_tensor_share_one_state():
 
     run_blockwise(model, tiny_tokens(), Spy("sparsegpt", targets, "row", torch.device("cpu")))
     assert shared == [(True, True, 4)] * 3  # q/k/v, o, gate/up, down
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "opt", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_first_pass_skipping_the_last_layer_gives_the_same_model(family, method, monkeypatch):
+    """The first pass skips the last-running layer's matmul (its output only feeds the discarded block output):
+    the pruned weights must be exactly those of full first passes."""
+    from pruner.prune import PruningObserver
+
+    tokens = tiny_tokens(8, 16)
+    results = {}
+    for skip in (True, False):
+        model = tiny_model(family)
+        targets, _ = _owl_targets(copy.deepcopy(model), tokens)
+        monkeypatch.setattr(PruningObserver, "first_pass_outputs_unused", skip)
+        prune_model(model, tokens, method, targets, "row", batch_size=2)  # four mini-batches: three skip
+        results[skip] = model.state_dict()
+    assert all(torch.equal(results[True][k], results[False][k]) for k in results[True])
+
+
+def test_first_pass_skips_one_matmul_per_mini_batch_after_the_first():
+    from pruner.prune import PruningObserver
+
+    model = tiny_model("llama")
+    tokens = tiny_tokens(8, 16)
+    calls = {}
+    for block in find_blocks(model)[1]:
+        for name, layer in prunable_layers(block).items():
+            layer.register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(
+                name, calls.get(name, 0) + bool(o.abs().sum() > 0)))
+    targets = {k: LayerTarget(0.5, None) for k in
+               [(i, n) for i, b in enumerate(find_blocks(model)[1]) for n in prunable_layers(b)]}
+    observer = PruningObserver("wanda", targets, "row", torch.device("cpu"))
+    from pruner.calibrate import run_blockwise
+
+    run_blockwise(model, tokens, observer, batch_size=2)
+    n_blocks = len(find_blocks(model)[1])
+    # 4 mini-batches: every layer computes 4 (first pass) + 4 (second pass) times per block, but the MLP's output
+    # projection computes only on the first mini-batch of the first pass
+    assert calls["mlp.down_proj"] == n_blocks * (1 + 4)
+    assert calls["mlp.up_proj"] == n_blocks * (4 + 4)
