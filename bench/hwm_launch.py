@@ -19,6 +19,7 @@ if __name__ == "__main__":
     atexit.register(_write_peak)
     if sys.argv[1] == "-m":
         sys.argv = sys.argv[2:]
+        sys.path[0] = os.getcwd()  # as `python -m` does: modules are found from the working directory
         runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
     else:
         sys.argv = sys.argv[1:]

@@ -143,11 +143,17 @@ def besa_allocation(spec: StatsSpec, sparsity: float, beta: float | None = None,
         return found
     loaded = loaded if loaded is not None else load_model(spec.model, cache_dir)
     tokens = tokens if tokens is not None else calibration_tokens(loaded.tokenizer, spec.calib)
-    stats = stats if stats is not None else get_stats(spec, cache_dir, loaded=loaded, tokens=tokens,
-                                                      batch_size=batch_size)
+    stats = stats if stats is not None else load_cached_stats(spec, cache_dir)
     t0 = time.perf_counter()
-    blocks = learn_sparsities(loaded.model, tokens, S, stats, beta=beta, device=loaded.device, batch_size=batch_size,
-                              progress=progress, should_cancel=should_cancel)
+    if stats is not None:
+        blocks = learn_sparsities(loaded.model, tokens, S, stats, beta=beta, device=loaded.device,
+                                  batch_size=batch_size, progress=progress, should_cancel=should_cancel)
+    else:  # the statistics are collected in the same dense pass, and cached like a separate pass's
+        blocks, stats = learn_sparsities(loaded.model, tokens, S, None, beta=beta, device=loaded.device,
+                                         batch_size=batch_size, progress=progress, should_cancel=should_cancel)
+        stats.meta.update(key=spec.key(), model=spec.model.identity(), calib=spec.calib.identity(),
+                          summary=model_summary(loaded), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        save_stats(spec, stats, cache_dir)
     result = {
         "sparsity": S, "beta": beta, "epochs": BESA_DEFAULT_EPOCHS, "lr": BESA_DEFAULT_LR, "step": BESA_STEP,
         "model": spec.model.identity(), "calib": spec.calib.identity(),
@@ -231,7 +237,8 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     stats = load_cached_stats(spec.stats_spec, cache_dir)
     # the dense statistics pass runs only for an allocator that reads them (uniform and ER read the layout,
     # AlphaPruning the weights); cached statistics serve every allocator
-    stats_pass = stats is None and allocator.needs == NEEDS_STATISTICS
+    # BESA collects them in its own learning pass when they are missing (pruner.besa.StatsAndBesaObserver)
+    stats_pass = stats is None and allocator.needs == NEEDS_STATISTICS and not allocator.learned
     # tokenized once, for the statistics pass (when it runs) and for pruning
     needs_tokens = METHODS[spec.method].needs_inputs or stats_pass or allocator.learned
     tokens = calibration_tokens(base.tokenizer, spec.calib) if needs_tokens else None
@@ -239,7 +246,11 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     if stats_pass:
         stats = get_stats(spec.stats_spec, cache_dir, loaded=base, tokens=tokens, progress=phase("statistics"),
                           batch_size=batch_size)
-    inputs = stats if stats is not None else ModelLayout.of(base.model, weights=allocator.needs == NEEDS_WEIGHTS)
+    source = "statistics pass" if stats_pass else "cached statistics" if stats is not None else f"model {allocator.needs}"
+    if stats is None and not allocator.learned:
+        stats_or_layout = ModelLayout.of(base.model, weights=allocator.needs == NEEDS_WEIGHTS)
+    else:
+        stats_or_layout = stats
     t_stats = time.perf_counter() - t0
     learned, t_learn = None, 0.0
     if ALLOCATORS[spec.allocator].learned:
@@ -247,10 +258,14 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
         besa = besa_allocation(spec.stats_spec, spec.sparsity, spec.beta, cache_dir, loaded=base,
                                tokens=tokens, stats=stats, progress=phase("learn allocation"), should_cancel=should_cancel,
                                batch_size=batch_size)
+        if stats is None:  # collected in the learning pass and cached there
+            stats_or_layout = stats = load_cached_stats(spec.stats_spec, cache_dir)
+            source = "statistics collected in the BESA learning pass"
         learned, t_learn = besa_layer_sparsity(besa, stats), time.perf_counter() - t0
-    alloc = allocate(spec.allocator, inputs, spec.sparsity, lam=spec.lam, m=spec.m, beta=spec.beta, learned=learned)
+    alloc = allocate(spec.allocator, stats_or_layout, spec.sparsity, lam=spec.lam, m=spec.m, beta=spec.beta, learned=learned)
     nm = NM.parse(spec.nm) if spec.nm else None
-    targets = layer_targets(alloc.layer_sparsity, list(zip(inputs.layer_block.tolist(), inputs.layer_names)), nm)
+    targets = layer_targets(alloc.layer_sparsity, list(zip(stats_or_layout.layer_block.tolist(), stats_or_layout.layer_names)),
+                            nm)
     # A model the caller passed in (e.g. the dashboard's cached dense model) is never modified: prune a copy.
     # One this function loaded itself is pruned in place, which saves a model's worth of memory.
     model = copy.deepcopy(base.model) if loaded is not None else base.model
@@ -272,8 +287,7 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
             "layers": [vars(l) for l in report.layers],
         },
         # where the allocation's inputs came from: cached statistics, a statistics pass run now, or the model alone
-        "allocation_inputs": ("statistics pass" if stats_pass else "cached statistics" if stats is not None
-                              else f"model {allocator.needs}"),
+        "allocation_inputs": source,
         "timings_s": {"statistics": round(t_stats, 2), **({"learn_allocation": round(t_learn, 2)} if learned is not None
                                                           else {}), "prune": round(t_prune, 2)},
         "memory": _peak_memory(),

@@ -32,6 +32,7 @@ method then prunes to these sparsities in the usual sequential pass.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -235,7 +236,8 @@ class BesaObserver:
     results: list[BlockResult] = field(default_factory=list)
 
     def attach(self, index, block, layers):
-        if set(self.input_norms[index]) != set(layers):
+        # input norms of a block may be supplied only at its finish (``StatsAndBesaObserver``)
+        if index < len(self.input_norms) and set(self.input_norms[index]) != set(layers):
             raise ValueError(f"block {index}: the statistics' layers {sorted(self.input_norms[index])} are not this "
                              f"model's {sorted(layers)}")
         self._batches = []
@@ -263,16 +265,45 @@ def check_besa_params(beta: float, epochs: int, lr: float) -> None:
         raise ValueError(f"BESA's learning rate must be > 0; got {lr!r}")
 
 
-def learn_sparsities(model: nn.Module, tokens: torch.Tensor, target: float, stats, *, beta: float = BESA_DEFAULT_BETA,
-                     epochs: int = BESA_DEFAULT_EPOCHS, lr: float = BESA_DEFAULT_LR, device="cpu", batch_size: int = 4,
-                     progress: ProgressFn | None = None,
-                     should_cancel: Callable[[], bool] | None = None) -> list[BlockResult]:
+class StatsAndBesaObserver:
+    """One dense pass that collects the statistics (``pruner.stats.StatsCollector``) and learns BESA's sparsities
+    from them block by block: both read only the dense model's block inputs, and BESA needs block b's ‖X_j‖₂ only
+    when it learns block b, so a separate statistics pass is not needed. The statistics are exactly those of a
+    separate pass (the same hooks on the same forward)."""
+
+    def __init__(self, besa: BesaObserver):
+        from pruner.stats import StatsCollector
+
+        self.collector = StatsCollector()
+        self.besa = besa
+
+    def attach(self, index, block, layers):
+        return self.collector.attach(index, block, layers) + self.besa.attach(index, block, layers)
+
+    def finish(self, index, block, layers) -> bool:
+        self.collector.finish(index, block, layers)
+        summaries = self.collector.summaries[-len(layers):]
+        self.besa.input_norms.append({name: torch.as_tensor(s.input_norm) for name, s in zip(layers, summaries)})
+        return self.besa.finish(index, block, layers)
+
+
+def learn_sparsities(model: nn.Module, tokens: torch.Tensor, target: float, stats=None, *,
+                     beta: float = BESA_DEFAULT_BETA, epochs: int = BESA_DEFAULT_EPOCHS, lr: float = BESA_DEFAULT_LR,
+                     device="cpu", batch_size: int = 4, progress: ProgressFn | None = None,
+                     should_cancel: Callable[[], bool] | None = None):
     """Learn every block's layer sparsities through the one calibration loop (the model is not modified).
-    ``stats``: the dense model's ``Stats`` on the same calibration tokens (for the Wanda ranking's ‖X_j‖₂)."""
+
+    ``stats``: the dense model's ``Stats`` on the same calibration tokens (for the Wanda ranking's ‖X_j‖₂); returns
+    the per-block results. Without ``stats`` the same pass also collects them: returns (results, ``Stats``)."""
     if not (0 < target < 1):
         raise ValueError(f"target sparsity S must be in (0, 1); got {target!r}")
     check_besa_params(beta, epochs, lr)
-    observer = BesaObserver(target, block_input_norms(stats), beta, epochs, lr)
+    besa = BesaObserver(target, block_input_norms(stats) if stats is not None else [], beta, epochs, lr)
+    observer = besa if stats is not None else StatsAndBesaObserver(besa)
+    t0 = time.perf_counter()
     run_blockwise(model, tokens, observer, device=device, batch_size=batch_size, progress=progress,
                   should_cancel=should_cancel)
-    return observer.results
+    if stats is not None:
+        return besa.results
+    return besa.results, observer.collector.result({"seconds": round(time.perf_counter() - t0, 3),
+                                                    "with": "BESA learning pass"})

@@ -161,10 +161,10 @@ def _allocate_besa(args, spec, S: float) -> int:
     from pruner.allocation import allocate
 
     beta = _check_beta(args.beta)
-    stats = api.get_stats(spec, _cache(args), progress=_progress_bar("outlier statistics"), batch_size=args.batch_size)
-    result = api.besa_allocation(spec, S, beta, _cache(args), stats=stats,
-                                 progress=_progress_bar("learning BESA sparsities"),
+    # missing statistics are collected in the learning pass itself (no separate pass), then read from the cache
+    result = api.besa_allocation(spec, S, beta, _cache(args), progress=_progress_bar("learning BESA sparsities"),
                                  batch_size=args.batch_size)
+    stats = api.get_stats(spec, _cache(args), progress=_progress_bar("outlier statistics"), batch_size=args.batch_size)
     alloc = allocate("besa", stats, S, beta=result["beta"], learned=api.besa_layer_sparsity(result, stats))
     if args.json:
         print(json.dumps({**alloc.to_dict(stats.layer_names, stats.layer_block), "learning": result}, indent=2))

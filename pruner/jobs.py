@@ -372,13 +372,14 @@ def _execute(store: JobStore, job: Job, cache_dir: Path | None) -> dict:
 
     if job.kind == "stats":
         spec = spec_from_dict(job.payload["spec"])
-        stats = api.get_stats(spec, cache_dir, progress=progress("statistics"), should_cancel=should_cancel)
-        out = {"stats_key": spec.key(), "blocks": stats.n_blocks}
-        if job.payload.get("besa"):  # then learn BESA's sparsities at this S and β (cached like the statistics)
+        out = {"stats_key": spec.key()}
+        if job.payload.get("besa"):  # learn BESA's sparsities at this S and β (missing statistics: the same pass)
             b = job.payload["besa"]
-            result = api.besa_allocation(spec, b["sparsity"], b["beta"], cache_dir, stats=stats,
+            result = api.besa_allocation(spec, b["sparsity"], b["beta"], cache_dir,
                                          progress=progress("learn allocation"), should_cancel=should_cancel)
             out["besa_seconds"] = result["seconds"]
+        stats = api.get_stats(spec, cache_dir, progress=progress("statistics"), should_cancel=should_cancel)
+        out["blocks"] = stats.n_blocks
         return out
     if job.kind == "prune":
         spec = spec_from_dict(job.payload["spec"])

@@ -133,3 +133,27 @@ def test_besa_run_through_the_pipeline_is_exact_and_cached(tiny_folder, data_dir
     api.run_prune(PruneSpec(**{**spec.__dict__, "method": "magnitude"}), tmp_path,
                   progress=lambda ph, d, t: phases.append(ph))
     assert "learn allocation" not in phases
+
+
+def test_besa_collects_missing_statistics_in_its_own_pass(tiny_folder, data_dir, tmp_path, monkeypatch):
+    """No separate statistics pass for BESA: the learning pass collects them, and both the statistics and the
+    learned sparsities are exactly those of the two-pass route."""
+    from pruner.stats import Stats
+
+    spec = PruneSpec(model=ModelSpec(tiny_folder, device="cpu"), calib=CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir),
+                     allocator="besa", method="wanda", sparsity=0.6)
+    # the two-pass route: statistics first, then learning from them
+    api.get_stats(spec.stats_spec, tmp_path / "two")
+    two = api.besa_allocation(spec.stats_spec, 0.6, 50.0, tmp_path / "two")
+    # the fused route: computing statistics separately is refused
+    monkeypatch.setattr(api, "compute_stats", lambda *a, **k: pytest.fail("a separate statistics pass ran"))
+    folder = api.run_prune(spec, tmp_path / "one")
+    assert read_manifest(folder)["allocation_inputs"] == "statistics collected in the BESA learning pass"
+    one = api.cached_besa(spec.stats_spec, 0.6, 50.0, tmp_path / "one")
+    assert one["layer_sparsity"] == two["layer_sparsity"]
+    a = api.load_cached_stats(spec.stats_spec, tmp_path / "one")
+    b = api.load_cached_stats(spec.stats_spec, tmp_path / "two")
+    assert isinstance(a, Stats) and a.layer_names == b.layer_names
+    for field in ("block_mean_score", "ratio_counts_above", "score_hist", "layer_alpha"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    assert all(np.array_equal(x, y) for x, y in zip(a.input_norms, b.input_norms))
