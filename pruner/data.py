@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pruner.memory import return_freed_memory
 from pruner.specs import CalibSpec
 
 WIKITEXT_FILES = {"test": "wikitext2/wiki.test.raw", "validation": "wikitext2/wiki.valid.raw"}
@@ -109,4 +110,7 @@ def calibration_tokens(tokenizer, calib: CalibSpec) -> torch.Tensor:
     if calib.dataset != "c4":
         raise ValueError(f"calibration dataset must be 'c4'; got {calib.dataset!r}")
     stream = token_stream(tokenizer, c4_documents(calib.data_dir))
-    return sample_windows(stream, calib.nsamples, calib.seqlen, calib.seed)
+    windows = sample_windows(stream, calib.nsamples, calib.seqlen, calib.seed)
+    del stream
+    return_freed_memory()  # the tokenizer's work buffers would otherwise stay resident through pruning
+    return windows

@@ -104,11 +104,14 @@ class PruningObserver:
     #: ``finish`` always changes the block, so the loop may skip work whose only use is the first pass's outputs
     first_pass_outputs_unused = True
 
-    def __init__(self, method: str, targets: dict, scope: str, device: torch.device):
+    def __init__(self, method: str, targets: dict, scope: str, device: torch.device, share_inputs: bool = True):
         self.cls = METHODS[method]
         self.targets = targets
         self.scope = scope
         self.device = device
+        #: False: every layer accumulates its own state even when a sibling saw the same tensor (same result,
+        #: more work; kept to show that sharing changes nothing: bench/wanda_drift.py)
+        self.share_inputs = share_inputs
         self.report = PruneReport()
         self._state: dict[str, LayerMethod] = {}  # layer name → the method state it reads
         self._call: dict[int, tuple[torch.Tensor, LayerMethod]] = {}  # id(input) → (input, state), per block call
@@ -122,7 +125,7 @@ class PruningObserver:
             def hook(module, args, output, name=name):
                 x = args[0]
                 seen = self._call.get(id(x))
-                if seen is not None and seen[0] is x:  # same tensor as a sibling layer: share its state
+                if self.share_inputs and seen is not None and seen[0] is x:  # a sibling's tensor: share its state
                     self._state.setdefault(name, seen[1])
                     return
                 state = self._state.get(name)
