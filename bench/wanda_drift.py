@@ -188,7 +188,7 @@ def run(args) -> None:
 
     data_dir = str(default_data_dir())
     lm = load_model(ModelSpec("smollm2-135m"))
-    calib = CalibSpec.preset("cpu", data_dir=data_dir)
+    calib = CalibSpec.preset(args.preset, data_dir=data_dir)
     commit, host = git_rev(), machine()
     stats_cache: dict = {}
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
@@ -200,7 +200,8 @@ def run(args) -> None:
             if variant == "library":
                 reference = sets
             ppl = wikitext2_perplexity(model, lm.tokenizer, data_dir, max_chunks=args.max_chunks)
-            row = {"commit": commit, "machine": host, "allocator": args.allocator, "sparsity": sparsity,
+            row = {"commit": commit, "machine": host, "preset": args.preset, "allocator": args.allocator,
+                   "sparsity": sparsity,
                    "variant": variant, "perplexity": ppl["perplexity"], "chunks": ppl["chunks"],
                    "chunks_total": ppl["chunks_total"], "prune_s": round(seconds, 1)}
             if reference is not None:
@@ -208,13 +209,13 @@ def run(args) -> None:
                 row["agreement"] = [round(a, 6) for a in agree]
                 row["identical_blocks"] = next((i for i, a in enumerate(agree) if a < 1), len(agree))
             print(json.dumps({k: v for k, v in row.items() if k not in ("agreement", "machine")}), flush=True)
-            with open(OUT, "a") as f:
+            with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             del model, sets
 
 
-def report() -> None:
-    rows = [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()]
+def report(path: Path) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     latest = {}
     for r in rows:  # the newest line per (allocator, sparsity, variant)
         latest[(r["allocator"], r["sparsity"], r["variant"])] = r
@@ -238,10 +239,12 @@ def main() -> None:
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
     p.add_argument("--allocator", default="uniform")
     p.add_argument("--max-chunks", type=int, default=8)
+    p.add_argument("--preset", default="cpu", help="calibration preset (tiny: a quick check of the script)")
+    p.add_argument("--out", type=Path, default=OUT, help="JSON lines file (appended to)")
     p.add_argument("--report", action="store_true", help="print the table from docs/wanda_drift.jsonl and exit")
     args = p.parse_args()
     if args.report:
-        report()
+        report(args.out)
     else:
         torch.set_num_threads(2)
         run(args)
