@@ -135,9 +135,11 @@ def main() -> None:
         mine = [r for r in rows if r["method"] == method]
         cold = statistics.median(r["ours_cold_s"] / r["peer_s"] for r in mine)
         warm = statistics.median(r["ours_warm_s"] / r["peer_s"] for r in mine)
-        print(f"  {method}: cold {cold:.3f}, warm {warm:.3f}; peak RSS max ours "
-              f"{max(max(r['ours_cold_gib'], r['ours_warm_gib']) for r in mine):.2f} GiB vs llm-compressor "
-              f"{max(r['peer_gib'] for r in mine):.2f} GiB")
+        rss = {k: statistics.median(r[k] for r in mine) for k in ("ours_cold_gib", "ours_warm_gib", "peer_gib")}
+        print(f"  {method}: cold {cold:.3f}, warm {warm:.3f}; peak RSS median ours cold {rss['ours_cold_gib']:.2f} / "
+              f"warm {rss['ours_warm_gib']:.2f} GiB vs llm-compressor {rss['peer_gib']:.2f} GiB (max "
+              f"{max(max(r['ours_cold_gib'], r['ours_warm_gib']) for r in mine):.2f} vs "
+              f"{max(r['peer_gib'] for r in mine):.2f})")
     evaluate(outputs, data_dir, args.max_chunks)
 
 

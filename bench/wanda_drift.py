@@ -10,7 +10,9 @@ partial evaluation, labelled so) with one evaluator. Variants:
 
 * ``library``   — the library as it is (float32 Σx², mini-batches of 4, q/k/v and gate/up share one state)
 * ``float64``   — Σx² accumulated in float64 (the forward stays float32)
-* ``batch1``    — calibration mini-batches of 1
+* ``batch1``    — calibration mini-batches of 1 in the pruning pass
+* ``batch1-all``— mini-batches of 1 in the statistics pass too (what `prune --batch-size 1` does; differs from
+                  ``batch1`` only for allocators that read the statistics)
 * ``noshare``   — every layer accumulates its own Σx² (no shared state)
 * ``fresh``     — block i's inputs come from a fresh forward of the partly pruned model, not from the loop
 * ``perturb-K`` — block-0 inputs multiplied by (1 + 10⁻⁶·ε), ε ~ N(0, 1) drawn with seed K: a change far below
@@ -18,7 +20,7 @@ partial evaluation, labelled so) with one evaluator. Variants:
 * ``seed-K``    — calibration windows drawn with seed K (a different calibration set)
 * ``plain``     — tests/plain_wanda.py: float64 model, one sample at a time, argsort per row, no sharing
 
-Mask agreement is reported against ``library`` (same sparsity and allocator): per block, the lowest over its
+Mask agreement is reported against ``library`` (or ``--against``; same sparsity and allocator): per block, the lowest over its
 layers of |pruned here ∩ pruned there| / |pruned here|. Each run appends one JSON line to docs/wanda_drift.jsonl.
 """
 
@@ -126,12 +128,14 @@ def prune_variant(variant, dense, tokenizer, calib, allocator, sparsity, stats_c
     seed = int(variant.split("-")[1]) if variant.startswith("seed-") else calib.seed
     calib = type(calib)(**{**calib.__dict__, "seed": seed})
     tokens = calibration_tokens(tokenizer, calib)
+    batch = 1 if variant in ("batch1", "batch1-all") else 4
     if ALLOCATORS[allocator].needs != NEEDS_STATISTICS:
         stats = ModelLayout.of(dense, weights=True)
-    else:  # the allocation's statistics on this calibration set (dense model), once per seed
-        if seed not in stats_cache:
-            stats_cache[seed] = collect_stats(dense, tokens, "cpu")
-        stats = stats_cache[seed]
+    else:  # the allocation's statistics on this calibration set (dense model), once per seed and batch size
+        stats_batch = batch if variant == "batch1-all" else 4  # batch1-all: as `prune --batch-size 1` does
+        if (seed, stats_batch) not in stats_cache:
+            stats_cache[seed, stats_batch] = collect_stats(dense, tokens, "cpu", batch_size=stats_batch)
+        stats = stats_cache[seed, stats_batch]
     alloc = allocate(allocator, stats, sparsity)
     model = copy.deepcopy(dense)
     targets = _targets(model, alloc, stats)
@@ -147,7 +151,6 @@ def prune_variant(variant, dense, tokenizer, calib, allocator, sparsity, stats_c
         METHODS["wanda-float64"] = WandaFloat64.make()
         method = "wanda-float64"
     observer = PruningObserver(method, targets, "row", torch.device("cpu"), share_inputs=variant != "noshare")
-    batch = 1 if variant == "batch1" else 4
     original_capture = calibrate.capture_block_inputs
     if variant.startswith("perturb-"):
         g = torch.Generator().manual_seed(int(variant.split("-")[1]))
@@ -197,11 +200,11 @@ def run(args) -> None:
             model, seconds = prune_variant(variant, lm.model, lm.tokenizer, calib, args.allocator, sparsity,
                                            stats_cache)
             sets = pruned_sets(model)
-            if variant == "library":
+            if variant == args.against:
                 reference = sets
             ppl = wikitext2_perplexity(model, lm.tokenizer, data_dir, max_chunks=args.max_chunks)
             row = {"commit": commit, "machine": host, "preset": args.preset, "allocator": args.allocator,
-                   "sparsity": sparsity,
+                   "sparsity": sparsity, "against": args.against,
                    "variant": variant, "perplexity": ppl["perplexity"], "chunks": ppl["chunks"],
                    "chunks_total": ppl["chunks_total"], "prune_s": round(seconds, 1)}
             if reference is not None:
@@ -218,19 +221,19 @@ def report(path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     latest = {}
     for r in rows:  # the newest line per (allocator, sparsity, variant)
-        latest[(r["allocator"], r["sparsity"], r["variant"])] = r
+        latest[(r["allocator"], r["sparsity"], r["variant"], r.get("against", "library"))] = r
     commits = sorted({r["commit"] for r in latest.values()})
     print(f"commits {', '.join(commits)}; perplexity on the first {rows[-1]['chunks']} of "
           f"{rows[-1]['chunks_total']} WikiText-2 test chunks (partial)\n")
     cols = " | ".join(f"agree. blk {b}" for b in REPORT_BLOCKS)
-    print(f"| allocator | S | variant | perplexity | masks identical in blocks | {cols} |")
-    print("|---|---|---|---|---|" + "---|" * len(REPORT_BLOCKS))
-    for (alloc, s, variant), r in latest.items():
+    print(f"| allocator | S | variant | perplexity | masks compared with | identical in blocks | {cols} |")
+    print("|---|---|---|---|---|---|" + "---|" * len(REPORT_BLOCKS))
+    for (alloc, s, variant, against), r in latest.items():
         agree = r.get("agreement")
         cells = " | ".join(f"{agree[b]:.4f}" if agree and b < len(agree) else "–" for b in REPORT_BLOCKS)
         ident = r.get("identical_blocks")
         ident = "–" if ident is None else ("all" if agree and ident == len(agree) else f"0–{ident - 1}" if ident else "none")
-        print(f"| {alloc} | {s:.0%} | {variant} | {r['perplexity']:.1f} | {ident} | {cells} |")
+        print(f"| {alloc} | {s:.0%} | {variant} | {r['perplexity']:.1f} | {against} | {ident} | {cells} |")
 
 
 def main() -> None:
@@ -238,6 +241,8 @@ def main() -> None:
     p.add_argument("--sparsities", default="0.5,0.7")
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
     p.add_argument("--allocator", default="uniform")
+    p.add_argument("--against", default="library", help="the variant whose masks the others are compared with "
+                   "(list it first in --variants)")
     p.add_argument("--max-chunks", type=int, default=8)
     p.add_argument("--preset", default="cpu", help="calibration preset (tiny: a quick check of the script)")
     p.add_argument("--out", type=Path, default=OUT, help="JSON lines file (appended to)")
