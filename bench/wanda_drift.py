@@ -8,8 +8,10 @@ Every variant prunes a fresh copy of the dense SmolLM2 on the cpu calibration pr
 unless the variant changes the seed), then WikiText-2 test perplexity on the first --max-chunks chunks (a
 partial evaluation, labelled so) with one evaluator. Variants:
 
-* ``library``   — the library as it is (float32 Σx², mini-batches of 4, q/k/v and gate/up share one state)
-* ``float64``   — Σx² accumulated in float64 (the forward stays float32)
+* ``library``   — the library as it is (float64 Σx² and scores, mini-batches of 4, q/k/v and gate/up share one
+                  state; the forward in float32)
+* ``float32``   — Σx² and scores in float32, as the library had them up to commit a127db9
+* ``float64``   — (rows of commit a127db9 only, when the library was float32) Σx² accumulated in float64
 * ``batch1``    — calibration mini-batches of 1 in the pruning pass
 * ``batch1-all``— mini-batches of 1 in the statistics pass too (what `prune --batch-size 1` does; differs from
                   ``batch1`` only for allocators that read the statistics)
@@ -41,36 +43,37 @@ import torch  # noqa: E402
 from bench.common import git_rev, machine  # noqa: E402
 
 OUT = ROOT / "docs" / "wanda_drift.jsonl"
-DEFAULT_VARIANTS = ("library,float64,batch1,noshare,perturb-1,perturb-2,perturb-3,seed-1,seed-2,fresh,plain")
+DEFAULT_VARIANTS = ("library,float32,batch1,noshare,perturb-1,perturb-2,perturb-3,seed-1,seed-2,fresh,plain")
 REPORT_BLOCKS = (2, 10, 20, 29)
 PERTURBATION = 1e-6  # relative size of the block-0 input perturbation
 
 
-class WandaFloat64:
-    """Wanda with its Σx² accumulated in float64 (registered under a bench-only name)."""
+class WandaFloat32:
+    """Wanda as the library had it before commit 'Wanda in float64' (Σx² and scores in float32), registered under
+    a bench-only name."""
 
     @staticmethod
     def make():
         from pruner.methods.masks import select
         from pruner.methods.wanda import Wanda
 
-        class Wanda64(Wanda):
-            name = "wanda-float64"
+        class Wanda32(Wanda):
+            name = "wanda-float32"
 
             def __init__(self, in_features, device="cpu", scope=None):
                 super().__init__(in_features, device, scope)
-                self.sumsq = torch.zeros(in_features, dtype=torch.float64, device=self.device)
+                self.sumsq = torch.zeros(in_features, dtype=torch.float32, device=self.device)
 
             def accumulate(self, x):
-                x = x.double()
+                x = x.float()
                 self.sumsq += (x * x).sum(dim=0)
 
             def prune(self, weight, sparsity, nm=None):
-                score = weight.detach().abs().double() * self.sumsq.sqrt().unsqueeze(0)  # (out, in) float64
+                score = weight.detach().abs().float() * self.sumsq.sqrt().unsqueeze(0)  # (out, in) float32
                 mask = select(score, sparsity, nm, self.scope)
                 return weight.masked_fill(mask, 0.0), mask
 
-        return Wanda64
+        return Wanda32
 
 
 def _targets(model, alloc, stats):
@@ -147,9 +150,9 @@ def prune_variant(variant, dense, tokenizer, calib, allocator, sparsity, stats_c
         model.float()
         return model, time.perf_counter() - t0
     method = "wanda"
-    if variant == "float64":
-        METHODS["wanda-float64"] = WandaFloat64.make()
-        method = "wanda-float64"
+    if variant == "float32":
+        METHODS["wanda-float32"] = WandaFloat32.make()
+        method = "wanda-float32"
     observer = PruningObserver(method, targets, "row", torch.device("cpu"), share_inputs=variant != "noshare")
     original_capture = calibrate.capture_block_inputs
     if variant.startswith("perturb-"):
@@ -167,7 +170,7 @@ def prune_variant(variant, dense, tokenizer, calib, allocator, sparsity, stats_c
             run_blockwise(model, tokens, observer, batch_size=batch)
     finally:
         calibrate.capture_block_inputs = original_capture
-        METHODS.pop("wanda-float64", None)
+        METHODS.pop("wanda-float32", None)
     return model, time.perf_counter() - t0
 
 
@@ -221,19 +224,19 @@ def report(path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     latest = {}
     for r in rows:  # the newest line per (allocator, sparsity, variant)
-        latest[(r["allocator"], r["sparsity"], r["variant"], r.get("against", "library"))] = r
+        latest[(r["commit"], r["allocator"], r["sparsity"], r["variant"], r.get("against", "library"))] = r
     commits = sorted({r["commit"] for r in latest.values()})
     print(f"commits {', '.join(commits)}; perplexity on the first {rows[-1]['chunks']} of "
           f"{rows[-1]['chunks_total']} WikiText-2 test chunks (partial)\n")
     cols = " | ".join(f"agree. blk {b}" for b in REPORT_BLOCKS)
-    print(f"| allocator | S | variant | perplexity | masks compared with | identical in blocks | {cols} |")
-    print("|---|---|---|---|---|---|" + "---|" * len(REPORT_BLOCKS))
-    for (alloc, s, variant, against), r in latest.items():
+    print(f"| commit | allocator | S | variant | perplexity | masks compared with | identical in blocks | {cols} |")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(REPORT_BLOCKS))
+    for (commit, alloc, s, variant, against), r in latest.items():
         agree = r.get("agreement")
         cells = " | ".join(f"{agree[b]:.4f}" if agree and b < len(agree) else "–" for b in REPORT_BLOCKS)
         ident = r.get("identical_blocks")
         ident = "–" if ident is None else ("all" if agree and ident == len(agree) else f"0–{ident - 1}" if ident else "none")
-        print(f"| {alloc} | {s:.0%} | {variant} | {r['perplexity']:.1f} | {against} | {ident} | {cells} |")
+        print(f"| {commit} | {alloc} | {s:.0%} | {variant} | {r['perplexity']:.1f} | {against} | {ident} | {cells} |")
 
 
 def main() -> None:

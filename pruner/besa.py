@@ -159,7 +159,7 @@ def learn_block(block: nn.Module, layers: dict[str, nn.Module], input_norms: dic
     for name in names:
         w = weight_matrix(layers[name]).detach().float()  # on the block's (compute) device
         counts[name] = prune_counts(w.shape[1], candidates).to(w.device)
-        ranks[name] = row_ranks(wanda_score(w, input_norms[name].float().to(w.device)))
+        ranks[name] = row_ranks(wanda_score(w, input_norms[name].to(w.device)))
         buckets[name] = rank_buckets(ranks[name], counts[name])
         weights[name] = w
         logits[name] = initial_logits(target, candidates).to(w.device).requires_grad_(True)

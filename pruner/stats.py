@@ -29,7 +29,7 @@ from torch import nn
 from pruner.models import weight_matrix
 
 #: Bump when the saved layout changes (it is part of the cache key).
-STATS_FORMAT_VERSION = 2  # 2: per-layer PL_Alpha_Hill (AlphaPruning)
+STATS_FORMAT_VERSION = 3  # 2: per-layer PL_Alpha_Hill (AlphaPruning); 3: Σx² and scores in float64
 
 #: M values at which outlier counts are exact: 0.01, 0.02, ..., 50 (fine), then 100 per decade up to ~9976.
 M_FINE_STEP = 0.01
@@ -107,15 +107,26 @@ def layer_alpha(weight: torch.Tensor) -> float:
 
 
 def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
-    """A = |W| · ‖X_j‖₂ broadcast over rows. weight (out, in), input_norm (in,) → (out, in) float32."""
-    return weight.detach().abs().float() * input_norm.float().unsqueeze(0)
+    """A = |W| · ‖X_j‖₂ broadcast over rows. weight (out, in), input_norm (in,) → (out, in) float64.
+
+    float64, like the Σx² behind ‖X_j‖₂ (``accumulate_sumsq``): rankings of A then follow the exact definition.
+    With float32 sums over 16k calibration tokens, near-ties in block 0 of SmolLM2 already ranked differently from
+    exact arithmetic, and at 70% sparsity those flips compound block after block (docs/results.md, issue 16)."""
+    return weight.detach().abs().double() * input_norm.double().unsqueeze(0)
+
+
+def accumulate_sumsq(sumsq: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """Σ_tokens x_j² added to ``sumsq`` (None: start from zero), in float64. x: (..., in) → (in,) float64."""
+    x = x.detach().reshape(-1, x.shape[-1]).double()  # (tokens, in_features)
+    acc = (x * x).sum(dim=0)
+    return acc if sumsq is None else sumsq + acc
 
 
 @dataclass
 class LayerSummary:
     """What the collector keeps of one layer."""
 
-    input_norm: np.ndarray  # (in,) float32, ‖X_j‖₂
+    input_norm: np.ndarray  # (in,) float64, ‖X_j‖₂
     ratio_counts_above: np.ndarray  # (len(M_GRID),) int64: #{A_ij > m·Ā_block}
     score_hist: np.ndarray  # (len(SCORE_EDGES)+1,) int64
 
@@ -126,8 +137,8 @@ def summarize_block(weights: list[torch.Tensor], input_norms: list[torch.Tensor]
     ``weights[l]`` is (out, in) and ``input_norms[l]`` is (in,). Ā is the mean over all layers' scores
     concatenated (OWL's definition: larger layers weigh more).
     """
-    scores = [wanda_score(w, n) for w, n in zip(weights, input_norms)]
-    total = sum(float(s.double().sum()) for s in scores)
+    scores = [wanda_score(w, n) for w, n in zip(weights, input_norms)]  # float64
+    total = sum(float(s.sum()) for s in scores)
     count = sum(s.numel() for s in scores)
     mean = total / count
     device = scores[0].device
@@ -139,7 +150,7 @@ def summarize_block(weights: list[torch.Tensor], input_norms: list[torch.Tensor]
         ratio = flat / mean if mean > 0 else torch.zeros_like(flat)
         out.append(
             LayerSummary(
-                input_norm=n.float().cpu().numpy(),
+                input_norm=n.double().cpu().numpy(),
                 ratio_counts_above=counts_above(ratio, m_grid).cpu().numpy(),
                 score_hist=histogram(flat, score_edges).cpu().numpy(),
             )
@@ -148,7 +159,7 @@ def summarize_block(weights: list[torch.Tensor], input_norms: list[torch.Tensor]
 
 
 class _InputNormObserver:
-    """Accumulates Σ_tokens x_j² of every layer's input during the block's forward passes."""
+    """Accumulates Σ_tokens x_j² (float64) of every layer's input during the block's forward passes."""
 
     def __init__(self, layers: dict[str, nn.Module]):
         self.sumsq: dict[str, torch.Tensor] = {}
@@ -159,10 +170,7 @@ class _InputNormObserver:
         for name, layer in self.layers.items():
 
             def hook(module, args, output, name=name):
-                x = args[0].detach()
-                x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in_features)
-                acc = (x * x).sum(dim=0)
-                self.sumsq[name] = acc if name not in self.sumsq else self.sumsq[name] + acc
+                self.sumsq[name] = accumulate_sumsq(self.sumsq.get(name), args[0])
 
             handles.append(layer.register_forward_hook(hook))
         return handles
@@ -184,7 +192,7 @@ class Stats:
     block_mean_score: np.ndarray  # (B,) float64: Ā per block
     ratio_counts_above: np.ndarray  # (L, len(M_GRID)) int64
     score_hist: np.ndarray  # (L, len(SCORE_EDGES)+1) int64
-    input_norms: list[np.ndarray]  # L arrays of (in_features,) float32
+    input_norms: list[np.ndarray]  # L arrays of (in_features,) float64
     layer_alpha: np.ndarray  # (L,) float64: PL_Alpha_Hill of each weight's WᵀW spectrum (AlphaPruning)
     meta: dict = field(default_factory=dict)
 

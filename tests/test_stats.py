@@ -25,7 +25,7 @@ def _stats(*blocks) -> Stats:
 
 def test_wanda_score():
     names, w, n = _two_layer_block()
-    torch.testing.assert_close(wanda_score(w[0], n[0]), torch.tensor([[1.0, 1.0], [0.0, 2.0]]))
+    torch.testing.assert_close(wanda_score(w[0], n[0]), torch.tensor([[1.0, 1.0], [0.0, 2.0]], dtype=torch.float64))
 
 
 def test_counts_above_is_strict():

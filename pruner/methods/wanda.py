@@ -4,7 +4,7 @@ import torch
 
 from pruner.methods.base import LayerMethod
 from pruner.methods.masks import select
-from pruner.stats import wanda_score
+from pruner.stats import accumulate_sumsq, wanda_score
 
 
 class Wanda(LayerMethod):
@@ -14,11 +14,10 @@ class Wanda(LayerMethod):
 
     def __init__(self, in_features, device="cpu", scope=None):
         super().__init__(in_features, device, scope)
-        self.sumsq = torch.zeros(in_features, dtype=torch.float32, device=self.device)  # Σ_tokens x_j²
+        self.sumsq = torch.zeros(in_features, dtype=torch.float64, device=self.device)  # Σ_tokens x_j², float64
 
     def accumulate(self, x):
-        x = x.float()
-        self.sumsq += (x * x).sum(dim=0)
+        self.sumsq = accumulate_sumsq(self.sumsq, x)
 
     def prune(self, weight, sparsity, nm=None):
         mask = select(wanda_score(weight, self.sumsq.sqrt()), sparsity, nm, self.scope)
