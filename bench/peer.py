@@ -90,7 +90,7 @@ def main() -> None:
     tokens_file = work / "calibration.pt"
     torch.save(calibration_tokens(lm.tokenizer, calib), tokens_file)
     stats_spec = StatsSpec(ModelSpec(MODEL), calib)
-    saved_stats = work / "stats-saved"
+    saved_stats = work / "stats-saved" / stats_spec.key()  # the key names the statistics format too
     if not saved_stats.exists():  # computed once, untimed; restored for every warm run
         subprocess.run([str(OURS_PYTHON), "-m", "pruner", "stats", "--model", MODEL, "--preset", PRESET,
                         "--cache-dir", str(cache), "--data-dir", data_dir], check=True, cwd=ROOT,
