@@ -145,12 +145,10 @@ def besa_allocation(spec: StatsSpec, sparsity: float, beta: float | None = None,
     tokens = tokens if tokens is not None else calibration_tokens(loaded.tokenizer, spec.calib)
     stats = stats if stats is not None else load_cached_stats(spec, cache_dir)
     t0 = time.perf_counter()
-    if stats is not None:
-        blocks = learn_sparsities(loaded.model, tokens, S, stats, beta=beta, device=loaded.device,
-                                  batch_size=batch_size, progress=progress, should_cancel=should_cancel)
-    else:  # the statistics are collected in the same dense pass, and cached like a separate pass's
-        blocks, stats = learn_sparsities(loaded.model, tokens, S, None, beta=beta, device=loaded.device,
-                                         batch_size=batch_size, progress=progress, should_cancel=should_cancel)
+    collected = stats is None  # then the learning pass collects them, and they are cached like a separate pass's
+    blocks, stats = learn_sparsities(loaded.model, tokens, S, stats, beta=beta, device=loaded.device,
+                                     batch_size=batch_size, progress=progress, should_cancel=should_cancel)
+    if collected:
         stats.meta.update(key=spec.key(), model=spec.model.identity(), calib=spec.calib.identity(),
                           summary=model_summary(loaded), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         save_stats(spec, stats, cache_dir)

@@ -293,8 +293,8 @@ def learn_sparsities(model: nn.Module, tokens: torch.Tensor, target: float, stat
                      should_cancel: Callable[[], bool] | None = None):
     """Learn every block's layer sparsities through the one calibration loop (the model is not modified).
 
-    ``stats``: the dense model's ``Stats`` on the same calibration tokens (for the Wanda ranking's ‖X_j‖₂); returns
-    the per-block results. Without ``stats`` the same pass also collects them: returns (results, ``Stats``)."""
+    ``stats``: the dense model's ``Stats`` on the same calibration tokens (for the Wanda ranking's ‖X_j‖₂); None:
+    the same pass collects them. Returns (per-block results, the statistics used)."""
     if not (0 < target < 1):
         raise ValueError(f"target sparsity S must be in (0, 1); got {target!r}")
     check_besa_params(beta, epochs, lr)
@@ -303,7 +303,6 @@ def learn_sparsities(model: nn.Module, tokens: torch.Tensor, target: float, stat
     t0 = time.perf_counter()
     run_blockwise(model, tokens, observer, device=device, batch_size=batch_size, progress=progress,
                   should_cancel=should_cancel)
-    if stats is not None:
-        return besa.results
-    return besa.results, observer.collector.result({"seconds": round(time.perf_counter() - t0, 3),
-                                                    "with": "BESA learning pass"})
+    if stats is None:
+        stats = observer.collector.result({"seconds": round(time.perf_counter() - t0, 3), "with": "BESA learning pass"})
+    return besa.results, stats
