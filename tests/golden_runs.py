@@ -1,0 +1,99 @@
+"""Golden prune runs: the weights a fixed set of specs gives, as digests, so a refactor of the layer around the core
+can be checked to change nothing.
+
+The digests in ``tests/golden/prune_digests.json`` were written by ``python -m tests.golden_runs --write`` on the
+commit named in the file, on a 2-core x86-64 CPU (float32 CPU kernels are deterministic there). Each case is
+written as registry names and parameters, not as a spec, so the same cases can be built by old and new spec code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+GOLDEN = Path(__file__).parent / "golden" / "prune_digests.json"
+
+#: (case id, allocator, allocator parameters, method, method parameters, sparsity, N:M)
+CASES = [
+    ("magnitude-uniform-50", "uniform", {}, "magnitude", {}, 0.5, None),
+    ("wanda-owl-60", "owl", {"lam": 0.05, "m": 3.0}, "wanda", {}, 0.6, None),
+    ("sparsegpt-er-60", "er", {}, "sparsegpt", {}, 0.6, None),
+    ("admm-alpha-50", "alpha", {}, "admm", {}, 0.5, None),
+    ("admm-gradual-uniform-50", "uniform", {}, "admm-gradual", {}, 0.5, None),
+    ("wanda-besa-50", "besa", {"beta": 20.0}, "wanda", {}, 0.5, None),
+    ("wanda-owl_inverse-2:4", "owl_inverse", {"lam": 0.04, "m": 5.0}, "wanda", {}, 0.5, "2:4"),
+]
+
+
+def tiny_llama_folder(folder: Path, tokenizer) -> Path:
+    """A 4-block random Llama (hidden 32) saved as a Hugging Face folder, seed 0, with ``tokenizer``."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_spec(case, model_folder: str, data_dir: str):
+    from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+
+    _, allocator, a_params, method, m_params, sparsity, nm = case
+    return PruneSpec(model=ModelSpec(model_folder, device="cpu"),
+                     calib=CalibSpec(nsamples=4, seqlen=64, data_dir=data_dir),
+                     allocator=allocator, allocator_params=a_params, method=method, method_params=m_params,
+                     sparsity=sparsity, nm=nm)
+
+
+def weights_digest(run_folder: Path) -> str:
+    """sha256 over every tensor of the run's safetensors files (name, dtype, shape and bytes, in name order)."""
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    tensors = {}
+    for f in sorted(Path(run_folder).glob("*.safetensors")):
+        tensors.update(load_file(f))
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def run_cases(model_folder: str, data_dir: str, cache_dir: Path) -> dict[str, str]:
+    from pruner.workflows import prune_run
+
+    return {case[0]: weights_digest(prune_run(build_spec(case, model_folder, data_dir), cache_dir))
+            for case in CASES}
+
+
+def main() -> None:
+    import os
+    import tempfile
+
+    from pruner.models import load_model
+    from pruner.specs import ModelSpec
+    from pruner.store import default_data_dir
+
+    data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
+    tokenizer = load_model(ModelSpec("smollm2-135m", device="cpu")).tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = tiny_llama_folder(Path(tmp) / "tiny", tokenizer)
+        digests = run_cases(str(folder), data_dir, Path(tmp) / "cache")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    payload = {"commit": commit, "command": "python -m tests.golden_runs --write", "torch": torch.__version__,
+               "digests": digests}
+    if "--write" in sys.argv:
+        GOLDEN.write_text(json.dumps(payload, indent=2) + "\n")
+    print(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()
