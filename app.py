@@ -1,6 +1,6 @@
 """Dashboard entry point: `make run` (streamlit bound to 127.0.0.1, usage statistics off).
 
-Each page renders the shared sidebar itself (``pruner.dashboard.page_setup``), so a page also works when run on
+Each page renders the shared sidebar itself (``pages._dashboard.page_setup``), so a page also works when run on
 its own (as Streamlit's AppTest reruns pages).
 """
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from bench.common import git_rev, machine
 from pruner import api
-from pruner.allocation import STATS_ALLOCATORS, allocate, owl_lambda_max
+from pruner.allocation import formula_allocators, allocate, owl_lambda_max
 from pruner.specs import CalibSpec, ModelSpec, StatsSpec
 from pruner.store import default_data_dir
 
@@ -34,7 +34,7 @@ def main():
         t0 = time.perf_counter()
         allocate("owl", stats, S, lam=lam, m=m)
         t1 = time.perf_counter()
-        for name in STATS_ALLOCATORS:
+        for name in formula_allocators():
             allocate(name, stats, S, lam=lam, m=m)
         t2 = time.perf_counter()
         times["owl"].append((t1 - t0) * 1e3)

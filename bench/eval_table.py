@@ -17,8 +17,9 @@ import json
 import time
 
 from bench.common import git_rev, machine
-from pruner import api
-from pruner.evaluate.speed import EXPORT_VERSION, SpeedSpec
+from pruner import metrics, runs
+from pruner.evaluate.onnx_export import EXPORT_VERSION
+from pruner.evaluate.speed import SpeedSpec
 from pruner.evaluate.zeroshot import TASKS
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec
 from pruner.store import default_data_dir, read_manifest
@@ -60,14 +61,14 @@ def main():
         print(f"# zero-shot, first {limit} documents per task" if limit else "# zero-shot, full sets")
         print(f"{'model':<34} " + " ".join(f"{TASKS[t].label:>10}" for t in TASKS) + f" {'mean':>7} {'s':>6}")
         t0 = time.perf_counter()
-        dense = api.dense_zeroshot(ModelSpec("smollm2-135m"), data_dir, limit=limit)
+        dense = metrics.dense_zeroshot(ModelSpec("smollm2-135m"), data_dir, limit=limit)
         rows = [("dense", dense, time.perf_counter() - t0, None)]
         for S in args.zs_sparsities:
             for alloc in args.allocators:
                 s = spec(alloc, S, args.preset, data_dir)
-                folder = api.run_prune(s)
+                folder = runs.run_prune(s)
                 t0 = time.perf_counter()
-                r = api.evaluate_zeroshot(folder, data_dir, limit=limit)
+                r = metrics.evaluate_zeroshot(folder, data_dir, limit=limit)
                 rows.append((s.label(), r, time.perf_counter() - t0, s.key()))
         for label, r, secs, key in rows:
             emit({"kind": "zeroshot", "label": label, "run": key, "result": r, "seconds": secs})
@@ -81,11 +82,11 @@ def main():
         for S in args.speed_sparsities:
             for alloc in args.allocators:
                 s = spec(alloc, S, args.preset, data_dir)
-                folder = api.run_prune(s)
+                folder = runs.run_prune(s)
                 stored = [v for k, v in read_manifest(folder)["metrics"].items() if k.startswith("speed:deepsparse:")
                           and v.get("export_version") == EXPORT_VERSION and v["spec"]["seqlen"] == sp.seqlen
                           and v["spec"]["batch"] == sp.batch and v["spec"]["threads"] == sp.n_threads]
-                r = stored[-1] if stored else api.evaluate_speed(folder, sp, engine="deepsparse")
+                r = stored[-1] if stored else metrics.evaluate_speed(folder, sp, engine="deepsparse")
                 emit({"kind": "speed", "label": s.label(), "run": s.key(), "result": r})
                 g = r["graphs"]
                 by_round = r["speedup_by_round"]["decode"]
@@ -105,7 +106,8 @@ def repeated_calls(args, data_dir: str, emit) -> None:
     import tempfile
     from pathlib import Path
 
-    from pruner.evaluate.speed import export_graphs, measure
+    from pruner.evaluate.onnx_export import export_graphs
+    from pruner.evaluate.speed import measure
     from pruner.models import load_model
 
     sp = SpeedSpec(batch=args.batch, seqlen=args.seqlen)
@@ -115,7 +117,7 @@ def repeated_calls(args, data_dir: str, emit) -> None:
         for S in args.speed_sparsities:
             for alloc in args.allocators:
                 s = spec(alloc, S, args.preset, data_dir)
-                pruned_model, _ = api.load_run(api.run_prune(s))
+                pruned_model, _ = runs.load_run(runs.run_prune(s))
                 pruned = export_graphs(pruned_model, Path(tmp) / "pruned", sp)
                 calls = [measure(dense, pruned, sp, engine="deepsparse") for _ in range(args.speed_calls)]
                 emit({"kind": "speed_calls", "label": s.label(), "run": s.key(), "export_version": EXPORT_VERSION,

@@ -16,9 +16,10 @@ import time
 import torch
 
 from bench.common import forward_baseline, git_rev, machine
-from pruner import api
+from pruner import metrics, runs
 from pruner.data import wikitext2_text
 from pruner.evaluate.perplexity import chunk_stream, default_seqlen
+from pruner.allocation import ALLOCATORS
 from pruner.specs import PruneSpec
 from pruner.store import default_data_dir
 
@@ -43,7 +44,7 @@ def main():
         for c in chunks:
             lm.model(input_ids=c[None], use_cache=False)
     fwd_tps = chunks.numel() / (time.perf_counter() - t0)
-    dense = api.dense_perplexity(lm.spec, data_dir, loaded=lm, max_chunks=args.max_chunks)
+    dense = metrics.dense_perplexity(lm.spec, data_dir, loaded=lm, max_chunks=args.max_chunks)
     out = open(args.out, "a")
     header = {"kind": "header", "machine": machine(), "commit": git_rev(), "preset": args.preset,
               "calib": [calib.nsamples, calib.seqlen], "max_chunks": args.max_chunks, "plain_forward_s": t_forward,
@@ -58,13 +59,15 @@ def main():
     if args.sweep:
         combos += [("wanda", "owl", 0.7, lam, mm) for mm in (3.0, 5.0, 7.0) for lam in (0.04, 0.08, 0.12)]
     for method, alloc, S, lam, mm in combos:
-        spec = PruneSpec(model=lm.spec, calib=calib, allocator=alloc, method=method, sparsity=S, lam=lam, m=mm)
+        given = {k: v for k, v in (("lam", lam), ("m", mm)) if v is not None}
+        spec = PruneSpec(model=lm.spec, calib=calib, allocator=alloc, method=method, sparsity=S,
+                         allocator_params=ALLOCATORS[alloc].pick(given))
         try:
-            folder = api.run_prune(spec, loaded=lm)
+            folder = runs.run_prune(spec, loaded=lm)
             manifest = json.loads((folder / "manifest.json").read_text())
             stored = manifest["metrics"].get(f"perplexity:wikitext2-test:seq{seqlen}:first{args.max_chunks}")
-            r = stored or api.evaluate_perplexity(folder, data_dir, max_chunks=args.max_chunks)
-            row = {"kind": "run", "method": method, "allocator": alloc, "sparsity": S, "lam": spec.lam, "m": spec.m,
+            r = stored or metrics.evaluate_perplexity(folder, data_dir, max_chunks=args.max_chunks)
+            row = {"kind": "run", "method": method, "allocator": alloc, "sparsity": S, "lam": spec.allocator_params.get("lam"), "m": spec.allocator_params.get("m"),
                    "ppl": r["perplexity"], "prune_s": manifest["timings_s"]["prune"],
                    "prune_over_forward": manifest["timings_s"]["prune"] / t_forward,
                    # a learned allocator's (BESA's) learning pass, separate from the pruning pass
@@ -72,7 +75,7 @@ def main():
                    "achieved": manifest["achieved"]["overall"], "key": spec.key(),
                    "peak_rss_gb": manifest["memory"]["process_peak_rss_gb"]}
         except ValueError as err:
-            row = {"kind": "run", "method": method, "allocator": alloc, "sparsity": S, "lam": spec.lam, "m": spec.m,
+            row = {"kind": "run", "method": method, "allocator": alloc, "sparsity": S, "lam": spec.allocator_params.get("lam"), "m": spec.allocator_params.get("m"),
                    "error": str(err)}
         out.write(json.dumps(row) + "\n"); out.flush()
         if "error" in row:

@@ -12,7 +12,7 @@ import argparse
 import json
 
 from bench.common import forward_baseline, git_rev, machine
-from pruner import api
+from pruner import metrics, runs
 from pruner.recover import RECOVER_DEFAULT_STEPS, RecoverSpec
 from pruner.specs import PruneSpec
 from pruner.store import default_data_dir, read_manifest
@@ -38,11 +38,11 @@ def main():
     for alloc in args.allocators:
         for S in args.sparsities:
             spec = PruneSpec(model=lm.spec, calib=calib, allocator=alloc, method=args.method, sparsity=S)
-            parent = api.run_prune(spec, loaded=lm)
+            parent = runs.run_prune(spec, loaded=lm)
             rspec = RecoverSpec(spec.key(), steps=args.steps)
-            folder = api.recover_run(parent, rspec, data_dir, device=str(lm.device))
-            before = api.evaluate_perplexity(parent, data_dir, max_chunks=args.max_chunks)
-            after = api.evaluate_perplexity(folder, data_dir, max_chunks=args.max_chunks)
+            folder = runs.recover_run(parent, rspec, data_dir, device=str(lm.device))
+            before = metrics.evaluate_perplexity(parent, data_dir, max_chunks=args.max_chunks)
+            after = metrics.evaluate_perplexity(folder, data_dir, max_chunks=args.max_chunks)
             rec = read_manifest(folder)["recovery"]
             row = {"kind": "recover", "method": args.method, "allocator": alloc, "sparsity": S, "parent": spec.key(),
                    "key": folder.name, "settings": rec["settings"], "ppl_before": before["perplexity"],

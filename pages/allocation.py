@@ -7,45 +7,46 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from pages._dashboard import jobs_panel, page_setup, page_with_stats, param_controls, queue, unique_params
 from pruner import api
-from pruner.allocation import (ALLOCATORS, BESA_DEFAULT_BETA, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, STATS_ALLOCATORS,
-                               allocate, owl_lambda_max)
+from pruner.allocation import ALLOCATORS, allocate, owl_lambda_max
 from pruner.charts import allocation_comparison_figure, layer_sparsity_heatmap_figure
-from pruner.dashboard import job_store, jobs_panel, page_setup, page_with_stats
-from pruner.jobs import submit
-from pruner.specs import spec_to_dict
+from pruner.workflows import LearnRequest
 
 st.title("🎚️ Allocation")
-st.caption("Every curve is recomputed from the cached statistics when a slider moves: no model forward.")
+st.caption("Every curve is recomputed from the cached statistics when a control moves: no model forward.")
 sel, stats = page_with_stats(page_setup())
 
-c = st.columns(3)
+c = st.columns([1, 2])
 S = c[0].slider("Target sparsity S", 0.05, 0.95, 0.70, 0.05, key="alloc_S")
-lam = c[1].slider("λ (OWL's spread: max − min sparsity = 2λ)", 0.0, 0.5, OWL_DEFAULT_LAMBDA, 0.01, key="alloc_lam")
-m = c[2].slider("Outlier threshold M", 1.0, 20.0, OWL_DEFAULT_M, 0.5, key="alloc_M")
-shown = st.multiselect("Allocators", list(ALLOCATORS), default=list(ALLOCATORS), key="alloc_shown",
-                       format_func=lambda k: ALLOCATORS[k].label)
-beta = BESA_DEFAULT_BETA
-besa = api.cached_besa(sel.stats_spec, S, beta, sel.cache_dir) if "besa" in shown else None
+shown = c[1].multiselect("Allocators", list(ALLOCATORS), default=list(ALLOCATORS), key="alloc_shown",
+                         format_func=lambda k: ALLOCATORS[k].label)
+# one control per parameter the shown allocators declare (pruner.params), labelled by its paper symbol
+values = param_controls(unique_params(ALLOCATORS[n] for n in shown), "alloc", st.columns(4), sliders=True)
+learned_results = {name: api.cached_learned(sel.stats_spec, name, S, ALLOCATORS[name].pick(values), sel.cache_dir)
+                   for name in shown if ALLOCATORS[name].learned}
 
-lod = stats.lod(m)
 allocations, problems = [], []
 for name in shown:
-    if name not in STATS_ALLOCATORS:  # learned (BESA): shown once learned for this S, see below
-        if besa is not None:
-            allocations.append(allocate(name, stats, S, beta=beta, learned=api.besa_layer_sparsity(besa, stats)))
-        continue
+    a = ALLOCATORS[name]
+    params = a.pick(values)
     try:
-        allocations.append(allocate(name, stats, S, lam=lam, m=m))
+        if a.learned:  # shown once learned for this S and these parameters, see below
+            if learned_results[name] is not None:
+                allocations.append(allocate(name, stats, S, learned=api.learned_layer_sparsity(learned_results[name],
+                                                                                               stats), **params))
+            continue
+        allocations.append(allocate(name, stats, S, **params))
     except ValueError as err:
-        if name in ("owl", "owl_inverse"):
-            allowed = owl_lambda_max(lod, S, inverse=name == "owl_inverse")
-            problems.append(f"**{ALLOCATORS[name].label}**: λ = {lam:.2f} is too wide for S = {S:.2f} on this model; "
-                            f"choose λ < {allowed:.3f} (at M = {m:g}).")
+        if name in ("owl", "owl_inverse") and "too wide" in str(err):
+            allowed = owl_lambda_max(stats.lod(params["m"]), S, inverse=name == "owl_inverse")
+            problems.append(f"**{a.label}**: λ = {params['lam']:.2f} is too wide for S = {S:.2f} on this model; "
+                            f"choose λ < {allowed:.3f} (at M = {params['m']:g}).")
         else:
-            problems.append(f"**{ALLOCATORS[name].label}**: {err}")
+            problems.append(f"**{a.label}**: {err}")
 for p in problems:
     st.warning(p)
+lam = values.get("lam")
 if allocations:
     st.plotly_chart(allocation_comparison_figure(allocations, stats.block_numel, S,
                                                  lam if any(a.allocator.startswith("owl") for a in allocations) else None),
@@ -61,35 +62,37 @@ if allocations:
                          "allocation.json", "application/json")
     if c[2].button("✂️ Prune with this allocation", type="primary", key="alloc_to_prune"):
         st.session_state["prune_prefill"] = {"allocators": [a.allocator for a in allocations], "sparsity": S,
-                                             "lam": lam, "m": m}
+                                             "params": values}
         st.switch_page("pages/prune.py")
 
-if "besa" in shown:
-    st.subheader("BESA: sparsities learned per layer")
+for name, result in learned_results.items():
+    a = ALLOCATORS[name]
+    st.subheader(f"{a.label}: sparsities learned per layer")
     st.caption(f"Per block, each linear layer's sparsity is learned so that the block's output stays closest to "
-               f"the dense block's on the calibration set while the block's mean is S (β = {beta:g} weighs the "
-               f"sparsity penalty). OWL gives every layer of a block the same sparsity; BESA moves them apart.")
-    if besa is None:
-        st.info(f"BESA has not been learned for S = {S:.0%} on this model and calibration set yet. It runs every "
-                f"block forward and backward a few times (about 10 s per SmolLM2 block with the cpu preset here).")
-        if st.button(f"Learn BESA at S = {S:.0%} in the background", key="alloc_besa_go"):
-            submit(job_store(sel), "stats", {"spec": spec_to_dict(sel.stats_spec),
-                                             "besa": {"sparsity": S, "beta": beta}}, cache_dir=sel.cache_dir)
+               f"the dense block's on the calibration set while the block's mean is S ({a.description}). OWL gives "
+               f"every layer of a block the same sparsity; a learned allocation moves them apart.")
+    if result is None:
+        st.info(f"{a.label} has not been learned for S = {S:.0%} with these parameters on this model and "
+                f"calibration set yet. It runs every block forward and backward a few times (about 10 s per SmolLM2 "
+                f"block with the cpu preset here).")
+        if st.button(f"Learn {a.label} at S = {S:.0%} in the background", key=f"alloc_learn_{name}"):
+            queue(sel, LearnRequest(sel.stats_spec, name, S, a.pick(values)))
             st.success("Queued: the heatmap appears here when the job is done.")
-        jobs_panel(sel, "alloc_jobs_done")
-    else:
-        besa_alloc = next(a for a in allocations if a.allocator == "besa")
-        pair = [besa_alloc]
-        if "owl" in shown and any(a.allocator == "owl" for a in allocations):
-            pair.insert(0, next(a for a in allocations if a.allocator == "owl"))
-        values = np.concatenate([a.layer_sparsity for a in pair]) * 100
-        cols = st.columns(len(pair))
-        for col, a in zip(cols, pair):
-            col.plotly_chart(layer_sparsity_heatmap_figure(a, stats.layer_names, stats.layer_block,
-                                                           (float(values.min()), float(values.max()))),
-                             width="stretch", key=f"alloc_heat_{a.allocator}")
-        gain = 1 - np.mean(besa["error_hard"]) / np.mean(besa["error_uniform"])
-        st.caption(f"Learned in {besa['seconds']:.0f} s ({besa['epochs']} epochs, {besa['steps_per_block']} "
-                   f"optimiser steps per block). Block reconstruction error with hard Wanda masks, averaged over blocks: "
-                   f"{np.mean(besa['error_hard']):.4f} with BESA's sparsities vs {np.mean(besa['error_uniform']):.4f} "
-                   f"with S in every layer ({gain:.0%} lower).")
+        jobs_panel(sel, f"alloc_jobs_done_{name}")
+        continue
+    learned_alloc = next(x for x in allocations if x.allocator == name)
+    pair = [learned_alloc]
+    if any(x.allocator == "owl" for x in allocations):
+        pair.insert(0, next(x for x in allocations if x.allocator == "owl"))
+    heat = np.concatenate([x.layer_sparsity for x in pair]) * 100
+    cols = st.columns(len(pair))
+    for col, x in zip(cols, pair):
+        col.plotly_chart(layer_sparsity_heatmap_figure(x, stats.layer_names, stats.layer_block,
+                                                       (float(heat.min()), float(heat.max()))),
+                         width="stretch", key=f"alloc_heat_{x.allocator}")
+    if "error_hard" in result:
+        gain = 1 - np.mean(result["error_hard"]) / np.mean(result["error_uniform"])
+        st.caption(f"Learned in {result['seconds']:.0f} s ({result['settings']['epochs']} epochs, "
+                   f"{result['steps_per_block']} optimiser steps per block). Block reconstruction error with hard "
+                   f"Wanda masks, averaged over blocks: {np.mean(result['error_hard']):.4f} with the learned "
+                   f"sparsities vs {np.mean(result['error_uniform']):.4f} with S in every layer ({gain:.0%} lower).")

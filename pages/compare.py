@@ -3,23 +3,26 @@
 import pandas as pd
 import streamlit as st
 
-from pruner import api
+from pages._dashboard import (deepsparse_available, jobs_panel, page_setup, queue, speed_setting_label, speed_table_row,
+                              zeroshot_set_label)
+from pruner import metrics
 from pruner.charts import (accuracy_vs_sparsity_figure, ppl_vs_speedup_figure, ppl_vs_sparsity_figure,
                            speedup_vs_sparsity_figure, two_runs_figure, zeroshot_tasks_figure)
-from pruner.dashboard import (deepsparse_available, job_store, jobs_panel, method_label, page_setup, speed_setting_label,
-                              speed_table_row, zeroshot_set_label)
 from pruner.evaluate.speed import STATUS_NOTE, SpeedSpec
 from pruner.evaluate.zeroshot import TASKS
-from pruner.jobs import submit
-from pruner.store import list_runs
+from pruner.runs import list_runs
+from pruner.workflows import EvalRequest, ZeroshotOptions
 
 st.title("📈 Compare")
 sel = page_setup()
 if sel is None:
     st.stop()
-all_runs = list_runs(sel.cache_dir)
+listing = list_runs(sel.cache_dir)
+for bad_key, why in listing.broken:  # named, not hidden: the rest of the page still works
+    st.warning(f"Skipped run {bad_key}: {why}")
+all_runs = listing.runs
 model_identity = sel.model.identity()
-runs = [r for r in all_runs if r["spec"]["model"] == model_identity]  # one model per comparison
+runs = [r for r in all_runs if r.model_identity == model_identity]  # one model per comparison
 if len(runs) < len(all_runs):
     st.caption(f"Showing the {len(runs)} run(s) of the model chosen in the sidebar; "
                f"{len(all_runs) - len(runs)} run(s) of other models are hidden.")
@@ -29,26 +32,19 @@ if not runs:
     st.stop()
 
 
-def latest_ppl(run):
-    found = [v for k, v in run.get("metrics", {}).items() if k.startswith("perplexity")]
-    return found[-1] if found else None
-
-
 rows = []
 for r in runs:
-    spec, p = r["spec"], latest_ppl(r)
-    rows.append({"run": r["key"], "model": spec["model"].get("name") or spec["model"].get("hub_id") or spec["model"].get("path"),
-                 "method": method_label(spec), "allocator": spec["allocator"], "sparsity": spec["sparsity"],
-                 "N:M": spec["nm"] or "", "λ": spec["lam"] if spec["lam"] is not None else float("nan"),
-                 "M": spec["m"] if spec["m"] is not None else float("nan"), "achieved": r["achieved"]["overall"],
+    p = r.latest_perplexity()
+    rows.append({"run": r.key, "model": r.model_name, "method": r.method_label, "allocator": r.allocator,
+                 "parameters": r.parameters_text(),
+                 "sparsity": r.sparsity, "N:M": r.nm or "", "achieved": r.achieved_overall,
                  "ppl": p["perplexity"] if p else None,
                  "ppl chunks": f"{p['chunks']}/{p['chunks_total']}" if p else "",
                  # a LoRA-recovered run was trained from its parent, not pruned: its time is the training's
-                 "prune / LoRA s": r["timings_s"]["recover" if "recover" in spec else "prune"],
-                 "created": r["created"]})
+                 "prune / LoRA s": r.work_seconds, "created": r.created})
 table = pd.DataFrame(rows)
 st.dataframe(table.style.format({"sparsity": "{:.0%}", "achieved": "{:.4%}", "ppl": "{:,.3f}", "prune / LoRA s": "{:.1f}",
-                                 "λ": "{:.2f}", "M": "{:g}"}, na_rep="–"), width="stretch", hide_index=True)
+                                 }, na_rep="–"), width="stretch", hide_index=True)
 partial = table["ppl chunks"].str.split("/").apply(lambda x: len(x) == 2 and x[0] != x[1]).any()
 if partial:
     st.caption("Perplexities marked k/n were computed on the first k of n chunks: a partial estimate.")
@@ -56,8 +52,8 @@ if partial:
 with_ppl = [row for row in rows if row["ppl"] is not None]
 dense = None
 try:
-    dense_metrics = api.dense_perplexity_cached(sel.model, sel.cache_dir)
-    dense = dense_metrics["perplexity"] if dense_metrics else None
+    dense_ppl = metrics.dense_perplexity_cached(sel.model, sel.cache_dir)
+    dense = dense_ppl["perplexity"] if dense_ppl else None
 except ValueError:
     pass
 COLLAPSED = 1000.0  # perplexity above which a pruned model is no longer a language model worth plotting
@@ -76,45 +72,45 @@ if with_ppl:
         st.caption("No run matches the chart's filters.")
 
 st.subheader("Two runs side by side")
-labels = {r["key"]: r["label"] for r in runs}
+labels = {r.key: r.label for r in runs}
 c = st.columns(2)
 a = c[0].selectbox("Run A", list(labels), format_func=labels.get, key="cmp_a")
 b = c[1].selectbox("Run B", list(labels), index=min(1, len(labels) - 1), format_func=labels.get, key="cmp_b")
-by_key = {r["key"]: r for r in runs}
+by_key = {r.key: r for r in runs}
 st.plotly_chart(two_runs_figure(by_key[a], by_key[b]), width="stretch")
 
 # ---------------------------------------------------------------------------------------------------------------
 st.subheader("Zero-shot accuracy (lm-eval)")
-dense_all = api.dense_metrics(sel.model, sel.cache_dir)
+dense_all = metrics.dense_metrics(sel.model, sel.cache_dir)
 
 
 def metric_set(prefix: str, label: str, describe, key: str, missing: str):
     """Let the user pick one stored result set (metric name) with this prefix; (name, runs that have it)."""
-    names = sorted({k for r in runs for k in r.get("metrics", {}) if k.startswith(prefix)})
+    names = sorted({k for r in runs for k in r.metric_names(prefix)})
     if not names:
         st.caption(f"No {missing} yet: queue them under “Evaluate runs” below.")
         return None, []
     name = st.selectbox(label, names, format_func=describe, key=key)
-    return name, [r for r in runs if name in r["metrics"]]
+    return name, [r for r in runs if name in r.metrics]
 
 
 zs_name, with_zs = metric_set("zeroshot:", "Result set", zeroshot_set_label, "cmp_zs_set", "zero-shot results")
 if zs_name:
     dense_zs = dense_all.get(zs_name)
-    task_sets = [set(r["metrics"][zs_name]["tasks"]) for r in with_zs] + ([set(dense_zs["tasks"])] if dense_zs else [])
+    task_sets = [set(r.metrics[zs_name]["tasks"]) for r in with_zs] + ([set(dense_zs["tasks"])] if dense_zs else [])
     common = [t for t in TASKS if all(t in ts for ts in task_sets)]
-    limit = with_zs[0]["metrics"][zs_name]["limit"]
+    limit = with_zs[0].metrics[zs_name]["limit"]
     note = f" (partial: first {limit} documents per task)" if limit else ""
     if not common:
         st.warning("These runs were evaluated on different tasks; there is no task they all share.")
     else:
         if len(common) < len(TASKS):
             st.caption(f"Shown: the {len(common)} task(s) every run here was evaluated on.")
-        labels_zs = {r["key"]: r["label"] for r in with_zs}
+        labels_zs = {r.key: r.label for r in with_zs}
         picked = st.multiselect("Runs in the per-task chart", list(labels_zs), default=list(labels_zs)[:4],
                                 format_func=labels_zs.get, key="cmp_zs_runs")
         entries = ([{"label": "dense", "tasks": dense_zs["tasks"]}] if dense_zs else []) + [
-            {"label": labels_zs[k], "tasks": next(r for r in with_zs if r["key"] == k)["metrics"][zs_name]["tasks"]}
+            {"label": labels_zs[k], "tasks": next(r for r in with_zs if r.key == k).metrics[zs_name]["tasks"]}
             for k in picked]
         if entries:
             st.plotly_chart(zeroshot_tasks_figure(entries, {t: TASKS[t].label for t in common}, note),
@@ -123,8 +119,8 @@ if zs_name:
         def mean_over(tasks):
             return sum(tasks[t]["acc"] for t in common) / len(common)
 
-        acc_rows = [{"method": method_label(r["spec"]), "allocator": r["spec"]["allocator"],
-                     "sparsity": r["achieved"]["overall"], "mean_acc": mean_over(r["metrics"][zs_name]["tasks"])}
+        acc_rows = [{"method": r.method_label, "allocator": r.allocator,
+                     "sparsity": r.achieved_overall, "mean_acc": mean_over(r.metrics[zs_name]["tasks"])}
                     for r in with_zs]
         st.plotly_chart(accuracy_vs_sparsity_figure(acc_rows, mean_over(dense_zs["tasks"]) if dense_zs else None,
                                                     len(common), note), width="stretch")
@@ -138,13 +134,13 @@ if not ds["available"]:
                "timings and an *estimate* of the ideal decode speed-up, never a measured sparse speed-up.")
 sp_name, with_sp = metric_set("speed:", "Setting", speed_setting_label, "cmp_speed_set", "speed measurements")
 if sp_name:
-    measured = [r for r in with_sp if r["metrics"][sp_name]["speedup"].get("decode")]
-    sp_rows = [{"method": method_label(r["spec"]), "allocator": r["spec"]["allocator"],
-                "sparsity": r["achieved"]["overall"], **r["metrics"][sp_name]["speedup"],
-                "ideal": r["metrics"][sp_name].get("ideal_decode_speedup_estimate"),
-                "ppl": (latest_ppl(r) or {}).get("perplexity")} for r in measured]
-    env = with_sp[0]["metrics"][sp_name]["env"]
-    timing = with_sp[0]["metrics"][sp_name]["spec"]
+    measured = [r for r in with_sp if r.metrics[sp_name]["speedup"].get("decode")]
+    sp_rows = [{"method": r.method_label, "allocator": r.allocator,
+                "sparsity": r.achieved_overall, **r.metrics[sp_name]["speedup"],
+                "ideal": r.metrics[sp_name].get("ideal_decode_speedup_estimate"),
+                "ppl": (r.latest_perplexity() or {}).get("perplexity")} for r in measured]
+    env = with_sp[0].metrics[sp_name]["env"]
+    timing = with_sp[0].metrics[sp_name]["spec"]
     turns = (f", dense and pruned in turn over {timing['rounds']} rounds (the table gives each round's decode "
              f"speed-up)" if timing.get("rounds") else "")
     st.caption(f"CPU: {env['cpu']} ({', '.join(env['flags'])}), {env['threads']} threads; "
@@ -178,13 +174,9 @@ with st.expander("Evaluate runs: zero-shot accuracy and CPU speed-up (background
         elif do_zs and not tasks:
             st.error("Choose at least one zero-shot task.")
         else:
-            store = job_store(sel)
             for key in chosen:
-                payload = {"run": key, "ppl": False, "data_dir": sel.data_dir}
-                if do_zs:
-                    payload["zeroshot"] = {"tasks": tasks, "limit": int(limit) or None}
-                if do_speed:
-                    payload["speed"] = {"seqlen": int(seqlen)}
-                submit(store, "eval", payload, cache_dir=sel.cache_dir)
+                queue(sel, EvalRequest(key, zeroshot=ZeroshotOptions(tuple(tasks), int(limit) or None) if do_zs else None,
+                                       speed=SpeedSpec(seqlen=int(seqlen)) if do_speed else None,
+                                       data_dir=sel.data_dir))
             st.success(f"Queued {len(chosen)} evaluation job(s); results appear here when they finish.")
     jobs_panel(sel, "cmp_jobs_done")

@@ -5,7 +5,7 @@ import streamlit as st
 
 from pruner.allocation import OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, allocate, owl_lambda_max
 from pruner.charts import allocation_figure, distribution_figure, lod_figure
-from pruner.dashboard import page_setup, page_with_stats
+from pages._dashboard import page_setup, page_with_stats
 
 st.title("🎓 Learn: outlier-weighed layerwise sparsity")
 sel, stats = page_with_stats(page_setup())

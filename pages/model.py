@@ -2,10 +2,9 @@
 
 import streamlit as st
 
-from pruner import api
-from pruner.dashboard import cached_stats, dense_model, job_row, job_store, keep_workers, page_setup
-from pruner.jobs import submit
-from pruner.specs import spec_to_dict
+from pages._dashboard import cached_stats, dense_model, job_row, job_store, keep_workers, page_setup, queue
+from pruner.models import model_summary
+from pruner.workflows import StatsRequest
 
 st.title("🧠 Model")
 sel = page_setup()
@@ -17,7 +16,7 @@ try:
 except (ValueError, OSError) as err:
     st.error(f"Could not load {sel.model.name}: {err}")
     st.stop()
-s = api.model_summary(lm)
+s = model_summary(lm)
 st.markdown(f"**{sel.model.name}** · `{s['architecture']}` · weights **{s['weights']}**, held as {s['dtype']}, "
             f"computed on {s['device']}")
 c = st.columns(3)
@@ -37,12 +36,25 @@ if stats is not None:
 
 store = job_store(sel)
 key = sel.stats_spec.key()
-mine = [j for j in store.list(200) if j.kind == "stats" and j.payload.get("key") == key]
+
+
+def stats_jobs(store):
+    """This selection's statistics jobs, newest first (jobs this code cannot read are not this selection's)."""
+    def mine(job):
+        try:
+            return job.kind == StatsRequest.kind and job.request.spec.key() == key
+        except ValueError:
+            return False
+
+    return [j for j in store.list(200) if mine(j)]
+
+
+mine = stats_jobs(store)
 active = [j for j in mine if j.state in ("queued", "running")]
 st.info(f"Not computed yet for this calibration set ({sel.calib.nsamples} × {sel.calib.seqlen} tokens). "
         "One pass over the model, block by block.")
 if not active and st.button("Compute outlier statistics", type="primary", key="compute_stats"):
-    submit(store, "stats", {"spec": spec_to_dict(sel.stats_spec), "key": key}, cache_dir=sel.cache_dir)
+    queue(sel, StatsRequest(sel.stats_spec))
     st.rerun()
 
 
@@ -50,7 +62,7 @@ if not active and st.button("Compute outlier statistics", type="primary", key="c
 def progress():
     store = job_store(sel)
     keep_workers(store, sel)
-    jobs = [j for j in store.list(200) if j.kind == "stats" and j.payload.get("key") == key]
+    jobs = stats_jobs(store)
     for job in jobs[:3]:
         job_row(job)
     if jobs and jobs[0].state == "done":

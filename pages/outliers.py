@@ -4,7 +4,7 @@ import streamlit as st
 
 from pruner.allocation import OWL_DEFAULT_M
 from pruner.charts import distribution_figure, heatmap_figure, lod_figure
-from pruner.dashboard import page_setup, page_with_stats
+from pages._dashboard import page_setup, page_with_stats
 
 st.title("📊 Layerwise outlier distribution")
 st.caption("Wanda score A = |W|·‖X‖₂ from calibration activations. A block's outlier ratio is the share of its "

@@ -16,6 +16,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from pruner.params import Param, check_params
+
 #: Paper defaults for LLaMA (OWL, Yin et al. 2024, Sec. 4): M = 5, λ = 0.08.
 OWL_DEFAULT_M = 5.0
 OWL_DEFAULT_LAMBDA = 0.08
@@ -35,13 +37,6 @@ NEEDS_LAYOUT = "layout"  # layer names, blocks and shapes
 NEEDS_WEIGHTS = "weights"  # the layout plus per-layer quantities of the dense weights alone (PL_Alpha_Hill)
 NEEDS_STATISTICS = "statistics"  # the dense model's calibration statistics (input norms, Wanda-score summaries)
 NEEDS = (NEEDS_LAYOUT, NEEDS_WEIGHTS, NEEDS_STATISTICS)
-
-
-def check_beta(beta: float) -> float:
-    """BESA's β must be a finite number > 0."""
-    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and np.isfinite(beta) and beta > 0):
-        raise ValueError(f"β (beta) must be a finite number > 0; got {beta!r}")
-    return float(beta)
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -190,11 +185,12 @@ def global_threshold(score_hist, sparsity: float) -> np.ndarray:
 ALPHA_EPSILON_FRACTION = 0.3
 
 
-def alpha_pruning(block_alpha, block_numel, sparsity: float) -> np.ndarray:
+def alpha_pruning(block_alpha, block_numel, sparsity: float,
+                  epsilon_fraction: float = ALPHA_EPSILON_FRACTION) -> np.ndarray:
     """AlphaPruning (Lu et al., NeurIPS 2024) per block: the block's mean PL_Alpha_Hill α_b mapped linearly onto
     [S − ε, S + ε] (higher α, a lighter tail, is pruned more), then shifted so the parameter-weighted mean is S.
 
-    ε = ALPHA_EPSILON_FRACTION · S, but at most half the distance from S to 1, so that S + ε stays below 1;
+    ε = ``epsilon_fraction`` · S (default ALPHA_EPSILON_FRACTION), but at most half the distance from S to 1, so that S + ε stays below 1;
     a result outside [0, 1) after the shift is an error, not clipped.
     """
     a = np.asarray(block_alpha, dtype=np.float64)
@@ -203,7 +199,9 @@ def alpha_pruning(block_alpha, block_numel, sparsity: float) -> np.ndarray:
                          f"(weights with fewer than two nonzero singular values); AlphaPruning cannot rank them")
     w = np.asarray(block_numel, dtype=np.float64)
     S = check_sparsity(sparsity)
-    eps = min(ALPHA_EPSILON_FRACTION * S, (1 - S) / 2)
+    if not (0 < epsilon_fraction <= 1):
+        raise ValueError(f"AlphaPruning's ε fraction must be in (0, 1]; got {epsilon_fraction!r}")
+    eps = min(epsilon_fraction * S, (1 - S) / 2)
     span = a.max() - a.min()
     unit = (a - a.min()) / span if span > 0 else np.full_like(a, 0.5)
     s = S - eps + 2 * eps * unit
@@ -237,66 +235,107 @@ class AllocationInputs(Protocol):
     def lod(self, m: float) -> np.ndarray: ...
 
 
+#: The allocators' declared parameters (``pruner.params``); a sparsity interval [0, 1) spans at most 2λ < 1.
+LAMBDA = Param("lam", "λ", float, OWL_DEFAULT_LAMBDA, "OWL's spread: block sparsities span 2λ around S",
+               low=0.0, high=0.5, high_open=True, step=0.01, slider=(0.0, 0.5))
+#: M's range is that of the statistics' exact grid (``pruner.stats.M_GRID``: 0.01 … ≈9976).
+OWL_M = Param("m", "M", float, OWL_DEFAULT_M, "OWL's outlier threshold: a score is an outlier above M × the block mean",
+              low=0.01, high=9976.0, step=0.5, slider=(1.0, 20.0))
+BETA = Param("beta", "β", float, BESA_DEFAULT_BETA, "BESA's weight of the sparsity penalty ((ŝ − S)/S)²",
+             low=0.0, low_open=True, step=5.0)
+ALPHA_EPSILON = Param("epsilon", "ε", float, ALPHA_EPSILON_FRACTION,
+                      "AlphaPruning's spread as a fraction of S: block sparsities span S ± ε·S before the mean is "
+                      "restored (ε·S is at most (1 − S)/2)", low=0.0, high=1.0, low_open=True, step=0.05,
+                      slider=(0.05, 1.0))
+
+
 @dataclass(frozen=True)
 class Allocator:
+    """A registry entry. ``compute(inputs, S, **params)`` returns the (L,) per-layer sparsities from what
+    ``needs`` names; ``params`` declares its parameters. A learned allocator has no formula: ``learner`` names the
+    function (``"module:function"``, imported only when used) that learns its per-layer sparsities through the
+    model, run as a request of its own (``pruner.workflows.LearnAllocation``)."""
+
     name: str
     label: str
     granularity: str  # "block" (one sparsity per block) or "layer"
-    params: tuple[str, ...]  # which of ("lam", "m", "beta") it reads
-    compute: Callable[..., np.ndarray]  # (inputs, S, lam, m) -> (L,) per-layer sparsities
+    compute: Callable[..., np.ndarray]
     description: str
-    #: True for allocators learned from calibration data through the model (BESA): ``allocate`` then takes the
-    #: learned per-layer sparsities instead of computing them from the statistics.
-    learned: bool = False
+    params: tuple[Param, ...] = ()
     #: What ``compute`` reads: one of ``NEEDS`` (a learned allocator: what its learning reads).
     needs: str = NEEDS_STATISTICS
+    learner: str | None = None
 
     def __post_init__(self):
         if self.needs not in NEEDS:
             raise ValueError(f"allocator {self.name!r}: needs must be one of {', '.join(NEEDS)}; got {self.needs!r}")
 
+    @property
+    def learned(self) -> bool:
+        return self.learner is not None
 
-def _learned_elsewhere(inputs, S, lam, m):
-    raise ValueError("BESA's sparsities are learned from calibration data through the model, not computed from the "
-                     "statistics: learn them with pruner.api.besa_allocation (CLI: `allocate --allocator besa`) and "
-                     "pass them as learned=")
+    def check(self, params: dict | None) -> dict:
+        """Its parameters checked, defaults filled in (ValueError names the allowed range)."""
+        return check_params(f"allocator {self.name!r}", self.params, params)
+
+    def pick(self, values: dict) -> dict:
+        """The entries of ``values`` that are this allocator's parameters (for a page that shows several)."""
+        return {p.name: values[p.name] for p in self.params if p.name in values}
+
+
+def _learned_elsewhere(inputs, S, **params):
+    raise ValueError("this allocator's sparsities are learned from calibration data through the model, not computed "
+                     "from the statistics: learn them with pruner.workflows.learn_allocation (CLI: `allocate "
+                     "--allocator NAME`) and pass them as learned=")
 
 
 def _per_block(fn):
-    def compute(inputs: AllocationInputs, S, lam, m):
-        return fn(inputs, S, lam, m)[np.asarray(inputs.layer_block)]
+    def compute(inputs: AllocationInputs, S, **params):
+        return fn(inputs, S, **params)[np.asarray(inputs.layer_block)]
 
     return compute
 
 
-ALLOCATORS: dict[str, Allocator] = {
-    a.name: a
-    for a in (
-        Allocator("uniform", "Uniform", "block", (), _per_block(lambda x, S, lam, m: uniform(x.n_blocks, S)),
-                  "the same sparsity S for every block", needs=NEEDS_LAYOUT),
-        Allocator("owl", "OWL", "block", ("lam", "m"), _per_block(lambda x, S, lam, m: owl(x.lod(m), S, lam)),
-                  "blocks with more outliers (share of scores above M × the block mean) keep more weights; S ± λ"),
-        Allocator("owl_inverse", "OWL-inverse", "block", ("lam", "m"),
-                  _per_block(lambda x, S, lam, m: owl_inverse(x.lod(m), S, lam)),
-                  "ablation: blocks with more outliers are pruned more; S ± λ"),
-        Allocator("er", "Erdős–Rényi", "layer", (), lambda x, S, lam, m: er(x.layer_shapes, S),
-                  "per-layer density ∝ (n_in + n_out) / (n_in · n_out)", needs=NEEDS_LAYOUT),
-        Allocator("global", "Global", "layer", (), lambda x, S, lam, m: global_threshold(x.score_hist, S),
-                  "one Wanda-score threshold across all layers"),
-        Allocator("alpha", "AlphaPruning", "block", (),
-                  _per_block(lambda x, S, lam, m: alpha_pruning(_block_mean(x.layer_alpha, x.layer_block, x.n_blocks),
-                                                                _block_numel(x), S)),
-                  "blocks whose weight spectra have lighter tails (higher PL_Alpha_Hill) are pruned more",
-                  needs=NEEDS_WEIGHTS),
-        Allocator("besa", "BESA (learned)", "layer", ("beta",), _learned_elsewhere,
-                  "per-layer sparsities learned per block to minimise its reconstruction error at mean S",
-                  learned=True),
-    )
-}
+def _alpha(x, S, epsilon):
+    return alpha_pruning(_block_mean(x.layer_alpha, x.layer_block, x.n_blocks), _block_numel(x), S, epsilon)
 
 
-#: Allocators computed from the statistics alone (instant); the others are learned through the model.
-STATS_ALLOCATORS = tuple(name for name, a in ALLOCATORS.items() if not a.learned)
+ALLOCATORS: dict[str, Allocator] = {}
+
+
+def register(allocator: Allocator) -> Allocator:
+    """Add an allocator to the registry (its CLI flags, page controls and validation follow from it)."""
+    if allocator.name in ALLOCATORS:
+        raise ValueError(f"an allocator named {allocator.name!r} is already registered")
+    ALLOCATORS[allocator.name] = allocator
+    return allocator
+
+
+for _a in (
+    Allocator("uniform", "Uniform", "block", _per_block(lambda x, S: uniform(x.n_blocks, S)),
+              "the same sparsity S for every block", needs=NEEDS_LAYOUT),
+    Allocator("owl", "OWL", "block", _per_block(lambda x, S, lam, m: owl(x.lod(m), S, lam)),
+              "blocks with more outliers (share of scores above M × the block mean) keep more weights; S ± λ",
+              params=(LAMBDA, OWL_M)),
+    Allocator("owl_inverse", "OWL-inverse", "block", _per_block(lambda x, S, lam, m: owl_inverse(x.lod(m), S, lam)),
+              "ablation: blocks with more outliers are pruned more; S ± λ", params=(LAMBDA, OWL_M)),
+    Allocator("er", "Erdős–Rényi", "layer", lambda x, S: er(x.layer_shapes, S),
+              "per-layer density ∝ (n_in + n_out) / (n_in · n_out)", needs=NEEDS_LAYOUT),
+    Allocator("global", "Global", "layer", lambda x, S: global_threshold(x.score_hist, S),
+              "one Wanda-score threshold across all layers"),
+    Allocator("alpha", "AlphaPruning", "block", _per_block(_alpha),
+              "blocks whose weight spectra have lighter tails (higher PL_Alpha_Hill) are pruned more",
+              params=(ALPHA_EPSILON,), needs=NEEDS_WEIGHTS),
+    Allocator("besa", "BESA (learned)", "layer", _learned_elsewhere,
+              "per-layer sparsities learned per block to minimise its reconstruction error at mean S",
+              params=(BETA,), learner="pruner.besa:BESA_LEARNER"),
+):
+    register(_a)
+
+
+def formula_allocators() -> tuple[str, ...]:
+    """Allocators computed from their inputs alone (instant); the others are learned through the model."""
+    return tuple(name for name, a in ALLOCATORS.items() if not a.learned)
 
 
 @dataclass(frozen=True)
@@ -338,29 +377,26 @@ def _check_learned(learned, n_layers: int) -> np.ndarray:
     return s
 
 
-def allocate(name: str, inputs: AllocationInputs, sparsity: float, *, lam: float | None = None,
-             m: float | None = None, beta: float | None = None, learned: np.ndarray | None = None) -> Allocation:
-    """Run allocator ``name`` on cached statistics. OWL's λ and M default to the paper's 0.08 and 5.
+def allocate(name: str, inputs: AllocationInputs, sparsity: float, *, learned: np.ndarray | None = None,
+             **params) -> Allocation:
+    """Run allocator ``name`` on its inputs with its parameters (keywords; missing ones take their declared
+    defaults, e.g. OWL's λ = 0.08 and M = 5; undeclared ones are an error).
 
-    A learned allocator (BESA) takes its per-layer sparsities as ``learned`` ((L,), learned at this S with this β),
-    which this function checks and summarises like any other allocation.
+    A learned allocator (BESA) takes its per-layer sparsities as ``learned`` ((L,), learned at this S with these
+    parameters), which this function checks and summarises like any other allocation.
     """
     if name not in ALLOCATORS:
         raise ValueError(f"unknown allocator {name!r}; choose one of {', '.join(ALLOCATORS)}")
     S = check_sparsity(sparsity)
     a = ALLOCATORS[name]
-    lam = OWL_DEFAULT_LAMBDA if lam is None else _check_lambda(lam)
-    m = OWL_DEFAULT_M if m is None else float(m)
-    if "m" in a.params and not (np.isfinite(m) and m > 0):
-        raise ValueError(f"M must be > 0; got {m!r}")
+    params = a.check(params)
     if a.learned and learned is not None:
         layer = _check_learned(learned, len(inputs.layer_shapes))
     else:
-        layer = np.asarray(a.compute(inputs, S, lam, m), dtype=np.float64)
+        layer = np.asarray(a.compute(inputs, S, **params), dtype=np.float64)
     shapes = np.asarray(inputs.layer_shapes, dtype=np.float64)
     numel = shapes[:, 0] * shapes[:, 1]
     blocks = np.asarray(inputs.layer_block)
     kept_weighted = np.bincount(blocks, weights=layer * numel, minlength=inputs.n_blocks)
     block = kept_weighted / np.bincount(blocks, weights=numel, minlength=inputs.n_blocks)
-    params = {k: v for k, v in (("lam", lam), ("m", m), ("beta", beta)) if k in a.params and v is not None}
     return Allocation(name, S, params, layer, block, float((layer * numel).sum() / numel.sum()))

@@ -40,11 +40,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pruner.allocation import BESA_DEFAULT_BETA, check_beta
+from pruner.allocation import BESA_DEFAULT_BETA, BETA
 from pruner.calibrate import ProgressFn, run_blockwise
 from pruner.methods.masks import prune_count
 from pruner.models import weight_matrix
-from pruner.stats import wanda_score
+from pruner.scores import wanda_score
 
 #: Spacing of the candidate sparsities (the paper's 1%).
 BESA_STEP = 0.01
@@ -258,7 +258,7 @@ class BesaObserver:
 
 
 def check_besa_params(beta: float, epochs: int, lr: float) -> None:
-    check_beta(beta)
+    BETA.check(beta)
     if not (isinstance(epochs, int) and epochs >= 1):
         raise ValueError(f"BESA epochs must be an integer ≥ 1; got {epochs!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -306,3 +306,40 @@ def learn_sparsities(model: nn.Module, tokens: torch.Tensor, target: float, stat
     if stats is None:
         stats = observer.collector.result({"seconds": round(time.perf_counter() - t0, 3), "with": "BESA learning pass"})
     return besa.results, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The learned-allocator protocol (``pruner.allocation.Allocator.learner`` names ``BESA_LEARNER``)
+
+
+@dataclass(frozen=True)
+class Learner:
+    """How a learned allocator learns. ``settings``: fixed choices that change the result (part of the cache key
+    with the allocator's parameters); ``learn(model, tokens, S, stats, params, device=, batch_size=, progress=,
+    should_cancel=)`` returns (result, statistics): ``result`` holds at least ``layer_names``, ``layer_block`` and
+    ``layer_sparsity`` (one per prunable layer, in the statistics' order) plus whatever the learner reports;
+    ``stats`` may be None, and then the learner collects them in its own pass."""
+
+    settings: dict
+    learn: Callable
+
+
+def _learn_besa(model, tokens, sparsity, stats, params, *, device="cpu", batch_size=4, progress=None,
+                should_cancel=None):
+    blocks, stats = learn_sparsities(model, tokens, sparsity, stats, beta=params["beta"], device=device,
+                                     batch_size=batch_size, progress=progress, should_cancel=should_cancel)
+    result = {
+        "layer_names": [n for b in blocks for n in b.layer_names],
+        "layer_block": [i for i, b in enumerate(blocks) for _ in b.layer_names],
+        "layer_sparsity": [float(v) for b in blocks for v in b.sparsity],
+        "layer_learned": [float(v) for b in blocks for v in b.learned],
+        "learned_mean": [float((b.learned * b.numel).sum() / b.numel.sum()) for b in blocks],
+        "shift": [b.shift for b in blocks],
+        **{k: [getattr(b, k) for b in blocks] for k in ("error_first", "error_last", "error_hard", "error_uniform")},
+        "steps_per_block": blocks[0].steps,
+    }
+    return result, stats
+
+
+BESA_LEARNER = Learner(settings={"epochs": BESA_DEFAULT_EPOCHS, "lr": BESA_DEFAULT_LR, "step": BESA_STEP,
+                                 "format": BESA_FORMAT_VERSION}, learn=_learn_besa)

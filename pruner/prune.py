@@ -104,8 +104,10 @@ class PruningObserver:
     #: ``finish`` always changes the block, so the loop may skip work whose only use is the first pass's outputs
     first_pass_outputs_unused = True
 
-    def __init__(self, method: str, targets: dict, scope: str, device: torch.device, share_inputs: bool = True):
+    def __init__(self, method: str, targets: dict, scope: str, device: torch.device, share_inputs: bool = True,
+                 method_params: dict | None = None):
         self.cls = METHODS[method]
+        self.method_params = self.cls.check(method_params)
         self.targets = targets
         self.scope = scope
         self.device = device
@@ -130,7 +132,7 @@ class PruningObserver:
                     return
                 state = self._state.get(name)
                 if state is None:
-                    state = self._state[name] = self.cls(x.shape[-1], self.device, self.scope)
+                    state = self._state[name] = self.cls(x.shape[-1], self.device, self.scope, **self.method_params)
                 self._call[id(x)] = (x, state)
                 state.accumulate(x.detach().reshape(-1, x.shape[-1]))
 
@@ -164,11 +166,14 @@ def prune_model(
     batch_size: int = 4,
     progress: ProgressFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    method_params: dict | None = None,
 ) -> PruneReport:
-    """Prune ``model`` in place, block by block, to ``targets`` ((block, name) → LayerTarget)."""
+    """Prune ``model`` in place, block by block, to ``targets`` ((block, name) → LayerTarget), with the method's
+    own parameters ``method_params`` (declared in its ``params``; missing ones take their defaults)."""
     device = torch.device(device)
+    method_params = METHODS[method].check(method_params)
     if METHODS[method].needs_inputs:
-        observer = PruningObserver(method, targets, scope, device)
+        observer = PruningObserver(method, targets, scope, device, method_params=method_params)
         run_blockwise(model, tokens, observer, device=device, batch_size=batch_size, progress=progress,
                       should_cancel=should_cancel)
         return observer.report
@@ -178,8 +183,8 @@ def prune_model(
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"cancelled before block {i} of {len(blocks)}")
         for name, layer in prunable_layers(block).items():
-            m = METHODS[method](weight_matrix(layer).shape[1], device, scope)
-            report.layers.extend(_apply_group({name: layer}, m, targets, i))
+            state = METHODS[method](weight_matrix(layer).shape[1], device, scope, **method_params)
+            report.layers.extend(_apply_group({name: layer}, state, targets, i))
         if progress is not None:
             progress(i + 1, len(blocks))
     return report

@@ -13,6 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pruner.allocation import ALLOCATORS, check_sparsity
+from pruner.methods import METHODS, NM, SCOPES
+
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 CALIB_DATASETS = ("c4",)
@@ -124,16 +127,21 @@ class StatsSpec:
         )
 
 
-#: Bump when pruning semantics change (it is part of the run key).
-PRUNE_FORMAT_VERSION = 1
+#: Bump when pruning semantics or the run identity change (it is part of the run key).
+#: 2: allocator and method parameters are declared per registry entry and stored as ``allocator_params`` /
+#: ``method_params`` (format 1 had flat ``lam``, ``m``, ``beta``).
+PRUNE_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class PruneSpec:
-    """One pruning run: model + calibration + allocator (+ λ, M) + method + target sparsity (+ N:M).
+    """One pruning run: model + calibration + allocator (with its parameters) + method (with its parameters) +
+    target sparsity (+ N:M).
 
-    With ``nm`` (e.g. "2:4") the target sparsity is 1 − N/M; a non-uniform allocator then gives each block its own
-    N (OWL's mixed N:M), N_i = round(M · (1 − s_i)).
+    ``allocator_params`` / ``method_params`` are checked against the registry entry's declared parameters
+    (``pruner.params``): missing ones take their defaults, undeclared ones are an error, so two specs that prune
+    alike have one key. With ``nm`` (e.g. "2:4") the target sparsity is 1 − N/M; a non-uniform allocator then gives
+    each block its own N (OWL's mixed N:M), N_i = round(M · (1 − s_i)).
     """
 
     model: ModelSpec = ModelSpec()
@@ -141,58 +149,61 @@ class PruneSpec:
     allocator: str = "uniform"
     method: str = "wanda"
     sparsity: float = 0.5
-    lam: float | None = None
-    m: float | None = None
+    allocator_params: dict = dataclasses.field(default_factory=dict)
+    method_params: dict = dataclasses.field(default_factory=dict)
     nm: str | None = None
     scope: str | None = None
-    beta: float | None = None  # BESA's penalty weight β (learned allocator only)
 
     def __post_init__(self):
-        from pruner.allocation import ALLOCATORS, BESA_DEFAULT_BETA, OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, check_beta
-        from pruner.methods import METHODS, NM, SCOPES
-
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"unknown allocator {self.allocator!r}; choose one of {', '.join(ALLOCATORS)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.scope is not None and self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {self.scope!r}")
-        if not isinstance(self.sparsity, (int, float)) or not (0 < self.sparsity < 1):
-            raise ValueError(f"target sparsity S must be in (0, 1); got {self.sparsity!r}")
+        check_sparsity(self.sparsity)
         if self.nm is not None:
             nm = NM.parse(self.nm)
             if abs(nm.sparsity - self.sparsity) > 1e-9:
                 raise ValueError(f"with N:M {nm} the target sparsity is {nm.sparsity:g}; got {self.sparsity:g}")
             object.__setattr__(self, "nm", str(nm))
-        uses = ALLOCATORS[self.allocator].params
-        # Normalise: parameters the allocator ignores are dropped, the ones it uses get their defaults.
-        object.__setattr__(self, "lam", (OWL_DEFAULT_LAMBDA if self.lam is None else float(self.lam)) if "lam" in uses else None)
-        object.__setattr__(self, "m", (OWL_DEFAULT_M if self.m is None else float(self.m)) if "m" in uses else None)
-        object.__setattr__(self, "beta", (BESA_DEFAULT_BETA if self.beta is None else check_beta(self.beta))
-                           if "beta" in uses else None)
-        if self.lam is not None and self.lam < 0:
-            raise ValueError(f"λ (lam) must be ≥ 0; got {self.lam:g}")
-        if self.m is not None and self.m <= 0:
-            raise ValueError(f"M must be > 0; got {self.m:g}")
+        object.__setattr__(self, "sparsity", float(self.sparsity))
+        object.__setattr__(self, "allocator_params", ALLOCATORS[self.allocator].check(self.allocator_params))
+        object.__setattr__(self, "method_params", METHODS[self.method].check(self.method_params))
         object.__setattr__(self, "scope", self.scope or METHODS[self.method].default_scope)
+
+    def __hash__(self):  # the parameter dicts are not hashable; the key says everything that matters
+        return hash(self.key())
 
     @property
     def stats_spec(self) -> StatsSpec:
         return StatsSpec(model=self.model, calib=self.calib)
 
     def identity(self) -> dict:
-        d = {k: getattr(self, k) for k in ("allocator", "method", "sparsity", "lam", "m", "nm", "scope")}
-        if self.beta is not None:  # only learned allocators have it; other runs keep the keys they always had
-            d["beta"] = self.beta
+        d = {k: getattr(self, k) for k in ("allocator", "allocator_params", "method", "method_params", "sparsity",
+                                           "nm", "scope")}
         return {"model": self.model.identity(), "calib": self.calib.identity(), **d, "format": PRUNE_FORMAT_VERSION}
 
     def key(self) -> str:
         return stable_hash(self.identity())
 
     def label(self) -> str:
-        params = "".join(f", {k}={getattr(self, k):g}" for k in ("lam", "m", "beta") if getattr(self, k) is not None)
-        nm = f", {self.nm}" if self.nm else ""
-        return f"{self.method} + {self.allocator}{params} @ {self.sparsity:.0%}{nm}"
+        return run_label(self.method, self.method_params, self.allocator, self.allocator_params, self.sparsity,
+                         self.nm)
+
+
+def run_label(method: str, method_params: dict, allocator: str, allocator_params: dict, sparsity: float,
+              nm: str | None) -> str:
+    """'admm (ρ=1, iterations=20) + owl (λ=0.08, M=5) @ 70%' — parameters by their paper symbols."""
+    from pruner.params import params_text
+
+    def part(name, params, declared):
+        return f"{name} ({params_text(params, declared)})" if params else name
+
+    declared_a = ALLOCATORS[allocator].params if allocator in ALLOCATORS else ()
+    declared_m = METHODS[method].params if method in METHODS else ()
+    return (f"{part(method, method_params, declared_m)} + {part(allocator, allocator_params, declared_a)} "
+            f"@ {sparsity:.0%}" + (f", {nm}" if nm else ""))
 
 
 def spec_to_dict(spec) -> dict:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from pruner.models import weight_matrix
+from pruner.scores import accumulate_sumsq, wanda_score  # noqa: F401 (part of this module's interface)
 
 #: Bump when the saved layout changes (it is part of the cache key).
 STATS_FORMAT_VERSION = 3  # 2: per-layer PL_Alpha_Hill (AlphaPruning); 3: Σx² and scores in float64
@@ -104,22 +105,6 @@ def layer_alpha(weight: torch.Tensor) -> float:
         return hill_alpha(torch.linalg.eigvalsh(gram).clamp_min(0).numpy())
     except ValueError:
         return float("nan")
-
-
-def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
-    """A = |W| · ‖X_j‖₂ broadcast over rows. weight (out, in), input_norm (in,) → (out, in) float64.
-
-    float64, like the Σx² behind ‖X_j‖₂ (``accumulate_sumsq``): rankings of A then follow the exact definition.
-    With float32 sums over 16k calibration tokens, near-ties in block 0 of SmolLM2 already ranked differently from
-    exact arithmetic, and at 70% sparsity those flips compound block after block (docs/results.md, issue 16)."""
-    return weight.detach().abs().double() * input_norm.double().unsqueeze(0)
-
-
-def accumulate_sumsq(sumsq: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """Σ_tokens x_j² added to ``sumsq`` (None: start from zero), in float64. x: (..., in) → (in,) float64."""
-    x = x.detach().reshape(-1, x.shape[-1]).double()  # (tokens, in_features)
-    acc = (x * x).sum(dim=0)
-    return acc if sumsq is None else sumsq + acc
 
 
 @dataclass

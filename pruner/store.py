@@ -1,10 +1,5 @@
-"""The cache folder: layout and atomic writes.
-
-Layout (all under the cache directory, ``<project>/cache`` unless a caller passes another)::
-
-    models/<bundled-name>/     converted bundled models (safetensors + config + tokenizer)
-    stats/<key>/               outlier statistics of a dense model on a calibration set
-    runs/<key>/                pruned models and their manifests (later issues)
+"""Writing into the cache: atomic folders and files, locked JSON updates, run zips. Where things go is
+``pruner.cache.CacheLayout``'s business.
 
 Every folder is written through :func:`atomic_dir`: it is built under a temporary name and renamed into place
 only when complete, so an interrupted write never leaves a folder that looks finished.
@@ -59,19 +54,7 @@ def atomic_dir(target: Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def runs_dir(cache_dir: Path | None = None) -> Path:
-    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "runs"
-
-
 MANIFEST = "manifest.json"
-
-
-def run_dir(key: str, cache_dir: Path | None = None) -> Path:
-    return runs_dir(cache_dir) / key
-
-
-def run_exists(key: str, cache_dir: Path | None = None) -> bool:
-    return (run_dir(key, cache_dir) / MANIFEST).is_file()
 
 
 def read_manifest(folder: Path) -> dict:
@@ -138,15 +121,6 @@ def add_metrics(folder: Path, name: str, metrics: dict) -> dict:
     return update_metrics(folder, name, lambda _previous: metrics)
 
 
-def list_runs(cache_dir: Path | None = None) -> list[dict]:
-    """Manifests of all complete runs, newest first."""
-    root = runs_dir(cache_dir)
-    if not root.is_dir():
-        return []
-    out = [read_manifest(p) for p in root.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file()]
-    return sorted(out, key=lambda m: m.get("created", ""), reverse=True)
-
-
 def run_zip(folder: Path) -> Path:
     """A zip of a run folder (Hugging Face files + manifest.json) next to it, built atomically, and built again
     only when the manifest in it is not the current one (an evaluation added metrics since)."""
@@ -154,7 +128,7 @@ def run_zip(folder: Path) -> Path:
 
     folder = Path(folder)
     read_manifest(folder)
-    target = folder.parent.parent / "exports" / f"{folder.name}.zip"
+    target = folder.parent.parent / "exports" / f"{folder.name}.zip"  # CacheLayout.export(key)
     # compared by content: file times tick too coarsely to order a zip and a manifest written in the same moment
     try:
         with zipfile.ZipFile(target) as z:

@@ -43,10 +43,10 @@ def tiny_folder(smollm2, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_folder, data_dir, tmp_path_factory):
     """(cache dir, run folder) of a stored Wanda + OWL run of the tiny Llama at 50% on 4×64 calibration tokens."""
-    from pruner import api
+    from pruner import runs
     from pruner.specs import CalibSpec, ModelSpec, PruneSpec
 
     cache = tmp_path_factory.mktemp("tiny-run-cache")
     spec = PruneSpec(model=ModelSpec(tiny_folder, device="cpu"), calib=CalibSpec(nsamples=4, seqlen=64, data_dir=data_dir),
-                     allocator="owl", method="wanda", sparsity=0.5, lam=0.05, m=3)
-    return cache, api.run_prune(spec, cache)
+                     allocator="owl", method="wanda", sparsity=0.5, allocator_params={"lam": 0.05, "m": 3})
+    return cache, runs.run_prune(spec, cache)

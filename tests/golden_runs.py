@@ -68,10 +68,11 @@ def weights_digest(run_folder: Path) -> str:
 
 
 def run_cases(model_folder: str, data_dir: str, cache_dir: Path) -> dict[str, str]:
-    from pruner.workflows import prune_run
+    """Each case through the prune workflow (the one the CLI, the worker and the pages use) → its digest."""
+    from pruner.workflows import Context, PruneRequest, run
 
-    return {case[0]: weights_digest(prune_run(build_spec(case, model_folder, data_dir), cache_dir))
-            for case in CASES}
+    return {case[0]: weights_digest(Path(run(PruneRequest(build_spec(case, model_folder, data_dir)),
+                                             Context(cache_dir))["folder"])) for case in CASES}
 
 
 def main() -> None:

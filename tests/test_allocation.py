@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pruner.allocation import (ALLOCATORS, STATS_ALLOCATORS, allocate, er, global_threshold, owl, owl_inverse, owl_lambda_max,
+from pruner.allocation import (ALLOCATORS, formula_allocators, allocate, er, global_threshold, owl, owl_inverse, owl_lambda_max,
                                uniform)
 
 
@@ -87,10 +87,10 @@ class _Inputs:
         return np.array([0.01, 0.05, 0.02]) * (5 / m)
 
 
-@pytest.mark.parametrize("name", STATS_ALLOCATORS)
+@pytest.mark.parametrize("name", formula_allocators())
 @pytest.mark.parametrize("S", [0.3, 0.5, 0.7])
 def test_registry_invariants(name, S):
-    a = allocate(name, _Inputs(), S, lam=0.05, m=5)
+    a = allocate(name, _Inputs(), S, **ALLOCATORS[name].pick({"lam": 0.05, "m": 5}))
     assert a.layer_sparsity.shape == (6,) and a.block_sparsity.shape == (3,)
     assert a.overall == pytest.approx(S, abs=1e-6)
     assert np.all(a.layer_sparsity >= 0) and np.all(a.layer_sparsity < 1)
@@ -109,8 +109,13 @@ def test_allocate_rejects_bad_input():
         allocate("nope", _Inputs(), 0.5)
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         allocate("owl", _Inputs(), 0.0)
-    with pytest.raises(ValueError, match="M must be > 0"):
+    with pytest.raises(ValueError, match=r"M \(m\) must be a number in \[0.01, 9976\]; got 0"):
         allocate("owl", _Inputs(), 0.5, m=0)
+    with pytest.raises(ValueError, match="allocator 'uniform' takes no parameter 'lam'; its parameters: none"):
+        allocate("uniform", _Inputs(), 0.5, lam=0.1)
+    # every declared default lies in its own declared range, and the ranges say what the formulas accept
+    for a in ALLOCATORS.values():
+        assert a.check({}) == {p.name: p.default for p in a.params}
 
 
 def test_hill_alpha_by_hand():

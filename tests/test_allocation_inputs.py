@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pruner import api
+from pruner import api, runs
 from pruner.allocation import ALLOCATORS, NEEDS, NEEDS_LAYOUT, NEEDS_STATISTICS, NEEDS_WEIGHTS, allocate
 from pruner.models import find_blocks, load_model
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec
@@ -20,7 +20,8 @@ NSAMPLES, BATCH = 4, 2  # two calibration mini-batches
 def _spec(tiny_folder, data_dir, allocator, method="wanda"):
     return PruneSpec(model=ModelSpec(tiny_folder, device="cpu"),
                      calib=CalibSpec(nsamples=NSAMPLES, seqlen=32, data_dir=data_dir),
-                     allocator=allocator, method=method, sparsity=0.5, lam=0.05, m=3)
+                     allocator=allocator, method=method, sparsity=0.5,
+                     allocator_params=ALLOCATORS[allocator].pick({"lam": 0.05, "m": 3}))
 
 
 def _count_block_forwards(loaded) -> list[int]:
@@ -42,7 +43,7 @@ def _count_block_forwards(loaded) -> list[int]:
 def test_block_forwards_per_allocator(tiny_folder, data_dir, tmp_path, allocator, passes, inputs):
     loaded = load_model(ModelSpec(tiny_folder, device="cpu"))
     counts = _count_block_forwards(loaded)
-    folder = api.run_prune(_spec(tiny_folder, data_dir, allocator), tmp_path, loaded=loaded, batch_size=BATCH)
+    folder = runs.run_prune(_spec(tiny_folder, data_dir, allocator), tmp_path, loaded=loaded, batch_size=BATCH)
     assert counts == [passes * NSAMPLES // BATCH] * len(counts)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["allocation_inputs"] == inputs
@@ -52,9 +53,9 @@ def test_block_forwards_per_allocator(tiny_folder, data_dir, tmp_path, allocator
 @pytest.mark.parametrize("allocator", ["uniform", "er", "alpha"])
 def test_same_weights_with_and_without_cached_statistics(tiny_folder, data_dir, tmp_path, allocator):
     spec = _spec(tiny_folder, data_dir, allocator)
-    without = api.run_prune(spec, tmp_path / "a")
+    without = runs.run_prune(spec, tmp_path / "a")
     api.get_stats(spec.stats_spec, tmp_path / "b")
-    with_stats = api.run_prune(spec, tmp_path / "b")
+    with_stats = runs.run_prune(spec, tmp_path / "b")
     assert json.loads((with_stats / "manifest.json").read_text())["allocation_inputs"] == "cached statistics"
     a, b = load_file(without / "model.safetensors"), load_file(with_stats / "model.safetensors")
     assert a.keys() == b.keys()

@@ -1,11 +1,12 @@
 """BESA-style learned allocation: the formulas on hand-made tensors, learning on tiny models and one real block,
 and a BESA run through the pruning pipeline."""
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
 
-from pruner import api
+from pruner import api, runs
 from pruner.allocation import BESA_DEFAULT_BETA, allocate
 from pruner.besa import (KEEP_FLOOR, BesaObserver, block_input_norms, candidate_sparsities, expected_keep,
                          expected_sparsity, learn_sparsities, prune_counts, rank_buckets, row_ranks, shift_to_target)
@@ -86,7 +87,7 @@ def test_learning_lowers_the_error_and_meets_the_target_exactly(family):
 def test_bad_settings_are_rejected():
     model, tokens = tiny_model("llama"), tiny_tokens(4, 8)
     stats = collect_stats(model, tokens, "cpu")
-    with pytest.raises(ValueError, match=r"β \(beta\) must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"β \(beta\) must be a number > 0; got 0"):
         learn_sparsities(model, tokens, 0.5, stats, beta=0)
     with pytest.raises(ValueError, match="epochs must be an integer ≥ 1"):
         learn_sparsities(model, tokens, 0.5, stats, epochs=0)
@@ -96,8 +97,8 @@ def test_bad_settings_are_rejected():
         learn_sparsities(tiny_model("gpt2"), tokens, 0.5, stats)  # another architecture's statistics
     with pytest.raises(ValueError, match="learned from calibration data"):
         allocate("besa", None, 0.5)
-    with pytest.raises(ValueError, match=r"β \(beta\) must be a finite number > 0"):
-        PruneSpec(allocator="besa", beta=-1)
+    with pytest.raises(ValueError, match=r"β \(beta\) must be a number > 0; got -1"):
+        PruneSpec(allocator="besa", allocator_params={"beta": -1})
 
 
 def test_on_a_real_block_the_learned_allocation_beats_uniform(smollm2, data_dir):
@@ -112,13 +113,12 @@ def test_on_a_real_block_the_learned_allocation_beats_uniform(smollm2, data_dir)
 def test_besa_run_through_the_pipeline_is_exact_and_cached(tiny_folder, data_dir, tmp_path):
     spec = PruneSpec(model=ModelSpec(tiny_folder, device="cpu"), calib=CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir),
                      allocator="besa", method="wanda", sparsity=0.6)
-    assert spec.beta == BESA_DEFAULT_BETA == 50.0
-    assert "beta" in spec.identity() and "beta" not in PruneSpec(allocator="owl").identity()
+    assert spec.allocator_params == {"beta": BESA_DEFAULT_BETA} and BESA_DEFAULT_BETA == 50.0
     phases = []
-    folder = api.run_prune(spec, tmp_path, progress=lambda ph, d, t: phases.append(ph))
+    folder = runs.run_prune(spec, tmp_path, progress=lambda ph, d, t: phases.append(ph))
     assert "learn allocation" in phases and phases[-1] == "prune"
     manifest = read_manifest(folder)
-    learned = api.cached_besa(spec.stats_spec, 0.6, 50.0, tmp_path)
+    learned = api.cached_learned(spec.stats_spec, "besa", 0.6, {"beta": 50.0}, tmp_path)
     assert learned is not None and learned["steps_per_block"] == 4  # 4 epochs × one mini-batch of 4 samples
     allocated = [l["allocated"] for l in manifest["achieved"]["layers"]]
     np.testing.assert_allclose(allocated, learned["layer_sparsity"])
@@ -130,7 +130,7 @@ def test_besa_run_through_the_pipeline_is_exact_and_cached(tiny_folder, data_dir
     assert "learn_allocation" in manifest["timings_s"]
     # a second run with the same S reuses the learned allocation (no new learning phase)
     phases.clear()
-    api.run_prune(PruneSpec(**{**spec.__dict__, "method": "magnitude"}), tmp_path,
+    runs.run_prune(dataclasses.replace(spec, method="magnitude", method_params={}), tmp_path,
                   progress=lambda ph, d, t: phases.append(ph))
     assert "learn allocation" not in phases
 
@@ -144,12 +144,12 @@ def test_besa_collects_missing_statistics_in_its_own_pass(tiny_folder, data_dir,
                      allocator="besa", method="wanda", sparsity=0.6)
     # the two-pass route: statistics first, then learning from them
     api.get_stats(spec.stats_spec, tmp_path / "two")
-    two = api.besa_allocation(spec.stats_spec, 0.6, 50.0, tmp_path / "two")
+    two = api.learn_allocation(spec.stats_spec, "besa", 0.6, {"beta": 50.0}, tmp_path / "two")
     # the fused route: computing statistics separately is refused
     monkeypatch.setattr(api, "compute_stats", lambda *a, **k: pytest.fail("a separate statistics pass ran"))
-    folder = api.run_prune(spec, tmp_path / "one")
-    assert read_manifest(folder)["allocation_inputs"] == "statistics collected in the BESA learning pass"
-    one = api.cached_besa(spec.stats_spec, 0.6, 50.0, tmp_path / "one")
+    folder = runs.run_prune(spec, tmp_path / "one")
+    assert read_manifest(folder)["allocation_inputs"] == "statistics collected in the learning pass"
+    one = api.cached_learned(spec.stats_spec, "besa", 0.6, {"beta": 50.0}, tmp_path / "one")
     assert one["layer_sparsity"] == two["layer_sparsity"]
     a = api.load_cached_stats(spec.stats_spec, tmp_path / "one")
     b = api.load_cached_stats(spec.stats_spec, tmp_path / "two")

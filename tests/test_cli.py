@@ -38,8 +38,17 @@ def test_stats_and_allocate(tiny_folder, tmp_path, data_dir):
 
 @pytest.mark.parametrize("args, message", [
     (["allocate", "--sparsity", "1.5"], "target sparsity S must be in (0, 1)"),
-    (["allocate", "--sparsity", "0.5", "--lam", "-0.1"], "λ (--lam) must be ≥ 0"),
-    (["allocate", "--sparsity", "0.5", "--m", "0"], "M must be in [0.01, 9976]"),
+    (["allocate", "--sparsity", "0.5", "--lam", "-0.1"], "λ (lam) must be a number in [0, 0.5); got -0.1"),
+    (["allocate", "--sparsity", "0.5", "--m", "0"], "M (m) must be a number in [0.01, 9976]; got 0.0"),
+    (["allocate", "--sparsity", "0.5", "--allocator", "er", "--lam", "0.1"],
+     "--lam does not apply here: allocator er takes no parameters"),
+    (["prune", "--sparsity", "0.5", "--method", "wanda", "--rho", "2"],
+     "--rho does not apply here: allocator owl takes --lam, --m; method wanda takes no parameters"),
+    (["prune", "--sparsity", "0.5", "--method", "admm", "--iterations", "0"], "iterations must be an integer ≥ 1"),
+    (["stats", "--model", "/etc"], "local folder '/etc' is not a Hugging Face model folder (it has no config.json)"),
+    (["stats", "--seqlen", "100000"], "seqlen 100000 is longer than smollm2-135m's context of 8192 tokens"),
+    (["eval", "--run", "../../etc", "--ppl"], "run key must be 16 hexadecimal digits"),
+    (["recover", "--run", "../../etc"], "run key must be 16 hexadecimal digits"),
     (["allocate", "--sparsity", "0.5", "--allocator", "magic"], "invalid choice: 'magic' (choose from 'uniform'"),
     (["stats", "--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["stats", "--nsamples", "0"], "nsamples must be an integer >= 1"),
@@ -59,11 +68,11 @@ def test_missing_data_dir(tmp_path):
 
 
 def test_lambda_too_wide_leaves_cache_empty(tiny_folder, tmp_path, data_dir):
-    r = run_cli("allocate", "--model", tiny_folder, "--preset", "tiny", "--sparsity", "0.7", "--lam", "0.6",
+    r = run_cli("allocate", "--model", tiny_folder, "--preset", "tiny", "--sparsity", "0.9", "--lam", "0.45",
                 cache=tmp_path, data_dir=data_dir)
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: λ=0.6 is too wide for S=0.7") and "allowed here: 0 ≤ λ <" in last
+    assert last.startswith("error: λ=0.45 is too wide for S=0.9") and "allowed here: 0 ≤ λ <" in last
     assert not (tmp_path / "stats").exists() or list((tmp_path / "stats").iterdir()) == []
 
 
@@ -95,7 +104,8 @@ def test_prune_eval_and_out(tiny_folder, tmp_path, data_dir):
     (["prune", "--sparsity", "0.5", "--method", "obs"], "invalid choice: 'obs'"),
     (["prune", "--sparsity", "0.7", "--nm", "2:4"], "with N:M 2:4 the target sparsity is 0.5"),
     (["prune", "--sparsity", "0.5", "--max-chunks", "0"], "--max-chunks must be ≥ 1"),
-    (["eval", "--run", "deadbeef", "--ppl"], "no run 'deadbeef'"),
+    (["eval", "--run", "deadbeef", "--ppl"], "run key must be 16 hexadecimal digits (as `prune` prints them); got 'deadbeef'"),
+    (["eval", "--run", "0123456789abcdef", "--ppl"], "no run '0123456789abcdef'"),
     (["eval", "--run", "deadbeef"], "nothing to evaluate: pass --ppl"),
     (["eval", "--run", "deadbeef", "--zeroshot", "--tasks", "mmlu"], "allowed: boolq, rte, hellaswag"),
     (["eval", "--run", "deadbeef", "--zeroshot", "--limit", "0"], "--limit must be ≥ 1"),

@@ -1,5 +1,6 @@
 """The job runner with real worker processes: completion, app restart, concurrent submitters, cancel, dead worker."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -9,8 +10,10 @@ import time
 import pytest
 
 from pruner.jobs import JobStore, submit
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec, spec_to_dict
-from pruner.store import PROJECT_ROOT, run_exists
+from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+from pruner.workflows import PruneRequest, StatsRequest
+from pruner.store import PROJECT_ROOT
+from pruner.runs import run_exists
 
 WAIT_S = 240
 
@@ -63,7 +66,7 @@ def _final(job):
 def test_job_runs_to_completion_in_a_worker_process(cache, data_dir):
     store = JobStore(cache / "jobs.sqlite")
     spec = _spec(data_dir)
-    job_id = submit(store, "prune", {"spec": spec_to_dict(spec)}, cache_dir=cache)
+    job_id = submit(store, PruneRequest(spec), cache_dir=cache)
     job = _wait(store, job_id, _final)
     assert job.state == "done", job.error
     assert job.result["run"] == spec.key() and run_exists(spec.key(), cache)
@@ -91,7 +94,7 @@ def test_job_survives_the_submitting_process_and_concurrent_submitters(cache, da
 def test_cancel_stops_between_blocks_and_leaves_no_run(cache, data_dir):
     store = JobStore(cache / "jobs.sqlite")
     spec = _spec(data_dir, method="sparsegpt", seed=1)
-    job_id = submit(store, "prune", {"spec": spec_to_dict(spec)}, cache_dir=cache)
+    job_id = submit(store, PruneRequest(spec), cache_dir=cache)
     _wait(store, job_id, lambda j: j.phase == "prune" and j.done >= 1)
     store.cancel(job_id)
     job = _wait(store, job_id, _final)
@@ -103,13 +106,13 @@ def test_cancel_stops_between_blocks_and_leaves_no_run(cache, data_dir):
 
 def test_queued_job_cancels_at_once(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
-    job_id = submit(store, "prune", {"spec": spec_to_dict(PruneSpec())}, start_worker=False)
+    job_id = submit(store, PruneRequest(PruneSpec()), start_worker=False)
     assert store.cancel(job_id).state == "cancelled"
 
 
 def test_killed_worker_is_detected(cache, data_dir):
     store = JobStore(cache / "jobs.sqlite")
-    job_id = submit(store, "prune", {"spec": spec_to_dict(_spec(data_dir, method="sparsegpt", seed=2))},
+    job_id = submit(store, PruneRequest(_spec(data_dir, method="sparsegpt", seed=2)),
                     cache_dir=cache)
     job = _wait(store, job_id, lambda j: j.phase == "prune" and j.done >= 1)
     os.kill(job.worker_pid, signal.SIGKILL)
@@ -120,8 +123,8 @@ def test_killed_worker_is_detected(cache, data_dir):
 def test_submit_validates_before_queueing(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
     with pytest.raises(ValueError, match="unknown method"):
-        submit(store, "prune", {"spec": {**spec_to_dict(PruneSpec()), "method": "nope"}}, start_worker=False)
-    with pytest.raises(ValueError, match="job kind must be one of stats, prune, eval"):
+        submit(store, PruneRequest(dataclasses.replace(PruneSpec(), method="nope")), start_worker=False)
+    with pytest.raises(ValueError, match="job kind must be one of stats, learn, prune, eval"):
         store.add("train", {}, "x")
     assert store.list() == []
 
@@ -134,7 +137,7 @@ def test_queued_job_starts_when_a_page_calls_ensure_workers(tiny_folder, tmp_pat
 
     store = JobStore(tmp_path / "jobs.sqlite")
     spec = StatsSpec(ModelSpec(tiny_folder, device="cpu"), CalibSpec(nsamples=4, seqlen=64, data_dir=data_dir))
-    job_id = submit(store, "stats", {"spec": spec_to_dict(spec)}, cache_dir=tmp_path, start_worker=False)
+    job_id = submit(store, StatsRequest(spec), cache_dir=tmp_path, start_worker=False)
     time.sleep(1)
     assert store.get(job_id).state == "queued" and store.alive_workers() == []
     assert len(ensure_workers(store, cache_dir=tmp_path)) == 1

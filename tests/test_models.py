@@ -14,12 +14,15 @@ def test_model_spec_validation():
 
 def test_model_sources(tmp_path):
     assert model_source(ModelSpec("smollm2-135m")) == "bundled"
+    (tmp_path / "config.json").write_text("{}")
     assert model_source(ModelSpec(str(tmp_path))) == "local"
     assert model_source(ModelSpec("HuggingFaceTB/SmolLM2-135M")) == "hub"
     with pytest.raises(ValueError, match="unknown model 'smollm2'.*smollm2-135m"):
         model_source(ModelSpec("smollm2"))
     with pytest.raises(ValueError, match="local model folder './nope' does not exist"):
         model_source(ModelSpec("./nope"))
+    with pytest.raises(ValueError, match="local folder '/etc' is not a Hugging Face model folder"):
+        model_source(ModelSpec("/etc"))
 
 
 def test_device_resolution():

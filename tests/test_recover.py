@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pruner import api
+from pruner import metrics, runs
 from pruner.recover import RecoverSpec, learning_rate, train_lora
 from tests.tiny_models import tiny_model, tiny_tokens
 from pruner.store import PROJECT_ROOT, read_manifest, run_zip
@@ -49,7 +49,7 @@ def recovered(tiny_run, data_dir):
     cache, parent = tiny_run
     spec = RecoverSpec(read_manifest(parent)["key"], steps=12, seqlen=32, lr=1e-2)
     phases = []
-    folder = api.recover_run(parent, spec, data_dir, cache, progress=lambda ph, d, t: phases.append((ph, d, t)))
+    folder = runs.recover_run(parent, spec, data_dir, cache, progress=lambda ph, d, t: phases.append((ph, d, t)))
     return cache, parent, folder, spec, phases
 
 
@@ -63,7 +63,7 @@ def test_recovery_is_a_new_run_linked_to_its_parent(recovered):
     rec = m["recovery"]
     assert len(rec["losses"]) == 12 and rec["loss_last"] < rec["loss_first"]
     assert rec["merged"] is False and rec["trainable_params"] > 0
-    assert api.recover_run(parent, spec, None, cache) == folder  # stored: not trained again (no data needed)
+    assert runs.recover_run(parent, spec, None, cache) == folder  # stored: not trained again (no data needed)
 
 
 def test_pruned_weights_are_untouched_and_the_adapters_change_the_output(recovered):
@@ -71,10 +71,10 @@ def test_pruned_weights_are_untouched_and_the_adapters_change_the_output(recover
     assert load_file(folder / "model.safetensors").keys() == load_file(parent / "model.safetensors").keys()
     for name, tensor in load_file(parent / "model.safetensors").items():
         assert torch.equal(load_file(folder / "model.safetensors")[name], tensor)
-    adapters = load_file(folder / api.LORA_SUBFOLDER / "adapter_model.safetensors")
+    adapters = load_file(folder / runs.LORA_SUBFOLDER / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapters.items())  # B starts at 0; it was trained
-    base, _ = api.load_run(parent)
-    model, _ = api.load_run(folder)
+    base, _ = runs.load_run(parent)
+    model, _ = runs.load_run(folder)
     assert type(model).__name__ == "PeftModelForCausalLM"
     ids = torch.arange(1, 17)[None]
     assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits)
@@ -88,14 +88,14 @@ def test_zip_carries_the_adapters_and_a_recovered_run_is_not_recovered_again(rec
         names = z.namelist()
     assert f"{folder.name}/lora/adapter_config.json" in names and f"{folder.name}/model.safetensors" in names
     with pytest.raises(ValueError, match="is already a LoRA recovery; recover its parent"):
-        api.recover_run(folder, RecoverSpec(folder.name, steps=1), data_dir, cache)
+        runs.recover_run(folder, RecoverSpec(folder.name, steps=1), data_dir, cache)
     with pytest.raises(ValueError, match="is a LoRA recovery: its unmerged adapters are a dense branch"):
-        api.evaluate_speed(folder, None, cache)
+        metrics.evaluate_speed(folder, None, cache)
 
 
 def test_zero_shot_runs_on_the_recovered_model(recovered, data_dir):
     _, _, folder, _, _ = recovered
-    result = api.evaluate_zeroshot(folder, data_dir, tasks=["rte"], limit=2)
+    result = metrics.evaluate_zeroshot(folder, data_dir, tasks=["rte"], limit=2)
     assert result["tasks"]["rte"]["n"] == 2
     assert read_manifest(folder)["metrics"]["zeroshot:local:limit2"]["tasks"]["rte"]["acc"] == result["tasks"]["rte"]["acc"]
 
@@ -110,6 +110,6 @@ def test_cli_recover_prints_perplexity_before_and_after(tiny_run, data_dir, tmp_
     assert r.returncode == 0, r.stderr
     assert f"(parent {key})" in r.stdout and "not merged" in r.stdout and "LoRA steps" in r.stderr
     assert "before (pruned): WikiText-2 test perplexity" in r.stdout and "after LoRA: WikiText-2" in r.stdout
-    bad = subprocess.run(cmd[:4] + ["--run", "deadbeef", "--cache-dir", str(cache)], capture_output=True, text=True,
-                         cwd=PROJECT_ROOT, timeout=60)
-    assert bad.returncode == 2 and "no run 'deadbeef'" in bad.stderr
+    bad = subprocess.run(cmd[:4] + ["--run", "0123456789abcdef", "--cache-dir", str(cache)], capture_output=True,
+                         text=True, cwd=PROJECT_ROOT, timeout=60)
+    assert bad.returncode == 2 and "no run '0123456789abcdef'" in bad.stderr

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from pruner import api
-from pruner.allocation import STATS_ALLOCATORS, allocate
+from pruner.cache import CacheLayout
+from pruner import api, metrics, runs
+from pruner.allocation import ALLOCATORS, allocate, formula_allocators
 from pruner.data import calibration_tokens
 from pruner.models import model_summary
 from pruner.specs import CalibSpec, ModelSpec, StatsSpec
@@ -31,7 +32,7 @@ def test_summary(smollm2):
 def test_stats_cached_and_progress(small_stats):
     spec, cache, stats, seen = small_stats
     assert seen[-1] == (30, 30) and len(seen) == 30
-    assert (api.stats_dir(spec, cache) / "stats.npz").exists()
+    assert (CacheLayout.at(cache).stats(spec.key()) / "stats.npz").exists()
     again = api.load_cached_stats(spec, cache)
     np.testing.assert_array_equal(again.ratio_counts_above, stats.ratio_counts_above)
     assert again.meta["summary"]["blocks"] == 30
@@ -54,11 +55,11 @@ def test_lod_shape_and_monotone(small_stats):
     assert 0 < lods[1].mean() < 0.1  # a few percent of scores exceed 5 × the block mean
 
 
-@pytest.mark.parametrize("name", STATS_ALLOCATORS)
+@pytest.mark.parametrize("name", formula_allocators())
 @pytest.mark.parametrize("S", [0.5, 0.7])
 def test_allocators_hit_target_on_real_stats(small_stats, name, S):
     _, _, stats, _ = small_stats
-    a = allocate(name, stats, S, lam=0.08, m=5)
+    a = allocate(name, stats, S, **ALLOCATORS[name].pick({"lam": 0.08, "m": 5}))
     weights = stats.layer_numel
     assert float((a.layer_sparsity * weights).sum() / weights.sum()) == pytest.approx(S, abs=1e-6)
     assert np.all(a.layer_sparsity >= 0) and np.all(a.layer_sparsity < 1)
@@ -70,13 +71,13 @@ def test_prune_and_perplexity_end_to_end(smollm2, data_dir, tmp_path):
 
     spec = PruneSpec(model=ModelSpec("smollm2-135m", device="cpu"), calib=CalibSpec(nsamples=4, seqlen=128, data_dir=data_dir),
                      allocator="owl", method="wanda", sparsity=0.5)
-    folder = api.run_prune(spec, tmp_path, loaded=smollm2)
+    folder = runs.run_prune(spec, tmp_path, loaded=smollm2)
     manifest = read_manifest(folder)
     for layer in manifest["achieved"]["layers"]:  # within one weight per output row (the Q4_1 weights hold a few
         in_features = 1536 if layer["name"] == "mlp.down_proj" else 576  # exact zeros, which only add)
         assert layer["pruned"] == layer["numel"] // in_features * round(layer["allocated"] * in_features)
         assert -1 / in_features <= layer["achieved"] - layer["allocated"] <= 0.002
-    dense = api.dense_perplexity(spec.model, data_dir, tmp_path, loaded=smollm2, max_chunks=1, seqlen=256)
-    pruned = api.evaluate_perplexity(folder, data_dir, max_chunks=1, seqlen=256)
+    dense = metrics.dense_perplexity(spec.model, data_dir, tmp_path, loaded=smollm2, max_chunks=1, seqlen=256)
+    pruned = metrics.evaluate_perplexity(folder, data_dir, max_chunks=1, seqlen=256)
     assert 5 < dense["perplexity"] < pruned["perplexity"] < 20 * dense["perplexity"]
     assert pruned["partial"] and pruned["chunks"] == 1

@@ -10,9 +10,10 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from pruner import api
-from pruner.evaluate import speed
-from pruner.evaluate.speed import SpeedSpec, export_graphs, fold_weight_transposes, ideal_decode_speedup
+from pruner import metrics
+from pruner.evaluate import deepsparse_env, onnx_export, speed
+from pruner.evaluate.onnx_export import export_graphs, fold_weight_transposes
+from pruner.evaluate.speed import SpeedSpec, ideal_decode_speedup
 from pruner.store import read_manifest
 from tests.tiny_models import VOCAB, tiny_model
 
@@ -29,7 +30,7 @@ def test_export_reproduces_pytorch_prefill_and_decode(tmp_path):
     paths = export_graphs(model, tmp_path, spec)
     assert model.config._attn_implementation == before  # the caller's model is left as it was
     decode_graph = onnx.load(paths["decode"])
-    assert decode_graph.ir_version == speed.DEEPSPARSE_IR_VERSION
+    assert decode_graph.ir_version == onnx_export.DEEPSPARSE_IR_VERSION
     ops = {n.op_type for n in decode_graph.graph.node}
     assert "Reciprocal" not in ops and "Div" in ops  # RMSNorm's rsqrt, in the form DeepSparse runs itself
     assert "Transpose" not in ops  # with one new position, every transpose only moves length-1 axes: reshapes
@@ -78,7 +79,7 @@ def test_reciprocals_become_divisions_on_a_hand_made_graph(tmp_path):
         "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    assert speed.reciprocals_as_divisions(proto) == 1
+    assert onnx_export.reciprocals_as_divisions(proto) == 1
     assert [n.op_type for n in proto.graph.node] == ["Sqrt", "Div", "Mul"]  # order kept
     onnx.save(proto, tmp_path / "g.onnx")
     x = np.array([[1, 4, 9]], dtype=np.float32)
@@ -88,7 +89,7 @@ def test_reciprocals_become_divisions_on_a_hand_made_graph(tmp_path):
 def _worker_module():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("speed_worker", speed.WORKER)
+    spec = importlib.util.spec_from_file_location("speed_worker", deepsparse_env.WORKER)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -113,7 +114,7 @@ def test_rotate_half_as_matmul_is_exact_and_restored():
     model = tiny_model("llama")
     original = modeling_llama.rotate_half
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-5.0, 6.5, 7.0, -8.0]])
-    with speed.rotate_half_as_matmul(model):
+    with onnx_export.rotate_half_as_matmul(model):
         assert modeling_llama.rotate_half is not original
         got = modeling_llama.rotate_half(x)
     assert modeling_llama.rotate_half is original
@@ -132,7 +133,7 @@ def test_unit_transposes_become_reshapes_on_a_hand_made_graph(tmp_path):
         [helper.make_tensor_value_info("ta", onnx.TensorProto.FLOAT, [1, 2, 1, 3]),
          helper.make_tensor_value_info("tb", onnx.TensorProto.FLOAT, [1, 2, 2, 3])])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    assert speed.unit_transposes_as_reshapes(proto) == 1
+    assert onnx_export.unit_transposes_as_reshapes(proto) == 1
     assert [n.op_type for n in proto.graph.node] == ["Reshape", "Transpose"]
     onnx.save(proto, tmp_path / "g.onnx")
     a = np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)
@@ -186,9 +187,9 @@ def test_cached_dense_graphs_need_no_dense_model(tmp_path):
     spec = SpeedSpec(seqlen=8)
     with pytest.raises(ValueError, match="no dense graphs cached in .*: pass the dense model"):
         speed.export_and_measure(None, pruned, spec, dense_dir=tmp_path / "dense", engine="onnxruntime")
-    assert speed.cached_graphs(tmp_path / "dense") is None and not (tmp_path / "dense").exists()
+    assert onnx_export.cached_graphs(tmp_path / "dense") is None and not (tmp_path / "dense").exists()
     first = speed.export_and_measure(dense, pruned, spec, dense_dir=tmp_path / "dense", engine="onnxruntime")
-    assert speed.cached_graphs(tmp_path / "dense") == {g: str(tmp_path / "dense" / f"{g}.onnx") for g in speed.GRAPHS}
+    assert onnx_export.cached_graphs(tmp_path / "dense") == {g: str(tmp_path / "dense" / f"{g}.onnx") for g in onnx_export.GRAPHS}
     phases = []
     again = speed.export_and_measure(None, pruned, spec, dense_dir=tmp_path / "dense", engine="onnxruntime",
                                      progress=lambda p, d, t: phases.append(p))
@@ -197,9 +198,9 @@ def test_cached_dense_graphs_need_no_dense_model(tmp_path):
 
 
 def _deepsparse_or_skip():
-    status = speed.deepsparse_status()
+    status = deepsparse_env.deepsparse_status()
     if not status["available"]:
-        if os.environ.get("CI") == "true" and speed.platform_problem() is None:
+        if os.environ.get("CI") == "true" and deepsparse_env.platform_problem() is None:
             pytest.fail(f"CI must run the DeepSparse test (`make test` builds the environment): {status['reason']}")
         pytest.skip(status["reason"])
 
@@ -208,7 +209,7 @@ def test_deepsparse_worker_round_trip_on_a_stored_run(tiny_run):
     _deepsparse_or_skip()
     cache, folder = tiny_run
     phases = []
-    result = api.evaluate_speed(folder, SpeedSpec(seqlen=16), cache, engine="deepsparse",
+    result = metrics.evaluate_speed(folder, SpeedSpec(seqlen=16), cache, engine="deepsparse",
                                 progress=lambda p, d, t: phases.append(p))
     assert {"export pruned", "timing"} <= set(phases)  # the dense graphs may be cached by an earlier test
     assert result["engine"] == "deepsparse" and result["env"]["deepsparse"] == "1.8.0" and result["rejected"] == []
@@ -221,8 +222,8 @@ def test_deepsparse_worker_round_trip_on_a_stored_run(tiny_run):
         assert result["speedup"][graph] == pytest.approx(row["dense"]["median_ms"] / row["pruned"]["median_ms"])
         assert result["speedup_by_round"][graph] == pytest.approx(
             [d / p for d, p in zip(row["dense"]["round_medians_ms"], row["pruned"]["round_medians_ms"])])
-    stored = read_manifest(folder)["metrics"][api.speed_metric_name(result)]
+    stored = read_manifest(folder)["metrics"][metrics.speed_metric_name(result)]
     assert stored["speedup"] == result["speedup"] and stored["sparsity"] == pytest.approx(0.5, abs=0.01)
     # the dense graphs are kept for the next run of the same model and shape
-    assert sorted(p.name for p in next((cache / "dense").iterdir()).glob(f"onnx/v{speed.EXPORT_VERSION}-b1-t16/*.onnx")) == [
+    assert sorted(p.name for p in next((cache / "dense").iterdir()).glob(f"onnx/v{onnx_export.EXPORT_VERSION}-b1-t16/*.onnx")) == [
         "decode.onnx", "prefill.onnx"]

@@ -9,46 +9,47 @@ import zipfile
 import pytest
 import torch
 
-from pruner import api
+from pruner import api, metrics, runs
 from pruner.allocation import allocate
 from pruner.calibrate import Cancelled
 from pruner.data import calibration_tokens
 from pruner.models import load_model
 from pruner.prune import layer_targets, prune_model
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec
-from pruner.store import PROJECT_ROOT, add_metrics, atomic_dir, list_runs, read_manifest, run_zip, update_metrics
+from pruner.store import PROJECT_ROOT, add_metrics, atomic_dir, read_manifest, run_zip, update_metrics
+from pruner.runs import list_runs
 
 
 @pytest.fixture
 def spec(tiny_folder, data_dir):
     return PruneSpec(model=ModelSpec(tiny_folder, device="cpu"), calib=CalibSpec(nsamples=4, seqlen=64, data_dir=data_dir),
-                     allocator="owl", method="wanda", sparsity=0.5, lam=0.05, m=3)
+                     allocator="owl", method="wanda", sparsity=0.5, allocator_params={"lam": 0.05, "m": 3})
 
 
 def test_run_folder_manifest_and_reuse(spec, tmp_path):
     phases = []
-    folder = api.run_prune(spec, tmp_path, progress=lambda p, d, t: phases.append((p, d, t)))
+    folder = runs.run_prune(spec, tmp_path, progress=lambda p, d, t: phases.append((p, d, t)))
     assert ("statistics", 4, 4) in phases and ("prune", 4, 4) in phases
     for name in ("model.safetensors", "config.json", "tokenizer.json", "manifest.json"):
         assert (folder / name).is_file()
     m = read_manifest(folder)
-    assert m["key"] == spec.key() and m["spec"]["allocator"] == "owl" and m["spec"]["lam"] == 0.05
+    assert m["key"] == spec.key() and m["spec"]["allocator"] == "owl" and m["spec"]["allocator_params"]["lam"] == 0.05
     assert set(m["versions"]) >= {"torch", "transformers", "pruner"}
     assert len(m["allocation"]["block_sparsity"]) == 4 and len(m["achieved"]["layers"]) == 28
     for layer in m["achieved"]["layers"]:
         in_features = 32 if layer["name"] != "mlp.down_proj" else 48
         assert abs(layer["achieved"] - layer["allocated"]) <= 1 / in_features
     assert m["memory"]["process_peak_rss_gb"] > 0 and m["timings_s"]["prune"] > 0
-    assert [r["key"] for r in list_runs(tmp_path)] == [spec.key()]
+    assert [r.key for r in list_runs(tmp_path).runs] == [spec.key()]
     # same spec: returned as is, not recomputed
-    assert api.run_prune(spec, tmp_path, progress=lambda *a: pytest.fail("recomputed")) == folder
-    again = api.run_prune(spec, tmp_path, force=True)
+    assert runs.run_prune(spec, tmp_path, progress=lambda *a: pytest.fail("recomputed")) == folder
+    again = runs.run_prune(spec, tmp_path, force=True)
     assert read_manifest(again)["created"] >= m["created"]
 
 
 def test_saved_run_loads_with_the_same_logits(spec, tmp_path):
-    folder = api.run_prune(spec, tmp_path)
-    loaded, _ = api.load_run(folder)
+    folder = runs.run_prune(spec, tmp_path)
+    loaded, _ = runs.load_run(folder)
     # prune a fresh copy in memory the same way
     base = load_model(spec.model)
     stats = api.get_stats(spec.stats_spec, tmp_path, loaded=base)
@@ -63,18 +64,18 @@ def test_saved_run_loads_with_the_same_logits(spec, tmp_path):
 
 def test_cancelled_run_leaves_nothing(spec, tmp_path):
     with pytest.raises(Cancelled):
-        api.run_prune(spec, tmp_path, should_cancel=lambda: True)
-    runs = tmp_path / "runs"
-    assert not runs.exists() or list(runs.iterdir()) == []
+        runs.run_prune(spec, tmp_path, should_cancel=lambda: True)
+    folder = tmp_path / "runs"
+    assert not folder.exists() or list(folder.iterdir()) == []
 
 
 def test_perplexity_lands_in_manifest_and_reproduces(spec, tmp_path, data_dir):
-    folder = api.run_prune(spec, tmp_path)
-    r1 = api.evaluate_perplexity(folder, data_dir, max_chunks=2, seqlen=64)
-    r2 = api.evaluate_perplexity(folder, data_dir, max_chunks=2, seqlen=64)
+    folder = runs.run_prune(spec, tmp_path)
+    r1 = metrics.evaluate_perplexity(folder, data_dir, max_chunks=2, seqlen=64)
+    r2 = metrics.evaluate_perplexity(folder, data_dir, max_chunks=2, seqlen=64)
     assert r1["perplexity"] == r2["perplexity"] and r1["partial"] and r1["chunks"] == 2
-    metrics = read_manifest(folder)["metrics"]
-    assert metrics["perplexity:wikitext2-test:seq64:first2"]["perplexity"] == r1["perplexity"]
+    stored = read_manifest(folder)["metrics"]
+    assert stored["perplexity:wikitext2-test:seq64:first2"]["perplexity"] == r1["perplexity"]
 
 
 def test_atomic_dir_keeps_target_on_error(tmp_path):
@@ -141,6 +142,15 @@ def test_prune_spec_validation():
         PruneSpec(method="obs")
     with pytest.raises(ValueError, match="with N:M 2:4 the target sparsity is 0.5"):
         PruneSpec(sparsity=0.7, nm="2:4")
-    assert PruneSpec(allocator="uniform", lam=0.3).lam is None  # ignored parameters do not split cache keys
-    assert PruneSpec(allocator="uniform", lam=0.3).key() == PruneSpec(allocator="uniform").key()
-    assert PruneSpec(allocator="owl").lam == 0.08 and PruneSpec(method="magnitude").scope == "layer"
+    # a parameter the allocator does not declare is refused (silently dropping it would merge two requests)
+    with pytest.raises(ValueError, match="allocator 'uniform' takes no parameter 'lam'; its parameters: none"):
+        PruneSpec(allocator="uniform", allocator_params={"lam": 0.3})
+    with pytest.raises(ValueError, match=r"λ \(lam\) must be a number in \[0, 0.5\); got 0.5"):
+        PruneSpec(allocator="owl", allocator_params={"lam": 0.5})
+    with pytest.raises(ValueError, match="ρ \\(rho\\) must be a number > 0; got 0"):
+        PruneSpec(method="admm", method_params={"rho": 0})
+    # defaults are filled in, so an explicit default and an omitted one are the same run
+    assert PruneSpec(allocator="owl").allocator_params == {"lam": 0.08, "m": 5.0}
+    assert PruneSpec(allocator="owl", allocator_params={"lam": 0.08}).key() == PruneSpec(allocator="owl").key()
+    assert PruneSpec(method="admm").method_params == {"iterations": 20, "rho": 1.0}
+    assert PruneSpec(method="magnitude").scope == "layer"

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from pruner import api
+from pruner import metrics
 from pruner.evaluate.zeroshot import TASKS, parse_tasks, write_local_tasks, zeroshot_accuracy
 from pruner.store import read_manifest
 
@@ -68,9 +68,9 @@ def test_arc_easy_accuracy_equals_direct_loglikelihood(smollm2, data_dir):
 
 def test_run_manifest_gets_merged_results(tiny_run, data_dir):
     _, folder = tiny_run
-    first = api.evaluate_zeroshot(folder, data_dir, tasks=["rte", "hellaswag"], limit=2)
+    first = metrics.evaluate_zeroshot(folder, data_dir, tasks=["rte", "hellaswag"], limit=2)
     assert {"rte", "hellaswag"} <= set(first["tasks"]) and not first["complete"]  # the run is shared by tests
-    merged = api.evaluate_zeroshot(folder, data_dir, tasks="boolq", limit=2)
+    merged = metrics.evaluate_zeroshot(folder, data_dir, tasks="boolq", limit=2)
     stored = read_manifest(folder)["metrics"]["zeroshot:local:limit2"]
     assert stored == json.loads(json.dumps(merged))
     order = list(stored["tasks"])
@@ -87,5 +87,5 @@ def test_bad_limit_is_rejected(tiny_run, data_dir):
     _, folder = tiny_run
     before = read_manifest(folder)
     with pytest.raises(ValueError, match="limit must be a whole number >= 1"):
-        api.evaluate_zeroshot(folder, data_dir, tasks="rte", limit=0)
+        metrics.evaluate_zeroshot(folder, data_dir, tasks="rte", limit=0)
     assert read_manifest(folder) == before

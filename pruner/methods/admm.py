@@ -23,6 +23,7 @@ import torch
 from pruner.methods.base import LayerMethod
 from pruner.methods.masks import NM, select
 from pruner.methods.sparsegpt import add_gram_
+from pruner.params import Param
 
 #: ρ, the ADMM penalty (the paper's default on normalised G).
 RHO = 1.0
@@ -33,6 +34,11 @@ DAMPENING = 0.1
 #: Gradual pruning: number of mask reselections T and ADMM iterations between two of them.
 GRADUAL_STEPS = 15
 GRADUAL_ITERATIONS_PER_STEP = 2
+
+ITERATIONS_PARAM = Param("iterations", "iterations", int, ITERATIONS, "ADMM iterations at the final mask", low=1,
+                         step=1)
+RHO_PARAM = Param("rho", "ρ", float, RHO, "ADMM penalty ρ on the normalised Gram matrix", low=0.0, low_open=True,
+                  step=0.1)
 
 
 def cubic_schedule(sparsity: float, steps: int = GRADUAL_STEPS) -> list[float]:
@@ -45,12 +51,11 @@ class ADMM(LayerMethod):
     default_scope = "row"  # the Wanda mask's comparison group
     description = "Wanda mask, kept weights refitted by ADMM on XᵀX (Boža 2024)"
     gradual = False
+    params = (ITERATIONS_PARAM, RHO_PARAM)
 
     def __init__(self, in_features, device="cpu", scope=None, iterations: int = ITERATIONS, rho: float = RHO):
         super().__init__(in_features, device, scope)
-        if iterations < 1 or rho <= 0:
-            raise ValueError(f"ADMM needs iterations ≥ 1 and ρ > 0; got {iterations}, {rho}")
-        self.iterations, self.rho = iterations, rho
+        self.iterations, self.rho = ITERATIONS_PARAM.check(iterations), RHO_PARAM.check(rho)
         self.G = torch.zeros(in_features, in_features, dtype=torch.float32, device=self.device)
         self._factor = None
 

@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 
 from pruner.methods.masks import NM
+from pruner.params import Param, check_params
 
 
 class LayerMethod(ABC):
@@ -21,11 +22,24 @@ class LayerMethod(ABC):
     #: Default comparison group for unstructured selection ('row' or 'layer').
     default_scope: ClassVar[str] = "row"
     description: ClassVar[str] = ""
+    #: The method's own parameters (``pruner.params``): the CLI flags and the dashboard's controls come from them,
+    #: and ``__init__`` receives them as keywords, already checked.
+    params: ClassVar[tuple[Param, ...]] = ()
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu", scope: str | None = None):
         self.in_features = in_features
         self.device = torch.device(device)
         self.scope = scope or self.default_scope
+
+    @classmethod
+    def check(cls, params: dict | None) -> dict:
+        """Its parameters checked, defaults filled in (ValueError names the allowed range)."""
+        return check_params(f"method {cls.name!r}", cls.params, params)
+
+    @classmethod
+    def pick(cls, values: dict) -> dict:
+        """The entries of ``values`` that are this method's parameters (for a page that shows several)."""
+        return {p.name: values[p.name] for p in cls.params if p.name in values}
 
     def accumulate(self, x: torch.Tensor) -> None:
         """x: (tokens, in_features), this mini-batch's inputs to the layer."""

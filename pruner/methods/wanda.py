@@ -4,7 +4,7 @@ import torch
 
 from pruner.methods.base import LayerMethod
 from pruner.methods.masks import select
-from pruner.stats import accumulate_sumsq, wanda_score
+from pruner.scores import accumulate_sumsq, wanda_score
 
 
 class Wanda(LayerMethod):

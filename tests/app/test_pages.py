@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from pruner import api
-from pruner.allocation import allocate, owl
+from pruner import api, metrics, runs
+from pruner.allocation import ALLOCATORS, allocate, owl
 from pruner.jobs import JobStore, default_db
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
 from pruner.store import PROJECT_ROOT
@@ -25,8 +25,8 @@ def cached(smollm2, data_dir, tmp_path_factory):
     calib = CalibSpec.preset("tiny", data_dir=data_dir)
     stats = api.get_stats(StatsSpec(ModelSpec("smollm2-135m"), calib), cache, loaded=smollm2)
     spec = PruneSpec(model=ModelSpec("smollm2-135m"), calib=calib, allocator="owl", method="wanda", sparsity=0.5)
-    folder = api.run_prune(spec, cache, loaded=smollm2)
-    api.evaluate_perplexity(folder, data_dir, max_chunks=1, seqlen=128)
+    folder = runs.run_prune(spec, cache, loaded=smollm2)
+    metrics.evaluate_perplexity(folder, data_dir, max_chunks=1, seqlen=128)
     return cache, stats, spec
 
 
@@ -84,9 +84,12 @@ def test_allocation_sliders_redraw_as_the_allocators_predict(app, cached):
     go(app, "allocation")
     fig = figures(app)[0]
     for name, label in LABEL.items():
-        np.testing.assert_allclose(trace(fig, label), allocate(name, stats, 0.7, lam=0.08, m=5).block_sparsity,
-                                   atol=1e-9)
-    app.slider(key="alloc_M").set_value(8.0).run()
+        expected = allocate(name, stats, 0.7, **ALLOCATORS[name].pick({"lam": 0.08, "m": 5})).block_sparsity
+        np.testing.assert_allclose(trace(fig, label), expected, atol=1e-9)
+    # the controls are generated from the allocators' declared parameters, labelled by paper symbol
+    assert {n.label for n in app.number_input} == {"β (beta)"}  # no slider range: a number input
+    assert {n.label for n in app.slider} >= {"λ (lam)", "M (m)", "ε (epsilon)"}  # what-if: sliders
+    app.slider(key="alloc_m").set_value(8.0).run()
     app.slider(key="alloc_lam").set_value(0.12).run()
     after = trace(figures(app)[0], "OWL")
     assert not np.allclose(after, trace(fig, "OWL"))
@@ -108,14 +111,18 @@ def test_allocation_besa_is_queued_then_shown_beside_owl(tiny_folder, data_dir, 
     at.sidebar.radio(key="model_source").set_value("local folder").run()
     at.sidebar.text_input(key="local_path").input(tiny_folder).run()
     go(at, "allocation")
-    assert any("BESA has not been learned for S = 70%" in i.value for i in at.info)
-    next(b for b in at.button if b.label == "Learn BESA at S = 70% in the background").click().run()
+    assert any("BESA (learned) has not been learned for S = 70%" in i.value for i in at.info)
+    next(b for b in at.button if b.label == "Learn BESA (learned) at S = 70% in the background").click().run()
     store = JobStore(default_db(tmp_path))
     job = store.list()[0]
-    assert job.kind == "stats" and job.payload["besa"] == {"sparsity": 0.7, "beta": 50.0}
-    assert job.label.startswith("BESA sparsities at S = 70% (β = 50) of ")
-    store.cancel(job.id)  # the queue works; learn it here instead, with the same function the worker calls
-    learned = api.besa_allocation(spec, 0.7, None, tmp_path)
+    request = job.request
+    assert job.kind == "learn" and (request.allocator, request.sparsity, request.params) == ("besa", 0.7, {"beta": 50.0})
+    assert job.label.startswith("BESA (learned) sparsities at S = 70% (β=50) of ")
+    store.cancel(job.id)  # the queue works; learn it here instead, with the same workflow the worker runs
+    from pruner.workflows import Context, run
+
+    run(request, Context(tmp_path))
+    learned = api.cached_learned(spec, "besa", 0.7, {"beta": 50.0}, tmp_path)
     at.run()
     assert not at.exception, at.exception
     owl_heat, besa_heat = [f for f in figures(at) if f["data"][0]["type"] == "heatmap"]
@@ -132,7 +139,7 @@ def test_allocation_besa_is_queued_then_shown_beside_owl(tiny_folder, data_dir, 
 def test_allocation_too_wide_lambda_says_what_is_allowed(app):
     go(app, "allocation")
     app.slider(key="alloc_S").set_value(0.95).run()
-    app.slider(key="alloc_lam").set_value(0.5).run()
+    app.slider(key="alloc_lam").set_value(0.3).run()
     assert any("too wide" in w.value and "choose λ <" in w.value for w in app.warning)
     names = {t.get("name") for t in figures(app)[0]["data"]}
     assert "OWL" not in names and "Uniform" in names  # no nonsense curve; the others still drawn
@@ -153,11 +160,11 @@ def test_prune_page_queues_jobs_and_lists_runs(app, cached):
     app.multiselect[0].set_value(["uniform"])
     app.multiselect[2].set_value([0.6])
     app.checkbox[0].uncheck()
-    app.button[0].click().run()  # the form's submit button
+    app.button(key="grid_go").click().run()
     assert any("Queued 1 job" in s.value for s in app.success)
     store = JobStore(default_db(cached[0]))
     job = store.list()[0]
-    assert job.label == "wanda + uniform @ 60%"
+    assert job.label == "wanda + uniform @ 60%" and job.request.spec.sparsity == 0.6
     store.cancel(job.id)  # stop the real worker soon
     end = time.time() + 120
     while store.get(job.id).state not in ("done", "failed", "cancelled") and time.time() < end:
@@ -166,7 +173,7 @@ def test_prune_page_queues_jobs_and_lists_runs(app, cached):
     app.button(key=f"rec-{cached[2].key()}").click().run()  # the stored run, with a 1-chunk perplexity
     assert any("Queued the LoRA recovery of" in s.value for s in app.success)
     rec = next(j for j in store.list() if j.kind == "recover")
-    assert rec.label == f"LoRA recovery (r=8, 100 steps) of run {cached[2].key()}" and rec.payload["max_chunks"] == 1
+    assert rec.label == f"LoRA recovery (r=8, 100 steps) of run {cached[2].key()}" and rec.request.perplexity.max_chunks == 1
     store.cancel(rec.id)
 
 
@@ -179,7 +186,51 @@ def test_compare_page(app, cached):
     assert "Per-block sparsity of two runs" in figs[-1]["layout"]["title"]["text"]
 
 
+def test_compare_and_prune_pages_name_a_corrupt_run_and_show_the_rest(app, cached):
+    import shutil
+
+    bad = cached[0] / "runs" / "00000000000000dd"
+    bad.mkdir()
+    (bad / "manifest.json").write_text('{"key": "00000000000000dd", "spec": {')  # truncated mid-write
+    try:
+        go(app, "compare")
+        assert any("Skipped run 00000000000000dd: run 00000000000000dd: manifest.json is not valid JSON" in w.value
+                   for w in app.warning)
+        assert cached[2].key() in set(app.dataframe[0].value["run"])  # the good run is still there
+        go(app, "prune")
+        assert any("Skipped run 00000000000000dd" in w.value for w in app.warning)
+    finally:
+        shutil.rmtree(bad)
+
+
 def test_learn_page(app):
     go(app, "learn")
     assert len(app.get("latex")) >= 3 and len(figures(app)) == 3
     assert any("2λ = 16%" in m.value for m in app.markdown)
+
+
+def test_a_registered_allocator_and_method_get_page_controls(app, cached):
+    """One registry line each (tests/toy_registry.py) and the Allocation and Prune pages show their parameters,
+    labelled by paper symbol, and build specs with them."""
+    from tests.toy_registry import registered, tilt
+
+    with registered():
+        go(app, "allocation")
+        assert "γ (gamma)" in {n.label for n in app.number_input}  # declared without a slider range
+        app.number_input(key="alloc_gamma").set_value(0.1).run()
+        assert not app.exception, app.exception
+        np.testing.assert_allclose(trace(figures(app)[0], "Toy tilt"), tilt(30, 0.7, 0.1), atol=1e-9)
+        go(app, "prune")
+        app.multiselect(key="grid_allocators").set_value(["toy_tilt"]).run()
+        app.multiselect(key="grid_methods").set_value(["toy_power"]).run()
+        assert {"γ (gamma)", "p (power)"} <= {n.label for n in app.number_input}
+        app.number_input(key="grid_power").set_value(3.0).run()
+        app.checkbox(key="grid_ppl").uncheck().run()
+        app.button(key="grid_go").click().run()
+        assert not app.exception, app.exception
+        assert any("Queued 1 job" in s.value for s in app.success)
+        store = JobStore(default_db(cached[0]))
+        job = store.list()[0]
+        store.cancel(job.id)  # a worker process does not have the toy entries registered
+        assert job.payload["spec"]["allocator_params"] == {"gamma": 0.05}
+        assert job.payload["spec"]["method_params"] == {"power": 3.0}

@@ -101,6 +101,9 @@ def test_browser_session(server, page, tmp_path):
     url, cache, _ = server
     _open(page, url, "", "Transformer blocks")
     _shot(page, "1-model")
+    # a product, not a dev server (client.toolbarMode = minimal in .streamlit/config.toml): no Deploy, no dev menu
+    assert page.locator('[data-testid="stAppDeployButton"]').count() == 0
+    assert page.locator('[data-testid="stMainMenu"]').count() == 0
     _open(page, url, "outliers", "Outlier ratio per layer")
     _shot(page, "2-outliers")
 
@@ -126,7 +129,7 @@ def test_browser_session(server, page, tmp_path):
     allocators.click()
     page.keyboard.press("Backspace")  # drops the last tag, OWL: one job (uniform × wanda × 70%)
     page.keyboard.press("Escape")
-    page.get_by_role("button", name="Queue jobs").click()
+    page.get_by_role("button", name="Queue 1 job").click()
     page.get_by_text("Queued 1 job").wait_for(timeout=30_000)
     page.get_by_text("✅ done").first.wait_for(timeout=240_000)  # progress went to 30/30 and the job finished
     _shot(page, "4-prune")

@@ -1,6 +1,8 @@
-"""Streamlit glue shared by app.py and the pages: the sidebar selection, read-only cached resources, jobs.
+"""Streamlit glue shared by app.py and the pages: the sidebar selection, read-only cached resources, jobs, and
+controls generated from the registries' parameter declarations. Not a page (app.py lists the pages).
 
-No computation lives here; it builds specs from widgets and hands them to the library.
+No computation lives here; it builds specs and requests from widgets and hands them to the library, which never
+imports streamlit.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from pathlib import Path
 import streamlit as st
 
 from pruner import api
-from pruner.jobs import ACTIVE_STATES, JobStore, default_db, ensure_workers
-from pruner.models import DEFAULT_MODEL, available_bundled
+from pruner.jobs import ACTIVE_STATES, JobStore, default_db, ensure_workers, submit
+from pruner.models import DEFAULT_MODEL, available_bundled, load_model
+from pruner.params import Param
 from pruner.specs import CALIB_PRESETS, DEFAULT_CALIB_PRESET, DEVICES, CalibSpec, ModelSpec, StatsSpec
 from pruner.store import default_data_dir
 
@@ -121,7 +124,7 @@ def sidebar() -> Selection | None:
 @st.cache_resource(show_spinner="Loading the dense model (read-only)…")
 def dense_model(model: ModelSpec, cache: Path | None):
     """The dense model, loaded once per process. Never modified: pruning always works on a copy."""
-    return api.load_model(model, cache)
+    return load_model(model, cache)
 
 
 def cached_stats(sel: Selection):
@@ -155,6 +158,46 @@ def page_with_stats(sel: Selection | None):
 
 def job_store(sel: Selection | None = None) -> JobStore:
     return JobStore(default_db(sel.cache_dir if sel else cache_dir()))
+
+
+def queue(sel: Selection | None, request) -> int:
+    """Submit a typed request (``pruner.workflows``) as a background job; returns its id."""
+    return submit(job_store(sel), request, cache_dir=sel.cache_dir if sel else cache_dir())
+
+
+def param_controls(params, prefix: str, columns=None, values: dict | None = None, sliders: bool = False) -> dict:
+    """One control per declared parameter (``pruner.params.Param``), labelled by its paper symbol: a slider over
+    the declaration's ``slider`` range when ``sliders`` and it has one, else a number input bounded by its closed
+    range ends (open ends are checked when the request is built, naming the range). Returns {name: value};
+    ``values`` prefill them (e.g. from the Allocation page)."""
+    out = {}
+    columns = columns or [st]
+    for i, p in enumerate(params):
+        p: Param
+        value = (values or {}).get(p.name, p.default)
+        kw = dict(step=p.step or (1 if p.kind is int else 0.01), key=f"{prefix}_{p.name}",
+                  help=f"{p.help}; {p.range_text()}, default {p.default:g}")
+        if sliders and p.slider is not None:
+            low, high = (p.kind(v) for v in p.slider)
+            out[p.name] = columns[i % len(columns)].slider(p.title, low, high, p.kind(value), **kw)
+            continue
+        if p.low is not None and not p.low_open:
+            kw["min_value"] = p.kind(p.low)
+        if p.high is not None and not p.high_open:
+            kw["max_value"] = p.kind(p.high)
+        if p.kind is float:
+            kw["format"] = "%g"
+        out[p.name] = columns[i % len(columns)].number_input(p.title, value=p.kind(value), **kw)
+    return out
+
+
+def unique_params(entries) -> list[Param]:
+    """The declared parameters of several registry entries, each once, in first-seen order."""
+    seen: dict[str, Param] = {}
+    for e in entries:
+        for p in e.params:
+            seen.setdefault(p.name, p)
+    return list(seen.values())
 
 
 def keep_workers(store: JobStore, sel: Selection | None) -> None:
@@ -233,14 +276,9 @@ def _job_list(sel: Selection | None, state_key: str) -> bool:
 @st.cache_data(ttl=60, show_spinner=False)
 def deepsparse_available() -> dict:
     """Whether DeepSparse can run here and why not (probed at most once a minute)."""
-    from pruner.evaluate.speed import deepsparse_status
+    from pruner.evaluate.deepsparse_env import deepsparse_status
 
     return deepsparse_status()
-
-
-def method_label(spec: dict) -> str:
-    """A run's method as the Compare charts group it: a LoRA-recovered run is its own line ("wanda + LoRA")."""
-    return spec["method"] + (" + LoRA" if "recover" in spec else "")
 
 
 def zeroshot_set_label(name: str) -> str:
@@ -257,9 +295,10 @@ def speed_setting_label(name: str) -> str:
     return f"{engine}, B={b[1:]}, T={t[1:]}, {threads[len('threads'):]} threads"
 
 
-def speed_table_row(run: dict, name: str) -> dict:
-    """One run's timings in milliseconds (median), speed-ups, and the output checks, for the Compare table."""
-    r = run["metrics"][name]
+def speed_table_row(run, name: str) -> dict:
+    """One run's (a ``RunManifest``) timings in milliseconds (median), speed-ups, and the output checks, for the
+    Compare table."""
+    r = run.metrics[name]
 
     def ms(graph, model):
         cell = r["graphs"][graph].get(model)
@@ -272,7 +311,7 @@ def speed_table_row(run: dict, name: str) -> dict:
         by_round = (r.get("speedup_by_round") or {}).get(graph)
         return f"{min(by_round):.2f}–{max(by_round):.2f}" if by_round else None
 
-    return {"run": run["label"], "achieved": f"{run['achieved']['overall']:.1%}", "engine": r["engine"],
+    return {"run": run.label, "achieved": f"{run.achieved_overall:.1%}", "engine": r["engine"],
             "dense prefill ms": ms("prefill", "dense"), "pruned prefill ms": ms("prefill", "pruned"),
             "prefill ×": ratio(r["speedup"].get("prefill")), "dense decode ms": ms("decode", "dense"),
             "pruned decode ms": ms("decode", "pruned"), "decode ×": ratio(r["speedup"].get("decode")),

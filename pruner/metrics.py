@@ -1,0 +1,183 @@
+"""Metrics of stored runs and of dense models: WikiText-2 perplexity, zero-shot accuracy (lm-eval) and CPU speed
+(DeepSparse). A run's results go into its manifest under a name that says the protocol (``perplexity:wikitext2:
+seq2048[:first8]``, ``zeroshot:local[:limit100]``, ``speed:deepsparse:b1:t128:threads2``); the dense model's go
+into ``cache/dense/<model key>/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from pruner.cache import CacheLayout
+from pruner.calibrate import ProgressFn
+from pruner.models import LoadedModel, load_model
+from pruner.runs import PhaseProgress, load_run, read_run
+
+
+def perplexity_metric_name(result: dict) -> str:
+    name = f"perplexity:{result['dataset']}:seq{result['seqlen']}"
+    return name + (f":first{result['chunks']}" if result["partial"] else "")
+
+
+def evaluate_perplexity(folder: Path, data_dir: str | None, *, max_chunks: int | None = None,
+                        seqlen: int | None = None, device: str = "cpu", batch_size: int = 1,
+                        progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None) -> dict:
+    """WikiText-2 test perplexity of a stored run; the result is added to its manifest."""
+    from pruner.evaluate.perplexity import wikitext2_perplexity
+    from pruner.store import add_metrics
+
+    model, tokenizer = load_run(folder, device)
+    result = wikitext2_perplexity(model, tokenizer, data_dir, seqlen=seqlen, max_chunks=max_chunks, device=device,
+                                  batch_size=batch_size, progress=progress, should_cancel=should_cancel)
+    add_metrics(folder, perplexity_metric_name(result), result)
+    return result
+
+
+def _dense_metrics_path(model_spec, cache_dir: Path | None) -> Path:
+    return CacheLayout.at(cache_dir).dense_metrics(model_spec.key())
+
+
+def dense_metrics(model_spec, cache_dir: Path | None = None) -> dict:
+    """All cached metrics of the dense model ({metric name: result}); never computes."""
+    path = _dense_metrics_path(model_spec, cache_dir)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _update_dense_metric(model_spec, cache_dir: Path | None, name: str, update: Callable[[dict | None], dict]) -> dict:
+    """Set the dense model's cached metric ``name`` to ``update(previous or None)`` under a lock; returns it."""
+    from pruner.store import update_json_entry
+
+    path = _dense_metrics_path(model_spec, cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return update_json_entry(path, name, update)[name]
+
+
+def dense_perplexity(model_spec, data_dir: str | None, cache_dir: Path | None = None, *,
+                     loaded: LoadedModel | None = None, max_chunks: int | None = None, seqlen: int | None = None,
+                     batch_size: int = 1, progress: ProgressFn | None = None) -> dict:
+    """WikiText-2 test perplexity of the dense model, cached under cache/dense/<model key>/metrics.json."""
+    from pruner.evaluate.perplexity import default_seqlen, wikitext2_perplexity
+
+    base = loaded if loaded is not None else load_model(model_spec, cache_dir)
+    seqlen = seqlen or default_seqlen(base.model)
+    for name, result in dense_metrics(model_spec, cache_dir).items():
+        if name.startswith("perplexity") and result["seqlen"] == seqlen and (
+                result["chunks"] == max_chunks or (max_chunks is None and not result["partial"])):
+            return result
+    home = next(base.model.parameters()).device
+    try:  # weights live on CPU between uses; evaluate on the compute device
+        base.model.to(base.device)
+        result = wikitext2_perplexity(base.model, base.tokenizer, data_dir, seqlen=seqlen, max_chunks=max_chunks,
+                                      device=base.device, batch_size=batch_size, progress=progress)
+    finally:
+        base.model.to(home)
+    _update_dense_metric(model_spec, cache_dir, perplexity_metric_name(result), lambda _previous: result)
+    return result
+
+
+def dense_perplexity_cached(model_spec, cache_dir: Path | None = None) -> dict | None:
+    """The most recent cached dense perplexity of a model (None if never computed); never computes."""
+    found = [v for k, v in dense_metrics(model_spec, cache_dir).items() if k.startswith("perplexity")]
+    return found[-1] if found else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zero-shot accuracy (lm-eval)
+
+
+def zeroshot_metric_name(source: str, limit: int | None) -> str:
+    return f"zeroshot:{source}" + (f":limit{limit}" if limit else "")
+
+
+def _merge_zeroshot(previous: dict | None, result: dict) -> dict:
+    """Tasks evaluated earlier under the same metric name (same source, limit and lm-eval version) are kept."""
+    tasks = dict(previous["tasks"]) if previous and previous.get("lm_eval") == result["lm_eval"] else {}
+    tasks.update(result["tasks"])
+    from pruner.evaluate.zeroshot import DEFAULT_TASKS
+
+    ordered = {t: tasks[t] for t in DEFAULT_TASKS if t in tasks}
+    return {**result, "tasks": ordered, "mean_acc": sum(r["acc"] for r in ordered.values()) / len(ordered),
+            "complete": len(ordered) == len(DEFAULT_TASKS)}
+
+
+def _zeroshot(model, tokenizer, device, data_dir, tasks, limit, source, batch_size, progress, should_cancel):
+    from pruner.evaluate.zeroshot import zeroshot_accuracy
+
+    return zeroshot_accuracy(model, tokenizer, tasks=tasks, limit=limit, source=source, data_dir=data_dir,
+                             batch_size=batch_size, device=str(device), progress=progress,
+                             should_cancel=should_cancel)
+
+
+def evaluate_zeroshot(folder: Path, data_dir: str | None, *, tasks=None, limit: int | None = None,
+                      source: str = "local", device: str = "cpu", batch_size: int = 8,
+                      progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None) -> dict:
+    """Zero-shot accuracy of a stored run (lm-eval, in memory); merged into its manifest under
+    ``zeroshot:<source>[:limit<n>]``. Returns the merged result."""
+    from pruner.store import update_metrics
+
+    model, tokenizer = load_run(folder, device)
+    result = _zeroshot(model, tokenizer, device, data_dir, tasks, limit, source, batch_size, progress, should_cancel)
+    name = zeroshot_metric_name(source, limit)
+    # merged with what is stored at the moment of writing (another job may have added tasks meanwhile)
+    return update_metrics(folder, name, lambda previous: _merge_zeroshot(previous, result))["metrics"][name]
+
+
+def dense_zeroshot(model_spec, data_dir: str | None, cache_dir: Path | None = None, *, loaded: LoadedModel | None = None,
+                   tasks=None, limit: int | None = None, source: str = "local", batch_size: int = 8,
+                   progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None) -> dict:
+    """Zero-shot accuracy of the dense model, cached with its other metrics; tasks already cached are not rerun."""
+    from pruner.evaluate.zeroshot import parse_tasks
+
+    name = zeroshot_metric_name(source, limit)
+    previous = dense_metrics(model_spec, cache_dir).get(name)
+    wanted = parse_tasks(tasks)
+    missing = [t for t in wanted if not previous or t not in previous["tasks"]]
+    if not missing:
+        return previous
+    base = loaded if loaded is not None else load_model(model_spec, cache_dir)
+    home = next(base.model.parameters()).device
+    try:
+        base.model.to(base.device)
+        result = _zeroshot(base.model, base.tokenizer, base.device, data_dir, missing, limit, source, batch_size,
+                           progress, should_cancel)
+    finally:
+        base.model.to(home)
+    return _update_dense_metric(model_spec, cache_dir, name, lambda stored: _merge_zeroshot(stored, result))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU speed (ONNX + DeepSparse)
+
+
+def speed_metric_name(result: dict) -> str:
+    s = result["spec"]
+    return f"speed:{result['engine']}:b{s['batch']}:t{s['seqlen']}:threads{s['threads']}"
+
+
+def evaluate_speed(folder: Path, speed_spec=None, cache_dir: Path | None = None, *, engine: str = "auto",
+                   progress: PhaseProgress | None = None) -> dict:
+    """Time the dense model and a stored run in DeepSparse (or say why not); the result goes into the manifest.
+
+    The dense model's ONNX graphs are kept under cache/dense/<model key>/onnx/<shape>/ for later runs; the pruned
+    graphs are temporary.
+    """
+    from pruner.evaluate.speed import SpeedSpec, cached_graphs, export_and_measure
+    from pruner.store import add_metrics
+
+    speed_spec = speed_spec or SpeedSpec()
+    run = read_run(folder)
+    if run.is_recovery:
+        raise ValueError(f"run {run.key} is a LoRA recovery: its unmerged adapters are a dense branch beside "
+                         f"the sparse weights, so a speed-up would not be the sparsity's; measure its parent "
+                         f"{run.parent}")
+    model_spec = run.model_spec()
+    onnx_dir = CacheLayout.at(cache_dir).onnx(model_spec.key(), speed_spec.shape_key())
+    # the dense model is loaded only when its graphs for this shape are not cached yet
+    dense = None if cached_graphs(onnx_dir) else load_model(model_spec, cache_dir).model
+    pruned, _ = load_run(folder)
+    result = export_and_measure(dense, pruned, speed_spec, dense_dir=onnx_dir, engine=engine, progress=progress)
+    result["sparsity"] = run.achieved_overall
+    add_metrics(folder, speed_metric_name(result), result)
+    return result

@@ -1,0 +1,399 @@
+"""Pruned runs: pruning a model into a stored run, LoRA recovery of a run, loading a run, and reading stored runs
+through a typed manifest (``RunManifest``) instead of by string keys.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pruner.allocation import ALLOCATORS, NEEDS_STATISTICS, NEEDS_WEIGHTS, allocate
+from pruner.api import get_stats, learn_allocation, learned_layer_sparsity, load_cached_stats
+from pruner.cache import CacheLayout, check_key
+from pruner.data import calibration_tokens
+from pruner.models import LoadedModel, load_model, model_summary
+from pruner.stats import ModelLayout
+from pruner.store import MANIFEST, atomic_dir, read_manifest
+
+
+PhaseProgress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+def _peak_memory() -> dict:
+    import resource
+
+    import torch
+
+    out = {"process_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if torch.cuda.is_available():
+        out["cuda_peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return out
+
+
+def _versions() -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    import pruner
+
+    return {"pruner": pruner.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None = None,
+              progress: PhaseProgress | None = None, should_cancel: Callable[[], bool] | None = None,
+              force: bool = False, batch_size: int = 4) -> Path:
+    """Prune a copy of the dense model as ``spec`` (a ``PruneSpec``) says and store it as a run; return the run
+    folder.
+
+    The allocation reads only what its allocator needs (``Allocator.needs``): the model's layout or weights, the
+    dense statistics (cached, else a statistics pass first), or a learned allocation (learned first when missing,
+    through ``pruner.api.learn_allocation``, the same function the learn request runs). An existing run of the
+    same spec is returned as it is unless ``force``. The folder appears only when complete.
+    """
+    import copy
+
+    from pruner.methods import METHODS, NM
+    from pruner.prune import layer_targets, prune_model
+
+    layout = CacheLayout.at(cache_dir)
+    folder = layout.run(spec.key())
+    if (folder / MANIFEST).is_file() and not force:
+        return folder
+    phase = (lambda name: (lambda d, t: progress(name, d, t))) if progress else (lambda name: None)
+    t_start = time.perf_counter()
+    base = loaded if loaded is not None else load_model(spec.model, cache_dir)
+    allocator = ALLOCATORS[spec.allocator]
+    stats = load_cached_stats(spec.stats_spec, cache_dir)
+    # the dense statistics pass runs only for an allocator that reads them (uniform and ER read the layout,
+    # AlphaPruning the weights); cached statistics serve every allocator. A learned allocator collects them in its
+    # own learning pass when they are missing (pruner.besa.StatsAndBesaObserver)
+    stats_pass = stats is None and allocator.needs == NEEDS_STATISTICS and not allocator.learned
+    # tokenized once, for the statistics pass (when it runs) and for pruning
+    needs_tokens = METHODS[spec.method].needs_inputs or stats_pass or allocator.learned
+    tokens = calibration_tokens(base.tokenizer, spec.calib) if needs_tokens else None
+    t0 = time.perf_counter()
+    if stats_pass:
+        stats = get_stats(spec.stats_spec, cache_dir, loaded=base, tokens=tokens, progress=phase("statistics"),
+                          batch_size=batch_size)
+    source = "statistics pass" if stats_pass else "cached statistics" if stats is not None else f"model {allocator.needs}"
+    if stats is None and not allocator.learned:
+        stats_or_layout = ModelLayout.of(base.model, weights=allocator.needs == NEEDS_WEIGHTS)
+    else:
+        stats_or_layout = stats
+    t_stats = time.perf_counter() - t0
+    learned, t_learn = None, 0.0
+    if allocator.learned:
+        t0 = time.perf_counter()
+        result = learn_allocation(spec.stats_spec, spec.allocator, spec.sparsity, spec.allocator_params, cache_dir,
+                                  loaded=base, tokens=tokens, stats=stats, progress=phase("learn allocation"),
+                                  should_cancel=should_cancel, batch_size=batch_size)
+        if stats is None:  # collected in the learning pass and cached there
+            stats_or_layout = stats = load_cached_stats(spec.stats_spec, cache_dir)
+            source = "statistics collected in the learning pass"
+        learned, t_learn = learned_layer_sparsity(result, stats), time.perf_counter() - t0
+    alloc = allocate(spec.allocator, stats_or_layout, spec.sparsity, learned=learned, **spec.allocator_params)
+    nm = NM.parse(spec.nm) if spec.nm else None
+    targets = layer_targets(alloc.layer_sparsity,
+                            list(zip(stats_or_layout.layer_block.tolist(), stats_or_layout.layer_names)), nm)
+    # A model the caller passed in (e.g. the dashboard's cached dense model) is never modified: prune a copy.
+    # One this function loaded itself is pruned in place, which saves a model's worth of memory.
+    model = copy.deepcopy(base.model) if loaded is not None else base.model
+    t0 = time.perf_counter()
+    report = prune_model(model, tokens, spec.method, targets, spec.scope, base.device, batch_size,
+                         progress=phase("prune"), should_cancel=should_cancel, method_params=spec.method_params)
+    t_prune = time.perf_counter() - t0
+    manifest = {
+        "key": spec.key(),
+        "label": spec.label(),
+        "spec": spec.identity(),
+        "model_summary": model_summary(base),
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "allocation": alloc.to_dict(),
+        "achieved": {
+            "overall": report.overall(),
+            "block": report.block_achieved().tolist(),
+            "layers": [vars(l) for l in report.layers],
+        },
+        # where the allocation's inputs came from: cached statistics, a statistics pass run now, or the model alone
+        "allocation_inputs": source,
+        "timings_s": {"statistics": round(t_stats, 2), **({"learn_allocation": round(t_learn, 2)} if learned is not None
+                                                          else {}), "prune": round(t_prune, 2)},
+        "memory": _peak_memory(),
+        "metrics": {},
+    }
+    t0 = time.perf_counter()
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        base.tokenizer.save_pretrained(tmp)
+        manifest["timings_s"]["save"] = round(time.perf_counter() - t0, 2)
+        manifest["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    read_run(folder)  # fail loudly if the folder is not complete
+    return folder
+
+
+#: Subfolder of a LoRA-recovered run that holds its (unmerged) adapters, in peft's format.
+LORA_SUBFOLDER = "lora"
+
+
+def load_run(folder: Path, device: str = "cpu"):
+    """(model, tokenizer) of a stored run, in eval mode. A LoRA-recovered run is its pruned base weights with the
+    adapters attached (not merged) through peft."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
+    adapters = Path(folder) / LORA_SUBFOLDER
+    if (adapters / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapters).eval().requires_grad_(False)
+    return model.to(device), AutoTokenizer.from_pretrained(folder)
+
+
+def recover_run(parent_folder: Path, spec, data_dir: str | None, cache_dir: Path | None = None, *,
+                device: str = "cpu", progress: PhaseProgress | None = None,
+                should_cancel: Callable[[], bool] | None = None, force: bool = False) -> Path:
+    """LoRA-recover a stored pruned run (``spec``: a ``pruner.recover.RecoverSpec``) and store the result as a new
+    run linked to its parent: the parent's files (hard-linked where possible, else copied), the adapters in
+    ``lora/``, and a manifest with the parent's key and the training curve. Returns the new run's folder."""
+    import os
+    import shutil
+
+    from pruner.models import find_blocks, prunable_layers, weight_matrix
+    from pruner.recover import RECOVER_SEED_OFFSET, train_lora
+    from pruner.specs import CalibSpec, stable_hash
+
+    parent = read_manifest(parent_folder)
+    if "recovery" in parent:
+        raise ValueError(f"run {parent['key']} is already a LoRA recovery; recover its parent {parent['parent']} "
+                         f"instead")
+    if spec.parent != parent["key"]:
+        raise ValueError(f"the recovery spec names run {spec.parent}, but the folder holds run {parent['key']}")
+    key = stable_hash(spec.identity())
+    folder = CacheLayout.at(cache_dir).run(key)
+    if (folder / MANIFEST).is_file() and not force:
+        return folder
+    t0 = time.perf_counter()
+    model, tokenizer = load_run(parent_folder, device)
+    c = parent["spec"]["calib"]
+    calib = CalibSpec(dataset=c["dataset"], nsamples=spec.steps * spec.batch, seqlen=spec.seqlen,
+                      seed=c["seed"] + RECOVER_SEED_OFFSET, data_dir=data_dir)
+    tokens = calibration_tokens(tokenizer, calib)
+    phase = (lambda d, t: progress("LoRA steps", d, t)) if progress else None
+    peft_model, losses = train_lora(model, tokens, spec, seed=calib.seed, device=device, progress=phase,
+                                    should_cancel=should_cancel)
+    seconds = time.perf_counter() - t0
+    # the base weights were frozen: their zeros must be exactly the parent's
+    zeros = sum(int((weight_matrix(l) == 0).sum()) for b in find_blocks(peft_model.get_base_model())[1]
+                for name, l in prunable_layers(b).items() if "lora_" not in name)  # base layers, not the adapters
+    expected = sum(round(l["achieved"] * l["numel"]) for l in parent["achieved"]["layers"])
+    if zeros != expected:
+        raise RuntimeError(f"LoRA training changed the pruned weights ({zeros} zeros, the parent has {expected})")
+    tail = max(1, len(losses) // 10)
+    manifest = {
+        **{k: parent[k] for k in ("model_summary", "allocation", "achieved") if k in parent},
+        "key": key,
+        "label": f"{parent['label']} + {spec.label()}",
+        "parent": parent["key"],
+        "spec": {**parent["spec"], **spec.identity()},
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "recovery": {
+            "settings": spec.identity()["recover"], "data": calib.identity(), "seconds": round(seconds, 2),
+            "trainable_params": sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n),
+            "losses": losses, "loss_first": sum(losses[:tail]) / tail, "loss_last": sum(losses[-tail:]) / tail,
+            "merged": False,
+        },
+        "timings_s": {"recover": round(seconds, 2)},
+        "memory": _peak_memory(),
+        "metrics": {},
+    }
+    with atomic_dir(folder) as tmp:
+        for path in Path(parent_folder).iterdir():
+            if path.is_file() and path.name != MANIFEST:
+                try:
+                    os.link(path, tmp / path.name)  # the same bytes: share them
+                except OSError:
+                    shutil.copy2(path, tmp / path.name)
+        peft_model.save_pretrained(tmp / LORA_SUBFOLDER)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stored runs, typed
+
+
+class BadRun(ValueError):
+    """A run folder whose manifest is missing, truncated or not what this code writes."""
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    """A stored run as the pages and the CLI read it. ``raw`` keeps the whole manifest (it is also the download's
+    manifest.json); everything else is read through the fields and methods here."""
+
+    key: str
+    label: str
+    spec: dict  # the run's identity: model and calibration identity, allocator, method, their parameters, ...
+    created: str
+    achieved_overall: float
+    achieved_block: list
+    timings: dict
+    metrics: dict
+    allocation: dict = field(default_factory=dict)
+    parent: str | None = None
+    recovery: dict | None = None
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunManifest":
+        try:
+            spec = dict(d["spec"])
+            if spec.get("format", 1) == 1:  # flat λ, M, β of the first run format → the allocator's parameters
+                spec["allocator_params"] = {k: spec.pop(k) for k in ("lam", "m", "beta") if spec.get(k) is not None}
+                spec["method_params"] = {}
+            return cls(key=d["key"], label=d["label"], spec=spec, created=d.get("created", ""),
+                       achieved_overall=float(d["achieved"]["overall"]), achieved_block=list(d["achieved"]["block"]),
+                       timings=dict(d.get("timings_s", {})), metrics=dict(d.get("metrics", {})),
+                       allocation=dict(d.get("allocation", {})), parent=d.get("parent"), recovery=d.get("recovery"),
+                       raw=d)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise BadRun(f"manifest lacks or garbles {err}") from err
+
+    # -- what was run ----------------------------------------------------------------------------------------
+    @property
+    def allocator(self) -> str:
+        return self.spec["allocator"]
+
+    @property
+    def allocator_params(self) -> dict:
+        return dict(self.spec.get("allocator_params") or {})
+
+    @property
+    def method(self) -> str:
+        return self.spec["method"]
+
+    @property
+    def method_params(self) -> dict:
+        return dict(self.spec.get("method_params") or {})
+
+    @property
+    def sparsity(self) -> float:
+        return float(self.spec["sparsity"])
+
+    @property
+    def nm(self) -> str | None:
+        return self.spec.get("nm")
+
+    @property
+    def is_recovery(self) -> bool:
+        return self.recovery is not None
+
+    @property
+    def method_label(self) -> str:
+        """The method as the Compare charts group runs: a LoRA-recovered run is its own line ("wanda + LoRA")."""
+        return self.method + (" + LoRA" if self.is_recovery else "")
+
+    @property
+    def model_identity(self) -> dict:
+        return self.spec["model"]
+
+    @property
+    def model_name(self) -> str:
+        ident = self.model_identity
+        return ident.get("name") or ident.get("path") or ident.get("hub_id") or "?"
+
+    def model_spec(self):
+        """The dense model this run was pruned from, as a ModelSpec."""
+        from pruner.specs import ModelSpec
+
+        ident = self.model_identity
+        return ModelSpec(name=self.model_name, dtype=ident.get("dtype", "float32"), revision=ident.get("revision"))
+
+    def parameters_text(self) -> str:
+        """'λ=0.08, M=5; iterations=20, ρ=1' — the allocator's, then the method's parameters by paper symbol."""
+        from pruner.methods import METHODS
+        from pruner.params import params_text
+
+        a = ALLOCATORS[self.allocator].params if self.allocator in ALLOCATORS else ()
+        m = METHODS[self.method].params if self.method in METHODS else ()
+        return "; ".join(t for t in (params_text(self.allocator_params, a), params_text(self.method_params, m)) if t)
+
+    @property
+    def work_seconds(self) -> float | None:
+        """The run's own work: pruning, or the LoRA training of a recovered run."""
+        return self.timings.get("recover" if self.is_recovery else "prune")
+
+    # -- what was measured -----------------------------------------------------------------------------------
+    def metric_names(self, prefix: str) -> list[str]:
+        return [k for k in self.metrics if k.startswith(prefix)]
+
+    def latest_perplexity(self) -> dict | None:
+        """The perplexity result added last (a dict with ``perplexity``, ``chunks``, ``chunks_total``,
+        ``partial``, ...), or None."""
+        names = self.metric_names("perplexity")
+        return self.metrics[names[-1]] if names else None
+
+
+def read_run(folder: Path) -> RunManifest:
+    """The typed manifest of a run folder; ``BadRun`` naming the run and the problem when it cannot be read."""
+    folder = Path(folder)
+    try:
+        raw = read_manifest(folder)
+    except json.JSONDecodeError as err:
+        raise BadRun(f"run {folder.name}: {MANIFEST} is not valid JSON ({err}); remove it with "
+                     f"`python -m pruner cache --remove {folder.name}`") from err
+    except ValueError as err:
+        raise BadRun(f"run {folder.name}: {err}") from err
+    try:
+        return RunManifest.from_dict(raw)
+    except BadRun as err:
+        raise BadRun(f"run {folder.name}: {err}") from err
+
+
+def run_folder(key: str, cache_dir: Path | None = None) -> Path:
+    """The folder of stored run ``key``; ValueError when ``key`` is not a key or no such run is stored."""
+    folder = CacheLayout.at(cache_dir).run(check_key(key))
+    if not (folder / MANIFEST).is_file():
+        raise ValueError(f"no run {key!r} in {folder.parent}; `python -m pruner prune ...` prints run keys")
+    return folder
+
+
+@dataclass(frozen=True)
+class RunListing:
+    runs: list  # RunManifest, newest first
+    broken: list  # (folder name, why it cannot be read)
+
+
+def list_runs(cache_dir: Path | None = None) -> RunListing:
+    """Every stored run, newest first, and the folders whose manifest cannot be read (named, not hidden)."""
+    root = CacheLayout.at(cache_dir).runs
+    runs, broken = [], []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if folder.name.startswith(".") or not (folder / MANIFEST).exists():
+            continue  # a write in progress, or an interrupted one (`pruner cache` removes those)
+        try:
+            runs.append(read_run(folder))
+        except BadRun as err:
+            broken.append((folder.name, str(err)))
+    return RunListing(sorted(runs, key=lambda r: r.created, reverse=True), broken)
+
+
+def run_dir(key: str, cache_dir: Path | None = None) -> Path:
+    """Where run ``key`` is (or would be) stored; ValueError when ``key`` is not a key."""
+    return CacheLayout.at(cache_dir).run(key)
+
+
+def run_exists(key: str, cache_dir: Path | None = None) -> bool:
+    return (run_dir(key, cache_dir) / MANIFEST).is_file()
