@@ -59,3 +59,16 @@ def test_toy_entries_appear_in_cli_help_and_run_through_prune_and_allocate(tiny_
         assert cli.main(["allocate", *common, "--allocator", "toy_tilt", "--gamma", "0.5", "--sparsity", "0.6"]) == 2
         assert "γ (gamma) must be a number in [0, 0.2]; got 0.5" in capsys.readouterr().err
     assert "toy_tilt" not in cli.build_parser()._subparsers._group_actions[0].choices["prune"].format_help()
+
+
+def test_alpha_pruning_epsilon_from_the_cli_sets_the_spread(tiny_folder, data_dir, tmp_path, capsys):
+    common = ["--model", tiny_folder, "--preset", "tiny", "--cache-dir", str(tmp_path), "--data-dir", data_dir,
+              "--allocator", "alpha", "--sparsity", "0.5", "--json"]
+    spreads = {}
+    for eps in ("0.1", "0.3"):
+        assert cli.main(["allocate", *common, "--epsilon", eps]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["params"] == {"epsilon": float(eps)}
+        spreads[eps] = max(out["block_sparsity"]) - min(out["block_sparsity"])
+    # the block sparsities span 2ε·S before the mean is restored (a shift, which keeps the span)
+    assert spreads["0.1"] == pytest.approx(2 * 0.1 * 0.5) and spreads["0.3"] == pytest.approx(2 * 0.3 * 0.5)

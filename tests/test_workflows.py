@@ -46,3 +46,22 @@ def test_bad_requests_are_refused_when_built(bad, message):
 
     with pytest.raises(ValueError, match=message):
         request_from_dict(bad["kind"], bad["payload"])
+
+
+def test_method_parameters_reach_the_method(smollm2, data_dir, tmp_path):
+    """ADMM's iterations and ρ, set in the spec, change the weights and are stored with the run."""
+    from dataclasses import replace
+
+    from pruner.runs import read_run
+    from pruner.workflows import Context, PruneRequest, run
+    from tests.golden_runs import CASES, weights_digest
+
+    folder = tiny_llama_folder(tmp_path / "tiny", smollm2.tokenizer)
+    default = build_spec(CASES[3], str(folder), data_dir)  # admm + AlphaPruning at 50%
+    assert default.method == "admm" and default.method_params == {"iterations": 20, "rho": 1.0}
+    short = replace(default, method_params={"iterations": 1, "rho": 0.5})
+    folders = [run(PruneRequest(s), Context(tmp_path / "cache"))["folder"] for s in (default, short)]
+    assert weights_digest(folders[0]) != weights_digest(folders[1])
+    stored = read_run(folders[1])
+    assert stored.method_params == {"iterations": 1, "rho": 0.5} and "ρ=0.5" in stored.label
+    assert stored.parameters_text() == "ε=0.3; iterations=1, ρ=0.5"

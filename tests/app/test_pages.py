@@ -157,6 +157,9 @@ def test_prune_page_queues_jobs_and_lists_runs(app, cached):
     go(app, "prune")
     assert any("wanda + owl" in m.value for m in app.markdown)  # the finished run, with a download button
     assert any(b.label == "Download zip" for b in app.get("download_button"))
+    app.multiselect(key="grid_methods").set_value(["wanda", "admm"]).run()
+    assert {"iterations", "ρ (rho)"} <= {n.label for n in app.number_input}  # ADMM's own parameters
+    app.multiselect(key="grid_methods").set_value(["wanda"]).run()
     app.multiselect[0].set_value(["uniform"])
     app.multiselect[2].set_value([0.6])
     app.checkbox[0].uncheck()
