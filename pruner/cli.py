@@ -408,10 +408,10 @@ def cmd_recover(args) -> int:
     result = run(request, Context(_cache(args), progress=_phase_bars(), device=str(resolve_device(args.device))))
     from pruner.runs import LORA_SUBFOLDER
 
-    m = read_run(Path(result["folder"]) if "folder" in result else run_folder(result["run"], _cache(args)))
-    rec = m.recovery
-    print(f"run {m.key}: {m.label} (parent {args.run})")
-    print(f"  folder {run_folder(m.key, _cache(args))} (adapters in {LORA_SUBFOLDER}/, not merged: the pruned weights "
+    recovered = read_run(run_folder(result["run"], _cache(args)))
+    rec = recovered.recovery
+    print(f"run {recovered.key}: {recovered.label} (parent {args.run})")
+    print(f"  folder {run_folder(recovered.key, _cache(args))} (adapters in {LORA_SUBFOLDER}/, not merged: the pruned weights "
           f"are unchanged)")
     print(f"  {rec['trainable_params']:,} adapter parameters; training loss {rec['loss_first']:.3f} → "
           f"{rec['loss_last']:.3f} (mean of the first and last tenth of {len(rec['losses'])} steps); {rec['seconds']:.0f} s")

@@ -326,9 +326,10 @@ class RunManifest:
         from pruner.methods import METHODS
         from pruner.params import params_text
 
-        a = ALLOCATORS[self.allocator].params if self.allocator in ALLOCATORS else ()
-        m = METHODS[self.method].params if self.method in METHODS else ()
-        return "; ".join(t for t in (params_text(self.allocator_params, a), params_text(self.method_params, m)) if t)
+        declared_a = ALLOCATORS[self.allocator].params if self.allocator in ALLOCATORS else ()
+        declared_m = METHODS[self.method].params if self.method in METHODS else ()
+        return "; ".join(t for t in (params_text(self.allocator_params, declared_a),
+                                     params_text(self.method_params, declared_m)) if t)
 
     @property
     def work_seconds(self) -> float | None:
