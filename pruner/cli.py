@@ -6,6 +6,7 @@ Bad input ends with a one-line ``error: ...`` on stderr naming the allowed value
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -227,8 +228,13 @@ def _phase_bars():
 
 
 def _print_ppl(label: str, r: dict) -> None:
+    """One perplexity with its evaluation interval (over chunks) and whether the evaluation was partial."""
     part = f" (partial: first {r['chunks']} of {r['chunks_total']} chunks)" if r["partial"] else ""
-    print(f"{label}: WikiText-2 test perplexity {r['perplexity']:.3f} at seqlen {r['seqlen']}{part}; "
+    ci = r.get("interval") or {}
+    interval = (f" [{ci['low']:.3f}, {ci['high']:.3f}] ({ci['confidence']:.0%} evaluation interval over "
+                f"{ci['n']} chunks)" if ci.get("low") is not None else " (one chunk: no evaluation interval)"
+                if ci else "")
+    print(f"{label}: WikiText-2 test perplexity {r['perplexity']:.3f}{interval} at seqlen {r['seqlen']}{part}; "
           f"{r['tokens_per_second']:.0f} tokens/s")
 
 
@@ -273,31 +279,51 @@ def cmd_prune(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and any(out.iterdir()):
         raise BadInput(f"--out {out} exists and is not empty; choose a new folder")
+    if args.seeds < 1:
+        raise BadInput(f"--seeds must be ≥ 1 (calibration seeds --seed, --seed + 1, ...); got {args.seeds}")
+    if out is not None and args.seeds > 1:
+        raise BadInput("--out copies one run; with --seeds N > 1 choose the seed with --seed and --seeds 1")
     stats_spec = _stats_spec(args)
     a_params, m_params = _params_from_args(args, args.allocator, args.method)
-    spec = PruneSpec(model=stats_spec.model, calib=stats_spec.calib, allocator=args.allocator, method=args.method,
-                     sparsity=sparsity, allocator_params=a_params, method_params=m_params, nm=args.nm,
-                     scope=args.scope)
-    request = PruneRequest(spec, perplexity=_perplexity_options(args) if args.ppl else None,
-                           data_dir=stats_spec.calib.data_dir, force=args.force, batch_size=args.batch_size)
+    # one run per calibration seed: a run group (pruner.groups), summarised with its seed interval
+    specs = [PruneSpec(model=stats_spec.model, calib=dataclasses.replace(stats_spec.calib, seed=args.seed + i),
+                       allocator=args.allocator, method=args.method, sparsity=sparsity, allocator_params=a_params,
+                       method_params=m_params, nm=args.nm, scope=args.scope) for i in range(args.seeds)]
+    requests = [PruneRequest(spec, perplexity=_perplexity_options(args) if args.ppl else None,
+                             data_dir=stats_spec.calib.data_dir, force=args.force, batch_size=args.batch_size)
+                for spec in specs]
     if args.background:
         from pruner.jobs import JobStore, default_db, submit
 
-        return _queued(submit(JobStore(default_db(_cache(args))), request, cache_dir=_cache(args)), request.label())
-    result = run(request, Context(_cache(args), progress=_phase_bars(), device=str(resolve_device(args.device))))
-    folder = Path(result["folder"])
-    manifest = read_run(folder)
-    print(f"run {spec.key()}: {spec.label()}")
-    print(f"  folder {folder}")
-    print(f"  achieved sparsity {manifest.achieved_overall:.6f} (target {sparsity:g}); "
-          f"prune {manifest.timings['prune']:.1f} s")
-    if "perplexity" in result["details"]:
-        _print_ppl("  pruned", result["details"]["perplexity"])
+        store = JobStore(default_db(_cache(args)))
+        for request in requests:
+            _queued(submit(store, request, cache_dir=_cache(args)), request.label())
+        return 0
+    folders = []
+    for spec, request in zip(specs, requests):
+        result = run(request, Context(_cache(args), progress=_phase_bars(), device=str(resolve_device(args.device))))
+        folder = Path(result["folder"])
+        folders.append(folder)
+        manifest = read_run(folder)
+        print(f"run {spec.key()}: {spec.label()}" + (f", calibration seed {spec.calib.seed}" if args.seeds > 1 else ""))
+        print(f"  folder {folder}")
+        print(f"  achieved sparsity {manifest.achieved_overall:.6f} (target {sparsity:g}); "
+              f"prune {manifest.timings['prune']:.1f} s")
+        if "perplexity" in result["details"]:
+            _print_ppl("  pruned", result["details"]["perplexity"])
+    if args.seeds > 1 and args.ppl:
+        from pruner.groups import group_runs
+        from pruner.metrics import perplexity_metric_name
+
+        (group,) = group_runs([read_run(f) for f in folders])
+        metric = perplexity_metric_name(result["details"]["perplexity"])
+        print(f"group of {args.seeds} calibration seeds ({', '.join(map(str, group.seeds))}): perplexity "
+              f"{group.summary(metric).text()}")
     if out is not None:
         if out.exists():
             out.rmdir()
         with atomic_dir(out) as tmp:
-            shutil.copytree(folder, tmp, dirs_exist_ok=True)
+            shutil.copytree(folders[0], tmp, dirs_exist_ok=True)
         print(f"  copied to {out}")
     return 0
 
@@ -554,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_param_flags(p)
     p.add_argument("--nm", help="N:M semi-structured sparsity, e.g. 2:4 (N kept of every M)")
     p.add_argument("--scope", choices=list(SCOPES), help="comparison group (default: the method's own)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="prune once per calibration seed --seed, --seed + 1, …: a run group whose perplexity is "
+                        "reported with a seed interval (default 1)")
     p.add_argument("--out", help="also copy the pruned Hugging Face folder here")
     p.add_argument("--force", action="store_true", help="recompute even if this run exists")
     p.add_argument("--ppl", action="store_true", help="evaluate WikiText-2 perplexity afterwards")

@@ -116,3 +116,22 @@ def test_prune_eval_bad_input(args, message, tmp_path, data_dir):
     r = run_cli(*args, cache=tmp_path, data_dir=data_dir)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_seeds_make_a_group_with_a_seed_interval(tiny_folder, tmp_path, data_dir):
+    r = run_cli("prune", "--model", tiny_folder, "--preset", "tiny", "--allocator", "uniform", "--method", "wanda",
+                "--sparsity", "0.6", "--seeds", "2", "--seed", "3", "--ppl", "--max-chunks", "2",
+                cache=tmp_path, data_dir=data_dir)
+    assert r.returncode == 0, r.stderr
+    keys = [line.split()[1].rstrip(":") for line in r.stdout.splitlines() if line.startswith("run ")]
+    assert len(set(keys)) == 2 and "calibration seed 3" in r.stdout and "calibration seed 4" in r.stdout
+    # every perplexity carries its evaluation interval, the group its seed interval
+    assert r.stdout.count("(95% evaluation interval over 2 chunks)") == 2 and "(partial: first 2 of" in r.stdout
+    group = next(line for line in r.stdout.splitlines() if line.startswith("group of 2 calibration seeds (3, 4)"))
+    assert group.endswith("(95%, over 2 seeds, partial)")
+    seeds = [json.loads((tmp_path / "runs" / k / "manifest.json").read_text())["spec"]["calib"]["seed"] for k in keys]
+    assert seeds == [3, 4]
+    stored = json.loads((tmp_path / "runs" / keys[0] / "manifest.json").read_text())["metrics"]
+    (result,) = stored.values()
+    assert len(result["chunk_mean_nll"]) == 2 and result["interval"]["n"] == 2
+    assert result["interval"]["low"] < result["perplexity"] < result["interval"]["high"]

@@ -105,11 +105,12 @@ def test_chunking():
 def test_perplexity_equals_direct_full_sequence_computation():
     model = tiny_model("llama")
     chunks = tiny_tokens(5, 16, seed=7)
-    ppl, count = perplexity_of_chunks(model, chunks, "cpu", batch_size=2)
+    ppl, count, chunk_nll = perplexity_of_chunks(model, chunks, "cpu", batch_size=2)
     # direct: Hugging Face's own loss (mean NLL of the 15 predicted tokens) per chunk; equal counts → mean of means
     losses = [float(model(input_ids=c[None], labels=c[None]).loss) for c in chunks]
     assert count == 5 * 15
     assert ppl == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+    assert chunk_nll == pytest.approx(losses, rel=1e-5)  # each chunk's own mean NLL, kept for the interval
 
 
 def test_summed_nll_by_hand_and_sliced(monkeypatch):

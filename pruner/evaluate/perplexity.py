@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from pruner.calibrate import Cancelled
 from pruner.data import wikitext2_text
+from pruner.intervals import perplexity_over_chunks
 
 #: Label value that cross_entropy skips (the last position of a chunk has no next token).
 IGNORE = -100
@@ -61,11 +62,13 @@ def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
 @torch.no_grad()
 def perplexity_of_chunks(model, chunks: torch.Tensor, device, batch_size: int = 1,
                          progress: Callable[[int, int], None] | None = None,
-                         should_cancel: Callable[[], bool] | None = None) -> tuple[float, int]:
-    """exp(mean NLL) over all predicted tokens of the chunks (each chunk scored on its own); also the count.
-    Raises ``Cancelled`` between batches once ``should_cancel()`` is true."""
+                         should_cancel: Callable[[], bool] | None = None) -> tuple[float, int, list[float]]:
+    """exp(mean NLL) over all predicted tokens of the chunks (each chunk scored on its own); also the count and
+    each chunk's mean NLL (nats per predicted token, for the evaluation interval). Raises ``Cancelled`` between
+    batches once ``should_cancel()`` is true."""
     total_nll = 0.0
     count = 0
+    chunk_mean_nll: list[float] = []
     for start in range(0, len(chunks), batch_size):
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"cancelled after {start} of {len(chunks)} chunks")
@@ -73,19 +76,23 @@ def perplexity_of_chunks(model, chunks: torch.Tensor, device, batch_size: int = 
         logits = model(input_ids=batch, use_cache=False).logits  # (b, T, vocab)
         # Shift the labels, not the logits: slicing the logits would copy a (b, T, vocab) tensor per batch.
         targets = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], IGNORE)], dim=1)  # (b, T)
-        total_nll += summed_nll(logits.flatten(0, 1), targets.flatten())
+        for row in range(len(batch)):  # one sum per chunk; the total is their sum, as before
+            nll = summed_nll(logits[row], targets[row])
+            total_nll += nll
+            chunk_mean_nll.append(nll / (batch.shape[1] - 1))
         del logits
         count += batch[:, 1:].numel()
         if progress is not None:
             progress(min(start + batch_size, len(chunks)), len(chunks))
-    return math.exp(total_nll / count), count
+    return math.exp(total_nll / count), count, chunk_mean_nll
 
 
 def wikitext2_perplexity(model, tokenizer, data_dir=None, split: str = "test", seqlen: int | None = None,
                          max_chunks: int | None = None, device=None, batch_size: int = 1,
                          progress: Callable[[int, int], None] | None = None,
                          should_cancel: Callable[[], bool] | None = None) -> dict:
-    """The papers' WikiText-2 perplexity; ``max_chunks`` gives a quick estimate, flagged ``partial``."""
+    """The papers' WikiText-2 perplexity; ``max_chunks`` gives a quick estimate, flagged ``partial``. The result
+    keeps each chunk's mean NLL and the evaluation interval they give (``pruner.intervals``)."""
     device = device if device is not None else next(model.parameters()).device
     seqlen = seqlen or default_seqlen(model)
     # Tokenizer defaults, as the papers' code: a BOS (if the tokenizer adds one) opens the stream, not each chunk.
@@ -93,7 +100,7 @@ def wikitext2_perplexity(model, tokenizer, data_dir=None, split: str = "test", s
     chunks = chunk_stream(ids, seqlen, max_chunks)
     full = ids.numel() // seqlen
     t0 = time.perf_counter()
-    ppl, count = perplexity_of_chunks(model, chunks, device, batch_size, progress, should_cancel)
+    ppl, count, chunk_mean_nll = perplexity_of_chunks(model, chunks, device, batch_size, progress, should_cancel)
     seconds = time.perf_counter() - t0
     return {
         "dataset": f"wikitext2-{split}",
@@ -106,4 +113,7 @@ def wikitext2_perplexity(model, tokenizer, data_dir=None, split: str = "test", s
         "seconds": round(seconds, 2),
         "tokens_per_second": round(len(chunks) * seqlen / seconds, 1),
         "kind": "token-level (not lm-eval word perplexity)",
+        # the evaluation interval: how precisely these chunks measure this model (not how the method varies)
+        "chunk_mean_nll": chunk_mean_nll,
+        "interval": perplexity_over_chunks(chunk_mean_nll).to_dict(),
     }
