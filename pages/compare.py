@@ -10,6 +10,7 @@ from pruner.charts import (accuracy_vs_sparsity_figure, ppl_vs_speedup_figure, p
                            speedup_vs_sparsity_figure, two_runs_figure, zeroshot_tasks_figure)
 from pruner.evaluate.speed import STATUS_NOTE, SpeedSpec
 from pruner.evaluate.zeroshot import TASKS
+from pruner.groups import compare, group_runs, perplexity_metrics, ranking, seed_of
 from pruner.runs import list_runs
 from pruner.workflows import EvalRequest, ZeroshotOptions
 
@@ -35,21 +36,28 @@ if not runs:
 rows = []
 for r in runs:
     p = r.latest_perplexity()
+    ci = (p or {}).get("interval") or {}
     rows.append({"run": r.key, "model": r.model_name, "method": r.method_label, "allocator": r.allocator,
-                 "parameters": r.parameters_text(),
+                 "parameters": r.parameters_text(), "seed": seed_of(r),
                  "sparsity": r.sparsity, "N:M": r.nm or "", "achieved": r.achieved_overall,
                  "ppl": p["perplexity"] if p else None,
+                 # the evaluation interval: how precisely the chunks measure this one model
+                 "ppl low": ci.get("low"), "ppl high": ci.get("high"),
                  "ppl chunks": f"{p['chunks']}/{p['chunks_total']}" if p else "",
                  # a LoRA-recovered run was trained from its parent, not pruned: its time is the training's
                  "prune / LoRA s": r.work_seconds, "created": r.created})
 table = pd.DataFrame(rows)
-st.dataframe(table.style.format({"sparsity": "{:.0%}", "achieved": "{:.4%}", "ppl": "{:,.3f}", "prune / LoRA s": "{:.1f}",
-                                 }, na_rep="–"), width="stretch", hide_index=True)
+st.dataframe(table.style.format({"sparsity": "{:.0%}", "achieved": "{:.4%}", "ppl": "{:,.3f}", "ppl low": "{:,.3f}",
+                                 "ppl high": "{:,.3f}", "prune / LoRA s": "{:.1f}"}, na_rep="–"),
+             width="stretch", hide_index=True)
+st.caption("ppl low–high: the 95% evaluation interval over the chunks of WikiText-2 each run was scored on (how "
+           "precisely the text measures that model, not how the method varies; that is the seed interval below).")
 partial = table["ppl chunks"].str.split("/").apply(lambda x: len(x) == 2 and x[0] != x[1]).any()
 if partial:
     st.caption("Perplexities marked k/n were computed on the first k of n chunks: a partial estimate.")
 
-with_ppl = [row for row in rows if row["ppl"] is not None]
+groups = group_runs(runs)
+protocols = perplexity_metrics(runs)
 dense = None
 try:
     dense_ppl = metrics.dense_perplexity_cached(sel.model, sel.cache_dir)
@@ -57,26 +65,62 @@ try:
 except ValueError:
     pass
 COLLAPSED = 1000.0  # perplexity above which a pruned model is no longer a language model worth plotting
-if with_ppl:
+if protocols:
+    st.subheader("Perplexity with intervals")
+    protocol = st.selectbox("Evaluation protocol", protocols, key="cmp_protocol",
+                            help="only perplexities measured the same way are compared: dataset, window, all or "
+                                 "the first k chunks")
+    summaries = [(g, g.summary(protocol)) for g in groups]
+    summaries = [(g, s) for g, s in summaries if s is not None]
+    group_rows = [{"group": g.label, "method": g.first.method_label, "allocator": g.first.allocator,
+                   "sparsity": sum(r.achieved_overall for r in g.runs) / len(g.runs), "seeds": len(s.by_seed),
+                   "ppl": s.perplexity.estimate, "ppl_low": s.perplexity.low, "ppl_high": s.perplexity.high,
+                   "interval": "seeds" if s.kind == "seeds" else "evaluation (one seed)"} for g, s in summaries]
+    st.dataframe(pd.DataFrame(group_rows).style.format({"sparsity": "{:.2%}", "ppl": "{:,.3f}", "ppl_low": "{:,.3f}",
+                                                         "ppl_high": "{:,.3f}"}, na_rep="–"),
+                 width="stretch", hide_index=True)
+    st.caption("One row per run group (the runs of one spec that differ only in the calibration seed). With two or "
+               "more seeds: geometric mean and a 95% t-interval over seeds of log-perplexity (is the method "
+               "stable?); with one seed: that run's evaluation interval.")
     c = st.columns(2)
-    methods = c[0].multiselect("Methods in the chart", sorted({r["method"] for r in with_ppl}),
-                               default=sorted({r["method"] for r in with_ppl}), key="cmp_methods")
-    collapsed = [r for r in with_ppl if r["ppl"] > COLLAPSED]
+    methods = c[0].multiselect("Methods in the chart", sorted({r["method"] for r in group_rows}),
+                               default=sorted({r["method"] for r in group_rows}), key="cmp_methods")
+    collapsed = [r for r in group_rows if r["ppl"] > COLLAPSED]
     show_all = c[1].checkbox(f"Include collapsed runs (perplexity > {COLLAPSED:g}): {len(collapsed)}", False,
                              key="cmp_collapsed")
-    shown = [r for r in with_ppl if r["method"] in methods and (show_all or r["ppl"] <= COLLAPSED)]
+    shown = [r for r in group_rows if r["method"] in methods and (show_all or r["ppl"] <= COLLAPSED)]
     if shown:
-        st.plotly_chart(ppl_vs_sparsity_figure([{**r, "sparsity": r["achieved"]} for r in shown], dense),
-                        width="stretch")
+        st.plotly_chart(ppl_vs_sparsity_figure(shown, dense), width="stretch")
     else:
         st.caption("No run matches the chart's filters.")
 
+    st.subheader("Ranking at one method and sparsity")
+    settings = sorted({(g.first.method_label, g.first.sparsity, g.first.nm or "") for g, _ in summaries})
+    setting = st.selectbox("Method and target sparsity", settings, key="cmp_rank_setting",
+                           format_func=lambda t: f"{t[0]} @ {t[1]:.0%}" + (f", {t[2]}" if t[2] else ""))
+    ranks = ranking([g for g, _ in summaries if (g.first.method_label, g.first.sparsity, g.first.nm or "") == setting],
+                    protocol)
+    st.dataframe(pd.DataFrame([{
+        "rank": i + 1, "run group": r.group.label, "seeds": len(r.summary.by_seed), "perplexity": r.summary.text(),
+        "vs the row above": r.versus_next.text() if r.versus_next else
+        ("–" if i == 0 else "cannot be paired (different seeds, or no per-chunk losses)"),
+    } for i, r in enumerate(ranks)]), width="stretch", hide_index=True)
+    st.caption("Each row is compared with the row above it, paired by calibration seed when both groups share two "
+               "or more seeds, else by chunk when both are single runs on the same chunks. “Not separable”: the "
+               "95% interval of the perplexity ratio contains 1, so the order of the two rows is not established.")
+
 st.subheader("Two runs side by side")
-labels = {r.key: r.label for r in runs}
+labels = {r.key: r.label + (f" (seed {seed_of(r)})" if len(groups) < len(runs) else "") for r in runs}
 c = st.columns(2)
 a = c[0].selectbox("Run A", list(labels), format_func=labels.get, key="cmp_a")
 b = c[1].selectbox("Run B", list(labels), index=min(1, len(labels) - 1), format_func=labels.get, key="cmp_b")
 by_key = {r.key: r for r in runs}
+shared = [m for m in protocols if m in by_key[a].metrics and m in by_key[b].metrics]
+if a != b and shared:
+    group_of = {r.key: g for g in groups for r in g.runs}
+    verdict = compare(group_of[a], group_of[b], shared[0])
+    st.caption(f"Perplexity of B relative to A ({shared[0]}): " + (verdict.text() if verdict else
+               "cannot be paired (different seeds, or no per-chunk losses stored)"))
 st.plotly_chart(two_runs_figure(by_key[a], by_key[b]), width="stretch")
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Prune: a grid of allocators × methods × sparsities as background jobs, with progress, cancel and download."""
 
+import dataclasses
 import itertools
 
 import streamlit as st
@@ -43,23 +44,27 @@ pattern = c[0].selectbox("Pattern", ["unstructured", "2:4", "4:8"],
                          key="grid_pattern")
 ppl = c[1].checkbox("Perplexity afterwards", True, help="WikiText-2 test, token level", key="grid_ppl")
 max_chunks = c[2].number_input("chunks of 2048 tokens (0 = all)", 0, 200, 8, key="grid_chunks")
+seeds = c[3].number_input("Calibration seeds", 1, 10, 1, key="grid_seeds",
+                          help="one run per seed (different calibration windows): the runs form a group whose "
+                               "perplexity the Compare page shows with a seed interval; 3 or more to rank allocators")
 nm = None if pattern == "unstructured" else NM.parse(pattern)
 targets = [nm.sparsity] if nm else sparsities
-n_jobs = len(allocators) * len(methods) * len(targets)
-go = st.button(f"Queue {n_jobs} job(s) (allocators × methods × sparsities)", type="primary", key="grid_go",
+n_jobs = len(allocators) * len(methods) * len(targets) * int(seeds)
+go = st.button(f"Queue {n_jobs} job(s) (allocators × methods × sparsities × seeds)", type="primary", key="grid_go",
                disabled=n_jobs == 0)
 
 if go:
     queued, errors = 0, []
-    for alloc, method, S in itertools.product(allocators, methods, targets):
+    for alloc, method, S, i in itertools.product(allocators, methods, targets, range(int(seeds))):
         try:
-            spec = PruneSpec(model=sel.model, calib=sel.calib, allocator=alloc, method=method, sparsity=S,
+            spec = PruneSpec(model=sel.model, calib=dataclasses.replace(sel.calib, seed=sel.calib.seed + i),
+                             allocator=alloc, method=method, sparsity=S,
                              allocator_params=ALLOCATORS[alloc].pick(values), method_params=METHODS[method].pick(values),
                              nm=str(nm) if nm else None)
             queue(sel, PruneRequest(spec, PerplexityOptions(max_chunks or None) if ppl else None, data_dir=sel.data_dir))
             queued += 1
         except ValueError as err:
-            errors.append(f"{alloc} × {method} × {S:g}: {err}")
+            errors.append(f"{alloc} × {method} × {S:g} (seed {sel.calib.seed + i}): {err}")
     if queued:
         st.success(f"Queued {queued} job(s).")
     for e in errors:

@@ -116,11 +116,18 @@ def allocation_comparison_figure(allocations: list[Allocation], block_numel: np.
 
 
 def ppl_vs_sparsity_figure(rows: list[dict], dense: float | None) -> go.Figure:
-    """Perplexity (log scale) against achieved sparsity, one line per allocator × method."""
+    """Perplexity (log scale) against achieved sparsity, one line per allocator × method; rows with ``ppl_low`` /
+    ``ppl_high`` get asymmetric error bars (an interval on the log scale is asymmetric in perplexity)."""
     fig = go.Figure()
     for name, rs in _groups(rows):
-        fig.add_trace(go.Scatter(x=[r["sparsity"] * 100 for r in rs], y=[r["ppl"] for r in rs], mode="lines+markers",
-                                 name=name))
+        y = [r["ppl"] for r in rs]
+        bars = None
+        if any(r.get("ppl_low") is not None for r in rs):
+            bars = dict(type="data", symmetric=False, visible=True,
+                        array=[(r["ppl_high"] - r["ppl"]) if r.get("ppl_high") is not None else 0 for r in rs],
+                        arrayminus=[(r["ppl"] - r["ppl_low"]) if r.get("ppl_low") is not None else 0 for r in rs])
+        fig.add_trace(go.Scatter(x=[r["sparsity"] * 100 for r in rs], y=y, mode="lines+markers", name=name,
+                                 error_y=bars))
     if dense is not None:
         fig.add_hline(y=dense, line=dict(dash="dot", color="black"))
         # On a log axis an annotation's y is in log10 units: the label placed at y=dense (what add_hline's

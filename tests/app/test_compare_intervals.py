@@ -1,0 +1,84 @@
+"""Run groups on the Compare page: error bars read from the figure, the ranking view, and the Prune page's seed
+control — on real tiny-model runs (3 calibration seeds × uniform / OWL), pruned and evaluated in the fixture."""
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from pruner.groups import group_runs, ranking
+from pruner.jobs import JobStore, default_db
+from pruner.runs import list_runs
+from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+from pruner.store import PROJECT_ROOT
+from pruner.workflows import Context, PerplexityOptions, PruneRequest, run
+from tests.app.test_pages import figures, values
+
+PROTOCOL = "perplexity:wikitext2-test:seq64:first3"
+
+
+@pytest.fixture(scope="module")
+def seeded(tiny_folder, data_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("seeded-cache")
+    for allocator, params in (("uniform", {}), ("owl", {"lam": 0.05, "m": 3})):
+        for seed in (0, 1, 2):
+            spec = PruneSpec(model=ModelSpec(tiny_folder, device="cpu"),
+                             calib=CalibSpec(nsamples=4, seqlen=64, seed=seed, data_dir=data_dir),
+                             allocator=allocator, allocator_params=params, method="wanda", sparsity=0.6)
+            run(PruneRequest(spec, PerplexityOptions(max_chunks=3, seqlen=64), data_dir=data_dir), Context(cache))
+    return cache
+
+
+@pytest.fixture
+def app(seeded, tiny_folder, data_dir, monkeypatch):
+    monkeypatch.setenv("PRUNER_CACHE_DIR", str(seeded))
+    monkeypatch.setenv("PRUNER_DATA_DIR", data_dir)
+    at = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=90)
+    at.run()
+    at.sidebar.selectbox(key="calib_preset").select("tiny").run()
+    at.sidebar.radio(key="model_source").set_value("local folder").run()
+    at.sidebar.text_input(key="local_path").input(tiny_folder).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_compare_shows_seed_intervals_as_error_bars_and_a_ranking(app, seeded):
+    app.switch_page("pages/compare.py").run()
+    assert not app.exception, app.exception
+    app.checkbox(key="cmp_collapsed").check().run()  # a random tiny model's perplexity is in the tens of thousands
+    groups = group_runs(list_runs(seeded).runs)
+    assert len(groups) == 2 and all(g.seeds == [0, 1, 2] for g in groups)
+    fig = figures(app)[0]
+    assert fig["layout"]["title"]["text"] == "WikiText-2 perplexity vs sparsity"
+    for trace in fig["data"]:
+        group = next(g for g in groups if trace["name"].endswith(("Uniform", "OWL")) and
+                     g.first.allocator == ("owl" if trace["name"].endswith("OWL") else "uniform"))
+        s = group.summary(PROTOCOL)
+        assert s.kind == "seeds"
+        np.testing.assert_allclose(values(trace["y"]), [s.perplexity.estimate])
+        np.testing.assert_allclose(values(trace["error_y"]["array"]), [s.perplexity.high - s.perplexity.estimate])
+        np.testing.assert_allclose(values(trace["error_y"]["arrayminus"]), [s.perplexity.estimate - s.perplexity.low])
+    table = app.dataframe[1].value  # the run groups
+    assert sorted(table["seeds"]) == [3, 3] and set(table["interval"]) == {"seeds"}
+    ranked = app.dataframe[2].value  # the ranking at wanda @ 60%
+    expected = ranking(groups, PROTOCOL)
+    assert list(ranked["run group"]) == [r.group.label for r in expected]
+    verdict = ranked["vs the row above"].iloc[1]
+    assert "paired over 3 seeds" in verdict and verdict == expected[1].versus_next.text()
+    assert ("not separable" in verdict) == (not expected[1].versus_next.separable)
+
+
+def test_prune_page_queues_one_job_per_seed(app, seeded):
+    app.switch_page("pages/prune.py").run()
+    app.multiselect(key="grid_allocators").set_value(["uniform"]).run()
+    app.multiselect(key="grid_sparsities").set_value([0.5]).run()
+    app.number_input(key="grid_seeds").set_value(3).run()
+    app.checkbox(key="grid_ppl").uncheck().run()
+    assert app.button(key="grid_go").label.startswith("Queue 3 job(s)")
+    app.button(key="grid_go").click().run()
+    assert any("Queued 3 job" in s.value for s in app.success)
+    store = JobStore(default_db(seeded))
+    jobs = store.list()[:3]
+    for job in jobs:
+        store.cancel(job.id)
+    assert sorted(j.request.spec.calib.seed for j in jobs) == [0, 1, 2]
+    assert len({j.request.spec.key() for j in jobs}) == 3
