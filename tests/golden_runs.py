@@ -1,9 +1,12 @@
 """Golden prune runs: the weights a fixed set of specs gives, as digests, so a refactor of the layer around the core
 can be checked to change nothing.
 
-The digests in ``tests/golden/prune_digests.json`` were written by ``python -m tests.golden_runs --write`` on the
-commit named in the file, on a 2-core x86-64 CPU (float32 CPU kernels are deterministic there). Each case is
-written as registry names and parameters, not as a spec, so the same cases can be built by old and new spec code.
+``tests/golden/prune_digests.json`` holds, per case, the sha256 of the pruned weights, of their zero pattern, and
+the perplexity on the first 2 × 64 tokens of WikiText-2 test, written by ``python -m tests.golden_runs --write`` on
+the commit, CPU and torch named in the file. The weights digests were first written at commit 4c0f106 (before the
+workflow layer) and are unchanged since. float32 CPU kernels are deterministic on one CPU and torch build but may
+differ in the last bit on another, so elsewhere the test holds the masks exactly and the perplexity to 1e-5.
+Each case is written as registry names and parameters, not as a spec, so old and new spec code can build it.
 """
 
 from __future__ import annotations
@@ -67,12 +70,45 @@ def weights_digest(run_folder: Path) -> str:
     return h.hexdigest()
 
 
-def run_cases(model_folder: str, data_dir: str, cache_dir: Path) -> dict[str, str]:
-    """Each case through the prune workflow (the one the CLI, the worker and the pages use) → its digest."""
+def mask_digest(run_folder: Path) -> str:
+    """sha256 over the zero pattern of every 2-D weight (which weights were pruned), in name order."""
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    tensors = {}
+    for f in sorted(Path(run_folder).glob("*.safetensors")):
+        tensors.update(load_file(f))
+    for name in sorted(n for n, t in tensors.items() if t.ndim == 2 and ".layers." in n):
+        h.update(name.encode())
+        h.update((tensors[name] == 0).numpy().tobytes())
+    return h.hexdigest()
+
+
+#: The golden perplexity: WikiText-2 test, the first PPL_CHUNKS chunks of PPL_SEQLEN tokens.
+PPL_CHUNKS, PPL_SEQLEN = 2, 64
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def run_cases(model_folder: str, data_dir: str, cache_dir: Path) -> dict[str, dict]:
+    """Each case through the prune workflow (the one the CLI, the worker and the pages use) → its weights digest,
+    mask digest and perplexity on the first PPL_CHUNKS × PPL_SEQLEN tokens of WikiText-2 test."""
+    from pruner.metrics import evaluate_perplexity
     from pruner.workflows import Context, PruneRequest, run
 
-    return {case[0]: weights_digest(Path(run(PruneRequest(build_spec(case, model_folder, data_dir)),
-                                             Context(cache_dir))["folder"])) for case in CASES}
+    out = {}
+    for case in CASES:
+        folder = Path(run(PruneRequest(build_spec(case, model_folder, data_dir)), Context(cache_dir))["folder"])
+        ppl = evaluate_perplexity(folder, data_dir, max_chunks=PPL_CHUNKS, seqlen=PPL_SEQLEN)["perplexity"]
+        out[case[0]] = {"weights": weights_digest(folder), "masks": mask_digest(folder), "perplexity": ppl}
+    return out
 
 
 def main() -> None:
@@ -87,10 +123,10 @@ def main() -> None:
     tokenizer = load_model(ModelSpec("smollm2-135m", device="cpu")).tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         folder = tiny_llama_folder(Path(tmp) / "tiny", tokenizer)
-        digests = run_cases(str(folder), data_dir, Path(tmp) / "cache")
+        cases = run_cases(str(folder), data_dir, Path(tmp) / "cache")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     payload = {"commit": commit, "command": "python -m tests.golden_runs --write", "torch": torch.__version__,
-               "digests": digests}
+               "cpu": cpu_name(), "cases": cases}
     if "--write" in sys.argv:
         GOLDEN.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2))
