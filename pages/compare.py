@@ -12,7 +12,7 @@ from pruner.evaluate.speed import STATUS_NOTE, SpeedSpec
 from pruner.evaluate.zeroshot import TASKS
 from pruner.groups import compare, group_runs, perplexity_metrics, ranking, seed_of
 from pruner.runs import list_runs
-from pruner.workflows import EvalRequest, ZeroshotOptions
+from pruner.workflows import EvalRequest, PerplexityOptions, ZeroshotOptions
 
 st.title("📈 Compare")
 sel = page_setup()
@@ -197,7 +197,7 @@ if sp_name:
     st.dataframe(pd.DataFrame([speed_table_row(r, sp_name) for r in with_sp]), width="stretch", hide_index=True)
 
 # ---------------------------------------------------------------------------------------------------------------
-with st.expander("Evaluate runs: zero-shot accuracy and CPU speed-up (background jobs)"):
+with st.expander("Evaluate runs: full perplexity, zero-shot accuracy and CPU speed-up (background jobs)"):
     with st.form("cmp_eval_form"):
         chosen = st.multiselect("Runs", list(labels), format_func=labels.get, key="cmp_eval_runs")
         c = st.columns(2)
@@ -206,6 +206,8 @@ with st.expander("Evaluate runs: zero-shot accuracy and CPU speed-up (background
                                  key="cmp_eval_tasks")
         limit = c[0].number_input("Documents per task (0 = full sets, slow on CPU)", min_value=0, value=100,
                                   step=50, key="cmp_eval_limit")
+        do_ppl = c[1].checkbox("Full WikiText-2 perplexity (every chunk: the headline protocol; about 8 min per "
+                               "SmolLM2 run here)", value=False, key="cmp_eval_ppl")
         do_speed = c[1].checkbox("CPU speed-up (ONNX export + DeepSparse)", value=False, key="cmp_eval_speed")
         seqlen = c[1].number_input("T: prefill tokens and decode KV-cache length", min_value=16, max_value=2048,
                                    value=SpeedSpec.seqlen, step=16, key="cmp_eval_seqlen")
@@ -213,13 +215,14 @@ with st.expander("Evaluate runs: zero-shot accuracy and CPU speed-up (background
     if go:
         if not chosen:
             st.error("Choose at least one run.")
-        elif not (do_zs or do_speed):
-            st.error("Choose zero-shot accuracy, CPU speed-up or both.")
+        elif not (do_zs or do_speed or do_ppl):
+            st.error("Choose full perplexity, zero-shot accuracy and/or CPU speed-up.")
         elif do_zs and not tasks:
             st.error("Choose at least one zero-shot task.")
         else:
             for key in chosen:
-                queue(sel, EvalRequest(key, zeroshot=ZeroshotOptions(tuple(tasks), int(limit) or None) if do_zs else None,
+                queue(sel, EvalRequest(key, perplexity=PerplexityOptions() if do_ppl else None,
+                                       zeroshot=ZeroshotOptions(tuple(tasks), int(limit) or None) if do_zs else None,
                                        speed=SpeedSpec(seqlen=int(seqlen)) if do_speed else None,
                                        data_dir=sel.data_dir))
             st.success(f"Queued {len(chosen)} evaluation job(s); results appear here when they finish.")

@@ -82,3 +82,18 @@ def test_prune_page_queues_one_job_per_seed(app, seeded):
         store.cancel(job.id)
     assert sorted(j.request.spec.calib.seed for j in jobs) == [0, 1, 2]
     assert len({j.request.spec.key() for j in jobs}) == 3
+
+
+def test_compare_queues_a_full_wikitext2_evaluation(app, seeded):
+    app.switch_page("pages/compare.py").run()
+    key = list_runs(seeded).runs[0].key
+    app.multiselect(key="cmp_eval_runs").set_value([key])
+    app.checkbox(key="cmp_eval_zs").uncheck()
+    app.checkbox(key="cmp_eval_ppl").check()
+    next(b for b in app.button if b.label == "Queue evaluations").click().run()
+    assert any("Queued 1 evaluation job" in s.value for s in app.success)
+    store = JobStore(default_db(seeded))
+    job = store.list()[0]
+    store.cancel(job.id)
+    assert job.label == f"perplexity of run {key}"  # no "(first k chunks)": the whole test set
+    assert job.request.perplexity.max_chunks is None and job.request.zeroshot is None
