@@ -254,7 +254,7 @@ class Allocator:
     """A registry entry. ``compute(inputs, S, **params)`` returns the (L,) per-layer sparsities from what
     ``needs`` names; ``params`` declares its parameters. A learned allocator has no formula: ``learner`` names the
     function (``"module:function"``, imported only when used) that learns its per-layer sparsities through the
-    model, run as a request of its own (``pruner.workflows.LearnAllocation``)."""
+    model, run as a request of its own (``pruner.workflows.LearnRequest``)."""
 
     name: str
     label: str
@@ -285,7 +285,7 @@ class Allocator:
 
 def _learned_elsewhere(inputs, S, **params):
     raise ValueError("this allocator's sparsities are learned from calibration data through the model, not computed "
-                     "from the statistics: learn them with pruner.workflows.learn_allocation (CLI: `allocate "
+                     "from the statistics: learn them with pruner.api.learn_allocation (CLI: `allocate "
                      "--allocator NAME`) and pass them as learned=")
 
 
