@@ -10,7 +10,7 @@ from pruner.charts import (accuracy_vs_sparsity_figure, ppl_vs_speedup_figure, p
                            speedup_vs_sparsity_figure, two_runs_figure, zeroshot_tasks_figure)
 from pruner.evaluate.speed import STATUS_NOTE, SpeedSpec
 from pruner.evaluate.zeroshot import TASKS
-from pruner.groups import compare, group_runs, perplexity_metrics, ranking, seed_of
+from pruner.groups import RunGroup, compare, group_runs, perplexity_metrics, ranking, seed_of
 from pruner.runs import list_runs
 from pruner.workflows import EvalRequest, PerplexityOptions, ZeroshotOptions
 
@@ -117,10 +117,17 @@ b = c[1].selectbox("Run B", list(labels), index=min(1, len(labels) - 1), format_
 by_key = {r.key: r for r in runs}
 shared = [m for m in protocols if m in by_key[a].metrics and m in by_key[b].metrics]
 if a != b and shared:
+    # these two models on the same chunks (are they different on this text?) ...
+    models = compare(RunGroup(a, (by_key[a],)), RunGroup(b, (by_key[b],)), shared[0])
+    lines = [f"Perplexity of run B relative to run A ({shared[0]}): " + (
+        models.text() if models else "cannot be paired (no per-chunk losses stored)")]
+    # ... and, for runs of two different groups, their groups over the seeds they share (is the order stable?)
     group_of = {r.key: g for g in groups for r in g.runs}
-    verdict = compare(group_of[a], group_of[b], shared[0])
-    st.caption(f"Perplexity of B relative to A ({shared[0]}): " + (verdict.text() if verdict else
-               "cannot be paired (different seeds, or no per-chunk losses stored)"))
+    if group_of[a] is not group_of[b]:
+        seeds = compare(group_of[a], group_of[b], shared[0])
+        if seeds is not None and seeds.paired_by == "seeds":
+            lines.append(f"Their run groups: {seeds.text()}")
+    st.caption("  \n".join(lines))
 st.plotly_chart(two_runs_figure(by_key[a], by_key[b]), width="stretch")
 
 # ---------------------------------------------------------------------------------------------------------------

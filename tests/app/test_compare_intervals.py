@@ -65,6 +65,11 @@ def test_compare_shows_seed_intervals_as_error_bars_and_a_ranking(app, seeded):
     verdict = ranked["vs the row above"].iloc[1]
     assert "paired over 3 seeds" in verdict and verdict == expected[1].versus_next.text()
     assert ("not separable" in verdict) == (not expected[1].versus_next.separable)
+    # two runs: the two models paired over the chunks, and (when they belong to two groups) the groups over seeds
+    a = app.selectbox(key="cmp_a").value
+    app.selectbox(key="cmp_b").set_value(next(g for g in groups if a not in {r.key for r in g.runs}).runs[0].key).run()
+    caption = next(c.value for c in app.caption if c.value.startswith("Perplexity of run B relative to run A"))
+    assert "paired over 3 chunks" in caption and "Their run groups: " in caption and "paired over 3 seeds" in caption
 
 
 def test_prune_page_queues_one_job_per_seed(app, seeded):
