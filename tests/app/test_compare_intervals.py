@@ -3,15 +3,13 @@ control — on real tiny-model runs (3 calibration seeds × uniform / OWL), prun
 
 import numpy as np
 import pytest
-from streamlit.testing.v1 import AppTest
 
 from pruner.groups import group_runs, ranking
 from pruner.jobs import JobStore, default_db
 from pruner.runs import list_runs
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec
-from pruner.store import PROJECT_ROOT
 from pruner.workflows import Context, PerplexityOptions, PruneRequest, run
-from tests.app.test_pages import figures, values
+from tests.app.test_pages import figures, tiny_app, values
 
 PROTOCOL = "perplexity:wikitext2-test:seq64:first3"
 
@@ -30,15 +28,7 @@ def seeded(tiny_folder, data_dir, tmp_path_factory):
 
 @pytest.fixture
 def app(seeded, tiny_folder, data_dir, monkeypatch):
-    monkeypatch.setenv("PRUNER_CACHE_DIR", str(seeded))
-    monkeypatch.setenv("PRUNER_DATA_DIR", data_dir)
-    at = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=90)
-    at.run()
-    at.sidebar.selectbox(key="calib_preset").select("tiny").run()
-    at.sidebar.radio(key="model_source").set_value("local folder").run()
-    at.sidebar.text_input(key="local_path").input(tiny_folder).run()
-    assert not at.exception, at.exception
-    return at
+    return tiny_app(seeded, tiny_folder, data_dir, monkeypatch)
 
 
 def test_compare_shows_seed_intervals_as_error_bars_and_a_ranking(app, seeded):

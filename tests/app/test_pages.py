@@ -59,6 +59,19 @@ def trace(fig, name, axis="y"):
     raise KeyError(name)
 
 
+def tiny_app(cache, tiny_folder: str, data_dir: str, monkeypatch) -> AppTest:
+    """The app on ``cache`` with the tiny Llama folder chosen in the sidebar (tiny calibration preset)."""
+    monkeypatch.setenv("PRUNER_CACHE_DIR", str(cache))
+    monkeypatch.setenv("PRUNER_DATA_DIR", data_dir)
+    at = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=90)
+    at.run()
+    at.sidebar.selectbox(key="calib_preset").select("tiny").run()
+    at.sidebar.radio(key="model_source").set_value("local folder").run()
+    at.sidebar.text_input(key="local_path").input(tiny_folder).run()
+    assert not at.exception, at.exception
+    return at
+
+
 def go(at, page):
     at.switch_page(f"pages/{page}.py").run()
     assert not at.exception, at.exception
@@ -103,13 +116,7 @@ def test_allocation_besa_is_queued_then_shown_beside_owl(tiny_folder, data_dir, 
     calib = CalibSpec.preset("tiny", data_dir=data_dir)
     spec = StatsSpec(ModelSpec(tiny_folder), calib)
     stats = api.get_stats(spec, tmp_path)
-    monkeypatch.setenv("PRUNER_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("PRUNER_DATA_DIR", data_dir)
-    at = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=90)
-    at.run()
-    at.sidebar.selectbox(key="calib_preset").select("tiny").run()
-    at.sidebar.radio(key="model_source").set_value("local folder").run()
-    at.sidebar.text_input(key="local_path").input(tiny_folder).run()
+    at = tiny_app(tmp_path, tiny_folder, data_dir, monkeypatch)
     go(at, "allocation")
     assert any("BESA (learned) has not been learned for S = 70%" in i.value for i in at.info)
     next(b for b in at.button if b.label == "Learn BESA (learned) at S = 70% in the background").click().run()
