@@ -165,7 +165,7 @@ def queue(sel: Selection | None, request) -> int:
     return submit(job_store(sel), request, cache_dir=sel.cache_dir if sel else cache_dir())
 
 
-def param_controls(params, prefix: str, columns=None, values: dict | None = None, sliders: bool = False) -> dict:
+def param_controls(params: list[Param], prefix: str, columns=None, values: dict | None = None, sliders: bool = False) -> dict:
     """One control per declared parameter (``pruner.params.Param``), labelled by its paper symbol: a slider over
     the declaration's ``slider`` range when ``sliders`` and it has one, else a number input bounded by its closed
     range ends (open ends are checked when the request is built, naming the range). Returns {name: value};
@@ -173,7 +173,6 @@ def param_controls(params, prefix: str, columns=None, values: dict | None = None
     out = {}
     columns = columns or [st]
     for i, p in enumerate(params):
-        p: Param
         value = (values or {}).get(p.name, p.default)
         kw = dict(step=p.step or (1 if p.kind is int else 0.01), key=f"{prefix}_{p.name}",
                   help=f"{p.help}; {p.range_text()}, default {p.default:g}")

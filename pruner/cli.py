@@ -73,7 +73,7 @@ def _stats_spec(args) -> StatsSpec:
     model_source(model)  # unknown names and folders that are not models fail here, before anything is loaded
     overrides = {k: v for k, v in (("nsamples", args.nsamples), ("seqlen", args.seqlen)) if v is not None}
     calib = CalibSpec.preset(args.preset, seed=args.seed, data_dir=_data_dir(args.data_dir), **overrides)
-    check_calibration_fits(model, calib.seqlen, _cache(args))  # before minutes of work, not after
+    check_calibration_fits(model, calib.seqlen)  # before minutes of work, not after
     if args.batch_size < 1:
         raise BadInput(f"--batch-size must be ≥ 1; got {args.batch_size}")
     return StatsSpec(model=model, calib=calib)

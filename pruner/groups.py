@@ -20,7 +20,7 @@ from pruner.specs import stable_hash
 
 def group_identity(run: RunManifest) -> dict:
     """The run's identity without its calibration seed (and without a LoRA recovery's own seed offset)."""
-    spec = {k: v for k, v in run.spec.items()}
+    spec = dict(run.spec)
     spec["calib"] = {k: v for k, v in spec["calib"].items() if k != "seed"}
     return spec
 

@@ -155,7 +155,7 @@ def model_identity(spec: ModelSpec) -> dict:
     return ident
 
 
-def context_length(spec: ModelSpec, cache_dir: Path | None = None) -> int | None:
+def context_length(spec: ModelSpec) -> int | None:
     """The longest sequence the model takes (``max_position_embeddings`` of its config), without loading weights:
     declared for bundled models, read from config.json for local folders; None when that is not known without
     downloading (a hub model) or the config lacks the field."""
@@ -171,9 +171,9 @@ def context_length(spec: ModelSpec, cache_dir: Path | None = None) -> int | None
     return int(value) if value else None
 
 
-def check_calibration_fits(spec: ModelSpec, seqlen: int, cache_dir: Path | None = None) -> None:
+def check_calibration_fits(spec: ModelSpec, seqlen: int) -> None:
     """ValueError when calibration windows of ``seqlen`` tokens are longer than the model's context."""
-    limit = context_length(spec, cache_dir)
+    limit = context_length(spec)
     if limit is not None and seqlen > limit:
         raise ValueError(f"seqlen {seqlen} is longer than {spec.name}'s context of {limit} tokens "
                          f"(max_position_embeddings); choose seqlen ≤ {limit}")

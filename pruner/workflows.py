@@ -10,6 +10,7 @@ workflow function registered here.
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -21,6 +22,7 @@ from pruner.cache import check_key
 from pruner.calibrate import Cancelled
 from pruner.evaluate.speed import SpeedSpec
 from pruner.evaluate.zeroshot import parse_tasks
+from pruner.models import check_calibration_fits
 from pruner.params import params_text
 from pruner.recover import RecoverSpec
 from pruner.runs import read_run, recover_run, run_folder
@@ -91,15 +93,11 @@ class ZeroshotOptions:
         return "zero-shot accuracy" + (f" (first {self.limit} per task)" if self.limit else "")
 
 
-def _speed_from(d):
-    return SpeedSpec(**d)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Requests
 
 
-class Request:
+class Request(ABC):
     """Base of the typed requests: ``kind`` names it in the job table; nested specs are decoded by ``_decoders``."""
 
     kind: ClassVar[str]
@@ -131,8 +129,18 @@ class Request:
         except TypeError as err:  # a payload of another shape (e.g. written by an older version)
             raise ValueError(f"{cls.__name__}: unreadable payload ({err})") from err
 
+    @abstractmethod
     def label(self) -> str:
-        raise NotImplementedError
+        """What the job list shows."""
+
+
+def _perplexity_options(d: dict) -> PerplexityOptions:
+    return PerplexityOptions(**d)
+
+
+def _check_fits(spec: StatsSpec) -> None:
+    """Calibration windows no longer than the model's context (read without loading the weights)."""
+    check_calibration_fits(spec.model, spec.calib.seqlen)
 
 
 def _check_batch(batch_size) -> None:
@@ -150,6 +158,7 @@ class StatsRequest(Request):
     batch_size: int = 4
 
     def __post_init__(self):
+        _check_fits(self.spec)
         _check_batch(self.batch_size)
 
     def label(self) -> str:
@@ -174,6 +183,7 @@ class LearnRequest(Request):
             raise ValueError(f"a learn request needs a learned allocator ({', '.join(learned)}); got {self.allocator!r}")
         object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
         object.__setattr__(self, "params", ALLOCATORS[self.allocator].check(self.params))
+        _check_fits(self.spec)
         _check_batch(self.batch_size)
 
     def label(self) -> str:
@@ -187,7 +197,7 @@ class PruneRequest(Request):
     """Prune as ``spec`` says, store the run, then (optionally) its perplexity."""
 
     kind: ClassVar[str] = "prune"
-    _decoders: ClassVar[dict] = {"spec": spec_from_dict, "perplexity": lambda d: PerplexityOptions(**d)}
+    _decoders: ClassVar[dict] = {"spec": spec_from_dict, "perplexity": _perplexity_options}
     spec: PruneSpec
     perplexity: PerplexityOptions | None = None
     data_dir: str | None = None
@@ -195,6 +205,7 @@ class PruneRequest(Request):
     batch_size: int = 4
 
     def __post_init__(self):
+        _check_fits(self.spec.stats_spec)
         _check_batch(self.batch_size)
 
     def label(self) -> str:
@@ -206,9 +217,9 @@ class EvalRequest(Request):
     """Evaluate stored run ``run``: perplexity, zero-shot accuracy and/or CPU speed (at least one)."""
 
     kind: ClassVar[str] = "eval"
-    _decoders: ClassVar[dict] = {"perplexity": lambda d: PerplexityOptions(**d),
+    _decoders: ClassVar[dict] = {"perplexity": _perplexity_options,
                                  "zeroshot": lambda d: ZeroshotOptions(**{**d, "tasks": d.get("tasks") and tuple(d["tasks"])}),
-                                 "speed": _speed_from}
+                                 "speed": lambda d: SpeedSpec(**d)}
     run: str
     perplexity: PerplexityOptions | None = None
     zeroshot: ZeroshotOptions | None = None
@@ -233,6 +244,7 @@ class RecoverRequest(Request):
     """LoRA-recover stored run ``spec.parent``; store it as a new run; perplexity before and after (same chunks)."""
 
     kind: ClassVar[str] = "recover"
+    _decoders: ClassVar[dict] = {"spec": lambda d: RecoverSpec(**d), "perplexity": _perplexity_options}
     spec: RecoverSpec
     perplexity: PerplexityOptions | None = None
     data_dir: str | None = None
@@ -240,17 +252,6 @@ class RecoverRequest(Request):
 
     def __post_init__(self):
         check_key(self.spec.parent)
-
-    @classmethod
-    def from_dict(cls, payload: dict) -> "RecoverRequest":
-        try:
-            payload = dict(payload)
-            payload["spec"] = RecoverSpec(**payload["spec"])
-            if payload.get("perplexity") is not None:
-                payload["perplexity"] = PerplexityOptions(**payload["perplexity"])
-            return cls(**payload)
-        except (TypeError, KeyError) as err:
-            raise ValueError(f"{cls.__name__}: unreadable payload ({err!r})") from err
 
     def label(self) -> str:
         s = self.spec

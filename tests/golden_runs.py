@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from bench.common import cpu_name
+
 GOLDEN = Path(__file__).parent / "golden" / "prune_digests.json"
 
 #: (case id, allocator, allocator parameters, method, method parameters, sparsity, N:M)
@@ -86,15 +88,6 @@ def mask_digest(run_folder: Path) -> str:
 
 #: The golden perplexity: WikiText-2 test, the first PPL_CHUNKS chunks of PPL_SEQLEN tokens.
 PPL_CHUNKS, PPL_SEQLEN = 2, 64
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def run_cases(model_folder: str, data_dir: str, cache_dir: Path) -> dict[str, dict]:

@@ -16,7 +16,7 @@ def test_prune_runs_are_bit_identical_to_the_code_before_the_workflow_layer(smol
     perplexity to 1e-5."""
     import torch
 
-    from tests.golden_runs import cpu_name
+    from bench.common import cpu_name
 
     golden = json.loads(GOLDEN.read_text())
     folder = tiny_llama_folder(tmp_path / "tiny", smollm2.tokenizer)
@@ -57,6 +57,17 @@ def test_requests_round_trip_through_the_job_table_form(tiny_folder, data_dir):
     (dict(kind="learn", payload={"spec": None, "allocator": "owl", "sparsity": 0.5}), "learned allocator"),
     (dict(kind="sweep", payload={}), "request kind must be one of"),
 ])
+def test_a_request_whose_calibration_exceeds_the_context_is_refused_when_built():
+    """The check the CLI makes is the request's own, so a page or a job payload gets it too."""
+    from pruner.specs import CalibSpec, PruneSpec, StatsSpec
+    from pruner.workflows import PruneRequest, StatsRequest
+
+    long = CalibSpec(seqlen=100_000)
+    for request in (lambda: PruneRequest(PruneSpec(calib=long)), lambda: StatsRequest(StatsSpec(calib=long))):
+        with pytest.raises(ValueError, match="seqlen 100000 is longer than smollm2-135m's context of 8192 tokens"):
+            request()
+
+
 def test_bad_requests_are_refused_when_built(bad, message):
     from pruner.workflows import request_from_dict
 
