@@ -51,12 +51,6 @@ def test_requests_round_trip_through_the_job_table_form(tiny_folder, data_dir):
         assert back == r and back.label() == r.label()
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(kind="eval", payload={"run": "../../etc", "perplexity": {}}), "16 hexadecimal digits"),
-    (dict(kind="eval", payload={"run": "0123456789abcdef"}), "nothing to evaluate"),
-    (dict(kind="learn", payload={"spec": None, "allocator": "owl", "sparsity": 0.5}), "learned allocator"),
-    (dict(kind="sweep", payload={}), "request kind must be one of"),
-])
 def test_a_request_whose_calibration_exceeds_the_context_is_refused_when_built():
     """The check the CLI makes is the request's own, so a page or a job payload gets it too."""
     from pruner.specs import CalibSpec, PruneSpec, StatsSpec
@@ -68,6 +62,12 @@ def test_a_request_whose_calibration_exceeds_the_context_is_refused_when_built()
             request()
 
 
+@pytest.mark.parametrize("bad, message", [
+    (dict(kind="eval", payload={"run": "../../etc", "perplexity": {}}), "16 hexadecimal digits"),
+    (dict(kind="eval", payload={"run": "0123456789abcdef"}), "nothing to evaluate"),
+    (dict(kind="learn", payload={"spec": None, "allocator": "owl", "sparsity": 0.5}), "learned allocator"),
+    (dict(kind="sweep", payload={}), "request kind must be one of"),
+])
 def test_bad_requests_are_refused_when_built(bad, message):
     from pruner.workflows import request_from_dict
 
