@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PORT   ?= 8501
 
-.PHONY: run test install clean-cache deepsparse
+.PHONY: run test install clean-cache deepsparse results
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(STAMP)
 	-$(BIN)/python -m pruner deepsparse-env
 	$(BIN)/python -m pyflakes app.py pages pruner bench tests
 	$(BIN)/python -m pytest -q tests
+
+# Regenerates the cheap tables of docs/results.md (between `<!-- generated: NAME -->` markers) from the code as it is.
+results: $(STAMP)
+	$(BIN)/python -m bench.results
 
 clean-cache:
 	find cache -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
