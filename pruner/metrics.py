@@ -98,36 +98,57 @@ def _merge_zeroshot(previous: dict | None, result: dict) -> dict:
     from pruner.evaluate.zeroshot import DEFAULT_TASKS
 
     ordered = {t: tasks[t] for t in DEFAULT_TASKS if t in tasks}
+    timed = [r["seconds"] for r in ordered.values() if "seconds" in r]  # per task since results are saved per task
     return {**result, "tasks": ordered, "mean_acc": sum(r["acc"] for r in ordered.values()) / len(ordered),
-            "complete": len(ordered) == len(DEFAULT_TASKS)}
+            "complete": len(ordered) == len(DEFAULT_TASKS),
+            "seconds": round(sum(timed), 2) if len(timed) == len(ordered) else result["seconds"]}
 
 
-def _zeroshot(model, tokenizer, device, data_dir, tasks, limit, source, batch_size, progress, should_cancel):
-    from pruner.evaluate.zeroshot import zeroshot_accuracy
+def _zeroshot_task_by_task(model, tokenizer, device, data_dir, tasks, limit, source, batch_size, progress,
+                           should_cancel, save: Callable[[dict], dict]) -> dict:
+    """lm-eval on ``tasks`` one task at a time, handing each task's result to ``save`` (which merges it into the
+    store and returns the merged result) as soon as it is done: the full sets take about an hour here, and a crash
+    or a cancel then keeps every finished task. Returns the last merged result."""
+    from pruner.calibrate import Cancelled
+    from pruner.evaluate.zeroshot import parse_tasks, zeroshot_accuracy
 
-    return zeroshot_accuracy(model, tokenizer, tasks=tasks, limit=limit, source=source, data_dir=data_dir,
-                             batch_size=batch_size, device=str(device), progress=progress,
-                             should_cancel=should_cancel)
+    names = parse_tasks(tasks)
+    merged: dict = {}
+    for i, name in enumerate(names):
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"zero-shot evaluation cancelled after {i} of {len(names)} tasks (finished ones kept)")
+        result = zeroshot_accuracy(model, tokenizer, tasks=[name], limit=limit, source=source, data_dir=data_dir,
+                                   batch_size=batch_size, device=str(device))
+        result["tasks"][name]["seconds"] = result["seconds"]
+        merged = save(result)
+        if progress is not None:
+            progress(i + 1, len(names))
+    return merged
 
 
 def evaluate_zeroshot(folder: Path, data_dir: str | None, *, tasks=None, limit: int | None = None,
                       source: str = "local", device: str = "cpu", batch_size: int = 8,
                       progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None) -> dict:
-    """Zero-shot accuracy of a stored run (lm-eval, in memory); merged into its manifest under
-    ``zeroshot:<source>[:limit<n>]``. Returns the merged result."""
+    """Zero-shot accuracy of a stored run (lm-eval, in memory); each task is merged into its manifest under
+    ``zeroshot:<source>[:limit<n>]`` as soon as it finishes. Returns the merged result."""
     from pruner.store import update_metrics
 
     model, tokenizer = load_run(folder, device)
-    result = _zeroshot(model, tokenizer, device, data_dir, tasks, limit, source, batch_size, progress, should_cancel)
     name = zeroshot_metric_name(source, limit)
-    # merged with what is stored at the moment of writing (another job may have added tasks meanwhile)
-    return update_metrics(folder, name, lambda previous: _merge_zeroshot(previous, result))["metrics"][name]
+
+    def save(result: dict) -> dict:
+        # merged with what is stored at the moment of writing (another job may have added tasks meanwhile)
+        return update_metrics(folder, name, lambda previous: _merge_zeroshot(previous, result))["metrics"][name]
+
+    return _zeroshot_task_by_task(model, tokenizer, device, data_dir, tasks, limit, source, batch_size, progress,
+                                  should_cancel, save)
 
 
 def dense_zeroshot(model_spec, data_dir: str | None, cache_dir: Path | None = None, *, loaded: LoadedModel | None = None,
                    tasks=None, limit: int | None = None, source: str = "local", batch_size: int = 8,
                    progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None) -> dict:
-    """Zero-shot accuracy of the dense model, cached with its other metrics; tasks already cached are not rerun."""
+    """Zero-shot accuracy of the dense model, cached with its other metrics task by task; tasks already cached are
+    not rerun (so an interrupted evaluation resumes where it stopped)."""
     from pruner.evaluate.zeroshot import parse_tasks
 
     name = zeroshot_metric_name(source, limit)
@@ -138,13 +159,16 @@ def dense_zeroshot(model_spec, data_dir: str | None, cache_dir: Path | None = No
         return previous
     base = loaded if loaded is not None else load_model(model_spec, cache_dir)
     home = next(base.model.parameters()).device
+
+    def save(result: dict) -> dict:
+        return _update_dense_metric(model_spec, cache_dir, name, lambda stored: _merge_zeroshot(stored, result))
+
     try:
         base.model.to(base.device)
-        result = _zeroshot(base.model, base.tokenizer, base.device, data_dir, missing, limit, source, batch_size,
-                           progress, should_cancel)
+        return _zeroshot_task_by_task(base.model, base.tokenizer, base.device, data_dir, missing, limit, source,
+                                      batch_size, progress, should_cancel, save)
     finally:
         base.model.to(home)
-    return _update_dense_metric(model_spec, cache_dir, name, lambda stored: _merge_zeroshot(stored, result))
 
 
 # ---------------------------------------------------------------------------------------------------------------

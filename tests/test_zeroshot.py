@@ -89,3 +89,17 @@ def test_bad_limit_is_rejected(tiny_run, data_dir):
     with pytest.raises(ValueError, match="limit must be a whole number >= 1"):
         metrics.evaluate_zeroshot(folder, data_dir, tasks="rte", limit=0)
     assert read_manifest(folder) == before
+
+
+def test_a_cancel_keeps_the_tasks_already_finished(tiny_run, data_dir):
+    """Results are saved task by task: cancelled after the first of two tasks, the first is in the manifest."""
+    from pruner.calibrate import Cancelled
+
+    _, folder = tiny_run
+    done = []
+    with pytest.raises(Cancelled, match="after 1 of 2 tasks"):
+        metrics.evaluate_zeroshot(folder, data_dir, tasks=["winogrande", "openbookqa"], limit=3,
+                                  progress=lambda i, n: done.append(i), should_cancel=lambda: bool(done))
+    stored = read_manifest(folder)["metrics"]["zeroshot:local:limit3"]
+    assert list(stored["tasks"]) == ["winogrande"] and stored["tasks"]["winogrande"]["n"] == 3
+    assert stored["seconds"] == pytest.approx(stored["tasks"]["winogrande"]["seconds"], abs=0.01)
