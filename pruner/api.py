@@ -58,7 +58,7 @@ def compute_stats(
     tokens = tokens if tokens is not None else calibration_tokens(loaded.tokenizer, spec.calib)
     t_data = time.perf_counter() - t0
     stats = collect_stats(loaded.model, tokens, loaded.device, batch_size=batch_size, progress=progress,
-                          should_cancel=should_cancel)
+                          should_cancel=should_cancel, blocks=loaded.block_store())
     stats.meta.update(
         key=spec.key(),
         model=spec.model.identity(),

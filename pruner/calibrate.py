@@ -46,6 +46,29 @@ class BlockObserver(Protocol):
     first_pass_outputs_unused: bool
 
 
+class BlockStore(Protocol):
+    """Where a decoder block's weights are between turns: ``fetch`` puts block ``index`` on the compute device
+    before the loop runs it, ``release`` is called once the loop is done with it (also after an error)."""
+
+    def fetch(self, index: int, block: nn.Module, device: torch.device) -> None: ...
+
+    def release(self, index: int, block: nn.Module) -> None: ...
+
+
+class ResidentBlocks:
+    """Blocks that live in memory: moved to the compute device for their turn and back where they were after."""
+
+    def __init__(self) -> None:
+        self._home: dict[int, torch.device] = {}
+
+    def fetch(self, index: int, block: nn.Module, device: torch.device) -> None:
+        self._home[index] = _module_device(block)
+        block.to(device)
+
+    def release(self, index: int, block: nn.Module) -> None:
+        block.to(self._home.pop(index))
+
+
 class Cancelled(Exception):
     """The caller asked the loop to stop (checked between blocks, never inside a forward pass)."""
 
@@ -173,21 +196,24 @@ def run_blockwise(
     batch_size: int = 4,
     progress: ProgressFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    blocks: BlockStore | None = None,
 ) -> torch.Tensor:
-    """Walk the decoder blocks over the calibration ``tokens`` (nsamples, seqlen) with ``observer``.
+    """Walk the decoder blocks over the calibration ``tokens`` (nsamples, seqlen) with ``observer``; ``blocks``
+    says where each block's weights come from and go (default: they live in memory, ``ResidentBlocks``; streamed
+    from disk: ``pruner.streaming.StreamedBlocks``).
 
     Returns the hidden states leaving the last block, (nsamples, seqlen, hidden), on CPU.
     Raises ``Cancelled`` between blocks when ``should_cancel()`` becomes true.
     """
     device = torch.device(device)
-    _, blocks = find_blocks(model)
+    store = blocks if blocks is not None else ResidentBlocks()
+    _, decoder_blocks = find_blocks(model)
     batch = mini_batch_size(tokens.shape[0], batch_size)
     hidden, calls = capture_block_inputs(model, tokens, device, batch)
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(decoder_blocks):
         if should_cancel is not None and should_cancel():
-            raise Cancelled(f"cancelled before block {i} of {len(blocks)}")
-        home = _module_device(block)
-        block.to(device)
+            raise Cancelled(f"cancelled before block {i} of {len(decoder_blocks)}")
+        store.fetch(i, block, device)
         try:
             layers = prunable_layers(block)
             handles: list[RemovableHandle] = []
@@ -208,9 +234,9 @@ def run_blockwise(
                 # holds one set of hidden states instead of two (nsamples × seqlen × hidden floats)
                 outputs = _run_block_in_place(block, hidden, calls[i])
         finally:
-            block.to(home)
+            store.release(i, block)
         hidden = outputs
         return_freed_memory()
         if progress is not None:
-            progress(i + 1, len(blocks))
+            progress(i + 1, len(decoder_blocks))
     return torch.cat([h.cpu() for h in hidden])

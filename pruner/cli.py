@@ -290,7 +290,8 @@ def cmd_prune(args) -> int:
                        allocator=args.allocator, method=args.method, sparsity=sparsity, allocator_params=a_params,
                        method_params=m_params, nm=args.nm, scope=args.scope) for i in range(args.seeds)]
     requests = [PruneRequest(spec, perplexity=_perplexity_options(args) if args.ppl else None,
-                             data_dir=stats_spec.calib.data_dir, force=args.force, batch_size=args.batch_size)
+                             data_dir=stats_spec.calib.data_dir, force=args.force, batch_size=args.batch_size,
+                             stream=args.stream)
                 for spec in specs]
     if args.background:
         from pruner.jobs import JobStore, default_db, submit
@@ -585,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "reported with a seed interval (default 1)")
     p.add_argument("--out", help="also copy the pruned Hugging Face folder here")
     p.add_argument("--force", action="store_true", help="recompute even if this run exists")
+    p.add_argument("--stream", action="store_true",
+                   help="read one decoder block at a time from the checkpoint and write pruned blocks straight to "
+                        "the run's shards: memory holds one block, not the model (same pruned weights)")
     p.add_argument("--ppl", action="store_true", help="evaluate WikiText-2 perplexity afterwards")
     p.add_argument("--max-chunks", type=int, help="perplexity on the first N chunks only (a partial estimate)")
     p.add_argument("--background", action="store_true", help="queue it as a background job and return at once")

@@ -249,17 +249,40 @@ def convert_bundled(name: str, cache_dir: Path | None = None, progress: Callable
 
 @dataclass
 class LoadedModel:
-    """A model ready for calibration: eval mode, no grad, weights on CPU (blocks move to ``device`` one at a time)."""
+    """A model ready for calibration: eval mode, no grad, weights on CPU (blocks move to ``device`` one at a time).
+
+    A streamed model (``checkpoint`` set, ``load_model(..., stream=True)``) is a skeleton: its decoder blocks'
+    parameters are on the meta device and are read from the checkpoint one block at a time (``block_store``).
+    """
 
     spec: ModelSpec
     model: nn.Module
     tokenizer: object
     device: torch.device
     info: dict = field(default_factory=dict)
+    checkpoint: object | None = None  # pruner.streaming.Checkpoint when streamed
+
+    @property
+    def streamed(self) -> bool:
+        return self.checkpoint is not None
+
+    def block_store(self, writer=None):
+        """Where the calibration loop gets each block: None for a model in memory (``ResidentBlocks``), else a
+        ``StreamedBlocks`` on the checkpoint that hands released blocks to ``writer`` (a ``ShardWriter``)."""
+        if self.checkpoint is None:
+            if writer is not None:
+                raise ValueError("only a streamed model writes its blocks as they are released")
+            return None
+        from pruner.streaming import StreamedBlocks
+
+        return StreamedBlocks(self.checkpoint, find_blocks(self.model)[0], getattr(torch, self.spec.dtype), writer)
 
 
-def load_model(spec: ModelSpec, cache_dir: Path | None = None, progress: Callable[[str], None] | None = None) -> LoadedModel:
-    """Load the model a spec names. Weights stay on CPU; ``device`` is where blocks are computed."""
+def load_model(spec: ModelSpec, cache_dir: Path | None = None, progress: Callable[[str], None] | None = None,
+               stream: bool = False) -> LoadedModel:
+    """Load the model a spec names. Weights stay on CPU; ``device`` is where blocks are computed. ``stream``: load
+    only what lies outside the decoder blocks; the blocks are read from the safetensors checkpoint when the
+    calibration loop reaches them (``pruner.streaming``), so a model larger than memory can be pruned."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(spec.device)
@@ -276,9 +299,20 @@ def load_model(spec: ModelSpec, cache_dir: Path | None = None, progress: Callabl
         path, kwargs = spec.name, {"revision": spec.revision}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=spec.trust_remote_code, **kwargs
-        )
+        checkpoint = None
+        if stream:
+            from pruner.streaming import Checkpoint, build_skeleton
+
+            if source == "hub":
+                from huggingface_hub import snapshot_download
+
+                path = snapshot_download(spec.name, revision=spec.revision)
+            checkpoint = Checkpoint(path)
+            model = build_skeleton(path, dtype, spec.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=spec.trust_remote_code, **kwargs
+            )
     except OSError as err:
         if source == "hub":
             raise ValueError(
@@ -290,7 +324,7 @@ def load_model(spec: ModelSpec, cache_dir: Path | None = None, progress: Callabl
     model.requires_grad_(False)
     info.setdefault("weights", spec.dtype)
     info["architecture"] = type(model).__name__
-    return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, device=device, info=info)
+    return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, device=device, info=info, checkpoint=checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pruner.calibrate import Cancelled, ProgressFn, run_blockwise
+from pruner.calibrate import BlockStore, Cancelled, ProgressFn, ResidentBlocks, run_blockwise
 from pruner.methods import METHODS, NM, LayerMethod
 from pruner.models import find_blocks, prunable_layers, weight_matrix
 
@@ -167,24 +167,31 @@ def prune_model(
     progress: ProgressFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
     method_params: dict | None = None,
+    blocks: BlockStore | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place, block by block, to ``targets`` ((block, name) → LayerTarget), with the method's
-    own parameters ``method_params`` (declared in its ``params``; missing ones take their defaults)."""
+    own parameters ``method_params`` (declared in its ``params``; missing ones take their defaults). ``blocks``:
+    where the blocks' weights come from and go (``pruner.calibrate.run_blockwise``)."""
     device = torch.device(device)
     method_params = METHODS[method].check(method_params)
     if METHODS[method].needs_inputs:
         observer = PruningObserver(method, targets, scope, device, method_params=method_params)
         run_blockwise(model, tokens, observer, device=device, batch_size=batch_size, progress=progress,
-                      should_cancel=should_cancel)
+                      should_cancel=should_cancel, blocks=blocks)
         return observer.report
     report = PruneReport()
-    _, blocks = find_blocks(model)
-    for i, block in enumerate(blocks):
+    store = blocks if blocks is not None else ResidentBlocks()
+    _, decoder_blocks = find_blocks(model)
+    for i, block in enumerate(decoder_blocks):
         if should_cancel is not None and should_cancel():
-            raise Cancelled(f"cancelled before block {i} of {len(blocks)}")
-        for name, layer in prunable_layers(block).items():
-            state = METHODS[method](weight_matrix(layer).shape[1], device, scope, **method_params)
-            report.layers.extend(_apply_group({name: layer}, state, targets, i))
+            raise Cancelled(f"cancelled before block {i} of {len(decoder_blocks)}")
+        store.fetch(i, block, device)
+        try:
+            for name, layer in prunable_layers(block).items():
+                state = METHODS[method](weight_matrix(layer).shape[1], device, scope, **method_params)
+                report.layers.extend(_apply_group({name: layer}, state, targets, i))
+        finally:
+            store.release(i, block)
         if progress is not None:
-            progress(i + 1, len(blocks))
+            progress(i + 1, len(decoder_blocks))
     return report

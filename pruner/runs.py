@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from pruner.allocation import ALLOCATORS, NEEDS_STATISTICS, NEEDS_WEIGHTS, allocate
-from pruner.api import get_stats, learn_allocation, learned_layer_sparsity, load_cached_stats
+from pruner.api import cached_learned, get_stats, learn_allocation, learned_layer_sparsity, load_cached_stats
 from pruner.cache import CacheLayout, check_key
 from pruner.data import calibration_tokens
 from pruner.models import LoadedModel, load_model, model_summary
@@ -47,9 +47,13 @@ def _versions() -> dict:
 
 def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None = None,
               progress: PhaseProgress | None = None, should_cancel: Callable[[], bool] | None = None,
-              force: bool = False, batch_size: int = 4) -> Path:
+              force: bool = False, batch_size: int = 4, stream: bool = False) -> Path:
     """Prune a copy of the dense model as ``spec`` (a ``PruneSpec``) says and store it as a run; return the run
     folder.
+
+    ``stream`` (when no ``loaded`` model is passed): read each decoder block from the checkpoint when its turn
+    comes and write it, pruned, straight into the run's safetensors shards (``pruner.streaming``), so that neither
+    the dense nor the pruned model is ever whole in memory. The pruned weights are the same as in memory.
 
     The allocation reads only what its allocator needs (``Allocator.needs``): the model's layout or weights, the
     dense statistics (cached, else a statistics pass first), or a learned allocation (learned first when missing,
@@ -67,8 +71,12 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
         return folder
     phase = (lambda name: (lambda d, t: progress(name, d, t))) if progress else (lambda name: None)
     t_start = time.perf_counter()
-    base = loaded if loaded is not None else load_model(spec.model, cache_dir)
+    base = loaded if loaded is not None else load_model(spec.model, cache_dir, stream=stream)
     allocator = ALLOCATORS[spec.allocator]
+    if base.streamed and allocator.learned and cached_learned(spec.stats_spec, spec.allocator, spec.sparsity,
+                                                              spec.allocator_params, cache_dir) is None:
+        raise ValueError(f"a streamed prune does not learn the {allocator.label} allocation itself yet: learn it "
+                         "first in memory (`python -m pruner learn ...`, or the Allocation page), then prune streamed")
     stats = load_cached_stats(spec.stats_spec, cache_dir)
     # the dense statistics pass runs only for an allocator that reads them (uniform and ER read the layout,
     # AlphaPruning the weights); cached statistics serve every allocator. A learned allocator collects them in its
@@ -83,7 +91,8 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
                           batch_size=batch_size)
     source = "statistics pass" if stats_pass else "cached statistics" if stats is not None else f"model {allocator.needs}"
     if stats is None and not allocator.learned:
-        stats_or_layout = ModelLayout.of(base.model, weights=allocator.needs == NEEDS_WEIGHTS)
+        stats_or_layout = ModelLayout.of(base.model, weights=allocator.needs == NEEDS_WEIGHTS,
+                                         blocks=base.block_store(), device=base.device)
     else:
         stats_or_layout = stats
     t_stats = time.perf_counter() - t0
@@ -102,36 +111,54 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     targets = layer_targets(alloc.layer_sparsity,
                             list(zip(stats_or_layout.layer_block.tolist(), stats_or_layout.layer_names)), nm)
     # A model the caller passed in (e.g. the dashboard's cached dense model) is never modified: prune a copy.
-    # One this function loaded itself is pruned in place, which saves a model's worth of memory.
+    # One this function loaded itself is pruned in place, which saves a model's worth of memory; a streamed one
+    # holds only a skeleton (its blocks come from the checkpoint and go to the run's shards).
     model = copy.deepcopy(base.model) if loaded is not None else base.model
-    t0 = time.perf_counter()
-    report = prune_model(model, tokens, spec.method, targets, spec.scope, base.device, batch_size,
-                         progress=phase("prune"), should_cancel=should_cancel, method_params=spec.method_params)
-    t_prune = time.perf_counter() - t0
-    manifest = {
-        "key": spec.key(),
-        "label": spec.label(),
-        "spec": spec.identity(),
-        "model_summary": model_summary(base),
-        "versions": _versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "allocation": alloc.to_dict(),
-        "achieved": {
-            "overall": report.overall(),
-            "block": report.block_achieved().tolist(),
-            "layers": [vars(l) for l in report.layers],
-        },
-        # where the allocation's inputs came from: cached statistics, a statistics pass run now, or the model alone
-        "allocation_inputs": source,
-        "timings_s": {"statistics": round(t_stats, 2), **({"learn_allocation": round(t_learn, 2)} if learned is not None
-                                                          else {}), "prune": round(t_prune, 2)},
-        "memory": _peak_memory(),
-        "metrics": {},
-    }
-    t0 = time.perf_counter()
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp)
+    with atomic_dir(folder) as tmp:  # a streamed prune writes its shards here as it goes: no partial run appears
+        writer = None
+        if base.streamed:
+            from pruner.streaming import ShardWriter
+
+            writer = ShardWriter(tmp)
+        t0 = time.perf_counter()
+        report = prune_model(model, tokens, spec.method, targets, spec.scope, base.device, batch_size,
+                             progress=phase("prune"), should_cancel=should_cancel, method_params=spec.method_params,
+                             blocks=base.block_store(writer))
+        t_prune = time.perf_counter() - t0
+        manifest = {
+            "key": spec.key(),
+            "label": spec.label(),
+            "spec": spec.identity(),
+            "model_summary": model_summary(base),
+            "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "allocation": alloc.to_dict(),
+            "achieved": {
+                "overall": report.overall(),
+                "block": report.block_achieved().tolist(),
+                "layers": [vars(l) for l in report.layers],
+            },
+            # where the allocation's inputs came from: cached statistics, a statistics pass run now, or the model
+            "allocation_inputs": source,
+            "execution": {"streamed": base.streamed},
+            "timings_s": {"statistics": round(t_stats, 2),
+                          **({"learn_allocation": round(t_learn, 2)} if learned is not None else {}),
+                          "prune": round(t_prune, 2)},
+            "metrics": {},
+        }
+        t0 = time.perf_counter()
+        if writer is not None:
+            from pruner.streaming import outside_blocks_state
+
+            writer.add(outside_blocks_state(model))
+            writer.close()
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp)
         base.tokenizer.save_pretrained(tmp)
+        manifest["memory"] = _peak_memory()
         manifest["timings_s"]["save"] = round(time.perf_counter() - t0, 2)
         manifest["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

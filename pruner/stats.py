@@ -307,19 +307,29 @@ class ModelLayout:
     alpha: np.ndarray | None = None  # (L,) float64 PL_Alpha_Hill, or None when not computed
 
     @classmethod
-    def of(cls, model: nn.Module, weights: bool = False) -> "ModelLayout":
+    def of(cls, model: nn.Module, weights: bool = False, blocks=None, device=None) -> "ModelLayout":
+        """The layout of ``model``'s prunable layers and, with ``weights``, each one's PL_Alpha_Hill. ``blocks``
+        (a ``pruner.calibrate.BlockStore``, e.g. a streamed model's) provides each block's weights for its turn;
+        shapes alone need none."""
         from pruner.models import find_blocks, prunable_layers
 
-        names, blocks, shapes, alphas = [], [], [], []
+        names, block_of, shapes, alphas = [], [], [], []
         for index, block in enumerate(find_blocks(model)[1]):
-            for name, layer in prunable_layers(block).items():
-                w = weight_matrix(layer)
-                names.append(name)
-                blocks.append(index)
-                shapes.append((int(w.shape[0]), int(w.shape[1])))
-                if weights:
-                    alphas.append(layer_alpha(w))
-        return cls(names, np.asarray(blocks, dtype=np.int64), np.asarray(shapes, dtype=np.int64),
+            fetched = weights and blocks is not None
+            if fetched:
+                blocks.fetch(index, block, torch.device(device or "cpu"))
+            try:
+                for name, layer in prunable_layers(block).items():
+                    w = weight_matrix(layer)
+                    names.append(name)
+                    block_of.append(index)
+                    shapes.append((int(w.shape[0]), int(w.shape[1])))
+                    if weights:
+                        alphas.append(layer_alpha(w))
+            finally:
+                if fetched:
+                    blocks.release(index, block)
+        return cls(names, np.asarray(block_of, dtype=np.int64), np.asarray(shapes, dtype=np.int64),
                    np.asarray(alphas, dtype=np.float64) if weights else None)
 
     @property
@@ -405,12 +415,14 @@ class StatsCollector(StatsBuilder):
         return False
 
 
-def collect_stats(model: nn.Module, tokens: torch.Tensor, device, batch_size: int = 4, progress=None, should_cancel=None) -> Stats:
-    """Run the calibration loop on a dense model and return its ``Stats`` (timing in ``meta['seconds']``)."""
+def collect_stats(model: nn.Module, tokens: torch.Tensor, device, batch_size: int = 4, progress=None, should_cancel=None,
+                  blocks=None) -> Stats:
+    """Run the calibration loop on a dense model and return its ``Stats`` (timing in ``meta['seconds']``);
+    ``blocks``: where the blocks' weights come from (``pruner.calibrate.run_blockwise``)."""
     from pruner.calibrate import run_blockwise
 
     collector = StatsCollector()
     t0 = time.perf_counter()
     run_blockwise(model, tokens, collector, device=device, batch_size=batch_size, progress=progress,
-                  should_cancel=should_cancel)
+                  should_cancel=should_cancel, blocks=blocks)
     return collector.result({"seconds": round(time.perf_counter() - t0, 3)})

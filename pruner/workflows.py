@@ -203,6 +203,8 @@ class PruneRequest(Request):
     data_dir: str | None = None
     force: bool = False
     batch_size: int = 4
+    #: read blocks from the checkpoint one at a time and write pruned ones straight to disk (``pruner.streaming``)
+    stream: bool = False
 
     def __post_init__(self):
         _check_fits(self.spec.stats_spec)
@@ -283,7 +285,7 @@ def run_learn(req: LearnRequest, ctx: Context) -> dict:
 
 def run_prune(req: PruneRequest, ctx: Context) -> dict:
     folder = prune_to_run(req.spec, ctx.cache_dir, progress=ctx.progress, should_cancel=ctx.should_cancel,
-                          force=req.force, batch_size=req.batch_size)
+                          force=req.force, batch_size=req.batch_size, stream=req.stream)
     out = {"run": req.spec.key(), "folder": str(folder), "details": {}}
     if req.perplexity is not None:
         out["details"]["perplexity"] = r = _perplexity(folder, req.perplexity, req.data_dir, ctx)

@@ -57,3 +57,24 @@ def test_calib_spec_validation_and_presets():
         CalibSpec(dataset="pile")
     # where the local data sits does not change the cache key; local vs hub does
     assert CalibSpec(data_dir="/a").key() == CalibSpec(data_dir="/b").key() != CalibSpec(data_dir=None).key()
+
+
+def test_c4_stream_is_reused_until_the_file_changes(smollm2, tmp_path):
+    """The tokenized C4 stream is kept per (tokenizer, file): equal to a fresh tokenization, and a changed file is
+    tokenized again."""
+    import json
+    import os
+
+    from pruner.data import C4_FILE, c4_token_stream, token_stream
+
+    path = tmp_path / C4_FILE
+    path.parent.mkdir(parents=True)
+    path.write_text("\n".join(json.dumps({"text": t}) for t in ["one two three", "four five"]))
+    tok = smollm2.tokenizer
+    first = c4_token_stream(tok, tmp_path)
+    assert torch.equal(first, token_stream(tok, ["one two three", "four five"]))
+    assert c4_token_stream(tok, tmp_path) is first  # reused
+    path.write_text(json.dumps({"text": "six seven eight nine"}))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # a later modification time
+    second = c4_token_stream(tok, tmp_path)
+    assert torch.equal(second, token_stream(tok, ["six seven eight nine"]))
