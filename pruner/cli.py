@@ -248,7 +248,8 @@ def _check_chunks(args) -> None:
 def _perplexity_options(args):
     from pruner.workflows import PerplexityOptions
 
-    return PerplexityOptions(max_chunks=args.max_chunks, seqlen=getattr(args, "seqlen_eval", None))
+    return PerplexityOptions(max_chunks=args.max_chunks, seqlen=getattr(args, "seqlen_eval", None),
+                             stream=getattr(args, "stream", False))
 
 
 def _queued(job: int, what: str) -> int:
@@ -382,6 +383,8 @@ def cmd_eval(args) -> int:
     speed_spec = _speed_spec(args) if args.speed else None
     if args.speed and not args.run:
         raise BadInput("--speed compares a pruned run with its dense model: pass --run KEY")
+    if args.stream and (args.zeroshot or args.speed or not args.ppl):
+        raise BadInput("--stream applies to --ppl only; zero-shot accuracy and speed need the whole model in memory")
     data_dir = _data_dir(args.data_dir) if (args.ppl or args.zeroshot) else None
     source = "hub" if (args.zeroshot and data_dir is None) else "local"
     device = str(resolve_device(args.device))
@@ -403,8 +406,11 @@ def cmd_eval(args) -> int:
                           trust_remote_code=args.trust_remote_code)
         model_source(model)
         if args.ppl:
+            from pruner.models import load_model
+
+            loaded = load_model(model, _cache(args), stream=True) if args.stream else None
             results["perplexity"] = metrics.dense_perplexity(model, data_dir, _cache(args), max_chunks=args.max_chunks,
-                                                             seqlen=args.seqlen_eval,
+                                                             seqlen=args.seqlen_eval, loaded=loaded,
                                                              progress=_progress_bar("perplexity"))
             _print_ppl(f"dense {args.model}", results["perplexity"])
         if args.zeroshot:
@@ -598,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--run", help="run key printed by `prune`")
     p.add_argument("--ppl", action="store_true", help="WikiText-2 test perplexity")
+    p.add_argument("--stream", action="store_true",
+                   help="perplexity block by block over all chunks, each block read from the run's shards for its "
+                        "turn (memory: one block and the chunks' hidden states; same numbers)")
     p.add_argument("--max-chunks", type=int, help="first N chunks only (a partial estimate)")
     p.add_argument("--eval-seqlen", dest="seqlen_eval", type=int, help="evaluation window (default min(2048, context))")
     from pruner.evaluate.speed import DEFAULT_ROUNDS, MIN_RUNS, SpeedSpec

@@ -23,16 +23,39 @@ def perplexity_metric_name(result: dict) -> str:
 
 def evaluate_perplexity(folder: Path, data_dir: str | None, *, max_chunks: int | None = None,
                         seqlen: int | None = None, device: str = "cpu", batch_size: int = 1,
-                        progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None) -> dict:
-    """WikiText-2 test perplexity of a stored run; the result is added to its manifest."""
+                        progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None,
+                        stream: bool = False) -> dict:
+    """WikiText-2 test perplexity of a stored run; the result is added to its manifest. ``stream``: block by block
+    over all chunks, each block read from the run's shards for its turn (the model is never whole in memory)."""
     from pruner.evaluate.perplexity import wikitext2_perplexity
     from pruner.store import add_metrics
 
-    model, tokenizer = load_run(folder, device)
+    blocks = None
+    if stream:
+        model, tokenizer, blocks = stream_run(folder)
+    else:
+        model, tokenizer = load_run(folder, device)
     result = wikitext2_perplexity(model, tokenizer, data_dir, seqlen=seqlen, max_chunks=max_chunks, device=device,
-                                  batch_size=batch_size, progress=progress, should_cancel=should_cancel)
+                                  batch_size=batch_size, progress=progress, should_cancel=should_cancel,
+                                  blocks=blocks)
     add_metrics(folder, perplexity_metric_name(result), result)
     return result
+
+
+def stream_run(folder: Path):
+    """(skeleton model, tokenizer, block store) of a stored run, its blocks read from its shards on demand."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from pruner.models import find_blocks
+    from pruner.runs import LORA_SUBFOLDER
+    from pruner.streaming import Checkpoint, StreamedBlocks, build_skeleton
+
+    if (Path(folder) / LORA_SUBFOLDER).is_dir():
+        raise ValueError("a LoRA-recovered run is evaluated with its adapters attached, in memory; drop --stream")
+    model = build_skeleton(folder, torch.float32)  # float32, as load_run
+    blocks = StreamedBlocks(Checkpoint(folder), find_blocks(model)[0], torch.float32)
+    return model, AutoTokenizer.from_pretrained(folder), blocks
 
 
 def _dense_metrics_path(model_spec, cache_dir: Path | None) -> Path:
@@ -66,13 +89,17 @@ def dense_perplexity(model_spec, data_dir: str | None, cache_dir: Path | None = 
         if name.startswith("perplexity") and result["seqlen"] == seqlen and (
                 result["chunks"] == max_chunks or (max_chunks is None and not result["partial"])):
             return result
-    home = next(base.model.parameters()).device
-    try:  # weights live on CPU between uses; evaluate on the compute device
-        base.model.to(base.device)
+    if base.streamed:  # block by block, each block read from the checkpoint for its turn
         result = wikitext2_perplexity(base.model, base.tokenizer, data_dir, seqlen=seqlen, max_chunks=max_chunks,
-                                      device=base.device, batch_size=batch_size, progress=progress)
-    finally:
-        base.model.to(home)
+                                      device=base.device, progress=progress, blocks=base.block_store())
+    else:
+        home = next(base.model.parameters()).device
+        try:  # weights live on CPU between uses; evaluate on the compute device
+            base.model.to(base.device)
+            result = wikitext2_perplexity(base.model, base.tokenizer, data_dir, seqlen=seqlen, max_chunks=max_chunks,
+                                          device=base.device, batch_size=batch_size, progress=progress)
+        finally:
+            base.model.to(home)
     _update_dense_metric(model_spec, cache_dir, perplexity_metric_name(result), lambda _previous: result)
     return result
 

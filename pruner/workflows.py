@@ -62,6 +62,8 @@ class PerplexityOptions:
 
     max_chunks: int | None = None
     seqlen: int | None = None
+    #: block by block over all chunks, each block read from disk for its turn (same numbers; memory: one block)
+    stream: bool = False
 
     def __post_init__(self):
         if self.max_chunks is not None and not (isinstance(self.max_chunks, int) and self.max_chunks >= 1):
@@ -266,7 +268,8 @@ class RecoverRequest(Request):
 
 def _perplexity(folder: Path, options: PerplexityOptions, data_dir, ctx: Context) -> dict:
     return metrics.evaluate_perplexity(folder, data_dir, max_chunks=options.max_chunks, seqlen=options.seqlen,
-                               device=ctx.device, progress=ctx.phase("perplexity"), should_cancel=ctx.should_cancel)
+                                       device=ctx.device, progress=ctx.phase("perplexity"),
+                                       should_cancel=ctx.should_cancel, stream=options.stream)
 
 
 def run_stats(req: StatsRequest, ctx: Context) -> dict:

@@ -149,3 +149,36 @@ def test_cli_prune_stream(sharded_folder, tmp_path, data_dir):
     folder = tmp_path / "runs" / key
     assert json.loads((folder / "manifest.json").read_text())["execution"] == {"streamed": True}
     assert set(Checkpoint(folder).names()) == set(Checkpoint(sharded_folder).names())
+
+
+def test_streamed_perplexity_equals_whole_model(sharded_folder, data_dir, tmp_path):
+    """Block by block over all chunks, blocks read from the shards: the same per-chunk NLLs as the whole model."""
+    from pruner import metrics
+
+    spec = PruneSpec(model=ModelSpec(sharded_folder, device="cpu"),
+                     calib=CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir), allocator="uniform",
+                     method="wanda", sparsity=0.5)
+    folder = runs.run_prune(spec, tmp_path, stream=True)
+    whole = metrics.evaluate_perplexity(folder, data_dir, max_chunks=3, seqlen=64)
+    blockwise = metrics.evaluate_perplexity(folder, data_dir, max_chunks=3, seqlen=64, stream=True)
+    assert blockwise["chunk_mean_nll"] == pytest.approx(whole["chunk_mean_nll"], rel=1e-6)
+    assert blockwise["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
+
+
+def test_streamed_dense_perplexity_of_smollm2(smollm2, data_dir, tmp_path):
+    """The bundled model's first chunk, whole model vs blocks streamed from its checkpoint (tied head)."""
+    from pruner.metrics import dense_perplexity
+    from pruner.models import load_model
+
+    spec = ModelSpec("smollm2-135m", device="cpu")
+    whole = dense_perplexity(spec, data_dir, _sharing_models(tmp_path / "a"), max_chunks=1, loaded=smollm2)
+    streamed = dense_perplexity(spec, data_dir, _sharing_models(tmp_path / "b"), max_chunks=1,
+                                loaded=load_model(spec, stream=True))
+    assert streamed["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
+
+
+def test_cli_stream_refuses_what_needs_the_whole_model(tmp_path, data_dir):
+    from tests.test_cli import run_cli
+
+    r = run_cli("eval", "--run", "0123456789abcdef", "--zeroshot", "--stream", cache=tmp_path, data_dir=data_dir)
+    assert r.returncode == 2 and "--stream applies to --ppl only" in r.stderr

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from pruner.calibrate import Cancelled
+from pruner.calibrate import Cancelled, run_blockwise
 from pruner.data import wikitext2_text
 from pruner.intervals import perplexity_over_chunks
 
@@ -87,12 +87,63 @@ def perplexity_of_chunks(model, chunks: torch.Tensor, device, batch_size: int = 
     return math.exp(total_nll / count), count, chunk_mean_nll
 
 
+class _BlocksOnly:
+    """A calibration-loop observer that only runs the blocks (no hooks, weights unchanged)."""
+
+    first_pass_outputs_unused = False
+
+    def attach(self, index, block, layers):
+        return []
+
+    def finish(self, index, block, layers) -> bool:
+        return False
+
+
+def _final_norm(model) -> torch.nn.Module:
+    base = model.base_model if hasattr(model, "base_model") else model
+    norm = getattr(base, "norm", None)
+    if norm is None:
+        raise ValueError(f"{type(model).__name__} has no final norm at base_model.norm; blockwise perplexity "
+                         "supports the Llama-style layout only (evaluate it in memory instead)")
+    return norm
+
+
+@torch.no_grad()
+def perplexity_of_chunks_blockwise(model, chunks: torch.Tensor, device, blocks,
+                                   progress: Callable[[int, int], None] | None = None,
+                                   should_cancel: Callable[[], bool] | None = None) -> tuple[float, int, list[float]]:
+    """``perplexity_of_chunks`` computed the other way round: every chunk goes through block 0, then through block
+    1, ... (the calibration loop, ``pruner.calibrate.run_blockwise``, with ``blocks`` providing each block's
+    weights for its turn, e.g. streamed from disk), then through the final norm and head one chunk at a time.
+    Each block is read once for all chunks; memory holds the chunks' hidden states and one block. Same numbers as
+    the whole-model forward. ``progress`` counts blocks."""
+    hidden = run_blockwise(model, chunks, _BlocksOnly(), device=device, batch_size=1, progress=progress,
+                           should_cancel=should_cancel, blocks=blocks)  # (n, T, hidden) leaving the last block
+    norm, head = _final_norm(model), model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    total_nll, count, chunk_mean_nll = 0.0, 0, []
+    for row in range(len(chunks)):
+        logits = head(norm(hidden[row : row + 1].to(device)))[0]  # (T, vocab)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        ids = chunks[row].to(device)
+        targets = torch.cat([ids[1:], torch.full_like(ids[:1], IGNORE)])
+        nll = summed_nll(logits, targets)
+        total_nll += nll
+        chunk_mean_nll.append(nll / (len(ids) - 1))
+        count += len(ids) - 1
+        del logits
+    return math.exp(total_nll / count), count, chunk_mean_nll
+
+
 def wikitext2_perplexity(model, tokenizer, data_dir=None, split: str = "test", seqlen: int | None = None,
                          max_chunks: int | None = None, device=None, batch_size: int = 1,
                          progress: Callable[[int, int], None] | None = None,
-                         should_cancel: Callable[[], bool] | None = None) -> dict:
+                         should_cancel: Callable[[], bool] | None = None, blocks=None) -> dict:
     """The papers' WikiText-2 perplexity; ``max_chunks`` gives a quick estimate, flagged ``partial``. The result
-    keeps each chunk's mean NLL and the evaluation interval they give (``pruner.intervals``)."""
+    keeps each chunk's mean NLL and the evaluation interval they give (``pruner.intervals``). ``blocks`` (a
+    ``pruner.calibrate.BlockStore``): evaluate block by block over all chunks, each block fetched once (a streamed
+    model's skeleton); else the whole model runs chunk by chunk."""
     device = device if device is not None else next(model.parameters()).device
     seqlen = seqlen or default_seqlen(model)
     # Tokenizer defaults, as the papers' code: a BOS (if the tokenizer adds one) opens the stream, not each chunk.
@@ -100,7 +151,11 @@ def wikitext2_perplexity(model, tokenizer, data_dir=None, split: str = "test", s
     chunks = chunk_stream(ids, seqlen, max_chunks)
     full = ids.numel() // seqlen
     t0 = time.perf_counter()
-    ppl, count, chunk_mean_nll = perplexity_of_chunks(model, chunks, device, batch_size, progress, should_cancel)
+    if blocks is None:
+        ppl, count, chunk_mean_nll = perplexity_of_chunks(model, chunks, device, batch_size, progress, should_cancel)
+    else:
+        ppl, count, chunk_mean_nll = perplexity_of_chunks_blockwise(model, chunks, device, blocks, progress,
+                                                                    should_cancel)
     seconds = time.perf_counter() - t0
     return {
         "dataset": f"wikitext2-{split}",
