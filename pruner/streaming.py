@@ -25,8 +25,9 @@ from pruner.models import find_blocks
 #: File names of a Hugging Face safetensors checkpoint: one file, or shards listed in an index.
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-#: Output shards are closed once they hold this many bytes (the pending shard is the writer's only buffer).
-DEFAULT_SHARD_BYTES = 2 * 2**30
+#: Output shards are closed once they would exceed this many bytes. The pending shard is the writer's only buffer,
+#: so this bounds the memory it adds (whatever the depth); a tensor larger than it gets a shard of its own.
+DEFAULT_SHARD_BYTES = 512 * 2**20
 
 
 class Checkpoint:
@@ -119,8 +120,8 @@ class ShardWriter:
             size = tensor.numel() * tensor.element_size()
             if self._pending and self._pending_bytes + size > self.max_shard_bytes:
                 self._flush()
-            # a copy on CPU, contiguous: the block's own storage is released right after
-            self._pending[name] = tensor.detach().to("cpu", copy=True).contiguous()
+            # no copy on CPU: the reference keeps the released block's storage alive until the shard is written
+            self._pending[name] = tensor.detach().to("cpu").contiguous()
             self._pending_bytes += size
             self.total_bytes += size
 

@@ -1,0 +1,146 @@
+"""Streamed pruning of models with LLaMA-7B block shapes: is memory flat in depth and time per block constant?
+
+Builds random-init Llama checkpoints (hidden 4096, intermediate 11008, 32 heads, SmolLM2's tokenizer and its
+49,152-token vocabulary, tied head) at several depths, written block by block as sharded safetensors (the model
+is never whole in memory, here either), then prunes each with `python -m pruner prune --stream` in a fresh
+process (tiny calibration preset, uniform 50%) and reports that process's peak RSS (VmHWM) and prune time per
+block. Targets (issue 14): peak at the deepest ≤ 1.25 × the peak at the shallowest; time per block within 1.2×.
+
+    python -m bench.stream_memory [--depths 2 4 8] [--methods wanda sparsegpt] [--keep DIR]
+
+Needs about 1 GB of disk per block for the checkpoint and as much for the pruned run (deleted afterwards unless
+--keep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import git_rev, machine
+from bench.prune_speed import REPORT_PEAK
+from pruner.store import PROJECT_ROOT, default_data_dir
+
+#: LLaMA-7B's block shapes (Touvron et al. 2023).
+HIDDEN, INTERMEDIATE, HEADS = 4096, 11008, 32
+#: Initialisation scale of the random weights (the Llama config's initializer_range).
+INIT_STD = 0.02
+
+
+def build_checkpoint(folder: Path, depth: int, tokenizer_folder: Path) -> int:
+    """A random Llama of ``depth`` blocks written block by block into shards; returns its parameter count."""
+    import transformers as tf
+    from accelerate import init_empty_weights
+
+    from pruner.models import find_blocks
+    from pruner.streaming import ShardWriter, outside_blocks_state
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(tokenizer_folder)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                            num_hidden_layers=depth, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                            max_position_embeddings=2048, tie_word_embeddings=True,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    with init_empty_weights(include_buffers=False):
+        model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    path, blocks = find_blocks(model)
+    writer = ShardWriter(folder)
+    generator = torch.Generator().manual_seed(0)
+    count = 0
+
+    def fill(module: torch.nn.Module) -> None:
+        module.to_empty(device="cpu")
+        for name, p in module.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight") or p.dim() == 1:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, INIT_STD, generator=generator)
+
+    for i, block in enumerate(blocks):
+        fill(block)
+        writer.add({f"{path}.{i}.{n}": t for n, t in block.state_dict().items()})
+        count += sum(p.numel() for p in block.parameters())
+        block.to("meta")
+    base = model.base_model
+    fill(base.embed_tokens)
+    fill(base.norm)
+    model.tie_weights()
+    outside = outside_blocks_state(model)
+    count += sum(t.numel() for t in outside.values())
+    writer.add(outside)
+    writer.close()
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return count
+
+
+def prune_streamed(folder: Path, method: str, cache: Path, data_dir: str) -> tuple[float, dict]:
+    """Peak RSS (GiB) of a fresh `prune --stream` process and its manifest."""
+    cmd = [sys.executable, "-c", REPORT_PEAK, "prune", "--model", str(folder), "--stream", "--preset", "tiny",
+           "--allocator", "uniform", "--method", method, "--sparsity", "0.5", "--cache-dir", str(cache),
+           "--data-dir", data_dir]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(f"prune failed:\n{r.stderr[-3000:]}")
+    peak = int(r.stderr.strip().splitlines()[-1].split()[-1]) / 2**20
+    key = r.stdout.split()[1].rstrip(":")
+    manifest = json.loads((cache / "runs" / key / "manifest.json").read_text())
+    shutil.rmtree(cache / "runs" / key)
+    return peak, manifest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depths", nargs="+", type=int, default=[2, 4, 8])
+    ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
+    ap.add_argument("--keep", type=Path, help="build the checkpoints here and keep them")
+    args = ap.parse_args()
+    data_dir = str(default_data_dir())
+    tokenizer_folder = PROJECT_ROOT / "cache" / "models" / "smollm2-135m"
+    if not tokenizer_folder.is_dir():
+        raise SystemExit("run `python -m pruner stats --preset tiny` once first: the bench borrows the converted "
+                         "SmolLM2's tokenizer")
+    root = args.keep or Path(tempfile.mkdtemp(prefix="stream-bench-", dir=PROJECT_ROOT / "cache"))
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"# streamed prune, random Llama with LLaMA-7B blocks ({HIDDEN} hidden, {INTERMEDIATE} intermediate), "
+          f"fp32, calibration preset tiny (8 × 128), uniform 50%")
+    print(f"# machine: {machine()}; commit {git_rev()}")
+    print("| method | blocks | fp32 weights GiB | peak RSS GiB | peak ÷ shallowest | prune s | s per block "
+          "| per block ÷ shallowest |")
+    print("|---|---|---|---|---|---|---|---|")
+    try:
+        rows = {m: [] for m in args.methods}
+        for depth in args.depths:
+            folder = root / f"llama7b-shape-{depth}"
+            if not (folder / "config.json").is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                t0 = time.perf_counter()
+                params = build_checkpoint(folder, depth, tokenizer_folder)
+                print(f"# built {folder.name}: {params / 1e9:.2f} B parameters in {time.perf_counter() - t0:.0f} s",
+                      flush=True)
+            weights_gb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**30
+            for method in args.methods:
+                peak, manifest = prune_streamed(folder, method, root / "cache", data_dir)
+                per_block = manifest["timings_s"]["prune"] / depth
+                rows[method].append((depth, peak, per_block))
+                first = rows[method][0]
+                print(f"| {method} | {depth} | {weights_gb:.2f} | {peak:.2f} | {peak / first[1]:.3f} "
+                      f"| {manifest['timings_s']['prune']:.1f} | {per_block:.1f} | {per_block / first[2]:.3f} |",
+                      flush=True)
+            if args.keep is None:
+                shutil.rmtree(folder)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
