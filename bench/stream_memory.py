@@ -7,6 +7,10 @@ process (tiny calibration preset, uniform 50%) and reports that process's peak R
 block. Targets (issue 14): peak at the deepest ≤ 1.25 × the peak at the shallowest; time per block within 1.2×.
 
     python -m bench.stream_memory [--depths 2 4 8] [--methods wanda sparsegpt] [--keep DIR]
+    python -m bench.stream_memory --capped 8     # prune and evaluate under a memory cap of half the fp32 weights
+
+`--capped` puts the prune and a streamed perplexity (2 chunks of 128 tokens) in a cgroup-v1 memory group whose
+limit is half the checkpoint's size (page cache counts and is reclaimed; resident memory cannot exceed it).
 
 Needs about 1 GB of disk per block for the checkpoint and as much for the pruned run (deleted afterwards unless
 --keep).
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -97,11 +102,64 @@ def prune_streamed(folder: Path, method: str, cache: Path, data_dir: str) -> tup
     return peak, manifest
 
 
+def _memory_cgroup_root() -> Path:
+    """This process's cgroup-v1 memory group (where a child group with a limit can be made)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+    raise SystemExit("no cgroup-v1 memory controller here: --capped needs one (or run under systemd-run -p MemoryMax)")
+
+
+def capped_run(folder: Path, method: str, cache: Path, data_dir: str) -> None:
+    """Prune ``folder`` streamed, then its streamed perplexity, both in a memory group capped at half its weights."""
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    limit = weights // 2
+    group = _memory_cgroup_root() / f"pruner-bench-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        if (group / "memory.memsw.limit_in_bytes").exists():  # no escape into swap
+            (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        enter = f"echo $$ > {group}/cgroup.procs && exec \"$@\""
+        base = ["sh", "-c", enter, "sh", sys.executable, "-c", REPORT_PEAK]
+        common = ["--cache-dir", str(cache), "--data-dir", data_dir]
+        t0 = time.perf_counter()
+        r = subprocess.run(base + ["prune", "--model", str(folder), "--stream", "--preset", "tiny", "--allocator",
+                                   "uniform", "--method", method, "--sparsity", "0.5"] + common,
+                           capture_output=True, text=True, cwd=PROJECT_ROOT)
+        if r.returncode != 0:
+            raise SystemExit(f"capped prune failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+        prune_peak = int(r.stderr.strip().splitlines()[-1].split()[-1]) / 2**20
+        key = r.stdout.split()[1].rstrip(":")
+        t_prune = time.perf_counter() - t0
+        r = subprocess.run(base + ["eval", "--run", key, "--ppl", "--stream", "--max-chunks", "2", "--eval-seqlen",
+                                   "128"] + common, capture_output=True, text=True, cwd=PROJECT_ROOT)
+        if r.returncode != 0:
+            raise SystemExit(f"capped evaluation failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+        eval_peak = int(r.stderr.strip().splitlines()[-1].split()[-1]) / 2**20
+        ppl_line = next(line for line in r.stdout.splitlines() if "perplexity" in line)
+        group_peak = int((group / "memory.max_usage_in_bytes").read_text()) / 2**30
+        failcnt = int((group / "memory.failcnt").read_text())
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            (group.parent / "cgroup.procs").write_text(pid)
+        group.rmdir()
+    print(f"# capped: {folder.name}, fp32 weights {weights / 2**30:.2f} GiB, cap {limit / 2**30:.2f} GiB "
+          f"(weights ÷ cap = {weights / limit:.2f})")
+    print(f"prune --stream ({method}): completed in {t_prune:.0f} s, peak RSS {prune_peak:.2f} GiB")
+    print(f"eval --ppl --stream (2 × 128 tokens): peak RSS {eval_peak:.2f} GiB; {ppl_line.strip()}")
+    print(f"the group's peak usage, page cache included: {group_peak:.2f} GiB; times the cap was hit "
+          f"(page cache reclaimed): {failcnt}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depths", nargs="+", type=int, default=[2, 4, 8])
     ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
     ap.add_argument("--keep", type=Path, help="build the checkpoints here and keep them")
+    ap.add_argument("--capped", type=int, metavar="DEPTH",
+                    help="only: prune (first --methods) and evaluate a DEPTH-block model capped at half its weights")
     args = ap.parse_args()
     data_dir = str(default_data_dir())
     tokenizer_folder = PROJECT_ROOT / "cache" / "models" / "smollm2-135m"
@@ -110,6 +168,18 @@ def main() -> None:
                          "SmolLM2's tokenizer")
     root = args.keep or Path(tempfile.mkdtemp(prefix="stream-bench-", dir=PROJECT_ROOT / "cache"))
     root.mkdir(parents=True, exist_ok=True)
+    if args.capped:
+        folder = root / f"llama7b-shape-{args.capped}"
+        try:
+            if not (folder / "config.json").is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                build_checkpoint(folder, args.capped, tokenizer_folder)
+            print(f"# machine: {machine()}; commit {git_rev()}")
+            capped_run(folder, args.methods[0], root / "cache", data_dir)
+        finally:
+            if args.keep is None:
+                shutil.rmtree(root, ignore_errors=True)
+        return
     print(f"# streamed prune, random Llama with LLaMA-7B blocks ({HIDDEN} hidden, {INTERMEDIATE} intermediate), "
           f"fp32, calibration preset tiny (8 × 128), uniform 50%")
     print(f"# machine: {machine()}; commit {git_rev()}")
