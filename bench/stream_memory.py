@@ -183,9 +183,9 @@ def main() -> None:
     print(f"# streamed prune, random Llama with LLaMA-7B blocks ({HIDDEN} hidden, {INTERMEDIATE} intermediate), "
           f"fp32, calibration preset tiny (8 × 128), uniform 50%")
     print(f"# machine: {machine()}; commit {git_rev()}")
-    print("| method | blocks | fp32 weights GiB | peak RSS GiB | peak ÷ shallowest | prune s | s per block "
-          "| per block ÷ shallowest |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method | blocks | fp32 weights GiB | peak RSS GiB | peak ÷ shallowest | planned GiB | peak ÷ planned "
+          "| prune s | s per block | per block ÷ shallowest |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     try:
         rows = {m: [] for m in args.methods}
         for depth in args.depths:
@@ -202,9 +202,10 @@ def main() -> None:
                 per_block = manifest["timings_s"]["prune"] / depth
                 rows[method].append((depth, peak, per_block))
                 first = rows[method][0]
-                print(f"| {method} | {depth} | {weights_gb:.2f} | {peak:.2f} | {peak / first[1]:.3f} "
-                      f"| {manifest['timings_s']['prune']:.1f} | {per_block:.1f} | {per_block / first[2]:.3f} |",
-                      flush=True)
+                planned = manifest["memory"]["planned_peak_gb"]
+                print(f"| {method} | {depth} | {weights_gb:.2f} | {peak:.2f} | {peak / first[1]:.3f} | {planned:.2f} "
+                      f"| {peak / planned:.3f} | {manifest['timings_s']['prune']:.1f} | {per_block:.1f} "
+                      f"| {per_block / first[2]:.3f} |", flush=True)
             if args.keep is None:
                 shutil.rmtree(folder)
     finally:

@@ -14,6 +14,7 @@ from pruner.allocation import ALLOCATORS, NEEDS_STATISTICS, NEEDS_WEIGHTS, alloc
 from pruner.api import cached_learned, get_stats, learn_allocation, learned_layer_sparsity, load_cached_stats
 from pruner.cache import CacheLayout, check_key
 from pruner.data import calibration_tokens
+from pruner.memory_plan import check_fits, plan_for_spec
 from pruner.models import LoadedModel, load_model, model_summary
 from pruner.stats import ModelLayout
 from pruner.store import MANIFEST, atomic_dir, read_manifest
@@ -71,6 +72,9 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
         return folder
     phase = (lambda name: (lambda d, t: progress(name, d, t))) if progress else (lambda name: None)
     t_start = time.perf_counter()
+    # memory is planned before anything is loaded: a prune that cannot fit is refused with the numbers
+    plan = plan_for_spec(spec, cache_dir, batch_size=batch_size, streamed=stream and loaded is None)
+    check_fits(plan, streamed=stream and loaded is None)
     base = loaded if loaded is not None else load_model(spec.model, cache_dir, stream=stream)
     allocator = ALLOCATORS[spec.allocator]
     if base.streamed and allocator.learned and cached_learned(spec.stats_spec, spec.allocator, spec.sparsity,
@@ -158,7 +162,8 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
         else:
             model.save_pretrained(tmp)
         base.tokenizer.save_pretrained(tmp)
-        manifest["memory"] = _peak_memory()
+        manifest["memory"] = {**_peak_memory(), "planned_peak_gb": round(plan.total / 2**30, 3),
+                              "plan_gb": {k: round(v / 2**30, 3) for k, v in plan.parts.items()}}
         manifest["timings_s"]["save"] = round(time.perf_counter() - t0, 2)
         manifest["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
