@@ -17,16 +17,15 @@ from pruner.specs import CalibSpec, ModelSpec, StatsSpec
 from pruner.store import default_data_dir
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--draws", type=int, default=2000)
-    ap.add_argument("--preset", default="tiny")
-    args = ap.parse_args()
-    spec = StatsSpec(ModelSpec("smollm2-135m", device="cpu"), CalibSpec.preset(args.preset, data_dir=str(default_data_dir())))
-    stats = api.get_stats(spec)
-    rng = np.random.default_rng(0)
-    times = {"owl": [], "all five": []}
-    for _ in range(args.draws):
+def time_updates(stats, draws: int, seed: int = 0) -> dict[str, list[float]]:
+    """Milliseconds per update for ``draws`` random (M, S, λ): "owl" (OWL alone) and "all" (every formula
+    allocator, λ and M given to those that take them), from the cached statistics."""
+    from pruner.allocation import ALLOCATORS
+
+    rng = np.random.default_rng(seed)
+    names = formula_allocators()
+    times: dict[str, list[float]] = {"owl": [], "all": []}
+    for _ in range(draws):
         m = float(rng.uniform(1, 20))
         S = float(rng.uniform(0.1, 0.9))
         lod = stats.lod(m)
@@ -34,11 +33,22 @@ def main():
         t0 = time.perf_counter()
         allocate("owl", stats, S, lam=lam, m=m)
         t1 = time.perf_counter()
-        for name in formula_allocators():
-            allocate(name, stats, S, lam=lam, m=m)
+        for name in names:
+            allocate(name, stats, S, **ALLOCATORS[name].pick({"lam": lam, "m": m}))
         t2 = time.perf_counter()
         times["owl"].append((t1 - t0) * 1e3)
-        times["all five"].append((t2 - t1) * 1e3)
+        times["all"].append((t2 - t1) * 1e3)
+    return times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--draws", type=int, default=2000)
+    ap.add_argument("--preset", default="tiny")
+    args = ap.parse_args()
+    spec = StatsSpec(ModelSpec("smollm2-135m", device="cpu"), CalibSpec.preset(args.preset, data_dir=str(default_data_dir())))
+    stats = api.get_stats(spec)
+    times = time_updates(stats, args.draws)
     print(f"# allocation latency, {stats.n_blocks} blocks / {len(stats.layer_names)} layers, {args.draws} draws")
     print(f"# machine: {machine()}; commit {git_rev()}")
     print(f"{'update':<10} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}")

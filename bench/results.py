@@ -141,26 +141,12 @@ def allocations_table(session: Session) -> str:
 
 def latency_table(session: Session) -> str:
     """What one slider move costs the server: OWL alone, and every formula allocator, from cached statistics."""
-    from pruner.allocation import allocate, formula_allocators, owl_lambda_max
+    from bench.allocation_latency import time_updates
+    from pruner.allocation import formula_allocators
 
-    stats = session.stats()
-    rng = np.random.default_rng(0)
-    owl, every = [], []
     names = formula_allocators()
-    for _ in range(LATENCY_DRAWS):
-        m = float(rng.uniform(1, 20))
-        S = float(rng.uniform(0.1, 0.9))
-        lod = stats.lod(m)
-        lam = float(rng.uniform(0, 0.99)) * min(0.2, owl_lambda_max(lod, S), owl_lambda_max(lod, S, inverse=True))
-        t0 = time.perf_counter()
-        allocate("owl", stats, S, lam=lam, m=m)
-        t1 = time.perf_counter()
-        for name in names:
-            params = {"lam": lam, "m": m} if name in ("owl", "owl_inverse") else {}
-            allocate(name, stats, S, **params)
-        t2 = time.perf_counter()
-        owl.append((t1 - t0) * 1e3)
-        every.append((t2 - t1) * 1e3)
+    times = time_updates(session.stats(), LATENCY_DRAWS)
+    owl, every = times["owl"], times["all"]
     lines = [f"{LATENCY_DRAWS} random draws of M ∈ [1, 20], S ∈ [0.1, 0.9], λ below its allowed maximum; target p95 ≤ 20 ms.",
              "", "| update | p50 ms | p95 ms | max ms |", "|---|---|---|---|"]
     for label, v in (("OWL (lod(M) + formula + expansion to layers)", owl),
