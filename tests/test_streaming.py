@@ -171,8 +171,9 @@ def test_streamed_dense_perplexity_of_smollm2(smollm2, data_dir, tmp_path):
     from pruner.models import load_model
 
     spec = ModelSpec("smollm2-135m", device="cpu")
-    whole = dense_perplexity(spec, data_dir, _sharing_models(tmp_path / "a"), max_chunks=1, loaded=smollm2)
-    streamed = dense_perplexity(spec, data_dir, _sharing_models(tmp_path / "b"), max_chunks=1,
+    whole = dense_perplexity(spec, data_dir, _sharing_models(tmp_path / "a"), max_chunks=1, seqlen=256,
+                             loaded=smollm2)
+    streamed = dense_perplexity(spec, data_dir, _sharing_models(tmp_path / "b"), max_chunks=1, seqlen=256,
                                 loaded=load_model(spec, stream=True))
     assert streamed["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
 
