@@ -49,6 +49,31 @@ seeds = c[3].number_input("Calibration seeds", 1, 10, 1, key="grid_seeds",
                                "perplexity the Compare page shows with a seed interval; 3 or more to rank allocators")
 nm = None if pattern == "unstructured" else NM.parse(pattern)
 targets = [nm.sparsity] if nm else sparsities
+stream = st.checkbox("Stream blocks from disk", False, key="grid_stream",
+                     help="read one decoder block at a time from the checkpoint and write pruned blocks straight to "
+                          "the run's shards: memory holds one block instead of the model (same pruned weights)")
+
+
+@st.cache_data(show_spinner=False)
+def _planned(model, calib, method: str, streamed: bool) -> tuple[int, str]:
+    from pruner.memory_plan import plan_for_spec
+
+    spec = PruneSpec(model=model, calib=calib, allocator="uniform", method=method, sparsity=0.5)
+    plan = plan_for_spec(spec, sel.cache_dir, batch_size=4, streamed=streamed)
+    return plan.total, plan.text()
+
+
+if methods:  # memory is planned before a job starts; show the plan so that a refusal is no surprise
+    from pruner.memory_plan import available_bytes, gib
+
+    allowed, source = available_bytes()
+    plans = {m: _planned(sel.model, sel.calib, m, stream) for m in methods}
+    st.caption("Planned peak memory per job: " + "; ".join(f"{m} {gib(total)}" for m, (total, _) in plans.items())
+               + (f" — allowed {gib(allowed)} ({source})" if allowed else ""))
+    for m, (total, text) in plans.items():
+        if allowed is not None and total > allowed:
+            st.warning(f"{m} would need {text}, more than the {gib(allowed)} allowed: it will be refused. "
+                       + ("" if stream else "Tick 'Stream blocks from disk', or ") + "use fewer calibration samples.")
 n_jobs = len(allocators) * len(methods) * len(targets) * int(seeds)
 go = st.button(f"Queue {n_jobs} job(s) (allocators × methods × sparsities × seeds)", type="primary", key="grid_go",
                disabled=n_jobs == 0)
@@ -61,7 +86,8 @@ if go:
                              allocator=alloc, method=method, sparsity=S,
                              allocator_params=ALLOCATORS[alloc].pick(values), method_params=METHODS[method].pick(values),
                              nm=str(nm) if nm else None)
-            queue(sel, PruneRequest(spec, PerplexityOptions(max_chunks or None) if ppl else None, data_dir=sel.data_dir))
+            queue(sel, PruneRequest(spec, PerplexityOptions(max_chunks or None, stream=stream) if ppl else None,
+                                    data_dir=sel.data_dir, stream=stream))
             queued += 1
         except ValueError as err:
             errors.append(f"{alloc} × {method} × {S:g} (seed {sel.calib.seed + i}): {err}")

@@ -160,7 +160,7 @@ def test_allocation_prefills_prune(app):
     assert "Prune" in app.title[0].value
 
 
-def test_prune_page_queues_jobs_and_lists_runs(app, cached):
+def test_prune_page_queues_jobs_and_lists_runs(app, cached, monkeypatch):
     go(app, "prune")
     assert any("wanda + owl" in m.value for m in app.markdown)  # the finished run, with a download button
     assert any(b.label == "Download zip" for b in app.get("download_button"))
@@ -170,11 +170,13 @@ def test_prune_page_queues_jobs_and_lists_runs(app, cached):
     app.multiselect[0].set_value(["uniform"])
     app.multiselect[2].set_value([0.6])
     app.checkbox[0].uncheck()
+    app.checkbox(key="grid_stream").check().run()
+    assert any(c.value.startswith("Planned peak memory per job: wanda ") for c in app.caption)
     app.button(key="grid_go").click().run()
     assert any("Queued 1 job" in s.value for s in app.success)
     store = JobStore(default_db(cached[0]))
     job = store.list()[0]
-    assert job.label == "wanda + uniform @ 60%" and job.request.spec.sparsity == 0.6
+    assert job.label == "wanda + uniform @ 60%" and job.request.spec.sparsity == 0.6 and job.request.stream
     store.cancel(job.id)  # stop the real worker soon
     end = time.time() + 120
     while store.get(job.id).state not in ("done", "failed", "cancelled") and time.time() < end:
@@ -185,6 +187,11 @@ def test_prune_page_queues_jobs_and_lists_runs(app, cached):
     rec = next(j for j in store.list() if j.kind == "recover")
     assert rec.label == f"LoRA recovery (r=8, 100 steps) of run {cached[2].key()}" and rec.request.perplexity.max_chunks == 1
     store.cancel(rec.id)
+    # a job over the memory allowed is announced before it is queued (workers are already running: they keep
+    # the environment they started with)
+    monkeypatch.setenv("PRUNER_MEMORY_LIMIT", "100MiB")
+    app.run()
+    assert any("will be refused" in w.value and "allowed" in w.value for w in app.warning)
 
 
 def test_compare_page(app, cached):
