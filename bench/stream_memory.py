@@ -43,18 +43,15 @@ INIT_STD = 0.02
 def build_checkpoint(folder: Path, depth: int, tokenizer_folder: Path) -> int:
     """A random Llama of ``depth`` blocks written block by block into shards; returns its parameter count."""
     import transformers as tf
-    from accelerate import init_empty_weights
-
     from pruner.models import find_blocks
-    from pruner.streaming import ShardWriter, outside_blocks_state
+    from pruner.streaming import ShardWriter, empty_model, outside_blocks_state
 
     tokenizer = tf.AutoTokenizer.from_pretrained(tokenizer_folder)
     config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
                             num_hidden_layers=depth, num_attention_heads=HEADS, num_key_value_heads=HEADS,
                             max_position_embeddings=2048, tie_word_embeddings=True,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    with init_empty_weights(include_buffers=False):
-        model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = empty_model(config, torch.float32)
     path, blocks = find_blocks(model)
     writer = ShardWriter(folder)
     generator = torch.Generator().manual_seed(0)

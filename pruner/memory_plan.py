@@ -50,25 +50,14 @@ class MemoryPlan:
         return f"about {gib(self.total)} (" + ", ".join(f"{k} {gib(v)}" for k, v in self.parts.items()) + ")"
 
 
-def _skeleton(config):
-    """The model on the meta device (no memory)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=getattr(config, "_trust_remote_code", False))
-    model.tie_weights()  # a head tied to the embeddings is one tensor, counted once
-    return model
-
-
 def plan_prune(config, *, dtype_bytes: int, method: str, nsamples: int, seqlen: int, batch_size: int,
-               streamed: bool, needs_inputs: bool = True) -> MemoryPlan:
+               streamed: bool, needs_inputs: bool = True, trust_remote_code: bool = False) -> MemoryPlan:
     """The plan of a prune of the model ``config`` (a transformers config) describes."""
     from pruner.calibrate import mini_batch_size
     from pruner.models import find_blocks, layer_shape, prunable_layers
-    from pruner.streaming import DEFAULT_SHARD_BYTES
+    from pruner.streaming import DEFAULT_SHARD_BYTES, empty_model
 
-    model = _skeleton(config)
+    model = empty_model(config, trust_remote_code=trust_remote_code)
     cfg = model.config
     _, blocks = find_blocks(model)
     block_bytes = [sum(p.numel() for p in b.parameters()) * dtype_bytes for b in blocks]
@@ -118,7 +107,8 @@ def plan_for_spec(spec, cache_dir=None, *, batch_size: int, streamed: bool) -> M
                                         **({"revision": spec.model.revision} if source == "hub" else {}))
     return plan_prune(config, dtype_bytes=4 if spec.model.dtype == "float32" else 2, method=spec.method,
                       nsamples=spec.calib.nsamples, seqlen=spec.calib.seqlen, batch_size=batch_size,
-                      streamed=streamed, needs_inputs=METHODS[spec.method].needs_inputs)
+                      streamed=streamed, needs_inputs=METHODS[spec.method].needs_inputs,
+                      trust_remote_code=spec.model.trust_remote_code)
 
 
 def parse_bytes(text: str) -> int:

@@ -72,18 +72,27 @@ def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, tor
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
+def empty_model(config, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM ``config`` describes with every parameter on the meta device (no memory) and a tied head tied;
+    buffers stay real (rotary tables are computed at construction and are not in checkpoints). Eval mode, no grad."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                 **({"dtype": dtype} if dtype is not None else {}))
+    model.tie_weights()
+    return model.eval().requires_grad_(False)
+
+
 def build_skeleton(folder: str | os.PathLike, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """The causal LM of ``folder`` with its decoder blocks' parameters on the meta device and every other module
     loaded (in ``dtype``); tied weights (a head tied to the embeddings) are tied again. Eval mode, no grad."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     checkpoint = Checkpoint(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    # buffers stay real: rotary tables are computed at construction and are not in the checkpoint
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.eval().requires_grad_(False)
+    model = empty_model(config, dtype, trust_remote_code)
     prefix = find_blocks(model)[0] + "."
     outside = [n for n in checkpoint.names() if not n.startswith(prefix)]
     result = model.load_state_dict(_cast(checkpoint.read(outside), dtype), strict=False, assign=True)
