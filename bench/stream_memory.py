@@ -84,10 +84,12 @@ def build_checkpoint(folder: Path, depth: int, tokenizer_folder: Path) -> int:
     return count
 
 
-def prune_streamed(folder: Path, method: str, cache: Path, data_dir: str) -> tuple[float, dict]:
-    """Peak RSS (GiB) of a fresh `prune --stream` process and its manifest."""
+def prune_streamed(folder: Path, method: str, cache: Path, data_dir: str,
+                   allocator: str = "uniform") -> tuple[float, dict]:
+    """Peak RSS (GiB) of a fresh `prune --stream` process and its manifest (a learned ``allocator`` such as BESA
+    learns its allocation streamed in the same process first)."""
     cmd = [sys.executable, "-c", REPORT_PEAK, "prune", "--model", str(folder), "--stream", "--preset", "tiny",
-           "--allocator", "uniform", "--method", method, "--sparsity", "0.5", "--cache-dir", str(cache),
+           "--allocator", allocator, "--method", method, "--sparsity", "0.5", "--cache-dir", str(cache),
            "--data-dir", data_dir]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT)
     if r.returncode != 0:
@@ -154,6 +156,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depths", nargs="+", type=int, default=[2, 4, 8])
     ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
+    ap.add_argument("--allocator", default="uniform",
+                    help="allocator of every prune (besa: its allocation is learned, streamed, inside the job)")
     ap.add_argument("--keep", type=Path, help="build the checkpoints here and keep them")
     ap.add_argument("--capped", type=int, metavar="DEPTH",
                     help="only: prune (first --methods) and evaluate a DEPTH-block model capped at half its weights")
@@ -178,7 +182,7 @@ def main() -> None:
                 shutil.rmtree(root, ignore_errors=True)
         return
     print(f"# streamed prune, random Llama with LLaMA-7B blocks ({HIDDEN} hidden, {INTERMEDIATE} intermediate), "
-          f"fp32, calibration preset tiny (8 × 128), uniform 50%")
+          f"fp32, calibration preset tiny (8 × 128), {args.allocator} 50%")
     print(f"# machine: {machine()}; commit {git_rev()}")
     print("| method | blocks | fp32 weights GiB | peak RSS GiB | peak ÷ shallowest | planned GiB | peak ÷ planned "
           "| prune s | s per block | per block ÷ shallowest |")
@@ -195,7 +199,7 @@ def main() -> None:
                       flush=True)
             weights_gb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**30
             for method in args.methods:
-                peak, manifest = prune_streamed(folder, method, root / "cache", data_dir)
+                peak, manifest = prune_streamed(folder, method, root / "cache", data_dir, args.allocator)
                 per_block = manifest["timings_s"]["prune"] / depth
                 rows[method].append((depth, peak, per_block))
                 first = rows[method][0]

@@ -109,7 +109,7 @@ def _fresh_inputs_prune(model, tokens, observer, batch):
         layers = prunable_layers(block)
         handles = observer.attach(i, block, layers)
         try:
-            _run_block(block, captured, calls[i])
+            _run_block(block, captured, calls[i], torch.device("cpu"))
         finally:
             for h in handles:
                 h.remove()

@@ -49,17 +49,27 @@ seeds = c[3].number_input("Calibration seeds", 1, 10, 1, key="grid_seeds",
                                "perplexity the Compare page shows with a seed interval; 3 or more to rank allocators")
 nm = None if pattern == "unstructured" else NM.parse(pattern)
 targets = [nm.sparsity] if nm else sparsities
-stream = st.checkbox("Stream blocks from disk", False, key="grid_stream",
-                     help="read one decoder block at a time from the checkpoint and write pruned blocks straight to "
-                          "the run's shards: memory holds one block instead of the model (same pruned weights)")
+c = st.columns(2)
+stream = c[0].checkbox("Stream blocks from disk", False, key="grid_stream",
+                       help="read one decoder block at a time from the checkpoint and write pruned blocks straight "
+                            "to the run's shards: memory holds one block instead of the model (same pruned weights)")
+from pruner.models import resolve_device  # noqa: E402
+
+on_gpu = resolve_device(sel.model.device).type != "cpu"
+offload = c[1].checkbox("Offload activations to CPU memory", False, key="grid_offload", disabled=not on_gpu,
+                        help="keep the calibration activations between blocks in host memory instead of on the GPU "
+                             "(less GPU memory, the same results)" + ("" if on_gpu else
+                                                                      "; the model runs on CPU here, where both are "
+                                                                      "the same memory"))
+model = dataclasses.replace(sel.model, offload_activations=offload) if offload else sel.model
 
 
 @st.cache_data(show_spinner=False)
-def _planned(model, calib, method: str, streamed: bool) -> tuple[int, str]:
+def _planned(model, calib, method: str, streamed: bool, learning: bool) -> tuple[int, str]:
     from pruner.memory_plan import plan_for_spec
 
     spec = PruneSpec(model=model, calib=calib, allocator="uniform", method=method, sparsity=0.5)
-    plan = plan_for_spec(spec, sel.cache_dir, batch_size=4, streamed=streamed)
+    plan = plan_for_spec(spec, sel.cache_dir, batch_size=4, streamed=streamed, learning=learning)
     return plan.total, plan.text()
 
 
@@ -67,7 +77,9 @@ if methods:  # memory is planned before a job starts; show the plan so that a re
     from pruner.memory_plan import available_bytes, gib
 
     allowed, source = available_bytes()
-    plans = {m: _planned(sel.model, sel.calib, m, stream) for m in methods}
+    # a learned allocator may learn in the job (when not cached yet): planned for, as the worst case
+    learning = any(ALLOCATORS[a].learned for a in allocators)
+    plans = {m: _planned(model, sel.calib, m, stream, learning) for m in methods}
     st.caption("Planned peak memory per job: " + "; ".join(f"{m} {gib(total)}" for m, (total, _) in plans.items())
                + (f" — allowed {gib(allowed)} ({source})" if allowed else ""))
     for m, (total, text) in plans.items():
@@ -82,7 +94,7 @@ if go:
     queued, errors = 0, []
     for alloc, method, S, i in itertools.product(allocators, methods, targets, range(int(seeds))):
         try:
-            spec = PruneSpec(model=sel.model, calib=dataclasses.replace(sel.calib, seed=sel.calib.seed + i),
+            spec = PruneSpec(model=model, calib=dataclasses.replace(sel.calib, seed=sel.calib.seed + i),
                              allocator=alloc, method=method, sparsity=S,
                              allocator_params=ALLOCATORS[alloc].pick(values), method_params=METHODS[method].pick(values),
                              nm=str(nm) if nm else None)

@@ -50,15 +50,18 @@ def compute_stats(
     batch_size: int = 4,
     should_cancel: Callable[[], bool] | None = None,
     tokens=None,
+    stream: bool = False,
 ) -> Stats:
     """Run the calibration pass on the dense model (does not save; see ``get_stats``). ``tokens``: the spec's
-    calibration tokens if the caller already has them."""
-    loaded = loaded if loaded is not None else load_model(spec.model, cache_dir)
+    calibration tokens if the caller already has them. ``stream`` (when no ``loaded`` model is passed): read each
+    block from the checkpoint for its turn (``pruner.streaming``); the statistics are the same."""
+    loaded = loaded if loaded is not None else load_model(spec.model, cache_dir, stream=stream)
     t0 = time.perf_counter()
     tokens = tokens if tokens is not None else calibration_tokens(loaded.tokenizer, spec.calib)
     t_data = time.perf_counter() - t0
     stats = collect_stats(loaded.model, tokens, loaded.device, batch_size=batch_size, progress=progress,
-                          should_cancel=should_cancel, blocks=loaded.block_store())
+                          should_cancel=should_cancel, blocks=loaded.block_store(),
+                          offload=loaded.spec.offload_activations)
     stats.meta.update(
         key=spec.key(),
         model=spec.model.identity(),
@@ -98,8 +101,9 @@ def allocation_for(spec: StatsSpec, allocator: str, sparsity: float, params: dic
         return stats, allocate(allocator, stats, sparsity, learned=learned_layer_sparsity(result, stats), **params)
     cached = load_cached_stats(spec, cache_dir)
     if cached is None and a.needs != NEEDS_STATISTICS:
-        loaded = kwargs.get("loaded") or load_model(spec.model, cache_dir)
-        layout = ModelLayout.of(loaded.model, weights=a.needs == NEEDS_WEIGHTS)
+        loaded = kwargs.get("loaded") or load_model(spec.model, cache_dir, stream=kwargs.get("stream", False))
+        layout = ModelLayout.of(loaded.model, weights=a.needs == NEEDS_WEIGHTS, blocks=loaded.block_store(),
+                                device=loaded.device)
         return layout, allocate(allocator, layout, sparsity, **params)
     stats = cached if cached is not None else compute_stats(spec, cache_dir, **kwargs)
     result = allocate(allocator, stats, sparsity, **params)
@@ -140,26 +144,30 @@ def cached_learned(spec: StatsSpec, allocator: str, sparsity: float, params: dic
 def learn_allocation(spec: StatsSpec, allocator: str, sparsity: float, params: dict | None = None,
                      cache_dir: Path | None = None, *, loaded: LoadedModel | None = None, tokens=None,
                      stats: Stats | None = None, progress: ProgressFn | None = None,
-                     should_cancel: Callable[[], bool] | None = None, batch_size: int = 4) -> dict:
+                     should_cancel: Callable[[], bool] | None = None, batch_size: int = 4,
+                     stream: bool = False) -> dict:
     """Learn (or load the cached) per-layer sparsities of a learned allocator on the dense model.
 
     Returns the learner's result (``layer_names``, ``layer_block``, ``layer_sparsity`` in the statistics' order,
     and what it reports) with ``allocator``, ``sparsity``, ``params``, ``settings``, ``seconds``. The dense model
     is not modified. The cache entry appears only when complete. ``stats``: the spec's statistics if the caller has
-    them (else cached, else collected by the learning pass and cached like a separate pass's)."""
+    them (else cached, else collected by the learning pass and cached like a separate pass's). ``stream`` (when no
+    ``loaded`` model is passed): each block is read from the checkpoint for its turn (same result)."""
     S = check_sparsity(sparsity)
     params = ALLOCATORS[allocator].check(params)
     found = cached_learned(spec, allocator, S, params, cache_dir)
     if found is not None:
         return found
     learner = _learner(allocator)
-    loaded = loaded if loaded is not None else load_model(spec.model, cache_dir)
+    loaded = loaded if loaded is not None else load_model(spec.model, cache_dir, stream=stream)
     tokens = tokens if tokens is not None else calibration_tokens(loaded.tokenizer, spec.calib)
     stats = stats if stats is not None else load_cached_stats(spec, cache_dir)
     t0 = time.perf_counter()
     collected = stats is None
+    # streamed: each block is read from the checkpoint for its turn (the dense weights are only read, never written)
     result, stats = learner.learn(loaded.model, tokens, S, stats, params, device=loaded.device,
-                                  batch_size=batch_size, progress=progress, should_cancel=should_cancel)
+                                  batch_size=batch_size, progress=progress, should_cancel=should_cancel,
+                                  blocks=loaded.block_store(), offload=loaded.spec.offload_activations)
     if collected:
         stats.meta.update(key=spec.key(), model=spec.model.identity(), calib=spec.calib.identity(),
                           summary=model_summary(loaded), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

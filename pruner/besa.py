@@ -149,7 +149,8 @@ def learn_block(block: nn.Module, layers: dict[str, nn.Module], input_norms: dic
     """Learn the sparsities of one block's ``layers``.
 
     input_norms: layer name → ‖X_j‖₂ over the calibration tokens, (in,). batches: (X (b, T, d), the block's other
-    positional arguments, its keyword arguments, the dense output Y (b, T, d)) per calibration mini-batch.
+    positional arguments, its keyword arguments, the dense output Y (b, T, d)) per calibration mini-batch; X and Y
+    may be in CPU memory (offloaded activations): each goes to the block's device for its step.
     """
     from torch.func import functional_call
 
@@ -164,7 +165,8 @@ def learn_block(block: nn.Module, layers: dict[str, nn.Module], input_norms: dic
         weights[name] = w
         logits[name] = initial_logits(target, candidates).to(w.device).requires_grad_(True)
         numel.append(w.numel())
-    numel_t = torch.tensor(numel, dtype=torch.float32, device=weights[names[0]].device)
+    device = weights[names[0]].device
+    numel_t = torch.tensor(numel, dtype=torch.float32, device=device)
     optimiser = torch.optim.Adam(list(logits.values()), lr=lr)
     # ‖Y − X‖² per mini-batch: the dense block's own contribution, the scale of its reconstruction error
     scales = [float(((y.float() - x.float()) ** 2).sum()) for x, _, _, y in batches]
@@ -176,6 +178,7 @@ def learn_block(block: nn.Module, layers: dict[str, nn.Module], input_norms: dic
         with torch.enable_grad():
             for _ in range(epochs):
                 for (x, args, kwargs, y), scale in zip(batches, scales):
+                    x, y = x.to(device), y.to(device)
                     params = {f"{n}.weight": _matrix_to_param(layers[n], weights[n] * expected_keep(logits[n], buckets[n]))
                               for n in names}
                     out = functional_call(block, params, (x, *args), kwargs)
@@ -202,9 +205,9 @@ def learn_block(block: nn.Module, layers: dict[str, nn.Module], input_norms: dic
         with torch.no_grad():
             errors = []
             for (x, args, kwargs, y), scale in zip(batches, scales):
-                out = functional_call(block, masked, (x, *args), kwargs)
+                out = functional_call(block, masked, (x.to(device), *args), kwargs)
                 out = out if isinstance(out, torch.Tensor) else out[0]
-                errors.append(float(((out.float() - y.float()) ** 2).sum()) / scale)
+                errors.append(float(((out.float() - y.to(device).float()) ** 2).sum()) / scale)
         return float(np.mean(errors))
 
     return BlockResult(names, learned, shifted, delta, float(np.mean(losses[:per_epoch])),
@@ -226,13 +229,15 @@ class BesaObserver:
     """A ``BlockObserver`` that learns each block's layer sparsities from the dense block's inputs and outputs and
     leaves the weights as they are (so the next block sees dense inputs).
 
-    input_norms: per block, layer name → ‖X_j‖₂ on the same calibration set (``block_input_norms(stats)``)."""
+    input_norms: per block, layer name → ‖X_j‖₂ on the same calibration set (``block_input_norms(stats)``).
+    offload: keep the recorded block inputs and outputs in CPU memory (as the loop's offloaded activations)."""
 
     target: float
     input_norms: list[dict[str, torch.Tensor]]
     beta: float = BESA_DEFAULT_BETA
     epochs: int = BESA_DEFAULT_EPOCHS
     lr: float = BESA_DEFAULT_LR
+    offload: bool = False
     results: list[BlockResult] = field(default_factory=list)
 
     def attach(self, index, block, layers):
@@ -246,7 +251,8 @@ class BesaObserver:
             x, rest = (args[0], args[1:]) if args else (kwargs["hidden_states"], ())
             kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             y = output if isinstance(output, torch.Tensor) else output[0]
-            self._batches.append((x.detach(), rest, kw, y.detach()))
+            keep = (lambda t: t.detach().to("cpu")) if self.offload else (lambda t: t.detach())
+            self._batches.append((keep(x), rest, kw, keep(y)))
 
         return [block.register_forward_hook(record_block, with_kwargs=True)]
 
@@ -290,19 +296,21 @@ class StatsAndBesaObserver:
 def learn_sparsities(model: nn.Module, tokens: torch.Tensor, target: float, stats=None, *,
                      beta: float = BESA_DEFAULT_BETA, epochs: int = BESA_DEFAULT_EPOCHS, lr: float = BESA_DEFAULT_LR,
                      device="cpu", batch_size: int = 4, progress: ProgressFn | None = None,
-                     should_cancel: Callable[[], bool] | None = None):
+                     should_cancel: Callable[[], bool] | None = None, blocks=None, offload: bool = False):
     """Learn every block's layer sparsities through the one calibration loop (the model is not modified).
 
     ``stats``: the dense model's ``Stats`` on the same calibration tokens (for the Wanda ranking's ‖X_j‖₂); None:
-    the same pass collects them. Returns (per-block results, the statistics used)."""
+    the same pass collects them. ``blocks``, ``offload``: where the blocks' weights come from (streamed: read from
+    the checkpoint for their turn) and whether activations live in CPU memory (``pruner.calibrate.run_blockwise``).
+    Returns (per-block results, the statistics used)."""
     if not (0 < target < 1):
         raise ValueError(f"target sparsity S must be in (0, 1); got {target!r}")
     check_besa_params(beta, epochs, lr)
-    besa = BesaObserver(target, block_input_norms(stats) if stats is not None else [], beta, epochs, lr)
+    besa = BesaObserver(target, block_input_norms(stats) if stats is not None else [], beta, epochs, lr, offload)
     observer = besa if stats is not None else StatsAndBesaObserver(besa)
     t0 = time.perf_counter()
     run_blockwise(model, tokens, observer, device=device, batch_size=batch_size, progress=progress,
-                  should_cancel=should_cancel)
+                  should_cancel=should_cancel, blocks=blocks, offload=offload)
     if stats is None:
         stats = observer.collector.result({"seconds": round(time.perf_counter() - t0, 3), "with": "BESA learning pass"})
     return besa.results, stats
@@ -316,7 +324,7 @@ def learn_sparsities(model: nn.Module, tokens: torch.Tensor, target: float, stat
 class Learner:
     """How a learned allocator learns. ``settings``: fixed choices that change the result (part of the cache key
     with the allocator's parameters); ``learn(model, tokens, S, stats, params, device=, batch_size=, progress=,
-    should_cancel=)`` returns (result, statistics): ``result`` holds at least ``layer_names``, ``layer_block`` and
+    should_cancel=, blocks=, offload=)`` returns (result, statistics): ``result`` holds at least ``layer_names``, ``layer_block`` and
     ``layer_sparsity`` (one per prunable layer, in the statistics' order) plus whatever the learner reports;
     ``stats`` may be None, and then the learner collects them in its own pass."""
 
@@ -325,9 +333,10 @@ class Learner:
 
 
 def _learn_besa(model, tokens, sparsity, stats, params, *, device="cpu", batch_size=4, progress=None,
-                should_cancel=None):
+                should_cancel=None, blocks=None, offload=False):
     blocks, stats = learn_sparsities(model, tokens, sparsity, stats, beta=params["beta"], device=device,
-                                     batch_size=batch_size, progress=progress, should_cancel=should_cancel)
+                                     batch_size=batch_size, progress=progress, should_cancel=should_cancel,
+                                     blocks=blocks, offload=offload)
     result = {
         "layer_names": [n for b in blocks for n in b.layer_names],
         "layer_block": [i for i, b in enumerate(blocks) for _ in b.layer_names],

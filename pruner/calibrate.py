@@ -11,6 +11,11 @@
    (computes statistics, or prunes it). If the observer changed the block's weights, the block runs again so that
    the next block sees the outputs of the modified block (the sequential protocol of Wanda and SparseGPT).
    The block then goes back to where it was, so only one block at a time needs to fit on the compute device.
+
+The calibration activations (every sample's hidden states between blocks, ``nsamples × seqlen × hidden`` floats)
+live on the compute device by default; with ``offload=True`` they live in CPU memory and each mini-batch visits
+the device only for its turn through a block (less device memory, one copy in and out per mini-batch and block;
+the same values). On a CPU-only machine both are the same place.
 """
 
 from __future__ import annotations
@@ -90,7 +95,7 @@ class _Recorder(nn.Module):
         else:
             hidden, rest = kwargs.pop("hidden_states"), ()
         if self.index == 0:
-            self.store["hidden"].append(hidden.detach())
+            self.store["hidden"].append(hidden.detach().to(self.store["to"]))
         self.store["calls"].setdefault(self.index, (rest, kwargs))
         return hidden
 
@@ -113,14 +118,16 @@ def mini_batch_size(nsamples: int, requested: int) -> int:
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int
+    model: nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int,
+    activations_device: torch.device | None = None,
 ) -> tuple[list[torch.Tensor], list[tuple[tuple, dict]]]:
-    """Hidden states entering block 0, per mini-batch ((b, T, hidden) each, on ``device``), and each block's call
-    arguments (positional after the hidden states, keyword) as recorded on the first mini-batch."""
+    """Hidden states entering block 0, per mini-batch ((b, T, hidden) each, on ``activations_device``, default the
+    compute ``device``), and each block's call arguments (positional after the hidden states, keyword) as recorded
+    on the first mini-batch (on ``device``)."""
     _, blocks = find_blocks(model)
     base = model.base_model if hasattr(model, "base_model") else model
     originals = list(blocks)
-    store: dict = {"hidden": [], "calls": {}}
+    store: dict = {"hidden": [], "calls": {}, "to": activations_device or device}
     home = _module_device(model)
     try:
         for j, block in enumerate(originals):
@@ -138,26 +145,34 @@ def capture_block_inputs(
     return store["hidden"], [store["calls"][j] for j in range(len(originals))]
 
 
+def _on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device`` (the same tensor when it is already there: no copy on a CPU-only machine)."""
+    return x.to(device)
+
+
 @torch.no_grad()
-def _run_block(block: nn.Module, inputs: list[torch.Tensor], call: tuple[tuple, dict]) -> list[torch.Tensor]:
+def _run_block(block: nn.Module, inputs: list[torch.Tensor], call: tuple[tuple, dict],
+               device: torch.device) -> list[torch.Tensor]:
+    """The block's outputs for every mini-batch, each computed on ``device`` and stored where its input was."""
     args, kwargs = call
-    return [_first_tensor(block(x, *args, **kwargs)) for x in inputs]
+    return [_on(_first_tensor(block(_on(x, device), *args, **kwargs)), x.device) for x in inputs]
 
 
 @torch.no_grad()
-def _run_block_in_place(block: nn.Module, hidden: list[torch.Tensor], call: tuple[tuple, dict]) -> list[torch.Tensor]:
+def _run_block_in_place(block: nn.Module, hidden: list[torch.Tensor], call: tuple[tuple, dict],
+                        device: torch.device) -> list[torch.Tensor]:
     """Like ``_run_block``, but each list slot is replaced by its output as soon as it is computed (the tensors
     themselves are not modified: a reference held elsewhere keeps seeing the input)."""
     args, kwargs = call
     for j, x in enumerate(hidden):
-        hidden[j] = _first_tensor(block(x, *args, **kwargs))
+        hidden[j] = _on(_first_tensor(block(_on(x, device), *args, **kwargs)), x.device)
         del x
     return hidden
 
 
 @torch.no_grad()
 def _run_block_for_inputs(block: nn.Module, inputs: list[torch.Tensor], call: tuple[tuple, dict],
-                          layers: dict[str, nn.Module]) -> None:
+                          layers: dict[str, nn.Module], device: torch.device) -> None:
     """Run the block only so that the observer's hooks see every layer's inputs; its outputs are not returned.
 
     The last prunable layer to run in the block (found on the first mini-batch: the MLP's output projection in every
@@ -171,7 +186,7 @@ def _run_block_for_inputs(block: nn.Module, inputs: list[torch.Tensor], call: tu
     handles = [layer.register_forward_pre_hook(lambda module, a, name=name: order.append(name))
                for name, layer in layers.items()]
     try:
-        block(inputs[0], *args, **kwargs)
+        block(_on(inputs[0], device), *args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -182,7 +197,7 @@ def _run_block_for_inputs(block: nn.Module, inputs: list[torch.Tensor], call: tu
     last.forward = lambda x, *a, **k: x.new_zeros(*x.shape[:-1], out_features)  # instance attribute: hooks still run
     try:
         for x in inputs[1:]:
-            block(x, *args, **kwargs)
+            block(_on(x, device), *args, **kwargs)
     finally:
         del last.forward
 
@@ -197,10 +212,12 @@ def run_blockwise(
     progress: ProgressFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
     blocks: BlockStore | None = None,
+    offload: bool = False,
 ) -> torch.Tensor:
     """Walk the decoder blocks over the calibration ``tokens`` (nsamples, seqlen) with ``observer``; ``blocks``
     says where each block's weights come from and go (default: they live in memory, ``ResidentBlocks``; streamed
-    from disk: ``pruner.streaming.StreamedBlocks``).
+    from disk: ``pruner.streaming.StreamedBlocks``). ``offload``: keep the activations between blocks in CPU memory
+    instead of on the compute device (see the module's docstring).
 
     Returns the hidden states leaving the last block, (nsamples, seqlen, hidden), on CPU.
     Raises ``Cancelled`` between blocks when ``should_cancel()`` becomes true.
@@ -209,7 +226,8 @@ def run_blockwise(
     store = blocks if blocks is not None else ResidentBlocks()
     _, decoder_blocks = find_blocks(model)
     batch = mini_batch_size(tokens.shape[0], batch_size)
-    hidden, calls = capture_block_inputs(model, tokens, device, batch)
+    hidden, calls = capture_block_inputs(model, tokens, device, batch,
+                                         activations_device=torch.device("cpu") if offload else device)
     for i, block in enumerate(decoder_blocks):
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"cancelled before block {i} of {len(decoder_blocks)}")
@@ -222,9 +240,9 @@ def run_blockwise(
             try:
                 handles = observer.attach(i, block, layers)
                 if inputs_only:
-                    _run_block_for_inputs(block, hidden, calls[i], layers)
+                    _run_block_for_inputs(block, hidden, calls[i], layers, device)
                 else:
-                    outputs = _run_block(block, hidden, calls[i])
+                    outputs = _run_block(block, hidden, calls[i], device)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -232,7 +250,7 @@ def run_blockwise(
                 del outputs  # the first pass's outputs, if kept, are stale now
                 # each mini-batch's input is needed only for its own output: replaced in place, so the pass
                 # holds one set of hidden states instead of two (nsamples × seqlen × hidden floats)
-                outputs = _run_block_in_place(block, hidden, calls[i])
+                outputs = _run_block_in_place(block, hidden, calls[i], device)
         finally:
             store.release(i, block)
         hidden = outputs

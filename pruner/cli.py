@@ -66,10 +66,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", help="local data folder (default: $PRUNER_DATA_DIR or ../shared/data); 'hub' for the hub")
     g.add_argument("--cache-dir", help="cache folder (default: <project>/cache)")
     g.add_argument("--batch-size", type=int, default=4, help="calibration mini-batch size (memory vs speed)")
+    g.add_argument("--offload-activations", action="store_true",
+                   help="keep the calibration activations between blocks in CPU memory, not on the compute device "
+                        "(less GPU memory; the same results; no effect on a CPU-only machine)")
+
+
+def _add_stream_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stream", action="store_true",
+                   help="read one decoder block at a time from the checkpoint: memory holds one block, not the "
+                        "model (the same results)")
 
 
 def _stats_spec(args) -> StatsSpec:
-    model = ModelSpec(name=args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    model = ModelSpec(name=args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                      offload_activations=args.offload_activations)
     model_source(model)  # unknown names and folders that are not models fail here, before anything is loaded
     overrides = {k: v for k, v in (("nsamples", args.nsamples), ("seqlen", args.seqlen)) if v is not None}
     calib = CalibSpec.preset(args.preset, seed=args.seed, data_dir=_data_dir(args.data_dir), **overrides)
@@ -158,7 +168,8 @@ def cmd_stats(args) -> int:
 
     ms = [_check_m(m) for m in (args.m or DEFAULT_TABLE_M)]
     spec = _stats_spec(args)
-    stats = get_stats(spec, _cache(args), progress=_progress_bar("outlier statistics"), batch_size=args.batch_size)
+    stats = get_stats(spec, _cache(args), progress=_progress_bar("outlier statistics"), batch_size=args.batch_size,
+                      stream=args.stream)
     table = np.stack([stats.lod(m) for m in ms], axis=1) * 100
     if args.json:
         print(json.dumps({"key": spec.key(), "m": ms, "lod_percent": table.tolist()}, indent=2))
@@ -183,7 +194,7 @@ def cmd_allocate(args) -> int:
     a = ALLOCATORS[args.allocator]
     stats, alloc = allocation_for(spec, args.allocator, S, params, cache_dir=_cache(args),
                                   progress=_progress_bar("learning " + a.label if a.learned else "outlier statistics"),
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, stream=args.stream)
     learning = cached_learned(spec, args.allocator, S, params, _cache(args)) if a.learned else None
     if args.json:
         print(json.dumps({**alloc.to_dict(stats.layer_names, stats.layer_block),
@@ -395,7 +406,8 @@ def cmd_eval(args) -> int:
 
         run_folder(args.run, _cache(args))  # a key that is no key, or no such run: one line, before any work
         request = EvalRequest(args.run, perplexity=_perplexity_options(args) if args.ppl else None,
-                              zeroshot=ZeroshotOptions(tuple(tasks) if tasks else None, args.limit, source)
+                              zeroshot=ZeroshotOptions(tuple(tasks) if tasks else None, args.limit, source,
+                                                       args.zeroshot_batch)
                               if args.zeroshot else None, speed=speed_spec, engine=args.engine, data_dir=data_dir)
         results = run(request, Context(_cache(args), progress=_phase_bars(), device=device))["details"]
         for name, show in (("perplexity", _print_ppl), ("zeroshot", _print_zeroshot), ("speed", _print_speed)):
@@ -415,7 +427,8 @@ def cmd_eval(args) -> int:
             _print_ppl(f"dense {args.model}", results["perplexity"])
         if args.zeroshot:
             results["zeroshot"] = metrics.dense_zeroshot(model, data_dir, _cache(args), tasks=tasks, limit=args.limit,
-                                                         source=source, progress=_progress_bar("zero-shot tasks"))
+                                                         source=source, batch_size=args.zeroshot_batch,
+                                                         progress=_progress_bar("zero-shot tasks"))
             _print_zeroshot(f"dense {args.model}", results["zeroshot"])
     if args.json:
         print(json.dumps(results, indent=2))
@@ -563,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="outlier statistics of the dense model; prints the per-block LOD")
     _add_common(p)
     p.add_argument("--m", type=float, action="append", help=f"outlier threshold M (repeatable; default {DEFAULT_TABLE_M})")
+    _add_stream_flag(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
 
@@ -572,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{n}: {a.description}" for n, a in ALLOCATORS.items()))
     p.add_argument("--sparsity", type=float, required=True, help="target sparsity S in (0, 1)")
     _add_param_flags(p, methods=False)
+    _add_stream_flag(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_allocate)
 
@@ -610,12 +625,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-chunks", type=int, help="first N chunks only (a partial estimate)")
     p.add_argument("--eval-seqlen", dest="seqlen_eval", type=int, help="evaluation window (default min(2048, context))")
     from pruner.evaluate.speed import DEFAULT_ROUNDS, MIN_RUNS, SpeedSpec
-    from pruner.evaluate.zeroshot import TASKS
+    from pruner.evaluate.zeroshot import TASKS, ZEROSHOT_DEFAULT_BATCH
 
     g = p.add_argument_group("zero-shot accuracy (lm-eval)")
     g.add_argument("--zeroshot", action="store_true", help="zero-shot accuracy with lm-evaluation-harness")
     g.add_argument("--tasks", help=f"comma-separated subset of: {', '.join(TASKS)} (default: all seven)")
     g.add_argument("--limit", type=int, help="first N documents per task only (a partial result, labelled so)")
+    g.add_argument("--zeroshot-batch", type=int, default=ZEROSHOT_DEFAULT_BATCH,
+                   help="lm-eval batch size (memory: the longest batch holds batch × tokens × vocabulary logits)")
     g = p.add_argument_group("CPU speed (ONNX export, DeepSparse)")
     g.add_argument("--speed", action="store_true", help="time dense vs pruned in DeepSparse (needs --run)")
     g.add_argument("--engine", default="auto", choices=["auto", "deepsparse", "onnxruntime"],

@@ -12,8 +12,29 @@ from typing import Callable
 
 from pruner.cache import CacheLayout
 from pruner.calibrate import ProgressFn
+from pruner.evaluate.zeroshot import ZEROSHOT_DEFAULT_BATCH
 from pruner.models import LoadedModel, load_model
 from pruner.runs import PhaseProgress, load_run, read_run
+
+
+def check_whole_model_fits(config, what: str, subject: str, *, ways: list[str], **plan_args) -> None:
+    """Zero-shot accuracy, CPU speed and in-memory perplexity need the whole model in memory: refuse before
+    loading it when its plan (``pruner.memory_plan.plan_whole_model``) does not fit, naming the numbers."""
+    from pruner.memory_plan import check_fits, plan_whole_model
+
+    plan = plan_whole_model(config, what=what, **plan_args)
+    check_fits(plan, ways=ways, what=f"{what} of {subject} (the whole model in memory)")
+
+
+def _run_config(folder: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)
+
+
+#: Ways out when an evaluation that needs the whole model does not fit.
+_ZEROSHOT_WAYS = ["a smaller lm-eval batch (--zeroshot-batch)", "a machine with more memory (zero-shot accuracy has no "
+                  "block-by-block mode: lm-eval runs the whole model)"]
 
 
 def perplexity_metric_name(result: dict) -> str:
@@ -34,6 +55,9 @@ def evaluate_perplexity(folder: Path, data_dir: str | None, *, max_chunks: int |
     if stream:
         model, tokenizer, blocks = stream_run(folder)
     else:
+        check_whole_model_fits(_run_config(folder), "perplexity", f"run {Path(folder).name}", seqlen=seqlen,
+                               batch_size=batch_size, device=str(device),
+                               ways=["--stream (block by block over all chunks: one block in memory)"])
         model, tokenizer = load_run(folder, device)
     result = wikitext2_perplexity(model, tokenizer, data_dir, seqlen=seqlen, max_chunks=max_chunks, device=device,
                                   batch_size=batch_size, progress=progress, should_cancel=should_cancel,
@@ -154,12 +178,14 @@ def _zeroshot_task_by_task(model, tokenizer, device, data_dir, tasks, limit, sou
 
 
 def evaluate_zeroshot(folder: Path, data_dir: str | None, *, tasks=None, limit: int | None = None,
-                      source: str = "local", device: str = "cpu", batch_size: int = 8,
+                      source: str = "local", device: str = "cpu", batch_size: int = ZEROSHOT_DEFAULT_BATCH,
                       progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None) -> dict:
     """Zero-shot accuracy of a stored run (lm-eval, in memory); each task is merged into its manifest under
     ``zeroshot:<source>[:limit<n>]`` as soon as it finishes. Returns the merged result."""
     from pruner.store import update_metrics
 
+    check_whole_model_fits(_run_config(folder), "zero-shot", f"run {Path(folder).name}", batch_size=batch_size,
+                           device=str(device), ways=_ZEROSHOT_WAYS)
     model, tokenizer = load_run(folder, device)
     name = zeroshot_metric_name(source, limit)
 
@@ -172,7 +198,7 @@ def evaluate_zeroshot(folder: Path, data_dir: str | None, *, tasks=None, limit: 
 
 
 def dense_zeroshot(model_spec, data_dir: str | None, cache_dir: Path | None = None, *, loaded: LoadedModel | None = None,
-                   tasks=None, limit: int | None = None, source: str = "local", batch_size: int = 8,
+                   tasks=None, limit: int | None = None, source: str = "local", batch_size: int = ZEROSHOT_DEFAULT_BATCH,
                    progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None) -> dict:
     """Zero-shot accuracy of the dense model, cached with its other metrics task by task; tasks already cached are
     not rerun (so an interrupted evaluation resumes where it stopped)."""
@@ -184,6 +210,12 @@ def dense_zeroshot(model_spec, data_dir: str | None, cache_dir: Path | None = No
     missing = [t for t in wanted if not previous or t not in previous["tasks"]]
     if not missing:
         return previous
+    if loaded is None:
+        from pruner.memory_plan import model_config
+
+        check_whole_model_fits(model_config(model_spec, cache_dir), "zero-shot", f"the dense {model_spec.name}",
+                               dtype_bytes=4 if model_spec.dtype == "float32" else 2, batch_size=batch_size,
+                               ways=_ZEROSHOT_WAYS)
     base = loaded if loaded is not None else load_model(model_spec, cache_dir)
     home = next(base.model.parameters()).device
 
@@ -226,7 +258,10 @@ def evaluate_speed(folder: Path, speed_spec=None, cache_dir: Path | None = None,
     model_spec = run.model_spec()
     onnx_dir = CacheLayout.at(cache_dir).onnx(model_spec.key(), speed_spec.shape_key())
     # the dense model is loaded only when its graphs for this shape are not cached yet
-    dense = None if cached_graphs(onnx_dir) else load_model(model_spec, cache_dir).model
+    dense_needed = not cached_graphs(onnx_dir)
+    check_whole_model_fits(_run_config(folder), "speed", f"run {run.key}", models=2 if dense_needed else 1,
+                           ways=["a machine with more memory (the ONNX export and the engine take whole models)"])
+    dense = load_model(model_spec, cache_dir).model if dense_needed else None
     pruned, _ = load_run(folder)
     result = export_and_measure(dense, pruned, speed_spec, dense_dir=onnx_dir, engine=engine, progress=progress)
     result["sparsity"] = run.achieved_overall

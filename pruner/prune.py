@@ -168,16 +168,18 @@ def prune_model(
     should_cancel: Callable[[], bool] | None = None,
     method_params: dict | None = None,
     blocks: BlockStore | None = None,
+    offload: bool = False,
 ) -> PruneReport:
     """Prune ``model`` in place, block by block, to ``targets`` ((block, name) → LayerTarget), with the method's
     own parameters ``method_params`` (declared in its ``params``; missing ones take their defaults). ``blocks``:
-    where the blocks' weights come from and go (``pruner.calibrate.run_blockwise``)."""
+    where the blocks' weights come from and go; ``offload``: the calibration activations live in CPU memory
+    (``pruner.calibrate.run_blockwise``)."""
     device = torch.device(device)
     method_params = METHODS[method].check(method_params)
     if METHODS[method].needs_inputs:
         observer = PruningObserver(method, targets, scope, device, method_params=method_params)
         run_blockwise(model, tokens, observer, device=device, batch_size=batch_size, progress=progress,
-                      should_cancel=should_cancel, blocks=blocks)
+                      should_cancel=should_cancel, blocks=blocks, offload=offload)
         return observer.report
     report = PruneReport()
     store = blocks if blocks is not None else ResidentBlocks()

@@ -14,7 +14,7 @@ from pruner.allocation import ALLOCATORS, NEEDS_STATISTICS, NEEDS_WEIGHTS, alloc
 from pruner.api import cached_learned, get_stats, learn_allocation, learned_layer_sparsity, load_cached_stats
 from pruner.cache import CacheLayout, check_key
 from pruner.data import calibration_tokens
-from pruner.memory_plan import check_fits, plan_for_spec
+from pruner.memory_plan import check_fits, plan_for_spec, prune_ways_out
 from pruner.models import LoadedModel, load_model, model_summary
 from pruner.stats import ModelLayout
 from pruner.store import MANIFEST, atomic_dir, read_manifest
@@ -73,14 +73,14 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     phase = (lambda name: (lambda d, t: progress(name, d, t))) if progress else (lambda name: None)
     t_start = time.perf_counter()
     # memory is planned before anything is loaded: a prune that cannot fit is refused with the numbers
-    plan = plan_for_spec(spec, cache_dir, batch_size=batch_size, streamed=stream and loaded is None)
-    check_fits(plan, streamed=stream and loaded is None)
-    base = loaded if loaded is not None else load_model(spec.model, cache_dir, stream=stream)
     allocator = ALLOCATORS[spec.allocator]
-    if base.streamed and allocator.learned and cached_learned(spec.stats_spec, spec.allocator, spec.sparsity,
-                                                              spec.allocator_params, cache_dir) is None:
-        raise ValueError(f"a streamed prune does not learn the {allocator.label} allocation itself yet: learn it "
-                         "first in memory (`python -m pruner learn ...`, or the Allocation page), then prune streamed")
+    streamed = stream and loaded is None
+    learning = allocator.learned and cached_learned(spec.stats_spec, spec.allocator, spec.sparsity,
+                                                    spec.allocator_params, cache_dir) is None
+    plan = plan_for_spec(spec, cache_dir, batch_size=batch_size, streamed=streamed, learning=learning)
+    check_fits(plan, ways=prune_ways_out(streamed=streamed, offloaded=spec.model.offload_activations,
+                                         device=plan.device))
+    base = loaded if loaded is not None else load_model(spec.model, cache_dir, stream=stream)
     stats = load_cached_stats(spec.stats_spec, cache_dir)
     # the dense statistics pass runs only for an allocator that reads them (uniform and ER read the layout,
     # AlphaPruning the weights); cached statistics serve every allocator. A learned allocator collects them in its
@@ -127,7 +127,7 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
         t0 = time.perf_counter()
         report = prune_model(model, tokens, spec.method, targets, spec.scope, base.device, batch_size,
                              progress=phase("prune"), should_cancel=should_cancel, method_params=spec.method_params,
-                             blocks=base.block_store(writer))
+                             blocks=base.block_store(writer), offload=base.spec.offload_activations)
         t_prune = time.perf_counter() - t0
         manifest = {
             "key": spec.key(),
@@ -144,7 +144,8 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
             },
             # where the allocation's inputs came from: cached statistics, a statistics pass run now, or the model
             "allocation_inputs": source,
-            "execution": {"streamed": base.streamed},
+            "execution": {"streamed": base.streamed, "device": str(base.device),
+                          "offload_activations": base.spec.offload_activations},
             "timings_s": {"statistics": round(t_stats, 2),
                           **({"learn_allocation": round(t_learn, 2)} if learned is not None else {}),
                           "prune": round(t_prune, 2)},
@@ -163,7 +164,10 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
             model.save_pretrained(tmp)
         base.tokenizer.save_pretrained(tmp)
         manifest["memory"] = {**_peak_memory(), "planned_peak_gb": round(plan.total / 2**30, 3),
-                              "plan_gb": {k: round(v / 2**30, 3) for k, v in plan.parts.items()}}
+                              "plan_gb": {k: round(v / 2**30, 3) for k, v in plan.parts.items()},
+                              **({"planned_device_peak_gb": round(plan.device_total / 2**30, 3),
+                                  "device_plan_gb": {k: round(v / 2**30, 3) for k, v in plan.device_parts.items()}}
+                                 if plan.device_parts else {})}
         manifest["timings_s"]["save"] = round(time.perf_counter() - t0, 2)
         manifest["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

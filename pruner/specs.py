@@ -43,6 +43,10 @@ class ModelSpec:
 
     ``name`` is one of: a bundled name (see ``pruner.models.BUNDLED``), a path to a local Hugging Face folder, or
     a hub id such as ``HuggingFaceTB/SmolLM2-135M`` (needs internet on first use).
+
+    ``device`` and ``offload_activations`` say where the work runs, not what the weights are (they are not part
+    of ``identity``): the compute device, and whether the calibration activations between blocks stay in CPU
+    memory instead of on that device (``pruner.calibrate.run_blockwise``).
     """
 
     name: str = "smollm2-135m"
@@ -50,6 +54,7 @@ class ModelSpec:
     device: str = "auto"
     trust_remote_code: bool = False
     revision: str | None = None
+    offload_activations: bool = False
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():

@@ -416,13 +416,14 @@ class StatsCollector(StatsBuilder):
 
 
 def collect_stats(model: nn.Module, tokens: torch.Tensor, device, batch_size: int = 4, progress=None, should_cancel=None,
-                  blocks=None) -> Stats:
+                  blocks=None, offload: bool = False) -> Stats:
     """Run the calibration loop on a dense model and return its ``Stats`` (timing in ``meta['seconds']``);
-    ``blocks``: where the blocks' weights come from (``pruner.calibrate.run_blockwise``)."""
+    ``blocks``: where the blocks' weights come from, ``offload``: activations in CPU memory
+    (``pruner.calibrate.run_blockwise``)."""
     from pruner.calibrate import run_blockwise
 
     collector = StatsCollector()
     t0 = time.perf_counter()
     run_blockwise(model, tokens, collector, device=device, batch_size=batch_size, progress=progress,
-                  should_cancel=should_cancel, blocks=blocks)
+                  should_cancel=should_cancel, blocks=blocks, offload=offload)
     return collector.result({"seconds": round(time.perf_counter() - t0, 3)})

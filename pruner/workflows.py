@@ -21,7 +21,7 @@ from pruner.api import get_stats, learn_allocation, learned_key
 from pruner.cache import check_key
 from pruner.calibrate import Cancelled
 from pruner.evaluate.speed import SpeedSpec
-from pruner.evaluate.zeroshot import parse_tasks
+from pruner.evaluate.zeroshot import ZEROSHOT_DEFAULT_BATCH, parse_tasks
 from pruner.models import check_calibration_fits
 from pruner.params import params_text
 from pruner.recover import RecoverSpec
@@ -77,11 +77,13 @@ class PerplexityOptions:
 
 @dataclass(frozen=True)
 class ZeroshotOptions:
-    """lm-eval zero-shot accuracy: ``tasks`` None is all seven; ``limit`` k: the first k documents per task."""
+    """lm-eval zero-shot accuracy: ``tasks`` None is all seven; ``limit`` k: the first k documents per task;
+    ``batch_size``: lm-eval's batch (memory: its longest batch holds batch × tokens × vocabulary logits)."""
 
     tasks: tuple[str, ...] | None = None
     limit: int | None = None
     source: str = "local"
+    batch_size: int = ZEROSHOT_DEFAULT_BATCH
 
     def __post_init__(self):
         if self.tasks is not None:
@@ -90,6 +92,7 @@ class ZeroshotOptions:
             raise ValueError(f"limit must be an integer ≥ 1 (documents per task) or none; got {self.limit!r}")
         if self.source not in ("local", "hub"):
             raise ValueError(f"zero-shot source must be 'local' or 'hub'; got {self.source!r}")
+        _check_batch(self.batch_size)
 
     def label(self) -> str:
         return "zero-shot accuracy" + (f" (first {self.limit} per task)" if self.limit else "")
@@ -158,6 +161,8 @@ class StatsRequest(Request):
     _decoders: ClassVar[dict] = {"spec": spec_from_dict}
     spec: StatsSpec
     batch_size: int = 4
+    #: read one block at a time from the checkpoint (``pruner.streaming``)
+    stream: bool = False
 
     def __post_init__(self):
         _check_fits(self.spec)
@@ -178,6 +183,8 @@ class LearnRequest(Request):
     sparsity: float
     params: dict = field(default_factory=dict)
     batch_size: int = 4
+    #: read one block at a time from the checkpoint (``pruner.streaming``)
+    stream: bool = False
 
     def __post_init__(self):
         if self.allocator not in ALLOCATORS or not ALLOCATORS[self.allocator].learned:
@@ -274,14 +281,14 @@ def _perplexity(folder: Path, options: PerplexityOptions, data_dir, ctx: Context
 
 def run_stats(req: StatsRequest, ctx: Context) -> dict:
     stats = get_stats(req.spec, ctx.cache_dir, progress=ctx.phase("statistics"), should_cancel=ctx.should_cancel,
-                      batch_size=req.batch_size)
+                      batch_size=req.batch_size, stream=req.stream)
     return {"stats_key": req.spec.key(), "blocks": stats.n_blocks}
 
 
 def run_learn(req: LearnRequest, ctx: Context) -> dict:
     result = learn_allocation(req.spec, req.allocator, req.sparsity, req.params, ctx.cache_dir,
                               progress=ctx.phase("learn allocation"), should_cancel=ctx.should_cancel,
-                              batch_size=req.batch_size)
+                              batch_size=req.batch_size, stream=req.stream)
     return {"learned_key": learned_key(req.spec, req.allocator, req.sparsity, req.params),
             "seconds": result["seconds"]}
 
@@ -307,11 +314,11 @@ def run_eval(req: EvalRequest, ctx: Context) -> dict:
         tasks = list(z.tasks) if z.tasks else None
         # the dense model's accuracy on the same tasks and limit is the charts' reference (cached after once)
         metrics.dense_zeroshot(read_run(folder).model_spec(), req.data_dir, ctx.cache_dir, tasks=tasks,
-                               limit=z.limit, source=z.source, progress=ctx.phase("dense zero-shot tasks"),
-                               should_cancel=ctx.should_cancel)
+                               limit=z.limit, source=z.source, batch_size=z.batch_size,
+                               progress=ctx.phase("dense zero-shot tasks"), should_cancel=ctx.should_cancel)
         r = metrics.evaluate_zeroshot(folder, req.data_dir, tasks=tasks, limit=z.limit, source=z.source,
-                                      device=ctx.device, progress=ctx.phase("zero-shot tasks"),
-                                      should_cancel=ctx.should_cancel)
+                                      device=ctx.device, batch_size=z.batch_size,
+                                      progress=ctx.phase("zero-shot tasks"), should_cancel=ctx.should_cancel)
         out["details"]["zeroshot"] = r
         out["mean_acc"] = r["mean_acc"]
     if req.speed is not None:

@@ -4,7 +4,7 @@ import pytest
 import transformers as tf
 
 from pruner import memory_plan
-from pruner.memory_plan import MemoryPlan, check_fits, parse_bytes, plan_prune
+from pruner.memory_plan import MemoryPlan, check_fits, parse_bytes, plan_prune, plan_whole_model, prune_ways_out
 
 #: hidden 32, intermediate 48, 4 heads of 8, 2 key-value heads, vocabulary 100, 3 blocks, untied head
 CONFIG = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
@@ -55,14 +55,16 @@ def test_a_plan_over_the_limit_is_refused_with_the_numbers_and_ways_out(monkeypa
     monkeypatch.setenv("PRUNER_MEMORY_LIMIT", "1GiB")
     plan = MemoryPlan({"runtime": 2**30, "weights": 2**30})
     with pytest.raises(ValueError) as err:
-        check_fits(plan, streamed=False)
+        check_fits(plan, ways=prune_ways_out(streamed=False, offloaded=False, device="cpu"))
     message = str(err.value)
-    assert "needs about 2.00 GiB (runtime 1.00 GiB, weights 1.00 GiB), but 1.00 GiB is allowed (PRUNER_MEMORY_LIMIT)" \
-        in message and "--stream" in message and "--nsamples" in message
+    assert ("needs about 2.00 GiB (runtime 1.00 GiB, weights 1.00 GiB), but 1.00 GiB of host memory is allowed "
+            "(PRUNER_MEMORY_LIMIT)") in message and "--stream" in message and "--nsamples" in message
+    assert "--offload-activations" not in message  # on CPU the activations are in host memory anyway
     with pytest.raises(ValueError) as err:
-        check_fits(plan, streamed=True)
+        check_fits(plan, ways=prune_ways_out(streamed=True, offloaded=False, device="cpu"))
     assert "--stream" not in str(err.value)  # already streamed: not offered again
-    check_fits(MemoryPlan({"runtime": 2**29}), streamed=False)  # fits: no error
+    assert "--offload-activations" in " ".join(prune_ways_out(streamed=True, offloaded=False, device="cuda"))
+    check_fits(MemoryPlan({"runtime": 2**29}), ways=[])  # fits: no error
 
 
 def test_cli_refuses_a_prune_that_cannot_fit_before_it_starts(tiny_folder, tmp_path, data_dir):
@@ -79,5 +81,83 @@ def test_cli_refuses_a_prune_that_cannot_fit_before_it_starts(tiny_folder, tmp_p
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300,
                        env={**os.environ, "PRUNER_MEMORY_LIMIT": "200MiB"})
     assert r.returncode == 2, r.stderr
-    assert "this prune needs about" in r.stderr and "but 0.20 GiB is allowed (PRUNER_MEMORY_LIMIT)" in r.stderr
+    assert "this prune needs about" in r.stderr and "but 0.20 GiB of host memory is allowed (PRUNER_MEMORY_LIMIT)" \
+        in r.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+ACTIVATIONS = 8 * 16 * 32 * 4  # nsamples × seqlen × hidden float32
+ONE_BATCH = 4 * 16 * (2 * 48 + 4 * 32) * 4 + 4 * 4 * 16 * 16 * 4
+
+
+def test_on_a_gpu_the_block_work_is_device_memory_and_offload_moves_the_activations_to_the_host():
+    """Planned from the config alone: no GPU is needed to plan for one."""
+    plan = plan_prune(CONFIG, dtype_bytes=4, method="wanda", nsamples=8, seqlen=16, batch_size=4, streamed=True,
+                      device="cuda")
+    assert plan.parts == {"runtime": memory_plan.RUNTIME_BYTES, "weights outside the blocks": OUTSIDE_PARAMS * 4,
+                          "shard writer buffer": (OUTSIDE_PARAMS + 3 * BLOCK_PARAMS) * 4}
+    assert plan.device_parts == {"one block": BLOCK_PARAMS * 4, "weights outside the blocks": OUTSIDE_PARAMS * 4,
+                                 "calibration activations": 2 * ACTIVATIONS, "one mini-batch inside a block": ONE_BATCH,
+                                 "scores and mask": 48 * 32 * 9}
+    offloaded = plan_prune(CONFIG, dtype_bytes=4, method="wanda", nsamples=8, seqlen=16, batch_size=4, streamed=True,
+                           device="cuda", offload=True)
+    assert offloaded.parts["calibration activations"] == 2 * ACTIVATIONS
+    assert "calibration activations" not in offloaded.device_parts
+    assert offloaded.total + offloaded.device_total == plan.total + plan.device_total
+    assert "on cuda (one block" in plan.text()
+    cpu = plan_prune(CONFIG, dtype_bytes=4, method="wanda", nsamples=8, seqlen=16, batch_size=4, streamed=True)
+    assert not cpu.device_parts and "one block" in cpu.parts  # on CPU everything is host memory
+
+
+def test_learning_besa_in_the_job_is_planned_by_hand():
+    plan = plan_prune(CONFIG, dtype_bytes=4, method="wanda", nsamples=8, seqlen=16, batch_size=4, streamed=False,
+                      learning=True)
+    assert plan.parts["BESA's recorded block inputs and outputs"] == 2 * ACTIVATIONS
+    assert plan.parts["BESA's per-weight state"] == BLOCK_PARAMS * (4 + 8 + 8 + 2 * 4)
+    assert plan.parts["BESA's autograd of one mini-batch"] == 2 * ONE_BATCH
+    # magnitude reads no calibration inputs, but learning BESA does
+    magnitude = plan_prune(CONFIG, dtype_bytes=4, method="magnitude", nsamples=8, seqlen=16, batch_size=4,
+                           streamed=False, needs_inputs=False, learning=True)
+    assert magnitude.parts["calibration activations"] == 2 * ACTIVATIONS
+
+
+def test_whole_model_evaluations_are_planned_by_hand():
+    weights = (OUTSIDE_PARAMS + 3 * BLOCK_PARAMS) * 4
+    zs = plan_whole_model(CONFIG, what="zero-shot", batch_size=8)
+    tokens = memory_plan.LONGEST_ZEROSHOT_TOKENS  # below the config's 2048 context
+    assert zs.parts == {"runtime": memory_plan.RUNTIME_BYTES, "weights": weights,
+                        "logits and their log-softmax": 2 * 8 * tokens * 100 * 4,
+                        "activations inside a block": 8 * tokens * (2 * 48 + 4 * 32) * 4 + 8 * 4 * tokens * tokens * 4}
+    ppl = plan_whole_model(CONFIG, what="perplexity", seqlen=64)
+    assert ppl.parts["logits and their log-softmax"] == 2 * 64 * 100 * 4
+    speed = plan_whole_model(CONFIG, what="speed", models=2)
+    assert speed.parts["weights"] == 2 * weights and speed.parts["ONNX export copy of the weights"] == weights
+    with pytest.raises(ValueError, match="what must be perplexity, zero-shot or speed"):
+        plan_whole_model(CONFIG, what="accuracy")
+
+
+def test_zero_shot_that_cannot_fit_is_refused_before_loading(tiny_run, data_dir):
+    """`eval --zeroshot` in a real subprocess under a limit: the tiny Llama has SmolLM2's 49,152-token vocabulary,
+    so lm-eval's longest batch of 8 needs 8 × 1,300 × 49,152 float32 logits twice (3.8 GiB); refused, nothing
+    stored; a batch of 1 fits under the same limit's plan."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from pruner.store import PROJECT_ROOT
+
+    cache, folder = tiny_run
+    before = (folder / "manifest.json").read_text()
+    cmd = [sys.executable, "-m", "pruner", "eval", "--run", folder.name, "--zeroshot", "--tasks", "rte",
+           "--cache-dir", str(cache), "--data-dir", data_dir]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300,
+                       env={**os.environ, "PRUNER_MEMORY_LIMIT": "2GiB"})
+    assert r.returncode == 2, r.stderr
+    assert "zero-shot of" in r.stderr and "(the whole model in memory) needs about" in r.stderr
+    assert "logits and their log-softmax 3.81 GiB" in r.stderr and "--zeroshot-batch" in r.stderr
+    assert (folder / "manifest.json").read_text() == before
+    assert not any(k.startswith("zeroshot") for k in json.loads(before)["metrics"])
+    small = plan_whole_model(__import__("transformers").AutoConfig.from_pretrained(folder), what="zero-shot",
+                             batch_size=1)
+    assert small.total < 2 * 2**30

@@ -47,7 +47,7 @@ def test_streamed_prune_equals_in_memory_for_every_method(sharded_folder, data_d
     streamed = runs.run_prune(spec, tmp_path, stream=True)
     _assert_same_weights(in_memory, streamed)
     manifest = json.loads((streamed / "manifest.json").read_text())
-    assert manifest["execution"] == {"streamed": True}
+    assert manifest["execution"] == {"streamed": True, "device": "cpu", "offload_activations": False}
     assert manifest["achieved"]["overall"] == pytest.approx(0.6, abs=0.01)
     # the streamed run loads like any run and computes what the in-memory one does
     a, _ = runs.load_run(in_memory)
@@ -79,6 +79,27 @@ def test_streamed_smollm2_equals_in_memory(smollm2, data_dir, tmp_path):
         _assert_same_weights(in_memory, streamed)
         # the tied head is stored once, as save_pretrained does
         assert "lm_head.weight" not in Checkpoint(streamed).names()
+
+
+def test_streamed_besa_learns_and_prunes_as_in_memory(sharded_folder, data_dir, tmp_path):
+    """BESA learned inside a streamed prune (blocks read from the shards for their turn, activations offloaded),
+    each in its own cache: the same learned sparsities and the same pruned weights as in memory."""
+    import dataclasses
+
+    spec = PruneSpec(model=ModelSpec(sharded_folder, device="cpu"),
+                     calib=CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir),
+                     allocator="besa", method="wanda", sparsity=0.6)
+    offloaded = dataclasses.replace(spec, model=dataclasses.replace(spec.model, offload_activations=True))
+    assert offloaded.key() == spec.key()  # where activations live is not what the weights are
+    in_memory = runs.run_prune(spec, tmp_path / "a")
+    streamed = runs.run_prune(offloaded, tmp_path / "b", stream=True)
+    _assert_same_weights(in_memory, streamed)
+    learned = [json.loads(next((tmp_path / side / "learned").glob("*/learned.json")).read_text())
+               for side in ("a", "b")]
+    assert learned[0]["layer_sparsity"] == learned[1]["layer_sparsity"]
+    manifest = json.loads((streamed / "manifest.json").read_text())
+    assert manifest["execution"] == {"streamed": True, "device": "cpu", "offload_activations": True}
+    assert "BESA's per-weight state" in manifest["memory"]["plan_gb"]  # the plan counted the learning
 
 
 def _sharing_models(cache: Path) -> Path:
@@ -147,8 +168,24 @@ def test_cli_prune_stream(sharded_folder, tmp_path, data_dir):
     assert r.returncode == 0, r.stderr
     key = r.stdout.split()[1].rstrip(":")
     folder = tmp_path / "runs" / key
-    assert json.loads((folder / "manifest.json").read_text())["execution"] == {"streamed": True}
+    assert json.loads((folder / "manifest.json").read_text())["execution"]["streamed"] is True
     assert set(Checkpoint(folder).names()) == set(Checkpoint(sharded_folder).names())
+
+
+def test_cli_allocate_besa_stream(sharded_folder, tmp_path, data_dir):
+    """`allocate --allocator besa --stream` in a real subprocess learns block by block from the shards; the
+    sparsities equal an in-memory learning in the library."""
+    from pruner.api import learn_allocation
+    from pruner.specs import StatsSpec
+    from tests.test_cli import run_cli
+
+    r = run_cli("allocate", "--model", sharded_folder, "--nsamples", "4", "--seqlen", "32", "--allocator", "besa",
+                "--sparsity", "0.5", "--stream", "--json", cache=tmp_path / "cli", data_dir=data_dir)
+    assert r.returncode == 0, r.stderr
+    streamed = json.loads(r.stdout)["learning"]
+    spec = StatsSpec(ModelSpec(sharded_folder), CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir))
+    in_memory = learn_allocation(spec, "besa", 0.5, cache_dir=tmp_path / "library")
+    assert streamed["layer_sparsity"] == in_memory["layer_sparsity"]
 
 
 def test_streamed_perplexity_equals_whole_model(sharded_folder, data_dir, tmp_path):

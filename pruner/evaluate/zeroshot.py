@@ -44,6 +44,8 @@ TASKS: dict[str, ZeroShotTask] = {t.name: t for t in (
 )}
 #: The papers' seven tasks, in their table order.
 DEFAULT_TASKS = tuple(TASKS)
+#: lm-eval's batch size for the local model (requests per forward; padded to the longest of the batch).
+ZEROSHOT_DEFAULT_BATCH = 8
 #: Prefix of the offline task names, so they never collide with lm-eval's own (hub) tasks.
 LOCAL_PREFIX = "local_"
 SOURCES = ("local", "hub")

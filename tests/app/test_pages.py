@@ -172,6 +172,7 @@ def test_prune_page_queues_jobs_and_lists_runs(app, cached, monkeypatch):
     app.checkbox[0].uncheck()
     app.checkbox(key="grid_stream").check().run()
     assert any(c.value.startswith("Planned peak memory per job: wanda ") for c in app.caption)
+    assert app.checkbox(key="grid_offload").disabled  # the model runs on CPU here: nothing to offload to
     app.button(key="grid_go").click().run()
     assert any("Queued 1 job" in s.value for s in app.success)
     store = JobStore(default_db(cached[0]))
