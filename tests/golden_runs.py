@@ -2,8 +2,11 @@
 can be checked to change nothing.
 
 ``tests/golden/prune_digests.json`` holds, per case, the sha256 of the pruned weights, of their zero pattern, and
-the perplexity on the first 2 × 64 tokens of WikiText-2 test, written by ``python -m tests.golden_runs --write`` on
-the commit, CPU and torch named in the file. The weights digests were first written at commit 4c0f106 (before the
+the perplexity on the first 2 × 64 tokens of WikiText-2 test, and, once, the sha256 of the dense statistics
+(‖X_j‖₂, block mean scores, LOD counts, score histograms) with the block mean scores in clear; written by
+``python -m tests.golden_runs --write`` on the commit, CPU and torch named in the file. The statistics are the
+finest check: a change of accumulation precision (Σx² in float32 instead of float64) moves them in the last bits
+while, on these 4 × 64 tokens, it flips no mask of any case. The weights digests were first written at commit 4c0f106 (before the
 workflow layer) and are unchanged since. float32 CPU kernels are deterministic on one CPU and torch build but may
 differ in the last bit on another, so elsewhere the test holds the masks exactly and the perplexity to 1e-5.
 Each case is written as registry names and parameters, not as a spec, so old and new spec code can build it.
@@ -90,6 +93,23 @@ def mask_digest(run_folder: Path) -> str:
 PPL_CHUNKS, PPL_SEQLEN = 2, 64
 
 
+def statistics_digest(stats) -> dict:
+    """sha256 over the dense statistics' float64 and count arrays, and the block mean scores Ā_b in clear."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for array in [*stats.input_norms, stats.block_mean_score, stats.ratio_counts_above, stats.score_hist]:
+        h.update(np.ascontiguousarray(array).tobytes())
+    return {"digest": h.hexdigest(), "block_mean_score": [float(v) for v in stats.block_mean_score]}
+
+
+def golden_statistics(model_folder: str, data_dir: str, cache_dir: Path) -> dict:
+    """The statistics every case's calibration set gives (computed, or cached by ``run_cases`` in ``cache_dir``)."""
+    from pruner.api import get_stats
+
+    return statistics_digest(get_stats(build_spec(CASES[1], model_folder, data_dir).stats_spec, cache_dir))
+
+
 def run_cases(model_folder: str, data_dir: str, cache_dir: Path) -> dict[str, dict]:
     """Each case through the prune workflow (the one the CLI, the worker and the pages use) → its weights digest,
     mask digest and perplexity on the first PPL_CHUNKS × PPL_SEQLEN tokens of WikiText-2 test."""
@@ -117,9 +137,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = tiny_llama_folder(Path(tmp) / "tiny", tokenizer)
         cases = run_cases(str(folder), data_dir, Path(tmp) / "cache")
+        statistics = golden_statistics(str(folder), data_dir, Path(tmp) / "cache")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     payload = {"commit": commit, "command": "python -m tests.golden_runs --write", "torch": torch.__version__,
-               "cpu": cpu_name(), "cases": cases}
+               "cpu": cpu_name(), "cases": cases, "statistics": statistics}
     if "--write" in sys.argv:
         GOLDEN.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2))
