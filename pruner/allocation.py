@@ -21,6 +21,11 @@ from pruner.params import Param, check_params
 #: Paper defaults for LLaMA (OWL, Yin et al. 2024, Sec. 4): M = 5, λ = 0.08.
 OWL_DEFAULT_M = 5.0
 OWL_DEFAULT_LAMBDA = 0.08
+#: DLP's default spread α (Chen et al. 2025, arXiv 2505.23807; the official code's default).
+DLP_DEFAULT_ALPHA = 0.15
+#: ATP's default common difference δ per block (Huang et al., ICML 2025, arXiv 2502.14770, tune it per model):
+#: on SmolLM2's 30 blocks at S = 0.7 it spans 0.555 … 0.845 (allowed there: δ < 0.0207).
+ATP_DEFAULT_DELTA = 0.01
 #: BESA's β, the weight of the sparsity penalty ((ŝ − S)/S)² against the block's relative reconstruction error
 #: (pruner.besa). 50 held every SmolLM2 block's learned mean within 0.7 points of S at S = 0.7; 5 let it sag
 #: 2.5–5 points below S.
@@ -71,8 +76,9 @@ def _scaled_ratios(outlier_ratios, lam: float) -> np.ndarray:
     return (r - r.min()) / spread * (2 * lam)
 
 
-def _owl_family(outlier_ratios, sparsity: float, lam: float, direction: int, label: str) -> np.ndarray:
-    """sparsity_i = S − direction · (r̃_i − mean r̃); direction +1 is OWL, −1 its inverse."""
+def _owl_family(outlier_ratios, sparsity: float, lam: float, direction: int, label: str,
+                symbol: str = "λ") -> np.ndarray:
+    """sparsity_i = S − direction · (r̃_i − mean r̃); direction +1 is OWL (and DLP), −1 OWL's inverse."""
     S = check_sparsity(sparsity)
     lam = _check_lambda(lam)
     r_tilde = _scaled_ratios(outlier_ratios, lam)
@@ -81,8 +87,8 @@ def _owl_family(outlier_ratios, sparsity: float, lam: float, direction: int, lab
     if out.min() < -_ROUNDOFF or out.max() >= 1.0:
         lam_max = owl_lambda_max(outlier_ratios, S, inverse=direction < 0)
         raise ValueError(
-            f"λ={lam:g} is too wide for S={S:g}: {label} would give block sparsities in "
-            f"[{out.min():.4f}, {out.max():.4f}], outside [0, 1); allowed here: 0 ≤ λ < {lam_max:.4f}"
+            f"{symbol}={lam:g} is too wide for S={S:g}: {label} would give block sparsities in "
+            f"[{out.min():.4f}, {out.max():.4f}], outside [0, 1); allowed here: 0 ≤ {symbol} < {lam_max:.4f}"
         )
     return np.where(out < 0, 0.0, out)  # only round-off (> −1e-12) reaches here
 
@@ -102,6 +108,64 @@ def owl(outlier_ratios, sparsity: float, lam: float) -> np.ndarray:
 def owl_inverse(outlier_ratios, sparsity: float, lam: float) -> np.ndarray:
     """The OWL paper's ablation: blocks with more outliers are pruned *more*: s_i = S + (r̃_i − mean r̃)."""
     return _owl_family(outlier_ratios, sparsity, lam, -1, "OWL-inverse")
+
+
+def dlp_importance(block_mean_score) -> np.ndarray:
+    """DLP's block importance i_b = 1 − Ā_b / Σ_b Ā_b from each block's mean Wanda score Ā_b (mean of
+    |W_ij|·‖X_j‖₂ over the block's prunable weights, on the dense model's block inputs). (B,) → (B,)"""
+    score = np.asarray(block_mean_score, dtype=np.float64)
+    if score.ndim != 1 or score.size < 1 or not np.all(np.isfinite(score)) or np.any(score < 0) or score.sum() <= 0:
+        raise ValueError("DLP needs each block's mean Wanda score: a non-empty 1-D array of finite scores ≥ 0, "
+                         "not all zero")
+    return 1.0 - score / score.sum()
+
+
+def dlp(block_mean_score, sparsity: float, alpha: float = DLP_DEFAULT_ALPHA) -> np.ndarray:
+    """DLP's per-block sparsities (Chen et al. 2025, "DLP: Dynamic Layerwise Pruning in Large Language Models",
+    as its official ``get_dlp_ratios``).
+
+    i_b = 1 − Ā_b / Σ Ā;  ĩ_b = (i_b − min i) / (max i − min i) · 2α;  density_b = ĩ_b − mean ĩ + (1 − S);
+    s_b = 1 − density_b. OWL's formula with the importance in place of the outlier ratio and α in place of λ:
+    blocks whose weights score lower on average (more important by DLP's measure) keep more weights; the
+    unweighted mean is S and max s − min s = 2α. (B,) → (B,)
+    """
+    return _owl_family(dlp_importance(block_mean_score), sparsity, alpha, +1, "DLP", "α")
+
+
+def atp_delta_max(block_numel, sparsity: float) -> float:
+    """Supremum of ATP's δ keeping every s_b = s_0 + bδ in [0, 1): with b̄ = Σ n_b b / Σ n_b the parameter-weighted
+    mean index, s_0 = S − δb̄ ≥ 0 and s_{L−1} = S + δ(L − 1 − b̄) < 1, so δ ≤ S / b̄ and δ < (1 − S)/(L − 1 − b̄)
+    (``inf`` for one block)."""
+    S = check_sparsity(sparsity)
+    n = np.asarray(block_numel, dtype=np.float64)
+    index = np.arange(len(n), dtype=np.float64)
+    b_bar = float((n * index).sum() / n.sum())
+    bounds = [S / b_bar if b_bar > 0 else np.inf, (1 - S) / (len(n) - 1 - b_bar) if len(n) - 1 > b_bar else np.inf]
+    return float(min(bounds))
+
+
+def atp(block_numel, sparsity: float, delta: float = ATP_DEFAULT_DELTA) -> np.ndarray:
+    """ATP's per-block sparsities (Huang et al., ICML 2025, "Determining Layer-wise Sparsity for Large Language
+    Models Through a Theoretical Perspective"): an increasing arithmetic progression over depth,
+
+    s_b = s_0 + b·δ (b = 0 … L − 1), with s_0 = S − δ · Σ n_b b / Σ n_b so that the parameter-weighted mean
+    is exactly S (n_b: block b's prunable weights). δ = 0 is uniform; a δ that would leave [0, 1) raises
+    ``ValueError`` naming the allowed range (``atp_delta_max``). (B,) → (B,)
+    """
+    S = check_sparsity(sparsity)
+    n = np.asarray(block_numel, dtype=np.float64)
+    if n.ndim != 1 or n.size < 1 or np.any(n <= 0):
+        raise ValueError("ATP needs every block's number of prunable weights (a non-empty array of counts > 0)")
+    delta = float(delta)
+    if not np.isfinite(delta) or delta < 0:
+        raise ValueError(f"δ (delta) must be ≥ 0 (sparsity increasing with depth); got {delta!r}")
+    index = np.arange(len(n), dtype=np.float64)
+    s = S - delta * float((n * index).sum() / n.sum()) + delta * index
+    if s.min() < -_ROUNDOFF or s.max() >= 1:
+        raise ValueError(f"δ={delta:g} is too steep for S={S:g} over {len(n)} blocks: ATP would give block "
+                         f"sparsities in [{s.min():.4f}, {s.max():.4f}], outside [0, 1); allowed here: "
+                         f"0 ≤ δ < {atp_delta_max(n, S):.4f}")
+    return np.where(s < 0, 0.0, s)  # only round-off (> −1e-12) reaches here
 
 
 def owl_lambda_max(outlier_ratios, sparsity: float, inverse: bool = False) -> float:
@@ -228,6 +292,7 @@ class AllocationInputs(Protocol):
     layer_shapes: np.ndarray  # (L, 2) (out_features, in_features)
     score_hist: np.ndarray  # (L, H) Wanda-score histogram
     layer_alpha: np.ndarray  # (L,) PL_Alpha_Hill per layer
+    block_mean_score: np.ndarray  # (B,) mean Wanda score per block (statistics only)
 
     @property
     def n_blocks(self) -> int: ...
@@ -247,6 +312,11 @@ ALPHA_EPSILON = Param("epsilon", "ε", float, ALPHA_EPSILON_FRACTION,
                       "AlphaPruning's spread as a fraction of S: block sparsities span S ± ε·S before the mean is "
                       "restored (ε·S is at most (1 − S)/2)", low=0.0, high=1.0, low_open=True, step=0.05,
                       slider=(0.05, 1.0))
+DLP_ALPHA = Param("alpha", "α", float, DLP_DEFAULT_ALPHA, "DLP's spread: block sparsities span 2α around S",
+                  low=0.0, high=0.5, high_open=True, step=0.01, slider=(0.0, 0.5))
+ATP_DELTA = Param("delta", "δ", float, ATP_DEFAULT_DELTA,
+                  "ATP's common difference: each block is pruned δ more than the one before it",
+                  low=0.0, high=1.0, high_open=True, step=0.001, slider=(0.0, 0.05))
 
 
 @dataclass(frozen=True)
@@ -326,6 +396,12 @@ for _a in (
     Allocator("alpha", "AlphaPruning", "block", _per_block(_alpha),
               "blocks whose weight spectra have lighter tails (higher PL_Alpha_Hill) are pruned more",
               params=(ALPHA_EPSILON,), needs=NEEDS_WEIGHTS),
+    Allocator("dlp", "DLP", "block", _per_block(lambda x, S, alpha: dlp(x.block_mean_score, S, alpha)),
+              "blocks with a lower mean Wanda score (more important by DLP's measure) keep more weights; S ± α",
+              params=(DLP_ALPHA,)),
+    Allocator("atp", "ATP", "block", _per_block(lambda x, S, delta: atp(_block_numel(x), S, delta)),
+              "sparsity rises with depth in equal steps δ (an arithmetic progression) around mean S",
+              params=(ATP_DELTA,), needs=NEEDS_LAYOUT),
     Allocator("besa", "BESA (learned)", "layer", _learned_elsewhere,
               "per-layer sparsities learned per block to minimise its reconstruction error at mean S",
               params=(BETA,), learner="pruner.besa:BESA_LEARNER"),

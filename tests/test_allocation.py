@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pruner.allocation import (ALLOCATORS, formula_allocators, allocate, er, global_threshold, owl, owl_inverse, owl_lambda_max,
-                               uniform)
+from pruner.allocation import (ALLOCATORS, allocate, atp, atp_delta_max, dlp, dlp_importance, er, formula_allocators,
+                               global_threshold, owl, owl_inverse, owl_lambda_max, uniform)
 
 
 def test_uniform():
@@ -81,6 +81,7 @@ class _Inputs:
     layer_shapes = np.array([[4, 4], [8, 4]] * 3)
     score_hist = np.array([[4, 6, 6], [10, 12, 10], [2, 8, 6], [4, 14, 14], [8, 4, 4], [6, 20, 6]])
     layer_alpha = np.array([2.0, 2.5, 3.0, 3.5, 4.0, 6.0])
+    block_mean_score = np.array([1.0, 3.0, 2.0])
     n_blocks = 3
 
     def lod(self, m):
@@ -145,3 +146,44 @@ def test_alpha_pruning_by_hand():
     assert alpha_pruning([1.0, 5.0], [1, 1], 0.8) == pytest.approx([0.7, 0.9])
     # equal α everywhere: uniform
     assert alpha_pruning([3.0, 3.0], [1, 3], 0.6) == pytest.approx([0.6, 0.6])
+
+
+def test_dlp_worked_by_hand_on_four_blocks():
+    """Ā = [1, 2, 3, 4]: i = 1 − Ā/10 = [0.9, 0.8, 0.7, 0.6]; with α = 0.1, ĩ = (i − 0.6)/0.3 · 0.2 =
+    [0.2, 2/15, 1/15, 0], mean 0.1; density = ĩ − 0.1 + 0.5 = [0.6, 8/15, 7/15, 0.4]; s = 1 − density."""
+    np.testing.assert_allclose(dlp_importance([1.0, 2.0, 3.0, 4.0]), [0.9, 0.8, 0.7, 0.6])
+    np.testing.assert_allclose(dlp([1.0, 2.0, 3.0, 4.0], 0.5, 0.1), [0.4, 7 / 15, 8 / 15, 0.6])
+    # a scale of the scores changes nothing; equal scores are uniform
+    np.testing.assert_allclose(dlp([10.0, 20.0, 30.0, 40.0], 0.5, 0.1), dlp([1.0, 2.0, 3.0, 4.0], 0.5, 0.1))
+    np.testing.assert_allclose(dlp([2.0, 2.0, 2.0], 0.7, 0.15), [0.7, 0.7, 0.7])
+
+
+def test_dlp_alpha_too_wide_and_bad_scores_name_the_allowed_range():
+    # S = 0.9, α = 0.1 on [1, 2, 3, 4]: s reaches 0.9 + 0.1 = 1.0, outside [0, 1); α < 0.1 is allowed
+    with pytest.raises(ValueError, match=r"α=0.1 is too wide for S=0.9: DLP .* allowed here: 0 ≤ α < 0.1000"):
+        dlp([1.0, 2.0, 3.0, 4.0], 0.9, 0.1)
+    with pytest.raises(ValueError, match="each block's mean Wanda score"):
+        dlp([1.0, -1.0], 0.5)
+    with pytest.raises(ValueError, match=r"α \(alpha\) must be a number in \[0, 0.5\)"):
+        allocate("dlp", _Inputs(), 0.5, alpha=0.5)
+
+
+def test_atp_worked_by_hand_with_unequal_blocks():
+    """n = [1, 1, 2], S = 0.5, δ = 0.1: b̄ = (0 + 1 + 4)/4 = 1.25, s_0 = 0.5 − 0.125 = 0.375, s = [0.375, 0.475,
+    0.575]; the weighted mean (0.375 + 0.475 + 2 · 0.575)/4 = 0.5. δ_max = min(0.5/1.25, 0.5/0.75) = 0.4."""
+    np.testing.assert_allclose(atp([1, 1, 2], 0.5, 0.1), [0.375, 0.475, 0.575])
+    assert atp_delta_max([1, 1, 2], 0.5) == pytest.approx(0.4)
+    np.testing.assert_allclose(atp([5, 5, 5, 5], 0.5, 0.1), [0.35, 0.45, 0.55, 0.65])
+    np.testing.assert_allclose(atp([5, 5], 0.6, 0.0), [0.6, 0.6])  # δ = 0 is uniform
+    with pytest.raises(ValueError, match=r"δ=0.5 is too steep for S=0.5 over 3 blocks: .* allowed here: 0 ≤ δ < 0.4000"):
+        atp([1, 1, 2], 0.5, 0.5)
+    with pytest.raises(ValueError, match="must be ≥ 0"):
+        atp([1, 1], 0.5, -0.1)
+
+
+def test_allocate_dlp_and_atp_read_block_scores_and_sizes():
+    a = allocate("dlp", _Inputs(), 0.5, alpha=0.1)
+    np.testing.assert_allclose(a.block_sparsity, dlp([1.0, 3.0, 2.0], 0.5, 0.1))
+    b = allocate("atp", _Inputs(), 0.5, delta=0.05)
+    np.testing.assert_allclose(b.block_sparsity, [0.45, 0.5, 0.55])
+    assert ALLOCATORS["atp"].needs == "layout" and ALLOCATORS["dlp"].needs == "statistics"

@@ -15,7 +15,8 @@ from pruner.jobs import JobStore, default_db
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
 from pruner.store import PROJECT_ROOT
 
-LABEL = {"uniform": "Uniform", "owl": "OWL", "owl_inverse": "OWL-inverse", "er": "Erdős–Rényi", "global": "Global"}
+LABEL = {"uniform": "Uniform", "owl": "OWL", "owl_inverse": "OWL-inverse", "er": "Erdős–Rényi", "global": "Global",
+         "dlp": "DLP", "atp": "ATP"}
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +98,14 @@ def test_allocation_sliders_redraw_as_the_allocators_predict(app, cached):
     go(app, "allocation")
     fig = figures(app)[0]
     for name, label in LABEL.items():
-        expected = allocate(name, stats, 0.7, **ALLOCATORS[name].pick({"lam": 0.08, "m": 5})).block_sparsity
+        expected = allocate(name, stats, 0.7, **ALLOCATORS[name].pick({"lam": 0.08, "m": 5, "alpha": 0.15,
+                                                                       "delta": 0.01})).block_sparsity
         np.testing.assert_allclose(trace(fig, label), expected, atol=1e-9)
     # the controls are generated from the allocators' declared parameters, labelled by paper symbol
     assert {n.label for n in app.number_input} == {"β (beta)"}  # no slider range: a number input
-    assert {n.label for n in app.slider} >= {"λ (lam)", "M (m)", "ε (epsilon)"}  # what-if: sliders
+    assert {n.label for n in app.slider} >= {"λ (lam)", "M (m)", "ε (epsilon)", "α (alpha)", "δ (delta)"}  # what-if
+    app.slider(key="alloc_delta").set_value(0.02).run()  # ATP's curve steepens: s_b = s_0 + 0.02 b
+    np.testing.assert_allclose(np.diff(trace(figures(app)[0], "ATP")), 0.02, atol=1e-9)
     app.slider(key="alloc_m").set_value(8.0).run()
     app.slider(key="alloc_lam").set_value(0.12).run()
     after = trace(figures(app)[0], "OWL")
