@@ -5,6 +5,7 @@ Layout (under ``<project>/cache`` unless ``$PRUNER_CACHE_DIR``, ``--cache-dir`` 
     models/<bundled-name>/          bundled models converted once to safetensors folders
     stats/<stats key>/              outlier statistics of a dense model on a calibration set
     learned/<learned key>/          learned allocations (BESA) per model, calibration set, S and parameters
+    predictors/<predictor key>/     damage tables of the quality predictor (pruner.predictor)
     runs/<run key>/                 pruned (or LoRA-recovered) models with manifest.json
     exports/<run key>.zip           a run zipped for download (rebuilt when its manifest changes)
     dense/<model key>/metrics.json  the dense model's metrics (perplexity, zero-shot)
@@ -33,6 +34,7 @@ KINDS = {
     "models": "bundled models converted to safetensors",
     "stats": "outlier statistics (one per model × calibration set)",
     "learned": "learned allocations (BESA)",
+    "predictors": "damage tables of the perplexity predictor",
     "runs": "pruned and LoRA-recovered models",
     "exports": "runs zipped for download",
     "dense": "dense-model metrics and exported ONNX graphs",
@@ -96,6 +98,9 @@ class CacheLayout:
     def learned(self, key: str) -> Path:
         return self.root / "learned" / check_key(key, "learned-allocation key")
 
+    def predictor(self, key: str) -> Path:
+        return self.root / "predictors" / check_key(key, "predictor key")
+
     @property
     def runs(self) -> Path:
         return self.root / "runs"
@@ -124,7 +129,8 @@ class CacheLayout:
         """Every entry of every kind with its size and, when it can go, why (see ``stale_reason``)."""
         out = []
         for kind, parent in (("models", self.models), ("stats", self.root / "stats"),
-                             ("learned", self.root / "learned"), ("runs", self.runs)):
+                             ("learned", self.root / "learned"), ("predictors", self.root / "predictors"),
+                             ("runs", self.runs)):
             for path in sorted(parent.iterdir()) if parent.is_dir() else []:
                 out.append(Entry(kind, path, tree_bytes(path), self.stale_reason(kind, path)))
         exports = self.root / "exports"
@@ -173,6 +179,14 @@ class CacheLayout:
         if kind == "learned":
             if not (path / "learned.json").is_file():
                 return "incomplete (no learned.json)"
+        if kind == "predictors":
+            from pruner.predictor import TABLE_FORMAT
+
+            version = _json_field(path / "meta.json", "format")
+            if version is None:
+                return "incomplete (no meta.json)"
+            if version != TABLE_FORMAT:
+                return f"damage table format {version} (current {TABLE_FORMAT})"
         if kind == "runs":
             if not (path / "manifest.json").is_file():
                 return "incomplete (no manifest.json)"

@@ -211,6 +211,58 @@ def cmd_allocate(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    """Predicted WikiText-2-style perplexity of allocations from the damage table (built first when missing)."""
+    from pruner.api import allocation_for
+    from pruner.predictor import PredictorSpec, get_damage_table
+
+    try:
+        S = check_sparsity(args.sparsity)
+        spec = PredictorSpec(_stats_spec(args), method=args.method, windows=args.windows,
+                             window_tokens=args.window_tokens)
+    except ValueError as err:
+        raise BadInput(str(err)) from err
+    if args.background:
+        from pruner.jobs import JobStore, default_db, submit
+        from pruner.workflows import PredictorRequest
+
+        job = submit(JobStore(default_db(_cache(args))), PredictorRequest(spec, data_dir=spec.stats.calib.data_dir),
+                     cache_dir=_cache(args))
+        return _queued(job, "damage table of the perplexity predictor")
+    table = get_damage_table(spec, _cache(args), data_dir=spec.stats.calib.data_dir,
+                             progress=_progress_bar("damage table (blocks)"))
+    names = [n for n, a in ALLOCATORS.items() if not a.learned] if args.allocator == "all" else [args.allocator]
+    if args.allocator == "all":  # each allocator takes the flags it declares
+        given = {n: getattr(args, n) for n in _declared_params() if getattr(args, n, None) is not None}
+    else:
+        given, _ = _params_from_args(args, args.allocator, None)
+    rows = []
+    for name in names:
+        try:
+            _, alloc = allocation_for(spec.stats, name, S, ALLOCATORS[name].pick(given), cache_dir=_cache(args))
+            p = table.predict(alloc.block_sparsity)
+            rows.append({"allocator": name, "params": alloc.params, "perplexity": p.perplexity, "low": p.low,
+                         "high": p.high})
+        except ValueError as err:
+            rows.append({"allocator": name, "error": str(err)})
+    if args.json:
+        print(json.dumps({"predictor_key": spec.key(), "sparsity": S, "dense_perplexity": table.dense_perplexity,
+                          "predictions": rows}, indent=2))
+        return 0
+    print(f"Predicted perplexity at S={S:g} ({spec.method} masks; dense {table.dense_perplexity:.2f} on "
+          f"{spec.windows} × {spec.window_tokens} held-out WikiText-2 validation tokens; 95% interval over those "
+          f"windows; additive single-block damages — see pruner/predictor.py), predictor key {spec.key()}")
+    for r in rows:
+        label = ALLOCATORS[r["allocator"]].label
+        if "error" in r:
+            print(f"  {label:14s} not predicted: {r['error']}")
+        else:
+            text = params_text(r["params"], ALLOCATORS[r["allocator"]].params)
+            print(f"  {label:14s} {r['perplexity']:10.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+                  + (f"  ({text})" if text else ""))
+    return 0
+
+
 def _print_learning(result: dict, alloc, stats) -> None:
     """BESA's per-block learning report: learned mean, shift, reconstruction errors, per-layer sparsities."""
     settings = result.get("settings", {})
@@ -589,6 +641,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stream_flag(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_allocate)
+
+    from pruner.predictor import DEFAULT_WINDOW_TOKENS, DEFAULT_WINDOWS, TABLE_METHODS
+
+    p = sub.add_parser("predict", help="predicted perplexity of allocations, before pruning (damage table built "
+                                       "once per model, calibration set and method)")
+    _add_common(p)
+    p.add_argument("--allocator", default="all", choices=["all"] + [n for n, a in ALLOCATORS.items() if not a.learned],
+                   help="one formula allocator, or all of them (default) with their default parameters")
+    p.add_argument("--sparsity", type=float, required=True, help="target sparsity S in (0, 1)")
+    _add_param_flags(p, methods=False)
+    p.add_argument("--method", default="wanda", choices=TABLE_METHODS, help="whose masks prune each block")
+    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="held-out WikiText-2 validation windows")
+    p.add_argument("--window-tokens", type=int, default=DEFAULT_WINDOW_TOKENS, help="tokens per held-out window")
+    p.add_argument("--background", action="store_true", help="queue the table's build as a job and return")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
 
     from pruner.methods import SCOPES
 

@@ -42,14 +42,34 @@ def perplexity_metric_name(result: dict) -> str:
     return name + (f":first{result['chunks']}" if result["partial"] else "")
 
 
+def stored_perplexity(folder: Path, *, max_chunks: int | None = None, seqlen: int | None = None) -> dict | None:
+    """The run's stored WikiText-2 test perplexity under the protocol asked for (window ``seqlen``, default the
+    model's; the first ``max_chunks`` chunks, or all), or None."""
+    from pruner.evaluate.perplexity import default_seqlen
+
+    seqlen = seqlen or default_seqlen(_run_config(folder))
+    for name, r in read_run(folder).metrics.items():
+        if name.startswith("perplexity:wikitext2-test:") and r.get("seqlen") == seqlen and (
+                r.get("chunks") == max_chunks or (max_chunks is None and not r.get("partial"))):
+            return r
+    return None
+
+
 def evaluate_perplexity(folder: Path, data_dir: str | None, *, max_chunks: int | None = None,
                         seqlen: int | None = None, device: str = "cpu", batch_size: int = 1,
                         progress: ProgressFn | None = None, should_cancel: Callable[[], bool] | None = None,
-                        stream: bool = False) -> dict:
+                        stream: bool = False, reuse: bool = True) -> dict:
     """WikiText-2 test perplexity of a stored run; the result is added to its manifest. ``stream``: block by block
-    over all chunks, each block read from the run's shards for its turn (the model is never whole in memory)."""
+    over all chunks, each block read from the run's shards for its turn (the model is never whole in memory).
+    ``reuse``: a result already stored under the same protocol is returned as it is (evaluations are
+    deterministic; a full one takes minutes here); False evaluates again."""
     from pruner.evaluate.perplexity import wikitext2_perplexity
     from pruner.store import add_metrics
+
+    if reuse:
+        found = stored_perplexity(folder, max_chunks=max_chunks, seqlen=seqlen)
+        if found is not None:
+            return found
 
     blocks = None
     if stream:

@@ -201,6 +201,36 @@ class LearnRequest(Request):
                 f"{self.spec.model.name} on {self.spec.calib.nsamples}×{self.spec.calib.seqlen} tokens")
 
 
+def _predictor_spec(d: dict):
+    from pruner.predictor import PredictorSpec
+
+    d = dict(d)
+    return PredictorSpec(stats=spec_from_dict(d.pop("stats")), **{**d, "grid": tuple(d.get("grid", ()))})
+
+
+@dataclass(frozen=True)
+class PredictorRequest(Request):
+    """Build (or read the cached) damage table of the perplexity predictor (``pruner.predictor``)."""
+
+    kind: ClassVar[str] = "predictor"
+    _decoders: ClassVar[dict] = {"spec": _predictor_spec}
+    spec: object  # pruner.predictor.PredictorSpec
+    data_dir: str | None = None
+
+    def __post_init__(self):
+        _check_fits(self.spec.stats)
+
+    def to_dict(self) -> dict:
+        s = self.spec
+        return {"spec": {"stats": spec_to_dict(s.stats), "method": s.method, "windows": s.windows,
+                         "window_tokens": s.window_tokens, "grid": list(s.grid)}, "data_dir": self.data_dir}
+
+    def label(self) -> str:
+        s = self.spec
+        return (f"perplexity predictor of {s.stats.model.name} ({s.method} masks, {len(s.grid)} sparsities per "
+                f"block, {s.windows} held-out windows)")
+
+
 @dataclass(frozen=True)
 class PruneRequest(Request):
     """Prune as ``spec`` says, store the run, then (optionally) its perplexity."""
@@ -329,6 +359,15 @@ def run_eval(req: EvalRequest, ctx: Context) -> dict:
     return out
 
 
+def run_predictor(req: PredictorRequest, ctx: Context) -> dict:
+    from pruner.predictor import get_damage_table
+
+    table = get_damage_table(req.spec, ctx.cache_dir, data_dir=req.data_dir, progress=ctx.phase("damage table"),
+                             should_cancel=ctx.should_cancel)
+    return {"predictor_key": req.spec.key(), "dense_perplexity": table.dense_perplexity,
+            "seconds": table.meta.get("seconds")}
+
+
 def run_recover(req: RecoverRequest, ctx: Context) -> dict:
     parent = run_folder(req.spec.parent, ctx.cache_dir)
     folder = recover_run(parent, req.spec, req.data_dir, ctx.cache_dir, device=ctx.device, progress=ctx.progress,
@@ -344,7 +383,8 @@ def run_recover(req: RecoverRequest, ctx: Context) -> dict:
 #: kind → (request type, workflow). The job worker dispatches through it; so does ``run``.
 WORKFLOWS: dict[str, tuple[type[Request], Callable[[Request, Context], dict]]] = {
     r.kind: (r, fn) for r, fn in ((StatsRequest, run_stats), (LearnRequest, run_learn), (PruneRequest, run_prune),
-                                  (EvalRequest, run_eval), (RecoverRequest, run_recover))
+                                  (EvalRequest, run_eval), (RecoverRequest, run_recover),
+                                  (PredictorRequest, run_predictor))
 }
 
 

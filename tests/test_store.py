@@ -72,8 +72,13 @@ def test_cancelled_run_leaves_nothing(spec, tmp_path):
 def test_perplexity_lands_in_manifest_and_reproduces(spec, tmp_path, data_dir):
     folder = runs.run_prune(spec, tmp_path)
     r1 = metrics.evaluate_perplexity(folder, data_dir, max_chunks=2, seqlen=64)
-    r2 = metrics.evaluate_perplexity(folder, data_dir, max_chunks=2, seqlen=64)
+    r2 = metrics.evaluate_perplexity(folder, data_dir, max_chunks=2, seqlen=64, reuse=False)  # computed again
     assert r1["perplexity"] == r2["perplexity"] and r1["partial"] and r1["chunks"] == 2
+    # asked again under the same protocol: the stored result, not a new evaluation
+    assert metrics.evaluate_perplexity(folder, data_dir, max_chunks=2, seqlen=64) is not None
+    assert metrics.stored_perplexity(folder, max_chunks=2, seqlen=64) == r2
+    assert metrics.stored_perplexity(folder, max_chunks=3, seqlen=64) is None
+    assert metrics.stored_perplexity(folder, max_chunks=None, seqlen=64) is None  # no full evaluation stored
     stored = read_manifest(folder)["metrics"]
     assert stored["perplexity:wikitext2-test:seq64:first2"]["perplexity"] == r1["perplexity"]
 

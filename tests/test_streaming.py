@@ -197,7 +197,7 @@ def test_streamed_perplexity_equals_whole_model(sharded_folder, data_dir, tmp_pa
                      method="wanda", sparsity=0.5)
     folder = runs.run_prune(spec, tmp_path, stream=True)
     whole = metrics.evaluate_perplexity(folder, data_dir, max_chunks=3, seqlen=64)
-    blockwise = metrics.evaluate_perplexity(folder, data_dir, max_chunks=3, seqlen=64, stream=True)
+    blockwise = metrics.evaluate_perplexity(folder, data_dir, max_chunks=3, seqlen=64, stream=True, reuse=False)
     assert blockwise["chunk_mean_nll"] == pytest.approx(whole["chunk_mean_nll"], rel=1e-6)
     assert blockwise["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
 

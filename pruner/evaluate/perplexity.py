@@ -31,8 +31,9 @@ NLL_SLICE_BYTES = 16 * 2**20
 
 
 def default_seqlen(model) -> int:
-    """min(2048, the model's context length)."""
-    ctx = getattr(model.config.get_text_config(), "max_position_embeddings", None) or PAPER_SEQLEN
+    """min(2048, the model's context length); ``model`` may also be its transformers config."""
+    config = getattr(model, "config", model)
+    ctx = getattr(config.get_text_config(), "max_position_embeddings", None) or PAPER_SEQLEN
     return min(PAPER_SEQLEN, int(ctx))
 
 

@@ -1,0 +1,305 @@
+"""Predicted perplexity of any allocation before pruning it: a table of single-block damages (issue 13).
+
+**What is measured, once per model, calibration set and method** (``build_damage_table``, a background job): on a
+held-out text that is neither the calibration data nor the WikiText-2 test split (by default evenly spaced windows
+of WikiText-2 *validation*), the mean negative log-likelihood of every window when exactly one decoder block b is
+pruned at sparsity g_k and every other block is dense, for each block and each g_k of a grid. The block is pruned
+with the method's scores on the dense model's inputs: Wanda's A_ij = |W_ij|·‖X_j‖₂ (‖X_j‖₂ from the cached
+statistics, the same calibration inputs the prune reads) or magnitude's |W_ij|, lowest per output row. This costs
+K · L(L + 1)/2 block forwards of the held-out windows (K grid points, L blocks): the dense hidden states entering
+block b are computed once, and only blocks b … L − 1 and the head run again for each g_k.
+
+**What is predicted, in microseconds** (``DamageTable.predict``): for per-block sparsities s_b,
+
+    NLL_w(s) = NLL_w(dense) + Σ_b Δ_{b,w}(s_b),    Δ_{b,w}(g) = NLL_w(block b alone at g) − NLL_w(dense),
+
+with Δ_{b,w} interpolated linearly between grid points (Δ(0) = 0), and perplexity exp(mean_w NLL_w(s)). Its
+interval is the t-interval over the held-out windows of the predicted NLL_w (exp of it): how precisely the
+held-out text pins the prediction, not how wrong the assumptions below can make it.
+
+**Assumptions, stated so that they can be measured** (docs/results.md):
+* *Additivity*: blocks damage the loss independently. Pruning every block at once compounds (a pruned block's
+  output is a later block's input), so the predicted loss increase under-states the real one at high sparsity;
+  what the allocation comparisons need is the ranking, which additivity may keep where the level is off.
+* *Block granularity*: a layer-granular allocation (ER, global, BESA) is read by each block's parameter-weighted
+  mean sparsity; how it spreads inside a block is not seen.
+* *One-shot masks on dense inputs*: sequential pruning (later blocks calibrated on pruned earlier blocks) and
+  SparseGPT's weight updates are not modelled; the table's method is the mask it was built with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pruner.calibrate import Cancelled, ProgressFn
+from pruner.intervals import t_interval
+from pruner.specs import StatsSpec, stable_hash
+
+#: Sparsities at which each block alone is pruned. The predictor refuses a block sparsity above the last one
+#: rather than extrapolate.
+DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+#: Held-out windows: evenly spaced windows of WikiText-2 validation (never the test split).
+HOLDOUT_SPLIT = "validation"
+DEFAULT_WINDOWS = 4
+DEFAULT_WINDOW_TOKENS = 512
+#: Methods whose masks the table can be built with (scores from the weights and cached statistics alone).
+TABLE_METHODS = ("wanda", "magnitude")
+#: Bump when the table's definition changes (part of the cache key).
+TABLE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class PredictorSpec:
+    """Which damage table: the model and calibration set (``stats``: whose ‖X_j‖₂ the Wanda scores read), the
+    method whose masks prune each block, the held-out windows and the sparsity grid."""
+
+    stats: StatsSpec
+    method: str = "wanda"
+    windows: int = DEFAULT_WINDOWS
+    window_tokens: int = DEFAULT_WINDOW_TOKENS
+    grid: tuple[float, ...] = DEFAULT_GRID
+
+    def __post_init__(self):
+        if self.method not in TABLE_METHODS:
+            raise ValueError(f"the predictor's table is built with {' or '.join(TABLE_METHODS)} masks; got "
+                             f"{self.method!r}")
+        if not (isinstance(self.windows, int) and self.windows >= 2):
+            raise ValueError(f"held-out windows must be an integer ≥ 2 (the interval needs two); got {self.windows!r}")
+        if not (isinstance(self.window_tokens, int) and self.window_tokens >= 2):
+            raise ValueError(f"held-out window length must be an integer ≥ 2 tokens; got {self.window_tokens!r}")
+        grid = tuple(float(g) for g in self.grid)
+        if not grid or any(not (0 < g < 1) for g in grid) or any(b <= a for a, b in zip(grid, grid[1:])):
+            raise ValueError(f"the sparsity grid must be increasing values in (0, 1); got {self.grid!r}")
+        object.__setattr__(self, "grid", grid)
+
+    def identity(self) -> dict:
+        return {"model": self.stats.model.identity(), "calib": self.stats.calib.identity(), "method": self.method,
+                "holdout": {"dataset": f"wikitext2-{HOLDOUT_SPLIT}", "windows": self.windows,
+                            "window_tokens": self.window_tokens},
+                "grid": list(self.grid), "format": TABLE_FORMAT}
+
+    def key(self) -> str:
+        return stable_hash(self.identity())
+
+
+@dataclass(frozen=True)
+class Prediction:
+    perplexity: float
+    low: float | None  # 95% interval over the held-out windows
+    high: float | None
+    block_delta_nll: np.ndarray  # (B,) each block's predicted contribution Δ_b(s_b), mean over windows
+
+    def text(self) -> str:
+        interval = f" [{self.low:.1f}, {self.high:.1f}]" if self.low is not None else ""
+        return f"predicted perplexity {self.perplexity:.1f}{interval}"
+
+
+@dataclass
+class DamageTable:
+    """Single-block damages of one model (see the module's docstring).
+
+    grid (K,); dense_nll (W,) mean NLL per held-out window of the dense model; window_nll (B, K, W) with block b
+    alone pruned at grid[k]; block_numel (B,) prunable weights per block."""
+
+    grid: np.ndarray
+    dense_nll: np.ndarray
+    window_nll: np.ndarray
+    block_numel: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.window_nll.shape[0]
+
+    @property
+    def dense_perplexity(self) -> float:
+        return float(math.exp(self.dense_nll.mean()))
+
+    def delta(self) -> np.ndarray:
+        """Δ (B, K + 1, W) on the grid with g_0 = 0 prepended (Δ = 0 there)."""
+        d = self.window_nll - self.dense_nll[None, None, :]
+        return np.concatenate([np.zeros((d.shape[0], 1, d.shape[2])), d], axis=1)
+
+    def predict(self, block_sparsity) -> Prediction:
+        """Predicted perplexity of per-block sparsities s_b (B,), each in [0, max grid]."""
+        s = np.asarray(block_sparsity, dtype=np.float64)
+        if s.shape != (self.n_blocks,):
+            raise ValueError(f"one sparsity per block ({self.n_blocks}) is needed; got shape {s.shape}")
+        top = float(self.grid[-1])
+        if s.min() < 0 or s.max() > top + 1e-12:
+            raise ValueError(f"block sparsities must lie in [0, {top:g}], the range the damage table measured; got "
+                             f"{s.min():.3f}…{s.max():.3f} (build a table whose grid reaches higher)")
+        points = np.concatenate([[0.0], self.grid])
+        upper = np.clip(np.searchsorted(points, s, side="right"), 1, len(points) - 1)  # s in [points[u−1], points[u]]
+        lower = upper - 1
+        weight = (s - points[lower]) / (points[upper] - points[lower])
+        d = self.delta()
+        rows = np.arange(self.n_blocks)
+        per_block = d[rows, lower] * (1 - weight)[:, None] + d[rows, upper] * weight[:, None]  # (B, W)
+        window_nll = self.dense_nll + per_block.sum(axis=0)
+        ci = t_interval(window_nll)
+        return Prediction(float(math.exp(window_nll.mean())),
+                          None if ci.low is None else float(math.exp(ci.low)),
+                          None if ci.high is None else float(math.exp(ci.high)), per_block.mean(axis=1))
+
+    def save(self, folder: Path) -> None:
+        np.savez(folder / "table.npz", grid=self.grid, dense_nll=self.dense_nll, window_nll=self.window_nll,
+                 block_numel=self.block_numel)
+        (folder / "meta.json").write_text(json.dumps(self.meta, indent=1))
+
+    @classmethod
+    def load(cls, folder: Path) -> "DamageTable":
+        z = np.load(folder / "table.npz")
+        return cls(z["grid"], z["dense_nll"], z["window_nll"], z["block_numel"],
+                   json.loads((folder / "meta.json").read_text()))
+
+
+def holdout_windows(tokenizer, data_dir, windows: int, window_tokens: int) -> torch.Tensor:
+    """``windows`` evenly spaced, non-overlapping windows of ``window_tokens`` tokens of WikiText-2 validation:
+    (windows, window_tokens)."""
+    from pruner.data import wikitext2_text
+    from pruner.evaluate.perplexity import chunk_stream
+
+    ids = tokenizer(wikitext2_text(HOLDOUT_SPLIT, data_dir), return_tensors="pt").input_ids[0]
+    chunks = chunk_stream(ids, window_tokens)
+    if len(chunks) < windows:
+        raise ValueError(f"WikiText-2 validation has {len(chunks)} windows of {window_tokens} tokens; asked for "
+                         f"{windows}")
+    return chunks[np.linspace(0, len(chunks) - 1, windows).round().astype(int)]
+
+
+@torch.no_grad()
+def _window_nll(model, hidden: list[torch.Tensor], windows: torch.Tensor, device) -> np.ndarray:
+    """Mean NLL of each window's next-token predictions from the hidden states leaving the last block."""
+    from pruner.evaluate.perplexity import IGNORE, _final_norm, summed_nll
+
+    norm, head = _final_norm(model), model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    out = []
+    for h, ids in zip(hidden, windows):
+        logits = head(norm(h))[0]
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        ids = ids.to(device)
+        targets = torch.cat([ids[1:], torch.full_like(ids[:1], IGNORE)])
+        out.append(summed_nll(logits, targets) / (len(ids) - 1))
+    return np.array(out)
+
+
+@torch.no_grad()
+def build_damage_table(model, tokenizer, stats, spec: PredictorSpec, data_dir, device="cpu",
+                       progress: ProgressFn | None = None,
+                       should_cancel: Callable[[], bool] | None = None) -> DamageTable:
+    """Measure the table (see the module's docstring) on a dense model in memory; the model is left unchanged.
+    ``stats``: the dense statistics of ``spec.stats`` (Wanda's ‖X_j‖₂). ``progress`` counts blocks."""
+    from pruner.besa import block_input_norms
+    from pruner.calibrate import _run_block, capture_block_inputs
+    from pruner.methods.masks import lowest_mask
+    from pruner.models import find_blocks, prunable_layers, weight_matrix
+    from pruner.scores import wanda_score
+
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    windows = holdout_windows(tokenizer, data_dir, spec.windows, spec.window_tokens)
+    _, blocks = find_blocks(model)
+    norms = block_input_norms(stats)
+    if len(norms) != len(blocks):
+        raise ValueError(f"the statistics have {len(norms)} blocks, the model {len(blocks)}")
+    hidden, calls = capture_block_inputs(model, windows, device, batch_size=1)
+    home = next(model.parameters()).device
+    for module in (model.get_output_embeddings(), _final_norm_of(model)):
+        module.to(device)
+
+    def tail(states: list[torch.Tensor], start: int) -> list[torch.Tensor]:
+        for j in range(start, len(blocks)):
+            blocks[j].to(device)
+            states = _run_block(blocks[j], states, calls[j], device)
+            blocks[j].to(home)
+        return states
+
+    dense_nll = _window_nll(model, tail(list(hidden), 0), windows, device)
+    window_nll = np.zeros((len(blocks), len(spec.grid), spec.windows))
+    numel = np.zeros(len(blocks))
+    try:
+        for b, block in enumerate(blocks):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(f"cancelled before block {b} of {len(blocks)}")
+            block.to(device)
+            layers = prunable_layers(block)
+            originals = {n: weight_matrix(layer).detach().clone() for n, layer in layers.items()}
+            numel[b] = sum(w.numel() for w in originals.values())
+            scores = {n: (wanda_score(w, norms[b][n].to(device)) if spec.method == "wanda" else w.abs())
+                      for n, w in originals.items()}
+            try:
+                for k, g in enumerate(spec.grid):
+                    for n, layer in layers.items():
+                        weight_matrix(layer).copy_(originals[n] * ~lowest_mask(scores[n], g, "row"))
+                    out = _run_block(block, hidden, calls[b], device)
+                    block.to(home)
+                    window_nll[b, k] = _window_nll(model, tail(out, b + 1), windows, device)
+                    block.to(device)
+            finally:
+                for n, layer in layers.items():
+                    weight_matrix(layer).copy_(originals[n])
+            hidden = _run_block(block, hidden, calls[b], device)  # the dense input of the next block
+            block.to(home)
+            if progress is not None:
+                progress(b + 1, len(blocks))
+    finally:
+        for module in (model.get_output_embeddings(), _final_norm_of(model)):
+            module.to(home)
+    meta = {"key": spec.key(), **spec.identity(), "seconds": round(time.perf_counter() - t0, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dense_perplexity": float(math.exp(dense_nll.mean()))}
+    return DamageTable(np.array(spec.grid), dense_nll, window_nll, numel, meta)
+
+
+def _final_norm_of(model):
+    from pruner.evaluate.perplexity import _final_norm
+
+    return _final_norm(model)
+
+
+def predictor_dir(spec: PredictorSpec, cache_dir: Path | None = None) -> Path:
+    from pruner.cache import CacheLayout
+
+    return CacheLayout.at(cache_dir).predictor(spec.key())
+
+
+def cached_table(spec: PredictorSpec, cache_dir: Path | None = None) -> DamageTable | None:
+    folder = predictor_dir(spec, cache_dir)
+    return DamageTable.load(folder) if (folder / "meta.json").is_file() else None
+
+
+def get_damage_table(spec: PredictorSpec, cache_dir: Path | None = None, *, data_dir=None, loaded=None,
+                     progress: ProgressFn | None = None,
+                     should_cancel: Callable[[], bool] | None = None) -> DamageTable:
+    """The cached table for ``spec``, built (statistics first when missing) and cached when there is none."""
+    from pruner.api import get_stats
+    from pruner.models import load_model
+    from pruner.store import atomic_dir
+
+    found = cached_table(spec, cache_dir)
+    if found is not None:
+        return found
+    loaded = loaded if loaded is not None else load_model(spec.stats.model, cache_dir)
+    if loaded.streamed:
+        raise ValueError("the damage table is built with the model in memory; load it without streaming")
+    stats = get_stats(spec.stats, cache_dir, loaded=loaded)
+    table = build_damage_table(loaded.model, loaded.tokenizer, stats, spec, data_dir, loaded.device,
+                               progress=progress, should_cancel=should_cancel)
+    with atomic_dir(predictor_dir(spec, cache_dir)) as tmp:
+        table.save(tmp)
+    return table
+
+
+def predict_allocation(table: DamageTable, allocation) -> Prediction:
+    """The predicted perplexity of an ``pruner.allocation.Allocation`` (its per-block parameter-weighted means)."""
+    return table.predict(allocation.block_sparsity)

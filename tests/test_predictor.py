@@ -1,0 +1,112 @@
+"""The perplexity predictor (pruner/predictor.py): interpolation worked by hand, the damage table checked against
+independent whole-model forwards on the tiny Llama."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pruner.predictor import DamageTable, PredictorSpec, build_damage_table, get_damage_table, holdout_windows
+from pruner.specs import CalibSpec, ModelSpec, StatsSpec
+
+
+def test_prediction_worked_by_hand():
+    """Two blocks, grid (0.4, 0.8), two windows with dense NLL 1 and 2. Block 0 at 0.4 adds 0.2 and 0.4 to the
+    windows, block 1 at 0.8 adds 1.0 and 0.6. s = (0.2, 0.8): block 0 adds half its 0.4 damage (0.1, 0.2), block
+    1 its full (1.0, 0.6): NLL = (2.1, 2.8), perplexity exp(2.45); interval exp(2.45 ± 12.706 · 0.35)."""
+    table = DamageTable(grid=np.array([0.4, 0.8]), dense_nll=np.array([1.0, 2.0]),
+                        window_nll=np.array([[[1.2, 2.4], [1.5, 2.9]],
+                                             [[1.1, 2.1], [2.0, 2.6]]]), block_numel=np.array([10, 10]))
+    p = table.predict([0.2, 0.8])
+    assert p.perplexity == pytest.approx(math.exp(2.45))
+    half_width = 12.706204736 * 0.35  # t(0.975, 1) · sd([2.1, 2.8]) / √2 = t · 0.35
+    assert p.low == pytest.approx(math.exp(2.45 - half_width)) and p.high == pytest.approx(math.exp(2.45 + half_width))
+    np.testing.assert_allclose(p.block_delta_nll, [0.15, 0.8])
+    assert table.predict([0.0, 0.0]).perplexity == pytest.approx(math.exp(1.5))  # dense
+    with pytest.raises(ValueError, match=r"must lie in \[0, 0.8\], the range the damage table measured"):
+        table.predict([0.9, 0.1])
+    with pytest.raises(ValueError, match=r"one sparsity per block \(2\)"):
+        table.predict([0.1])
+
+
+def test_spec_names_what_is_allowed():
+    stats = StatsSpec(ModelSpec("smollm2-135m"), CalibSpec())
+    with pytest.raises(ValueError, match="wanda or magnitude masks"):
+        PredictorSpec(stats, method="sparsegpt")
+    with pytest.raises(ValueError, match="increasing values in"):
+        PredictorSpec(stats, grid=(0.5, 0.3))
+    with pytest.raises(ValueError, match="integer ≥ 2"):
+        PredictorSpec(stats, windows=1)
+
+
+@pytest.fixture(scope="module")
+def built(tiny_folder, data_dir, tmp_path_factory):
+    from pruner.api import get_stats
+    from pruner.models import load_model
+
+    cache = tmp_path_factory.mktemp("predictor-cache")
+    spec = PredictorSpec(StatsSpec(ModelSpec(tiny_folder, device="cpu"), CalibSpec(nsamples=4, seqlen=32,
+                                                                                    data_dir=data_dir)),
+                         windows=3, window_tokens=48, grid=(0.3, 0.6, 0.9))
+    loaded = load_model(spec.stats.model)
+    before = {n: p.clone() for n, p in loaded.model.state_dict().items()}
+    table = get_damage_table(spec, cache, data_dir=data_dir, loaded=loaded)
+    return spec, cache, loaded, before, table, get_stats(spec.stats, cache)
+
+
+def _whole_model_nll(model, windows) -> np.ndarray:
+    """Per-window mean NLL by the evaluation module's whole-model path (an independent route)."""
+    from pruner.evaluate.perplexity import perplexity_of_chunks
+
+    _, _, per_chunk = perplexity_of_chunks(model, windows, torch.device("cpu"), 1, None, None)
+    return np.array(per_chunk)
+
+
+def test_table_matches_whole_model_forwards(built, data_dir):
+    from pruner.besa import block_input_norms
+    from pruner.methods.masks import lowest_mask
+    from pruner.models import find_blocks, prunable_layers, weight_matrix
+    from pruner.scores import wanda_score
+
+    spec, _, loaded, before, table, stats = built
+    windows = holdout_windows(loaded.tokenizer, data_dir, spec.windows, spec.window_tokens)
+    np.testing.assert_allclose(table.dense_nll, _whole_model_nll(loaded.model, windows), rtol=1e-6)
+    # block 2 alone at 0.6, pruned on a copy with the same Wanda masks, through the whole model
+    b, k = 2, 1
+    model = copy.deepcopy(loaded.model)
+    norms = block_input_norms(stats)[b]
+    for name, layer in prunable_layers(find_blocks(model)[1][b]).items():
+        w = weight_matrix(layer)
+        w.data.copy_(w * ~lowest_mask(wanda_score(w, norms[name]), spec.grid[k], "row"))
+    np.testing.assert_allclose(table.window_nll[b, k], _whole_model_nll(model, windows), rtol=1e-6)
+    # building the table left the model as it was
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    # one block alone at a grid point is predicted exactly (additivity is exact for a single block)
+    s = np.zeros(table.n_blocks)
+    s[b] = spec.grid[k]
+    assert table.predict(s).perplexity == pytest.approx(math.exp(table.window_nll[b, k].mean()), rel=1e-12)
+    assert table.block_numel.tolist() == [float(n) for n in stats.block_numel]
+    assert np.all(table.window_nll[:, -1].mean(axis=1) > table.dense_nll.mean())  # 90% of a block hurts
+
+
+def test_table_is_cached_and_listed(built):
+    from pruner.cache import CacheLayout
+
+    spec, cache, loaded, _, table, _ = built
+    again = get_damage_table(spec, cache, loaded=None)  # no model needed: read from the cache
+    np.testing.assert_array_equal(again.window_nll, table.window_nll)
+    entries = [e for e in CacheLayout.at(cache).entries() if e.kind == "predictors"]
+    assert len(entries) == 1 and entries[0].path.name == spec.key() and entries[0].stale is None
+
+
+def test_magnitude_table_differs_from_wanda(built, data_dir):
+    spec, _, loaded, _, table, stats = built
+    import dataclasses
+
+    magnitude = build_damage_table(loaded.model, loaded.tokenizer, stats,
+                                   dataclasses.replace(spec, method="magnitude"), data_dir)
+    np.testing.assert_allclose(magnitude.dense_nll, table.dense_nll)
+    assert not np.allclose(magnitude.window_nll, table.window_nll)
