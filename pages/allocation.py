@@ -10,8 +10,9 @@ import streamlit as st
 from pages._dashboard import jobs_panel, page_setup, page_with_stats, param_controls, queue, unique_params
 from pruner import api
 from pruner.allocation import ALLOCATORS, allocate, owl_lambda_max
-from pruner.charts import allocation_comparison_figure, layer_sparsity_heatmap_figure
-from pruner.workflows import LearnRequest
+from pruner.charts import allocation_comparison_figure, layer_sparsity_heatmap_figure, predicted_map_figure
+from pruner.predictor import PredictorSpec, cached_table
+from pruner.workflows import LearnRequest, PredictorRequest
 
 st.title("🎚️ Allocation")
 st.caption("Every curve is recomputed from the cached statistics when a control moves: no model forward.")
@@ -64,6 +65,45 @@ if allocations:
         st.session_state["prune_prefill"] = {"allocators": [a.allocator for a in allocations], "sparsity": S,
                                              "params": values}
         st.switch_page("pages/prune.py")
+
+# what each allocation would cost, before pruning it: the damage-table predictor (pruner.predictor)
+st.subheader("Predicted perplexity")
+predictor = PredictorSpec(sel.stats_spec)
+damage = cached_table(predictor, sel.cache_dir)
+if damage is None:
+    st.info("No damage table for this model and calibration set yet. It prunes each block alone at "
+            f"{len(predictor.grid)} sparsities and measures the loss on {predictor.windows} held-out WikiText-2 "
+            "validation windows (never the test split); about 15 minutes for SmolLM2 on 2 CPU cores, once.")
+    if st.button("Build the predictor in the background", key="alloc_predictor_build"):
+        queue(sel, PredictorRequest(predictor, data_dir=sel.data_dir))
+        st.success("Queued: predictions appear here when the job is done.")
+    jobs_panel(sel, "alloc_jobs_done_predictor")
+else:
+    rows = []
+    for x in allocations:
+        try:
+            p = damage.predict(x.block_sparsity)
+            rows.append({"allocator": ALLOCATORS[x.allocator].label, "predicted perplexity": p.perplexity,
+                         "95% interval (held-out windows)": f"[{p.low:.1f}, {p.high:.1f}]"})
+        except ValueError as err:
+            rows.append({"allocator": ALLOCATORS[x.allocator].label, "predicted perplexity": float("nan"),
+                         "95% interval (held-out windows)": str(err)})
+    st.dataframe(pd.DataFrame(rows).style.format({"predicted perplexity": "{:.1f}"}), width="stretch",
+                 hide_index=True)
+    st.caption(f"Dense: {damage.dense_perplexity:.2f} on the held-out windows. Each block's damage was measured "
+               f"alone (others dense) and the damages are added: pruning all blocks at once compounds, so the level "
+               f"is optimistic at high S; the ranking is what to read (docs/results.md measures it).")
+    if "owl" in shown:
+        lams = np.round(np.arange(0.0, 0.205, 0.02), 3)
+        ms = np.array([2.0, 3.0, 5.0, 7.0, 10.0, 15.0])
+        grid = np.full((len(ms), len(lams)), np.nan)
+        for i, m in enumerate(ms):
+            for j, lam_ in enumerate(lams):
+                try:
+                    grid[i, j] = damage.predict(allocate("owl", stats, S, lam=lam_, m=m).block_sparsity).perplexity
+                except ValueError:
+                    pass  # λ too wide here, or beyond the table's grid: left blank
+        st.plotly_chart(predicted_map_figure(lams, ms, grid, S), width="stretch", key="alloc_predicted_map")
 
 for name, result in learned_results.items():
     a = ALLOCATORS[name]

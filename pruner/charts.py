@@ -64,6 +64,23 @@ def layer_sparsity_heatmap_figure(allocation: Allocation, layer_names: list[str]
     return fig
 
 
+def predicted_map_figure(lams, ms, perplexity: np.ndarray, sparsity: float) -> go.Figure:
+    """Predicted perplexity of OWL over a (λ, M) grid (``perplexity`` (len(ms), len(lams)), NaN where λ is too
+    wide), log-coloured, with the lowest point marked."""
+    z = np.log10(perplexity)
+    fig = go.Figure(go.Heatmap(z=z, x=list(lams), y=list(ms), colorscale="Viridis_r", customdata=perplexity,
+                               colorbar=dict(title="log₁₀ ppl"),
+                               hovertemplate="λ %{x:.3f}<br>M %{y:g}<br>predicted ppl %{customdata:.1f}<extra></extra>"))
+    if np.isfinite(perplexity).any():
+        i, j = np.unravel_index(np.nanargmin(perplexity), perplexity.shape)
+        fig.add_trace(go.Scatter(x=[lams[j]], y=[ms[i]], mode="markers+text", name="lowest predicted",
+                                 marker=dict(symbol="star", size=16, color="red"),
+                                 text=[f"{perplexity[i, j]:.1f}"], textposition="top center"))
+    fig.update_layout(title=f"OWL at S = {sparsity:.0%}: predicted perplexity over (λ, M)", xaxis_title="λ",
+                      yaxis_title="M", height=380, margin=dict(l=60, r=20, t=60, b=50), showlegend=False)
+    return fig
+
+
 def distribution_figure(edges: np.ndarray, counts: np.ndarray, m: float, above: float, title: str) -> go.Figure:
     """Histogram of A/Ā on log-spaced bins (share of weights per bin), with the M · mean threshold marked and
     ``above``, the exact share of weights above it."""

@@ -256,3 +256,39 @@ def test_a_registered_allocator_and_method_get_page_controls(app, cached):
         store.cancel(job.id)  # a worker process does not have the toy entries registered
         assert job.payload["spec"]["allocator_params"] == {"gamma": 0.05}
         assert job.payload["spec"]["method_params"] == {"power": 3.0}
+
+
+def test_allocation_predicts_each_curve_once_the_predictor_is_built(tiny_folder, data_dir, tmp_path, monkeypatch):
+    """On the tiny Llama: the page offers to build the damage table, queues it as a job; once built, every shown
+    curve has its predicted perplexity (the table's own prediction of that allocation) and OWL a (λ, M) map with
+    its lowest point marked."""
+    from pruner.predictor import PredictorSpec, cached_table
+
+    calib = CalibSpec.preset("tiny", data_dir=data_dir)
+    spec = StatsSpec(ModelSpec(tiny_folder), calib)
+    stats = api.get_stats(spec, tmp_path)
+    at = tiny_app(tmp_path, tiny_folder, data_dir, monkeypatch)
+    go(at, "allocation")
+    at.button(key="alloc_predictor_build").click().run()
+    store = JobStore(default_db(tmp_path))
+    job = next(j for j in store.list() if j.kind == "predictor")
+    assert job.label.startswith("perplexity predictor of ") and job.request.spec == PredictorSpec(spec)
+    store.cancel(job.id)  # the queue works; build it here with the workflow the worker runs
+    from pruner.workflows import Context, run
+
+    run(job.request, Context(tmp_path))
+    table = cached_table(PredictorSpec(spec), tmp_path)
+    at.run()
+    assert not at.exception, at.exception
+    shown = at.dataframe[-1].value
+    for name in ("uniform", "owl", "dlp", "atp"):
+        label = ALLOCATORS[name].label
+        expected = table.predict(allocate(name, stats, 0.7).block_sparsity).perplexity
+        got = float(shown.loc[shown["allocator"] == label, "predicted perplexity"].iloc[0])
+        assert got == pytest.approx(expected, rel=1e-9), name
+    heat = next(f for f in figures(at)
+                if f["layout"].get("title", {}).get("text", "").startswith("OWL at S = 70%: predicted"))
+    grid = values(heat["data"][0]["customdata"]).reshape(6, 11) if isinstance(heat["data"][0]["customdata"], dict) \
+        else np.asarray(heat["data"][0]["customdata"], dtype=float)
+    star = heat["data"][1]
+    assert float(star["text"][0]) == pytest.approx(np.nanmin(grid), abs=0.05)
