@@ -1,0 +1,99 @@
+"""Predicted vs measured perplexity (issue 13): does the damage-table predictor rank allocations as pruning does?
+
+Builds (or reads) the damage table of SmolLM2 (cpu calibration preset, seed 0; Wanda masks; held-out WikiText-2
+validation windows), then for each target sparsity enumerates allocations — uniform, OWL over a (λ, M) grid, its
+inverse, DLP over α, ATP over δ, Erdős–Rényi, global, AlphaPruning over ε, and BESA when its allocation is cached —
+prunes each with Wanda (ordinary cached runs: the same spec gives the same run key as the CLI) and evaluates
+WikiText-2 test perplexity (the first --max-chunks chunks: a partial evaluation, labelled so), and prints per
+sparsity the table of predicted vs measured and their Spearman rank correlation (target ≥ 0.9). Allocations the
+predictor cannot read (a block sparsity beyond its grid) or whose parameters are out of range are listed as such.
+
+    python -m bench.predictor_check --sparsities 0.5 0.7 [--max-chunks 8] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import pandas as pd
+
+from bench.common import git_rev, machine
+from pruner.api import allocation_for, cached_learned
+from pruner.predictor import DEFAULT_WINDOW_TOKENS, DEFAULT_WINDOWS, PredictorSpec, get_damage_table
+from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
+from pruner.store import default_data_dir
+from pruner.workflows import PerplexityOptions, PruneRequest, run
+
+#: The allocations compared at each S: (allocator, parameters).
+CANDIDATES = (
+    [("uniform", {}), ("er", {}), ("global", {}), ("owl_inverse", {"lam": 0.08, "m": 5.0})]
+    + [("owl", {"lam": lam, "m": m}) for m in (3.0, 5.0, 10.0) for lam in (0.04, 0.08, 0.12, 0.16)]
+    + [("dlp", {"alpha": a}) for a in (0.05, 0.1, 0.15, 0.2)]
+    + [("atp", {"delta": d}) for d in (0.003, 0.006, 0.01, 0.015)]
+    + [("alpha", {"epsilon": e}) for e in (0.1, 0.3)]
+    + [("besa", {"beta": 50.0})]
+)
+
+
+def spearman(x, y) -> float:
+    return float(pd.Series(x).rank().corr(pd.Series(y).rank()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7])
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--max-chunks", type=int, default=8, help="test chunks per measured run (default 8: partial)")
+    ap.add_argument("--windows", type=int, default=DEFAULT_WINDOWS)
+    ap.add_argument("--window-tokens", type=int, default=DEFAULT_WINDOW_TOKENS)
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args()
+    data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
+    stats_spec = StatsSpec(ModelSpec("smollm2-135m"), CalibSpec.preset(args.preset, data_dir=data_dir))
+    spec = PredictorSpec(stats_spec, windows=args.windows, window_tokens=args.window_tokens)
+    table = get_damage_table(spec, data_dir=data_dir,
+                             progress=lambda d, t: print(f"# damage table: block {d}/{t}", flush=True))
+    print(f"# machine: {machine()}; commit {git_rev()}; predictor {spec.key()} (built in {table.meta['seconds']} s, "
+          f"dense {table.dense_perplexity:.3f} on {spec.windows} × {spec.window_tokens} validation tokens); measured: "
+          f"Wanda, WikiText-2 test, first {args.max_chunks} chunks (partial)")
+    rows = []
+    for S in args.sparsities:
+        for name, params in CANDIDATES:
+            row = {"S": S, "allocator": name, "params": params}
+            try:
+                if name == "besa" and cached_learned(stats_spec, name, S, params) is None:
+                    raise ValueError("not learned at this S (learn it first: `pruner allocate --allocator besa`)")
+                _, alloc = allocation_for(stats_spec, name, S, params)
+                row["predicted"] = table.predict(alloc.block_sparsity).perplexity
+            except ValueError as err:
+                row["skipped"] = str(err)
+                rows.append(row)
+                print(f"{S:.0%} {name} {params}: skipped ({err})", flush=True)
+                continue
+            result = run(PruneRequest(PruneSpec(model=stats_spec.model, calib=stats_spec.calib, allocator=name,
+                                                allocator_params=params, method="wanda", sparsity=S),
+                                      PerplexityOptions(max_chunks=args.max_chunks), data_dir=data_dir))
+            row["measured"] = result["perplexity"]
+            rows.append(row)
+            print(f"{S:.0%} {name} {params}: predicted {row['predicted']:.2f}, measured {row['measured']:.2f}",
+                  flush=True)
+    for S in args.sparsities:
+        done = [r for r in rows if r["S"] == S and "measured" in r]
+        print(f"\n## S = {S:.0%}: {len(done)} allocations, Spearman ρ(predicted, measured) = "
+              f"{spearman([r['predicted'] for r in done], [r['measured'] for r in done]):.3f}")
+        print("| allocator | parameters | predicted | measured | measured ÷ predicted |")
+        print("|---|---|---|---|---|")
+        for r in sorted(done, key=lambda r: r["measured"]):
+            print(f"| {r['allocator']} | {r['params']} | {r['predicted']:.2f} | {r['measured']:.2f} "
+                  f"| {r['measured'] / r['predicted']:.3f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"commit": git_rev(), "predictor": spec.key(), "rows": rows}, f, indent=1,
+                      default=lambda v: v.tolist() if isinstance(v, np.ndarray) else str(v))
+
+
+if __name__ == "__main__":
+    main()
