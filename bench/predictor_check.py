@@ -18,11 +18,10 @@ import json
 import os
 
 import numpy as np
-import pandas as pd
 
 from bench.common import git_rev, machine
 from pruner.api import allocation_for, cached_learned
-from pruner.predictor import DEFAULT_WINDOW_TOKENS, DEFAULT_WINDOWS, PredictorSpec, get_damage_table
+from pruner.predictor import DEFAULT_WINDOW_TOKENS, DEFAULT_WINDOWS, PredictorSpec, get_damage_table, spearman
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
 from pruner.store import default_data_dir
 from pruner.workflows import PerplexityOptions, PruneRequest, run
@@ -36,10 +35,6 @@ CANDIDATES = (
     + [("alpha", {"epsilon": e}) for e in (0.1, 0.3)]
     + [("besa", {"beta": 50.0})]
 )
-
-
-def spearman(x, y) -> float:
-    return float(pd.Series(x).rank().corr(pd.Series(y).rank()))
 
 
 def main() -> None:
@@ -83,7 +78,7 @@ def main() -> None:
     for S in args.sparsities:
         done = [r for r in rows if r["S"] == S and "measured" in r]
         print(f"\n## S = {S:.0%}: {len(done)} allocations, Spearman ρ(predicted, measured) = "
-              f"{spearman([r['predicted'] for r in done], [r['measured'] for r in done]):.3f}")
+              f"{spearman([r['predicted'] for r in done], [r['measured'] for r in done])[0]:.3f}")
         print("| allocator | parameters | predicted | measured | measured ÷ predicted |")
         print("|---|---|---|---|---|")
         for r in sorted(done, key=lambda r: r["measured"]):

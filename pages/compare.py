@@ -7,10 +7,12 @@ from pages._dashboard import (deepsparse_available, jobs_panel, page_setup, queu
                               zeroshot_set_label)
 from pruner import metrics
 from pruner.charts import (accuracy_vs_sparsity_figure, ppl_vs_speedup_figure, ppl_vs_sparsity_figure,
-                           speedup_vs_sparsity_figure, two_runs_figure, zeroshot_tasks_figure)
+                           predicted_vs_measured_figure, speedup_vs_sparsity_figure, two_runs_figure,
+                           zeroshot_tasks_figure)
 from pruner.evaluate.speed import STATUS_NOTE, SpeedSpec
 from pruner.evaluate.zeroshot import TASKS
 from pruner.groups import RunGroup, compare, group_runs, perplexity_metrics, ranking, seed_of
+from pruner.predictor import PredictorSpec, cached_table, spearman
 from pruner.runs import list_runs
 from pruner.workflows import EvalRequest, PerplexityOptions, ZeroshotOptions
 
@@ -108,6 +110,39 @@ if protocols:
     st.caption("Each row is compared with the row above it, paired by calibration seed when both groups share two "
                "or more seeds, else by chunk when both are single runs on the same chunks. “Not separable”: the "
                "95% interval of the perplexity ratio contains 1, so the order of the two rows is not established.")
+
+    # the predictor's ranking against pruning's (pruner.predictor): one point per Wanda run under this protocol
+    st.subheader("Predicted vs measured perplexity")
+    predictor = PredictorSpec(sel.stats_spec)
+    damage = cached_table(predictor, sel.cache_dir)
+    if damage is None:
+        st.caption("No damage table for this model and calibration set: build it on the Allocation page to see "
+                   "how well its predictions rank the runs.")
+    else:
+        points = []
+        for r in runs:
+            result = r.metrics.get(protocol)
+            if r.method != damage.meta.get("method", "wanda") or r.nm or r.is_recovery or not result:
+                continue
+            try:
+                p = damage.predict(r.allocation["block_sparsity"])
+            except (ValueError, KeyError):
+                continue  # beyond the table's grid, or a run without a stored allocation
+            ci = result.get("interval") or {}
+            points.append({"sparsity": r.sparsity, "predicted": p.perplexity, "measured": result["perplexity"],
+                           "low": ci.get("low"), "high": ci.get("high"),
+                           "label": f"{r.label} (seed {seed_of(r)})"})
+        if points:
+            st.plotly_chart(predicted_vs_measured_figure(points), width="stretch", key="cmp_predicted")
+            rho = {S: spearman([q["predicted"] for q in points if q["sparsity"] == S],
+                               [q["measured"] for q in points if q["sparsity"] == S])
+                   for S in sorted({q["sparsity"] for q in points})}
+            st.caption(f"Wanda runs measured under {protocol}, predicted from their stored allocations by the table "
+                       f"of calibration seed {sel.stats_spec.calib.seed}. Spearman rank correlation per target "
+                       "sparsity: " + "; ".join(f"{S:.0%}: " + (f"{v:.3f} ({n} runs)" if n > 2 else f"{n} run(s), too few")
+                                                 for S, (v, n) in rho.items()) + ".")
+        else:
+            st.caption("No Wanda run evaluated under this protocol has an allocation the table can read.")
 
 st.subheader("Two runs side by side")
 labels = {r.key: r.label + (f" (seed {seed_of(r)})" if len(groups) < len(runs) else "") for r in runs}

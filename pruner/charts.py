@@ -81,6 +81,30 @@ def predicted_map_figure(lams, ms, perplexity: np.ndarray, sparsity: float) -> g
     return fig
 
 
+def predicted_vs_measured_figure(rows: list[dict]) -> go.Figure:
+    """Measured perplexity (y, with its interval) against the predictor's (x), one colour per target sparsity,
+    log axes, with the y = x line. rows: sparsity, predicted, measured, low, high, label."""
+    fig = go.Figure()
+    for S in sorted({r["sparsity"] for r in rows}):
+        part = [r for r in rows if r["sparsity"] == S]
+        fig.add_trace(go.Scatter(
+            x=[r["predicted"] for r in part], y=[r["measured"] for r in part], mode="markers", name=f"S = {S:.0%}",
+            text=[r["label"] for r in part],
+            error_y=dict(type="data", symmetric=False,
+                         array=[(r["high"] - r["measured"]) if r.get("high") else 0 for r in part],
+                         arrayminus=[(r["measured"] - r["low"]) if r.get("low") else 0 for r in part]),
+            hovertemplate="%{text}<br>predicted %{x:.1f}<br>measured %{y:.1f}<extra></extra>"))
+    values = [v for r in rows for v in (r["predicted"], r["measured"])]
+    if values:
+        lo, hi = min(values), max(values)
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="measured = predicted",
+                                 line=dict(color="grey", dash="dot")))
+    fig.update_layout(title="Measured vs predicted perplexity", xaxis_title="predicted (damage table)",
+                      yaxis_title="measured (WikiText-2 test)", xaxis_type="log", yaxis_type="log", height=420,
+                      margin=dict(l=60, r=20, t=60, b=50))
+    return fig
+
+
 def distribution_figure(edges: np.ndarray, counts: np.ndarray, m: float, above: float, title: str) -> go.Figure:
     """Histogram of A/Ā on log-spaced bins (share of weights per bin), with the M · mean threshold marked and
     ``above``, the exact share of weights above it."""

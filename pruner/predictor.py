@@ -300,6 +300,16 @@ def get_damage_table(spec: PredictorSpec, cache_dir: Path | None = None, *, data
     return table
 
 
+def spearman(predicted, measured) -> tuple[float, int]:
+    """(Spearman rank correlation, n) of two equal-length sequences; NaN when fewer than 3 (ties take mean ranks)."""
+    import pandas as pd
+
+    x, y = pd.Series(list(predicted), dtype=float), pd.Series(list(measured), dtype=float)
+    if len(x) != len(y):
+        raise ValueError(f"spearman needs two sequences of one length; got {len(x)} and {len(y)}")
+    return (float(x.rank().corr(y.rank())) if len(x) > 2 else float("nan")), len(x)
+
+
 def predict_allocation(table: DamageTable, allocation) -> Prediction:
     """The predicted perplexity of an ``pruner.allocation.Allocation`` (its per-block parameter-weighted means)."""
     return table.predict(allocation.block_sparsity)

@@ -110,3 +110,12 @@ def test_magnitude_table_differs_from_wanda(built, data_dir):
                                    dataclasses.replace(spec, method="magnitude"), data_dir)
     np.testing.assert_allclose(magnitude.dense_nll, table.dense_nll)
     assert not np.allclose(magnitude.window_nll, table.window_nll)
+
+
+def test_spearman_by_hand():
+    from pruner.predictor import spearman
+
+    rho, n = spearman([1, 2, 3, 4], [10, 20, 40, 30])  # one swap: 1 − 6·2/(4·15) = 0.8
+    assert rho == pytest.approx(0.8) and n == 4
+    assert spearman([1, 2, 2], [1, 2, 3])[0] == pytest.approx(np.corrcoef([1, 2.5, 2.5], [1, 2, 3])[0, 1])
+    assert math.isnan(spearman([1, 2], [2, 1])[0])

@@ -292,3 +292,15 @@ def test_allocation_predicts_each_curve_once_the_predictor_is_built(tiny_folder,
         else np.asarray(heat["data"][0]["customdata"], dtype=float)
     star = heat["data"][1]
     assert float(star["text"][0]) == pytest.approx(np.nanmin(grid), abs=0.05)
+    # the Compare page puts measured runs against the same table's predictions
+    for name in ("uniform", "owl", "atp"):
+        folder = runs.run_prune(PruneSpec(model=ModelSpec(tiny_folder), calib=calib, allocator=name, method="wanda",
+                                          sparsity=0.7), tmp_path)
+        metrics.evaluate_perplexity(folder, data_dir, max_chunks=1, seqlen=64)
+    go(at, "compare")
+    scatter = next(f for f in figures(at) if f["layout"].get("title", {}).get("text") == "Measured vs predicted perplexity")
+    points = scatter["data"][0]
+    expected = sorted(table.predict(allocate(n, stats, 0.7).block_sparsity).perplexity for n in ("uniform", "owl", "atp"))
+    np.testing.assert_allclose(sorted(values(points["x"])), expected, rtol=1e-9)
+    assert any("Spearman rank correlation per target sparsity: 70%: " in c.value and "(3 runs)" in c.value
+               for c in at.caption)
