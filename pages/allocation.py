@@ -110,11 +110,14 @@ for name, result in learned_results.items():
     st.subheader(f"{a.label}: sparsities learned per layer")
     st.caption(f"Per block, each linear layer's sparsity is learned so that the block's output stays closest to "
                f"the dense block's on the calibration set while the block's mean is S ({a.description}). OWL gives "
-               f"every layer of a block the same sparsity; a learned allocation moves them apart.")
+               f"every layer of a block the same sparsity; a learned allocation moves them apart." if name == "besa"
+               else f"{a.label}: {a.description}.")
     if result is None:
+        cost = ("It runs every block forward and backward a few times (about 10 s per SmolLM2 block with the cpu "
+                "preset here)." if name == "besa" else "It reads the damage table of the predictor below (built "
+                "first when missing), then solves for the allocation in a second.")
         st.info(f"{a.label} has not been learned for S = {S:.0%} with these parameters on this model and "
-                f"calibration set yet. It runs every block forward and backward a few times (about 10 s per SmolLM2 "
-                f"block with the cpu preset here).")
+                f"calibration set yet. {cost}")
         if st.button(f"Learn {a.label} at S = {S:.0%} in the background", key=f"alloc_learn_{name}"):
             queue(sel, LearnRequest(sel.stats_spec, name, S, a.pick(values)))
             st.success("Queued: the heatmap appears here when the job is done.")

@@ -405,6 +405,9 @@ for _a in (
     Allocator("besa", "BESA (learned)", "layer", _learned_elsewhere,
               "per-layer sparsities learned per block to minimise its reconstruction error at mean S",
               params=(BETA,), learner="pruner.besa:BESA_LEARNER"),
+    Allocator("predicted", "Predictor-optimal", "block", _learned_elsewhere,
+              "per-block sparsities minimising the perplexity predictor's loss at mean S (dynamic programme over "
+              "its damage table)", learner="pruner.predictor:OPTIMAL_LEARNER"),
 ):
     register(_a)
 

@@ -167,7 +167,9 @@ def learn_allocation(spec: StatsSpec, allocator: str, sparsity: float, params: d
     # streamed: each block is read from the checkpoint for its turn (the dense weights are only read, never written)
     result, stats = learner.learn(loaded.model, tokens, S, stats, params, device=loaded.device,
                                   batch_size=batch_size, progress=progress, should_cancel=should_cancel,
-                                  blocks=loaded.block_store(), offload=loaded.spec.offload_activations)
+                                  blocks=loaded.block_store(), offload=loaded.spec.offload_activations,
+                                  context={"spec": spec, "cache_dir": cache_dir, "loaded": loaded,
+                                           "progress": progress, "should_cancel": should_cancel})
     if collected:
         stats.meta.update(key=spec.key(), model=spec.model.identity(), calib=spec.calib.identity(),
                           summary=model_summary(loaded), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -324,16 +324,18 @@ def learn_sparsities(model: nn.Module, tokens: torch.Tensor, target: float, stat
 class Learner:
     """How a learned allocator learns. ``settings``: fixed choices that change the result (part of the cache key
     with the allocator's parameters); ``learn(model, tokens, S, stats, params, device=, batch_size=, progress=,
-    should_cancel=, blocks=, offload=)`` returns (result, statistics): ``result`` holds at least ``layer_names``, ``layer_block`` and
+    should_cancel=, blocks=, offload=, context=)`` returns (result, statistics): ``result`` holds at least ``layer_names``, ``layer_block`` and
     ``layer_sparsity`` (one per prunable layer, in the statistics' order) plus whatever the learner reports;
-    ``stats`` may be None, and then the learner collects them in its own pass."""
+    ``stats`` may be None, and then the learner collects them in its own pass. ``context``: the ``StatsSpec``
+    (``spec``), ``cache_dir``, the ``loaded`` model, ``progress`` and ``should_cancel``, for a learner that reads or
+    writes other cached things (the predictor-optimal allocation reads the damage table)."""
 
     settings: dict
     learn: Callable
 
 
 def _learn_besa(model, tokens, sparsity, stats, params, *, device="cpu", batch_size=4, progress=None,
-                should_cancel=None, blocks=None, offload=False):
+                should_cancel=None, blocks=None, offload=False, context=None):
     blocks, stats = learn_sparsities(model, tokens, sparsity, stats, beta=params["beta"], device=device,
                                      batch_size=batch_size, progress=progress, should_cancel=should_cancel,
                                      blocks=blocks, offload=offload)

@@ -300,6 +300,76 @@ def get_damage_table(spec: PredictorSpec, cache_dir: Path | None = None, *, data
     return table
 
 
+#: Resolution of the predictor-optimal allocation's block sparsities (1%, BESA's candidate step).
+OPTIMAL_STEP = 0.01
+
+
+def optimal_block_sparsity(table: DamageTable, sparsity: float, step: float = OPTIMAL_STEP) -> np.ndarray:
+    """Per-block sparsities minimising the predicted loss Σ_b Δ_b(s_b) (window mean) subject to a mean of exactly S,
+    each s_b a multiple of ``step`` in [0, the table's top grid point]: exact on that lattice, by dynamic programming
+    over blocks (a knapsack: the state is the number of ``step`` units spent so far). Blocks must be of equal
+    size (every supported decoder has them), so the unweighted mean is the parameter-weighted one; S · B / step
+    must be a whole number of units (e.g. S in steps of 0.01). (B,)"""
+    from pruner.allocation import check_sparsity
+
+    S = check_sparsity(sparsity)
+    numel = np.asarray(table.block_numel, dtype=np.float64)
+    if not np.allclose(numel, numel[0]):
+        raise ValueError("the predictor-optimal allocation needs blocks of equal size")
+    B = table.n_blocks
+    units = S * B / step
+    if abs(units - round(units)) > 1e-6:
+        raise ValueError(f"S = {S:g} over {B} blocks is not a whole number of {step:g} steps of block sparsity "
+                         f"(S · B / step = {units:.3f}); choose S as a multiple of {step:g}")
+    total = int(round(units))
+    top = int(np.floor(float(table.grid[-1]) / step + 1e-9))
+    if total > top * B:
+        raise ValueError(f"S = {S:g} needs block sparsities above the table's top grid point {table.grid[-1]:g}")
+    candidates = np.arange(top + 1) * step
+    points = np.concatenate([[0.0], table.grid])
+    mean_delta = table.delta().mean(axis=2)  # (B, K + 1)
+    cost = np.stack([np.interp(candidates, points, mean_delta[b]) for b in range(B)])  # (B, top + 1)
+    inf = np.inf
+    best = np.full(total + 1, inf)
+    best[0] = 0.0
+    choice = np.zeros((B, total + 1), dtype=np.int64)
+    for b in range(B):
+        new = np.full(total + 1, inf)
+        for k in range(min(top, total) + 1):
+            shifted = np.full(total + 1, inf)
+            shifted[k:] = best[: total + 1 - k] + cost[b, k]
+            better = shifted < new
+            new[better] = shifted[better]
+            choice[b, better] = k
+        best = new
+    if not np.isfinite(best[total]):
+        raise ValueError(f"no allocation of mean S = {S:g} exists on this table's range")
+    out, t = np.zeros(B, dtype=np.int64), total
+    for b in range(B - 1, -1, -1):
+        out[b] = choice[b, t]
+        t -= out[b]
+    return out * step
+
+
+def _learn_optimal(model, tokens, sparsity, stats, params, *, context, **_unused):
+    """The learned-allocator protocol (``pruner.besa.Learner``) for the predictor-optimal allocation: the damage
+    table (built or read from the cache, with the calibration set's statistics) and the dynamic programme."""
+    spec = PredictorSpec(context["spec"])
+    table = get_damage_table(spec, context.get("cache_dir"), data_dir=context["spec"].calib.data_dir,
+                             loaded=context.get("loaded"), progress=context.get("progress"),
+                             should_cancel=context.get("should_cancel"))
+    if stats is None:
+        from pruner.api import get_stats
+
+        stats = get_stats(context["spec"], context.get("cache_dir"), loaded=context.get("loaded"))
+    block = optimal_block_sparsity(table, sparsity)
+    layer_block = np.asarray(stats.layer_block)
+    p = table.predict(block)
+    return {"layer_names": list(stats.layer_names), "layer_block": layer_block.tolist(),
+            "layer_sparsity": [float(v) for v in block[layer_block]], "block_sparsity": block.tolist(),
+            "predictor": spec.key(), "predicted_perplexity": p.perplexity}, stats
+
+
 def spearman(predicted, measured) -> tuple[float, int]:
     """(Spearman rank correlation, n) of two equal-length sequences; NaN when fewer than 3 (ties take mean ranks)."""
     import pandas as pd
@@ -313,3 +383,15 @@ def spearman(predicted, measured) -> tuple[float, int]:
 def predict_allocation(table: DamageTable, allocation) -> Prediction:
     """The predicted perplexity of an ``pruner.allocation.Allocation`` (its per-block parameter-weighted means)."""
     return table.predict(allocation.block_sparsity)
+
+
+def _learner():
+    from pruner.besa import Learner
+
+    return Learner(settings={"step": OPTIMAL_STEP, "grid": list(DEFAULT_GRID),
+                             "windows": DEFAULT_WINDOWS, "window_tokens": DEFAULT_WINDOW_TOKENS,
+                             "format": TABLE_FORMAT}, learn=_learn_optimal)
+
+
+#: The learned-allocator entry point ``pruner.allocation`` names ("pruner.predictor:OPTIMAL_LEARNER").
+OPTIMAL_LEARNER = _learner()

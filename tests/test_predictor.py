@@ -119,3 +119,60 @@ def test_spearman_by_hand():
     assert rho == pytest.approx(0.8) and n == 4
     assert spearman([1, 2, 2], [1, 2, 3])[0] == pytest.approx(np.corrcoef([1, 2.5, 2.5], [1, 2, 3])[0, 1])
     assert math.isnan(spearman([1, 2], [2, 1])[0])
+
+
+def _table(delta: list[list[float]], grid) -> DamageTable:
+    """A one-window table whose damages are ``delta`` (B, K) on ``grid`` (dense NLL 1)."""
+    d = np.asarray(delta, dtype=float)
+    return DamageTable(np.asarray(grid, dtype=float), np.array([1.0]), 1.0 + d[:, :, None], np.full(len(d), 100.0))
+
+
+def test_optimal_allocation_worked_by_hand():
+    """Block 0's damage rises slowly (0.1, 0.2, 0.3 at 0.25, 0.5, 0.75), block 1's steeply (0.05, 0.5, 2.0). At
+    S = 0.5 in steps of 0.25 the choices with mean 0.5 are (0.75, 0.25): 0.35, (0.5, 0.5): 0.7, (0.25, 0.75): 2.1."""
+    from pruner.predictor import optimal_block_sparsity
+
+    table = _table([[0.1, 0.2, 0.3], [0.05, 0.5, 2.0]], [0.25, 0.5, 0.75])
+    np.testing.assert_allclose(optimal_block_sparsity(table, 0.5, step=0.25), [0.75, 0.25])
+    with pytest.raises(ValueError, match="above the table's top grid point 0.75"):
+        optimal_block_sparsity(table, 0.8, step=0.05)
+    with pytest.raises(ValueError, match="not a whole number of 0.25 steps"):
+        optimal_block_sparsity(table, 0.3, step=0.25)
+
+
+def test_optimal_allocation_is_exact_against_brute_force():
+    import itertools
+
+    from pruner.predictor import optimal_block_sparsity
+
+    rng = np.random.default_rng(0)
+    grid = [0.2, 0.4, 0.6, 0.8]
+    table = _table(np.cumsum(rng.random((4, 4)), axis=1).tolist(), grid)  # increasing damages, 4 blocks
+    step, S = 0.1, 0.5
+    levels = np.arange(9) * step  # 0 … 0.8
+    d = table.delta().mean(axis=2)
+    cost = lambda combo: sum(np.interp(s, [0.0] + grid, d[b]) for b, s in enumerate(combo))  # noqa: E731
+    feasible = [c for c in itertools.product(levels, repeat=4) if abs(sum(c) - 4 * S) < 1e-9]
+    best = min(cost(c) for c in feasible)
+    got = optimal_block_sparsity(table, S, step=step)
+    assert got.mean() == pytest.approx(S) and cost(got) == pytest.approx(best, abs=1e-12)
+
+
+def test_predictor_optimal_allocator_through_the_registry(built, data_dir):
+    """`predicted` is a learned allocator: learning builds/reads the damage table and runs the programme; its
+    block sparsities have mean S and a predicted loss no higher than uniform's or OWL's."""
+    from pruner.allocation import allocate
+    from pruner.api import learn_allocation, learned_layer_sparsity
+
+    spec, cache, loaded, _, _, stats = built
+    # the allocator reads the table of the default held-out windows and grid: built here for the tiny model
+    result = learn_allocation(spec.stats, "predicted", 0.6, cache_dir=cache, loaded=loaded)
+    alloc = allocate("predicted", stats, 0.6, learned=learned_layer_sparsity(result, stats))
+    assert alloc.overall == pytest.approx(0.6)
+    from pruner.predictor import cached_table
+
+    table = cached_table(PredictorSpec(spec.stats), cache)
+    best = table.predict(alloc.block_sparsity).perplexity
+    assert result["predicted_perplexity"] == pytest.approx(best)
+    for other in ("uniform", "owl", "atp"):
+        assert best <= table.predict(allocate(other, stats, 0.6).block_sparsity).perplexity + 1e-12
