@@ -245,6 +245,17 @@ def cmd_predict(args) -> int:
                          "high": p.high})
         except ValueError as err:
             rows.append({"allocator": name, "error": str(err)})
+    if args.tune:
+        from pruner.api import get_stats
+        from pruner.predictor import tune_parameters
+
+        stats = get_stats(spec.stats, _cache(args))
+        for r in rows:
+            if ALLOCATORS[r["allocator"]].params:
+                try:
+                    r["tuned"] = tune_parameters(table, stats, r["allocator"], S)
+                except ValueError as err:
+                    r["tuned"] = {"error": str(err)}
     if args.json:
         print(json.dumps({"predictor_key": spec.key(), "sparsity": S, "dense_perplexity": table.dense_perplexity,
                           "predictions": rows}, indent=2))
@@ -260,6 +271,13 @@ def cmd_predict(args) -> int:
             text = params_text(r["params"], ALLOCATORS[r["allocator"]].params)
             print(f"  {label:14s} {r['perplexity']:10.2f} [{r['low']:.2f}, {r['high']:.2f}]"
                   + (f"  ({text})" if text else ""))
+        t = r.get("tuned")
+        if t and "error" not in t:
+            tuned = params_text(t["params"], ALLOCATORS[r["allocator"]].params)
+            print(f"  {'':14s} {t['predicted']:10.2f} tuned: {tuned} (best of {t['tried'] - t['skipped']} "
+                  f"allowed on the grid)")
+        elif t:
+            print(f"  {'':14s} not tuned: {t['error']}")
     return 0
 
 
@@ -345,6 +363,9 @@ def cmd_prune(args) -> int:
         raise BadInput(f"--out {out} exists and is not empty; choose a new folder")
     if args.seeds < 1:
         raise BadInput(f"--seeds must be ≥ 1 (calibration seeds --seed, --seed + 1, ...); got {args.seeds}")
+    if args.tune and args.seeds > 1:
+        raise BadInput("--tune picks parameters per calibration set, which would split the seeds into different "
+                       "groups: tune once (`predict --tune`), then prune the seeds with the tuned flags")
     if out is not None and args.seeds > 1:
         raise BadInput("--out copies one run; with --seeds N > 1 choose the seed with --seed and --seeds 1")
     stats_spec = _stats_spec(args)
@@ -355,7 +376,7 @@ def cmd_prune(args) -> int:
                        method_params=m_params, nm=args.nm, scope=args.scope) for i in range(args.seeds)]
     requests = [PruneRequest(spec, perplexity=_perplexity_options(args) if args.ppl else None,
                              data_dir=stats_spec.calib.data_dir, force=args.force, batch_size=args.batch_size,
-                             stream=args.stream)
+                             stream=args.stream, tune=args.tune)
                 for spec in specs]
     if args.background:
         from pruner.jobs import JobStore, default_db, submit
@@ -370,7 +391,11 @@ def cmd_prune(args) -> int:
         folder = Path(result["folder"])
         folders.append(folder)
         manifest = read_run(folder)
-        print(f"run {spec.key()}: {spec.label()}" + (f", calibration seed {spec.calib.seed}" if args.seeds > 1 else ""))
+        print(f"run {manifest.key}: {manifest.label}" + (f", calibration seed {spec.calib.seed}" if args.seeds > 1 else ""))
+        if "tuning" in result:
+            t = result["tuning"]
+            print(f"  parameters tuned on the perplexity predictor ({t['tried']} tried): {manifest.parameters_text()},"
+                  f" predicted perplexity {t['predicted_perplexity']:.2f}")
         print(f"  folder {folder}")
         print(f"  achieved sparsity {manifest.achieved_overall:.6f} (target {sparsity:g}); "
               f"prune {manifest.timings['prune']:.1f} s")
@@ -654,6 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="wanda", choices=TABLE_METHODS, help="whose masks prune each block")
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="held-out WikiText-2 validation windows")
     p.add_argument("--window-tokens", type=int, default=DEFAULT_WINDOW_TOKENS, help="tokens per held-out window")
+    p.add_argument("--tune", action="store_true",
+                   help="also search each allocator's parameters for the lowest predicted perplexity")
     p.add_argument("--background", action="store_true", help="queue the table's build as a job and return")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
@@ -673,6 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1,
                    help="prune once per calibration seed --seed, --seed + 1, …: a run group whose perplexity is "
                         "reported with a seed interval (default 1)")
+    p.add_argument("--tune", action="store_true",
+                   help="choose the allocator's parameters by the perplexity predictor first (held-out validation "
+                        "data, never the test split); recorded in the run's manifest")
     p.add_argument("--out", help="also copy the pruned Hugging Face folder here")
     p.add_argument("--force", action="store_true", help="recompute even if this run exists")
     p.add_argument("--stream", action="store_true",

@@ -48,7 +48,7 @@ def _versions() -> dict:
 
 def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None = None,
               progress: PhaseProgress | None = None, should_cancel: Callable[[], bool] | None = None,
-              force: bool = False, batch_size: int = 4, stream: bool = False) -> Path:
+              force: bool = False, batch_size: int = 4, stream: bool = False, tuning: dict | None = None) -> Path:
     """Prune a copy of the dense model as ``spec`` (a ``PruneSpec``) says and store it as a run; return the run
     folder.
 
@@ -59,7 +59,8 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     The allocation reads only what its allocator needs (``Allocator.needs``): the model's layout or weights, the
     dense statistics (cached, else a statistics pass first), or a learned allocation (learned first when missing,
     through ``pruner.api.learn_allocation``, the same function the learn request runs). An existing run of the
-    same spec is returned as it is unless ``force``. The folder appears only when complete.
+    same spec is returned as it is unless ``force``. The folder appears only when complete. ``tuning``: how the
+    allocator's parameters were chosen (``pruner.predictor.tune_parameters``), kept in the manifest.
     """
     import copy
 
@@ -144,6 +145,7 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
             },
             # where the allocation's inputs came from: cached statistics, a statistics pass run now, or the model
             "allocation_inputs": source,
+            **({"tuning": tuning} if tuning else {}),
             "execution": {"streamed": base.streamed, "device": str(base.device),
                           "offload_activations": base.spec.offload_activations},
             "timings_s": {"statistics": round(t_stats, 2),
@@ -364,7 +366,8 @@ class RunManifest:
 
         declared_a = ALLOCATORS[self.allocator].params if self.allocator in ALLOCATORS else ()
         declared_m = METHODS[self.method].params if self.method in METHODS else ()
-        return "; ".join(t for t in (params_text(self.allocator_params, declared_a),
+        tuned = " (tuned on the predictor)" if self.raw.get("tuning") else ""
+        return "; ".join(t for t in (params_text(self.allocator_params, declared_a) + tuned,
                                      params_text(self.method_params, declared_m)) if t)
 
     @property

@@ -244,13 +244,18 @@ class PruneRequest(Request):
     batch_size: int = 4
     #: read blocks from the checkpoint one at a time and write pruned ones straight to disk (``pruner.streaming``)
     stream: bool = False
+    #: choose the allocator's parameters first by the perplexity predictor (held-out data, never the test split)
+    tune: bool = False
 
     def __post_init__(self):
         _check_fits(self.spec.stats_spec)
         _check_batch(self.batch_size)
+        if self.tune and (ALLOCATORS[self.spec.allocator].learned or not ALLOCATORS[self.spec.allocator].params):
+            raise ValueError(f"allocator {self.spec.allocator!r} has no parameters to tune")
 
     def label(self) -> str:
-        return self.spec.label() + (f" → {self.perplexity.label()}" if self.perplexity else "")
+        return (self.spec.label() + (" (parameters tuned on the predictor)" if self.tune else "")
+                + (f" → {self.perplexity.label()}" if self.perplexity else ""))
 
 
 @dataclass(frozen=True)
@@ -323,10 +328,26 @@ def run_learn(req: LearnRequest, ctx: Context) -> dict:
             "seconds": result["seconds"]}
 
 
+def tuned_spec(spec: PruneSpec, ctx: Context, data_dir=None) -> tuple[PruneSpec, dict]:
+    """``spec`` with its allocator's parameters tuned on the perplexity predictor (the damage table of its model
+    and calibration set, built first when missing) and the record of how."""
+    from pruner.predictor import PredictorSpec, get_damage_table, tune_parameters
+
+    predictor = PredictorSpec(spec.stats_spec)
+    table = get_damage_table(predictor, ctx.cache_dir, data_dir=data_dir if data_dir is not None
+                             else spec.calib.data_dir, progress=ctx.phase("damage table"),
+                             should_cancel=ctx.should_cancel)
+    t = tune_parameters(table, get_stats(spec.stats_spec, ctx.cache_dir), spec.allocator, spec.sparsity)
+    record = {"by": "perplexity predictor", "predictor": predictor.key(), "predicted_perplexity": t["predicted"],
+              "tried": t["tried"], "skipped": t["skipped"], "params": t["params"]}
+    return dataclasses.replace(spec, allocator_params=t["params"]), record
+
+
 def run_prune(req: PruneRequest, ctx: Context) -> dict:
-    folder = prune_to_run(req.spec, ctx.cache_dir, progress=ctx.progress, should_cancel=ctx.should_cancel,
-                          force=req.force, batch_size=req.batch_size, stream=req.stream)
-    out = {"run": req.spec.key(), "folder": str(folder), "details": {}}
+    spec, tuning = (tuned_spec(req.spec, ctx, req.data_dir) if req.tune else (req.spec, None))
+    folder = prune_to_run(spec, ctx.cache_dir, progress=ctx.progress, should_cancel=ctx.should_cancel,
+                          force=req.force, batch_size=req.batch_size, stream=req.stream, tuning=tuning)
+    out = {"run": spec.key(), "folder": str(folder), "details": {}, **({"tuning": tuning} if tuning else {})}
     if req.perplexity is not None:
         out["details"]["perplexity"] = r = _perplexity(folder, req.perplexity, req.data_dir, ctx)
         out["perplexity"] = r["perplexity"]

@@ -176,3 +176,43 @@ def test_predictor_optimal_allocator_through_the_registry(built, data_dir):
     assert result["predicted_perplexity"] == pytest.approx(best)
     for other in ("uniform", "owl", "atp"):
         assert best <= table.predict(allocate(other, stats, 0.6).block_sparsity).perplexity + 1e-12
+
+
+def test_tuning_searches_the_slider_grid_for_the_lowest_prediction(built):
+    from pruner.allocation import allocate
+    from pruner.predictor import tune_parameters
+
+    _, _, _, _, table, stats = built
+    t = tune_parameters(table, stats, "atp", 0.5, points=6)  # δ ∈ {0, 0.01, …, 0.05}
+    grid = np.linspace(0, 0.05, 6)
+    predictions = []
+    for d in grid:
+        try:
+            predictions.append(table.predict(allocate("atp", stats, 0.5, delta=d).block_sparsity).perplexity)
+        except ValueError:
+            predictions.append(np.inf)
+    assert t["predicted"] == pytest.approx(min(predictions)) and t["params"]["delta"] == pytest.approx(
+        grid[int(np.argmin(predictions))])
+    assert t["tried"] == 6 and t["skipped"] == int(np.isinf(predictions).sum())
+    with pytest.raises(ValueError, match="nothing to tune"):
+        tune_parameters(table, stats, "besa", 0.5)
+
+
+def test_cli_prune_tune_records_the_tuned_parameters(tiny_folder, data_dir, tmp_path):
+    """`prune --tune` in a real subprocess: the damage table is built, OWL's λ and M are chosen on it, and the
+    run's manifest carries them and how they were chosen."""
+    import json
+
+    from tests.test_cli import run_cli
+
+    r = run_cli("prune", "--model", tiny_folder, "--nsamples", "4", "--seqlen", "32", "--allocator", "owl",
+                "--method", "wanda", "--sparsity", "0.5", "--tune", cache=tmp_path, data_dir=data_dir)
+    assert r.returncode == 0, r.stderr
+    assert "parameters tuned on the perplexity predictor (121 tried)" in r.stdout
+    key = r.stdout.split()[1].rstrip(":")
+    manifest = json.loads((tmp_path / "runs" / key / "manifest.json").read_text())
+    assert manifest["tuning"]["params"] == manifest["spec"]["allocator_params"]
+    assert manifest["tuning"]["by"] == "perplexity predictor"
+    r = run_cli("prune", "--model", tiny_folder, "--allocator", "uniform", "--sparsity", "0.5", "--tune",
+                cache=tmp_path, data_dir=data_dir)
+    assert r.returncode == 2 and "has no parameters to tune" in r.stderr
