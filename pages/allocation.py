@@ -114,8 +114,8 @@ for name, result in learned_results.items():
                else f"{a.label}: {a.description}.")
     if result is None:
         cost = ("It runs every block forward and backward a few times (about 10 s per SmolLM2 block with the cpu "
-                "preset here)." if name == "besa" else "It reads the damage table of the predictor below (built "
-                "first when missing), then solves for the allocation in a second.")
+                "preset here)." if name == "besa" else "It reads the damage table of the predictor (see "
+                "Predicted perplexity, above; built first when missing), then solves for the allocation in a second.")
         st.info(f"{a.label} has not been learned for S = {S:.0%} with these parameters on this model and "
                 f"calibration set yet. {cost}")
         if st.button(f"Learn {a.label} at S = {S:.0%} in the background", key=f"alloc_learn_{name}"):
