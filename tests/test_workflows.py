@@ -41,16 +41,20 @@ def test_requests_round_trip_through_the_job_table_form(tiny_folder, data_dir):
     from pruner.evaluate.speed import SpeedSpec
     from pruner.recover import RecoverSpec
     from pruner.specs import StatsSpec
-    from pruner.workflows import (EvalRequest, LearnRequest, PerplexityOptions, PruneRequest, RecoverRequest,
-                                  StatsRequest, ZeroshotOptions, request_from_dict)
+    from pruner.predictor import PredictorSpec
+    from pruner.workflows import (EvalRequest, LearnRequest, PerplexityOptions, PredictorRequest, PruneRequest,
+                                  RecoverRequest, StatsRequest, ZeroshotOptions, request_from_dict)
     from tests.golden_runs import CASES
 
     spec = build_spec(CASES[1], tiny_folder, data_dir)
     stats = StatsSpec(spec.model, spec.calib)
-    requests = [StatsRequest(stats), LearnRequest(stats, "besa", 0.6, {"beta": 7.0}),
+    requests = [StatsRequest(stats), StatsRequest(stats, stream=True), LearnRequest(stats, "besa", 0.6, {"beta": 7.0}),
                 PruneRequest(spec, PerplexityOptions(3), data_dir=data_dir),
-                EvalRequest("0123456789abcdef", zeroshot=ZeroshotOptions(("boolq",), 5), speed=SpeedSpec(seqlen=32)),
-                RecoverRequest(RecoverSpec("0123456789abcdef", steps=3), PerplexityOptions(2))]
+                PruneRequest(spec, stream=True, tune=True),
+                EvalRequest("0123456789abcdef", zeroshot=ZeroshotOptions(("boolq",), 5, batch_size=2),
+                            speed=SpeedSpec(seqlen=32)),
+                RecoverRequest(RecoverSpec("0123456789abcdef", steps=3), PerplexityOptions(2)),
+                PredictorRequest(PredictorSpec(stats, windows=3, window_tokens=64, grid=(0.5, 0.9)), data_dir=data_dir)]
     for r in requests:
         payload = json.loads(json.dumps(r.to_dict()))  # what the job table stores
         back = request_from_dict(r.kind, payload)
