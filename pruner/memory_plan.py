@@ -144,8 +144,10 @@ def plan_prune(config, *, dtype_bytes: int, method: str, nsamples: int, seqlen: 
         plan.add("one mini-batch inside a block", one_batch, on_device=True)
     if learning:
         plan.add("BESA's recorded block inputs and outputs", 2 * activations, on_device=not offload)
-        # per weight: a float32 copy, its rank and candidate bucket (int64 each), the masked weight and its gradient
-        plan.add("BESA's per-weight state", max(m.block_params) * (FLOAT32 + 8 + 8 + 2 * FLOAT32), on_device=True)
+        # per weight: its rank and candidate bucket (int64 each), the masked weight and its gradient, and a float32
+        # copy when the weights are not float32 already (``.float()`` of a float32 tensor is the tensor itself)
+        copy = 0 if dtype_bytes == FLOAT32 else FLOAT32
+        plan.add("BESA's per-weight state", max(m.block_params) * (8 + 8 + 2 * FLOAT32 + copy), on_device=True)
         plan.add("BESA's autograd of one mini-batch", 2 * one_batch, on_device=True)
     if method in ("sparsegpt", "admm", "admm-gradual"):
         plan.add("Hessians", sum(i * i for _, i in m.layer_shapes) * FLOAT32, on_device=True)

@@ -113,7 +113,10 @@ def test_learning_besa_in_the_job_is_planned_by_hand():
     plan = plan_prune(CONFIG, dtype_bytes=4, method="wanda", nsamples=8, seqlen=16, batch_size=4, streamed=False,
                       learning=True)
     assert plan.parts["BESA's recorded block inputs and outputs"] == 2 * ACTIVATIONS
-    assert plan.parts["BESA's per-weight state"] == BLOCK_PARAMS * (4 + 8 + 8 + 2 * 4)
+    assert plan.parts["BESA's per-weight state"] == BLOCK_PARAMS * (8 + 8 + 2 * 4)  # float32: no copy
+    half = plan_prune(CONFIG, dtype_bytes=2, method="wanda", nsamples=8, seqlen=16, batch_size=4, streamed=False,
+                      learning=True)
+    assert half.parts["BESA's per-weight state"] == BLOCK_PARAMS * (8 + 8 + 2 * 4 + 4)  # bf16: a float32 copy
     assert plan.parts["BESA's autograd of one mini-batch"] == 2 * ONE_BATCH
     # magnitude reads no calibration inputs, but learning BESA does
     magnitude = plan_prune(CONFIG, dtype_bytes=4, method="magnitude", nsamples=8, seqlen=16, batch_size=4,
