@@ -552,7 +552,8 @@ def cmd_cache(args) -> int:
     entries = layout.entries()
     chosen = []
     if args.remove:
-        by_name = {e.path.name.removesuffix(".zip"): e for e in entries if e.kind in ("runs", "stats", "learned")}
+        by_name = {e.path.name.removesuffix(".zip"): e for e in entries
+                   if e.kind in ("runs", "stats", "learned", "predictors")}
         for name in args.remove:
             if name in KINDS:
                 chosen += [e for e in entries if e.kind == name]
@@ -572,11 +573,11 @@ def cmd_cache(args) -> int:
         print(f"freed {freed / 2**30:.2f} GiB")
         return 0
     print(f"cache {layout.root}")
-    print(f"{'kind':<8} {'entries':>7} {'size':>10} {'stale':>6} {'stale size':>11}  holds")
+    print(f"{'kind':<10} {'entries':>7} {'size':>10} {'stale':>6} {'stale size':>11}  holds")
     for kind, what in KINDS.items():
         mine = [e for e in entries if e.kind == kind]
         stale = [e for e in mine if e.stale]
-        print(f"{kind:<8} {len(mine):>7} {sum(e.bytes for e in mine) / 2**20:>8.1f} M {len(stale):>6} "
+        print(f"{kind:<10} {len(mine):>7} {sum(e.bytes for e in mine) / 2**20:>8.1f} M {len(stale):>6} "
               f"{sum(e.bytes for e in stale) / 2**20:>9.1f} M  {what}")
     for e in entries:
         if e.stale:

@@ -99,7 +99,10 @@ def test_cache_command_lists_kinds_and_removes_stale_and_named_entries(tiny_fold
 
     assert cli.main(["cache", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:8]}
+    from pruner.cache import KINDS
+
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:2 + len(KINDS)]}
+    assert list(rows) == list(KINDS)
     assert rows["runs"][1:2] == ["3"] and rows["runs"][4] == "2"  # the run, the temporary folder, the old one
     assert rows["exports"][1] == "2" and rows["dense"][1] == "1" and rows["dense"][4] == "1"
     assert "stale: runs/00000000000000aa: run format 1 (current 2" in out
@@ -151,7 +154,7 @@ def test_editable_install_gives_a_pruner_command_usable_from_anywhere(tmp_path):
     r = subprocess.run([str(venv / "bin" / "pruner"), "--help"], capture_output=True, text=True, cwd=elsewhere,
                        timeout=120)
     assert r.returncode == 0 and "Layerwise sparsity allocation" in r.stdout, r.stderr
-    assert "{stats,allocate,prune,eval,recover,cache" in r.stdout
+    assert "{stats,allocate,predict,prune,eval,recover,cache" in r.stdout
     r = subprocess.run([str(venv / "bin" / "python"), "-c", "import pruner; print(pruner.__file__)"],
                        capture_output=True, text=True, cwd=elsewhere, timeout=120)
     assert Path(r.stdout.strip()).parent == PACKAGE

@@ -143,7 +143,6 @@ def test_zero_shot_that_cannot_fit_is_refused_before_loading(tiny_run, data_dir)
     """`eval --zeroshot` in a real subprocess under a limit: the tiny Llama has SmolLM2's 49,152-token vocabulary,
     so lm-eval's longest batch of 8 needs 8 × 1,300 × 49,152 float32 logits twice (3.8 GiB); refused, nothing
     stored; a batch of 1 fits under the same limit's plan."""
-    import json
     import os
     import subprocess
     import sys
@@ -159,8 +158,7 @@ def test_zero_shot_that_cannot_fit_is_refused_before_loading(tiny_run, data_dir)
     assert r.returncode == 2, r.stderr
     assert "zero-shot of" in r.stderr and "(the whole model in memory) needs about" in r.stderr
     assert "logits and their log-softmax 3.81 GiB" in r.stderr and "--zeroshot-batch" in r.stderr
-    assert (folder / "manifest.json").read_text() == before
-    assert not any(k.startswith("zeroshot") for k in json.loads(before)["metrics"])
+    assert (folder / "manifest.json").read_text() == before  # nothing stored (the run is shared by other tests)
     small = plan_whole_model(__import__("transformers").AutoConfig.from_pretrained(folder), what="zero-shot",
                              batch_size=1)
     assert small.total < 2 * 2**30

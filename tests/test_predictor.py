@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pruner.predictor import DamageTable, PredictorSpec, build_damage_table, get_damage_table, holdout_windows
-from pruner.specs import CalibSpec, ModelSpec, StatsSpec
+from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
 
 
 def test_prediction_worked_by_hand():
@@ -213,6 +213,8 @@ def test_cli_prune_tune_records_the_tuned_parameters(tiny_folder, data_dir, tmp_
     manifest = json.loads((tmp_path / "runs" / key / "manifest.json").read_text())
     assert manifest["tuning"]["params"] == manifest["spec"]["allocator_params"]
     assert manifest["tuning"]["by"] == "perplexity predictor"
-    r = run_cli("prune", "--model", tiny_folder, "--allocator", "uniform", "--sparsity", "0.5", "--tune",
-                cache=tmp_path, data_dir=data_dir)
-    assert r.returncode == 2 and "has no parameters to tune" in r.stderr
+    from pruner.workflows import PruneRequest
+
+    with pytest.raises(ValueError, match="allocator 'uniform' has no parameters to tune"):
+        PruneRequest(PruneSpec(model=ModelSpec(tiny_folder), calib=CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir),
+                               allocator="uniform", method="wanda", sparsity=0.5), tune=True)
