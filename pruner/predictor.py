@@ -202,6 +202,7 @@ def build_damage_table(model, tokenizer, stats, spec: PredictorSpec, data_dir, d
     ``stats``: the dense statistics of ``spec.stats`` (Wanda's ‖X_j‖₂). ``progress`` counts blocks."""
     from pruner.besa import block_input_norms
     from pruner.calibrate import _run_block, capture_block_inputs
+    from pruner.evaluate.perplexity import _final_norm
     from pruner.methods.masks import lowest_mask
     from pruner.models import find_blocks, prunable_layers, weight_matrix
     from pruner.scores import wanda_score
@@ -215,7 +216,7 @@ def build_damage_table(model, tokenizer, stats, spec: PredictorSpec, data_dir, d
         raise ValueError(f"the statistics have {len(norms)} blocks, the model {len(blocks)}")
     hidden, calls = capture_block_inputs(model, windows, device, batch_size=1)
     home = next(model.parameters()).device
-    for module in (model.get_output_embeddings(), _final_norm_of(model)):
+    for module in (model.get_output_embeddings(), _final_norm(model)):
         module.to(device)
 
     def tail(states: list[torch.Tensor], start: int) -> list[torch.Tensor]:
@@ -254,17 +255,11 @@ def build_damage_table(model, tokenizer, stats, spec: PredictorSpec, data_dir, d
             if progress is not None:
                 progress(b + 1, len(blocks))
     finally:
-        for module in (model.get_output_embeddings(), _final_norm_of(model)):
+        for module in (model.get_output_embeddings(), _final_norm(model)):
             module.to(home)
     meta = {"key": spec.key(), **spec.identity(), "seconds": round(time.perf_counter() - t0, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dense_perplexity": float(math.exp(dense_nll.mean()))}
     return DamageTable(np.array(spec.grid), dense_nll, window_nll, numel, meta)
-
-
-def _final_norm_of(model):
-    from pruner.evaluate.perplexity import _final_norm
-
-    return _final_norm(model)
 
 
 def predictor_dir(spec: PredictorSpec, cache_dir: Path | None = None) -> Path:
@@ -414,11 +409,6 @@ def spearman(predicted, measured) -> tuple[float, int]:
     if len(x) != len(y):
         raise ValueError(f"spearman needs two sequences of one length; got {len(x)} and {len(y)}")
     return (float(x.rank().corr(y.rank())) if len(x) > 2 else float("nan")), len(x)
-
-
-def predict_allocation(table: DamageTable, allocation) -> Prediction:
-    """The predicted perplexity of an ``pruner.allocation.Allocation`` (its per-block parameter-weighted means)."""
-    return table.predict(allocation.block_sparsity)
 
 
 def _learner():
