@@ -418,6 +418,75 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _grid_axes(args) -> dict[str, list[float]]:
+    """--grid NAME=V1,V2,… (repeatable) and single parameter flags, as the sweep's parameter axes."""
+    declared = _declared_params()
+    axes = {name: [getattr(args, name)] for name in declared if getattr(args, name, None) is not None}
+    for item in args.grid or []:
+        name, sep, values = item.partition("=")
+        name = name.strip().lstrip("-")
+        if not sep or name not in declared:
+            raise BadInput(f"--grid takes NAME=V1,V2,… with NAME a declared parameter ({', '.join(declared)}); "
+                           f"got {item!r}")
+        try:
+            axes[name] = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError as err:
+            raise BadInput(f"--grid {item!r}: values must be numbers separated by commas") from err
+    return axes
+
+
+def cmd_sweep(args) -> int:
+    from pruner.jobs import JobStore, default_db
+    from pruner.specs import PruneSpec
+    from pruner.sweep import SweepRequest, executor_for, wait_for
+
+    _check_chunks(args)
+    stats_spec = _stats_spec(args)
+    allocators, methods = args.allocators or ["owl"], args.methods or ["wanda"]
+    base = PruneSpec(model=stats_spec.model, calib=stats_spec.calib, allocator=allocators[0], method=methods[0],
+                     sparsity=check_sparsity(args.sparsities[0]))
+    sweep = SweepRequest(base, allocators=tuple(allocators), methods=tuple(methods),
+                         sparsities=tuple(args.sparsities), seeds=args.seeds, params=_grid_axes(args),
+                         perplexity=_perplexity_options(args) if args.ppl else None,
+                         data_dir=stats_spec.calib.data_dir, batch_size=args.batch_size, stream=args.stream)
+    ray_settings = {"cpus_per_cell": args.cpus_per_cell}
+    if args.ray_node_cache:
+        ray_settings["node_cache"] = args.ray_node_cache
+    if args.ray_shared_cache != "detect":
+        ray_settings["shared_cache"] = args.ray_shared_cache == "yes"
+    executor = executor_for(args.ray, **ray_settings)
+    store = JobStore(default_db(_cache(args)))
+    ids = executor.submit(store, sweep, _cache(args))
+    print(f"{sweep.label()}: {len(ids)} job(s) queued on the {executor.name} executor (jobs {ids[0]}–{ids[-1]}; "
+          f"follow them with `python -m pruner jobs list`)", flush=True)
+    if args.no_wait:
+        return 0
+
+    def show(job):
+        where = f" [{job.remote['node']} pid {job.remote['pid']}]" if job.remote else ""
+        step = f" {job.phase} {job.done}/{job.total}" if job.total else (f" {job.phase}" if job.phase else "")
+        print(f"job {job.id} {job.state}{where}:{step} {job.label}", flush=True)
+
+    jobs = wait_for(store, ids, on_change=show)
+    rows = []
+    for j in jobs:
+        row = {"job": j.id, "kind": j.kind, "state": j.state, "label": j.label}
+        if j.result:
+            row.update({k: j.result[k] for k in ("run", "perplexity") if k in j.result})
+        if j.error:
+            row["error"] = j.error.splitlines()[0]
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(f"{'job':>4}  {'state':<9} {'run':<17} {'perplexity':>11}  what")
+        for r in rows:
+            ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else ""
+            print(f"{r['job']:>4}  {r['state']:<9} {r.get('run', ''):<17} {ppl:>11}  {r['label']}"
+                  + (f"\n      error: {r['error']}" if "error" in r else ""))
+    return 0 if all(j.state == "done" for j in jobs) else 1
+
+
 def _print_zeroshot(label: str, r: dict) -> None:
     from pruner.evaluate.zeroshot import TASKS
 
@@ -610,6 +679,11 @@ def cmd_jobs(args) -> int:
     if args.action == "worker":
         worker_main(db, _cache(args))
         return 0
+    if args.action == "ray-driver":
+        from pruner.ray_exec import RaySettings, drive
+
+        drive(db, [int(i) for i in args.ids.split(",")], RaySettings(**json.loads(args.ray_settings)), _cache(args))
+        return 0
     store = JobStore(db)
     ensure_workers(store, cache_dir=_cache(args))  # reaps dead jobs; restarts a worker for queued ones
     if args.action == "cancel":
@@ -779,13 +853,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_deepsparse_env)
 
     p = sub.add_parser("jobs", help="the background job table: list, wait for or cancel jobs")
-    p.add_argument("action", choices=["list", "cancel", "wait", "worker"])
+    p.add_argument("action", choices=["list", "cancel", "wait", "worker", "ray-driver"])
     p.add_argument("id", nargs="?", type=int)
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
     p.add_argument("--cache-dir", help="cache folder (default: <project>/cache)")
     p.add_argument("--db", help=argparse.SUPPRESS)
+    p.add_argument("--ids", help=argparse.SUPPRESS)  # ray-driver: the jobs it runs
+    p.add_argument("--ray-settings", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("sweep", help="a grid of prunes (allocators × methods × sparsities × parameters × seeds) on "
+                                     "the local workers or a Ray cluster; statistics shared by the cells first")
+    _add_common(p)
+    p.add_argument("--allocators", nargs="+", choices=list(ALLOCATORS), help="default: owl")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: wanda")
+    p.add_argument("--sparsities", nargs="+", type=float, required=True, help="target sparsities S in (0, 1)")
+    p.add_argument("--seeds", type=int, default=1, help="calibration seeds --seed, --seed + 1, … per cell")
+    _add_param_flags(p)
+    p.add_argument("--grid", action="append", metavar="NAME=V1,V2",
+                   help="a parameter axis, e.g. --grid lam=0.04,0.08 (repeatable; applies to the cells whose "
+                        "allocator or method takes it)")
+    _add_stream_flag(p)
+    p.add_argument("--ppl", action="store_true", help="evaluate WikiText-2 perplexity of each cell")
+    p.add_argument("--max-chunks", type=int, help="perplexity on the first N chunks only (a partial estimate)")
+    g = p.add_argument_group("Ray (optional: pip install -e '.[ray]')")
+    g.add_argument("--ray", metavar="ADDRESS", help="run the cells as Ray tasks on the cluster at ADDRESS "
+                                                    "(host:port of its head, or 'auto' on a node of it)")
+    g.add_argument("--cpus-per-cell", type=int, default=1, help="CPUs (torch threads) each Ray task asks for")
+    g.add_argument("--ray-shared-cache", choices=["detect", "yes", "no"], default="detect",
+                   help="whether the nodes see this cache folder (detect: each task checks a token the driver wrote)")
+    g.add_argument("--ray-node-cache", metavar="DIR", help="cache folder on nodes that do not see this one "
+                                                          "(default ~/.cache/pruner-ray)")
+    p.add_argument("--no-wait", action="store_true", help="queue and return; follow with `jobs list`")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -41,6 +41,7 @@ POLL_S = 0.5
 DB_BUSY_TIMEOUT_S = 30.0
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
+EXECUTORS = ("local", "ray")
 ACTIVE_STATES = ("queued", "running")  # a job in these states has not ended
 FINAL_STATES = ("done", "failed", "cancelled")
 
@@ -61,10 +62,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker_pid INTEGER,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     error TEXT,
-    result TEXT
+    result TEXT,
+    executor TEXT NOT NULL DEFAULT 'local',
+    remote TEXT
 );
 CREATE TABLE IF NOT EXISTS workers (pid INTEGER PRIMARY KEY, started REAL NOT NULL, heartbeat REAL NOT NULL);
 """
+
+
+#: Columns added after the first release of the table: (name, declaration).
+ADDED_COLUMNS = (("executor", "TEXT NOT NULL DEFAULT 'local'"), ("remote", "TEXT"))
 
 
 def default_db(cache_dir: Path | None = None) -> Path:
@@ -89,6 +96,10 @@ class Job:
     cancel_requested: bool
     error: str | None
     result: dict | None
+    #: who runs it: "local" (the worker processes here) or "ray" (a Ray driver process, ``pruner.ray_exec``)
+    executor: str = "local"
+    #: where a remote executor runs it: {"node", "pid", "attempt"} of the Ray worker (None for local jobs)
+    remote: dict | None = None
 
     @property
     def request(self):
@@ -150,6 +161,10 @@ class JobStore:
                 with self._db() as db:
                     db.execute("PRAGMA journal_mode=WAL")
                     db.executescript(SCHEMA)
+                    have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+                    for column, decl in ADDED_COLUMNS:  # a table made by an older version gains them
+                        if column not in have:
+                            db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
                 return
             except sqlite3.OperationalError as err:
                 if "locked" not in str(err) or time.monotonic() > end:
@@ -170,6 +185,7 @@ class JobStore:
         d = dict(row)
         d["payload"] = json.loads(d["payload"])
         d["result"] = json.loads(d["result"]) if d["result"] else None
+        d["remote"] = json.loads(d["remote"]) if d.get("remote") else None
         d["cancel_requested"] = bool(d["cancel_requested"])
         return Job(**d)
 
@@ -217,15 +233,31 @@ class JobStore:
             db.execute("COMMIT")
 
     # -- changes -------------------------------------------------------------------------------------------
-    def add(self, kind: str, payload: dict, label: str) -> int:
+    def add(self, kind: str, payload: dict, label: str, executor: str = "local") -> int:
         from pruner.workflows import WORKFLOWS
 
         if kind not in WORKFLOWS:
             raise ValueError(f"job kind must be one of {', '.join(WORKFLOWS)}; got {kind!r}")
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
         with self._db() as db:
-            cur = db.execute("INSERT INTO jobs (kind, payload, label, created) VALUES (?, ?, ?, ?)",
-                             (kind, json.dumps(payload), label, time.time()))
+            cur = db.execute("INSERT INTO jobs (kind, payload, label, created, executor) VALUES (?, ?, ?, ?, ?)",
+                             (kind, json.dumps(payload), label, time.time(), executor))
             return int(cur.lastrowid)
+
+    def hand_to(self, job_ids: list[int], pid: int) -> None:
+        """Remote jobs: ``pid`` is the driver process that runs them (they count as running from now: the driver
+        beats for them, and ``reap`` fails them if it dies)."""
+        now = time.time()
+        with self._db() as db:
+            db.executemany("UPDATE jobs SET state = 'running', started = ?, heartbeat = ?, worker_pid = ?, "
+                           "phase = 'waiting for a Ray worker' WHERE id = ? AND state = 'queued'",
+                           [(now, now, pid, i) for i in job_ids])
+
+    def set_remote(self, job_id: int, remote: dict) -> None:
+        with self._db() as db:
+            db.execute("UPDATE jobs SET remote = ?, heartbeat = ? WHERE id = ?",
+                       (json.dumps(remote), time.time(), job_id))
 
     def cancel(self, job_id: int) -> Job:
         """Queued jobs are cancelled at once; running ones stop at their next check."""
@@ -238,7 +270,8 @@ class JobStore:
     def claim(self, pid: int) -> Job | None:
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1").fetchone()
+            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' AND executor = 'local' ORDER BY id "
+                             "LIMIT 1").fetchone()
             if row is None:
                 db.execute("COMMIT")
                 return None
@@ -259,6 +292,13 @@ class JobStore:
             self._register_worker(db, pid, now)
             if job_id is not None:
                 db.execute("UPDATE jobs SET heartbeat = ? WHERE id = ? AND state = 'running'", (now, job_id))
+
+    def beat_jobs(self, job_ids: list[int]) -> None:
+        """A remote executor's driver: its running jobs are alive (it is not a local worker: not registered)."""
+        now = time.time()
+        with self._db() as db:
+            db.executemany("UPDATE jobs SET heartbeat = ? WHERE id = ? AND state = 'running'",
+                           [(now, i) for i in job_ids])
 
     def cancel_requested(self, job_id: int) -> bool:
         with self._db() as db:
@@ -316,7 +356,7 @@ def ensure_workers(store: JobStore, *, cache_dir: Path | None = None, max_worker
     # and two torch workers on a 2-core machine slow each other down many times over.
     with store._write_lock() as db:
         alive = store._alive_workers(db)
-        queued = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
+        queued = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND executor = 'local'").fetchone()[0]
         for _ in range(min(max_workers - len(alive), queued)):
             cmd = [sys.executable, "-m", "pruner", "jobs", "worker", "--db", str(store.path)]
             if cache_dir is not None:

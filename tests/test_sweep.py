@@ -1,0 +1,154 @@
+"""Sweeps (issue 15): the grid's expansion, and the same sweep on the local executor and on a real Ray cluster
+(a head started here on 127.0.0.1 with 2 CPUs), including a Ray worker killed in the middle of a cell."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pruner.jobs import JobStore
+from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+from pruner.sweep import LocalExecutor, SweepRequest, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = Path(sys.executable).with_name("ray")
+#: Environment of everything that talks to the test's head: no usage stats; loopback addresses stay loopback.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+#: The head stops by itself after this long even if the test process dies first.
+HEAD_LIFETIME_S = 900
+WAIT_S = 300
+
+
+def _base(folder, data_dir, **kw) -> PruneSpec:
+    return PruneSpec(model=ModelSpec(folder, device="cpu"), calib=CalibSpec(nsamples=4, seqlen=64, data_dir=data_dir),
+                     allocator="uniform", method="wanda", sparsity=0.5, **kw)
+
+
+def test_sweep_expands_axes_and_shares_prerequisites(tiny_folder, data_dir, tmp_path):
+    sweep = SweepRequest(_base(tiny_folder, data_dir), allocators=("uniform", "owl"), sparsities=(0.5, 0.6), seeds=2,
+                         params={"lam": [0.04, 0.08]})
+    specs = sweep.specs()
+    # λ applies to OWL only: uniform has 2 sparsities × 2 seeds; OWL 2 × 2 × 2 λ
+    assert len(specs) == 4 + 8 and len({s.key() for s in specs}) == 12
+    assert sorted({s.allocator_params.get("lam") for s in specs if s.allocator == "owl"}) == [0.04, 0.08]
+    assert all(s.allocator_params == {} for s in specs if s.allocator == "uniform")
+    assert sorted({s.calib.seed for s in specs}) == [0, 1]
+    # two calibration sets: statistics twice, each once, before the twelve cells
+    jobs = sweep.jobs(tmp_path)
+    assert [j.kind for j in jobs] == ["stats"] * 2 + ["prune"] * 12
+    assert {j.spec.key() for j in jobs[:2]} == {s.stats_spec.key() for s in specs}
+    # a learned allocator's allocation is a shared prerequisite too
+    besa = SweepRequest(_base(tiny_folder, data_dir), allocators=("besa",), methods=("wanda", "magnitude"))
+    assert [j.kind for j in besa.jobs(tmp_path)] == ["stats", "learn", "prune", "prune"]
+    assert SweepRequest.from_dict(sweep.to_dict()).specs() == specs
+
+
+@pytest.mark.parametrize("kw, message", [({"allocators": ("nope",)}, "allocators must be among"),
+                                         ({"params": {"lambda": [0.1]}}, "no allocator or method declares"),
+                                         ({"seeds": 0}, "seeds must be an integer ≥ 1"),
+                                         ({"sparsities": (1.5,)}, "sparsity")])
+def test_bad_sweep_is_refused_before_anything_is_queued(tiny_folder, data_dir, kw, message):
+    with pytest.raises(ValueError, match=message):
+        SweepRequest(_base(tiny_folder, data_dir), **kw)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A local Ray head on 127.0.0.1: 2 CPUs, no dashboard, no usage stats; killed (with its workers) afterwards."""
+    pytest.importorskip("ray", reason="Ray is an optional extra (requirements-dev.txt installs it)")
+    port = _free_port()
+    env = {**os.environ, **RAY_ENV}
+    proc = subprocess.Popen(["timeout", str(HEAD_LIFETIME_S), str(RAY), "start", "--head", "--block",
+                             "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
+                             "--include-dashboard", "false", "--disable-usage-stats",
+                             "--temp-dir", str(tmp_path_factory.mktemp("ray"))],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < end, "the Ray head did not start"
+            time.sleep(0.2)
+    os.environ.update(RAY_ENV)
+    yield f"127.0.0.1:{port}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _weights(cache: Path, key: str) -> dict:
+    return load_file(cache / "runs" / key / "model.safetensors")
+
+
+def _runs(cache: Path) -> list[str]:
+    return sorted(p.name for p in (cache / "runs").iterdir())
+
+
+def test_ray_sweep_gives_the_local_executors_runs(ray_head, tiny_folder, data_dir, tmp_path):
+    # the CLI, on the Ray cluster (the cache folder is shared: the tasks find the driver's token in it)
+    ray_cache = tmp_path / "ray"
+    out = subprocess.run([sys.executable, "-m", "pruner", "sweep", "--model", tiny_folder, "--nsamples", "4",
+                          "--seqlen", "64", "--data-dir", data_dir, "--cache-dir", str(ray_cache),
+                          "--allocators", "uniform", "owl", "--sparsities", "0.5", "0.6", "--ray", ray_head],
+                         cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "on the ray executor" in out.stdout and out.stdout.count(" done ") >= 5  # statistics + 4 cells
+    # the same sweep on the local executor (job table + worker process)
+    local_cache = tmp_path / "local"
+    store = JobStore(local_cache / "jobs.sqlite")
+    sweep = SweepRequest(_base(tiny_folder, data_dir), allocators=("uniform", "owl"), sparsities=(0.5, 0.6))
+    jobs = wait_for(store, LocalExecutor().submit(store, sweep, local_cache), poll_s=0.2)
+    assert [j.state for j in jobs] == ["done"] * 5
+    keys = [s.key() for s in sweep.specs()]
+    assert _runs(ray_cache) == _runs(local_cache) == sorted(keys)
+    for key in keys:
+        ray_w, local_w = _weights(ray_cache, key), _weights(local_cache, key)
+        assert ray_w.keys() == local_w.keys() and all(torch.equal(ray_w[n], local_w[n]) for n in ray_w)
+    ray_jobs = JobStore(ray_cache / "jobs.sqlite").list()
+    assert {j.executor for j in ray_jobs} == {"ray"} and all(j.remote and j.remote["pid"] for j in ray_jobs)
+    assert all(j.result["executor"]["shared_cache"] for j in ray_jobs)
+
+
+def test_killed_ray_worker_is_retried_and_leaves_no_partial_run(ray_head, tiny_folder, data_dir, tmp_path):
+    from pruner.ray_exec import RayExecutor, RaySettings
+
+    cache, node = tmp_path / "store", tmp_path / "node"
+    store = JobStore(cache / "jobs.sqlite")
+    # nodes without the shared cache: outputs come back through Ray and are unpacked into the store by the driver
+    executor = RayExecutor(RaySettings(ray_head, shared_cache=False, node_cache=str(node)))
+    sweep = SweepRequest(_base(tiny_folder, data_dir), allocators=("uniform", "owl"), sparsities=(0.5, 0.6))
+    ids = executor.submit(store, sweep, cache)
+    victim = ids[1]  # the first cell (after the statistics)
+    end = time.monotonic() + WAIT_S
+    while (store.get(victim).remote or {}).get("pid") is None:
+        assert time.monotonic() < end and store.get(victim).state == "running", store.get(victim)
+        time.sleep(0.05)
+    killed = store.get(victim).remote["pid"]
+    os.kill(killed, signal.SIGKILL)
+    jobs = {j.id: j for j in wait_for(store, ids, poll_s=0.2)}
+    lost = jobs[victim]
+    others = [j for i, j in jobs.items() if i != victim]
+    assert all(j.state == "done" for j in others), [(j.id, j.state, j.error) for j in others]
+    if lost.state == "done":  # retried on a fresh worker
+        assert lost.remote["attempt"] == 2 and lost.remote["pid"] != killed
+    else:
+        assert lost.state == "failed" and "lost" in lost.error
+    done_runs = sorted(j.result["run"] for j in jobs.values() if j.kind == "prune" and j.state == "done")
+    assert _runs(cache) == done_runs  # every run complete; no hidden temporary folder either
+    for key in done_runs:
+        assert (cache / "runs" / key / "manifest.json").is_file() and _weights(cache, key)
+    assert not [p for p in (node / "runs").iterdir() if p.name.startswith(".")]
