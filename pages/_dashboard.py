@@ -207,7 +207,10 @@ def keep_workers(store: JobStore, sel: Selection | None) -> None:
 def job_row(job) -> None:
     """One job as the pages list it: state, per-block progress, elapsed, ETA, cancel, error."""
     cols = st.columns([5, 3, 2, 1])
-    cols[0].markdown(f"**#{job.id}** {job.label}")
+    where = (f" · Ray {job.remote['node']} (pid {job.remote['pid']}" +
+             (f", attempt {job.remote['attempt']})" if job.remote.get("attempt", 1) > 1 else ")")
+             if job.remote else (" · Ray" if job.executor == "ray" else ""))
+    cols[0].markdown(f"**#{job.id}** {job.label}{where}")
     if job.state == "running":
         eta = f", ETA {job.eta:.0f} s" if job.eta is not None else ""
         cols[1].progress(job.fraction, text=f"{job.phase or 'starting'} {job.done}/{job.total}{eta}")

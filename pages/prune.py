@@ -1,18 +1,19 @@
 """Prune: a grid of allocators × methods × sparsities as background jobs, with progress, cancel and download."""
 
 import dataclasses
-import itertools
+import importlib.util
 
 import streamlit as st
 
-from pages._dashboard import jobs_panel, page_setup, param_controls, queue, unique_params
+from pages._dashboard import job_store, jobs_panel, page_setup, param_controls, queue, unique_params
 from pruner.allocation import ALLOCATORS
 from pruner.methods import METHODS, NM
 from pruner.recover import RECOVER_DEFAULT_STEPS, RecoverSpec
 from pruner.runs import list_runs, run_folder
 from pruner.specs import PruneSpec
 from pruner.store import run_zip
-from pruner.workflows import PerplexityOptions, PruneRequest, RecoverRequest
+from pruner.sweep import SweepRequest, executor_for
+from pruner.workflows import PerplexityOptions, RecoverRequest
 
 st.title("✂️ Prune")
 sel = page_setup()
@@ -86,27 +87,39 @@ if methods:  # memory is planned before a job starts; show the plan so that a re
         if allowed is not None and total > allowed:
             st.warning(f"{m} would need {text}, more than the {gib(allowed)} allowed: it will be refused. "
                        + ("" if stream else "Tick 'Stream blocks from disk', or ") + "use fewer calibration samples.")
+with st.sidebar:
+    st.header("Executor")
+    ray_address = st.text_input("Ray cluster address", key="ray_address", placeholder="empty: this machine",
+                                help="host:port of a Ray cluster's head (or 'auto' on one of its nodes): each job "
+                                     "becomes a Ray task there; empty runs the jobs here, one at a time").strip()
+    ray_cpus = st.number_input("CPUs per Ray task", 1, 64, 1, key="ray_cpus", disabled=not ray_address)
+    if ray_address:
+        from pruner.ray_exec import RAY_MISSING
+
+        if importlib.util.find_spec("ray") is None:
+            st.warning(RAY_MISSING)
 n_jobs = len(allocators) * len(methods) * len(targets) * int(seeds)
 go = st.button(f"Queue {n_jobs} job(s) (allocators × methods × sparsities × seeds)", type="primary", key="grid_go",
                disabled=n_jobs == 0)
 
 if go:
-    queued, errors = 0, []
-    for alloc, method, S, i in itertools.product(allocators, methods, targets, range(int(seeds))):
-        try:
-            spec = PruneSpec(model=model, calib=dataclasses.replace(sel.calib, seed=sel.calib.seed + i),
-                             allocator=alloc, method=method, sparsity=S,
-                             allocator_params=ALLOCATORS[alloc].pick(values), method_params=METHODS[method].pick(values),
-                             nm=str(nm) if nm else None)
-            queue(sel, PruneRequest(spec, PerplexityOptions(max_chunks or None, stream=stream) if ppl else None,
-                                    data_dir=sel.data_dir, stream=stream))
-            queued += 1
-        except ValueError as err:
-            errors.append(f"{alloc} × {method} × {S:g} (seed {sel.calib.seed + i}): {err}")
-    if queued:
-        st.success(f"Queued {queued} job(s).")
-    for e in errors:
-        st.error(e)
+    # one sweep: statistics each calibration set needs first (once), then the cells; a bad cell queues nothing
+    try:
+        base = PruneSpec(model=model, calib=sel.calib, allocator=allocators[0], method=methods[0], sparsity=targets[0],
+                         nm=str(nm) if nm else None)
+        sweep = SweepRequest(base, allocators=tuple(allocators), methods=tuple(methods), sparsities=tuple(targets),
+                             seeds=int(seeds), params={k: [v] for k, v in values.items()},
+                             perplexity=PerplexityOptions(max_chunks or None, stream=stream) if ppl else None,
+                             data_dir=sel.data_dir, stream=stream)
+        executor = executor_for(ray_address, cpus_per_cell=int(ray_cpus))
+        ids = executor.submit(job_store(sel), sweep, sel.cache_dir)
+        n_cells = len(sweep.specs())
+        shared = len(ids) - n_cells
+        st.success(f"Queued {n_cells} prune job(s)" + (f" after {shared} shared one(s) (statistics, learned "
+                                                        f"allocations)" if shared else "")
+                   + f" on the {executor.name} executor.")
+    except ValueError as err:
+        st.error(str(err))
 
 
 jobs_panel(sel, "prune_jobs_done")

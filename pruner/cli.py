@@ -711,7 +711,9 @@ def cmd_jobs(args) -> int:
     for j in jobs:
         prog = f"{j.phase or ''} {j.done}/{j.total}" if j.total else ""
         elapsed = f"{j.elapsed:.0f} s" if j.elapsed is not None else ""
-        print(f"{j.id:>4}  {j.state:<9} {prog:<22} {elapsed:>8}  {j.label}")
+        where = (f" [Ray {j.remote['node']} pid {j.remote['pid']}]" if j.remote
+                 else " [Ray]" if j.executor == "ray" else "")
+        print(f"{j.id:>4}  {j.state:<9} {prog:<22} {elapsed:>8}  {j.label}{where}")
         if j.error and j.state == "failed":
             print(f"      error: {j.error.splitlines()[0]}")
     from pruner.runs import list_runs

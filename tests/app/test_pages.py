@@ -178,7 +178,7 @@ def test_prune_page_queues_jobs_and_lists_runs(app, cached, monkeypatch):
     assert any(c.value.startswith("Planned peak memory per job: wanda ") for c in app.caption)
     assert app.checkbox(key="grid_offload").disabled  # the model runs on CPU here: nothing to offload to
     app.button(key="grid_go").click().run()
-    assert any("Queued 1 job" in s.value for s in app.success)
+    assert any("Queued 1 prune job" in s.value for s in app.success)
     store = JobStore(default_db(cached[0]))
     job = store.list()[0]
     assert job.label == "wanda + uniform @ 60%" and job.request.spec.sparsity == 0.6 and job.request.stream
@@ -250,7 +250,7 @@ def test_a_registered_allocator_and_method_get_page_controls(app, cached):
         app.checkbox(key="grid_ppl").uncheck().run()
         app.button(key="grid_go").click().run()
         assert not app.exception, app.exception
-        assert any("Queued 1 job" in s.value for s in app.success)
+        assert any("Queued 1 prune job" in s.value for s in app.success)
         store = JobStore(default_db(cached[0]))
         job = store.list()[0]
         store.cancel(job.id)  # a worker process does not have the toy entries registered

@@ -130,7 +130,7 @@ def test_browser_session(server, page, tmp_path):
     page.keyboard.press("Backspace")  # drops the last tag, OWL: one job (uniform × wanda × 70%)
     page.keyboard.press("Escape")
     page.get_by_role("button", name="Queue 1 job").click()
-    page.get_by_text("Queued 1 job").wait_for(timeout=30_000)
+    page.get_by_text("Queued 1 prune job").wait_for(timeout=30_000)
     page.get_by_text("✅ done").first.wait_for(timeout=240_000)  # progress went to 30/30 and the job finished
     _shot(page, "4-prune")
 
