@@ -12,7 +12,8 @@ from pruner import api
 from pruner.allocation import ALLOCATORS, allocate, owl_lambda_max
 from pruner.charts import allocation_comparison_figure, layer_sparsity_heatmap_figure, predicted_map_figure
 from pruner.predictor import PredictorSpec, cached_table
-from pruner.workflows import LearnRequest, PredictorRequest
+from pruner.specs import PruneSpec
+from pruner.workflows import LearnRequest, PerplexityOptions, PredictorRequest, PruneRequest
 
 st.title("🎚️ Allocation")
 st.caption("Every curve is recomputed from the cached statistics when a control moves: no model forward.")
@@ -69,6 +70,29 @@ if allocations:
 # what each allocation would cost, before pruning it: the damage-table predictor (pruner.predictor)
 st.subheader("Predicted perplexity")
 predictor = PredictorSpec(sel.stats_spec)
+#: Chunks of the WikiText-2 test set a verification measures (a partial evaluation, labelled so).
+VERIFY_CHUNKS = 8
+MEASURED = "measured perplexity"
+
+
+def _verify_spec(allocator: str) -> PruneSpec:
+    """The prune a verification runs: this allocation with the method the predictor's table was built with."""
+    return PruneSpec(model=sel.model, calib=sel.calib, allocator=allocator, method=predictor.method, sparsity=S,
+                     allocator_params=ALLOCATORS[allocator].pick(values))
+
+
+def _measured(spec: PruneSpec) -> dict | None:
+    """The stored run's latest perplexity, if that run exists and was evaluated."""
+    from pruner.runs import BadRun, read_run, run_exists, run_folder
+
+    if not run_exists(spec.key(), sel.cache_dir):
+        return None
+    try:
+        return read_run(run_folder(spec.key(), sel.cache_dir)).latest_perplexity()
+    except BadRun:
+        return None
+
+
 damage = cached_table(predictor, sel.cache_dir)
 if damage is None:
     st.info("No damage table for this model and calibration set yet. It prunes each block alone at "
@@ -81,15 +105,31 @@ if damage is None:
 else:
     rows = []
     for x in allocations:
+        measured = _measured(_verify_spec(x.allocator))
+        row = {"allocator": ALLOCATORS[x.allocator].label}
         try:
             p = damage.predict(x.block_sparsity)
-            rows.append({"allocator": ALLOCATORS[x.allocator].label, "predicted perplexity": p.perplexity,
-                         "95% interval (held-out windows)": f"[{p.low:.1f}, {p.high:.1f}]"})
+            row.update({"predicted perplexity": p.perplexity,
+                        "95% interval (held-out windows)": f"[{p.low:.1f}, {p.high:.1f}]"})
         except ValueError as err:
-            rows.append({"allocator": ALLOCATORS[x.allocator].label, "predicted perplexity": float("nan"),
-                         "95% interval (held-out windows)": str(err)})
-    st.dataframe(pd.DataFrame(rows).style.format({"predicted perplexity": "{:.1f}"}), width="stretch",
-                 hide_index=True)
+            row.update({"predicted perplexity": float("nan"), "95% interval (held-out windows)": str(err)})
+        row[MEASURED] = measured["perplexity"] if measured else float("nan")
+        row["measured on"] = (f"test, first {measured['chunks']} of {measured['chunks_total']} chunks"
+                              if measured and measured["partial"] else "whole test set" if measured else "not yet")
+        rows.append(row)
+    st.dataframe(pd.DataFrame(rows).style.format({"predicted perplexity": "{:.1f}", MEASURED: "{:.1f}"},
+                                                 na_rep="–"), width="stretch", hide_index=True)
+    # verify: the real prune and evaluation of one shown allocation, queued; its measurement joins the table above
+    c = st.columns([2, 1])
+    pick = c[0].selectbox("Verify one allocation: prune it with "
+                          f"{predictor.method} and measure WikiText-2 test perplexity (first {VERIFY_CHUNKS} chunks)",
+                          [x.allocator for x in allocations], format_func=lambda k: ALLOCATORS[k].label,
+                          key="alloc_verify_pick")
+    if c[1].button("✔️ Verify in the background", key="alloc_verify", disabled=pick is None):
+        queue(sel, PruneRequest(_verify_spec(pick), PerplexityOptions(VERIFY_CHUNKS), data_dir=sel.data_dir))
+        st.success(f"Queued the prune of {ALLOCATORS[pick].label} at S = {S:.0%}: its measured perplexity appears "
+                   "in the table when the job is done.")
+    jobs_panel(sel, "alloc_jobs_done_verify")
     st.caption(f"Dense: {damage.dense_perplexity:.2f} on the held-out windows. Each block's damage was measured "
                f"alone (others dense) and the damages are added: pruning all blocks at once compounds, so the level "
                f"is optimistic at high S; the ranking is what to read (docs/results.md measures it).")

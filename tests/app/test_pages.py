@@ -304,3 +304,24 @@ def test_allocation_predicts_each_curve_once_the_predictor_is_built(tiny_folder,
     np.testing.assert_allclose(sorted(values(points["x"])), expected, rtol=1e-9)
     assert any("Spearman rank correlation per target sparsity: 70%: " in c.value and "(3 runs)" in c.value
                for c in at.caption)
+    # back on the Allocation page: the measured runs join the predictions; "verify" queues the prune of another
+    go(at, "allocation")
+    shown = at.dataframe[-1].value
+    for name in ("uniform", "owl", "atp"):
+        folder = runs.run_folder(PruneSpec(model=ModelSpec(tiny_folder), calib=calib, allocator=name, method="wanda",
+                                           sparsity=0.7).key(), tmp_path)
+        row = shown.loc[shown["allocator"] == ALLOCATORS[name].label].iloc[0]
+        assert row["measured perplexity"] == pytest.approx(runs.read_run(folder).latest_perplexity()["perplexity"])
+        assert row["measured on"].startswith("test, first 1 of")
+    assert shown.loc[shown["allocator"] == ALLOCATORS["dlp"].label, "measured on"].iloc[0] == "not yet"
+    at.selectbox(key="alloc_verify_pick").set_value("dlp").run()
+    at.button(key="alloc_verify").click().run()
+    job = store.list()[0]
+    store.cancel(job.id)
+    assert job.kind == "prune" and job.request.spec.allocator == "dlp" and job.request.spec.sparsity == 0.7
+    assert job.request.perplexity.max_chunks == 8 and job.request.spec.method == "wanda"
+    # the Learn page explains the predictor next to this model's live numbers
+    go(at, "learn")
+    text = " ".join(m.value for m in at.markdown)
+    uniform_predicted = table.predict(allocate("uniform", stats, 0.7).block_sparsity).perplexity
+    assert f"is predicted {uniform_predicted:.1f}" in text and "independently" in text
