@@ -362,8 +362,7 @@ def drive(db_path: Path, job_ids: list[int], settings: RaySettings, cache_dir: P
                 except ValueError as err:
                     finish(job.id, "failed", error=str(err))
                     continue
-                ref = task.options(**options).remote(job.kind, job.payload, job.id,
-                                                     None if cache_dir is None else str(cache_dir), token,
+                ref = task.options(**options).remote(job.kind, job.payload, job.id, str(layout.root.resolve()), token,
                                                      dataclasses.asdict(settings), sink, list(shipped))
                 running[ref] = job
             while running:
