@@ -143,10 +143,8 @@ def test_killed_ray_worker_is_retried_and_leaves_no_partial_run(ray_head, tiny_f
     lost = jobs[victim]
     others = [j for i, j in jobs.items() if i != victim]
     assert all(j.state == "done" for j in others), [(j.id, j.state, j.error) for j in others]
-    if lost.state == "done":  # retried on a fresh worker
-        assert lost.remote["attempt"] == 2 and lost.remote["pid"] != killed
-    else:
-        assert lost.state == "failed" and "lost" in lost.error
+    # retried on a fresh worker (max_retries 2), with the same result as the other path would give
+    assert lost.state == "done" and lost.remote["attempt"] == 2 and lost.remote["pid"] != killed, lost
     done_runs = sorted(j.result["run"] for j in jobs.values() if j.kind == "prune" and j.state == "done")
     assert _runs(cache) == done_runs  # every run complete; no hidden temporary folder either
     for key in done_runs:
