@@ -354,8 +354,12 @@ def drive(db_path: Path, job_ids: list[int], settings: RaySettings, cache_dir: P
             for job in jobs:
                 if (job.kind if job.kind in STAGES else "other") != stage:
                     continue
-                if store.get(job.id).state in FINAL_STATES:  # cancelled while waiting
+                now = store.get(job.id)
+                if now.state in FINAL_STATES:
                     active.discard(job.id)
+                    continue
+                if now.cancel_requested:  # cancelled while an earlier stage ran
+                    finish(job.id, "cancelled", error="cancelled before it started")
                     continue
                 try:
                     options = _resources(job.request, settings, cluster, largest_memory, cache_dir)
