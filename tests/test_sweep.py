@@ -152,3 +152,30 @@ def test_killed_ray_worker_is_retried_and_leaves_no_partial_run(ray_head, tiny_f
     for key in done_runs:
         assert (cache / "runs" / key / "manifest.json").is_file() and _weights(cache, key)
     assert not [p for p in (node / "runs").iterdir() if p.name.startswith(".")]
+
+
+def test_prune_page_runs_its_grid_on_the_ray_cluster_named_in_the_sidebar(ray_head, tiny_folder, data_dir, tmp_path,
+                                                                          monkeypatch):
+    from tests.app.test_pages import go, tiny_app
+
+    at = go(tiny_app(tmp_path, tiny_folder, data_dir, monkeypatch), "prune")
+    at.sidebar.text_input(key="ray_address").input(ray_head).run()
+    at.multiselect(key="grid_allocators").set_value(["uniform"]).run()
+    at.multiselect(key="grid_sparsities").set_value([0.5]).run()
+    at.checkbox(key="grid_ppl").uncheck().run()
+    at.button(key="grid_go").click().run()
+    assert not at.exception, at.exception
+    assert any("Queued 1 prune job(s)" in s.value and "on the ray executor" in s.value for s in at.success)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    jobs = wait_for(store, sorted(j.id for j in store.list()), poll_s=0.2)
+    assert [(j.kind, j.executor, j.state) for j in jobs][-1] == ("prune", "ray", "done")
+    assert _runs(tmp_path) == [jobs[-1].result["run"]]
+
+
+def test_without_ray_the_ray_option_says_what_to_install(monkeypatch):
+    from pruner.sweep import executor_for
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as on a machine without it
+    assert executor_for(None).name == "local"
+    with pytest.raises(ValueError, match=r"pip install -e '\.\[ray\]'"):
+        executor_for("127.0.0.1:6379")
