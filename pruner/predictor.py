@@ -55,7 +55,10 @@ DEFAULT_WINDOW_TOKENS = 512
 #: Methods whose masks the table can be built with (scores from the weights and cached statistics alone).
 TABLE_METHODS = ("wanda", "magnitude")
 #: Bump when the table's definition changes (part of the cache key). 2: the held-out windows run as one batch.
-TABLE_FORMAT = 2
+#: 3: the table also holds each layer's removed score energy (``predict_layers``).
+TABLE_FORMAT = 3
+#: Resolution of the removed-score-energy curves E_l(g): sparsities 0, 0.01, …, 0.99.
+ENERGY_STEP = 0.01
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,10 @@ class DamageTable:
     window_nll: np.ndarray
     block_numel: np.ndarray
     meta: dict = field(default_factory=dict)
+    #: (n_layers, 1/ENERGY_STEP) E_l(g): Σ over the layer's rows of the squared scores its mask at sparsity g
+    #: removes (Wanda's A_ij², or W_ij² for magnitude), in the statistics' layer order; None in older tables
+    layer_energy: np.ndarray | None = None
+    layer_block: np.ndarray | None = None
 
     @property
     def n_blocks(self) -> int:
@@ -152,16 +159,49 @@ class DamageTable:
                           None if ci.low is None else float(math.exp(ci.low)),
                           None if ci.high is None else float(math.exp(ci.high)), per_block.mean(axis=1))
 
+    def equivalent_block_sparsity(self, layer_sparsity) -> np.ndarray:
+        """Per block, the uniform sparsity g_b whose masks would remove as much squared score as the allocation's
+        per-layer sparsities s_l do: Σ_{l∈b} E_l(g_b) = Σ_{l∈b} E_l(s_l) (each E_l read between lattice points).
+        Equal to the block's mean when its layers share one sparsity; above it when the allocation prunes harder
+        where the scores are large (e.g. Erdős–Rényi's denser pruning of the large MLP matrices). (B,)"""
+        if self.layer_energy is None:
+            raise ValueError("this damage table predates per-layer energies; rebuild it (`pruner predict`)")
+        s = np.asarray(layer_sparsity, dtype=np.float64)
+        if s.shape != self.layer_block.shape:
+            raise ValueError(f"one sparsity per layer ({len(self.layer_block)}) is needed; got shape {s.shape}")
+        lattice = np.arange(self.layer_energy.shape[1]) * ENERGY_STEP
+        if s.min() < 0 or s.max() > lattice[-1] + 1e-12:
+            raise ValueError(f"layer sparsities must lie in [0, {lattice[-1]:g}]; got {s.min():.3f}…{s.max():.3f}")
+        removed = np.array([np.interp(v, lattice, e) for v, e in zip(s, self.layer_energy)])
+        out = np.zeros(self.n_blocks)
+        for b in range(self.n_blocks):
+            rows = self.layer_block == b
+            if np.ptp(s[rows]) == 0:  # one shared sparsity: its own equivalent (also where E is flat between
+                out[b] = s[rows][0]   # lattice points, as for layers narrower than 1 / ENERGY_STEP)
+                continue
+            curve = self.layer_energy[rows].sum(axis=0)  # uniform-in-block removal, non-decreasing in g
+            out[b] = np.interp(removed[rows].sum(), curve, lattice)
+        return out
+
+    def predict_layers(self, layer_sparsity) -> Prediction:
+        """``predict`` of the equivalent block sparsities (``equivalent_block_sparsity``): sees how an allocation
+        spreads inside each block, which the block means alone do not."""
+        return self.predict(self.equivalent_block_sparsity(layer_sparsity))
+
     def save(self, folder: Path) -> None:
+        extra = ({"layer_energy": self.layer_energy, "layer_block": self.layer_block}
+                 if self.layer_energy is not None else {})
         np.savez(folder / "table.npz", grid=self.grid, dense_nll=self.dense_nll, window_nll=self.window_nll,
-                 block_numel=self.block_numel)
+                 block_numel=self.block_numel, **extra)
         (folder / "meta.json").write_text(json.dumps(self.meta, indent=1))
 
     @classmethod
     def load(cls, folder: Path) -> "DamageTable":
         z = np.load(folder / "table.npz")
         return cls(z["grid"], z["dense_nll"], z["window_nll"], z["block_numel"],
-                   json.loads((folder / "meta.json").read_text()))
+                   json.loads((folder / "meta.json").read_text()),
+                   z["layer_energy"] if "layer_energy" in z else None,
+                   z["layer_block"] if "layer_block" in z else None)
 
 
 def holdout_windows(tokenizer, data_dir, windows: int, window_tokens: int) -> torch.Tensor:
@@ -233,6 +273,7 @@ def build_damage_table(model, tokenizer, stats, spec: PredictorSpec, data_dir, d
     dense_nll = _window_nll(model, tail(list(hidden), 0), windows, device)
     window_nll = np.zeros((len(blocks), len(spec.grid), spec.windows))
     numel = np.zeros(len(blocks))
+    energy: dict[tuple[int, str], np.ndarray] = {}
     try:
         for b, block in enumerate(blocks):
             if should_cancel is not None and should_cancel():
@@ -243,6 +284,8 @@ def build_damage_table(model, tokenizer, stats, spec: PredictorSpec, data_dir, d
             numel[b] = sum(w.numel() for w in originals.values())
             scores = {n: (wanda_score(w, norms[b][n].to(device)) if spec.method == "wanda" else w.abs())
                       for n, w in originals.items()}
+            for n, score in scores.items():
+                energy[(b, n)] = removed_energy(score)
             try:
                 for k, g in enumerate(spec.grid):
                     for n, layer in layers.items():
@@ -263,7 +306,20 @@ def build_damage_table(model, tokenizer, stats, spec: PredictorSpec, data_dir, d
             module.to(home)
     meta = {"key": spec.key(), **spec.identity(), "seconds": round(time.perf_counter() - t0, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dense_perplexity": float(math.exp(dense_nll.mean()))}
-    return DamageTable(np.array(spec.grid), dense_nll, window_nll, numel, meta)
+    layer_block = np.asarray(stats.layer_block)
+    layer_energy = np.stack([energy[(int(b), n)] for b, n in zip(layer_block, stats.layer_names)])
+    return DamageTable(np.array(spec.grid), dense_nll, window_nll, numel, meta, layer_energy, layer_block)
+
+
+def removed_energy(scores: torch.Tensor) -> np.ndarray:
+    """E(g) for g = 0, ENERGY_STEP, …: the sum over rows of the squared scores a row-wise mask at sparsity g removes
+    (the round(g · in) lowest of each row, as ``lowest_mask`` prunes them). scores: (out, in)."""
+    from pruner.methods.masks import prune_count
+
+    squared = scores.detach().double().pow(2).sort(dim=1).values.cumsum(dim=1).sum(dim=0)  # (in,): k lowest per row
+    lattice = np.arange(round(1 / ENERGY_STEP)) * ENERGY_STEP
+    ks = [prune_count(scores.shape[1], float(g)) for g in lattice]
+    return np.array([float(squared[k - 1]) if k else 0.0 for k in ks])
 
 
 def predictor_dir(spec: PredictorSpec, cache_dir: Path | None = None) -> Path:

@@ -218,3 +218,49 @@ def test_cli_prune_tune_records_the_tuned_parameters(tiny_folder, data_dir, tmp_
     with pytest.raises(ValueError, match="allocator 'uniform' has no parameters to tune"):
         PruneRequest(PruneSpec(model=ModelSpec(tiny_folder), calib=CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir),
                                allocator="uniform", method="wanda", sparsity=0.5), tune=True)
+
+
+def test_removed_energy_worked_by_hand():
+    """Rows (1, 2, 3, 4) and (4, 3, 2, 1): at 25% each row loses its lowest score (1² + 1² = 2), at 50% its two
+    lowest (2 · (1 + 4) = 10), at 75% three (2 · 14 = 28); at 13% round(0.52) = 1 weight per row."""
+    from pruner.predictor import ENERGY_STEP, removed_energy
+
+    e = removed_energy(torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]))
+    assert len(e) == round(1 / ENERGY_STEP)
+    assert (e[0], e[13], e[25], e[50], e[75]) == (0.0, 2.0, 2.0, 10.0, 28.0)
+
+
+def test_equivalent_block_sparsity_worked_by_hand():
+    """One block of two layers whose removed energy grows linearly, E_A(g) = 10g and E_B(g) = 30g, so the block
+    removes 40g at a uniform g. s = (0.2, 0.6) removes 2 + 18 = 20: equivalent to g = 0.5 (the mean is 0.4);
+    s = (0.6, 0.2) removes 6 + 6 = 12: g = 0.3; one shared sparsity is its own equivalent."""
+    g = np.arange(100) * 0.01
+    table = DamageTable(grid=np.array([0.5, 0.9]), dense_nll=np.array([1.0, 1.0]),
+                        window_nll=np.array([[[1.5, 1.5], [3.0, 3.0]]]), block_numel=np.array([8]),
+                        layer_energy=np.stack([10 * g, 30 * g]), layer_block=np.array([0, 0]))
+    np.testing.assert_allclose(table.equivalent_block_sparsity([0.2, 0.6]), [0.5])
+    np.testing.assert_allclose(table.equivalent_block_sparsity([0.6, 0.2]), [0.3])
+    np.testing.assert_allclose(table.equivalent_block_sparsity([0.4, 0.4]), [0.4])
+    assert table.predict_layers([0.2, 0.6]).perplexity == pytest.approx(math.exp(1.5))  # Δ(0.5) = 0.5
+    with pytest.raises(ValueError, match=r"one sparsity per layer \(2\)"):
+        table.equivalent_block_sparsity([0.5])
+
+
+def test_table_holds_each_layers_removed_energy(built):
+    """The built table's energies are those of the Wanda scores from the cached statistics, in their layer order;
+    a uniform allocation is its own equivalent."""
+    from pruner.allocation import allocate
+    from pruner.besa import block_input_norms
+    from pruner.models import find_blocks, prunable_layers, weight_matrix
+    from pruner.predictor import removed_energy
+    from pruner.scores import wanda_score
+
+    spec, cache, loaded, before, table, stats = built
+    assert table.layer_energy.shape == (len(stats.layer_names), 100)
+    _, blocks = find_blocks(loaded.model)
+    b, name = int(stats.layer_block[5]), stats.layer_names[5]
+    w = weight_matrix(prunable_layers(blocks[b])[name])
+    np.testing.assert_allclose(table.layer_energy[5], removed_energy(wanda_score(w, block_input_norms(stats)[b][name])))
+    uniform = allocate("uniform", stats, 0.5)
+    np.testing.assert_allclose(table.equivalent_block_sparsity(uniform.layer_sparsity), 0.5, atol=1e-12)
+    assert table.predict_layers(uniform.layer_sparsity).perplexity == pytest.approx(table.predict(uniform.block_sparsity).perplexity)
