@@ -57,7 +57,7 @@ TABLE_METHODS = ("wanda", "magnitude")
 #: Bump when the table's definition changes (part of the cache key). 2: the held-out windows run as one batch.
 #: 3: the table also holds each layer's removed score energy (``predict_layers``).
 TABLE_FORMAT = 3
-#: Resolution of the removed-score-energy curves E_l(g): sparsities 0, 0.01, …, 0.99.
+#: Resolution of the removed-score-energy curves E_l(g): sparsities 0, 0.01, …, 1.
 ENERGY_STEP = 0.01
 
 
@@ -119,7 +119,7 @@ class DamageTable:
     window_nll: np.ndarray
     block_numel: np.ndarray
     meta: dict = field(default_factory=dict)
-    #: (n_layers, 1/ENERGY_STEP) E_l(g): Σ over the layer's rows of the squared scores its mask at sparsity g
+    #: (n_layers, 1/ENERGY_STEP + 1) E_l(g): Σ over the layer's rows of the squared scores its mask at sparsity g
     #: removes (Wanda's A_ij², or W_ij² for magnitude), in the statistics' layer order; None in older tables
     layer_energy: np.ndarray | None = None
     layer_block: np.ndarray | None = None
@@ -317,8 +317,8 @@ def removed_energy(scores: torch.Tensor) -> np.ndarray:
     from pruner.methods.masks import prune_count
 
     squared = scores.detach().double().pow(2).sort(dim=1).values.cumsum(dim=1).sum(dim=0)  # (in,): k lowest per row
-    lattice = np.arange(round(1 / ENERGY_STEP)) * ENERGY_STEP
-    ks = [prune_count(scores.shape[1], float(g)) for g in lattice]
+    lattice = np.arange(round(1 / ENERGY_STEP) + 1) * ENERGY_STEP
+    ks = [scores.shape[1] if g >= 1 else prune_count(scores.shape[1], float(g)) for g in lattice]
     return np.array([float(squared[k - 1]) if k else 0.0 for k in ks])
 
 

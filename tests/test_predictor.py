@@ -226,15 +226,15 @@ def test_removed_energy_worked_by_hand():
     from pruner.predictor import ENERGY_STEP, removed_energy
 
     e = removed_energy(torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]))
-    assert len(e) == round(1 / ENERGY_STEP)
-    assert (e[0], e[13], e[25], e[50], e[75]) == (0.0, 2.0, 2.0, 10.0, 28.0)
+    assert len(e) == round(1 / ENERGY_STEP) + 1
+    assert (e[0], e[13], e[25], e[50], e[75], e[100]) == (0.0, 2.0, 2.0, 10.0, 28.0, 60.0)
 
 
 def test_equivalent_block_sparsity_worked_by_hand():
     """One block of two layers whose removed energy grows linearly, E_A(g) = 10g and E_B(g) = 30g, so the block
     removes 40g at a uniform g. s = (0.2, 0.6) removes 2 + 18 = 20: equivalent to g = 0.5 (the mean is 0.4);
     s = (0.6, 0.2) removes 6 + 6 = 12: g = 0.3; one shared sparsity is its own equivalent."""
-    g = np.arange(100) * 0.01
+    g = np.arange(101) * 0.01
     table = DamageTable(grid=np.array([0.5, 0.9]), dense_nll=np.array([1.0, 1.0]),
                         window_nll=np.array([[[1.5, 1.5], [3.0, 3.0]]]), block_numel=np.array([8]),
                         layer_energy=np.stack([10 * g, 30 * g]), layer_block=np.array([0, 0]))
@@ -256,7 +256,7 @@ def test_table_holds_each_layers_removed_energy(built):
     from pruner.scores import wanda_score
 
     spec, cache, loaded, before, table, stats = built
-    assert table.layer_energy.shape == (len(stats.layer_names), 100)
+    assert table.layer_energy.shape == (len(stats.layer_names), 101)
     _, blocks = find_blocks(loaded.model)
     b, name = int(stats.layer_block[5]), stats.layer_names[5]
     w = weight_matrix(prunable_layers(blocks[b])[name])
