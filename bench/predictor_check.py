@@ -62,11 +62,12 @@ def main() -> None:
           f"dense {table.dense_perplexity:.3f} on {spec.windows} × {spec.window_tokens} validation tokens); measured: "
           f"Wanda, WikiText-2 test, first {args.max_chunks} chunks (partial)")
     rows = []
+    commit = git_rev()  # of the code this process runs (HEAD may move while it does)
 
     def dump():  # after every row too, so that an interrupted check keeps what it measured
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"commit": git_rev(), "predictor": spec.key(), "max_chunks": args.max_chunks,
+                json.dump({"commit": commit, "predictor": spec.key(), "max_chunks": args.max_chunks,
                            "rows": rows}, f, indent=1,
                           default=lambda v: v.tolist() if isinstance(v, np.ndarray) else str(v))
 

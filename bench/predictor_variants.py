@@ -1,0 +1,129 @@
+"""How well variants of the damage-table predictor rank the allocations a `bench.predictor_check` run measured.
+
+Reads the check's JSON (its measured perplexities; no pruning here) and the SmolLM2 damage table (built with this
+code's defaults when missing), recomputes each allocation, and prints Spearman ρ(predicted, measured) per target
+sparsity for:
+
+* **block means**: NLL = NLL_dense + Σ_b Δ_b(s̄_b), s̄_b the block's mean sparsity (``DamageTable.predict``);
+* **energy-equivalent**: the same with each block's equivalent sparsity, the uniform one that would remove as much
+  squared Wanda score as the allocation's per-layer sparsities (``DamageTable.predict_layers``);
+* **energy-equivalent, depth-weighted, fitted on the other S**: NLL = NLL_dense + Σ_b e^{κ·b/(L−1)} Δ_b(g_b), one
+  parameter κ (how much a block's damage measured alone over- or under-states its damage inside a pruned model,
+  as a function of depth) fitted by least squares of log measured perplexity on the *other* target sparsity's
+  allocations (a level and slope free per S), so no allocation is scored by a κ fitted on itself.
+
+    python -m bench.predictor_variants CHECK.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from bench.common import git_rev
+from pruner.api import allocation_for, get_stats
+from pruner.predictor import PredictorSpec, get_damage_table, spearman
+from pruner.specs import CalibSpec, ModelSpec, StatsSpec
+from pruner.store import default_data_dir
+
+#: κ searched on this grid (e^{±3} ≈ 20× between the first and last block at the ends).
+KAPPAS = np.round(np.arange(-3.0, 3.01, 0.05), 2)
+
+
+def weighted_nll_increase(table, block: np.ndarray, kappa: float) -> float:
+    """Σ_b e^{κ·b/(L−1)} Δ_b(g_b), window mean (Δ interpolated as ``DamageTable.predict`` does)."""
+    p = table.predict(block)
+    depth = np.arange(table.n_blocks) / max(1, table.n_blocks - 1)
+    return float((np.exp(kappa * depth) * p.block_delta_nll).sum())
+
+
+def fit_kappa(table, rows: list[dict]) -> float:
+    """κ minimising the squared residual of log(measured) ≈ a + c · (weighted NLL increase) over ``rows``."""
+    y = np.log([r["measured"] for r in rows])
+    best = None
+    for kappa in KAPPAS:
+        x = np.array([weighted_nll_increase(table, r["equivalent"], kappa) for r in rows])
+        design = np.stack([np.ones_like(x), x], axis=1)
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        residual = float(((design @ coef - y) ** 2).sum())
+        if best is None or residual < best[1]:
+            best = (float(kappa), residual)
+    return best[0]
+
+
+def attach_layer_energy(table, spec) -> None:
+    """Per-layer removed Wanda-score energies for a table built before they were part of it."""
+    from pruner.besa import block_input_norms
+    from pruner.models import find_blocks, load_model, prunable_layers, weight_matrix
+    from pruner.predictor import removed_energy
+    from pruner.scores import wanda_score
+
+    stats = get_stats(spec)
+    _, blocks = find_blocks(load_model(spec.model).model)
+    norms = block_input_norms(stats)
+    table.layer_block = np.asarray(stats.layer_block)
+    table.layer_energy = np.stack([removed_energy(wanda_score(weight_matrix(prunable_layers(blocks[int(b)])[n]),
+                                                              norms[int(b)][n]))
+                                   for b, n in zip(table.layer_block, stats.layer_names)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("check_json")
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--table", help="the key of a cached damage table to read instead (e.g. an older format, whose "
+                                    "per-layer energies are then computed from the model here)")
+    args = ap.parse_args()
+    data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
+    spec = StatsSpec(ModelSpec("smollm2-135m"), CalibSpec.preset(args.preset, data_dir=data_dir))
+    if args.table:
+        from pruner.cache import CacheLayout
+        from pruner.predictor import DamageTable
+
+        table = DamageTable.load(CacheLayout.at(None).predictor(args.table))
+        if table.layer_energy is None:
+            attach_layer_energy(table, spec)
+    else:
+        table = get_damage_table(PredictorSpec(spec), data_dir=data_dir)
+    check = json.loads(open(args.check_json).read())
+    rows = []
+    for r in check["rows"]:
+        if "measured" not in r:
+            continue
+        _, alloc = allocation_for(spec, r["allocator"], r["S"], r["params"])
+        row = {**r, "block": alloc.block_sparsity}
+        try:
+            row["equivalent"] = table.equivalent_block_sparsity(alloc.layer_sparsity)
+            table.predict(row["equivalent"])
+        except ValueError as err:
+            row["out_of_range"] = str(err)
+        rows.append(row)
+    print(f"# commit {git_rev()}; predictor {table.meta['key']}; measured by the check at commit {check['commit']} "
+          f"(WikiText-2 test, first {check.get('max_chunks', 8)} chunks, partial)")
+    print("| S | variant | allocations | Spearman ρ |")
+    print("|---|---|---|---|")
+    for S in sorted({r["S"] for r in rows}):
+        here = [r for r in rows if r["S"] == S]
+        usable = [r for r in here if "out_of_range" not in r]
+        other = [r for r in rows if r["S"] != S and "out_of_range" not in r]
+        block = spearman([table.predict(r["block"]).perplexity for r in here], [r["measured"] for r in here])
+        energy = spearman([table.predict(r["equivalent"]).perplexity for r in usable],
+                          [r["measured"] for r in usable])
+        print(f"| {S:.0%} | block means | {block[1]} | {block[0]:.3f} |")
+        print(f"| {S:.0%} | energy-equivalent | {energy[1]} | {energy[0]:.3f} |")
+        if other:
+            kappa = fit_kappa(table, other)
+            weighted = spearman([weighted_nll_increase(table, r["equivalent"], kappa) for r in usable],
+                                [r["measured"] for r in usable])
+            print(f"| {S:.0%} | energy-equivalent, depth-weighted (κ = {kappa:+.2f} fitted on the other S) | "
+                  f"{weighted[1]} | {weighted[0]:.3f} |")
+        for r in here:
+            if "out_of_range" in r:
+                print(f"#   {S:.0%} {r['allocator']} {r['params']}: not in the energy variants ({r['out_of_range']})")
+
+
+if __name__ == "__main__":
+    main()
