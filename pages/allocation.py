@@ -108,7 +108,7 @@ else:
         measured = _measured(_verify_spec(x.allocator))
         row = {"allocator": ALLOCATORS[x.allocator].label}
         try:
-            p = damage.predict(x.block_sparsity)
+            p = damage.predict_allocation(x.block_sparsity, x.layer_sparsity)
             row.update({"predicted perplexity": p.perplexity,
                         "95% interval (held-out windows)": f"[{p.low:.1f}, {p.high:.1f}]"})
         except ValueError as err:

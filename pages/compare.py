@@ -125,7 +125,7 @@ if protocols:
             if r.method != damage.meta.get("method", "wanda") or r.nm or r.is_recovery or not result:
                 continue
             try:
-                p = damage.predict(r.allocation["block_sparsity"])
+                p = damage.predict_allocation(r.allocation["block_sparsity"], r.allocation.get("layer_sparsity"))
             except (ValueError, KeyError):
                 continue  # beyond the table's grid, or a run without a stored allocation
             ci = result.get("interval") or {}

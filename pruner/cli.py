@@ -240,7 +240,7 @@ def cmd_predict(args) -> int:
     for name in names:
         try:
             _, alloc = allocation_for(spec.stats, name, S, ALLOCATORS[name].pick(given), cache_dir=_cache(args))
-            p = table.predict(alloc.block_sparsity)
+            p = table.predict_allocation(alloc.block_sparsity, alloc.layer_sparsity)
             rows.append({"allocator": name, "params": alloc.params, "perplexity": p.perplexity, "low": p.low,
                          "high": p.high})
         except ValueError as err:

@@ -188,6 +188,15 @@ class DamageTable:
         spreads inside each block, which the block means alone do not."""
         return self.predict(self.equivalent_block_sparsity(layer_sparsity))
 
+    def predict_allocation(self, block_sparsity, layer_sparsity=None) -> Prediction:
+        """What the pages and tuning show: ``predict_layers`` when the table has per-layer energies and the
+        allocation's per-layer sparsities are given (they match the table's layers), else ``predict`` of the block
+        means. The two agree for allocations that give every layer of a block the same sparsity."""
+        if (layer_sparsity is not None and self.layer_energy is not None
+                and len(layer_sparsity) == len(self.layer_block)):
+            return self.predict_layers(layer_sparsity)
+        return self.predict(block_sparsity)
+
     def save(self, folder: Path) -> None:
         extra = ({"layer_energy": self.layer_energy, "layer_block": self.layer_block}
                  if self.layer_energy is not None else {})
@@ -449,7 +458,8 @@ def tune_parameters(table: DamageTable, inputs, allocator: str, sparsity: float,
         params = {n: float(v) for n, v in zip(axes, combo)}
         tried += 1
         try:
-            predicted = table.predict(allocate(allocator, inputs, sparsity, **params).block_sparsity).perplexity
+            a_ = allocate(allocator, inputs, sparsity, **params)
+            predicted = table.predict_allocation(a_.block_sparsity, a_.layer_sparsity).perplexity
         except ValueError:
             skipped += 1
             continue
