@@ -53,6 +53,8 @@ POLL_S = 0.5
 SHARED_TOKEN_FILE = ".ray-shared-token"
 #: Where tasks keep their cache on nodes that do not see the driver's cache folder (unless ``node_cache`` says).
 DEFAULT_NODE_CACHE = "~/.cache/pruner-ray"
+#: Job kinds whose outputs later stages read (sent to nodes without the shared cache through the object store).
+SHARED_KINDS = ("stats", "learn", "predictor")
 #: How long the driver waits for the cluster to answer before it fails the jobs (seconds).
 CONNECT_TIMEOUT_S = 60.0
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -399,7 +401,8 @@ def drive(db_path: Path, job_ids: list[int], settings: RaySettings, cache_dir: P
                         continue
                     for relative, data in out["outputs"]:  # a node without the shared cache sent its folder
                         _unpack(data, layout.root / relative)
-                        shipped.append((relative, ray.put(data)))
+                        if job.kind in SHARED_KINDS:  # what later stages read; runs are not sent on
+                            shipped.append((relative, ray.put(data)))
                     result = dict(out["result"])
                     result["executor"] = {"name": "ray", "node": out["node"], "pid": out["pid"],
                                           "shared_cache": out["shared"]}
