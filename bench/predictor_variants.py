@@ -24,9 +24,10 @@ import os
 import numpy as np
 
 from bench.common import git_rev
-from pruner.api import allocation_for, get_stats
+from pruner.api import get_stats
+from pruner.runs import read_run, run_folder
 from pruner.predictor import PredictorSpec, get_damage_table, spearman
-from pruner.specs import CalibSpec, ModelSpec, StatsSpec
+from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
 from pruner.store import default_data_dir
 
 #: κ searched on this grid (e^{±3} ≈ 20× between the first and last block at the ends).
@@ -93,10 +94,12 @@ def main() -> None:
     for r in check["rows"]:
         if "measured" not in r:
             continue
-        _, alloc = allocation_for(spec, r["allocator"], r["S"], r["params"])
-        row = {**r, "block": alloc.block_sparsity}
+        # the allocation the measured run was pruned with, from its manifest (a learned one is not learned again)
+        run = read_run(run_folder(PruneSpec(model=spec.model, calib=spec.calib, allocator=r["allocator"],
+                                            allocator_params=r["params"], method="wanda", sparsity=r["S"]).key()))
+        row = {**r, "block": np.asarray(run.allocation["block_sparsity"])}
         try:
-            row["equivalent"] = table.equivalent_block_sparsity(alloc.layer_sparsity)
+            row["equivalent"] = table.equivalent_block_sparsity(run.allocation["layer_sparsity"])
             table.predict(row["equivalent"])
         except ValueError as err:
             row["out_of_range"] = str(err)
