@@ -182,7 +182,9 @@ def _task(kind: str, payload: dict, job_id: int, cache_dir: str | None, token: s
     import ray
 
     pid, node = os.getpid(), ray.util.get_node_ip_address()
-    ray.get(sink.started.remote(job_id, node, pid))
+    # No ray.get on the sink in here: a task blocked in ray.get lends its CPUs back to Ray, which then starts more
+    # tasks than the node has CPUs for. Calls from one task to one actor run in the order they were made.
+    sink.started.remote(job_id, node, pid)
     shared = settings["shared_cache"]
     if shared is None:
         try:
@@ -210,8 +212,19 @@ def _task(kind: str, payload: dict, job_id: int, cache_dir: str | None, token: s
             last["t"] = now
             sink.report.remote(job_id, phase, done, total)
 
-    ctx = Context(cache_dir=here, progress=progress, should_cancel=lambda: ray.get(sink.is_cancelled.remote(job_id)),
-                  device=str(resolve_device("auto")))
+    asked = {"ref": None, "cancelled": False}
+
+    def should_cancel() -> bool:
+        """The sink's answer to the previous check (one block late), without waiting for it."""
+        if asked["ref"] is not None:
+            ready, _ = ray.wait([asked["ref"]], timeout=0)
+            if not ready:
+                return asked["cancelled"]
+            asked["cancelled"] = bool(ray.get(asked["ref"]))
+        asked["ref"] = sink.is_cancelled.remote(job_id)
+        return asked["cancelled"]
+
+    ctx = Context(cache_dir=here, progress=progress, should_cancel=should_cancel, device=str(resolve_device("auto")))
     result = run(request, ctx)
     outputs = [] if shared else [(str(rel), _pack(here, rel)) for rel in _outputs(kind, request, result,
                                                                                     CacheLayout.at(here))]
