@@ -149,31 +149,21 @@ def _outputs(kind: str, request, result: dict, layout: CacheLayout) -> list[Path
     return [f.relative_to(layout.root) for f in folders]
 
 
-def remove_stale_temporaries(cache_dir: Path | None, pid: int) -> list[Path]:
-    """The hidden temporary folders a killed process ``pid`` left in the cache (``atomic_dir`` names them
-    ``.NAME.tmp-PID-…``): removed; returns them."""
+def remove_stale_temporaries(cache_dir: Path | None, gone) -> list[Path]:
+    """The hidden temporary folders that dead processes left in the cache (``atomic_dir`` names them
+    ``.NAME.tmp-PID-…``, at the root or one level down), removed; ``gone(pid)`` says whether PID's writer is dead.
+    Returns them."""
     import shutil
 
     root = CacheLayout.at(cache_dir).root
-    gone = []
+    removed = []
     for parent in [root] + [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []:
-        for tmp in parent.glob(f".*.tmp-{pid}-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-            gone.append(tmp)
-    return gone
-
-
-def _remove_orphans(node_cache: Path) -> None:
-    """A node-local cache: remove the temporary folders of processes of this node that are gone (a killed task)."""
-    from pruner.jobs import _pid_alive
-
-    for parent in [node_cache] + [p for p in node_cache.iterdir() if p.is_dir()] if node_cache.is_dir() else []:
         for tmp in parent.glob(".*.tmp-*"):
             pid = tmp.name.rsplit(".tmp-", 1)[1].split("-")[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                import shutil
-
+            if pid.isdigit() and gone(int(pid)):
                 shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+    return removed
 
 
 def _task(kind: str, payload: dict, job_id: int, cache_dir: str | None, token: str | None, settings: dict,
@@ -193,7 +183,9 @@ def _task(kind: str, payload: dict, job_id: int, cache_dir: str | None, token: s
             shared = False
     here = Path(cache_dir) if shared else Path(os.path.expanduser(settings["node_cache"] or DEFAULT_NODE_CACHE))
     if not shared:
-        _remove_orphans(here)
+        from pruner.jobs import _pid_alive
+
+        remove_stale_temporaries(here, lambda pid: not _pid_alive(pid))  # this node's own killed tasks
         for relative, data in inputs:  # the earlier stages' outputs, through the object store
             _unpack(ray.get(data) if isinstance(data, ray.ObjectRef) else data, here / relative)
 
@@ -354,7 +346,7 @@ def drive(db_path: Path, job_ids: list[int], settings: RaySettings, cache_dir: P
         for what, job_id, value in ray.get(sink.drain.remote()):
             if what == "start":
                 if job_id in pids and value["attempt"] > 1:  # a retry: the lost attempt's leftovers go
-                    remove_stale_temporaries(cache_dir, pids[job_id])
+                    remove_stale_temporaries(cache_dir, pids[job_id].__eq__)
                 pids[job_id] = value["pid"]
                 store.set_remote(job_id, value)
                 store.progress(job_id, f"on {value['node']}" + (f", attempt {value['attempt']}"
@@ -408,7 +400,7 @@ def drive(db_path: Path, job_ids: list[int], settings: RaySettings, cache_dir: P
                         continue
                     except Exception as err:  # the worker died more times than retries allow, a lost node, ...
                         if job.id in pids:
-                            remove_stale_temporaries(cache_dir, pids[job.id])
+                            remove_stale_temporaries(cache_dir, pids[job.id].__eq__)
                         finish(job.id, "failed", error=f"the Ray task was lost: {_cause(err)} (after "
                                                        f"{settings.max_retries} retries)")
                         continue

@@ -82,8 +82,8 @@ class SweepRequest:
             *settings, seed_offset = rest
             a_names = {p.name for p in ALLOCATORS[allocator].params}
             m_names = {p.name for p in METHODS[method].params}
-            a_params = {k: v for k, v in (b.allocator_params if allocator == b.allocator else {}).items()}
-            m_params = {k: v for k, v in (b.method_params if method == b.method else {}).items()}
+            a_params = dict(b.allocator_params) if allocator == b.allocator else {}
+            m_params = dict(b.method_params) if method == b.method else {}
             for name, value in settings:
                 if name in a_names:
                     a_params[name] = value
