@@ -9,6 +9,19 @@ from pruner.store import default_data_dir
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def share_project_models(cache: Path) -> Path:
+    """Let a test's cache folder reuse the project cache's converted bundled models through a symlink (converting
+    SmolLM2 again costs ~20 s and 0.5 GB per folder); converts it there first when missing. Returns ``cache``."""
+    from pruner.cache import CacheLayout
+    from pruner.models import convert_bundled
+
+    convert_bundled("smollm2-135m")
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (cache / "models").exists():
+        (cache / "models").symlink_to(CacheLayout.at(None).models)
+    return cache
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> str:
     """The offline data folder (CI has it at ../shared/data); its absence is a failure, not a skip."""
@@ -46,7 +59,7 @@ def tiny_run(tiny_folder, data_dir, tmp_path_factory):
     from pruner import runs
     from pruner.specs import CalibSpec, ModelSpec, PruneSpec
 
-    cache = tmp_path_factory.mktemp("tiny-run-cache")
+    cache = share_project_models(tmp_path_factory.mktemp("tiny-run-cache"))  # pages opening on SmolLM2 read it
     spec = PruneSpec(model=ModelSpec(tiny_folder, device="cpu"), calib=CalibSpec(nsamples=4, seqlen=64, data_dir=data_dir),
                      allocator="owl", method="wanda", sparsity=0.5, allocator_params={"lam": 0.05, "m": 3})
     return cache, runs.run_prune(spec, cache)

@@ -13,6 +13,7 @@ from pruner.jobs import JobStore, submit
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec
 from pruner.workflows import PruneRequest, StatsRequest
 from pruner.store import PROJECT_ROOT
+from tests.conftest import share_project_models
 from pruner.runs import run_exists
 
 WAIT_S = 240
@@ -22,7 +23,7 @@ WAIT_S = 240
 def cache(tmp_path, smollm2):
     """A fresh cache folder that shares the converted bundled model (no second conversion). Workers still alive
     at the end (a failed test's job) are stopped, so they cannot slow the next test down."""
-    os.symlink(PROJECT_ROOT / "cache" / "models", tmp_path / "models")
+    share_project_models(tmp_path)
     yield tmp_path
     db = tmp_path / "jobs.sqlite"
     if db.exists():

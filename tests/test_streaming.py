@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pruner import runs
+from tests.conftest import share_project_models
 from pruner.methods import METHODS
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec
 from pruner.streaming import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint, ShardWriter, build_skeleton
@@ -104,11 +105,7 @@ def test_streamed_besa_learns_and_prunes_as_in_memory(sharded_folder, data_dir, 
 
 def _sharing_models(cache: Path) -> Path:
     """A cache folder that reuses the project's converted bundled model (converting it again takes ~20 s)."""
-    from pruner.cache import CacheLayout
-
-    cache.mkdir(parents=True)
-    (cache / "models").symlink_to(CacheLayout.at(None).root / "models")
-    return cache
+    return share_project_models(cache)
 
 
 def test_the_skeleton_holds_no_block_weights(sharded_folder):

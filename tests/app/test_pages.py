@@ -2,7 +2,7 @@
 
 import base64
 import json
-import os
+from pathlib import Path
 import time
 
 import numpy as np
@@ -10,6 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from pruner import api, metrics, runs
+from tests.conftest import share_project_models
 from pruner.allocation import ALLOCATORS, allocate, owl
 from pruner.jobs import JobStore, default_db
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
@@ -22,7 +23,7 @@ LABEL = {"uniform": "Uniform", "owl": "OWL", "owl_inverse": "OWL-inverse", "er":
 @pytest.fixture(scope="module")
 def cached(smollm2, data_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("app-cache")
-    os.symlink(PROJECT_ROOT / "cache" / "models", cache / "models")
+    share_project_models(cache)
     calib = CalibSpec.preset("tiny", data_dir=data_dir)
     stats = api.get_stats(StatsSpec(ModelSpec("smollm2-135m"), calib), cache, loaded=smollm2)
     spec = PruneSpec(model=ModelSpec("smollm2-135m"), calib=calib, allocator="owl", method="wanda", sparsity=0.5)
@@ -61,7 +62,9 @@ def trace(fig, name, axis="y"):
 
 
 def tiny_app(cache, tiny_folder: str, data_dir: str, monkeypatch) -> AppTest:
-    """The app on ``cache`` with the tiny Llama folder chosen in the sidebar (tiny calibration preset)."""
+    """The app on ``cache`` with the tiny Llama folder chosen in the sidebar (tiny calibration preset). The app
+    opens on the bundled SmolLM2, so ``cache`` shares the project's converted copy."""
+    share_project_models(Path(cache))
     monkeypatch.setenv("PRUNER_CACHE_DIR", str(cache))
     monkeypatch.setenv("PRUNER_DATA_DIR", data_dir)
     at = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=90)

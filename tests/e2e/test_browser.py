@@ -20,6 +20,7 @@ import pytest
 from pruner import api
 from pruner.specs import CalibSpec, ModelSpec, StatsSpec
 from pruner.store import PROJECT_ROOT
+from tests.conftest import share_project_models
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -41,7 +42,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(smollm2, data_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("e2e-cache")
-    os.symlink(PROJECT_ROOT / "cache" / "models", cache / "models")
+    share_project_models(cache)
     api.get_stats(StatsSpec(ModelSpec("smollm2-135m"), CalibSpec.preset("tiny", data_dir=data_dir)), cache,
                   loaded=smollm2)
     port = _free_port()
