@@ -148,7 +148,7 @@ class CacheLayout:
 
     def others(self) -> list[Path]:
         """Top-level things this layout does not own (never removed by ``remove_stale``)."""
-        owned = {"models", "stats", "learned", "runs", "exports", "dense", "jobs.sqlite", "jobs.sqlite-wal", "jobs.sqlite-shm",
+        owned = {"models", "stats", "learned", "predictors", "runs", "exports", "dense", "jobs.sqlite", "jobs.sqlite-wal", "jobs.sqlite-shm",
                  "worker.log", ".gitkeep"}
         return sorted(p for p in self.root.iterdir() if p.name not in owned) if self.root.is_dir() else []
 

@@ -96,6 +96,7 @@ def test_cache_command_lists_kinds_and_removes_stale_and_named_entries(tiny_fold
     onnx.mkdir(parents=True)
     (onnx / "decode.onnx").write_bytes(b"x" * 5000)
     (tmp_path / "bench-scratch").mkdir()  # not the cache's own: listed, never touched
+    (tmp_path / "predictors").mkdir()  # the cache's own, even when empty
 
     assert cli.main(["cache", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -108,6 +109,7 @@ def test_cache_command_lists_kinds_and_removes_stale_and_named_entries(tiny_fold
     assert "stale: runs/00000000000000aa: run format 1 (current 2" in out
     assert "stale: dense/v1-b1-t128: ONNX export version 1" in out
     assert "not the cache's own (left alone): bench-scratch" in out
+    assert "not the cache's own (left alone): predictors" not in out
 
     assert cli.main(["cache", "--stale", "--cache-dir", str(tmp_path)]) == 0
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [key]
