@@ -58,7 +58,7 @@ def time_predictions(stats, table, draws: int, seed: int = 0) -> dict[str, list[
     names = formula_allocators()
     times: dict[str, list[float]] = {"predict": [], "page": []}
     for _ in range(draws):
-        S = float(rng.uniform(0.3, 0.8))
+        S = float(table.anchor) if table.anchor else float(rng.uniform(0.3, 0.8))  # a table around S serves S
         lod = stats.lod(5.0)
         lam = float(rng.uniform(0, 0.99)) * min(0.2, owl_lambda_max(lod, S), owl_lambda_max(lod, S, inverse=True))
         owl = allocate("owl", stats, S, lam=lam, m=5.0)
@@ -94,12 +94,12 @@ def main():
     stats = api.get_stats(spec)
     times = time_updates(stats, args.draws)
     if args.predict:
-        from pruner.predictor import PredictorSpec, cached_table
+        from pruner.predictor import table_for
 
-        table = cached_table(PredictorSpec(spec))
+        table = table_for(spec, 0.7)  # the table around 70% when built, else the dense-reference one
         if table is None:
             raise SystemExit(f"no damage table for these statistics yet: `python -m pruner predict --preset "
-                             f"{args.preset} --sparsity 0.7` builds it")
+                             f"{args.preset} --sparsity 0.7 --around` builds it")
         times.update(time_predictions(stats, table, max(1, args.draws // 10)))
     print(f"# allocation latency, {stats.n_blocks} blocks / {len(stats.layer_names)} layers, {args.draws} draws")
     print(f"# machine: {machine()}; commit {git_rev()}")

@@ -1,7 +1,8 @@
 """Predicted vs measured perplexity (issue 13): does the damage-table predictor rank allocations as pruning does?
 
-Builds (or reads) the damage table of SmolLM2 (cpu calibration preset, seed 0; Wanda masks; held-out WikiText-2
-validation windows), then for each target sparsity enumerates allocations — uniform, OWL over a (λ, M) grid, its
+Builds (or reads) the damage table of SmolLM2 around each target sparsity (cpu calibration preset, seed 0; Wanda
+masks; held-out WikiText-2 validation windows; `--reference dense`: the first version's dense-reference table), then
+for each target sparsity enumerates allocations — uniform, OWL over a (λ, M) grid, its
 inverse, DLP over α, ATP over δ, Erdős–Rényi, global, AlphaPruning over ε, and BESA when its allocation is cached —
 prunes each with Wanda (ordinary cached runs: the same spec gives the same run key as the CLI) and evaluates
 WikiText-2 test perplexity (the first --max-chunks chunks: a partial evaluation, labelled so), and prints per
@@ -44,34 +45,49 @@ def main() -> None:
     ap.add_argument("--max-chunks", type=int, default=8, help="test chunks per measured run (default 8: partial)")
     ap.add_argument("--windows", type=int, default=DEFAULT_WINDOWS)
     ap.add_argument("--window-tokens", type=int, default=DEFAULT_WINDOW_TOKENS)
+    ap.add_argument("--reference", choices=["around", "dense"], default="around",
+                    help="tables measured around each S (default) or the dense-reference table of the first version")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
     stats_spec = StatsSpec(ModelSpec("smollm2-135m"), CalibSpec.preset(args.preset, data_dir=data_dir))
-    spec = PredictorSpec(stats_spec, windows=args.windows, window_tokens=args.window_tokens)
-    loaded = None
-    if cached_table(spec) is None:
-        # The table's cost target (≤ 20× a plain forward over the calibration set) is measured in this one run.
-        loaded, _, _, forward_s = forward_baseline(args.preset)
-        table = get_damage_table(spec, data_dir=data_dir, loaded=loaded,
-                                 progress=lambda d, t: print(f"# damage table: block {d}/{t}", flush=True))
-        print(f"# table build {table.meta['seconds']:.1f} s ÷ plain forward over the calibration set "
-              f"{forward_s:.1f} s = {table.meta['seconds'] / forward_s:.1f}× (target ≤ 20×)", flush=True)
-    table = get_damage_table(spec, data_dir=data_dir)
-    print(f"# machine: {machine()}; commit {git_rev()}; predictor {spec.key()} (built in {table.meta['seconds']} s, "
-          f"dense {table.dense_perplexity:.3f} on {spec.windows} × {spec.window_tokens} validation tokens); measured: "
-          f"Wanda, WikiText-2 test, first {args.max_chunks} chunks (partial)")
+    forward_s = None
+
+    def table_at(S: float):
+        """The table predicting at S (around S unless --reference dense), built and timed when missing."""
+        nonlocal forward_s
+        spec = PredictorSpec(stats_spec, windows=args.windows, window_tokens=args.window_tokens,
+                             around=S if args.reference == "around" else None)
+        if cached_table(spec) is None:
+            # the table's cost target (≤ 20× a plain forward over the calibration set) is measured in this one run
+            if forward_s is None:
+                forward_s = forward_baseline(args.preset)[3]
+            table = get_damage_table(spec, data_dir=data_dir,
+                                     progress=lambda d, t: print(f"# damage table: block {d}/{t}", flush=True))
+            print(f"# table {spec.key()} ({len(spec.grid)} grid points) built in {table.meta['seconds']:.1f} s ÷ "
+                  f"plain forward over the calibration set {forward_s:.1f} s = "
+                  f"{table.meta['seconds'] / forward_s:.1f}× (target ≤ 20×)", flush=True)
+        return spec, get_damage_table(spec, data_dir=data_dir)
+
+    print(f"# machine: {machine()}; commit {git_rev()}; tables: {args.reference} reference, {args.windows} × "
+          f"{args.window_tokens} validation tokens; measured: Wanda, WikiText-2 test, first {args.max_chunks} chunks "
+          "(partial)")
     rows = []
     commit = git_rev()  # of the code this process runs (HEAD may move while it does)
+    predictors = {}
 
     def dump():  # after every row too, so that an interrupted check keeps what it measured
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"commit": commit, "predictor": spec.key(), "max_chunks": args.max_chunks,
-                           "rows": rows}, f, indent=1,
+                json.dump({"commit": commit, "reference": args.reference, "predictors": predictors,
+                           "max_chunks": args.max_chunks, "rows": rows}, f, indent=1,
                           default=lambda v: v.tolist() if isinstance(v, np.ndarray) else str(v))
 
     for S in args.sparsities:
+        spec, table = table_at(S)
+        predictors[str(S)] = spec.key()
+        print(f"# S = {S:.0%}: predictor {spec.key()} (built in {table.meta['seconds']} s; reference "
+              f"{table.dense_perplexity:.3f} on the held-out windows)", flush=True)
         for name, params in CANDIDATES:
             row = {"S": S, "allocator": name, "params": params}
             try:

@@ -21,6 +21,13 @@ def _label(row: dict) -> str:
     return row["allocator"] + (f" ({params})" if params else "")
 
 
+def _predictors(check: dict) -> str:
+    """The table(s) the check predicted with: one per S around it, or the first version's single table."""
+    if "predictors" in check:
+        return "tables around S: " + ", ".join(f"{float(S):.0%} {k}" for S, k in check["predictors"].items())
+    return str(check["predictor"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("check_json")
@@ -32,7 +39,7 @@ def main() -> None:
     fig = predicted_vs_measured_figure(rows)
     fig.update_layout(title=f"Measured vs predicted perplexity, Wanda on SmolLM2<br><sup>measured: WikiText-2 test, "
                             f"first {check.get('max_chunks', 8)} chunks (partial); predicted: damage table "
-                            f"{check['predictor']}; commit {check['commit']}</sup>", width=900, height=560)
+                            f"{_predictors(check)}; commit {check['commit']}</sup>", width=900, height=560)
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,9 +10,12 @@ sparsity for:
 * **energy-equivalent, depth-weighted, fitted on the other S**: NLL = NLL_dense + Σ_b e^{κ·b/(L−1)} Δ_b(g_b), one
   parameter κ (how much a block's damage measured alone over- or under-states its damage inside a pruned model,
   as a function of depth) fitted by least squares of log measured perplexity on the *other* target sparsity's
-  allocations (a level and slope free per S), so no allocation is scored by a κ fitted on itself.
+  allocations (a level and slope free per S), so no allocation is scored by a κ fitted on itself;
+* with ``--around``: **operating-point tables**, one per target S, each block's damage measured with every other
+  block pruned at S (``PredictorSpec.around``, grid ``operating_grid(S)``), by block means and energy-equivalent.
+  Their build time is printed against a plain forward over the calibration set timed in the same run.
 
-    python -m bench.predictor_variants CHECK.json
+    python -m bench.predictor_variants CHECK.json [--around]
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import os
 
 import numpy as np
 
-from bench.common import git_rev
+from bench.common import forward_baseline, git_rev
 from pruner.api import get_stats
 from pruner.runs import read_run, run_folder
-from pruner.predictor import PredictorSpec, get_damage_table, spearman
+from pruner.predictor import PredictorSpec, get_damage_table, operating_grid, spearman
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
 from pruner.store import default_data_dir
 
@@ -77,6 +80,8 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--table", help="the key of a cached damage table to read instead (e.g. an older format, whose "
                                     "per-layer energies are then computed from the model here)")
+    ap.add_argument("--around", action="store_true",
+                    help="also build (or read) an operating-point table at each target S and score it")
     args = ap.parse_args()
     data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
     spec = StatsSpec(ModelSpec("smollm2-135m"), CalibSpec.preset(args.preset, data_dir=data_dir))
@@ -123,9 +128,42 @@ def main() -> None:
                                 [r["measured"] for r in usable])
             print(f"| {S:.0%} | energy-equivalent, depth-weighted (κ = {kappa:+.2f} fitted on the other S) | "
                   f"{weighted[1]} | {weighted[0]:.3f} |")
+        if args.around:
+            _operating_point_lines(spec, data_dir, S, here, args.preset)
         for r in here:
             if "out_of_range" in r:
                 print(f"#   {S:.0%} {r['allocator']} {r['params']}: not in the energy variants ({r['out_of_range']})")
+
+
+_forward_s: list[float] = []
+
+
+def _operating_point_lines(spec, data_dir, S: float, rows: list[dict], preset: str) -> None:
+    """Spearman ρ of an operating-point table at S (built here when not cached, timed against a plain forward)."""
+    from pruner.predictor import cached_table
+
+    op_spec = PredictorSpec(spec, around=S, grid=operating_grid(S))
+    built = cached_table(op_spec) is None
+    if built and not _forward_s:  # timed just before the build, on the same idle machine
+        _forward_s.append(forward_baseline(preset)[3])
+    table = get_damage_table(op_spec, data_dir=data_dir)
+    if built:
+        print(f"#   operating-point table at {S:.0%} ({len(op_spec.grid)} grid points) built in "
+              f"{table.meta['seconds']:.1f} s ÷ plain forward over the calibration set {_forward_s[0]:.1f} s = "
+              f"{table.meta['seconds'] / _forward_s[0]:.1f}× (target ≤ 20×)", flush=True)
+    for label, field_name in (("block means", "block"), ("energy-equivalent", "equivalent")):
+        usable, outside = [], []
+        for r in rows:
+            if field_name not in r:
+                continue
+            try:
+                usable.append((table.predict(r[field_name]).perplexity, r["measured"]))
+            except ValueError:
+                outside.append(f"{r['allocator']} {r['params']}")
+        rho, n = spearman([u[0] for u in usable], [u[1] for u in usable])
+        print(f"| {S:.0%} | operating-point table at {S:.0%}, {label} | {n} | {rho:.3f} |", flush=True)
+        if outside:
+            print(f"#   outside the operating-point table's range: {'; '.join(outside)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pruner.charts import (accuracy_vs_sparsity_figure, ppl_vs_speedup_figure, p
 from pruner.evaluate.speed import STATUS_NOTE, SpeedSpec
 from pruner.evaluate.zeroshot import TASKS
 from pruner.groups import RunGroup, compare, group_runs, perplexity_metrics, ranking, seed_of
-from pruner.predictor import PredictorSpec, cached_table, spearman
+from pruner.predictor import spearman, table_for
 from pruner.runs import list_runs
 from pruner.workflows import EvalRequest, PerplexityOptions, ZeroshotOptions
 
@@ -113,16 +113,17 @@ if protocols:
 
     # the predictor's ranking against pruning's (pruner.predictor): one point per Wanda run under this protocol
     st.subheader("Predicted vs measured perplexity")
-    predictor = PredictorSpec(sel.stats_spec)
-    damage = cached_table(predictor, sel.cache_dir)
-    if damage is None:
+    tables = {S: table_for(sel.stats_spec, S, sel.cache_dir) for S in sorted({r.sparsity for r in runs})}
+    if not any(tables.values()):
         st.caption("No damage table for this model and calibration set: build it on the Allocation page to see "
                    "how well its predictions rank the runs.")
     else:
         points = []
         for r in runs:
             result = r.metrics.get(protocol)
-            if r.method != damage.meta.get("method", "wanda") or r.nm or r.is_recovery or not result:
+            damage = tables[r.sparsity]
+            if (damage is None or r.method != damage.meta.get("method", "wanda") or r.nm or r.is_recovery
+                    or not result):
                 continue
             try:
                 p = damage.predict_allocation(r.allocation["block_sparsity"], r.allocation.get("layer_sparsity"))
@@ -137,8 +138,10 @@ if protocols:
             rho = {S: spearman([q["predicted"] for q in points if q["sparsity"] == S],
                                [q["measured"] for q in points if q["sparsity"] == S])
                    for S in sorted({q["sparsity"] for q in points})}
-            st.caption(f"Wanda runs measured under {protocol}, predicted from their stored allocations by the table "
-                       f"of calibration seed {sel.stats_spec.calib.seed}. Spearman rank correlation per target "
+            around = ", ".join(f"{S:.0%}" for S, t in tables.items() if t is not None and abs(t.anchor - S) < 1e-6)
+            st.caption(f"Wanda runs measured under {protocol}, predicted from their stored allocations by the tables "
+                       f"of calibration seed {sel.stats_spec.calib.seed} (measured around S for "
+                       f"{around or 'no S'}; the dense-reference table elsewhere). Spearman rank correlation per target "
                        "sparsity: " + "; ".join(f"{S:.0%}: " + (f"{v:.3f} ({n} runs)" if n > 2 else f"{n} run(s), too few")
                                                  for S, (v, n) in rho.items()) + ".")
         else:

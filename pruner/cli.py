@@ -219,7 +219,7 @@ def cmd_predict(args) -> int:
     try:
         S = check_sparsity(args.sparsity)
         spec = PredictorSpec(_stats_spec(args), method=args.method, windows=args.windows,
-                             window_tokens=args.window_tokens)
+                             window_tokens=args.window_tokens, around=S if args.around else None)
     except ValueError as err:
         raise BadInput(str(err)) from err
     if args.background:
@@ -257,10 +257,12 @@ def cmd_predict(args) -> int:
                 except ValueError as err:
                     r["tuned"] = {"error": str(err)}
     if args.json:
-        print(json.dumps({"predictor_key": spec.key(), "sparsity": S, "dense_perplexity": table.dense_perplexity,
+        print(json.dumps({"predictor_key": spec.key(), "sparsity": S, "around": spec.around,
+                          "reference_perplexity": table.dense_perplexity,
                           "predictions": rows}, indent=2))
         return 0
-    print(f"Predicted perplexity at S={S:g} ({spec.method} masks; dense {table.dense_perplexity:.2f} on "
+    reference = "dense" if spec.around is None else f"every block at {spec.around:g}"
+    print(f"Predicted perplexity at S={S:g} ({spec.method} masks; {reference} {table.dense_perplexity:.2f} on "
           f"{spec.windows} × {spec.window_tokens} held-out WikiText-2 validation tokens; 95% interval over those "
           f"windows; additive single-block damages — see pruner/predictor.py), predictor key {spec.key()}")
     for r in rows:
@@ -758,6 +760,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-tokens", type=int, default=DEFAULT_WINDOW_TOKENS, help="tokens per held-out window")
     p.add_argument("--tune", action="store_true",
                    help="also search each allocator's parameters for the lowest predicted perplexity")
+    p.add_argument("--around", action="store_true",
+                   help="measure each block's damage with every other block pruned at S (an operating-point table: "
+                        "ranks allocations at S far better than the dense-reference table, but is built per S)")
     p.add_argument("--background", action="store_true", help="queue the table's build as a job and return")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)

@@ -54,6 +54,11 @@ from pruner.specs import StatsSpec, stable_hash
 #: which had a 10% point) a block alone at 10% costs at most 0.0025 nats and the interpolation errs there by at most
 #: 0.0023, against up to 7 nats at 95%; the point cost a tenth of the table's build time.
 DEFAULT_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+#: An operating-point table's grid: S₀ plus these offsets, any point above the top of DEFAULT_GRID replaced by it and
+#: any below 0 dropped. ±0.3 keeps ATP's and DLP's slider ranges inside the table. On SmolLM2 (docs/results.md)
+#: S₀ + 0.05 was the point whose removal changed the ranking least (Spearman 0.826 → 0.812 at 50%, 0.842 → 0.851
+#: at 70%), and without it the build fits the cost target of 20 plain forwards.
+OPERATING_OFFSETS = (-0.3, -0.2, -0.1, -0.05, 0.1, 0.2, 0.3)
 #: Held-out windows: evenly spaced windows of WikiText-2 validation (never the test split).
 HOLDOUT_SPLIT = "validation"
 DEFAULT_WINDOWS = 4
@@ -76,7 +81,11 @@ class PredictorSpec:
     method: str = "wanda"
     windows: int = DEFAULT_WINDOWS
     window_tokens: int = DEFAULT_WINDOW_TOKENS
-    grid: tuple[float, ...] = DEFAULT_GRID
+    #: None: DEFAULT_GRID, or ``operating_grid(around)`` for an operating-point table
+    grid: tuple[float, ...] | None = None
+    #: The operating point S₀: None measures each block's damage in an otherwise dense model; a sparsity measures
+    #: it with every other block pruned at S₀, against the model with all blocks at S₀ (``build_damage_table``).
+    around: float | None = None
 
     def __post_init__(self):
         if self.method not in TABLE_METHODS:
@@ -86,19 +95,40 @@ class PredictorSpec:
             raise ValueError(f"held-out windows must be an integer ≥ 2 (the interval needs two); got {self.windows!r}")
         if not (isinstance(self.window_tokens, int) and self.window_tokens >= 2):
             raise ValueError(f"held-out window length must be an integer ≥ 2 tokens; got {self.window_tokens!r}")
+        if self.around is not None and not (isinstance(self.around, (int, float)) and 0 < self.around < 1):
+            raise ValueError(f"the operating point S₀ must lie in (0, 1); got {self.around!r}")
+        if self.grid is None:
+            default = DEFAULT_GRID if self.around is None else operating_grid(round(float(self.around), 6))
+            object.__setattr__(self, "grid", default)
         grid = tuple(float(g) for g in self.grid)
         if not grid or any(not (0 < g < 1) for g in grid) or any(b <= a for a, b in zip(grid, grid[1:])):
             raise ValueError(f"the sparsity grid must be increasing values in (0, 1); got {self.grid!r}")
         object.__setattr__(self, "grid", grid)
+        if self.around is not None:
+            around = round(float(self.around), 6)  # a slider's 0.7000000000000001 is the table around 0.7
+            if any(abs(g - around) < 1e-9 for g in grid):
+                raise ValueError(f"the grid must not contain the operating point {around:g} (Δ is 0 there by "
+                                 f"definition); got {list(grid)}")
+            object.__setattr__(self, "around", around)
 
     def identity(self) -> dict:
-        return {"model": self.stats.model.identity(), "calib": self.stats.calib.identity(), "method": self.method,
-                "holdout": {"dataset": f"wikitext2-{HOLDOUT_SPLIT}", "windows": self.windows,
-                            "window_tokens": self.window_tokens},
-                "grid": list(self.grid), "format": TABLE_FORMAT}
+        out = {"model": self.stats.model.identity(), "calib": self.stats.calib.identity(), "method": self.method,
+               "holdout": {"dataset": f"wikitext2-{HOLDOUT_SPLIT}", "windows": self.windows,
+                           "window_tokens": self.window_tokens},
+               "grid": list(self.grid), "format": TABLE_FORMAT}
+        if self.around is not None:  # absent for dense-reference tables, whose keys stay what they were
+            out["around"] = self.around
+        return out
 
     def key(self) -> str:
         return stable_hash(self.identity())
+
+
+def operating_grid(around: float, offsets=OPERATING_OFFSETS, top: float = DEFAULT_GRID[-1]) -> tuple[float, ...]:
+    """The grid of an operating-point table at S₀ = ``around``: S₀ + each offset, kept in (0, ``top``], with ``top``
+    itself when an offset passes it (e.g. S₀ = 0.7: 0.4, 0.5, 0.6, 0.65, 0.8, 0.9, 0.95)."""
+    points = {round(min(around + d, top), 6) for d in offsets if around + d > 0}
+    return tuple(sorted(p for p in points if abs(p - around) > 1e-9))
 
 
 @dataclass(frozen=True)
@@ -117,8 +147,9 @@ class Prediction:
 class DamageTable:
     """Single-block damages of one model (see the module's docstring).
 
-    grid (K,); dense_nll (W,) mean NLL per held-out window of the dense model; window_nll (B, K, W) with block b
-    alone pruned at grid[k]; block_numel (B,) prunable weights per block."""
+    grid (K,); dense_nll (W,) mean NLL per held-out window of the reference model (dense, or every block at the
+    operating point ``anchor``); window_nll (B, K, W) with block b pruned at grid[k] and every other block as in the
+    reference; block_numel (B,) prunable weights per block. Δ_b = 0 at ``anchor`` (0: the dense reference)."""
 
     grid: np.ndarray
     dense_nll: np.ndarray
@@ -129,6 +160,7 @@ class DamageTable:
     #: removes (Wanda's A_ij², or W_ij² for magnitude), in the statistics' layer order; None in older tables
     layer_energy: np.ndarray | None = None
     layer_block: np.ndarray | None = None
+    anchor: float = 0.0
 
     @property
     def n_blocks(self) -> int:
@@ -136,23 +168,34 @@ class DamageTable:
 
     @property
     def dense_perplexity(self) -> float:
+        """Perplexity of the reference model on the held-out windows (dense, or every block at the anchor)."""
         return float(math.exp(self.dense_nll.mean()))
 
+    def reference_text(self) -> str:
+        """What the damages were measured against, in words for a caption."""
+        return ("a dense model (each block pruned alone)" if self.anchor == 0 else
+                f"a model with every block at {self.anchor:.0%} (each block moved alone from there)")
+
+    def points(self) -> np.ndarray:
+        """The sparsities Δ is known at: the grid with the anchor inserted in order (K + 1,)."""
+        return np.sort(np.concatenate([[self.anchor], self.grid]))
+
     def delta(self) -> np.ndarray:
-        """Δ (B, K + 1, W) on the grid with g_0 = 0 prepended (Δ = 0 there)."""
+        """Δ (B, K + 1, W) at ``points()``: the grid's with Δ = 0 inserted at the anchor."""
         d = self.window_nll - self.dense_nll[None, None, :]
-        return np.concatenate([np.zeros((d.shape[0], 1, d.shape[2])), d], axis=1)
+        at = int(np.searchsorted(self.grid, self.anchor))
+        return np.concatenate([d[:, :at], np.zeros((d.shape[0], 1, d.shape[2])), d[:, at:]], axis=1)
 
     def predict(self, block_sparsity) -> Prediction:
         """Predicted perplexity of per-block sparsities s_b (B,), each in [0, max grid]."""
         s = np.asarray(block_sparsity, dtype=np.float64)
         if s.shape != (self.n_blocks,):
             raise ValueError(f"one sparsity per block ({self.n_blocks}) is needed; got shape {s.shape}")
-        top = float(self.grid[-1])
-        if s.min() < 0 or s.max() > top + 1e-12:
-            raise ValueError(f"block sparsities must lie in [0, {top:g}], the range the damage table measured; got "
-                             f"{s.min():.3f}…{s.max():.3f} (build a table whose grid reaches higher)")
-        points = np.concatenate([[0.0], self.grid])
+        points = self.points()
+        bottom, top = float(points[0]), float(points[-1])
+        if s.min() < bottom - 1e-12 or s.max() > top + 1e-12:
+            raise ValueError(f"block sparsities must lie in [{bottom:g}, {top:g}], the range the damage table "
+                             f"measured; got {s.min():.3f}…{s.max():.3f} (build a table whose grid reaches further)")
         upper = np.clip(np.searchsorted(points, s, side="right"), 1, len(points) - 1)  # s in [points[u−1], points[u]]
         lower = upper - 1
         weight = (s - points[lower]) / (points[upper] - points[lower])
@@ -207,7 +250,7 @@ class DamageTable:
         extra = ({"layer_energy": self.layer_energy, "layer_block": self.layer_block}
                  if self.layer_energy is not None else {})
         np.savez(folder / "table.npz", grid=self.grid, dense_nll=self.dense_nll, window_nll=self.window_nll,
-                 block_numel=self.block_numel, **extra)
+                 block_numel=self.block_numel, anchor=self.anchor, **extra)
         (folder / "meta.json").write_text(json.dumps(self.meta, indent=1))
 
     @classmethod
@@ -216,7 +259,8 @@ class DamageTable:
         return cls(z["grid"], z["dense_nll"], z["window_nll"], z["block_numel"],
                    json.loads((folder / "meta.json").read_text()),
                    z["layer_energy"] if "layer_energy" in z else None,
-                   z["layer_block"] if "layer_block" in z else None)
+                   z["layer_block"] if "layer_block" in z else None,
+                   float(z["anchor"]) if "anchor" in z else 0.0)
 
 
 def holdout_windows(tokenizer, data_dir, windows: int, window_tokens: int) -> torch.Tensor:
@@ -285,45 +329,64 @@ def build_damage_table(model, tokenizer, stats, spec: PredictorSpec, data_dir, d
             blocks[j].to(home)
         return states
 
-    dense_nll = _window_nll(model, tail(list(hidden), 0), windows, device)
+    def block_scores(b: int, originals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: (wanda_score(w, norms[b][n].to(device)) if spec.method == "wanda" else w.abs())
+                for n, w in originals.items()}
+
+    def set_weights(layers, originals, scores, g: float | None) -> None:
+        """Every layer of a block dense (g None) or with the method's row-wise mask at g."""
+        for n, layer in layers.items():
+            weight_matrix(layer).copy_(originals[n] if g is None else originals[n] * ~lowest_mask(scores[n], g, "row"))
+
+    dense_weights: dict[int, dict[str, torch.Tensor]] = {}  # only with an operating point: every block's originals
     window_nll = np.zeros((len(blocks), len(spec.grid), spec.windows))
     numel = np.zeros(len(blocks))
     energy: dict[tuple[int, str], np.ndarray] = {}
     try:
+        if spec.around is not None:  # the reference: every block pruned at S₀ (one-shot masks, dense inputs)
+            for b, block in enumerate(blocks):
+                block.to(device)
+                layers = prunable_layers(block)
+                dense_weights[b] = {n: weight_matrix(layer).detach().clone() for n, layer in layers.items()}
+                set_weights(layers, dense_weights[b], block_scores(b, dense_weights[b]), spec.around)
+                block.to(home)
+        dense_nll = _window_nll(model, tail(list(hidden), 0), windows, device)
         for b, block in enumerate(blocks):
             if should_cancel is not None and should_cancel():
                 raise Cancelled(f"cancelled before block {b} of {len(blocks)}")
             block.to(device)
             layers = prunable_layers(block)
-            originals = {n: weight_matrix(layer).detach().clone() for n, layer in layers.items()}
+            originals = dense_weights.get(b) or {n: weight_matrix(layer).detach().clone() for n, layer in layers.items()}
             numel[b] = sum(w.numel() for w in originals.values())
-            scores = {n: (wanda_score(w, norms[b][n].to(device)) if spec.method == "wanda" else w.abs())
-                      for n, w in originals.items()}
+            scores = block_scores(b, originals)
             for n, score in scores.items():
                 energy[(b, n)] = removed_energy(score)
             try:
                 for k, g in enumerate(spec.grid):
-                    for n, layer in layers.items():
-                        weight_matrix(layer).copy_(originals[n] * ~lowest_mask(scores[n], g, "row"))
+                    set_weights(layers, originals, scores, g)
                     out = _run_block(block, hidden, calls[b], device)
                     block.to(home)
                     window_nll[b, k] = _window_nll(model, tail(out, b + 1), windows, device)
                     block.to(device)
             finally:
-                for n, layer in layers.items():
-                    weight_matrix(layer).copy_(originals[n])
-            hidden = _run_block(block, hidden, calls[b], device)  # the dense input of the next block
+                set_weights(layers, originals, scores, spec.around)  # back to the reference
+            hidden = _run_block(block, hidden, calls[b], device)  # the reference's input to the next block
             block.to(home)
             if progress is not None:
                 progress(b + 1, len(blocks))
     finally:
+        for b, originals in dense_weights.items():  # the model leaves dense, as it came
+            layers = prunable_layers(blocks[b])
+            for n, layer in layers.items():
+                weight_matrix(layer).copy_(originals[n].to(weight_matrix(layer).device))
         for module in (model.get_output_embeddings(), _final_norm(model)):
             module.to(home)
     meta = {"key": spec.key(), **spec.identity(), "seconds": round(time.perf_counter() - t0, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dense_perplexity": float(math.exp(dense_nll.mean()))}
     layer_block = np.asarray(stats.layer_block)
     layer_energy = np.stack([energy[(int(b), n)] for b, n in zip(layer_block, stats.layer_names)])
-    return DamageTable(np.array(spec.grid), dense_nll, window_nll, numel, meta, layer_energy, layer_block)
+    return DamageTable(np.array(spec.grid), dense_nll, window_nll, numel, meta, layer_energy, layer_block,
+                       0.0 if spec.around is None else spec.around)
 
 
 def removed_energy(scores: torch.Tensor) -> np.ndarray:
@@ -346,6 +409,13 @@ def predictor_dir(spec: PredictorSpec, cache_dir: Path | None = None) -> Path:
 def cached_table(spec: PredictorSpec, cache_dir: Path | None = None) -> DamageTable | None:
     folder = predictor_dir(spec, cache_dir)
     return DamageTable.load(folder) if (folder / "meta.json").is_file() else None
+
+
+def table_for(stats: StatsSpec, sparsity: float, cache_dir: Path | None = None) -> DamageTable | None:
+    """The cached table that predicts allocations at ``sparsity`` best: the operating-point table at that S, else
+    the dense-reference one, else None (nothing is built here)."""
+    return (cached_table(PredictorSpec(stats, around=float(sparsity)), cache_dir)
+            or cached_table(PredictorSpec(stats), cache_dir))
 
 
 def get_damage_table(spec: PredictorSpec, cache_dir: Path | None = None, *, data_dir=None, loaded=None,
@@ -376,7 +446,7 @@ OPTIMAL_STEP = 0.01
 
 def optimal_block_sparsity(table: DamageTable, sparsity: float, step: float = OPTIMAL_STEP) -> np.ndarray:
     """Per-block sparsities minimising the predicted loss Σ_b Δ_b(s_b) (window mean) subject to a mean of exactly S,
-    each s_b a multiple of ``step`` in [0, the table's top grid point]: exact on that lattice, by dynamic programming
+    each s_b a multiple of ``step`` in the range the table measured ([0, top grid point], or from its lowest point for an operating-point table): exact on that lattice, by dynamic programming
     over blocks (a knapsack: the state is the number of ``step`` units spent so far). Blocks must be of equal
     size (every supported decoder has them), so the unweighted mean is the parameter-weighted one; S · B / step
     must be a whole number of units (e.g. S in steps of 0.01). (B,)"""
@@ -396,9 +466,10 @@ def optimal_block_sparsity(table: DamageTable, sparsity: float, step: float = OP
     if total > top * B:
         raise ValueError(f"S = {S:g} needs block sparsities above the table's top grid point {table.grid[-1]:g}")
     candidates = np.arange(top + 1) * step
-    points = np.concatenate([[0.0], table.grid])
+    points = table.points()
     mean_delta = table.delta().mean(axis=2)  # (B, K + 1)
     cost = np.stack([np.interp(candidates, points, mean_delta[b]) for b in range(B)])  # (B, top + 1)
+    cost[:, candidates < points[0] - 1e-9] = np.inf  # below what an operating-point table measured
     inf = np.inf
     best = np.full(total + 1, inf)
     best[0] = 0.0
@@ -423,8 +494,9 @@ def optimal_block_sparsity(table: DamageTable, sparsity: float, step: float = OP
 
 def _learn_optimal(model, tokens, sparsity, stats, params, *, context, **_unused):
     """The learned-allocator protocol (``pruner.besa.Learner``) for the predictor-optimal allocation: the damage
-    table (built or read from the cache, with the calibration set's statistics) and the dynamic programme."""
-    spec = PredictorSpec(context["spec"])
+    table around S (built or read from the cache, with the calibration set's statistics) and the dynamic programme.
+    The operating-point table ranks allocations at S far better than the dense-reference one (docs/results.md)."""
+    spec = PredictorSpec(context["spec"], around=sparsity)
     table = get_damage_table(spec, context.get("cache_dir"), data_dir=context["spec"].calib.data_dir,
                              loaded=context.get("loaded"), progress=context.get("progress"),
                              should_cancel=context.get("should_cancel"))
@@ -490,7 +562,7 @@ def spearman(predicted, measured) -> tuple[float, int]:
 def _learner():
     from pruner.besa import Learner
 
-    return Learner(settings={"step": OPTIMAL_STEP, "grid": list(DEFAULT_GRID),
+    return Learner(settings={"step": OPTIMAL_STEP, "table": "operating point S", "offsets": list(OPERATING_OFFSETS),
                              "windows": DEFAULT_WINDOWS, "window_tokens": DEFAULT_WINDOW_TOKENS,
                              "format": TABLE_FORMAT}, learn=_learn_optimal)
 

@@ -187,6 +187,11 @@ class PruneSpec:
     def identity(self) -> dict:
         d = {k: getattr(self, k) for k in ("allocator", "allocator_params", "method", "method_params", "sparsity",
                                            "nm", "scope")}
+        from pruner.allocation import ALLOCATORS
+
+        if self.allocator in ALLOCATORS and ALLOCATORS[self.allocator].learned:
+            from pruner.api import _learner  # a learned allocation depends on how it was learned (BESA's epochs,
+            d["learner"] = _learner(self.allocator).settings  # the predictor's table): so does the run
         return {"model": self.model.identity(), "calib": self.calib.identity(), **d, "format": PRUNE_FORMAT_VERSION}
 
     def key(self) -> str:

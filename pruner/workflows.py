@@ -223,12 +223,14 @@ class PredictorRequest(Request):
     def to_dict(self) -> dict:
         s = self.spec
         return {"spec": {"stats": spec_to_dict(s.stats), "method": s.method, "windows": s.windows,
-                         "window_tokens": s.window_tokens, "grid": list(s.grid)}, "data_dir": self.data_dir}
+                         "window_tokens": s.window_tokens, "grid": list(s.grid), "around": s.around},
+                "data_dir": self.data_dir}
 
     def label(self) -> str:
         s = self.spec
-        return (f"perplexity predictor of {s.stats.model.name} ({s.method} masks, {len(s.grid)} sparsities per "
-                f"block, {s.windows} held-out windows)")
+        where = "" if s.around is None else f" around S = {s.around:.0%}"
+        return (f"perplexity predictor of {s.stats.model.name}{where} ({s.method} masks, {len(s.grid)} sparsities "
+                f"per block, {s.windows} held-out windows)")
 
 
 @dataclass(frozen=True)
@@ -330,10 +332,10 @@ def run_learn(req: LearnRequest, ctx: Context) -> dict:
 
 def tuned_spec(spec: PruneSpec, ctx: Context, data_dir=None) -> tuple[PruneSpec, dict]:
     """``spec`` with its allocator's parameters tuned on the perplexity predictor (the damage table of its model
-    and calibration set, built first when missing) and the record of how."""
+    and calibration set around its S, built first when missing) and the record of how."""
     from pruner.predictor import PredictorSpec, get_damage_table, tune_parameters
 
-    predictor = PredictorSpec(spec.stats_spec)
+    predictor = PredictorSpec(spec.stats_spec, around=spec.sparsity)
     table = get_damage_table(predictor, ctx.cache_dir, data_dir=data_dir if data_dir is not None
                              else spec.calib.data_dir, progress=ctx.phase("damage table"),
                              should_cancel=ctx.should_cancel)

@@ -2,13 +2,14 @@
 independent whole-model forwards on the tiny Llama."""
 
 import copy
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from pruner.predictor import DamageTable, PredictorSpec, build_damage_table, get_damage_table, holdout_windows
+from pruner.predictor import DEFAULT_GRID, DamageTable, PredictorSpec, build_damage_table, get_damage_table, holdout_windows
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
 
 
@@ -29,6 +30,39 @@ def test_prediction_worked_by_hand():
         table.predict([0.9, 0.1])
     with pytest.raises(ValueError, match=r"one sparsity per block \(2\)"):
         table.predict([0.1])
+
+
+def test_operating_point_prediction_worked_by_hand():
+    """An operating-point table (anchor 0.5: the reference has both blocks at 0.5, NLL 3 on one window) with grid
+    (0.3, 0.7): block 0 at 0.3 takes 0.4 off, at 0.7 adds 1.0; block 1 at 0.3 takes 0.2 off, at 0.7 adds 0.6.
+    s = (0.6, 0.4): block 0 is halfway to 0.7 (+0.5), block 1 halfway to 0.3 (−0.1): NLL 3.4. The range is
+    [0.3, 0.7], and the predictor-optimal allocation at S = 0.5 moves sparsity from block 0 to block 1 as far as
+    the convex costs allow: (0.3, 0.7) costs −0.4 + 0.6 = +0.2, (0.5, 0.5) costs 0, (0.4, 0.6) costs −0.2 + 0.3 =
+    +0.1; so uniform wins at S = 0.5 on a 0.1 lattice."""
+    from pruner.predictor import optimal_block_sparsity
+
+    table = DamageTable(grid=np.array([0.3, 0.7]), dense_nll=np.array([3.0]),
+                        window_nll=np.array([[[2.6], [4.0]], [[2.8], [3.6]]]), block_numel=np.array([10, 10]),
+                        anchor=0.5)
+    np.testing.assert_allclose(table.points(), [0.3, 0.5, 0.7])
+    np.testing.assert_allclose(table.delta()[:, :, 0], [[-0.4, 0.0, 1.0], [-0.2, 0.0, 0.6]])
+    assert table.predict([0.6, 0.4]).perplexity == pytest.approx(math.exp(3.4))
+    assert table.predict([0.5, 0.5]).perplexity == pytest.approx(math.exp(3.0))
+    with pytest.raises(ValueError, match=r"must lie in \[0.3, 0.7\]"):
+        table.predict([0.2, 0.5])
+    np.testing.assert_allclose(optimal_block_sparsity(table, 0.5, step=0.1), [0.5, 0.5])
+    # where block 1 is cheap to prune harder, the programme moves sparsity there, never below the range
+    cheap = DamageTable(grid=np.array([0.3, 0.7]), dense_nll=np.array([3.0]),
+                        window_nll=np.array([[[2.0], [4.0]], [[2.8], [3.1]]]), block_numel=np.array([10, 10]),
+                        anchor=0.5)
+    np.testing.assert_allclose(optimal_block_sparsity(cheap, 0.5, step=0.1), [0.3, 0.7])
+    stats = StatsSpec(ModelSpec("smollm2-135m"), CalibSpec())
+    with pytest.raises(ValueError, match="must not contain the operating point"):
+        PredictorSpec(stats, grid=(0.3, 0.5), around=0.5)
+    with pytest.raises(ValueError, match=r"operating point S₀ must lie in \(0, 1\)"):
+        PredictorSpec(stats, around=1.0)
+    assert PredictorSpec(stats, around=0.7).grid == (0.4, 0.5, 0.6, 0.65, 0.8, 0.9, 0.95)
+    assert PredictorSpec(stats).grid == DEFAULT_GRID
 
 
 def test_spec_names_what_is_allowed():
@@ -90,6 +124,42 @@ def test_table_matches_whole_model_forwards(built, data_dir):
     assert table.predict(s).perplexity == pytest.approx(math.exp(table.window_nll[b, k].mean()), rel=1e-12)
     assert table.block_numel.tolist() == [float(n) for n in stats.block_numel]
     assert np.all(table.window_nll[:, -1].mean(axis=1) > table.dense_nll.mean())  # 90% of a block hurts
+
+
+def test_operating_point_table_matches_whole_model_forwards(built, data_dir):
+    """Around S₀ = 0.5 the reference is every block pruned at 0.5 and block b is then set to a grid point; both are
+    checked against whole-model forwards of copies pruned with the same Wanda masks. The model leaves dense."""
+    import dataclasses
+
+    from pruner.besa import block_input_norms
+    from pruner.methods.masks import lowest_mask
+    from pruner.models import find_blocks, prunable_layers, weight_matrix
+    from pruner.scores import wanda_score
+
+    spec, _, loaded, before, _, stats = built
+    around = dataclasses.replace(spec, around=0.5)
+    assert around.key() != spec.key()
+    table = build_damage_table(loaded.model, loaded.tokenizer, stats, around, data_dir)
+    assert table.anchor == 0.5
+    windows = holdout_windows(loaded.tokenizer, data_dir, spec.windows, spec.window_tokens)
+
+    def pruned(block_sparsity) -> np.ndarray:
+        model = copy.deepcopy(loaded.model)
+        for b, block in enumerate(find_blocks(model)[1]):
+            norms = block_input_norms(stats)[b]
+            for name, layer in prunable_layers(block).items():
+                w = weight_matrix(layer)
+                w.data.copy_(w * ~lowest_mask(wanda_score(w, norms[name]), block_sparsity[b], "row"))
+        return _whole_model_nll(model, windows)
+
+    np.testing.assert_allclose(table.dense_nll, pruned([0.5] * table.n_blocks), rtol=1e-6)
+    b, k = 1, 2  # block 1 at 0.9, the others at 0.5
+    s = [0.5] * table.n_blocks
+    s[b] = spec.grid[k]
+    np.testing.assert_allclose(table.window_nll[b, k], pruned(s), rtol=1e-6)
+    assert table.predict(s).perplexity == pytest.approx(math.exp(table.window_nll[b, k].mean()), rel=1e-12)
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before)
 
 
 def test_table_is_cached_and_listed(built):
@@ -159,8 +229,9 @@ def test_optimal_allocation_is_exact_against_brute_force():
 
 
 def test_predictor_optimal_allocator_through_the_registry(built, data_dir):
-    """`predicted` is a learned allocator: learning builds/reads the damage table and runs the programme; its
-    block sparsities have mean S and a predicted loss no higher than uniform's or OWL's."""
+    """`predicted` is a learned allocator: learning builds/reads the damage table around S and runs the programme;
+    its block sparsities have mean S and a predicted loss no higher than uniform's or OWL's. How it was learned is
+    part of its runs' key."""
     from pruner.allocation import allocate
     from pruner.api import learn_allocation, learned_layer_sparsity
 
@@ -171,11 +242,19 @@ def test_predictor_optimal_allocator_through_the_registry(built, data_dir):
     assert alloc.overall == pytest.approx(0.6)
     from pruner.predictor import cached_table
 
-    table = cached_table(PredictorSpec(spec.stats), cache)
+    table = cached_table(PredictorSpec(spec.stats, around=0.6), cache)  # the table around S, as learning reads
+    assert result["predictor"] == PredictorSpec(spec.stats, around=0.6).key()
     best = table.predict(alloc.block_sparsity).perplexity
     assert result["predicted_perplexity"] == pytest.approx(best)
     for other in ("uniform", "owl", "atp"):
         assert best <= table.predict(allocate(other, stats, 0.6).block_sparsity).perplexity + 1e-12
+    from pruner.predictor import OPTIMAL_LEARNER
+
+    run_spec = PruneSpec(model=spec.stats.model, calib=spec.stats.calib, allocator="predicted", method="wanda",
+                         sparsity=0.6)
+    assert run_spec.identity()["learner"] == OPTIMAL_LEARNER.settings
+    assert "learner" not in PruneSpec(model=spec.stats.model, calib=spec.stats.calib, allocator="owl",
+                                      method="wanda", sparsity=0.6).identity()
 
 
 def test_tuning_searches_the_slider_grid_for_the_lowest_prediction(built):
@@ -213,6 +292,8 @@ def test_cli_prune_tune_records_the_tuned_parameters(tiny_folder, data_dir, tmp_
     manifest = json.loads((tmp_path / "runs" / key / "manifest.json").read_text())
     assert manifest["tuning"]["params"] == manifest["spec"]["allocator_params"]
     assert manifest["tuning"]["by"] == "perplexity predictor"
+    stats = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir))
+    assert manifest["tuning"]["predictor"] == PredictorSpec(stats, around=0.5).key()  # the table around its S
     from pruner.workflows import PruneRequest
 
     with pytest.raises(ValueError, match="allocator 'uniform' has no parameters to tune"):
@@ -264,3 +345,22 @@ def test_table_holds_each_layers_removed_energy(built):
     uniform = allocate("uniform", stats, 0.5)
     np.testing.assert_allclose(table.equivalent_block_sparsity(uniform.layer_sparsity), 0.5, atol=1e-12)
     assert table.predict_layers(uniform.layer_sparsity).perplexity == pytest.approx(table.predict(uniform.block_sparsity).perplexity)
+
+
+def test_cli_predicts_around_the_target_sparsity(tiny_folder, data_dir, tmp_path, capsys):
+    """`pruner predict --around` builds the operating-point table at S and predicts from it: uniform at S is the
+    reference itself, so its prediction is the table's reference perplexity exactly."""
+    from pruner import cli
+    from pruner.predictor import cached_table
+
+    args = ["predict", "--model", tiny_folder, "--device", "cpu", "--nsamples", "4", "--seqlen", "32",
+            "--data-dir", data_dir, "--cache-dir", str(tmp_path), "--sparsity", "0.5", "--windows", "2",
+            "--window-tokens", "32", "--allocator", "uniform", "--around", "--json"]
+    assert cli.main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    stats = StatsSpec(ModelSpec(tiny_folder, device="cpu"), CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir))
+    spec = PredictorSpec(stats, windows=2, window_tokens=32, around=0.5)
+    table = cached_table(spec, tmp_path)
+    assert out["predictor_key"] == spec.key() and out["around"] == 0.5 and table.anchor == 0.5
+    assert out["predictions"][0]["perplexity"] == pytest.approx(table.dense_perplexity, rel=1e-12)
+    assert out["reference_perplexity"] == pytest.approx(table.dense_perplexity)

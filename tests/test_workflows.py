@@ -54,7 +54,8 @@ def test_requests_round_trip_through_the_job_table_form(tiny_folder, data_dir):
                 EvalRequest("0123456789abcdef", zeroshot=ZeroshotOptions(("boolq",), 5, batch_size=2),
                             speed=SpeedSpec(seqlen=32)),
                 RecoverRequest(RecoverSpec("0123456789abcdef", steps=3), PerplexityOptions(2)),
-                PredictorRequest(PredictorSpec(stats, windows=3, window_tokens=64, grid=(0.5, 0.9)), data_dir=data_dir)]
+                PredictorRequest(PredictorSpec(stats, windows=3, window_tokens=64, grid=(0.5, 0.9)), data_dir=data_dir),
+                PredictorRequest(PredictorSpec(stats, around=0.7), data_dir=data_dir)]
     for r in requests:
         payload = json.loads(json.dumps(r.to_dict()))  # what the job table stores
         back = request_from_dict(r.kind, payload)

@@ -262,8 +262,8 @@ def test_a_registered_allocator_and_method_get_page_controls(app, cached):
 
 
 def test_allocation_predicts_each_curve_once_the_predictor_is_built(tiny_folder, data_dir, tmp_path, monkeypatch):
-    """On the tiny Llama: the page offers to build the damage table, queues it as a job; once built, every shown
-    curve has its predicted perplexity (the table's own prediction of that allocation) and OWL a (λ, M) map with
+    """On the tiny Llama: the page offers to build the damage table around its S, queues it as a job; once built,
+    every shown curve has its predicted perplexity (the table's own prediction of that allocation) and OWL a (λ, M) map with
     its lowest point marked."""
     from pruner.predictor import PredictorSpec, cached_table
 
@@ -275,12 +275,13 @@ def test_allocation_predicts_each_curve_once_the_predictor_is_built(tiny_folder,
     at.button(key="alloc_predictor_build").click().run()
     store = JobStore(default_db(tmp_path))
     job = next(j for j in store.list() if j.kind == "predictor")
-    assert job.label.startswith("perplexity predictor of ") and job.request.spec == PredictorSpec(spec)
+    assert job.label.startswith("perplexity predictor of ") and "around S = 70%" in job.label
+    assert job.request.spec == PredictorSpec(spec, around=0.7)  # the table around the page's S
     store.cancel(job.id)  # the queue works; build it here with the workflow the worker runs
     from pruner.workflows import Context, run
 
     run(job.request, Context(tmp_path))
-    table = cached_table(PredictorSpec(spec), tmp_path)
+    table = cached_table(PredictorSpec(spec, around=0.7), tmp_path)
     at.run()
     assert not at.exception, at.exception
     shown = at.dataframe[-1].value
