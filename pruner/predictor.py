@@ -1,36 +1,39 @@
 """Predicted perplexity of any allocation before pruning it: a table of single-block damages (issue 13).
 
-**What is measured, once per model, calibration set and method** (``build_damage_table``, a background job): on a
-held-out text that is neither the calibration data nor the WikiText-2 test split (by default evenly spaced windows
-of WikiText-2 *validation*), the mean negative log-likelihood of every window when exactly one decoder block b is
-pruned at sparsity g_k and every other block is dense, for each block and each g_k of a grid. The block is pruned
-with the method's scores on the dense model's inputs: Wanda's A_ij = |W_ij|·‖X_j‖₂ (‖X_j‖₂ from the cached
+**What is measured, once per model, calibration set, method and target S** (``build_damage_table``, a background
+job): on a held-out text that is neither the calibration data nor the WikiText-2 test split (by default evenly
+spaced windows of WikiText-2 *validation*), the mean negative log-likelihood of every window for a *reference*
+model and for each block b moved alone to each sparsity g_k of a grid, the other blocks as in the reference. The
+reference is every block pruned at the operating point S₀ (``PredictorSpec.around``; grid S₀ − 0.3 … S₀ + 0.3,
+``operating_grid``) — or, in the first version (``around=None``), the dense model, grid 0.2 … 0.95. Blocks are
+pruned with the method's scores on the dense model's inputs: Wanda's A_ij = |W_ij|·‖X_j‖₂ (‖X_j‖₂ from the cached
 statistics, the same calibration inputs the prune reads) or magnitude's |W_ij|, lowest per output row. This costs
-K · L(L + 1)/2 block forwards of the held-out windows (K grid points, L blocks): the dense hidden states entering
-block b are computed once, and only blocks b … L − 1 and the head run again for each g_k.
+K · L(L + 1)/2 block forwards of the held-out windows (K grid points, L blocks): the reference's hidden states
+entering block b are computed once, and only blocks b … L − 1 and the head run again for each g_k.
 
 **What is predicted, in microseconds** (``DamageTable.predict``): for per-block sparsities s_b,
 
-    NLL_w(s) = NLL_w(dense) + Σ_b Δ_{b,w}(s_b),    Δ_{b,w}(g) = NLL_w(block b alone at g) − NLL_w(dense),
+    NLL_w(s) = NLL_w(ref) + Σ_b Δ_{b,w}(s_b),    Δ_{b,w}(g) = NLL_w(block b moved to g) − NLL_w(ref),
 
-with Δ_{b,w} interpolated linearly between grid points (Δ(0) = 0), and perplexity exp(mean_w NLL_w(s)). Its
-interval is the t-interval over the held-out windows of the predicted NLL_w (exp of it): how precisely the
-held-out text pins the prediction, not how wrong the assumptions below can make it.
+with Δ_{b,w} interpolated linearly between grid points (Δ = 0 at the reference's sparsity, S₀ or 0), and
+perplexity exp(mean_w NLL_w(s)). Its interval is the t-interval over the held-out windows of the predicted NLL_w
+(exp of it): how precisely the held-out text pins the prediction, not how wrong the assumptions below can make it.
 
 **Assumptions, stated so that they can be measured** (docs/results.md):
-* *Additivity*: blocks damage the loss independently. Pruning every block at once compounds (a pruned block's
-  output is a later block's input), so the predicted loss increase under-states the real one at high sparsity;
-  what the allocation comparisons need is the ranking, which additivity may keep where the level is off.
+* *Additivity*: blocks change the loss independently. Moving several blocks at once compounds (a pruned block's
+  output is a later block's input); the table around S₀ measures each move inside a model already pruned at S₀,
+  so only the deviations from S₀ are assumed additive, not the whole pruning.
 * *Block granularity*: a layer-granular allocation (ER, global, BESA) is read by each block's parameter-weighted
-  mean sparsity; how it spreads inside a block is not seen.
+  mean sparsity, or by ``predict_layers``'s energy-equivalent sparsity.
 * *One-shot masks on dense inputs*: sequential pruning (later blocks calibrated on pruned earlier blocks) and
   SparseGPT's weight updates are not modelled; the table's method is the mask it was built with.
 
-**Measured** (docs/results.md, SmolLM2, Wanda, 26–27 allocations per S): the ranking agrees with real prunes
-moderately at S = 50% (Spearman 0.46 by block means, 0.57 with ``predict_layers``) and hardly at 70% (0.13, 0.19):
-additivity from a dense model overstates the cost of sparse late blocks, so DLP and ATP, which put the most sparsity
-there, are predicted worse than uniform and measured far better. A depth weight fitted on the other S reaches 0.81
-at 70% but 0.44 at 50%.
+**Measured** (docs/results.md, SmolLM2, Wanda, 26–27 allocations per S, measured on 8 test chunks): Spearman
+ρ(predicted, measured) with the dense-reference table 0.46 at S = 50% and 0.13 at 70% (a block pruned alone in a
+dense model overstates what the late blocks cost inside a pruned one); with the table around S 0.81 and 0.85. What
+it still misses at 70%: allocations that prune many consecutive early blocks well above S (OWL with M = 3 and
+λ ≥ 0.12, AlphaPruning ε = 0.3) collapse in reality (perplexity ≈ 2700) while predicted ≈ 700–1300: their damages
+compound.
 """
 
 from __future__ import annotations
