@@ -4,6 +4,11 @@ of run groups with their seed intervals and whether neighbours separate (paired 
 
     python -m bench.seed_study --allocators uniform owl --methods wanda --sparsities 0.7 --seeds 3
     python -m bench.seed_study ... --report      # only print, from the runs already in the cache
+    python -m bench.seed_study --allocators uniform owl owl:lam=0.12,m=10 owl:tuned atp:tuned predicted ...
+
+An allocator may carry parameters (``NAME:K=V,K=V``) or ``NAME:tuned``: its parameters chosen once per (method, S)
+on the perplexity predictor's table around S (calibration seed 0's statistics; held-out validation windows, never
+the test split), then used for every seed, so the seeds stay one run group.
 
 Runs are ordinary cached runs (same spec → same key), so the CLI (`prune --seeds 3 --ppl`), the Prune page and
 this script share them.
@@ -17,12 +22,37 @@ import os
 
 from bench.common import git_rev, machine
 from pruner.allocation import ALLOCATORS
+from pruner.params import params_text
 from pruner.groups import group_runs, ranking
 from pruner.metrics import perplexity_metric_name
 from pruner.runs import list_runs
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec
 from pruner.store import default_data_dir
 from pruner.workflows import PerplexityOptions, PruneRequest, run
+
+
+_tuned: dict[tuple, dict] = {}
+
+
+def _params(entry: str, allocator: str, S: float, calib: CalibSpec) -> dict:
+    """The parameters an ``--allocators`` entry asks for: none (defaults), ``K=V,…``, or ``tuned``."""
+    _, _, given = entry.partition(":")
+    if not given:
+        return {}
+    if given != "tuned":
+        return {k: float(v) for k, v in (kv.split("=") for kv in given.split(","))}
+    if (allocator, S) not in _tuned:
+        from pruner.api import get_stats
+        from pruner.predictor import PredictorSpec, get_damage_table, tune_parameters
+        from pruner.specs import StatsSpec
+
+        stats_spec = StatsSpec(ModelSpec("smollm2-135m"), calib)
+        table = get_damage_table(PredictorSpec(stats_spec, around=S), data_dir=calib.data_dir)
+        t = tune_parameters(table, get_stats(stats_spec), allocator, S)
+        print(f"# {allocator} at S = {S:.0%} tuned on the predictor around S: {t['params']} (predicted "
+              f"{t['predicted']:.1f}, {t['tried'] - t['skipped']} of {t['tried']} grid points readable)", flush=True)
+        _tuned[(allocator, S)] = t["params"]
+    return _tuned[(allocator, S)]
 
 
 def main() -> None:
@@ -38,8 +68,9 @@ def main() -> None:
     data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
     calib = CalibSpec.preset(args.preset, data_dir=data_dir)
     specs = [PruneSpec(model=ModelSpec("smollm2-135m"), calib=dataclasses.replace(calib, seed=seed),
-                       allocator=a, method=m, sparsity=S)
-             for m in args.methods for S in args.sparsities for a in args.allocators for seed in range(args.seeds)]
+                       allocator=a, method=m, sparsity=S, allocator_params=_params(entry, a, S, calib))
+             for m in args.methods for S in args.sparsities for entry in args.allocators
+             for a in [entry.partition(":")[0]] for seed in range(args.seeds)]
     keys = {s.key() for s in specs}
     protocol = None
     for spec in specs:
@@ -62,7 +93,10 @@ def main() -> None:
             for i, r in enumerate(ranking(groups, protocol)):
                 per_seed = ", ".join(f"{p:.1f}" for p in r.summary.by_seed.values())
                 vs = r.versus_next.text() if r.versus_next else "–"
-                print(f"| {i + 1} | {ALLOCATORS[r.group.first.allocator].label} | {len(r.summary.by_seed)} | "
+                first = r.group.first
+                params = params_text(first.allocator_params, ALLOCATORS[first.allocator].params)
+                print(f"| {i + 1} | {ALLOCATORS[first.allocator].label}{f' ({params})' if params else ''} | "
+                      f"{len(r.summary.by_seed)} | "
                       f"{per_seed} | {r.summary.perplexity.text(1)} | {vs} |")
 
 
