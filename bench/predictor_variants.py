@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 import numpy as np
@@ -130,9 +131,50 @@ def main() -> None:
                   f"{weighted[1]} | {weighted[0]:.3f} |")
         if args.around:
             _operating_point_lines(spec, data_dir, S, here, args.preset)
+        sigma, groups = seed_sigma(S, check.get("max_chunks", 8))
+        if groups:
+            print(f"#   noise ceiling at {S:.0%}: seed-to-seed SD of log-perplexity {sigma:.4f} (pooled over {groups} "
+                  f"run groups of the same protocol); two replicate measurements of these {len(here)} allocations "
+                  f"would rank alike with Spearman ≈ {noise_ceiling([r['measured'] for r in here], sigma):.3f}")
         for r in here:
             if "out_of_range" in r:
                 print(f"#   {S:.0%} {r['allocator']} {r['params']}: not in the energy variants ({r['out_of_range']})")
+
+
+#: Monte-Carlo draws for the noise ceiling.
+CEILING_DRAWS = 2000
+
+
+def noise_ceiling(measured: list[float], sigma: float, seed: int = 0) -> float:
+    """Mean Spearman ρ between two replicate measurements of the same allocations when each log-perplexity carries
+    independent noise of standard deviation ``sigma`` (the seed-to-seed spread): what even a perfect predictor's
+    ranking could be checked to against one seed's measurements, roughly (its ρ with one replicate is a little
+    higher, since the truth is noiseless)."""
+    rng = np.random.default_rng(seed)
+    log_m = np.log(measured)
+    rhos = [spearman(log_m + rng.normal(0, sigma, len(log_m)), log_m + rng.normal(0, sigma, len(log_m)))[0]
+            for _ in range(CEILING_DRAWS)]
+    return float(np.mean(rhos))
+
+
+def seed_sigma(S: float, max_chunks: int) -> tuple[float, int]:
+    """Pooled within-group standard deviation of log-perplexity over calibration seeds, from the Wanda run groups
+    at S in the cache evaluated on the same first ``max_chunks`` chunks (e.g. `bench.seed_study`'s), and the
+    number of groups pooled."""
+    from pruner.groups import group_runs
+    from pruner.runs import list_runs
+
+    protocol = f"perplexity:wikitext2-test:seq2048:first{max_chunks}"
+    squares, dof, groups = 0.0, 0, 0
+    for g in group_runs(list_runs().runs):
+        if g.first.method != "wanda" or g.first.sparsity != S:
+            continue
+        logs = [math.log(r.metrics[protocol]["perplexity"]) for r in g.runs if protocol in r.metrics]
+        if len(logs) >= 2:
+            squares += float(np.sum((np.array(logs) - np.mean(logs)) ** 2))
+            dof += len(logs) - 1
+            groups += 1
+    return (math.sqrt(squares / dof) if dof else float("nan")), groups
 
 
 _forward_s: list[float] = []
