@@ -447,12 +447,14 @@ def get_damage_table(spec: PredictorSpec, cache_dir: Path | None = None, *, data
 OPTIMAL_STEP = 0.01
 
 
-def optimal_block_sparsity(table: DamageTable, sparsity: float, step: float = OPTIMAL_STEP) -> np.ndarray:
+def optimal_block_sparsity(table: DamageTable, sparsity: float, step: float = OPTIMAL_STEP,
+                           reach: float | None = None) -> np.ndarray:
     """Per-block sparsities minimising the predicted loss Σ_b Δ_b(s_b) (window mean) subject to a mean of exactly S,
     each s_b a multiple of ``step`` in the range the table measured ([0, top grid point], or from its lowest point for an operating-point table): exact on that lattice, by dynamic programming
     over blocks (a knapsack: the state is the number of ``step`` units spent so far). Blocks must be of equal
     size (every supported decoder has them), so the unweighted mean is the parameter-weighted one; S · B / step
-    must be a whole number of units (e.g. S in steps of 0.01). (B,)"""
+    must be a whole number of units (e.g. S in steps of 0.01). ``reach``: each s_b also within S ± reach (the
+    allocator's trust region r). (B,)"""
     from pruner.allocation import check_sparsity
 
     S = check_sparsity(sparsity)
@@ -473,6 +475,8 @@ def optimal_block_sparsity(table: DamageTable, sparsity: float, step: float = OP
     mean_delta = table.delta().mean(axis=2)  # (B, K + 1)
     cost = np.stack([np.interp(candidates, points, mean_delta[b]) for b in range(B)])  # (B, top + 1)
     cost[:, candidates < points[0] - 1e-9] = np.inf  # below what an operating-point table measured
+    if reach is not None:
+        cost[:, np.abs(candidates - S) > reach + 1e-9] = np.inf  # outside the trust region
     inf = np.inf
     best = np.full(total + 1, inf)
     best[0] = 0.0
@@ -507,7 +511,7 @@ def _learn_optimal(model, tokens, sparsity, stats, params, *, context, **_unused
         from pruner.api import get_stats
 
         stats = get_stats(context["spec"], context.get("cache_dir"), loaded=context.get("loaded"))
-    block = optimal_block_sparsity(table, sparsity)
+    block = optimal_block_sparsity(table, sparsity, reach=params.get("reach"))
     layer_block = np.asarray(stats.layer_block)
     p = table.predict(block)
     return {"layer_names": list(stats.layer_names), "layer_block": layer_block.tolist(),

@@ -56,6 +56,8 @@ def test_operating_point_prediction_worked_by_hand():
                         window_nll=np.array([[[2.0], [4.0]], [[2.8], [3.1]]]), block_numel=np.array([10, 10]),
                         anchor=0.5)
     np.testing.assert_allclose(optimal_block_sparsity(cheap, 0.5, step=0.1), [0.3, 0.7])
+    # within a trust region of ±0.1 the best move is (0.4, 0.6): −0.5 + 0.05
+    np.testing.assert_allclose(optimal_block_sparsity(cheap, 0.5, step=0.1, reach=0.1), [0.4, 0.6])
     stats = StatsSpec(ModelSpec("smollm2-135m"), CalibSpec())
     with pytest.raises(ValueError, match="must not contain the operating point"):
         PredictorSpec(stats, grid=(0.3, 0.5), around=0.5)
@@ -250,6 +252,8 @@ def test_predictor_optimal_allocator_through_the_registry(built, data_dir):
         assert best <= table.predict(allocate(other, stats, 0.6).block_sparsity).perplexity + 1e-12
     from pruner.predictor import OPTIMAL_LEARNER
 
+    assert result["params"] == {"reach": 0.15}  # the default trust region, within which every block stays
+    assert np.abs(alloc.block_sparsity - 0.6).max() <= 0.15 + 1e-9
     run_spec = PruneSpec(model=spec.stats.model, calib=spec.stats.calib, allocator="predicted", method="wanda",
                          sparsity=0.6)
     assert run_spec.identity()["learner"] == OPTIMAL_LEARNER.settings
