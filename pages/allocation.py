@@ -137,8 +137,8 @@ if damage is not None:
     jobs_panel(sel, "alloc_jobs_done_verify")
     st.caption(f"Reference: {damage.dense_perplexity:.2f} on the held-out windows, for "
                f"{damage.reference_text()}; the damages of the blocks are added. "
-               + ("On SmolLM2, a table around S ranked 26–27 measured allocations with Spearman 0.81 at 50% and "
-                  "0.85 at 70%; it under-predicts allocations that prune many consecutive early blocks hard (their "
+               + ("On SmolLM2, tables around S ranked 25–26 measured allocations with Spearman 0.93 at 50% and "
+                  "0.85 at 70%; they under-predict allocations that prune many consecutive early blocks hard (their "
                   "damages compound). " if damage.anchor else
                   "On SmolLM2 the dense-reference table ranked measured allocations only moderately at 50% "
                   "(Spearman 0.57) and not at 70% (0.19): a block pruned alone in a dense model overstates what "

@@ -30,7 +30,8 @@ perplexity exp(mean_w NLL_w(s)). Its interval is the t-interval over the held-ou
 
 **Measured** (docs/results.md, SmolLM2, Wanda, 26–27 allocations per S, measured on 8 test chunks): Spearman
 ρ(predicted, measured) with the dense-reference table 0.46 at S = 50% and 0.13 at 70% (a block pruned alone in a
-dense model overstates what the late blocks cost inside a pruned one); with the table around S 0.81 and 0.85. What
+dense model overstates what the late blocks cost inside a pruned one); with the table around S 0.93 and 0.85 (energy-
+equivalent block sparsities; 0.82 and 0.83 by block means). What
 it still misses at 70%: allocations that prune many consecutive early blocks well above S (OWL with M = 3 and
 λ ≥ 0.12, AlphaPruning ε = 0.3) collapse in reality (perplexity ≈ 2700) while predicted ≈ 700–1300: their damages
 compound.
