@@ -24,8 +24,8 @@ def _label(row: dict) -> str:
 def _predictors(check: dict) -> str:
     """The table(s) the check predicted with: one per S around it, or the first version's single table."""
     if "predictors" in check:
-        return "tables around S: " + ", ".join(f"{float(S):.0%} {k}" for S, k in check["predictors"].items())
-    return str(check["predictor"])
+        return "damage tables around S (" + ", ".join(f"{float(S):.0%}: {k}" for S, k in check["predictors"].items()) + ")"
+    return f"damage table {check['predictor']}"
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
             for r in check["rows"] if "measured" in r]
     fig = predicted_vs_measured_figure(rows)
     fig.update_layout(title=f"Measured vs predicted perplexity, Wanda on SmolLM2<br><sup>measured: WikiText-2 test, "
-                            f"first {check.get('max_chunks', 8)} chunks (partial); predicted: damage table "
+                            f"first {check.get('max_chunks', 8)} chunks (partial); predicted: "
                             f"{_predictors(check)}; commit {check['commit']}</sup>", width=900, height=560)
     from playwright.sync_api import sync_playwright
 
