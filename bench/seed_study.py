@@ -23,12 +23,18 @@ import os
 from bench.common import git_rev, machine
 from pruner.allocation import ALLOCATORS
 from pruner.params import params_text
-from pruner.groups import group_runs, ranking
+from pruner.groups import compare, group_runs, ranking
 from pruner.metrics import perplexity_metric_name
 from pruner.runs import list_runs
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec
 from pruner.store import default_data_dir
 from pruner.workflows import PerplexityOptions, PruneRequest, run
+
+
+def _label(run) -> str:
+    """An allocator's name with its parameters, e.g. "OWL (λ=0.15, M=10.5)"."""
+    params = params_text(run.allocator_params, ALLOCATORS[run.allocator].params)
+    return f"{ALLOCATORS[run.allocator].label}{f' ({params})' if params else ''}"
 
 
 _tuned: dict[tuple, dict] = {}
@@ -64,6 +70,8 @@ def main() -> None:
     p.add_argument("--preset", default="cpu")
     p.add_argument("--max-chunks", type=int, help="first N chunks only (partial); default: the full test set")
     p.add_argument("--report", action="store_true", help="print from cached runs only; prune nothing")
+    p.add_argument("--versus", help="also compare every group with this allocator's group (an --allocators entry, "
+                                    "e.g. uniform), paired by seed")
     args = p.parse_args()
     data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
     calib = CalibSpec.preset(args.preset, data_dir=data_dir)
@@ -93,11 +101,21 @@ def main() -> None:
             for i, r in enumerate(ranking(groups, protocol)):
                 per_seed = ", ".join(f"{p:.1f}" for p in r.summary.by_seed.values())
                 vs = r.versus_next.text() if r.versus_next else "–"
-                first = r.group.first
-                params = params_text(first.allocator_params, ALLOCATORS[first.allocator].params)
-                print(f"| {i + 1} | {ALLOCATORS[first.allocator].label}{f' ({params})' if params else ''} | "
-                      f"{len(r.summary.by_seed)} | "
-                      f"{per_seed} | {r.summary.perplexity.text(1)} | {vs} |")
+                print(f"| {i + 1} | {_label(r.group.first)} | {len(r.summary.by_seed)} | {per_seed} | "
+                      f"{r.summary.perplexity.text(1)} | {vs} |")
+            if args.versus:
+                name, _, _ = args.versus.partition(":")
+                params = _params(args.versus, name, S, calib)
+                base = [g for g in groups if g.first.allocator == name and g.first.allocator_params == params]
+                if not base:
+                    print(f"# no {args.versus} group at {S:.0%} to compare with")
+                    continue
+                print(f"\nEach group ÷ {args.versus} (paired by seed):")
+                for g in groups:
+                    if g is base[0]:
+                        continue
+                    d = compare(base[0], g, protocol)
+                    print(f"- {_label(g.first)}: {d.text() if d else 'cannot be paired'}")
 
 
 if __name__ == "__main__":
