@@ -522,6 +522,8 @@ def _learn_optimal(model, tokens, sparsity, stats, params, *, context, **_unused
 
 #: Points per parameter when tuning against the predictor (over the parameter's slider range).
 TUNE_POINTS = 11
+#: Decimals the tuning grid's values are rounded to (far below any parameter's step).
+TUNE_DECIMALS = 9
 
 
 def tune_parameters(table: DamageTable, inputs, allocator: str, sparsity: float,
@@ -538,7 +540,9 @@ def tune_parameters(table: DamageTable, inputs, allocator: str, sparsity: float,
     a = ALLOCATORS[allocator]
     if a.learned:
         raise ValueError(f"{a.label} is learned, not computed from parameters on a grid; nothing to tune")
-    axes = {p.name: (np.linspace(p.slider[0], p.slider[1], points) if p.slider else [p.default]) for p in a.params}
+    # grid values rounded so that a tuned 0.15 is the run a user gets by typing 0.15 (linspace gives 0.15000000000000002)
+    axes = {p.name: (np.round(np.linspace(p.slider[0], p.slider[1], points), TUNE_DECIMALS) if p.slider
+                     else [p.default]) for p in a.params}
     best, tried, skipped = None, 0, 0
     for combo in itertools.product(*axes.values()):
         params = {n: float(v) for n, v in zip(axes, combo)}

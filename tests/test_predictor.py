@@ -277,6 +277,7 @@ def test_tuning_searches_the_slider_grid_for_the_lowest_prediction(built):
     assert t["predicted"] == pytest.approx(min(predictions)) and t["params"]["delta"] == pytest.approx(
         grid[int(np.argmin(predictions))])
     assert t["tried"] == 6 and t["skipped"] == int(np.isinf(predictions).sum())
+    assert t["params"]["delta"] == round(t["params"]["delta"], 9)  # 0.03, not 0.030000000000000002
     with pytest.raises(ValueError, match="nothing to tune"):
         tune_parameters(table, stats, "besa", 0.5)
 
