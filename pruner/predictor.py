@@ -33,7 +33,7 @@ perplexity exp(mean_w NLL_w(s)). Its interval is the t-interval over the held-ou
 dense model overstates what the late blocks cost inside a pruned one); with the table around S 0.93 and 0.85 (energy-
 equivalent block sparsities; 0.82 and 0.83 by block means). What
 it still misses at 70%: allocations that prune many consecutive early blocks well above S (OWL with M = 3 and
-λ ≥ 0.12, AlphaPruning ε = 0.3) collapse in reality (perplexity ≈ 2700) while predicted ≈ 700–1300: their damages
+λ ≥ 0.12, AlphaPruning ε = 0.3) collapse in reality (perplexity ≈ 2700) while predicted ≈ 800–1400: their damages
 compound.
 """
 
