@@ -47,16 +47,14 @@ def _params(entry: str, allocator: str, S: float, calib: CalibSpec) -> dict:
         return {}
     if given != "tuned":
         return {k: float(v) for k, v in (kv.split("=") for kv in given.split(","))}
-    if (allocator, S) not in _tuned:
-        from pruner.api import get_stats
-        from pruner.predictor import PredictorSpec, get_damage_table, tune_parameters
-        from pruner.specs import StatsSpec
+    if (allocator, S) not in _tuned:  # the workflow `prune --tune` runs, on seed 0's calibration set
+        from pruner.workflows import Context, tuned_spec
 
-        stats_spec = StatsSpec(ModelSpec("smollm2-135m"), calib)
-        table = get_damage_table(PredictorSpec(stats_spec, around=S), data_dir=calib.data_dir)
-        t = tune_parameters(table, get_stats(stats_spec), allocator, S)
+        _, t = tuned_spec(PruneSpec(model=ModelSpec("smollm2-135m"), calib=calib, allocator=allocator,
+                                    method="wanda", sparsity=S), Context())
         print(f"# {allocator} at S = {S:.0%} tuned on the predictor around S: {t['params']} (predicted "
-              f"{t['predicted']:.1f}, {t['tried'] - t['skipped']} of {t['tried']} grid points readable)", flush=True)
+              f"{t['predicted_perplexity']:.1f}, {t['tried'] - t['skipped']} of {t['tried']} grid points readable)",
+              flush=True)
         _tuned[(allocator, S)] = t["params"]
     return _tuned[(allocator, S)]
 

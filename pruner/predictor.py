@@ -99,21 +99,20 @@ class PredictorSpec:
             raise ValueError(f"held-out windows must be an integer ≥ 2 (the interval needs two); got {self.windows!r}")
         if not (isinstance(self.window_tokens, int) and self.window_tokens >= 2):
             raise ValueError(f"held-out window length must be an integer ≥ 2 tokens; got {self.window_tokens!r}")
-        if self.around is not None and not (isinstance(self.around, (int, float)) and 0 < self.around < 1):
-            raise ValueError(f"the operating point S₀ must lie in (0, 1); got {self.around!r}")
+        if self.around is not None:
+            if not (isinstance(self.around, (int, float)) and 0 < self.around < 1):
+                raise ValueError(f"the operating point S₀ must lie in (0, 1); got {self.around!r}")
+            # a slider's 0.7000000000000001 is the table around 0.7
+            object.__setattr__(self, "around", round(float(self.around), 6))
         if self.grid is None:
-            default = DEFAULT_GRID if self.around is None else operating_grid(round(float(self.around), 6))
-            object.__setattr__(self, "grid", default)
+            object.__setattr__(self, "grid", DEFAULT_GRID if self.around is None else operating_grid(self.around))
         grid = tuple(float(g) for g in self.grid)
         if not grid or any(not (0 < g < 1) for g in grid) or any(b <= a for a, b in zip(grid, grid[1:])):
             raise ValueError(f"the sparsity grid must be increasing values in (0, 1); got {self.grid!r}")
         object.__setattr__(self, "grid", grid)
-        if self.around is not None:
-            around = round(float(self.around), 6)  # a slider's 0.7000000000000001 is the table around 0.7
-            if any(abs(g - around) < 1e-9 for g in grid):
-                raise ValueError(f"the grid must not contain the operating point {around:g} (Δ is 0 there by "
-                                 f"definition); got {list(grid)}")
-            object.__setattr__(self, "around", around)
+        if self.around is not None and any(abs(g - self.around) < 1e-9 for g in grid):
+            raise ValueError(f"the grid must not contain the operating point {self.around:g} (Δ is 0 there by "
+                             f"definition); got {list(grid)}")
 
     def identity(self) -> dict:
         out = {"model": self.stats.model.identity(), "calib": self.stats.calib.identity(), "method": self.method,
