@@ -18,175 +18,212 @@ from pruner.workflows import LearnRequest, PerplexityOptions, PredictorRequest, 
 st.title("🎚️ Allocation")
 st.caption("Every curve is recomputed from the cached statistics when a control moves: no model forward.")
 sel, stats = page_with_stats(page_setup())
-
-c = st.columns([1, 2])
-S = c[0].slider("Target sparsity S", 0.05, 0.95, 0.70, 0.05, key="alloc_S")
-shown = c[1].multiselect("Allocators", list(ALLOCATORS), default=list(ALLOCATORS), key="alloc_shown",
-                         format_func=lambda k: ALLOCATORS[k].label)
-# one control per parameter the shown allocators declare (pruner.params), labelled by its paper symbol
-values = param_controls(unique_params(ALLOCATORS[n] for n in shown), "alloc", st.columns(4), sliders=True)
-learned_results = {name: api.cached_learned(sel.stats_spec, name, S, ALLOCATORS[name].pick(values), sel.cache_dir)
-                   for name in shown if ALLOCATORS[name].learned}
-
-allocations, problems = [], []
-for name in shown:
-    a = ALLOCATORS[name]
-    params = a.pick(values)
-    try:
-        if a.learned:  # shown once learned for this S and these parameters, see below
-            if learned_results[name] is not None:
-                allocations.append(allocate(name, stats, S, learned=api.learned_layer_sparsity(learned_results[name],
-                                                                                               stats), **params))
-            continue
-        allocations.append(allocate(name, stats, S, **params))
-    except ValueError as err:
-        if name in ("owl", "owl_inverse") and "too wide" in str(err):
-            allowed = owl_lambda_max(stats.lod(params["m"]), S, inverse=name == "owl_inverse")
-            problems.append(f"**{a.label}**: λ = {params['lam']:.2f} is too wide for S = {S:.2f} on this model; "
-                            f"choose λ < {allowed:.3f} (at M = {params['m']:g}).")
-        else:
-            problems.append(f"**{a.label}**: {err}")
-for p in problems:
-    st.warning(p)
-lam = values.get("lam")
-if allocations:
-    st.plotly_chart(allocation_comparison_figure(allocations, stats.block_numel, S,
-                                                 lam if any(a.allocator.startswith("owl") for a in allocations) else None),
-                    width="stretch", key="alloc_chart")
-    table = pd.DataFrame({ALLOCATORS[a.allocator].label: a.block_sparsity for a in allocations})
-    table.index.name = "block"
-    with st.expander("Per-block sparsities (table)"):
-        st.dataframe(table.style.format("{:.4f}"), width="stretch")
-    export = {a.allocator: a.to_dict(stats.layer_names, stats.layer_block) for a in allocations}
-    c = st.columns(3)
-    c[0].download_button("Download CSV (per block)", table.to_csv().encode(), "allocation.csv", "text/csv")
-    c[1].download_button("Download JSON (per block and layer)", json.dumps(export, indent=2).encode(),
-                         "allocation.json", "application/json")
-    if c[2].button("✂️ Prune with this allocation", type="primary", key="alloc_to_prune"):
-        st.session_state["prune_prefill"] = {"allocators": [a.allocator for a in allocations], "sparsity": S,
-                                             "params": values}
-        st.switch_page("pages/prune.py")
-
-# what each allocation would cost, before pruning it: the damage-table predictor (pruner.predictor)
-st.subheader("Predicted perplexity")
-# the table measured around this S ranks allocations at S best; the dense-reference one serves any S meanwhile
-predictor = PredictorSpec(sel.stats_spec, around=S)
 #: Chunks of the WikiText-2 test set a verification measures (a partial evaluation, labelled so).
 VERIFY_CHUNKS = 8
 MEASURED = "measured perplexity"
+#: OWL's (λ, M) points of the predicted-perplexity map.
+MAP_LAMBDAS = np.round(np.arange(0.0, 0.205, 0.02), 3)
+MAP_MS = np.array([2.0, 3.0, 5.0, 7.0, 10.0, 15.0])
 
 
-def _verify_spec(allocator: str) -> PruneSpec:
-    """The prune a verification runs: this allocation with the method the predictor's table was built with."""
-    return PruneSpec(model=sel.model, calib=sel.calib, allocator=allocator, method=predictor.method, sparsity=S,
-                     allocator_params=ALLOCATORS[allocator].pick(values))
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _owl_map(table_key: str, table_created: str, stats_key: str, sparsity: float, _damage, _stats) -> np.ndarray:
+    """Predicted perplexity of OWL over (M, λ) at ``sparsity``, NaN where λ is too wide or beyond the table's grid.
+    It depends on S and the table only, not on the λ and M sliders, so a slider move reuses it (keyed by the table's
+    key and creation time, so a rebuilt table is not shadowed)."""
+    grid = np.full((len(MAP_MS), len(MAP_LAMBDAS)), np.nan)
+    for i, m in enumerate(MAP_MS):
+        for j, lam_ in enumerate(MAP_LAMBDAS):
+            try:
+                grid[i, j] = _damage.predict(allocate("owl", _stats, sparsity, lam=lam_, m=m).block_sparsity).perplexity
+            except ValueError:
+                pass  # λ too wide here, or beyond the table's grid: left blank
+    return grid
 
 
-def _measured(spec: PruneSpec) -> dict | None:
-    """The stored run's latest perplexity, if that run exists and was evaluated."""
-    from pruner.runs import BadRun, read_run, run_exists, run_folder
-
-    if not run_exists(spec.key(), sel.cache_dir):
-        return None
-    try:
-        return read_run(run_folder(spec.key(), sel.cache_dir)).latest_perplexity()
-    except BadRun:
-        return None
+def _queued(message: str) -> None:
+    """After a job was queued from inside the what-if fragment: rerun the whole page, so that the job list below
+    shows the job at once, and say so above the controls."""
+    st.session_state["alloc_queued"] = message
+    st.rerun()
 
 
-damage = table_for(sel.stats_spec, S, sel.cache_dir)
-if damage is None or abs(damage.anchor - S) > 1e-6:
-    st.info(("No damage table for this model and calibration set yet. " if damage is None else
-             "The predictions below come from the dense-reference table, which ranks allocations poorly at high S "
-             "(docs/results.md). ") +
-            f"A table around S = {S:.0%} prunes every block at {S:.0%}, then moves each block alone to "
-            f"{len(predictor.grid)} other sparsities and measures the loss on {predictor.windows} held-out "
-            "WikiText-2 validation windows (never the test split); about 11 minutes for SmolLM2 on 2 CPU cores, "
-            "once per S.")
-    if st.button(f"Build the predictor around S = {S:.0%} in the background", key="alloc_predictor_build"):
-        queue(sel, PredictorRequest(predictor, data_dir=sel.data_dir))
-        st.success("Queued: predictions appear here when the job is done.")
-    jobs_panel(sel, "alloc_jobs_done_predictor")
-if damage is not None:
-    rows = []
-    for x in allocations:
-        measured = _measured(_verify_spec(x.allocator))
-        row = {"allocator": ALLOCATORS[x.allocator].label}
+# A slider move reruns only this fragment (controls, curves, predictions, map, learned heatmaps), not the sidebar
+# and the job list: the browser then redraws only what the move changed (bench/ui_latency).
+@st.fragment
+def what_if():
+    if "alloc_queued" in st.session_state:
+        st.success(st.session_state.pop("alloc_queued"))
+    _what_if()
+
+
+def _what_if():
+    c = st.columns([1, 2])
+    S = c[0].slider("Target sparsity S", 0.05, 0.95, 0.70, 0.05, key="alloc_S")
+    shown = c[1].multiselect("Allocators", list(ALLOCATORS), default=list(ALLOCATORS), key="alloc_shown",
+                             format_func=lambda k: ALLOCATORS[k].label)
+    # one control per parameter the shown allocators declare (pruner.params), labelled by its paper symbol
+    values = param_controls(unique_params(ALLOCATORS[n] for n in shown), "alloc", st.columns(4), sliders=True)
+    learned_results = {name: api.cached_learned(sel.stats_spec, name, S, ALLOCATORS[name].pick(values), sel.cache_dir)
+                       for name in shown if ALLOCATORS[name].learned}
+
+    allocations, problems = [], []
+    for name in shown:
+        a = ALLOCATORS[name]
+        params = a.pick(values)
         try:
-            p = damage.predict_allocation(x.block_sparsity, x.layer_sparsity)
-            row.update({"predicted perplexity": p.perplexity,
-                        "95% interval (held-out windows)": f"[{p.low:.1f}, {p.high:.1f}]"})
+            if a.learned:  # shown once learned for this S and these parameters, see below
+                if learned_results[name] is not None:
+                    allocations.append(allocate(name, stats, S, learned=api.learned_layer_sparsity(learned_results[name],
+                                                                                                   stats), **params))
+                continue
+            allocations.append(allocate(name, stats, S, **params))
         except ValueError as err:
-            row.update({"predicted perplexity": float("nan"), "95% interval (held-out windows)": str(err)})
-        row[MEASURED] = measured["perplexity"] if measured else float("nan")
-        row["measured on"] = (f"test, first {measured['chunks']} of {measured['chunks_total']} chunks"
-                              if measured and measured["partial"] else "whole test set" if measured else "not yet")
-        rows.append(row)
-    st.dataframe(pd.DataFrame(rows).style.format({"predicted perplexity": "{:.1f}", MEASURED: "{:.1f}"},
-                                                 na_rep="–"), width="stretch", hide_index=True)
-    # verify: the real prune and evaluation of one shown allocation, queued; its measurement joins the table above
-    c = st.columns([2, 1])
-    pick = c[0].selectbox("Verify one allocation: prune it with "
-                          f"{predictor.method} and measure WikiText-2 test perplexity (first {VERIFY_CHUNKS} chunks)",
-                          [x.allocator for x in allocations], format_func=lambda k: ALLOCATORS[k].label,
-                          key="alloc_verify_pick")
-    if c[1].button("✔️ Verify in the background", key="alloc_verify", disabled=pick is None):
-        queue(sel, PruneRequest(_verify_spec(pick), PerplexityOptions(VERIFY_CHUNKS), data_dir=sel.data_dir))
-        st.success(f"Queued the prune of {ALLOCATORS[pick].label} at S = {S:.0%}: its measured perplexity appears "
-                   "in the table when the job is done.")
-    jobs_panel(sel, "alloc_jobs_done_verify")
-    st.caption(f"Reference: {damage.dense_perplexity:.2f} on the held-out windows, for "
-               f"{damage.reference_text()}; the damages of the blocks are added. "
-               + ("On SmolLM2, tables around S ranked 25–26 measured allocations with Spearman 0.93 at 50% and "
-                  "0.85 at 70%; they under-predict allocations that prune many consecutive early blocks hard (their "
-                  "damages compound). " if damage.anchor else
-                  "On SmolLM2 the dense-reference table ranked measured allocations only moderately at 50% "
-                  "(Spearman 0.57) and not at 70% (0.19): a block pruned alone in a dense model overstates what "
-                  "pruning the late blocks costs inside a pruned one. ")
-               + "Verify a choice before relying on it (docs/results.md).")
-    if "owl" in shown:
-        lams = np.round(np.arange(0.0, 0.205, 0.02), 3)
-        ms = np.array([2.0, 3.0, 5.0, 7.0, 10.0, 15.0])
-        grid = np.full((len(ms), len(lams)), np.nan)
-        for i, m in enumerate(ms):
-            for j, lam_ in enumerate(lams):
-                try:
-                    grid[i, j] = damage.predict(allocate("owl", stats, S, lam=lam_, m=m).block_sparsity).perplexity
-                except ValueError:
-                    pass  # λ too wide here, or beyond the table's grid: left blank
-        st.plotly_chart(predicted_map_figure(lams, ms, grid, S), width="stretch", key="alloc_predicted_map")
+            if name in ("owl", "owl_inverse") and "too wide" in str(err):
+                allowed = owl_lambda_max(stats.lod(params["m"]), S, inverse=name == "owl_inverse")
+                problems.append(f"**{a.label}**: λ = {params['lam']:.2f} is too wide for S = {S:.2f} on this model; "
+                                f"choose λ < {allowed:.3f} (at M = {params['m']:g}).")
+            else:
+                problems.append(f"**{a.label}**: {err}")
+    for p in problems:
+        st.warning(p)
+    lam = values.get("lam")
+    if allocations:
+        st.plotly_chart(allocation_comparison_figure(allocations, stats.block_numel, S,
+                                                     lam if any(a.allocator.startswith("owl") for a in allocations) else None),
+                        width="stretch", key="alloc_chart")
+        table = pd.DataFrame({ALLOCATORS[a.allocator].label: a.block_sparsity for a in allocations})
+        table.index.name = "block"
+        with st.expander("Per-block sparsities (table)"):
+            st.dataframe(table.style.format("{:.4f}"), width="stretch")
+        export = {a.allocator: a.to_dict(stats.layer_names, stats.layer_block) for a in allocations}
+        c = st.columns(3)
+        c[0].download_button("Download CSV (per block)", table.to_csv().encode(), "allocation.csv", "text/csv")
+        c[1].download_button("Download JSON (per block and layer)", json.dumps(export, indent=2).encode(),
+                             "allocation.json", "application/json")
+        if c[2].button("✂️ Prune with this allocation", type="primary", key="alloc_to_prune"):
+            st.session_state["prune_prefill"] = {"allocators": [a.allocator for a in allocations], "sparsity": S,
+                                                 "params": values}
+            st.switch_page("pages/prune.py")
 
-for name, result in learned_results.items():
-    a = ALLOCATORS[name]
-    st.subheader(f"{a.label}: sparsities learned per layer")
-    st.caption(f"Per block, each linear layer's sparsity is learned so that the block's output stays closest to "
-               f"the dense block's on the calibration set while the block's mean is S ({a.description}). OWL gives "
-               f"every layer of a block the same sparsity; a learned allocation moves them apart." if name == "besa"
-               else f"{a.label}: {a.description}.")
-    if result is None:
-        cost = ("It runs every block forward and backward a few times (about 10 s per SmolLM2 block with the cpu "
-                "preset here)." if name == "besa" else "It reads the damage table of the predictor (see "
-                "Predicted perplexity, above; built first when missing), then solves for the allocation in a second.")
-        st.info(f"{a.label} has not been learned for S = {S:.0%} with these parameters on this model and "
-                f"calibration set yet. {cost}")
-        if st.button(f"Learn {a.label} at S = {S:.0%} in the background", key=f"alloc_learn_{name}"):
-            queue(sel, LearnRequest(sel.stats_spec, name, S, a.pick(values)))
-            st.success("Queued: the heatmap appears here when the job is done.")
-        jobs_panel(sel, f"alloc_jobs_done_{name}")
-        continue
-    learned_alloc = next(x for x in allocations if x.allocator == name)
-    pair = [learned_alloc]
-    if any(x.allocator == "owl" for x in allocations):
-        pair.insert(0, next(x for x in allocations if x.allocator == "owl"))
-    heat = np.concatenate([x.layer_sparsity for x in pair]) * 100
-    cols = st.columns(len(pair))
-    for col, x in zip(cols, pair):
-        col.plotly_chart(layer_sparsity_heatmap_figure(x, stats.layer_names, stats.layer_block,
-                                                       (float(heat.min()), float(heat.max()))),
-                         width="stretch", key=f"alloc_heat_{x.allocator}")
-    if "error_hard" in result:
-        gain = 1 - np.mean(result["error_hard"]) / np.mean(result["error_uniform"])
-        st.caption(f"Learned in {result['seconds']:.0f} s ({result['settings']['epochs']} epochs, "
-                   f"{result['steps_per_block']} optimiser steps per block). Block reconstruction error with hard "
-                   f"Wanda masks, averaged over blocks: {np.mean(result['error_hard']):.4f} with the learned "
-                   f"sparsities vs {np.mean(result['error_uniform']):.4f} with S in every layer ({gain:.0%} lower).")
+    # what each allocation would cost, before pruning it: the damage-table predictor (pruner.predictor)
+    st.subheader("Predicted perplexity")
+    # the table measured around this S ranks allocations at S best; the dense-reference one serves any S meanwhile
+    predictor = PredictorSpec(sel.stats_spec, around=S)
+
+
+    def _verify_spec(allocator: str) -> PruneSpec:
+        """The prune a verification runs: this allocation with the method the predictor's table was built with."""
+        return PruneSpec(model=sel.model, calib=sel.calib, allocator=allocator, method=predictor.method, sparsity=S,
+                         allocator_params=ALLOCATORS[allocator].pick(values))
+
+
+    def _measured(spec: PruneSpec) -> dict | None:
+        """The stored run's latest perplexity, if that run exists and was evaluated."""
+        from pruner.runs import BadRun, read_run, run_exists, run_folder
+
+        if not run_exists(spec.key(), sel.cache_dir):
+            return None
+        try:
+            return read_run(run_folder(spec.key(), sel.cache_dir)).latest_perplexity()
+        except BadRun:
+            return None
+
+    damage = table_for(sel.stats_spec, S, sel.cache_dir)
+    if damage is None or abs(damage.anchor - S) > 1e-6:
+        st.info(("No damage table for this model and calibration set yet. " if damage is None else
+                 "The predictions below come from the dense-reference table, which ranks allocations poorly at high S "
+                 "(docs/results.md). ") +
+                f"A table around S = {S:.0%} prunes every block at {S:.0%}, then moves each block alone to "
+                f"{len(predictor.grid)} other sparsities and measures the loss on {predictor.windows} held-out "
+                "WikiText-2 validation windows (never the test split); about 11 minutes for SmolLM2 on 2 CPU cores, "
+                "once per S.")
+        if st.button(f"Build the predictor around S = {S:.0%} in the background", key="alloc_predictor_build"):
+            queue(sel, PredictorRequest(predictor, data_dir=sel.data_dir))
+            _queued(f"Queued the predictor around S = {S:.0%}: predictions appear here when the job is done.")
+    if damage is not None:
+        rows = []
+        for x in allocations:
+            measured = _measured(_verify_spec(x.allocator))
+            row = {"allocator": ALLOCATORS[x.allocator].label}
+            try:
+                p = damage.predict_allocation(x.block_sparsity, x.layer_sparsity)
+                row.update({"predicted perplexity": p.perplexity,
+                            "95% interval (held-out windows)": f"[{p.low:.1f}, {p.high:.1f}]"})
+            except ValueError as err:
+                row.update({"predicted perplexity": float("nan"), "95% interval (held-out windows)": str(err)})
+            row[MEASURED] = measured["perplexity"] if measured else float("nan")
+            row["measured on"] = (f"test, first {measured['chunks']} of {measured['chunks_total']} chunks"
+                                  if measured and measured["partial"] else "whole test set" if measured else "not yet")
+            rows.append(row)
+        st.dataframe(pd.DataFrame(rows).style.format({"predicted perplexity": "{:.1f}", MEASURED: "{:.1f}"},
+                                                     na_rep="–"), width="stretch", hide_index=True)
+        # verify: the real prune and evaluation of one shown allocation, queued; its measurement joins the table above
+        c = st.columns([2, 1])
+        pick = c[0].selectbox("Verify one allocation: prune it with "
+                              f"{predictor.method} and measure WikiText-2 test perplexity (first {VERIFY_CHUNKS} chunks)",
+                              [x.allocator for x in allocations], format_func=lambda k: ALLOCATORS[k].label,
+                              key="alloc_verify_pick")
+        if c[1].button("✔️ Verify in the background", key="alloc_verify", disabled=pick is None):
+            queue(sel, PruneRequest(_verify_spec(pick), PerplexityOptions(VERIFY_CHUNKS), data_dir=sel.data_dir))
+            _queued(f"Queued the prune of {ALLOCATORS[pick].label} at S = {S:.0%}: its measured perplexity appears "
+                       "in the table when the job is done.")
+        st.caption(f"Reference: {damage.dense_perplexity:.2f} on the held-out windows, for "
+                   f"{damage.reference_text()}; the damages of the blocks are added. "
+                   + ("On SmolLM2, tables around S ranked 25–26 measured allocations with Spearman 0.93 at 50% and "
+                      "0.85 at 70%; they under-predict allocations that prune many consecutive early blocks hard (their "
+                      "damages compound). " if damage.anchor else
+                      "On SmolLM2 the dense-reference table ranked measured allocations only moderately at 50% "
+                      "(Spearman 0.57) and not at 70% (0.19): a block pruned alone in a dense model overstates what "
+                      "pruning the late blocks costs inside a pruned one. ")
+                   + "Verify a choice before relying on it (docs/results.md).")
+        if "owl" in shown:
+            grid = _owl_map(damage.meta.get("key", ""), damage.meta.get("created", ""), sel.stats_spec.key(), S,
+                            damage, stats)
+            st.plotly_chart(predicted_map_figure(MAP_LAMBDAS, MAP_MS, grid, S), width="stretch",
+                            key="alloc_predicted_map")
+
+    # a learned allocation's per-layer sparsities as a heatmap beside OWL's, drawn on request: every shown heatmap
+    # is redrawn from scratch on each slider move (Streamlit re-creates a changed Plotly chart), which costs about as
+    # much as the curves themselves
+    heatmaps = any(r is not None for r in learned_results.values()) and st.toggle(
+        "Per-layer heatmaps of the learned allocations, beside OWL's", value=False, key="alloc_heatmaps",
+        help="Off by default so that the curves follow the sliders quickly; each heatmap is redrawn on every move.")
+    for name, result in learned_results.items():
+        a = ALLOCATORS[name]
+        st.subheader(f"{a.label}: sparsities learned per layer")
+        st.caption(f"Per block, each linear layer's sparsity is learned so that the block's output stays closest to "
+                   f"the dense block's on the calibration set while the block's mean is S ({a.description}). OWL gives "
+                   f"every layer of a block the same sparsity; a learned allocation moves them apart." if name == "besa"
+                   else f"{a.label}: {a.description}.")
+        if result is None:
+            cost = ("It runs every block forward and backward a few times (about 10 s per SmolLM2 block with the cpu "
+                    "preset here)." if name == "besa" else "It reads the damage table of the predictor (see "
+                    "Predicted perplexity, above; built first when missing), then solves for the allocation in a second.")
+            st.info(f"{a.label} has not been learned for S = {S:.0%} with these parameters on this model and "
+                    f"calibration set yet. {cost}")
+            if st.button(f"Learn {a.label} at S = {S:.0%} in the background", key=f"alloc_learn_{name}"):
+                queue(sel, LearnRequest(sel.stats_spec, name, S, a.pick(values)))
+                _queued(f"Queued {a.label} at S = {S:.0%}: its curve and heatmap appear here when the job is done.")
+            continue
+        if heatmaps:
+            learned_alloc = next(x for x in allocations if x.allocator == name)
+            pair = [learned_alloc]
+            if any(x.allocator == "owl" for x in allocations):
+                pair.insert(0, next(x for x in allocations if x.allocator == "owl"))
+            heat = np.concatenate([x.layer_sparsity for x in pair]) * 100
+            cols = st.columns(len(pair))
+            for col, x in zip(cols, pair):  # OWL may sit beside several learned allocations: keys name both
+                col.plotly_chart(layer_sparsity_heatmap_figure(x, stats.layer_names, stats.layer_block,
+                                                               (float(heat.min()), float(heat.max()))),
+                                 width="stretch", key=f"alloc_heat_{name}_{x.allocator}")
+        if "error_hard" in result:
+            gain = 1 - np.mean(result["error_hard"]) / np.mean(result["error_uniform"])
+            st.caption(f"Learned in {result['seconds']:.0f} s ({result['settings']['epochs']} epochs, "
+                       f"{result['steps_per_block']} optimiser steps per block). Block reconstruction error with hard "
+                       f"Wanda masks, averaged over blocks: {np.mean(result['error_hard']):.4f} with the learned "
+                       f"sparsities vs {np.mean(result['error_uniform']):.4f} with S in every layer ({gain:.0%} lower).")
+
+what_if()
+# one job list for everything the page queues (predictor tables, verifications, learned allocations)
+jobs_panel(sel, "alloc_jobs_done")

@@ -119,7 +119,7 @@ def test_allocation_sliders_redraw_as_the_allocators_predict(app, cached):
 
 def test_allocation_besa_is_queued_then_shown_beside_owl(tiny_folder, data_dir, tmp_path, monkeypatch):
     """On the tiny Llama (4 blocks, so learning takes a second): the page offers to learn BESA, queues the job,
-    and once the allocation is learned shows it as a heatmap beside OWL's on one colour scale."""
+    and once the allocation is learned shows it, on request, as a heatmap beside OWL's on one colour scale."""
     calib = CalibSpec.preset("tiny", data_dir=data_dir)
     spec = StatsSpec(ModelSpec(tiny_folder), calib)
     stats = api.get_stats(spec, tmp_path)
@@ -139,6 +139,8 @@ def test_allocation_besa_is_queued_then_shown_beside_owl(tiny_folder, data_dir, 
     learned = api.cached_learned(spec, "besa", 0.7, {"beta": 50.0}, tmp_path)
     at.run()
     assert not at.exception, at.exception
+    assert not [f for f in figures(at) if f["data"][0]["type"] == "heatmap"]  # drawn on request (slider speed)
+    at.toggle(key="alloc_heatmaps").set_value(True).run()
     owl_heat, besa_heat = [f for f in figures(at) if f["data"][0]["type"] == "heatmap"]
     assert owl_heat["layout"]["title"]["text"].startswith("OWL: sparsity per layer")
     z = values(besa_heat["data"][0]["z"]).reshape(7, 4)  # (layers, blocks), in %
