@@ -9,20 +9,30 @@ WikiText-2 test perplexity (the first --max-chunks chunks: a partial evaluation,
 sparsity the table of predicted vs measured and their Spearman rank correlation (target ≥ 0.9). Allocations the
 predictor cannot read (a block sparsity beyond its grid) or whose parameters are out of range are listed as such.
 
-    python -m bench.predictor_check --sparsities 0.5 0.7 [--max-chunks 8] [--json out.json]
+With ``--seeds N`` each allocation is pruned and measured for calibration seeds 0 … N−1 (the statistics, and so
+the allocation, of each seed; the prediction stays seed 0's, as a user would see it) and compared by the geometric
+mean of its N perplexities: the seed-to-seed noise of one measurement (the check's noise ceiling, see
+`bench.predictor_variants`) shrinks by √N. A learned allocation is measured at seeds > 0 only when it was learned
+for them already. ``--drop-weights`` keeps only the manifest and metrics of the runs it creates.
+
+    python -m bench.predictor_check --sparsities 0.5 0.7 [--max-chunks 8] [--seeds 3 --drop-weights] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 
 import numpy as np
 
 from bench.common import forward_baseline, git_rev, machine
 from pruner.api import allocation_for, cached_learned
+from pruner.allocation import ALLOCATORS
 from pruner.predictor import DEFAULT_WINDOW_TOKENS, DEFAULT_WINDOWS, PredictorSpec, cached_table, get_damage_table, spearman
+from pruner.runs import run_exists
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
 from pruner.store import default_data_dir
 from pruner.workflows import PerplexityOptions, PruneRequest, run
@@ -47,6 +57,9 @@ def main() -> None:
     ap.add_argument("--window-tokens", type=int, default=DEFAULT_WINDOW_TOKENS)
     ap.add_argument("--reference", choices=["around", "dense"], default="around",
                     help="tables measured around each S (default) or the dense-reference table of the first version")
+    ap.add_argument("--seeds", type=int, default=1, help="calibration seeds measured per allocation (default 1)")
+    ap.add_argument("--drop-weights", action="store_true",
+                    help="keep only the manifest and metrics of the runs this check creates (0.5 GB each)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
@@ -80,7 +93,7 @@ def main() -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"commit": commit, "reference": args.reference, "predictors": predictors,
-                           "max_chunks": args.max_chunks, "rows": rows}, f, indent=1,
+                           "max_chunks": args.max_chunks, "seeds": args.seeds, "rows": rows}, f, indent=1,
                           default=lambda v: v.tolist() if isinstance(v, np.ndarray) else str(v))
 
     for S in args.sparsities:
@@ -102,16 +115,27 @@ def main() -> None:
                 rows.append(row)
                 print(f"{S:.0%} {name} {params}: skipped ({err})", flush=True)
                 continue
-            result = run(PruneRequest(PruneSpec(model=stats_spec.model, calib=stats_spec.calib, allocator=name,
-                                                allocator_params=params, method="wanda", sparsity=S),
-                                      PerplexityOptions(max_chunks=args.max_chunks), data_dir=data_dir))
-            row["measured"] = result["perplexity"]
+            per_seed = {}
+            for seed in range(args.seeds):
+                calib = dataclasses.replace(stats_spec.calib, seed=stats_spec.calib.seed + seed)
+                if seed and ALLOCATORS[name].learned and cached_learned(dataclasses.replace(stats_spec, calib=calib),
+                                                                        name, S, params) is None:
+                    row["seeds_missing"] = f"not learned for calibration seed {calib.seed}"
+                    break
+                prune = PruneSpec(model=stats_spec.model, calib=calib, allocator=name, allocator_params=params,
+                                  method="wanda", sparsity=S)
+                result = run(PruneRequest(prune, PerplexityOptions(max_chunks=args.max_chunks), data_dir=data_dir,
+                                          drop_weights=args.drop_weights and not run_exists(prune.key())))
+                per_seed[calib.seed] = result["perplexity"]
+            row["measured_seeds"] = per_seed
+            row["measured"] = math.exp(np.mean(np.log(list(per_seed.values()))))  # geometric mean over seeds
             rows.append(row)
             dump()
-            print(f"{S:.0%} {name} {params}: predicted {row['predicted']:.2f}, measured {row['measured']:.2f}",
-                  flush=True)
+            print(f"{S:.0%} {name} {params}: predicted {row['predicted']:.2f}, measured {row['measured']:.2f}"
+                  + (f" (geometric mean of {len(per_seed)} seeds)" if args.seeds > 1 else "")
+                  + (f"; {row['seeds_missing']}" if "seeds_missing" in row else ""), flush=True)
     for S in args.sparsities:
-        done = [r for r in rows if r["S"] == S and "measured" in r]
+        done = [r for r in rows if r["S"] == S and "measured" in r and "seeds_missing" not in r]
         layers = [r for r in done if "predicted_layers" in r]
         print(f"\n## S = {S:.0%}: {len(done)} allocations, Spearman ρ(predicted, measured) = "
               f"{spearman([r['predicted'] for r in done], [r['measured'] for r in done])[0]:.3f} (block means)"

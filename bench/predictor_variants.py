@@ -98,7 +98,7 @@ def main() -> None:
     check = json.loads(open(args.check_json).read())
     rows = []
     for r in check["rows"]:
-        if "measured" not in r:
+        if "measured" not in r or "seeds_missing" in r:  # a row measured at fewer seeds than the others
             continue
         # the allocation the measured run was pruned with, from its manifest (a learned one is not learned again)
         run = read_run(run_folder(PruneSpec(model=spec.model, calib=spec.calib, allocator=r["allocator"],
@@ -132,10 +132,12 @@ def main() -> None:
         if args.around:
             _operating_point_lines(spec, data_dir, S, here, args.preset)
         sigma, groups = seed_sigma(S, check.get("max_chunks", 8))
+        seeds = check.get("seeds", 1)  # each measurement a geometric mean over this many seeds: noise ÷ √seeds
         if groups:
             print(f"#   noise ceiling at {S:.0%}: seed-to-seed SD of log-perplexity {sigma:.4f} (pooled over {groups} "
                   f"run groups of the same protocol); two replicate measurements of these {len(here)} allocations "
-                  f"would rank alike with Spearman ≈ {noise_ceiling([r['measured'] for r in here], sigma):.3f}")
+                  f"({seeds} seed{'s' if seeds > 1 else ''} each) would rank alike with Spearman ≈ "
+                  f"{noise_ceiling([r['measured'] for r in here], sigma / math.sqrt(seeds)):.3f}")
         for r in here:
             if "out_of_range" in r:
                 print(f"#   {S:.0%} {r['allocator']} {r['params']}: not in the energy variants ({r['out_of_range']})")

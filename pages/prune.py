@@ -136,6 +136,9 @@ for run in listing.runs:
     ppl_text = (f"ppl {p['perplexity']:.2f}" + (" (partial)" if p["partial"] else "")) if p else "no perplexity yet"
     c[0].markdown(f"**{run.label}** · achieved {run.achieved_overall:.2%} · {ppl_text} · `{run.key}`")
     folder = run_folder(run.key, sel.cache_dir)
+    if run.weights_dropped:
+        c[1].caption("weights dropped after evaluation (prune again to restore them)")
+        continue
     c[1].download_button("Download zip", data=lambda folder=folder: open(run_zip(folder), "rb").read(),
                          file_name=f"{run.key}.zip", mime="application/zip", key=f"dl-{run.key}",
                          on_click="ignore")  # a rerun here would race the zip being made (see JOBS_REFRESH_*)

@@ -368,6 +368,10 @@ def cmd_prune(args) -> int:
     if args.tune and args.seeds > 1:
         raise BadInput("--tune picks parameters per calibration set, which would split the seeds into different "
                        "groups: tune once (`predict --tune`), then prune the seeds with the tuned flags")
+    if args.drop_weights and not args.ppl:
+        raise BadInput("--drop-weights keeps only the run's evaluations: add --ppl (or keep the weights)")
+    if args.drop_weights and out is not None:
+        raise BadInput("--out copies the weights that --drop-weights deletes: choose one")
     if out is not None and args.seeds > 1:
         raise BadInput("--out copies one run; with --seeds N > 1 choose the seed with --seed and --seeds 1")
     stats_spec = _stats_spec(args)
@@ -378,7 +382,7 @@ def cmd_prune(args) -> int:
                        method_params=m_params, nm=args.nm, scope=args.scope) for i in range(args.seeds)]
     requests = [PruneRequest(spec, perplexity=_perplexity_options(args) if args.ppl else None,
                              data_dir=stats_spec.calib.data_dir, force=args.force, batch_size=args.batch_size,
-                             stream=args.stream, tune=args.tune)
+                             stream=args.stream, tune=args.tune, drop_weights=args.drop_weights)
                 for spec in specs]
     if args.background:
         from pruner.jobs import JobStore, default_db, submit
@@ -792,6 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the run's shards: memory holds one block, not the model (same pruned weights)")
     p.add_argument("--ppl", action="store_true", help="evaluate WikiText-2 perplexity afterwards")
     p.add_argument("--max-chunks", type=int, help="perplexity on the first N chunks only (a partial estimate)")
+    p.add_argument("--drop-weights", action="store_true",
+                   help="after the evaluation (--ppl), delete the pruned weights and keep the run's manifest and "
+                        "metrics: for studies of many prunes (a run of the same settings restores them with --force)")
     p.add_argument("--background", action="store_true", help="queue it as a background job and return at once")
     p.set_defaults(func=cmd_prune)
 

@@ -92,9 +92,10 @@ def stream_run(folder: Path):
     from transformers import AutoTokenizer
 
     from pruner.models import find_blocks
-    from pruner.runs import LORA_SUBFOLDER
+    from pruner.runs import LORA_SUBFOLDER, require_weights
     from pruner.streaming import Checkpoint, StreamedBlocks, build_skeleton
 
+    require_weights(folder)
     if (Path(folder) / LORA_SUBFOLDER).is_dir():
         raise ValueError("a LoRA-recovered run is evaluated with its adapters attached, in memory; drop --stream")
     model = build_skeleton(folder, torch.float32)  # float32, as load_run

@@ -17,7 +17,7 @@ from pruner.data import calibration_tokens
 from pruner.memory_plan import check_fits, plan_for_spec, prune_ways_out
 from pruner.models import LoadedModel, load_model, model_summary
 from pruner.stats import ModelLayout
-from pruner.store import MANIFEST, atomic_dir, read_manifest
+from pruner.store import MANIFEST, WEIGHTS_DROPPED, atomic_dir, read_manifest
 
 
 PhaseProgress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -181,12 +181,49 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
 LORA_SUBFOLDER = "lora"
 
 
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The files that hold a run's tensors: safetensors shards and their index, LoRA adapters included."""
+    return sorted(p for p in Path(folder).rglob("*")
+                  if p.is_file() and (p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json")))
+
+
+def require_weights(folder: Path) -> None:
+    """ValueError, saying how to get them back, when the run's weights were dropped."""
+    raw = read_manifest(Path(folder))
+    if WEIGHTS_DROPPED in raw:
+        raise BadRun(f"run {Path(folder).name} keeps only its manifest and metrics: its weights were dropped after "
+                     f"evaluation on {raw[WEIGHTS_DROPPED]['when']} to save disk. Prune it again to restore them "
+                     "(`python -m pruner prune ... --force` with the same settings, or the Prune page with "
+                     "'recompute'): the same spec gives the same weights.")
+
+
+def drop_weights(folder: Path) -> int:
+    """Remove a stored run's weight files, keeping its manifest (metrics, allocation, timings) and its config and
+    tokenizer files; returns the bytes freed. For studies of many prunes, where only the evaluations are wanted
+    (a SmolLM2 run is 0.5 GB; a 7B one is 13 GB in float16). The manifest is marked first, so a run interrupted
+    half-way is never taken for a loadable one; its zip for download, if any, goes too."""
+    from pruner.store import update_json_entry
+
+    folder = Path(folder)
+    read_run(folder)  # a clear error for a folder that is not a run
+    files = _weight_files(folder)
+    freed = sum(p.stat().st_size for p in files)
+    update_json_entry(folder / MANIFEST, WEIGHTS_DROPPED, lambda previous: previous or {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bytes": freed})
+    for p in files:
+        p.unlink()
+    CacheLayout.at(folder.parent.parent).export(folder.name).unlink(missing_ok=True)
+    return freed
+
+
 def load_run(folder: Path, device: str = "cpu"):
     """(model, tokenizer) of a stored run, in eval mode. A LoRA-recovered run is its pruned base weights with the
     adapters attached (not merged) through peft."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require_weights(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
     adapters = Path(folder) / LORA_SUBFOLDER
     if (adapters / "adapter_config.json").is_file():
@@ -333,6 +370,11 @@ class RunManifest:
     @property
     def nm(self) -> str | None:
         return self.spec.get("nm")
+
+    @property
+    def weights_dropped(self) -> bool:
+        """Whether only the manifest and metrics are left (``drop_weights``)."""
+        return WEIGHTS_DROPPED in self.raw
 
     @property
     def is_recovery(self) -> bool:

@@ -55,6 +55,9 @@ def atomic_dir(target: Path):
 
 
 MANIFEST = "manifest.json"
+#: Manifest entry of a run whose weight files were removed after its evaluations (``pruner.runs.drop_weights``):
+#: when, and the bytes freed. The run still lists with its metrics; whatever needs the weights refuses, naming it.
+WEIGHTS_DROPPED = "weights_dropped"
 
 
 def read_manifest(folder: Path) -> dict:
@@ -127,7 +130,9 @@ def run_zip(folder: Path) -> Path:
     import zipfile
 
     folder = Path(folder)
-    read_manifest(folder)
+    if WEIGHTS_DROPPED in read_manifest(folder):
+        raise ValueError(f"run {folder.name} has no weights to download: they were dropped after its evaluation; "
+                         "prune it again (same settings, --force) to restore them")
     target = folder.parent.parent / "exports" / f"{folder.name}.zip"  # CacheLayout.export(key)
     # compared by content: file times tick too coarsely to order a zip and a manifest written in the same moment
     try:

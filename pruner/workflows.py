@@ -248,16 +248,22 @@ class PruneRequest(Request):
     stream: bool = False
     #: choose the allocator's parameters first by the perplexity predictor (held-out data, never the test split)
     tune: bool = False
+    #: after the evaluation, remove the run's weight files and keep its manifest and metrics (studies of many
+    #: prunes, where only the numbers are wanted; ``pruner.runs.drop_weights``)
+    drop_weights: bool = False
 
     def __post_init__(self):
         _check_fits(self.spec.stats_spec)
         _check_batch(self.batch_size)
+        if self.drop_weights and self.perplexity is None:
+            raise ValueError("dropping the weights keeps only the evaluations: ask for one (perplexity), or keep them")
         if self.tune and (ALLOCATORS[self.spec.allocator].learned or not ALLOCATORS[self.spec.allocator].params):
             raise ValueError(f"allocator {self.spec.allocator!r} has no parameters to tune")
 
     def label(self) -> str:
         return (self.spec.label() + (" (parameters tuned on the predictor)" if self.tune else "")
-                + (f" → {self.perplexity.label()}" if self.perplexity else ""))
+                + (f" → {self.perplexity.label()}" if self.perplexity else "")
+                + (", weights dropped after" if self.drop_weights else ""))
 
 
 @dataclass(frozen=True)
@@ -353,6 +359,10 @@ def run_prune(req: PruneRequest, ctx: Context) -> dict:
     if req.perplexity is not None:
         out["details"]["perplexity"] = r = _perplexity(folder, req.perplexity, req.data_dir, ctx)
         out["perplexity"] = r["perplexity"]
+    if req.drop_weights:
+        from pruner.runs import drop_weights
+
+        out["dropped_bytes"] = drop_weights(folder)
     return out
 
 

@@ -104,6 +104,8 @@ def test_prune_eval_and_out(tiny_folder, tmp_path, data_dir):
     (["prune", "--sparsity", "0.5", "--method", "obs"], "invalid choice: 'obs'"),
     (["prune", "--sparsity", "0.7", "--nm", "2:4"], "with N:M 2:4 the target sparsity is 0.5"),
     (["prune", "--sparsity", "0.5", "--max-chunks", "0"], "--max-chunks must be ≥ 1"),
+    (["prune", "--sparsity", "0.5", "--drop-weights"], "--drop-weights keeps only the run's evaluations: add --ppl"),
+    (["prune", "--sparsity", "0.5", "--ppl", "--drop-weights", "--out", "x"], "--out copies the weights that"),
     (["eval", "--run", "deadbeef", "--ppl"], "run key must be 16 hexadecimal digits (as `prune` prints them); got 'deadbeef'"),
     (["eval", "--run", "0123456789abcdef", "--ppl"], "no run '0123456789abcdef'"),
     (["eval", "--run", "deadbeef"], "nothing to evaluate: pass --ppl"),
@@ -135,3 +137,34 @@ def test_prune_seeds_make_a_group_with_a_seed_interval(tiny_folder, tmp_path, da
     (result,) = stored.values()
     assert len(result["chunk_mean_nll"]) == 2 and result["interval"]["n"] == 2
     assert result["interval"]["low"] < result["perplexity"] < result["interval"]["high"]
+
+
+def test_prune_drop_weights_keeps_the_numbers_and_force_restores_them(tiny_folder, tmp_path, data_dir):
+    """A study's runs can keep only their manifest and metrics: the weights go, the run still answers from its
+    metrics, whatever needs the weights says how to get them back, and a forced prune brings back the same model."""
+    from pruner.runs import BadRun, load_run
+    from pruner.store import run_zip
+
+    args = ("prune", "--model", tiny_folder, "--preset", "tiny", "--allocator", "uniform", "--method", "wanda",
+            "--sparsity", "0.6", "--ppl", "--max-chunks", "2")
+    r = run_cli(*args, "--drop-weights", cache=tmp_path, data_dir=data_dir)
+    assert r.returncode == 0, r.stderr
+    key = r.stdout.split()[1].rstrip(":")
+    folder = tmp_path / "runs" / key
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert not list(folder.rglob("*.safetensors")) and (folder / "config.json").is_file()
+    assert manifest["weights_dropped"]["bytes"] > 0 and len(manifest["metrics"]) == 1
+    (before,) = manifest["metrics"].values()
+    again = run_cli(*args, cache=tmp_path, data_dir=data_dir)  # same spec: the stored numbers answer
+    assert again.returncode == 0 and f"{before['perplexity']:.3f}" in again.stdout, again.stderr
+    with pytest.raises(BadRun, match="its weights were dropped after evaluation"):
+        load_run(folder)
+    with pytest.raises(ValueError, match="no weights to download"):
+        run_zip(folder)
+    r = run_cli("eval", "--run", key, "--ppl", "--max-chunks", "1", cache=tmp_path, data_dir=data_dir)
+    assert r.returncode == 2 and "its weights were dropped after evaluation" in r.stderr and "--force" in r.stderr
+    r = run_cli(*args, "--force", cache=tmp_path, data_dir=data_dir)
+    assert r.returncode == 0, r.stderr
+    restored = json.loads((folder / "manifest.json").read_text())
+    assert "weights_dropped" not in restored and (folder / "model.safetensors").is_file()
+    assert list(restored["metrics"].values())[0]["perplexity"] == before["perplexity"]  # the same weights again
