@@ -331,3 +331,25 @@ def test_allocation_predicts_each_curve_once_the_predictor_is_built(tiny_folder,
     text = " ".join(m.value for m in at.markdown)
     uniform_predicted = table.predict(allocate("uniform", stats, 0.7).block_sparsity).perplexity
     assert f"is predicted {uniform_predicted:.1f}" in text and "independently" in text
+
+
+def test_a_run_without_weights_lists_its_numbers_but_offers_no_download_or_evaluation(app, cached):
+    """A run whose weights were dropped after evaluation (pruner.runs.drop_weights) keeps its place on the Prune
+    and Compare pages with its perplexity; the download, LoRA and evaluation controls are not offered for it."""
+    path = runs.run_folder(cached[2].key(), cached[0]) / "manifest.json"
+    original = path.read_text()
+    label = json.loads(original)["label"]
+    go(app, "compare")
+    assert any(o.startswith(label) for o in app.multiselect(key="cmp_eval_runs").options)  # offered while it has them
+    path.write_text(json.dumps({**json.loads(original), "weights_dropped": {"when": "now", "bytes": 1}}))
+    try:
+        go(app, "prune")
+        assert any("wanda + owl" in m.value and "ppl " in m.value for m in app.markdown)
+        assert not any(b.label == "Download zip" for b in app.get("download_button"))
+        assert f"rec-{cached[2].key()}" not in {b.key for b in app.button}
+        assert any("weights dropped after evaluation" in c.value for c in app.caption)
+        go(app, "compare")
+        assert cached[2].key() in set(app.dataframe[0].value["run"])
+        assert not any(o.startswith(label) for o in app.multiselect(key="cmp_eval_runs").options)
+    finally:
+        path.write_text(original)
