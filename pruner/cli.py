@@ -619,11 +619,36 @@ def cmd_recover(args) -> int:
     return 0
 
 
+def _drop_weights(layout, keys: list[str]) -> int:
+    """``cache --drop-weights KEY ...``: keep each named run's manifest and metrics, remove its weight files."""
+    from pruner.cache import check_key
+    from pruner.runs import drop_weights, read_run
+
+    folders = []
+    for key in keys:  # every key checked before anything is removed
+        folder = layout.run(check_key(key))
+        if not (folder / "manifest.json").is_file():
+            raise BadInput(f"--drop-weights takes keys of runs in {layout.root / 'runs'}; no run {key!r}")
+        if not read_run(folder).metrics:
+            raise BadInput(f"run {key} has no evaluation yet: dropping its weights would leave nothing; evaluate it "
+                           "first (`eval --run KEY --ppl`)")
+        folders.append(folder)
+    freed = 0
+    for folder in folders:
+        n = drop_weights(folder)
+        freed += n
+        print(f"run {folder.name}: weights dropped ({n / 2**20:.1f} MiB); manifest and metrics kept")
+    print(f"freed {freed / 2**30:.2f} GiB")
+    return 0
+
+
 def cmd_cache(args) -> int:
     """List the cache's entries per kind with sizes; remove stale ones (--stale) or named ones (--remove)."""
     from pruner.cache import KINDS, CacheLayout
 
     layout = CacheLayout.at(_cache(args))
+    if args.drop_weights:
+        return _drop_weights(layout, args.drop_weights)
     entries = layout.entries()
     chosen = []
     if args.remove:
@@ -859,6 +884,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "zips of removed runs, ONNX graphs of older export versions)")
     p.add_argument("--remove", nargs="+", metavar="KEY|KIND", help="remove these runs/statistics/learned allocations "
                                                                    "(by key) or every entry of these kinds")
+    p.add_argument("--drop-weights", nargs="+", metavar="KEY",
+                   help="keep these evaluated runs' manifests and metrics, remove their weights (a prune of the same "
+                        "settings with --force restores them)")
     p.add_argument("--cache-dir", help="cache folder (default: <project>/cache)")
     p.set_defaults(func=cmd_cache)
 

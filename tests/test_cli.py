@@ -168,3 +168,20 @@ def test_prune_drop_weights_keeps_the_numbers_and_force_restores_them(tiny_folde
     restored = json.loads((folder / "manifest.json").read_text())
     assert "weights_dropped" not in restored and (folder / "model.safetensors").is_file()
     assert list(restored["metrics"].values())[0]["perplexity"] == before["perplexity"]  # the same weights again
+    # the cache command drops an evaluated run's weights, and refuses a run that has no evaluation to keep
+    def cache_cli(*args):  # `cache` takes no data folder
+        return subprocess.run([sys.executable, "-m", "pruner", "cache", *args, "--cache-dir", str(tmp_path)],
+                              capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+
+    for bad, message in ((["0123456789abcdef"], "--drop-weights takes keys of runs in"),
+                         (["../x"], "run key must be 16 hexadecimal digits"), ([key, "../x"], "16 hexadecimal")):
+        r = cache_cli("--drop-weights", *bad)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert (folder / "model.safetensors").is_file()  # nothing removed while a later key was bad
+    r = cache_cli("--drop-weights", key)
+    assert r.returncode == 0 and "freed" in r.stdout and not list(folder.rglob("*.safetensors")), r.stderr
+    r = run_cli(*args[:-5], "--sparsity", "0.5", cache=tmp_path, data_dir=data_dir)  # not evaluated
+    other = r.stdout.split()[1].rstrip(":")
+    r = cache_cli("--drop-weights", other)
+    assert r.returncode == 2 and f"run {other} has no evaluation yet" in r.stderr
+    assert (tmp_path / "runs" / other / "model.safetensors").is_file()
