@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,11 +24,11 @@ import torch
 from bench.common import git_rev, machine
 from pruner.cache import CacheLayout
 from pruner.jobs import JobStore
+from pruner.ray_exec import LOCAL_RAY_ENV, start_local_head
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec
 from pruner.store import default_data_dir
 from pruner.sweep import LocalExecutor, SweepRequest
 
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def timed(executor, sweep, cache: Path) -> tuple[float, float, list]:
@@ -57,29 +54,12 @@ def fresh_cache(root: Path, name: str) -> Path:
     return cache
 
 
-def start_head(cpus: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray = Path(sys.executable).with_name("ray")
-    proc = subprocess.Popen(["timeout", "3600", str(ray), "start", "--head", "--block", "--node-ip-address",
-                             "127.0.0.1", "--port", str(port), "--num-cpus", str(cpus), "--include-dashboard",
-                             "false", "--disable-usage-stats"], env={**os.environ, **RAY_ENV},
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, f"127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.2)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells-cpus", nargs="+", type=int, default=[os.cpu_count() or 1, 1],
                     help="CPUs per Ray task, one Ray measurement each")
     args = ap.parse_args()
-    os.environ.update(RAY_ENV)
+    os.environ.update(LOCAL_RAY_ENV)
     data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
     base = PruneSpec(model=ModelSpec("smollm2-135m", device="cpu"), calib=CalibSpec.preset("cpu", data_dir=data_dir),
                      allocator="uniform", method="wanda", sparsity=0.5)
@@ -94,7 +74,7 @@ def main() -> None:
         rows.append(("local (worker processes, one job at a time)", wall, first))
         from pruner.ray_exec import RayExecutor, RaySettings
 
-        head, address = start_head(os.cpu_count() or 1)
+        head, address = start_local_head(os.cpu_count() or 1)
         try:
             for cpus in args.cells_cpus:
                 executor = RayExecutor(RaySettings(address, cpus_per_cell=cpus))

@@ -60,6 +60,39 @@ CONNECT_TIMEOUT_S = 60.0
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 #: A task lost with its worker process is run again this many times before the job fails.
 DEFAULT_MAX_RETRIES = 2
+#: Environment of a local head and of everything that talks to it: no usage statistics, and a loopback address stays
+#: loopback (otherwise Ray rewrites 127.0.0.1 to the machine's network address).
+LOCAL_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def start_local_head(cpus: int, *, lifetime_s: float = 3600, temp_dir: Path | None = None,
+                     start_timeout_s: float = 60) -> tuple[subprocess.Popen, str]:
+    """Start a Ray head on 127.0.0.1 only (``cpus`` CPUs, no dashboard, no usage statistics) that stops by itself
+    after ``lifetime_s`` even if its caller dies; return (process, address). The process leads its own process
+    group: ``os.killpg(proc.pid, SIGKILL)`` stops the head and its workers. Sets ``LOCAL_RAY_ENV`` in this process
+    too, for the drivers it will start. For tests, benches and trying the Ray executor on one machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray = Path(sys.executable).with_name("ray")
+    proc = subprocess.Popen(["timeout", str(int(lifetime_s)), str(ray), "start", "--head", "--block",
+                             "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", str(cpus),
+                             "--include-dashboard", "false", "--disable-usage-stats",
+                             *(["--temp-dir", str(temp_dir)] if temp_dir is not None else [])],
+                            env={**os.environ, **LOCAL_RAY_ENV}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + start_timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > end:
+                proc.kill()
+                raise RuntimeError(f"the local Ray head did not start within {start_timeout_s:g} s ({ray})")
+            time.sleep(0.2)
+    os.environ.update(LOCAL_RAY_ENV)
+    return proc, f"127.0.0.1:{port}"
 
 
 def require_ray():

@@ -3,7 +3,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from pruner.jobs import JobStore
+from pruner.ray_exec import start_local_head
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec
 from pruner.sweep import LocalExecutor, SweepRequest, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY = Path(sys.executable).with_name("ray")
-#: Environment of everything that talks to the test's head: no usage stats; loopback addresses stay loopback.
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 #: The head stops by itself after this long even if the test process dies first.
 HEAD_LIFETIME_S = 900
 WAIT_S = 300
@@ -59,33 +56,12 @@ def test_bad_sweep_is_refused_before_anything_is_queued(tiny_folder, data_dir, k
         SweepRequest(_base(tiny_folder, data_dir), **kw)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A local Ray head on 127.0.0.1: 2 CPUs, no dashboard, no usage stats; killed (with its workers) afterwards."""
     pytest.importorskip("ray", reason="Ray is an optional extra (requirements-dev.txt installs it)")
-    port = _free_port()
-    env = {**os.environ, **RAY_ENV}
-    proc = subprocess.Popen(["timeout", str(HEAD_LIFETIME_S), str(RAY), "start", "--head", "--block",
-                             "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
-                             "--include-dashboard", "false", "--disable-usage-stats",
-                             "--temp-dir", str(tmp_path_factory.mktemp("ray"))],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    end = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < end, "the Ray head did not start"
-            time.sleep(0.2)
-    os.environ.update(RAY_ENV)
-    yield f"127.0.0.1:{port}"
+    proc, address = start_local_head(2, lifetime_s=HEAD_LIFETIME_S, temp_dir=tmp_path_factory.mktemp("ray"))
+    yield address
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
