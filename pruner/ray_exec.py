@@ -184,19 +184,35 @@ def _outputs(kind: str, request, result: dict, layout: CacheLayout) -> list[Path
 
 def remove_stale_temporaries(cache_dir: Path | None, gone) -> list[Path]:
     """The hidden temporary folders that dead processes left in the cache (``atomic_dir`` names them
-    ``.NAME.tmp-PID-…``, at the root or one level down), removed; ``gone(pid)`` says whether PID's writer is dead.
-    Returns them."""
+    ``.NAME.tmp-PID-UUID-HOST``, at the root or one level down), removed; ``gone(pid, host)`` says whether that
+    writer is dead (host None: a folder from before hosts were recorded). A cache may be shared between nodes, where
+    the same pid can be a live writer on another machine: ``gone`` must look at the host too. Returns them."""
     import shutil
+
+    from pruner.store import temporary_writer
 
     root = CacheLayout.at(cache_dir).root
     removed = []
     for parent in [root] + [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []:
         for tmp in parent.glob(".*.tmp-*"):
-            pid = tmp.name.rsplit(".tmp-", 1)[1].split("-")[0]
-            if pid.isdigit() and gone(int(pid)):
+            writer = temporary_writer(tmp.name)
+            if writer is not None and gone(*writer):
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed.append(tmp)
     return removed
+
+
+def dead_here(pid: int, host: str | None) -> bool:
+    """Whether a temporary folder's writer was a process of this machine that is no longer alive."""
+    from pruner.jobs import _pid_alive
+    from pruner.store import writer_host
+
+    return host in (None, writer_host()) and not _pid_alive(pid)
+
+
+def lost_attempt(start: dict):
+    """``gone`` for ``remove_stale_temporaries``: the writer of a lost task attempt (its pid on its host)."""
+    return lambda pid, host: pid == start["pid"] and host in (None, start.get("host"))
 
 
 def _task(kind: str, payload: dict, job_id: int, cache_dir: str | None, token: str | None, settings: dict,
@@ -204,10 +220,12 @@ def _task(kind: str, payload: dict, job_id: int, cache_dir: str | None, token: s
     """One job on a Ray worker (the body of the remote function)."""
     import ray
 
-    pid, node = os.getpid(), ray.util.get_node_ip_address()
+    from pruner.store import writer_host
+
+    pid, node, host = os.getpid(), ray.util.get_node_ip_address(), writer_host()
     # No ray.get on the sink in here: a task blocked in ray.get lends its CPUs back to Ray, which then starts more
     # tasks than the node has CPUs for. Calls from one task to one actor run in the order they were made.
-    sink.started.remote(job_id, node, pid)
+    sink.started.remote(job_id, node, pid, host)
     shared = settings["shared_cache"]
     if shared is None:
         try:
@@ -215,10 +233,8 @@ def _task(kind: str, payload: dict, job_id: int, cache_dir: str | None, token: s
         except OSError:
             shared = False
     here = Path(cache_dir) if shared else Path(os.path.expanduser(settings["node_cache"] or DEFAULT_NODE_CACHE))
-    if not shared:
-        from pruner.jobs import _pid_alive
-
-        remove_stale_temporaries(here, lambda pid: not _pid_alive(pid))  # this node's own killed tasks
+    if not shared:  # this node's own killed tasks (a node cache in a home folder may be seen by other nodes too)
+        remove_stale_temporaries(here, dead_here)
         for relative, data in inputs:  # the earlier stages' outputs, through the object store
             _unpack(ray.get(data) if isinstance(data, ray.ObjectRef) else data, here / relative)
 
@@ -262,9 +278,10 @@ class _Sink:
     def __init__(self):
         self.updates, self.cancelled, self.attempts = [], set(), {}
 
-    def started(self, job_id, node, pid):
+    def started(self, job_id, node, pid, host):
         self.attempts[job_id] = self.attempts.get(job_id, 0) + 1
-        self.updates.append(("start", job_id, {"node": node, "pid": pid, "attempt": self.attempts[job_id]}))
+        self.updates.append(("start", job_id, {"node": node, "pid": pid, "host": host,
+                                               "attempt": self.attempts[job_id]}))
 
     def report(self, job_id, phase, done, total):
         self.updates.append(("progress", job_id, (phase, done, total)))
@@ -369,7 +386,7 @@ def drive(db_path: Path, job_ids: list[int], settings: RaySettings, cache_dir: P
     sink = ray.remote(_Sink).options(num_cpus=0).remote()
     task = ray.remote(_task)
     shipped: list = []  # (relative folder, object ref) of every finished output, for nodes without the cache
-    pids: dict[int, int] = {}
+    starts: dict[int, dict] = {}  # each job's latest attempt: node, pid, host
 
     def finish(job_id, state, **kw):
         store.finish(job_id, state, **kw)
@@ -378,9 +395,9 @@ def drive(db_path: Path, job_ids: list[int], settings: RaySettings, cache_dir: P
     def apply_updates():
         for what, job_id, value in ray.get(sink.drain.remote()):
             if what == "start":
-                if job_id in pids and value["attempt"] > 1:  # a retry: the lost attempt's leftovers go
-                    remove_stale_temporaries(cache_dir, pids[job_id].__eq__)
-                pids[job_id] = value["pid"]
+                if job_id in starts and value["attempt"] > 1:  # a retry: the lost attempt's leftovers go
+                    remove_stale_temporaries(cache_dir, lost_attempt(starts[job_id]))
+                starts[job_id] = value
                 store.set_remote(job_id, value)
                 store.progress(job_id, f"on {value['node']}" + (f", attempt {value['attempt']}"
                                                                   if value["attempt"] > 1 else ""), 0, 0)
@@ -415,7 +432,7 @@ def drive(db_path: Path, job_ids: list[int], settings: RaySettings, cache_dir: P
                 for ref, job in list(running.items()):
                     if ref not in ready and store.cancel_requested(job.id):
                         ray.get(sink.cancel.remote(job.id))
-                        if job.id not in pids:  # not started yet: Ray drops it
+                        if job.id not in starts:  # not started yet: Ray drops it
                             ray.cancel(ref)
                 for ref in ready:
                     job = running.pop(ref)
@@ -432,8 +449,8 @@ def drive(db_path: Path, job_ids: list[int], settings: RaySettings, cache_dir: P
                             finish(job.id, "failed", error=f"{_cause(cause)}\n{err}"[:4000])
                         continue
                     except Exception as err:  # the worker died more times than retries allow, a lost node, ...
-                        if job.id in pids:
-                            remove_stale_temporaries(cache_dir, pids[job.id].__eq__)
+                        if job.id in starts:
+                            remove_stale_temporaries(cache_dir, lost_attempt(starts[job.id]))
                         finish(job.id, "failed", error=f"the Ray task was lost: {_cause(err)} (after "
                                                        f"{settings.max_retries} retries)")
                         continue

@@ -11,7 +11,9 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -30,6 +32,23 @@ def default_data_dir() -> Path:
     return PROJECT_ROOT.parent / "shared" / "data"
 
 
+def writer_host() -> str:
+    """This machine's name as temporary folders carry it (letters, digits, dots and dashes only)."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "unknown"
+
+
+def temporary_writer(name: str) -> tuple[int, str | None] | None:
+    """(pid, host) of the process that made temporary folder ``name`` (``.NAME.tmp-PID-UUID-HOST``; host None in
+    folders made before hosts were recorded), or None when ``name`` is not such a folder. On a cache shared between
+    machines a pid alone does not say whose folder it is."""
+    if ".tmp-" not in name:
+        return None
+    parts = name.rsplit(".tmp-", 1)[1].split("-", 2)
+    if not parts[0].isdigit():
+        return None
+    return int(parts[0]), (parts[2] if len(parts) == 3 else None)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path):
     """Yield a fresh temporary folder next to ``target``; on success it replaces ``target`` in one rename.
@@ -38,7 +57,7 @@ def atomic_dir(target: Path):
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{writer_host()}"
     tmp.mkdir()
     try:
         yield tmp
