@@ -161,7 +161,15 @@ class CacheLayout:
         from pruner.stats import STATS_FORMAT_VERSION
 
         name = path.name
-        if name.startswith(".") and (".tmp-" in name or ".old-" in name):
+        if name.startswith(".") and ".tmp-" in name:
+            from pruner.store import temporary_writer, writer_gone_here
+
+            writer = temporary_writer(name)
+            # a folder still being written (its writer alive here, or on another machine sharing this cache) stays
+            if writer is None or writer_gone_here(*writer):
+                return "left by an interrupted write"
+            return None
+        if name.startswith(".") and ".old-" in name:
             return "left by an interrupted write"
         if kind == "exports":
             if not (self.runs / name.removesuffix(".zip") / "manifest.json").is_file():

@@ -679,6 +679,11 @@ def cmd_cache(args) -> int:
         stale = [e for e in mine if e.stale]
         print(f"{kind:<10} {len(mine):>7} {sum(e.bytes for e in mine) / 2**20:>8.1f} M {len(stale):>6} "
               f"{sum(e.bytes for e in stale) / 2**20:>9.1f} M  {what}")
+    from pruner.runs import list_runs
+
+    slim = [r for r in list_runs(layout.root).runs if r.weights_dropped]
+    if slim:
+        print(f"  {len(slim)} of the runs keep only their manifest and metrics (weights dropped after evaluation)")
     for e in entries:
         if e.stale:
             print(f"  stale: {e.kind}/{e.path.name}: {e.stale}")

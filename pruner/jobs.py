@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pruner.cache import CacheLayout
-from pruner.store import PROJECT_ROOT
+from pruner.store import PROJECT_ROOT, pid_alive
 
 #: Seconds between heartbeats of a worker.
 HEARTBEAT_S = 2.0
@@ -127,22 +127,6 @@ class Job:
         return self.elapsed / self.done * (self.total - self.done)
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 class JobStore:
     """The job table. Every method opens its own short connection, so it is safe across threads and processes."""
 
@@ -210,7 +194,7 @@ class JobStore:
     def _alive_workers(db) -> list[int]:
         now = time.time()
         rows = db.execute("SELECT pid, heartbeat FROM workers").fetchall()
-        dead = [r["pid"] for r in rows if not _pid_alive(r["pid"]) or now - r["heartbeat"] > DEAD_AFTER_S]
+        dead = [r["pid"] for r in rows if not pid_alive(r["pid"]) or now - r["heartbeat"] > DEAD_AFTER_S]
         db.executemany("DELETE FROM workers WHERE pid = ?", [(p,) for p in dead])
         return [r["pid"] for r in rows if r["pid"] not in dead]
 
@@ -323,8 +307,8 @@ class JobStore:
         with self._db() as db:
             for r in db.execute("SELECT id, worker_pid, heartbeat FROM jobs WHERE state = 'running'").fetchall():
                 silent = now - (r["heartbeat"] or 0)
-                if not _pid_alive(r["worker_pid"]) or silent > DEAD_AFTER_S:
-                    cause = (f"worker process {r['worker_pid']} died" if not _pid_alive(r["worker_pid"])
+                if not pid_alive(r["worker_pid"]) or silent > DEAD_AFTER_S:
+                    cause = (f"worker process {r['worker_pid']} died" if not pid_alive(r["worker_pid"])
                              else f"worker process {r['worker_pid']} stopped responding")
                     db.execute("UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ? "
                                "AND state = 'running'",

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pruner.cache import CacheLayout
-from pruner.store import PROJECT_ROOT, atomic_dir
+from pruner.store import PROJECT_ROOT, atomic_dir, writer_gone_here
 
 #: What to install for the Ray executor.
 RAY_MISSING = ("the Ray executor needs Ray, which is not installed here: pip install -e '.[ray]' "
@@ -202,14 +202,6 @@ def remove_stale_temporaries(cache_dir: Path | None, gone) -> list[Path]:
     return removed
 
 
-def dead_here(pid: int, host: str | None) -> bool:
-    """Whether a temporary folder's writer was a process of this machine that is no longer alive."""
-    from pruner.jobs import _pid_alive
-    from pruner.store import writer_host
-
-    return host in (None, writer_host()) and not _pid_alive(pid)
-
-
 def lost_attempt(start: dict):
     """``gone`` for ``remove_stale_temporaries``: the writer of a lost task attempt (its pid on its host)."""
     return lambda pid, host: pid == start["pid"] and host in (None, start.get("host"))
@@ -234,7 +226,7 @@ def _task(kind: str, payload: dict, job_id: int, cache_dir: str | None, token: s
             shared = False
     here = Path(cache_dir) if shared else Path(os.path.expanduser(settings["node_cache"] or DEFAULT_NODE_CACHE))
     if not shared:  # this node's own killed tasks (a node cache in a home folder may be seen by other nodes too)
-        remove_stale_temporaries(here, dead_here)
+        remove_stale_temporaries(here, writer_gone_here)
         for relative, data in inputs:  # the earlier stages' outputs, through the object store
             _unpack(ray.get(data) if isinstance(data, ray.ObjectRef) else data, here / relative)
 

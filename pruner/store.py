@@ -37,6 +37,30 @@ def writer_host() -> str:
     return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "unknown"
 
 
+def pid_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` of this machine is running (a zombie, exited but not yet reaped, is not)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def writer_gone_here(pid: int, host: str | None) -> bool:
+    """Whether a temporary folder's writer was a process of this machine that is no longer running (host None:
+    a folder named before hosts were recorded, taken as this machine's). Another machine's writer is never
+    declared gone from here: its pid means nothing on this one."""
+    return host in (None, writer_host()) and not pid_alive(pid)
+
+
 def temporary_writer(name: str) -> tuple[int, str | None] | None:
     """(pid, host) of the process that made temporary folder ``name`` (``.NAME.tmp-PID-UUID-HOST``; host None in
     folders made before hosts were recorded), or None when ``name`` is not such a folder. On a cache shared between

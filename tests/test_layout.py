@@ -2,6 +2,7 @@
 
 import ast
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pruner.cache import CacheLayout
-from pruner.store import PROJECT_ROOT
+from pruner.store import PROJECT_ROOT, writer_host
 
 PACKAGE = PROJECT_ROOT / "pruner"
 
@@ -87,7 +88,11 @@ def test_cache_command_lists_kinds_and_removes_stale_and_named_entries(tiny_fold
     layout = CacheLayout.at(tmp_path)
     assert layout.export(key).is_file()
     # what an interrupted write, an old run format, a zip of a deleted run and an old ONNX export leave behind
-    (tmp_path / "runs" / f".{key}.tmp-1-abcdef12").mkdir()
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    (tmp_path / "runs" / f".{key}.tmp-{finished.pid}-abcdef12").mkdir()  # its writer is gone
+    live = tmp_path / "runs" / f".{key}.tmp-{os.getpid()}-abcdef13-{writer_host()}"  # still being written: stays
+    live.mkdir()
     old = tmp_path / "runs" / "00000000000000aa"
     old.mkdir()
     (old / "manifest.json").write_text(json.dumps({"key": old.name, "spec": {"allocator": "owl", "lam": 0.08}}))
@@ -104,7 +109,8 @@ def test_cache_command_lists_kinds_and_removes_stale_and_named_entries(tiny_fold
 
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:2 + len(KINDS)]}
     assert list(rows) == list(KINDS)
-    assert rows["runs"][1:2] == ["3"] and rows["runs"][4] == "2"  # the run, the temporary folder, the old one
+    # the run, two temporary folders (one of a gone writer), the old run
+    assert rows["runs"][1:2] == ["4"] and rows["runs"][4] == "2"
     assert rows["exports"][1] == "2" and rows["dense"][1] == "1" and rows["dense"][4] == "1"
     assert "stale: runs/00000000000000aa: run format 1 (current 2" in out
     assert "stale: dense/v1-b1-t128: ONNX export version 1" in out
@@ -112,7 +118,8 @@ def test_cache_command_lists_kinds_and_removes_stale_and_named_entries(tiny_fold
     assert "not the cache's own (left alone): predictors" not in out
 
     assert cli.main(["cache", "--stale", "--cache-dir", str(tmp_path)]) == 0
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [key]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([key, live.name])
+    live.rmdir()
     assert [p.name for p in (tmp_path / "exports").iterdir()] == [f"{key}.zip"]
     assert not onnx.exists() and (tmp_path / "bench-scratch").is_dir()
 

@@ -165,8 +165,8 @@ def test_without_ray_the_ray_option_says_what_to_install(monkeypatch):
 def test_stale_temporaries_are_matched_by_pid_and_host(tmp_path):
     """On a cache that several nodes share, a pid alone does not name a writer: a node clears only folders of its
     own dead writers, the driver only those of the lost attempt's pid on the lost attempt's host."""
-    from pruner.ray_exec import dead_here, lost_attempt, remove_stale_temporaries
-    from pruner.store import atomic_dir, temporary_writer, writer_host
+    from pruner.ray_exec import lost_attempt, remove_stale_temporaries
+    from pruner.store import atomic_dir, temporary_writer, writer_gone_here, writer_host
 
     here = writer_host()
     with atomic_dir(tmp_path / "runs" / "0123456789abcdef") as tmp:
@@ -178,7 +178,7 @@ def test_stale_temporaries_are_matched_by_pid_and_host(tmp_path):
              "elsewhere": f".c.tmp-{dead}-abcdef12-other-node-7", "old format": f".d.tmp-{dead}-abcdef12"}
     for name in names.values():
         (tmp_path / "runs" / name).mkdir()
-    removed = {p.name for p in remove_stale_temporaries(tmp_path, dead_here)}
+    removed = {p.name for p in remove_stale_temporaries(tmp_path, writer_gone_here)}
     assert removed == {names["dead here"], names["old format"]}
     removed = {p.name for p in remove_stale_temporaries(tmp_path, lost_attempt({"pid": dead, "host": "other-node-7"}))}
     assert removed == {names["elsewhere"]}
