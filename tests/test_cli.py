@@ -180,6 +180,7 @@ def test_prune_drop_weights_keeps_the_numbers_and_force_restores_them(tiny_folde
     assert (folder / "model.safetensors").is_file()  # nothing removed while a later key was bad
     r = cache_cli("--drop-weights", key)
     assert r.returncode == 0 and "freed" in r.stdout and not list(folder.rglob("*.safetensors")), r.stderr
+    assert "1 of the runs keep only their manifest and metrics" in cache_cli().stdout
     r = run_cli(*args[:-5], "--sparsity", "0.5", cache=tmp_path, data_dir=data_dir)  # not evaluated
     other = r.stdout.split()[1].rstrip(":")
     r = cache_cli("--drop-weights", other)
