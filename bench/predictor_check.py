@@ -16,6 +16,7 @@ mean of its N perplexities: the seed-to-seed noise of one measurement (the check
 for them already. ``--drop-weights`` keeps only the manifest and metrics of the runs it creates.
 
     python -m bench.predictor_check --sparsities 0.5 0.7 [--max-chunks 8] [--seeds 3 --drop-weights] [--json out.json]
+    python -m bench.predictor_check ... --report   # nothing pruned: only the cached runs
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from bench.common import forward_baseline, git_rev, machine
 from pruner.api import allocation_for, cached_learned
 from pruner.allocation import ALLOCATORS
 from pruner.predictor import DEFAULT_WINDOW_TOKENS, DEFAULT_WINDOWS, PredictorSpec, cached_table, get_damage_table, spearman
-from pruner.runs import run_exists
+from pruner.metrics import stored_perplexity
+from pruner.runs import run_exists, run_folder
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
 from pruner.store import default_data_dir
 from pruner.workflows import PerplexityOptions, PruneRequest, run
@@ -60,6 +62,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1, help="calibration seeds measured per allocation (default 1)")
     ap.add_argument("--drop-weights", action="store_true",
                     help="keep only the manifest and metrics of the runs this check creates (0.5 GB each)")
+    ap.add_argument("--report", action="store_true",
+                    help="prune and evaluate nothing: read the measurements from the cached runs (an allocation "
+                         "missing a seed's evaluated run is left out, and listed)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
@@ -124,9 +129,21 @@ def main() -> None:
                     break
                 prune = PruneSpec(model=stats_spec.model, calib=calib, allocator=name, allocator_params=params,
                                   method="wanda", sparsity=S)
+                if args.report:
+                    stored = (stored_perplexity(run_folder(prune.key()), max_chunks=args.max_chunks)
+                              if run_exists(prune.key()) else None)
+                    if stored is None:
+                        row["seeds_missing"] = f"no evaluated run for calibration seed {calib.seed}"
+                        break
+                    per_seed[calib.seed] = stored["perplexity"]
+                    continue
                 result = run(PruneRequest(prune, PerplexityOptions(max_chunks=args.max_chunks), data_dir=data_dir,
                                           drop_weights=args.drop_weights and not run_exists(prune.key())))
                 per_seed[calib.seed] = result["perplexity"]
+            if not per_seed:
+                rows.append(row)
+                print(f"{S:.0%} {name} {params}: {row['seeds_missing']}", flush=True)
+                continue
             row["measured_seeds"] = per_seed
             row["measured"] = math.exp(np.mean(np.log(list(per_seed.values()))))  # geometric mean over seeds
             rows.append(row)
