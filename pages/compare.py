@@ -244,11 +244,12 @@ if sp_name:
 # ---------------------------------------------------------------------------------------------------------------
 with st.expander("Evaluate runs: full perplexity, zero-shot accuracy and CPU speed-up (background jobs)"):
     with st.form("cmp_eval_form"):
-        with_weights = [k for k in labels if not next(r for r in runs if r.key == k).weights_dropped]
+        with_weights = [r.key for r in runs if not r.weights_dropped]  # the same runs, in the order of labels
         chosen = st.multiselect("Runs", with_weights, format_func=labels.get, key="cmp_eval_runs",
                                 help=None if len(with_weights) == len(labels) else
                                 f"{len(labels) - len(with_weights)} run(s) kept only their metrics (weights dropped "
-                                "after evaluation) and are not offered; prune them again to evaluate them further")
+                                "after evaluation) and are not offered; `python -m pruner prune ... --force` with their settings "
+                                "restores them")
         c = st.columns(2)
         do_zs = c[0].checkbox("Zero-shot accuracy (lm-eval)", value=True, key="cmp_eval_zs")
         tasks = c[0].multiselect("Tasks", list(TASKS), default=list(TASKS), format_func=lambda t: TASKS[t].label,

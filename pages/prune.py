@@ -137,7 +137,7 @@ for run in listing.runs:
     c[0].markdown(f"**{run.label}** · achieved {run.achieved_overall:.2%} · {ppl_text} · `{run.key}`")
     folder = run_folder(run.key, sel.cache_dir)
     if run.weights_dropped:
-        c[1].caption("weights dropped after evaluation (prune again to restore them)")
+        c[1].caption("weights dropped after evaluation (`python -m pruner prune ... --force` restores them)")
         continue
     c[1].download_button("Download zip", data=lambda folder=folder: open(run_zip(folder), "rb").read(),
                          file_name=f"{run.key}.zip", mime="application/zip", key=f"dl-{run.key}",

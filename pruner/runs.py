@@ -189,13 +189,14 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def require_weights(folder: Path) -> None:
-    """ValueError, saying how to get them back, when the run's weights were dropped."""
+    """``BadRun`` (a ValueError), saying how to get them back, when the run's weights were dropped: the one check
+    for everything that reads a run's weights (loading, streaming, zipping)."""
     raw = read_manifest(Path(folder))
     if WEIGHTS_DROPPED in raw:
         raise BadRun(f"run {Path(folder).name} keeps only its manifest and metrics: its weights were dropped after "
                      f"evaluation on {raw[WEIGHTS_DROPPED]['when']} to save disk. Prune it again to restore them "
-                     "(`python -m pruner prune ... --force` with the same settings, or the Prune page with "
-                     "'recompute'): the same spec gives the same weights.")
+                     "(`python -m pruner prune ... --force` with the same settings): the same spec gives the same "
+                     "weights.")
 
 
 def drop_weights(folder: Path) -> int:

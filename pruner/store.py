@@ -173,9 +173,9 @@ def run_zip(folder: Path) -> Path:
     import zipfile
 
     folder = Path(folder)
-    if WEIGHTS_DROPPED in read_manifest(folder):
-        raise ValueError(f"run {folder.name} has no weights to download: they were dropped after its evaluation; "
-                         "prune it again (same settings, --force) to restore them")
+    from pruner.runs import require_weights  # (pruner.runs imports this module)
+
+    require_weights(folder)
     target = folder.parent.parent / "exports" / f"{folder.name}.zip"  # CacheLayout.export(key)
     # compared by content: file times tick too coarsely to order a zip and a manifest written in the same moment
     try:

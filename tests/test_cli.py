@@ -159,7 +159,7 @@ def test_prune_drop_weights_keeps_the_numbers_and_force_restores_them(tiny_folde
     assert again.returncode == 0 and f"{before['perplexity']:.3f}" in again.stdout, again.stderr
     with pytest.raises(BadRun, match="its weights were dropped after evaluation"):
         load_run(folder)
-    with pytest.raises(ValueError, match="no weights to download"):
+    with pytest.raises(BadRun, match="its weights were dropped after evaluation"):
         run_zip(folder)
     r = run_cli("eval", "--run", key, "--ppl", "--max-chunks", "1", cache=tmp_path, data_dir=data_dir)
     assert r.returncode == 2 and "its weights were dropped after evaluation" in r.stderr and "--force" in r.stderr
