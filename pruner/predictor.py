@@ -140,6 +140,7 @@ class Prediction:
     low: float | None  # 95% interval over the held-out windows
     high: float | None
     block_delta_nll: np.ndarray  # (B,) each block's predicted contribution Δ_b(s_b), mean over windows
+    compounding_nll: float = 0.0  # γ₊ (Σ_b Δ⁺_b)² + γ₋ (Σ_b Δ⁻_b)², mean over windows (``fit_compounding``)
 
     def text(self) -> str:
         interval = f" [{self.low:.1f}, {self.high:.1f}]" if self.low is not None else ""
@@ -164,6 +165,20 @@ class DamageTable:
     layer_energy: np.ndarray | None = None
     layer_block: np.ndarray | None = None
     anchor: float = 0.0
+    #: The probes measured whole for the compounding fit ({"probes", "probe_nll", …}, ``measure_compounding``);
+    #: None: predictions are purely additive
+    compounding: dict | None = None
+
+    @property
+    def gamma(self) -> np.ndarray:
+        """(γ₊, γ₋) of the compounding terms, fitted from the stored probes (``fit_compounding``, microseconds);
+        (0, 0) when the table has none."""
+        if self.compounding is None:
+            return np.zeros(len(COMPOUNDING_TERMS))
+        if "_gamma" not in self.compounding:  # fitted once per loaded table, from the measurements on disk
+            self.compounding["_gamma"] = fit_compounding(self, np.asarray(self.compounding["probes"]),
+                                                         np.asarray(self.compounding["probe_nll"]))
+        return self.compounding["_gamma"]
 
     @property
     def n_blocks(self) -> int:
@@ -189,8 +204,9 @@ class DamageTable:
         at = int(np.searchsorted(self.grid, self.anchor))
         return np.concatenate([d[:, :at], np.zeros((d.shape[0], 1, d.shape[2])), d[:, at:]], axis=1)
 
-    def predict(self, block_sparsity) -> Prediction:
-        """Predicted perplexity of per-block sparsities s_b (B,), each in [0, max grid]."""
+    def per_block_delta(self, block_sparsity) -> np.ndarray:
+        """Δ_{b,w}(s_b) of per-block sparsities s_b (B,), each in the range the table measured, interpolated
+        linearly between its points. (B, W)"""
         s = np.asarray(block_sparsity, dtype=np.float64)
         if s.shape != (self.n_blocks,):
             raise ValueError(f"one sparsity per block ({self.n_blocks}) is needed; got shape {s.shape}")
@@ -204,12 +220,20 @@ class DamageTable:
         weight = (s - points[lower]) / (points[upper] - points[lower])
         d = self.delta()
         rows = np.arange(self.n_blocks)
-        per_block = d[rows, lower] * (1 - weight)[:, None] + d[rows, upper] * weight[:, None]  # (B, W)
-        window_nll = self.dense_nll + per_block.sum(axis=0)
+        return d[rows, lower] * (1 - weight)[:, None] + d[rows, upper] * weight[:, None]
+
+    def predict(self, block_sparsity, compounding: bool = True) -> Prediction:
+        """Predicted perplexity of per-block sparsities s_b (B,), each in the range the table measured: the
+        reference's NLL plus each block's damage, plus the compounding terms γ₊ (Σ_b Δ⁺_b)² + γ₋ (Σ_b Δ⁻_b)² when
+        the table has probes and ``compounding`` is true (per window; see ``fit_compounding``)."""
+        per_block = self.per_block_delta(block_sparsity)
+        extra = compounding_features(per_block) @ self.gamma if compounding else np.zeros(per_block.shape[1])
+        window_nll = self.dense_nll + per_block.sum(axis=0) + extra
         ci = t_interval(window_nll)
         return Prediction(float(math.exp(window_nll.mean())),
                           None if ci.low is None else float(math.exp(ci.low)),
-                          None if ci.high is None else float(math.exp(ci.high)), per_block.mean(axis=1))
+                          None if ci.high is None else float(math.exp(ci.high)), per_block.mean(axis=1),
+                          float(extra.mean()))
 
     def equivalent_block_sparsity(self, layer_sparsity) -> np.ndarray:
         """Per block, the uniform sparsity g_b whose masks would remove as much squared score as the allocation's
@@ -235,10 +259,10 @@ class DamageTable:
             out[b] = np.interp(removed[rows].sum(), curve, lattice)
         return out
 
-    def predict_layers(self, layer_sparsity) -> Prediction:
+    def predict_layers(self, layer_sparsity, compounding: bool = True) -> Prediction:
         """``predict`` of the equivalent block sparsities (``equivalent_block_sparsity``): sees how an allocation
         spreads inside each block, which the block means alone do not."""
-        return self.predict(self.equivalent_block_sparsity(layer_sparsity))
+        return self.predict(self.equivalent_block_sparsity(layer_sparsity), compounding)
 
     def predict_allocation(self, block_sparsity, layer_sparsity=None) -> Prediction:
         """What the pages and tuning show: ``predict_layers`` when the table has per-layer energies and the
@@ -255,15 +279,102 @@ class DamageTable:
         np.savez(folder / "table.npz", grid=self.grid, dense_nll=self.dense_nll, window_nll=self.window_nll,
                  block_numel=self.block_numel, anchor=self.anchor, **extra)
         (folder / "meta.json").write_text(json.dumps(self.meta, indent=1))
+        if self.compounding is not None:
+            save_compounding(folder, {k: v for k, v in self.compounding.items() if not k.startswith("_")})
 
     @classmethod
     def load(cls, folder: Path) -> "DamageTable":
         z = np.load(folder / "table.npz")
+        fit = folder / COMPOUNDING_FILE
         return cls(z["grid"], z["dense_nll"], z["window_nll"], z["block_numel"],
                    json.loads((folder / "meta.json").read_text()),
                    z["layer_energy"] if "layer_energy" in z else None,
                    z["layer_block"] if "layer_block" in z else None,
-                   float(z["anchor"]) if "anchor" in z else 0.0)
+                   float(z["anchor"]) if "anchor" in z else 0.0,
+                   json.loads(fit.read_text()) if fit.is_file() else None)
+
+
+#: The compounding terms, in the order of (γ₊, γ₋): damages that compound, gains that saturate.
+COMPOUNDING_TERMS = ("(Σ Δ⁺)²", "(Σ Δ⁻)²")
+
+
+def compounding_features(per_block: np.ndarray) -> np.ndarray:
+    """Per window, (Σ_b Δ⁺_b)² and (Σ_b Δ⁻_b)²: the squared sum of the blocks' damages (increases of the loss) and
+    of their gains (decreases), each block counted in one of the two. per_block: (B, W) → (W, 2)"""
+    return np.stack([np.clip(per_block, 0, None).sum(axis=0) ** 2,
+                     np.clip(per_block, None, 0).sum(axis=0) ** 2], axis=1)
+
+
+#: The compounding fit is stored next to the table it corrects (an older table gets one without being rebuilt).
+COMPOUNDING_FILE = "compounding.json"
+#: Probe allocations measured whole for the fit, their seed, and the spreads r (max |s_b − S₀|) they cycle through.
+COMPOUNDING_PROBES = 8
+COMPOUNDING_SEED = 0
+COMPOUNDING_SPREADS = (0.05, 0.1, 0.15, 0.2)
+
+
+def save_compounding(folder: Path, fit: dict) -> None:
+    """Write the fit beside the table atomically (a reader sees the whole file or none)."""
+    import os
+
+    tmp = folder / f".{COMPOUNDING_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(fit, indent=1))
+    os.replace(tmp, folder / COMPOUNDING_FILE)
+
+
+def probe_allocations(table: DamageTable, probes: int = COMPOUNDING_PROBES, seed: int = COMPOUNDING_SEED,
+                      spreads=COMPOUNDING_SPREADS) -> np.ndarray:
+    """Per-block sparsities of the compounding fit's probes: S₀ + r · z, z a random walk over the blocks (cumulative
+    sum of standard normal steps, centred, scaled to max |z| = 1), so that neighbouring blocks move together as the
+    allocators move them; r cycles through ``spreads``; each s_b clipped to the range the table measured. None of
+    them is an allocator's allocation. (probes, B)"""
+    rng = np.random.default_rng(seed)
+    points = table.points()
+    out = np.zeros((probes, table.n_blocks))
+    for i in range(probes):
+        z = np.cumsum(rng.standard_normal(table.n_blocks))
+        z -= z.mean()
+        if np.abs(z).max() > 0:  # one block: no walk, the probe is the reference
+            z /= np.abs(z).max()
+        out[i] = np.clip(table.anchor + spreads[i % len(spreads)] * z, points[0], points[-1])
+    return np.round(out, 4)
+
+
+def fit_compounding(table: DamageTable, probe_block: np.ndarray, probe_nll: np.ndarray) -> np.ndarray:
+    """(γ₊, γ₋) ≥ 0 of
+
+        NLL_w(s) = NLL_w(ref) + Σ_b Δ_{b,w}(s_b) + γ₊ (Σ_b Δ⁺_{b,w})² + γ₋ (Σ_b Δ⁻_{b,w})²
+
+    by non-negative least squares over the probes' measured held-out NLLs (every window of every probe one
+    equation). γ₊ > 0: damages inside one model compound beyond their sum (a pruned block's output feeds the next);
+    γ₋ > 0: gains saturate (moving many blocks below S₀ buys less than their sum). Both are held ≥ 0 (the stated
+    direction of each; a term the probes do not support is 0, not reversed). probe_block (P, B); probe_nll (P, W)."""
+    residual, features = [], []
+    for s, nll in zip(probe_block, probe_nll):
+        per_block = table.per_block_delta(s)
+        residual.append(nll - table.dense_nll - per_block.sum(axis=0))
+        features.append(compounding_features(per_block))
+    return nonnegative_least_squares(np.concatenate(features), np.concatenate(residual))
+
+
+def nonnegative_least_squares(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """argmin_{x ≥ 0} ‖a x − y‖² for a few columns, exactly: the least-squares solution on each subset of columns
+    (the others 0), the best feasible one. a (n, k), k small (2ᵏ subsets); y (n,). (k,)"""
+    import itertools
+
+    k = a.shape[1]
+    best, best_x = np.inf, np.zeros(k)
+    for size in range(k + 1):
+        for cols in itertools.combinations(range(k), size):
+            x = np.zeros(k)
+            if cols:
+                x[list(cols)] = np.linalg.lstsq(a[:, cols], y, rcond=None)[0]
+            if np.any(x < 0):
+                continue
+            err = float(((a @ x - y) ** 2).sum())
+            if err < best - 1e-15:
+                best, best_x = err, x
+    return best_x
 
 
 def holdout_windows(tokenizer, data_dir, windows: int, window_tokens: int) -> torch.Tensor:
@@ -299,97 +410,196 @@ def _window_nll(model, hidden: list[torch.Tensor], windows: torch.Tensor, device
     return np.array(out)
 
 
+class _Holdout:
+    """The held-out windows of ``spec`` and what running them through a model's blocks needs: the hidden states
+    entering block 0, each block's call arguments, and each layer's mask scores (the method's, on the dense
+    weights). Used as a context: the head and final norm sit on the compute device inside it."""
+
+    def __init__(self, model, tokenizer, stats, spec: PredictorSpec, data_dir, device):
+        from pruner.besa import block_input_norms
+        from pruner.calibrate import capture_block_inputs
+        from pruner.evaluate.perplexity import _final_norm
+        from pruner.models import find_blocks
+
+        self.model, self.spec, self.device = model, spec, torch.device(device)
+        self.windows = holdout_windows(tokenizer, data_dir, spec.windows, spec.window_tokens)
+        _, self.blocks = find_blocks(model)
+        self.norms = block_input_norms(stats)
+        if len(self.norms) != len(self.blocks):
+            raise ValueError(f"the statistics have {len(self.norms)} blocks, the model {len(self.blocks)}")
+        # all held-out windows in one batch: larger matrix products, the same numbers up to float rounding
+        self.hidden, self.calls = capture_block_inputs(model, self.windows, self.device, batch_size=len(self.windows))
+        self.home = next(model.parameters()).device
+        self.head = (model.get_output_embeddings(), _final_norm(model))
+
+    def __enter__(self):
+        for module in self.head:
+            module.to(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        for module in self.head:
+            module.to(self.home)
+
+    def tail(self, states: list[torch.Tensor], start: int) -> list[torch.Tensor]:
+        """Hidden states leaving the last block, from ``states`` entering block ``start``."""
+        from pruner.calibrate import _run_block
+
+        for j in range(start, len(self.blocks)):
+            self.blocks[j].to(self.device)
+            states = _run_block(self.blocks[j], states, self.calls[j], self.device)
+            self.blocks[j].to(self.home)
+        return states
+
+    def nll(self, states: list[torch.Tensor]) -> np.ndarray:
+        """Mean NLL per window from the hidden states leaving the last block. (W,)"""
+        return _window_nll(self.model, states, self.windows, self.device)
+
+    def scores(self, b: int, originals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Block b's mask scores: Wanda's |W_ij|·‖X_j‖₂ (‖X_j‖₂ from the statistics) or magnitude's |W_ij|."""
+        from pruner.scores import wanda_score
+
+        return {n: (wanda_score(w, self.norms[b][n].to(self.device)) if self.spec.method == "wanda" else w.abs())
+                for n, w in originals.items()}
+
+
+def _set_weights(layers, originals, scores, g) -> None:
+    """Every layer of a block dense (g None) or with the row-wise mask of its scores at g: one sparsity for the
+    block, or a {layer name: sparsity} dict."""
+    from pruner.methods.masks import lowest_mask
+    from pruner.models import weight_matrix
+
+    for n, layer in layers.items():
+        s = g.get(n) if isinstance(g, dict) else g
+        weight_matrix(layer).copy_(originals[n] if s is None else originals[n] * ~lowest_mask(scores[n], s, "row"))
+
+
+def _dense_weights(layers) -> dict[str, torch.Tensor]:
+    from pruner.models import weight_matrix
+
+    return {n: weight_matrix(layer).detach().clone() for n, layer in layers.items()}
+
+
+def _restore(blocks, originals_by_block: dict[int, dict[str, torch.Tensor]]) -> None:
+    from pruner.models import prunable_layers, weight_matrix
+
+    for b, originals in originals_by_block.items():
+        for n, layer in prunable_layers(blocks[b]).items():
+            weight_matrix(layer).copy_(originals[n].to(weight_matrix(layer).device))
+
+
 @torch.no_grad()
 def build_damage_table(model, tokenizer, stats, spec: PredictorSpec, data_dir, device="cpu",
                        progress: ProgressFn | None = None,
                        should_cancel: Callable[[], bool] | None = None) -> DamageTable:
     """Measure the table (see the module's docstring) on a dense model in memory; the model is left unchanged.
     ``stats``: the dense statistics of ``spec.stats`` (Wanda's ‖X_j‖₂). ``progress`` counts blocks."""
-    from pruner.besa import block_input_norms
-    from pruner.calibrate import _run_block, capture_block_inputs
-    from pruner.evaluate.perplexity import _final_norm
-    from pruner.methods.masks import lowest_mask
-    from pruner.models import find_blocks, prunable_layers, weight_matrix
-    from pruner.scores import wanda_score
+    from pruner.calibrate import _run_block
+    from pruner.models import prunable_layers
 
-    device = torch.device(device)
     t0 = time.perf_counter()
-    windows = holdout_windows(tokenizer, data_dir, spec.windows, spec.window_tokens)
-    _, blocks = find_blocks(model)
-    norms = block_input_norms(stats)
-    if len(norms) != len(blocks):
-        raise ValueError(f"the statistics have {len(norms)} blocks, the model {len(blocks)}")
-    # all held-out windows in one batch: larger matrix products, the same numbers up to float rounding
-    hidden, calls = capture_block_inputs(model, windows, device, batch_size=len(windows))
-    home = next(model.parameters()).device
-    for module in (model.get_output_embeddings(), _final_norm(model)):
-        module.to(device)
-
-    def tail(states: list[torch.Tensor], start: int) -> list[torch.Tensor]:
-        for j in range(start, len(blocks)):
-            blocks[j].to(device)
-            states = _run_block(blocks[j], states, calls[j], device)
-            blocks[j].to(home)
-        return states
-
-    def block_scores(b: int, originals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {n: (wanda_score(w, norms[b][n].to(device)) if spec.method == "wanda" else w.abs())
-                for n, w in originals.items()}
-
-    def set_weights(layers, originals, scores, g: float | None) -> None:
-        """Every layer of a block dense (g None) or with the method's row-wise mask at g."""
-        for n, layer in layers.items():
-            weight_matrix(layer).copy_(originals[n] if g is None else originals[n] * ~lowest_mask(scores[n], g, "row"))
-
     dense_weights: dict[int, dict[str, torch.Tensor]] = {}  # only with an operating point: every block's originals
-    window_nll = np.zeros((len(blocks), len(spec.grid), spec.windows))
-    numel = np.zeros(len(blocks))
-    energy: dict[tuple[int, str], np.ndarray] = {}
-    try:
-        if spec.around is not None:  # the reference: every block pruned at S₀ (one-shot masks, dense inputs)
+    with _Holdout(model, tokenizer, stats, spec, data_dir, device) as h:
+        blocks, hidden, device, home = h.blocks, h.hidden, h.device, h.home
+        window_nll = np.zeros((len(blocks), len(spec.grid), spec.windows))
+        numel = np.zeros(len(blocks))
+        energy: dict[tuple[int, str], np.ndarray] = {}
+        try:
+            if spec.around is not None:  # the reference: every block pruned at S₀ (one-shot masks, dense inputs)
+                for b, block in enumerate(blocks):
+                    block.to(device)
+                    layers = prunable_layers(block)
+                    dense_weights[b] = _dense_weights(layers)
+                    _set_weights(layers, dense_weights[b], h.scores(b, dense_weights[b]), spec.around)
+                    block.to(home)
+            dense_nll = h.nll(h.tail(list(hidden), 0))
             for b, block in enumerate(blocks):
+                if should_cancel is not None and should_cancel():
+                    raise Cancelled(f"cancelled before block {b} of {len(blocks)}")
                 block.to(device)
                 layers = prunable_layers(block)
-                dense_weights[b] = {n: weight_matrix(layer).detach().clone() for n, layer in layers.items()}
-                set_weights(layers, dense_weights[b], block_scores(b, dense_weights[b]), spec.around)
+                originals = dense_weights.get(b) or _dense_weights(layers)
+                numel[b] = sum(w.numel() for w in originals.values())
+                scores = h.scores(b, originals)
+                for n, score in scores.items():
+                    energy[(b, n)] = removed_energy(score)
+                try:
+                    for k, g in enumerate(spec.grid):
+                        _set_weights(layers, originals, scores, g)
+                        out = _run_block(block, hidden, h.calls[b], device)
+                        block.to(home)
+                        window_nll[b, k] = h.nll(h.tail(out, b + 1))
+                        block.to(device)
+                finally:
+                    _set_weights(layers, originals, scores, spec.around)  # back to the reference
+                hidden = _run_block(block, hidden, h.calls[b], device)  # the reference's input to the next block
                 block.to(home)
-        dense_nll = _window_nll(model, tail(list(hidden), 0), windows, device)
-        for b, block in enumerate(blocks):
-            if should_cancel is not None and should_cancel():
-                raise Cancelled(f"cancelled before block {b} of {len(blocks)}")
-            block.to(device)
-            layers = prunable_layers(block)
-            originals = dense_weights.get(b) or {n: weight_matrix(layer).detach().clone() for n, layer in layers.items()}
-            numel[b] = sum(w.numel() for w in originals.values())
-            scores = block_scores(b, originals)
-            for n, score in scores.items():
-                energy[(b, n)] = removed_energy(score)
-            try:
-                for k, g in enumerate(spec.grid):
-                    set_weights(layers, originals, scores, g)
-                    out = _run_block(block, hidden, calls[b], device)
-                    block.to(home)
-                    window_nll[b, k] = _window_nll(model, tail(out, b + 1), windows, device)
-                    block.to(device)
-            finally:
-                set_weights(layers, originals, scores, spec.around)  # back to the reference
-            hidden = _run_block(block, hidden, calls[b], device)  # the reference's input to the next block
-            block.to(home)
-            if progress is not None:
-                progress(b + 1, len(blocks))
-    finally:
-        for b, originals in dense_weights.items():  # the model leaves dense, as it came
-            layers = prunable_layers(blocks[b])
-            for n, layer in layers.items():
-                weight_matrix(layer).copy_(originals[n].to(weight_matrix(layer).device))
-        for module in (model.get_output_embeddings(), _final_norm(model)):
-            module.to(home)
+                if progress is not None:
+                    progress(b + 1, len(blocks))
+        finally:
+            _restore(blocks, dense_weights)  # the model leaves dense, as it came
     meta = {"key": spec.key(), **spec.identity(), "seconds": round(time.perf_counter() - t0, 2),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dense_perplexity": float(math.exp(dense_nll.mean()))}
     layer_block = np.asarray(stats.layer_block)
     layer_energy = np.stack([energy[(int(b), n)] for b, n in zip(layer_block, stats.layer_names)])
     return DamageTable(np.array(spec.grid), dense_nll, window_nll, numel, meta, layer_energy, layer_block,
                        0.0 if spec.around is None else spec.around)
+
+
+@torch.no_grad()
+def measure_allocations(model, tokenizer, stats, spec: PredictorSpec, layer_sparsities, data_dir, device="cpu",
+                        progress: ProgressFn | None = None) -> np.ndarray:
+    """The held-out NLL per window that the table's setting gives each whole allocation: every layer l pruned at
+    its own sparsity s_l by the table's one-shot masks (``spec.method``'s scores on the dense weights), the held-out
+    windows of ``spec`` run through the model. What ``DamageTable.predict`` approximates by adding single-block
+    moves; the uniform allocation at S₀ gives the operating-point table's reference exactly, and one block moved
+    alone its table row. ``layer_sparsities``: one sequence per allocation, in the statistics' layer order. The
+    model is left unchanged. (A, W)"""
+    from pruner.models import prunable_layers
+
+    layer_block, names = np.asarray(stats.layer_block), list(stats.layer_names)
+    allocations = [np.asarray(s, dtype=np.float64) for s in layer_sparsities]
+    for s in allocations:
+        if s.shape != layer_block.shape or s.min() < 0 or s.max() >= 1:
+            raise ValueError(f"each allocation needs one sparsity in [0, 1) per layer ({len(layer_block)}); got "
+                             f"shape {s.shape}" + (f", {s.min():.3f}…{s.max():.3f}" if s.size else ""))
+    from pruner.methods.masks import prune_count
+    from pruner.models import weight_matrix
+
+    out = np.zeros((len(allocations), spec.windows))
+    with _Holdout(model, tokenizer, stats, spec, data_dir, device) as h:
+        dense, ranks = {}, {}
+        try:
+            for b, block in enumerate(h.blocks):
+                block.to(h.device)
+                dense[b] = _dense_weights(prunable_layers(block))
+                # each weight's place in its row's stable ascending order: the mask at any sparsity is then one
+                # comparison (rank < k), the same weights ``lowest_mask`` picks, ties by position included
+                ranks[b] = {n: row_ranks(score) for n, score in h.scores(b, dense[b]).items()}
+                block.to(h.home)
+            for a, s in enumerate(allocations):
+                for b, block in enumerate(h.blocks):
+                    block.to(h.device)
+                    here = {n: float(v) for n, v, lb in zip(names, s, layer_block) if lb == b}
+                    for n, layer in prunable_layers(block).items():
+                        w = dense[b][n]
+                        weight_matrix(layer).copy_(w * (ranks[b][n] >= prune_count(w.shape[1], here[n])))
+                    block.to(h.home)
+                out[a] = h.nll(h.tail(list(h.hidden), 0))
+                if progress is not None:
+                    progress(a + 1, len(allocations))
+        finally:
+            _restore(h.blocks, dense)
+    return out
+
+
+def row_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Each entry's position in its row's stable ascending sort (0 = lowest score): ``rank < round(g · in)`` is
+    ``lowest_mask(scores, g, "row")`` for every g. (out, in), int16 when rows are shorter than 2¹⁵."""
+    order = torch.sort(scores, dim=1, stable=True).indices
+    dtype = torch.int16 if scores.shape[1] < 2 ** 15 else torch.int32
+    positions = torch.arange(scores.shape[1], device=scores.device).to(dtype).expand_as(order)
+    return torch.empty_like(order, dtype=dtype).scatter_(1, order, positions)
 
 
 def removed_energy(scores: torch.Tensor) -> np.ndarray:
@@ -430,17 +640,48 @@ def get_damage_table(spec: PredictorSpec, cache_dir: Path | None = None, *, data
     from pruner.store import atomic_dir
 
     found = cached_table(spec, cache_dir)
-    if found is not None:
+    if found is not None and found.compounding is not None:
         return found
     loaded = loaded if loaded is not None else load_model(spec.stats.model, cache_dir)
     if loaded.streamed:
         raise ValueError("the damage table is built with the model in memory; load it without streaming")
     stats = get_stats(spec.stats, cache_dir, loaded=loaded)
-    table = build_damage_table(loaded.model, loaded.tokenizer, stats, spec, data_dir, loaded.device,
-                               progress=progress, should_cancel=should_cancel)
-    with atomic_dir(predictor_dir(spec, cache_dir)) as tmp:
-        table.save(tmp)
+    blocks = len(stats.block_numel)
+    steps = (0 if found is not None else blocks) + COMPOUNDING_PROBES  # progress: table blocks, then probes
+
+    def report(done_before: int):
+        return None if progress is None else (lambda done, _total: progress(done_before + done, steps))
+
+    if found is None:
+        table = build_damage_table(loaded.model, loaded.tokenizer, stats, spec, data_dir, loaded.device,
+                                   progress=report(0), should_cancel=should_cancel)
+    else:  # a table cached before the compounding fit existed: only the probes are measured
+        table = found
+    if should_cancel is not None and should_cancel():
+        raise Cancelled("cancelled before the compounding fit's probes")
+    table.compounding = measure_compounding(table, loaded.model, loaded.tokenizer, stats, spec, data_dir,
+                                            loaded.device, progress=report(steps - COMPOUNDING_PROBES))
+    if found is None:
+        with atomic_dir(predictor_dir(spec, cache_dir)) as tmp:
+            table.save(tmp)
+    else:
+        save_compounding(predictor_dir(spec, cache_dir), table.compounding)
     return table
+
+
+def measure_compounding(table: DamageTable, model, tokenizer, stats, spec: PredictorSpec, data_dir, device="cpu",
+                        progress: ProgressFn | None = None) -> dict:
+    """Measure the probes (``probe_allocations``) whole on the table's held-out windows. Returns what is stored
+    beside the table: the probes, their NLLs, the time taken, and (for reading) the fit (γ₊, γ₋) of this code."""
+    t0 = time.perf_counter()
+    probes = probe_allocations(table)
+    layer_block = np.asarray(stats.layer_block)
+    nll = measure_allocations(model, tokenizer, stats, spec, [p[layer_block] for p in probes], data_dir, device,
+                              progress=progress)
+    return {"gamma": dict(zip(COMPOUNDING_TERMS, fit_compounding(table, probes, nll).tolist())),
+            "probes": probes.tolist(), "probe_nll": nll.tolist(),
+            "seed": COMPOUNDING_SEED, "spreads": list(COMPOUNDING_SPREADS),
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 #: Resolution of the predictor-optimal allocation's block sparsities (1%, BESA's candidate step).

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pruner.predictor import DEFAULT_GRID, DamageTable, PredictorSpec, build_damage_table, get_damage_table, holdout_windows
+from pruner.predictor import (DEFAULT_GRID, DamageTable, PredictorSpec, build_damage_table, get_damage_table,
+                              holdout_windows, measure_allocations)
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
 
 
@@ -65,6 +66,42 @@ def test_operating_point_prediction_worked_by_hand():
         PredictorSpec(stats, around=1.0)
     assert PredictorSpec(stats, around=0.7).grid == (0.4, 0.5, 0.6, 0.65, 0.8, 0.9, 0.95)
     assert PredictorSpec(stats).grid == DEFAULT_GRID
+
+
+def test_compounding_fit_worked_by_hand():
+    """Anchor 0.5, one window, reference NLL 1.0; grid (0.3, 0.7): block 0 at 0.3 → −0.1, at 0.7 → +0.2; block 1 at
+    0.3 → −0.05, at 0.7 → +0.4. Probes and their features ((Σ Δ⁺)², (Σ Δ⁻)²):
+      A (0.7, 0.7): damages 0.2 + 0.4 → (0.36, 0);      additive 1.6
+      B (0.3, 0.3): gains −0.1 − 0.05 → (0, 0.0225);    additive 0.85
+      C (0.7, 0.3): 0.2 and −0.05     → (0.04, 0.0025); additive 1.15
+    Measured 1.78, 0.895, 1.175 are the additive values plus 0.5 · first + 2 · second feature: the fit recovers
+    (γ₊, γ₋) = (0.5, 2) exactly."""
+    from pruner.predictor import compounding_features, fit_compounding, nonnegative_least_squares, probe_allocations
+
+    table = DamageTable(grid=np.array([0.3, 0.7]), dense_nll=np.array([1.0]),
+                        window_nll=np.array([[[0.9], [1.2]], [[0.95], [1.4]]]), block_numel=np.array([10, 10]),
+                        anchor=0.5)
+    probes = np.array([[0.7, 0.7], [0.3, 0.3], [0.7, 0.3]])
+    np.testing.assert_allclose(compounding_features(table.per_block_delta(probes[2])), [[0.04, 0.0025]])
+    measured = np.array([[1.78], [0.895], [1.175]])
+    np.testing.assert_allclose(fit_compounding(table, probes, measured), [0.5, 2.0], rtol=1e-9)
+    assert table.predict([0.7, 0.7]).perplexity == pytest.approx(math.exp(1.6))  # no probes: additive
+    table.compounding = {"probes": probes.tolist(), "probe_nll": measured.tolist()}
+    p = table.predict([0.7, 0.7])
+    assert p.perplexity == pytest.approx(math.exp(1.78)) and p.compounding_nll == pytest.approx(0.18)
+    assert table.predict([0.3, 0.3]).perplexity == pytest.approx(math.exp(0.895))
+    assert table.predict([0.7, 0.7], compounding=False).perplexity == pytest.approx(math.exp(1.6))
+    # measured below the additive sum on the damaging probe: γ₊ would be negative, so it is 0 (direction stated)
+    gamma = fit_compounding(table, probes[:1], np.array([[1.5]]))
+    np.testing.assert_array_equal(gamma, [0.0, 0.0])
+    # non-negative least squares by hand: y = 2·x₁ − 1·x₂ exactly, the best with x ≥ 0 drops x₂
+    a = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    np.testing.assert_allclose(nonnegative_least_squares(a, np.array([2.0, -1.0, 1.0])), [1.5, 0.0])
+    # probes: seeded, inside the table's range, spread as asked, none the uniform allocation
+    a, b = probe_allocations(table, 4, seed=3), probe_allocations(table, 4, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert a.min() >= 0.3 and a.max() <= 0.7
+    np.testing.assert_allclose(np.abs(a - 0.5).max(axis=1), [0.05, 0.1, 0.15, 0.2], atol=1e-4)
 
 
 def test_spec_names_what_is_allowed():
@@ -160,6 +197,20 @@ def test_operating_point_table_matches_whole_model_forwards(built, data_dir):
     s[b] = spec.grid[k]
     np.testing.assert_allclose(table.window_nll[b, k], pruned(s), rtol=1e-6)
     assert table.predict(s).perplexity == pytest.approx(math.exp(table.window_nll[b, k].mean()), rel=1e-12)
+    # whole allocations in the table's setting: the reference, a table row, and one whose layers differ in a block
+    layer_block = np.asarray(stats.layer_block)
+    mixed = np.where(np.arange(len(layer_block)) % 2 == 0, 0.3, 0.7)  # alternate layers at 30% and 70%
+    measured = measure_allocations(loaded.model, loaded.tokenizer, stats, around,
+                                   [np.full(len(layer_block), 0.5), np.asarray(s)[layer_block], mixed], data_dir)
+    np.testing.assert_allclose(measured[0], table.dense_nll, rtol=1e-6)
+    np.testing.assert_allclose(measured[1], table.window_nll[b, k], rtol=1e-6)
+    model = copy.deepcopy(loaded.model)
+    for i, (block, name) in enumerate(zip(layer_block, stats.layer_names)):
+        w = weight_matrix(prunable_layers(find_blocks(model)[1][block])[name])
+        w.data.copy_(w * ~lowest_mask(wanda_score(w, block_input_norms(stats)[block][name]), mixed[i], "row"))
+    np.testing.assert_allclose(measured[2], _whole_model_nll(model, windows), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"one sparsity in \[0, 1\) per layer"):
+        measure_allocations(loaded.model, loaded.tokenizer, stats, around, [np.full(3, 0.5)], data_dir)
     after = loaded.model.state_dict()
     assert all(torch.equal(before[n], after[n]) for n in before)
 
@@ -172,6 +223,35 @@ def test_table_is_cached_and_listed(built):
     np.testing.assert_array_equal(again.window_nll, table.window_nll)
     entries = [e for e in CacheLayout.at(cache).entries() if e.kind == "predictors"]
     assert len(entries) == 1 and entries[0].path.name == spec.key() and entries[0].stale is None
+
+
+def test_compounding_fit_is_measured_with_the_table_and_added_to_an_older_one(built, data_dir, tmp_path):
+    """Building a table also measures the probes whole and stores γ beside it; a table cached without a fit gets
+    one (probes only, no rebuild) the next time it is asked for with a model at hand."""
+    import shutil
+
+    from pruner.predictor import COMPOUNDING_FILE, COMPOUNDING_PROBES, predictor_dir, probe_allocations
+
+    spec, cache, loaded, _, table, stats = built
+    fit = table.compounding
+    assert fit is not None and (predictor_dir(spec, cache) / COMPOUNDING_FILE).is_file()
+    probes = np.asarray(fit["probes"])
+    np.testing.assert_array_equal(probes, probe_allocations(table))
+    assert probes.shape == (COMPOUNDING_PROBES, table.n_blocks) and np.all(table.gamma >= 0)
+    measured = measure_allocations(loaded.model, loaded.tokenizer, stats, spec,
+                                   [p[np.asarray(stats.layer_block)] for p in probes], data_dir)
+    np.testing.assert_allclose(fit["probe_nll"], measured, rtol=1e-6)
+    # an older table (no fit): copied into a fresh cache without its fit, it gains one, the table itself unchanged
+    other = tmp_path / "older-cache"
+    target = predictor_dir(spec, other)
+    shutil.copytree(predictor_dir(spec, cache), target)
+    (target / COMPOUNDING_FILE).unlink()
+    assert DamageTable.load(target).compounding is None
+    steps = []
+    again = get_damage_table(spec, other, data_dir=data_dir, loaded=loaded, progress=lambda d, t: steps.append((d, t)))
+    np.testing.assert_allclose(again.gamma, table.gamma, rtol=1e-6)
+    assert steps[-1] == (COMPOUNDING_PROBES, COMPOUNDING_PROBES)  # only the probes were measured
+    np.testing.assert_array_equal(DamageTable.load(target).window_nll, table.window_nll)
 
 
 def test_magnitude_table_differs_from_wanda(built, data_dir):
@@ -369,3 +449,15 @@ def test_cli_predicts_around_the_target_sparsity(tiny_folder, data_dir, tmp_path
     assert out["predictor_key"] == spec.key() and out["around"] == 0.5 and table.anchor == 0.5
     assert out["predictions"][0]["perplexity"] == pytest.approx(table.dense_perplexity, rel=1e-12)
     assert out["reference_perplexity"] == pytest.approx(table.dense_perplexity)
+
+
+def test_row_ranks_worked_by_hand_and_match_lowest_mask():
+    from pruner.methods.masks import lowest_mask
+    from pruner.predictor import row_ranks
+
+    scores = torch.tensor([[3.0, 1.0, 1.0, 2.0], [0.5, 0.5, 0.5, 0.1]])
+    # stable ascending order: row 0 → positions 1, 2, 3, 0; row 1 → 3, 0, 1, 2
+    assert row_ranks(scores).tolist() == [[3, 0, 1, 2], [1, 2, 3, 0]]
+    for g in (0.0, 0.25, 0.5, 0.75):
+        k = round(g * 4)
+        assert torch.equal(row_ranks(scores) < k, lowest_mask(scores, g, "row"))
