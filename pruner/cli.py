@@ -230,7 +230,7 @@ def cmd_predict(args) -> int:
                      cache_dir=_cache(args))
         return _queued(job, "damage table of the perplexity predictor")
     table = get_damage_table(spec, _cache(args), data_dir=spec.stats.calib.data_dir,
-                             progress=_progress_bar("damage table (blocks)"))
+                             progress=_progress_bar("damage table (blocks, then compounding probes)"))
     names = [n for n, a in ALLOCATORS.items() if not a.learned] if args.allocator == "all" else [args.allocator]
     if args.allocator == "all":  # each allocator takes the flags it declares
         given = {n: getattr(args, n) for n in _declared_params() if getattr(args, n, None) is not None}

@@ -398,7 +398,7 @@ def run_predictor(req: PredictorRequest, ctx: Context) -> dict:
     table = get_damage_table(req.spec, ctx.cache_dir, data_dir=req.data_dir, progress=ctx.phase("damage table"),
                              should_cancel=ctx.should_cancel)
     return {"predictor_key": req.spec.key(), "dense_perplexity": table.dense_perplexity,
-            "seconds": table.meta.get("seconds")}
+            "seconds": table.meta.get("seconds"), "probe_seconds": (table.compounding or {}).get("seconds")}
 
 
 def run_recover(req: RecoverRequest, ctx: Context) -> dict:
