@@ -139,7 +139,7 @@ def test_prune_seeds_make_a_group_with_a_seed_interval(tiny_folder, tmp_path, da
     assert result["interval"]["low"] < result["perplexity"] < result["interval"]["high"]
 
 
-def test_prune_drop_weights_keeps_the_numbers_and_force_restores_them(tiny_folder, tmp_path, data_dir):
+def test_prune_drop_weights_keeps_the_numbers_and_force_restores_them(tiny_folder, tmp_path, data_dir, capsys):
     """A study's runs can keep only their manifest and metrics: the weights go, the run still answers from its
     metrics, whatever needs the weights says how to get them back, and a forced prune brings back the same model."""
     from pruner.runs import BadRun, load_run
@@ -155,13 +155,23 @@ def test_prune_drop_weights_keeps_the_numbers_and_force_restores_them(tiny_folde
     assert not list(folder.rglob("*.safetensors")) and (folder / "config.json").is_file()
     assert manifest["weights_dropped"]["bytes"] > 0 and len(manifest["metrics"]) == 1
     (before,) = manifest["metrics"].values()
-    again = run_cli(*args, cache=tmp_path, data_dir=data_dir)  # same spec: the stored numbers answer
+    # the prunes run as subprocesses (the installed command); the checks that need no prune run the same CLI
+    # in this process (``pruner.cli.main``), which saves a Python start-up each
+    from pruner.cli import main
+
+    def cli_here(*argv, data=True):
+        capsys.readouterr()
+        code = main([*argv, "--cache-dir", str(tmp_path), *(["--data-dir", data_dir] if data else [])])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out.out, out.err)
+
+    again = cli_here(*args)  # same spec: the stored numbers answer
     assert again.returncode == 0 and f"{before['perplexity']:.3f}" in again.stdout, again.stderr
     with pytest.raises(BadRun, match="its weights were dropped after evaluation"):
         load_run(folder)
     with pytest.raises(BadRun, match="its weights were dropped after evaluation"):
         run_zip(folder)
-    r = run_cli("eval", "--run", key, "--ppl", "--max-chunks", "1", cache=tmp_path, data_dir=data_dir)
+    r = cli_here("eval", "--run", key, "--ppl", "--max-chunks", "1")
     assert r.returncode == 2 and "its weights were dropped after evaluation" in r.stderr and "--force" in r.stderr
     r = run_cli(*args, "--force", cache=tmp_path, data_dir=data_dir)
     assert r.returncode == 0, r.stderr
@@ -170,8 +180,7 @@ def test_prune_drop_weights_keeps_the_numbers_and_force_restores_them(tiny_folde
     assert list(restored["metrics"].values())[0]["perplexity"] == before["perplexity"]  # the same weights again
     # the cache command drops an evaluated run's weights, and refuses a run that has no evaluation to keep
     def cache_cli(*args):  # `cache` takes no data folder
-        return subprocess.run([sys.executable, "-m", "pruner", "cache", *args, "--cache-dir", str(tmp_path)],
-                              capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+        return cli_here("cache", *args, data=False)
 
     for bad, message in ((["0123456789abcdef"], "--drop-weights takes keys of runs in"),
                          ([key, "../x"], "run key must be 16 hexadecimal digits")):
