@@ -690,12 +690,15 @@ OPTIMAL_STEP = 0.01
 
 def optimal_block_sparsity(table: DamageTable, sparsity: float, step: float = OPTIMAL_STEP,
                            reach: float | None = None) -> np.ndarray:
-    """Per-block sparsities minimising the predicted loss Σ_b Δ_b(s_b) (window mean) subject to a mean of exactly S,
-    each s_b a multiple of ``step`` in the range the table measured ([0, top grid point], or from its lowest point for an operating-point table): exact on that lattice, by dynamic programming
-    over blocks (a knapsack: the state is the number of ``step`` units spent so far). Blocks must be of equal
-    size (every supported decoder has them), so the unweighted mean is the parameter-weighted one; S · B / step
-    must be a whole number of units (e.g. S in steps of 0.01). ``reach``: each s_b also within S ± reach (the
-    allocator's trust region r). (B,)"""
+    """Per-block sparsities minimising the predicted loss subject to a mean of exactly S, each s_b a multiple of
+    ``step`` in the range the table measured ([0, top grid point], or from its lowest point for an operating-point
+    table). The additive part Σ_b Δ_b(s_b) (window mean) is minimised exactly on that lattice by dynamic
+    programming over blocks (a knapsack: the state is the number of ``step`` units spent so far). With a
+    compounding fit (γ₊, γ₋ ≠ 0) the programme is repeated on the terms linearised at its last solution, and the
+    solution with the lowest full prediction is kept (never worse than the additive optimum; not guaranteed
+    optimal). Blocks must be of equal size (every supported decoder has them), so the unweighted mean is the
+    parameter-weighted one; S · B / step must be a whole number of units (e.g. S in steps of 0.01). ``reach``:
+    each s_b also within S ± reach (the allocator's trust region r). (B,)"""
     from pruner.allocation import check_sparsity
 
     S = check_sparsity(sparsity)
@@ -718,7 +721,41 @@ def optimal_block_sparsity(table: DamageTable, sparsity: float, step: float = OP
     cost[:, candidates < points[0] - 1e-9] = np.inf  # below what an operating-point table measured
     if reach is not None:
         cost[:, np.abs(candidates - S) > reach + 1e-9] = np.inf  # outside the trust region
+    try:
+        additive = _knapsack(cost, total, top) * step
+    except ValueError:
+        raise ValueError(f"no allocation of mean S = {S:g} exists on this table's range") from None
+    gamma = table.gamma
+    if not np.any(gamma > 0):
+        return additive
+    # With compounding the loss is no longer a sum over blocks. At the optimum the two squared terms act like
+    # prices on the blocks' damages and gains (their derivatives: 1 + 2γ₊·ΣΔ⁺ per unit of damage, 1 + 2γ₋·ΣΔ⁻ per
+    # unit of gain), so the knapsack is solved for a lattice of such prices and the solution whose full prediction
+    # is lowest is kept: never worse than the additive optimum (price 1, 1), not guaranteed optimal.
+    damage, gain = np.clip(cost, 0, None), np.clip(cost, None, 0)
+    best, best_ppl = additive, table.predict(additive).perplexity
+    for damage_price in COMPOUNDING_DAMAGE_PRICES if gamma[0] > 0 else (1.0,):
+        for gain_price in COMPOUNDING_GAIN_PRICES if gamma[1] > 0 else (1.0,):
+            priced = damage * damage_price + gain * gain_price
+            priced[~np.isfinite(cost)] = np.inf
+            candidate = _knapsack(priced, total, top) * step
+            predicted = table.predict(candidate).perplexity
+            if predicted < best_ppl:
+                best, best_ppl = candidate, predicted
+    return best
+
+
+#: Prices tried on a unit of damage (≥ 1: damages compound) and of gain (≤ 1: gains saturate) when the
+#: predictor-optimal allocation is searched on a table with a compounding fit.
+COMPOUNDING_DAMAGE_PRICES = tuple(np.round(np.geomspace(1, 64, 25), 6))
+COMPOUNDING_GAIN_PRICES = tuple(np.round(np.linspace(1, 0, 11), 6))
+
+
+def _knapsack(cost: np.ndarray, total: int, top: int) -> np.ndarray:
+    """Units per block (0 … top each, summing to ``total``) minimising Σ_b cost[b, units_b], by dynamic programming
+    over blocks (the state is the units spent so far). cost (B, top + 1), inf where not allowed. (B,) int"""
     inf = np.inf
+    B = cost.shape[0]
     best = np.full(total + 1, inf)
     best[0] = 0.0
     choice = np.zeros((B, total + 1), dtype=np.int64)
@@ -732,12 +769,12 @@ def optimal_block_sparsity(table: DamageTable, sparsity: float, step: float = OP
             choice[b, better] = k
         best = new
     if not np.isfinite(best[total]):
-        raise ValueError(f"no allocation of mean S = {S:g} exists on this table's range")
+        raise ValueError(f"no allocation of {total} units over {B} blocks exists on the table's range")
     out, t = np.zeros(B, dtype=np.int64), total
     for b in range(B - 1, -1, -1):
         out[b] = choice[b, t]
         t -= out[b]
-    return out * step
+    return out
 
 
 def _learn_optimal(model, tokens, sparsity, stats, params, *, context, **_unused):
@@ -815,6 +852,10 @@ def _learner():
     from pruner.besa import Learner
 
     return Learner(settings={"step": OPTIMAL_STEP, "table": "operating point S", "offsets": list(OPERATING_OFFSETS),
+                             "compounding": {"probes": COMPOUNDING_PROBES, "seed": COMPOUNDING_SEED,
+                                             "spreads": list(COMPOUNDING_SPREADS), "terms": list(COMPOUNDING_TERMS),
+                                             "damage_prices": list(COMPOUNDING_DAMAGE_PRICES),
+                                             "gain_prices": list(COMPOUNDING_GAIN_PRICES)},
                              "windows": DEFAULT_WINDOWS, "window_tokens": DEFAULT_WINDOW_TOKENS,
                              "format": TABLE_FORMAT}, learn=_learn_optimal)
 

@@ -310,6 +310,33 @@ def test_optimal_allocation_is_exact_against_brute_force():
     assert got.mean() == pytest.approx(S) and cost(got) == pytest.approx(best, abs=1e-12)
 
 
+def test_optimal_allocation_with_compounding_matches_brute_force_on_small_tables():
+    """Operating-point tables (anchor 0.5, 4 blocks, random gains below 0.5 and damages above) with γ₊ = 3: the
+    additive optimum stacks damages that compound; the priced search finds the brute-force best of the full
+    prediction on the 0.1 lattice, and on most tables it differs from the additive one."""
+    import itertools
+
+    from pruner.predictor import optimal_block_sparsity
+
+    levels = np.round(np.arange(3, 8) * 0.1, 2)
+    feasible = [np.array(c) for c in itertools.product(levels, repeat=4) if abs(sum(c) - 2.0) < 1e-9]
+    changed = 0
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        gains = -np.cumsum(rng.random((4, 2)), axis=1)[:, ::-1]  # at 0.3 below 0.4
+        damages = np.cumsum(rng.random((4, 2)), axis=1)
+        table = DamageTable(np.array([0.3, 0.4, 0.6, 0.7]), np.array([1.0]),
+                            1.0 + np.concatenate([gains, damages], axis=1)[:, :, None], np.full(4, 100.0), anchor=0.5)
+        additive = optimal_block_sparsity(table, 0.5, step=0.1)
+        table.compounding = {"_gamma": np.array([3.0, 0.0])}  # fitted γ set directly: a strong compounding
+        got = optimal_block_sparsity(table, 0.5, step=0.1)
+        assert got.mean() == pytest.approx(0.5)
+        best = min(table.predict(c).perplexity for c in feasible)
+        assert table.predict(got).perplexity == pytest.approx(best, rel=1e-9), seed
+        changed += not np.allclose(got, additive)
+    assert changed >= 6
+
+
 def test_predictor_optimal_allocator_through_the_registry(built, data_dir):
     """`predicted` is a learned allocator: learning builds/reads the damage table around S and runs the programme;
     its block sparsities have mean S and a predicted loss no higher than uniform's or OWL's. How it was learned is
