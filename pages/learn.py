@@ -82,7 +82,7 @@ st.markdown(
     "allocations poorly at high S, and serves only until the table around S is built.)")
 damage = None
 if sel is not None:
-    from pruner.predictor import table_for
+    from pruner.predictor import COMPOUNDING_PROBES, table_for
 
     damage = table_for(sel.stats_spec, S, sel.cache_dir)
 if damage is None:
@@ -107,13 +107,18 @@ elif lam < lam_max:
             f"block {int(per_block.argmin())} the least ({per_block.min():+.3f}): an allocation that moves sparsity "
             "from the first kind to the second lowers the prediction.\n\n"
             "The sum assumes blocks damage the loss **independently**. They do not quite: a pruned block's output "
-            "is the next block's input, so moving many blocks at once compounds. What allocation choices need is "
-            "the **order** — does OWL beat uniform, which λ is best — and docs/results.md measures how well the "
-            "predicted order matches real prunes (Spearman rank correlation over 26–27 allocations per S): on "
-            "SmolLM2 0.93 at 50% and 0.85 at 70% with the table around S, against 0.57 and 0.19 for the "
-            "dense-reference table, which overstated what the late blocks cost inside a pruned model. It still "
-            "misses allocations that prune many consecutive early blocks far above S (their damages compound), "
-            "and it sees only each block's mean sparsity, so allocators that differ only inside blocks "
-            "(Erdős–Rényi vs uniform) look alike to it.")
+            "is the next block's input, so many damages together cost more than their sum, and many gains together "
+            f"buy less. The table therefore also measures {COMPOUNDING_PROBES} random allocations *whole* on the "
+            "same held-out windows "
+            r"and fits two non-negative numbers to them: the prediction adds $\gamma_+ (\sum_b \Delta^+_b)^2 + "
+            r"\gamma_- (\sum_b \Delta^-_b)^2$, the squared sums of the blocks' damages and of their gains"
+            + (f" (here γ₊ = {damage.gamma[0]:.3f}, γ₋ = {damage.gamma[1]:.3f})" if damage.compounding else
+               " (this table predates the fit: its predictions are the plain sum)")
+            + ". What allocation choices need is the **order** — does OWL beat uniform, which λ is best — and "
+            "docs/results.md measures how well the predicted order matches real prunes (Spearman rank correlation "
+            "over 25–26 allocations per S on SmolLM2): 0.93 at 50% (where the probes find no compounding) and, at "
+            "70%, 0.85 for the plain sum against 0.91 with the fit (one calibration seed per measurement). It sees "
+            "only how much score each block's masks remove, so allocators that differ only in how they spread "
+            "sparsity inside a block look alike to it.")
 st.caption("Yin et al., “Outlier Weighed Layerwise Sparsity (OWL)”, ICML 2024; Sun et al., “A Simple and Effective "
            "Pruning Approach for LLMs (Wanda)”, ICLR 2024.")

@@ -355,6 +355,7 @@ def test_allocation_predicts_each_curve_once_the_predictor_is_built(tiny_folder,
     text = " ".join(m.value for m in at.markdown)
     uniform_predicted = table.predict(allocate("uniform", stats, 0.7).block_sparsity).perplexity
     assert f"is predicted {uniform_predicted:.1f}" in text and "independently" in text
+    assert f"γ₊ = {table.gamma[0]:.3f}, γ₋ = {table.gamma[1]:.3f}" in text  # the table's own compounding fit
 
 
 def test_a_run_without_weights_lists_its_numbers_but_offers_no_download_or_evaluation(app, cached):
