@@ -16,6 +16,12 @@ Nothing here reads the test split except the check's stored measurements. Each a
 was pruned with (from its manifest).
 
     python -m bench.predictor_holdout CHECK.json [--sparsities 0.7] [--json out.json]
+    python -m bench.predictor_holdout --probe-cost 0.7   # the compounding probes' time ÷ a plain forward
+
+``--probe-cost S`` times, in one process, a plain forward over the calibration set and the measurement of the
+compounding fit's probes for the table around S (``pruner.predictor.measure_compounding``; the cached table is read,
+its stored fit left alone), and prints the ratio next to the table's own build ratio (from its metadata and this
+forward): the predictor's whole cost target is ≤ 20× a plain forward.
 """
 
 from __future__ import annotations
@@ -44,13 +50,18 @@ def check_rows(check: dict, S: float) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("check_json")
+    ap.add_argument("check_json", nargs="?")
+    ap.add_argument("--probe-cost", type=float, metavar="S", help="only time the compounding probes at S")
     ap.add_argument("--sparsities", nargs="+", type=float, help="default: every S in the check")
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--json", help="also write the rows (with the held-out NLL per window) here")
     args = ap.parse_args()
     data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
     stats_spec = StatsSpec(ModelSpec("smollm2-135m"), CalibSpec.preset(args.preset, data_dir=data_dir))
+    if args.probe_cost is not None:
+        return probe_cost(stats_spec, args.probe_cost, args.preset, data_dir)
+    if not args.check_json:
+        ap.error("a check's JSON is needed (or --probe-cost S)")
     check = json.loads(open(args.check_json).read())
     loaded = load_model(stats_spec.model)
     stats = get_stats(stats_spec, loaded=loaded)
@@ -101,6 +112,32 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=lambda v: v.tolist() if isinstance(v, np.ndarray) else str(v))
+
+
+def probe_cost(stats_spec, S: float, preset: str, data_dir: str) -> None:
+    from bench.common import forward_baseline
+    from pruner.predictor import COMPOUNDING_PROBES, cached_table, measure_compounding
+
+    spec = PredictorSpec(stats_spec, around=S)
+    table = cached_table(spec)
+    if table is None:
+        raise SystemExit(f"no damage table around {S:g} is cached; build it first (`pruner predict --around`)")
+    loaded, _, _, forward_s = forward_baseline(preset)
+    stats = get_stats(stats_spec, loaded=loaded)
+    fit = measure_compounding(table, loaded.model, loaded.tokenizer, stats, spec, data_dir, loaded.device)
+    table_s = table.meta["seconds"]
+    print(f"# machine: {machine()}; commit {git_rev()}; table {spec.key()} around {S:g}")
+    print("| step | seconds | ÷ plain forward over the calibration set |")
+    print("|---|---|---|")
+    print(f"| plain forward (this run) | {forward_s:.1f} | 1 |")
+    print(f"| {COMPOUNDING_PROBES} compounding probes (this run) | {fit['seconds']:.1f} | "
+          f"{fit['seconds'] / forward_s:.2f}× |")
+    print(f"| the table's build (its metadata, {table.meta['created']}) | {table_s:.1f} | "
+          f"{table_s / forward_s:.1f}× (against this run's forward) |")
+    print(f"| table + probes | {table_s + fit['seconds']:.1f} | {(table_s + fit['seconds']) / forward_s:.1f}× "
+          "(target ≤ 20×) |")
+    same = np.allclose(fit["probe_nll"], table.compounding["probe_nll"], rtol=1e-6) if table.compounding else None
+    print(f"# probes' NLL equal to the stored fit's: {same}")
 
 
 if __name__ == "__main__":
