@@ -177,8 +177,8 @@ def _what_if():
         st.caption(f"Reference: {damage.dense_perplexity:.2f} on the held-out windows, for "
                    f"{damage.reference_text()}; the damages of the blocks are added. "
                    + (f"Compounding (fitted on {COMPOUNDING_PROBES} random allocations measured whole): "
-                      f"γ₊ = {damage.gamma[0]:.3f} on the squared sum of damages, γ₋ = {damage.gamma[1]:.3f} on that "
-                      "of gains. On SmolLM2, tables around S ranked 25–26 measured allocations with Spearman 0.93 at "
+                      f"γ₊ = {damage.gamma[0]:.3f} on the products of pairs of blocks' damages, γ₋ = "
+                      f"{damage.gamma[1]:.3f} on those of their gains. On SmolLM2, tables around S ranked 25–26 measured allocations with Spearman 0.93 at "
                       "50% and 0.91 at 70% with the fit (0.85 without: allocations that prune many consecutive early "
                       "blocks hard collapse, their damages compound). " if damage.anchor else
                       "On SmolLM2 the dense-reference table ranked measured allocations only moderately at 50% "

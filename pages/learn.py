@@ -110,8 +110,9 @@ elif lam < lam_max:
             "is the next block's input, so many damages together cost more than their sum, and many gains together "
             f"buy less. The table therefore also measures {COMPOUNDING_PROBES} random allocations *whole* on the "
             "same held-out windows "
-            r"and fits two non-negative numbers to them: the prediction adds $\gamma_+ (\sum_b \Delta^+_b)^2 + "
-            r"\gamma_- (\sum_b \Delta^-_b)^2$, the squared sums of the blocks' damages and of their gains"
+            r"and fits two non-negative numbers to them: the prediction adds $\gamma_+$ times the products of the "
+            r"damages of every pair of blocks, $2\sum_{b<c} \Delta^+_b \Delta^+_c$, and $\gamma_-$ times those of "
+            "their gains (a block moved alone has no pair, so the table's own measurements stay exact)"
             + (f" (here γ₊ = {damage.gamma[0]:.3f}, γ₋ = {damage.gamma[1]:.3f})" if damage.compounding else
                " (this table predates the fit: its predictions are the plain sum)")
             + ". What allocation choices need is the **order** — does OWL beat uniform, which λ is best — and "

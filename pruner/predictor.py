@@ -23,14 +23,15 @@ perplexity exp(mean_w NLL_w(s)). Its interval is the t-interval over the held-ou
 (``probe_allocations``: random walks over the blocks, none an allocator's) are measured *whole* on the same windows
 (``measure_allocations``), and two non-negative numbers are fitted to what the sum misses:
 
-    NLL_w(s) = NLL_w(ref) + Σ_b Δ_{b,w}(s_b) + γ₊ (Σ_b Δ⁺_{b,w})² + γ₋ (Σ_b Δ⁻_{b,w})²,
+    NLL_w(s) = NLL_w(ref) + Σ_b Δ_{b,w}(s_b) + γ₊ · 2 Σ_{b<c} Δ⁺_{b,w} Δ⁺_{c,w} + γ₋ · 2 Σ_{b<c} Δ⁻_{b,w} Δ⁻_{c,w},
 
-damages (Δ > 0) that compound and gains (Δ < 0) that saturate. The probes cost about one held-out forward each.
+damages (Δ > 0) that compound and gains (Δ < 0) that saturate, pair by pair (one block moved alone is its table
+row exactly). The probes cost about one held-out forward each.
 
 **Assumptions, stated so that they can be measured** (docs/results.md):
 * *Additivity up to the two squared terms*: a pruned block's output is a later block's input, so moves interact;
-  the table around S₀ measures each move inside a model already pruned at S₀, and the fit captures how the sum of
-  the damages, and that of the gains, bends — not which blocks interact with which.
+  the table around S₀ measures each move inside a model already pruned at S₀, and the fit gives every pair of
+  damaged blocks (and every pair of relieved ones) the same interaction weight — not which blocks interact most.
 * *Block granularity*: a layer-granular allocation (ER, global, BESA) is read by each block's parameter-weighted
   mean sparsity, or by ``predict_layers``'s energy-equivalent sparsity.
 * *One-shot masks on dense inputs*: sequential pruning (later blocks calibrated on pruned earlier blocks) and
@@ -149,7 +150,7 @@ class Prediction:
     low: float | None  # 95% interval over the held-out windows
     high: float | None
     block_delta_nll: np.ndarray  # (B,) each block's predicted contribution Δ_b(s_b), mean over windows
-    compounding_nll: float = 0.0  # γ₊ (Σ_b Δ⁺_b)² + γ₋ (Σ_b Δ⁻_b)², mean over windows (``fit_compounding``)
+    compounding_nll: float = 0.0  # the compounding terms, mean over windows (``fit_compounding``)
 
     def text(self) -> str:
         interval = f" [{self.low:.1f}, {self.high:.1f}]" if self.low is not None else ""
@@ -233,8 +234,9 @@ class DamageTable:
 
     def predict(self, block_sparsity, compounding: bool = True) -> Prediction:
         """Predicted perplexity of per-block sparsities s_b (B,), each in the range the table measured: the
-        reference's NLL plus each block's damage, plus the compounding terms γ₊ (Σ_b Δ⁺_b)² + γ₋ (Σ_b Δ⁻_b)² when
-        the table has probes and ``compounding`` is true (per window; see ``fit_compounding``)."""
+        reference's NLL plus each block's damage, plus the compounding terms (products of pairs of damages, and of
+        gains, weighted by γ₊ and γ₋) when the table has probes and ``compounding`` is true (per window; see
+        ``fit_compounding``)."""
         per_block = self.per_block_delta(block_sparsity)
         extra = compounding_features(per_block) @ self.gamma if compounding else np.zeros(per_block.shape[1])
         window_nll = self.dense_nll + per_block.sum(axis=0) + extra
@@ -303,15 +305,19 @@ class DamageTable:
                    json.loads(fit.read_text()) if fit.is_file() else None)
 
 
-#: The compounding terms, in the order of (γ₊, γ₋): damages that compound, gains that saturate.
-COMPOUNDING_TERMS = ("(Σ Δ⁺)²", "(Σ Δ⁻)²")
+#: The compounding terms, in the order of (γ₊, γ₋): damages that compound, gains that saturate. Each is the sum
+#: over pairs of distinct blocks, 2 Σ_{b<c} x_b x_c = (Σ_b x_b)² − Σ_b x_b², of the damages (x = Δ⁺) or of the
+#: gains (x = Δ⁻): zero when one block moves alone, so the table's own rows are predicted exactly.
+COMPOUNDING_TERMS = ("2 Σ_{b<c} Δ⁺_b Δ⁺_c", "2 Σ_{b<c} Δ⁻_b Δ⁻_c")
 
 
 def compounding_features(per_block: np.ndarray) -> np.ndarray:
-    """Per window, (Σ_b Δ⁺_b)² and (Σ_b Δ⁻_b)²: the squared sum of the blocks' damages (increases of the loss) and
-    of their gains (decreases), each block counted in one of the two. per_block: (B, W) → (W, 2)"""
-    return np.stack([np.clip(per_block, 0, None).sum(axis=0) ** 2,
-                     np.clip(per_block, None, 0).sum(axis=0) ** 2], axis=1)
+    """Per window, the pairwise products of the blocks' damages (increases of the loss) and of their gains
+    (decreases), each block counted in one of the two: (Σ x)² − Σ x² for x = Δ⁺ and x = Δ⁻.
+    per_block: (B, W) → (W, 2)"""
+    pos, neg = np.clip(per_block, 0, None), np.clip(per_block, None, 0)
+    return np.stack([pos.sum(axis=0) ** 2 - (pos ** 2).sum(axis=0),
+                     neg.sum(axis=0) ** 2 - (neg ** 2).sum(axis=0)], axis=1)
 
 
 #: The compounding fit is stored next to the table it corrects (an older table gets one without being rebuilt).
@@ -352,7 +358,7 @@ def probe_allocations(table: DamageTable, probes: int = COMPOUNDING_PROBES, seed
 def fit_compounding(table: DamageTable, probe_block: np.ndarray, probe_nll: np.ndarray) -> np.ndarray:
     """(γ₊, γ₋) ≥ 0 of
 
-        NLL_w(s) = NLL_w(ref) + Σ_b Δ_{b,w}(s_b) + γ₊ (Σ_b Δ⁺_{b,w})² + γ₋ (Σ_b Δ⁻_{b,w})²
+        NLL_w(s) = NLL_w(ref) + Σ_b Δ_{b,w}(s_b) + γ₊ · 2 Σ_{b<c} Δ⁺_{b,w} Δ⁺_{c,w} + γ₋ · 2 Σ_{b<c} Δ⁻_{b,w} Δ⁻_{c,w}
 
     by non-negative least squares over the probes' measured held-out NLLs (every window of every probe one
     equation). γ₊ > 0: damages inside one model compound beyond their sum (a pruned block's output feeds the next);
@@ -737,10 +743,11 @@ def optimal_block_sparsity(table: DamageTable, sparsity: float, step: float = OP
     gamma = table.gamma
     if not np.any(gamma > 0):
         return additive
-    # With compounding the loss is no longer a sum over blocks. At the optimum the two squared terms act like
-    # prices on the blocks' damages and gains (their derivatives: 1 + 2γ₊·ΣΔ⁺ per unit of damage, 1 + 2γ₋·ΣΔ⁻ per
-    # unit of gain), so the knapsack is solved for a lattice of such prices and the solution whose full prediction
-    # is lowest is kept: never worse than the additive optimum (price 1, 1), not guaranteed optimal.
+    # With compounding the loss is no longer a sum over blocks. At the optimum the two pairwise terms act like
+    # prices on the blocks' damages and gains (their derivatives: about 1 + 2γ₊·ΣΔ⁺ per unit of damage and
+    # 1 + 2γ₋·ΣΔ⁻ per unit of gain), so the knapsack is solved for a lattice of such prices, the solution whose
+    # full prediction is lowest is kept and then improved by exchanging single steps between blocks: never worse
+    # than the additive optimum (prices 1, 1), not guaranteed optimal.
     damage, gain = np.clip(cost, 0, None), np.clip(cost, None, 0)
     best, best_ppl = additive, table.predict(additive).perplexity
     for damage_price in COMPOUNDING_DAMAGE_PRICES if gamma[0] > 0 else (1.0,):
@@ -751,7 +758,36 @@ def optimal_block_sparsity(table: DamageTable, sparsity: float, step: float = OP
             predicted = table.predict(candidate).perplexity
             if predicted < best_ppl:
                 best, best_ppl = candidate, predicted
-    return best
+    return _exchange_steps(table, best, step, np.isfinite(cost))
+
+
+def _exchange_steps(table: DamageTable, block: np.ndarray, step: float, allowed: np.ndarray) -> np.ndarray:
+    """Local search on the full prediction: move k ``step``s of sparsity from one block to another (k = 1, 2, …
+    as far as both blocks' allowed lattice points reach; the mean stays S), taking the best move of each round,
+    while some move lowers the predicted perplexity. ``allowed`` (B, units + 1): the lattice points each block
+    may take."""
+    units = np.round(block / step).astype(int)
+    best = table.predict(units * step).perplexity
+    width = allowed.shape[1]
+    while True:
+        move = None
+        for give in range(len(units)):
+            for take in range(len(units)):
+                if take == give:
+                    continue
+                k = 1
+                while (units[give] - k >= 0 and units[take] + k < width and allowed[give, units[give] - k]
+                       and allowed[take, units[take] + k]):
+                    trial = units.copy()
+                    trial[give] -= k
+                    trial[take] += k
+                    predicted = table.predict(trial * step).perplexity
+                    if predicted < best * (1 - 1e-12):
+                        move, best = trial, predicted
+                    k += 1
+        if move is None:
+            return units * step
+        units = move
 
 
 #: Prices tried on a unit of damage (≥ 1: damages compound) and of gain (≤ 1: gains saturate) when the
