@@ -18,15 +18,14 @@ import urllib.request
 import numpy as np
 
 from bench.common import git_rev, machine
-from pruner.charts import curve_points_js
 from pruner.store import PROJECT_ROOT
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 #: Streamlit's "running" indicator, present while the page's script re-runs.
 RUNNING = '[data-testid="stStatusWidget"]'
-#: OWL's per-block sparsities as the page's Vega-Lite chart draws them (SVG points' aria-labels)
-OWL_LAST = curve_points_js("OWL")
+OWL_LAST = """() => { const p = document.querySelectorAll('.js-plotly-plot')[0];
+  const t = p && p._fullData && p._fullData.find(d => d.name === 'OWL'); return t ? Array.from(t.y) : null; }"""
 
 
 def main():

@@ -10,7 +10,7 @@ import streamlit as st
 from pages._dashboard import jobs_panel, page_setup, page_with_stats, param_controls, queue, unique_params
 from pruner import api
 from pruner.allocation import ALLOCATORS, allocate, owl_lambda_max
-from pruner.charts import allocation_comparison_specs, layer_sparsity_heatmap_figure, predicted_map_figure
+from pruner.charts import allocation_comparison_figure, layer_sparsity_heatmap_figure, predicted_map_figure
 from pruner.predictor import COMPOUNDING_PROBES, PredictorSpec, table_for
 from pruner.specs import PruneSpec
 from pruner.workflows import LearnRequest, PerplexityOptions, PredictorRequest, PruneRequest
@@ -46,10 +46,6 @@ def _queued(message: str) -> None:
     shows the job at once, and say so above the controls."""
     st.session_state["alloc_queued"] = message
     st.rerun()
-
-
-#: Heights of the two allocation charts in pixels, title, axes and legend included (the chart fits itself inside).
-CURVES_HEIGHT_PX, KEPT_HEIGHT_PX = 600, 300
 
 
 # A slider move reruns only this fragment (controls, curves, predictions, map, learned heatmaps), not the sidebar
@@ -93,11 +89,9 @@ def _what_if():
         st.warning(p)
     lam = values.get("lam")
     if allocations:
-        # Vega-Lite with the numbers in named datasets: a move replaces the data of the drawn chart in place
-        top, bottom = allocation_comparison_specs(
-            allocations, stats.block_numel, S, lam if any(a.allocator.startswith("owl") for a in allocations) else None)
-        st.vega_lite_chart(spec=top, width="stretch", height=CURVES_HEIGHT_PX, key="alloc_chart")
-        st.vega_lite_chart(spec=bottom, width="stretch", height=KEPT_HEIGHT_PX, key="alloc_kept_chart")
+        st.plotly_chart(allocation_comparison_figure(allocations, stats.block_numel, S,
+                                                     lam if any(a.allocator.startswith("owl") for a in allocations) else None),
+                        width="stretch", key="alloc_chart")
         table = pd.DataFrame({ALLOCATORS[a.allocator].label: a.block_sparsity for a in allocations})
         table.index.name = "block"
         with st.expander("Per-block sparsities (table)"):

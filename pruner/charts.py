@@ -127,85 +127,38 @@ def distribution_figure(edges: np.ndarray, counts: np.ndarray, m: float, above: 
 ALLOCATOR_COLORS = {"uniform": "#7f7f7f", "owl": "#d62728", "owl_inverse": "#9467bd", "er": "#2ca02c",
                     "global": "#1f77b4", "alpha": "#ff7f0e", "dlp": "#e377c2", "atp": "#bcbd22", "besa": "#17becf",
                     "predicted": "#8c564b"}
-#: The colour of an allocator registered without one in ALLOCATOR_COLORS (a plug-in).
-UNLISTED_ALLOCATOR_COLOR = "#555555"
 
 
-#: Vega-Lite dataset names of ``allocation_comparison_specs``: a slider move changes only these, never the specs.
-CURVES, BAND, TARGET = "curves", "band", "target"
+def allocation_comparison_figure(allocations: list[Allocation], block_numel: np.ndarray, sparsity: float,
+                                 lam: float | None) -> go.Figure:
+    """Two rows: per-block sparsity of each allocator (with the S ± λ band), and the share of all kept
+    weights that each block holds."""
+    from plotly.subplots import make_subplots
 
-
-def allocation_comparison_specs(allocations: list[Allocation], block_numel: np.ndarray, sparsity: float,
-                                lam: float | None) -> tuple[dict, dict]:
-    """The Allocation page's two panels as Vega-Lite specs: per-block sparsity of each allocator (with the target S
-    as a dashed rule and OWL's band S ± λ shaded when ``lam`` is given), and the share of all kept weights each
-    block holds. Every number sits in the named datasets ``CURVES``, ``BAND`` and ``TARGET``, none in the spec: a
-    move of S or λ leaves the spec unchanged, so the browser replaces the chart's data in place instead of drawing
-    a new chart (what a Plotly figure costs on every move). The spec changes only with the set of allocators shown
-    (the colour legend). Rendered as SVG: each point's ``aria-label`` names its allocator and value."""
-    import pandas as pd
-
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.08,
+                        subplot_titles=(f"Per-block sparsity at target S = {sparsity:.0%}",
+                                        "Share of all kept weights held by each block"))
     n = len(block_numel)
-    labels = [ALLOCATORS[a.allocator].label for a in allocations]
-    frames = []
-    for a, label in zip(allocations, labels):
+    x = np.arange(n)
+    if lam is not None:
+        fig.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[np.full(n, sparsity + lam), np.full(n, sparsity - lam)] * 100,
+                                 fill="toself", fillcolor="rgba(99,110,250,0.10)", line=dict(width=0),
+                                 name="S ± λ", hoverinfo="skip"), row=1, col=1)
+    for a in allocations:
+        color = ALLOCATOR_COLORS.get(a.allocator)
+        label = ALLOCATORS[a.allocator].label
+        fig.add_trace(go.Scatter(x=x, y=a.block_sparsity * 100, mode="lines+markers", name=label,
+                                 line=dict(color=color), legendgroup=a.allocator), row=1, col=1)
         kept = (1 - a.block_sparsity) * block_numel
-        frames.append(pd.DataFrame({"block": np.arange(n), "allocator": label, "sparsity": a.block_sparsity * 100,
-                                    "kept": kept / kept.sum() * 100}))
-    curves = pd.concat(frames, ignore_index=True).round({"sparsity": 4, "kept": 4})
-    band = pd.DataFrame({"block": [0, n - 1], "low": [(sparsity - lam) * 100] * 2, "high": [(sparsity + lam) * 100] * 2}
-                        if lam is not None else {"block": [], "low": [], "high": []})
-    target = pd.DataFrame({"S": [sparsity * 100]})
-    x = {"field": "block", "type": "quantitative", "title": "transformer block", "scale": {"domain": [0, n - 1]},
-         "axis": {"tickMinStep": 1}}
-    color = {"field": "allocator", "type": "nominal", "title": None,
-             "scale": {"domain": labels, "range": [ALLOCATOR_COLORS.get(a.allocator, UNLISTED_ALLOCATOR_COLOR) for a in allocations]},
-             "legend": {"orient": "bottom", "columns": 4}}
-    svg = {"embedOptions": {"renderer": "svg"}}
-    top = {
-        "usermeta": svg,
-        "title": {"text": "Per-block sparsity (dashed: target S; shaded: S ± λ)", "anchor": "start"},
-        "datasets": {CURVES: curves, BAND: band, TARGET: target},
-        "layer": [
-            {"data": {"name": BAND}, "mark": {"type": "area", "opacity": 0.12, "color": "#636efa"},
-             "encoding": {"x": x, "y": {"field": "high", "type": "quantitative"}, "y2": {"field": "low"}}},
-            {"data": {"name": TARGET}, "mark": {"type": "rule", "strokeDash": [4, 4], "color": "#444444"},
-             "encoding": {"y": {"field": "S", "type": "quantitative"}}},
-            {"data": {"name": CURVES}, "mark": {"type": "line", "point": True},
-             "encoding": {"x": x, "y": {"field": "sparsity", "type": "quantitative", "title": "sparsity (%)",
-                                        "scale": {"zero": False}},
-                          "color": color,
-                          "tooltip": [{"field": "allocator"}, {"field": "block"},
-                                      {"field": "sparsity", "format": ".2f", "title": "sparsity (%)"}]}},
-        ],
-    }
-    bottom = {
-        "usermeta": svg,
-        "title": {"text": "Share of all kept weights held by each block", "anchor": "start"},
-        "datasets": {CURVES: curves},
-        "data": {"name": CURVES}, "mark": {"type": "line"},
-        "encoding": {"x": x, "y": {"field": "kept", "type": "quantitative", "title": "kept weights (%)",
-                                   "scale": {"zero": False}},
-                     "color": {**color, "legend": None},
-                     "tooltip": [{"field": "allocator"}, {"field": "block"},
-                                 {"field": "kept", "format": ".3f", "title": "kept weights (%)"}]},
-    }
-    return top, bottom
-
-
-def curve_points_js(label: str) -> str:
-    r"""A browser-side function (for Playwright's ``evaluate``) returning one allocator's per-block sparsities (%)
-    as the first Vega-Lite chart on the page draws them (``allocation_comparison_specs``), read from its SVG points'
-    aria-labels ("…; sparsity (%): 66.5374; allocator: OWL; block: 0"), in block order; null before it is drawn."""
-    return r"""() => {
-  const chart = document.querySelector('[data-testid="stVegaLiteChart"]');
-  if (!chart) return null;
-  const points = Array.from(chart.querySelectorAll('[aria-roledescription="point"]'))
-    .map(e => e.getAttribute('aria-label') || '').filter(l => l.includes('allocator: %s;'));
-  if (!points.length) return null;
-  return points.map(l => [Number(/block: (\d+)$/.exec(l)[1]), Number(/sparsity \(%%\): ([-0-9.e]+)/.exec(l)[1])])
-    .sort((a, b) => a[0] - b[0]).map(p => p[1]);
-}""" % label
+        # lines, not grouped bars: with eight allocators over 30 blocks, 240 bars cannot be told apart
+        fig.add_trace(go.Scatter(x=x, y=kept / kept.sum() * 100, name=label, mode="lines", showlegend=False,
+                                 line=dict(color=color, width=1.5), legendgroup=a.allocator), row=2, col=1)
+    fig.update_yaxes(title_text="sparsity (%)", row=1, col=1)
+    fig.update_yaxes(title_text="kept weights (%)", row=2, col=1)
+    fig.update_xaxes(title_text="transformer block", row=2, col=1)
+    fig.update_layout(height=640, margin=dict(l=60, r=20, t=40, b=90),
+                      legend=dict(orientation="h", yanchor="top", y=-0.12, x=0))
+    return fig
 
 
 def ppl_vs_sparsity_figure(rows: list[dict], dense: float | None) -> go.Figure:

@@ -54,25 +54,6 @@ def figures(at):
     return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
 
 
-def curves(at, title="Per-block sparsity"):
-    """The datasets of the Allocation page's Vega-Lite chart whose title starts with ``title`` (Arrow IPC bytes,
-    as pandas), with the chart's spec (which must not carry the numbers)."""
-    import pyarrow as pa
-
-    charts = [(c, json.loads(c.proto.spec)) for c in at.get("vega_lite_chart")]
-    chart = next(c for c, spec in charts if spec.get("title", {}).get("text", "").startswith(title))
-    data = {d.name: pa.ipc.open_stream(d.data.data).read_pandas() for d in chart.proto.datasets}
-    return data, json.loads(chart.proto.spec)
-
-
-def curve(at, label) -> np.ndarray:
-    """One allocator's per-block sparsities (fractions) as the Allocation page's chart holds them."""
-    data, _ = curves(at)
-    rows = data["curves"][data["curves"]["allocator"] == label].sort_values("block")
-    assert len(rows), f"no {label!r} curve; shown: {sorted(set(data['curves']['allocator']))}"
-    return rows["sparsity"].to_numpy() / 100
-
-
 def trace(fig, name, axis="y"):
     for t in fig["data"]:
         if t.get("name") == name and t.get("yaxis", "y") == axis and t["type"] == "scatter":
@@ -118,26 +99,21 @@ def test_outliers_page(app, cached):
 def test_allocation_sliders_redraw_as_the_allocators_predict(app, cached):
     stats = cached[1]
     go(app, "allocation")
-    before, spec = curves(app)
+    fig = figures(app)[0]
     for name, label in LABEL.items():
         expected = allocate(name, stats, 0.7, **ALLOCATORS[name].pick({"lam": 0.08, "m": 5, "alpha": 0.15,
                                                                        "delta": 0.01})).block_sparsity
-        np.testing.assert_allclose(curve(app, label), expected, atol=1e-4)  # the chart's data: 4 decimals of %
+        np.testing.assert_allclose(trace(fig, label), expected, atol=1e-9)
     # the controls are generated from the allocators' declared parameters, labelled by paper symbol
     assert {n.label for n in app.number_input} == {"β (beta)"}  # no slider range: a number input
     assert {n.label for n in app.slider} >= {"λ (lam)", "M (m)", "ε (epsilon)", "α (alpha)", "δ (delta)"}  # what-if
     app.slider(key="alloc_delta").set_value(0.02).run()  # ATP's curve steepens: s_b = s_0 + 0.02 b
-    np.testing.assert_allclose(np.diff(curve(app, "ATP")), 0.02, atol=1e-5)
+    np.testing.assert_allclose(np.diff(trace(figures(app)[0], "ATP")), 0.02, atol=1e-9)
     app.slider(key="alloc_m").set_value(8.0).run()
     app.slider(key="alloc_lam").set_value(0.12).run()
-    after = curve(app, "OWL")
-    assert not np.allclose(after, before["curves"].query("allocator == 'OWL'").sort_values("block")["sparsity"] / 100)
-    np.testing.assert_allclose(after, owl(stats.lod(8.0), 0.7, 0.12), atol=1e-4)
-    # a move changed the data only: the spec is the same, so the browser updates the drawn chart in place
-    data, spec_after = curves(app)
-    assert spec_after == spec
-    assert "datasets" not in spec and all("values" not in layer.get("data", {}) for layer in spec["layer"])
-    np.testing.assert_allclose(data["band"][["low", "high"]].to_numpy(), [[58, 82], [58, 82]], atol=1e-9)
+    after = trace(figures(app)[0], "OWL")
+    assert not np.allclose(after, trace(fig, "OWL"))
+    np.testing.assert_allclose(after, owl(stats.lod(8.0), 0.7, 0.12), atol=1e-9)
     assert [b.label for b in app.get("download_button")] == ["Download CSV (per block)", "Download JSON (per block and layer)"]
 
 
@@ -172,7 +148,7 @@ def test_allocation_besa_is_queued_then_shown_beside_owl(tiny_folder, data_dir, 
     owl_z = values(owl_heat["data"][0]["z"]).reshape(7, 4)
     np.testing.assert_allclose(owl_z / 100, np.repeat(allocate("owl", stats, 0.7).block_sparsity[None], 7, 0), atol=1e-9)
     assert owl_heat["data"][0]["zmin"] == besa_heat["data"][0]["zmin"]  # one colour scale for both
-    np.testing.assert_allclose(curve(at, "BESA (learned)"), 0.7, atol=1e-9)  # each block's mean is S
+    np.testing.assert_allclose(trace(figures(at)[0], "BESA (learned)"), 0.7, atol=1e-9)  # each block's mean is S
     assert any("lower)" in c.value for c in at.caption)
 
 
@@ -181,7 +157,7 @@ def test_allocation_too_wide_lambda_says_what_is_allowed(app):
     app.slider(key="alloc_S").set_value(0.95).run()
     app.slider(key="alloc_lam").set_value(0.3).run()
     assert any("too wide" in w.value and "choose λ <" in w.value for w in app.warning)
-    names = set(curves(app)[0]["curves"]["allocator"])
+    names = {t.get("name") for t in figures(app)[0]["data"]}
     assert "OWL" not in names and "Uniform" in names  # no nonsense curve; the others still drawn
 
 
@@ -270,7 +246,7 @@ def test_a_registered_allocator_and_method_get_page_controls(app, cached):
         assert "γ (gamma)" in {n.label for n in app.number_input}  # declared without a slider range
         app.number_input(key="alloc_gamma").set_value(0.1).run()
         assert not app.exception, app.exception
-        np.testing.assert_allclose(curve(app, "Toy tilt"), tilt(30, 0.7, 0.1), atol=1e-4)
+        np.testing.assert_allclose(trace(figures(app)[0], "Toy tilt"), tilt(30, 0.7, 0.1), atol=1e-9)
         go(app, "prune")
         app.multiselect(key="grid_allocators").set_value(["toy_tilt"]).run()
         app.multiselect(key="grid_methods").set_value(["toy_power"]).run()

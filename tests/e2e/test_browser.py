@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from pruner import api
-from pruner.charts import curve_points_js
 from pruner.specs import CalibSpec, ModelSpec, StatsSpec
 from pruner.store import PROJECT_ROOT
 from tests.conftest import share_project_models
@@ -91,8 +90,12 @@ def _shot(page, name):
     page.screenshot(path=str(SHOTS / f"{name}.png"))
 
 
-# OWL's curve as the Allocation page's Vega-Lite chart draws it (its SVG points' aria-labels)
-OWL_Y = curve_points_js("OWL")
+# _fullData holds the decoded arrays (plot.data keeps plotly's base64 typed-array spec)
+OWL_Y = """() => {
+  const plot = document.querySelectorAll('.js-plotly-plot')[0];
+  const t = plot._fullData.find(d => d.name === 'OWL');
+  return Array.from(t.y);
+}"""
 
 
 def test_browser_session(server, page, tmp_path):
@@ -105,8 +108,8 @@ def test_browser_session(server, page, tmp_path):
     _open(page, url, "outliers", "Outlier ratio per layer")
     _shot(page, "2-outliers")
 
-    _open(page, url, "allocation", "Per-block sparsity")
-    page.wait_for_function(f"() => ({OWL_Y})() !== null")
+    _open(page, url, "allocation", "Per-block sparsity at target S")
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length > 0")
     before = page.evaluate(OWL_Y)
     lam_slider = page.locator('[data-testid="stSlider"]').nth(1).locator('input[type="range"]')
     assert lam_slider.input_value() == "0.08"
@@ -114,7 +117,8 @@ def test_browser_session(server, page, tmp_path):
     for _ in range(4):
         page.keyboard.press("ArrowRight")
     assert len(before) == 30
-    page.wait_for_function(f"() => {{ const y = ({OWL_Y})(); return y && y[29] !== {before[29]}; }}", timeout=30_000)
+    page.wait_for_function(f"() => {{ const t = document.querySelectorAll('.js-plotly-plot')[0]._fullData"
+                           f".find(d => d.name === 'OWL'); return t && t.y[29] !== {before[29]}; }}", timeout=30_000)
     after = page.evaluate(OWL_Y)
     assert lam_slider.input_value() == "0.12"
     assert max(after) - min(after) > max(before) - min(before)  # the spread is 2λ: wider after the move
