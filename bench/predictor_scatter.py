@@ -34,8 +34,11 @@ def main() -> None:
     ap.add_argument("png")
     args = ap.parse_args()
     check = json.loads(Path(args.check_json).read_text())
-    rows = [{"sparsity": r["S"], "predicted": r["predicted"], "measured": r["measured"], "label": _label(r)}
-            for r in check["rows"] if "measured" in r]
+    # the energy-equivalent prediction where the check has it (what the pages show), else the block means'; rows
+    # measured at fewer seeds than the check asked for are left out, as its ρ leaves them out
+    rows = [{"sparsity": r["S"], "predicted": r.get("predicted_layers", r["predicted"]), "measured": r["measured"],
+             "label": _label(r)}
+            for r in check["rows"] if "measured" in r and "seeds_missing" not in r]
     fig = predicted_vs_measured_figure(rows)
     fig.update_layout(title=f"Measured vs predicted perplexity, Wanda on SmolLM2<br><sup>measured: WikiText-2 test, "
                             f"first {check.get('max_chunks', 8)} chunks (partial); predicted: "
