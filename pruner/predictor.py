@@ -41,7 +41,7 @@ row exactly). The probes cost about one held-out forward each.
 ρ(predicted, measured) with the dense-reference table 0.46 at S = 50% and 0.13 at 70% (a block pruned alone in a
 dense model overstates what the late blocks cost inside a pruned one); with the table around S, energy-equivalent
 block sparsities, 0.93 at 50% (the probes find no compounding there: γ₊ = γ₋ = 0) and 0.85 at 70% without the
-fit, 0.91 with it (one seed per measurement). Measuring the checked allocations whole in the table's own setting
+fit, 0.91 with it (one seed per measurement; 0.905–0.916 against three-seed means). Measuring the checked allocations whole in the table's own setting
 showed where the sum failed at 70%: those whole measurements rank the real prunes at 0.96, the sum ranked the
 whole measurements at only 0.86 — allocations that prune many consecutive early blocks well above S (OWL with
 M = 3 and λ ≥ 0.12, AlphaPruning ε = 0.3) collapse while their damages, added, looked moderate.
