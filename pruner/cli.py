@@ -144,14 +144,14 @@ def _check_m(m: float) -> float:
     return m
 
 
-def _progress_bar(label: str):
+def _progress_bar(label: str, unit: str = "block"):
     from tqdm import tqdm
 
     bar = {"bar": None}
 
     def update(done: int, total: int):
         if bar["bar"] is None:
-            bar["bar"] = tqdm(total=total, desc=label, unit="block", file=sys.stderr)
+            bar["bar"] = tqdm(total=total, desc=label, unit=unit, file=sys.stderr)
         bar["bar"].update(done - bar["bar"].n)
         if done == total:
             bar["bar"].close()
@@ -193,7 +193,8 @@ def cmd_allocate(args) -> int:
     spec = _stats_spec(args)
     a = ALLOCATORS[args.allocator]
     stats, alloc = allocation_for(spec, args.allocator, S, params, cache_dir=_cache(args),
-                                  progress=_progress_bar("learning " + a.label if a.learned else "outlier statistics"),
+                                  progress=_progress_bar("learning " + a.label if a.learned else "outlier statistics",
+                                                         "step" if args.allocator == "predicted" else "block"),
                                   batch_size=args.batch_size, stream=args.stream)
     learning = cached_learned(spec, args.allocator, S, params, _cache(args)) if a.learned else None
     if args.json:
@@ -230,7 +231,7 @@ def cmd_predict(args) -> int:
                      cache_dir=_cache(args))
         return _queued(job, "damage table of the perplexity predictor")
     table = get_damage_table(spec, _cache(args), data_dir=spec.stats.calib.data_dir,
-                             progress=_progress_bar("damage table (blocks, then compounding probes)"))
+                             progress=_progress_bar("damage table (blocks, then compounding probes)", "step"))
     names = [n for n, a in ALLOCATORS.items() if not a.learned] if args.allocator == "all" else [args.allocator]
     if args.allocator == "all":  # each allocator takes the flags it declares
         given = {n: getattr(args, n) for n in _declared_params() if getattr(args, n, None) is not None}
@@ -286,8 +287,9 @@ def cmd_predict(args) -> int:
 def _print_learning(result: dict, alloc, stats) -> None:
     """BESA's per-block learning report: learned mean, shift, reconstruction errors, per-layer sparsities."""
     settings = result.get("settings", {})
-    print(f"learned in {result['seconds']:.0f} s ({settings.get('epochs', '?')} epochs, "
-          f"{result.get('steps_per_block', '?')} steps per block)")
+    print(f"learned in {result['seconds']:.0f} s" + (f" ({settings['epochs']} epochs, {result['steps_per_block']} steps "
+                                                     "per block)" if "epochs" in settings and "steps_per_block" in result
+                                                     else ""))
     if "error_hard" not in result:
         return
     print("E: the block's squared error ÷ its own contribution ‖Y − X‖², with hard Wanda masks")
