@@ -478,15 +478,14 @@ class _Holdout:
                 for n, w in originals.items()}
 
 
-def _set_weights(layers, originals, scores, g) -> None:
-    """Every layer of a block dense (g None) or with the row-wise mask of its scores at g: one sparsity for the
-    block, or a {layer name: sparsity} dict."""
+def _set_weights(layers, originals, scores, g: float | None) -> None:
+    """Every layer of a block dense (g None: a dense-reference table's reference) or with the row-wise mask of its
+    scores at sparsity g."""
     from pruner.methods.masks import lowest_mask
     from pruner.models import weight_matrix
 
     for n, layer in layers.items():
-        s = g.get(n) if isinstance(g, dict) else g
-        weight_matrix(layer).copy_(originals[n] if s is None else originals[n] * ~lowest_mask(scores[n], s, "row"))
+        weight_matrix(layer).copy_(originals[n] if g is None else originals[n] * ~lowest_mask(scores[n], g, "row"))
 
 
 def _dense_weights(layers) -> dict[str, torch.Tensor]:
@@ -570,7 +569,8 @@ def measure_allocations(model, tokenizer, stats, spec: PredictorSpec, layer_spar
     moves; the uniform allocation at S₀ gives the operating-point table's reference exactly, and one block moved
     alone its table row. ``layer_sparsities``: one sequence per allocation, in the statistics' layer order. The
     model is left unchanged. (A, W)"""
-    from pruner.models import prunable_layers
+    from pruner.methods.masks import prune_count
+    from pruner.models import prunable_layers, weight_matrix
 
     layer_block, names = np.asarray(stats.layer_block), list(stats.layer_names)
     allocations = [np.asarray(s, dtype=np.float64) for s in layer_sparsities]
@@ -578,8 +578,6 @@ def measure_allocations(model, tokenizer, stats, spec: PredictorSpec, layer_spar
         if s.shape != layer_block.shape or s.min() < 0 or s.max() >= 1:
             raise ValueError(f"each allocation needs one sparsity in [0, 1) per layer ({len(layer_block)}); got "
                              f"shape {s.shape}" + (f", {s.min():.3f}…{s.max():.3f}" if s.size else ""))
-    from pruner.methods.masks import prune_count
-    from pruner.models import weight_matrix
 
     out = np.zeros((len(allocations), spec.windows))
     with _Holdout(model, tokenizer, stats, spec, data_dir, device) as h:
@@ -687,14 +685,14 @@ def get_damage_table(spec: PredictorSpec, cache_dir: Path | None = None, *, data
 def measure_compounding(table: DamageTable, model, tokenizer, stats, spec: PredictorSpec, data_dir, device="cpu",
                         progress: ProgressFn | None = None) -> dict:
     """Measure the probes (``probe_allocations``) whole on the table's held-out windows. Returns what is stored
-    beside the table: the probes, their NLLs, the time taken, and (for reading) the fit (γ₊, γ₋) of this code."""
+    beside the table: the probes, their NLLs and the time taken. The fit (γ₊, γ₋) is not stored: it is derived
+    from these measurements when the table is read (``DamageTable.gamma``), so it always follows the code."""
     t0 = time.perf_counter()
     probes = probe_allocations(table)
     layer_block = np.asarray(stats.layer_block)
     nll = measure_allocations(model, tokenizer, stats, spec, [p[layer_block] for p in probes], data_dir, device,
                               progress=progress)
-    return {"gamma": dict(zip(COMPOUNDING_TERMS, fit_compounding(table, probes, nll).tolist())),
-            "probes": probes.tolist(), "probe_nll": nll.tolist(),
+    return {"probes": probes.tolist(), "probe_nll": nll.tolist(),
             "seed": COMPOUNDING_SEED, "spreads": list(COMPOUNDING_SPREADS),
             "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -709,9 +707,9 @@ def optimal_block_sparsity(table: DamageTable, sparsity: float, step: float = OP
     ``step`` in the range the table measured ([0, top grid point], or from its lowest point for an operating-point
     table). The additive part Σ_b Δ_b(s_b) (window mean) is minimised exactly on that lattice by dynamic
     programming over blocks (a knapsack: the state is the number of ``step`` units spent so far). With a
-    compounding fit (γ₊, γ₋ ≠ 0) the programme is repeated on the terms linearised at its last solution, and the
-    solution with the lowest full prediction is kept (never worse than the additive optimum; not guaranteed
-    optimal). Blocks must be of equal size (every supported decoder has them), so the unweighted mean is the
+    compounding fit (γ₊, γ₋ ≠ 0) the knapsack is solved again for a lattice of prices on damages and gains, the
+    solution with the lowest full prediction is kept and then improved by exchanging steps between pairs of blocks
+    (never worse than the additive optimum; not guaranteed optimal). Blocks must be of equal size (every supported decoder has them), so the unweighted mean is the
     parameter-weighted one; S · B / step must be a whole number of units (e.g. S in steps of 0.01). ``reach``:
     each s_b also within S ± reach (the allocator's trust region r). (B,)"""
     from pruner.allocation import check_sparsity
