@@ -7,10 +7,11 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from pages._curves import allocation_curves
 from pages._dashboard import jobs_panel, page_setup, page_with_stats, param_controls, queue, unique_params
 from pruner import api
 from pruner.allocation import ALLOCATORS, allocate, owl_lambda_max
-from pruner.charts import allocation_comparison_figure, layer_sparsity_heatmap_figure, predicted_map_figure
+from pruner.charts import layer_sparsity_heatmap_figure, predicted_map_figure
 from pruner.predictor import COMPOUNDING_PROBES, PredictorSpec, table_for
 from pruner.specs import PruneSpec
 from pruner.workflows import LearnRequest, PerplexityOptions, PredictorRequest, PruneRequest
@@ -27,10 +28,10 @@ MAP_MS = np.array([2.0, 3.0, 5.0, 7.0, 10.0, 15.0])
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def _owl_map(table_key: str, table_created: str, stats_key: str, sparsity: float, _damage, _stats) -> np.ndarray:
-    """Predicted perplexity of OWL over (M, λ) at ``sparsity``, NaN where λ is too wide or beyond the table's grid.
-    It depends on S and the table only, not on the λ and M sliders, so a slider move reuses it (keyed by the table's
-    key and creation time, so a rebuilt table is not shadowed)."""
+def _owl_map(table_key: str, table_created: str, stats_key: str, sparsity: float, _damage, _stats):
+    """The figure of OWL's predicted perplexity over (M, λ) at ``sparsity`` (NaN, blank, where λ is too wide or
+    beyond the table's grid). It depends on S and the table only, not on the λ and M sliders, so a slider move reuses
+    it, figure included (keyed by the table's key and creation time, so a rebuilt table is not shadowed)."""
     grid = np.full((len(MAP_MS), len(MAP_LAMBDAS)), np.nan)
     for i, m in enumerate(MAP_MS):
         for j, lam_ in enumerate(MAP_LAMBDAS):
@@ -38,7 +39,20 @@ def _owl_map(table_key: str, table_created: str, stats_key: str, sparsity: float
                 grid[i, j] = _damage.predict(allocate("owl", _stats, sparsity, lam=lam_, m=m).block_sparsity).perplexity
             except ValueError:
                 pass  # λ too wide here, or beyond the table's grid: left blank
-    return grid
+    return predicted_map_figure(MAP_LAMBDAS, MAP_MS, grid, sparsity)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _prediction(table_key: str, table_created: str, block_sparsity: bytes, layer_sparsity: bytes,
+                _damage) -> tuple[float, str]:
+    """(predicted perplexity, its 95% interval as text, or why there is none) of one allocation, remembered: a λ move
+    changes only OWL's curves, so the other allocators' predictions are reused (keyed by the table and the
+    allocation's sparsities)."""
+    try:
+        p = _damage.predict_allocation(np.frombuffer(block_sparsity), np.frombuffer(layer_sparsity))
+        return p.perplexity, f"[{p.low:.1f}, {p.high:.1f}]"
+    except ValueError as err:
+        return float("nan"), str(err)
 
 
 def _queued(message: str) -> None:
@@ -89,17 +103,21 @@ def _what_if():
         st.warning(p)
     lam = values.get("lam")
     if allocations:
-        st.plotly_chart(allocation_comparison_figure(allocations, stats.block_numel, S,
-                                                     lam if any(a.allocator.startswith("owl") for a in allocations) else None),
-                        width="stretch", key="alloc_chart")
+        allocation_curves(allocations, stats.block_numel, S,
+                          lam if any(a.allocator.startswith("owl") for a in allocations) else None, key="alloc_chart")
         table = pd.DataFrame({ALLOCATORS[a.allocator].label: a.block_sparsity for a in allocations})
         table.index.name = "block"
+        # formatted in the browser (column_config), not by a pandas Styler, and the downloads made when clicked:
+        # both ran on every slider move and cost about 60 ms of it here (bench/ui_latency)
         with st.expander("Per-block sparsities (table)"):
-            st.dataframe(table.style.format("{:.4f}"), width="stretch")
-        export = {a.allocator: a.to_dict(stats.layer_names, stats.layer_block) for a in allocations}
+            st.dataframe(table, width="stretch",
+                         column_config={c: st.column_config.NumberColumn(format="%.4f") for c in table.columns})
         c = st.columns(3)
-        c[0].download_button("Download CSV (per block)", table.to_csv().encode(), "allocation.csv", "text/csv")
-        c[1].download_button("Download JSON (per block and layer)", json.dumps(export, indent=2).encode(),
+        c[0].download_button("Download CSV (per block)", lambda: table.to_csv().encode(), "allocation.csv",
+                             "text/csv")
+        c[1].download_button("Download JSON (per block and layer)",
+                             lambda: json.dumps({a.allocator: a.to_dict(stats.layer_names, stats.layer_block)
+                                                 for a in allocations}, indent=2).encode(),
                              "allocation.json", "application/json")
         if c[2].button("✂️ Prune with this allocation", type="primary", key="alloc_to_prune"):
             st.session_state["prune_prefill"] = {"allocators": [a.allocator for a in allocations], "sparsity": S,
@@ -146,18 +164,17 @@ def _what_if():
         for x in allocations:
             measured = _measured(_verify_spec(x.allocator))
             row = {"allocator": ALLOCATORS[x.allocator].label}
-            try:
-                p = damage.predict_allocation(x.block_sparsity, x.layer_sparsity)
-                row.update({"predicted perplexity": p.perplexity,
-                            "95% interval (held-out windows)": f"[{p.low:.1f}, {p.high:.1f}]"})
-            except ValueError as err:
-                row.update({"predicted perplexity": float("nan"), "95% interval (held-out windows)": str(err)})
+            row["predicted perplexity"], row["95% interval (held-out windows)"] = _prediction(
+                damage.meta.get("key", ""), damage.meta.get("created", ""),
+                np.asarray(x.block_sparsity, dtype=np.float64).tobytes(),
+                np.asarray(x.layer_sparsity, dtype=np.float64).tobytes(), damage)
             row[MEASURED] = measured["perplexity"] if measured else float("nan")
             row["measured on"] = (f"test, first {measured['chunks']} of {measured['chunks_total']} chunks"
                                   if measured and measured["partial"] else "whole test set" if measured else "not yet")
             rows.append(row)
-        st.dataframe(pd.DataFrame(rows).style.format({"predicted perplexity": "{:.1f}", MEASURED: "{:.1f}"},
-                                                     na_rep="–"), width="stretch", hide_index=True)
+        st.dataframe(pd.DataFrame(rows), width="stretch", hide_index=True,
+                     column_config={name: st.column_config.NumberColumn(format="%.1f")
+                                    for name in ("predicted perplexity", MEASURED)})
         # verify: the real prune and evaluation of one shown allocation, queued; its measurement joins the table above
         c = st.columns([2, 1])
         pick = c[0].selectbox("Verify one allocation: prune it with "
@@ -185,10 +202,8 @@ def _what_if():
                       "level with the best formula allocator, ATP): rank by it, do not quote it."
                       if any(x.allocator == "predicted" for x in allocations) else ""))
         if "owl" in shown:
-            grid = _owl_map(damage.meta.get("key", ""), damage.meta.get("created", ""), sel.stats_spec.key(), S,
-                            damage, stats)
-            st.plotly_chart(predicted_map_figure(MAP_LAMBDAS, MAP_MS, grid, S), width="stretch",
-                            key="alloc_predicted_map")
+            st.plotly_chart(_owl_map(damage.meta.get("key", ""), damage.meta.get("created", ""),
+                                     sel.stats_spec.key(), S, damage, stats), width="stretch", key="alloc_predicted_map")
 
     # a learned allocation's per-layer sparsities as a heatmap beside OWL's, drawn on request: every shown heatmap
     # is redrawn from scratch on each slider move (Streamlit re-creates a changed Plotly chart), which costs about as

@@ -129,36 +129,22 @@ ALLOCATOR_COLORS = {"uniform": "#7f7f7f", "owl": "#d62728", "owl_inverse": "#946
                     "predicted": "#8c564b"}
 
 
-def allocation_comparison_figure(allocations: list[Allocation], block_numel: np.ndarray, sparsity: float,
-                                 lam: float | None) -> go.Figure:
-    """Two rows: per-block sparsity of each allocator (with the S ± λ band), and the share of all kept
-    weights that each block holds."""
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.08,
-                        subplot_titles=(f"Per-block sparsity at target S = {sparsity:.0%}",
-                                        "Share of all kept weights held by each block"))
-    n = len(block_numel)
-    x = np.arange(n)
-    if lam is not None:
-        fig.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[np.full(n, sparsity + lam), np.full(n, sparsity - lam)] * 100,
-                                 fill="toself", fillcolor="rgba(99,110,250,0.10)", line=dict(width=0),
-                                 name="S ± λ", hoverinfo="skip"), row=1, col=1)
+def allocation_curves_data(allocations: list[Allocation], block_numel: np.ndarray, sparsity: float,
+                           lam: float | None) -> dict:
+    """What the Allocation page's live curves draw (pages/_curves.js): per allocator its per-block sparsity (%) and
+    the share (%) of all kept weights that each block holds, (1 − s_b)·n_b / Σ_c (1 − s_c)·n_c, with OWL's band
+    [S − λ, S + λ] (%) when λ is given. Plain lists, so that the page sends a few kilobytes per slider move."""
+    numel = np.asarray(block_numel, dtype=np.float64)
+    series = []
     for a in allocations:
-        color = ALLOCATOR_COLORS.get(a.allocator)
-        label = ALLOCATORS[a.allocator].label
-        fig.add_trace(go.Scatter(x=x, y=a.block_sparsity * 100, mode="lines+markers", name=label,
-                                 line=dict(color=color), legendgroup=a.allocator), row=1, col=1)
-        kept = (1 - a.block_sparsity) * block_numel
-        # lines, not grouped bars: with eight allocators over 30 blocks, 240 bars cannot be told apart
-        fig.add_trace(go.Scatter(x=x, y=kept / kept.sum() * 100, name=label, mode="lines", showlegend=False,
-                                 line=dict(color=color, width=1.5), legendgroup=a.allocator), row=2, col=1)
-    fig.update_yaxes(title_text="sparsity (%)", row=1, col=1)
-    fig.update_yaxes(title_text="kept weights (%)", row=2, col=1)
-    fig.update_xaxes(title_text="transformer block", row=2, col=1)
-    fig.update_layout(height=640, margin=dict(l=60, r=20, t=40, b=90),
-                      legend=dict(orientation="h", yanchor="top", y=-0.12, x=0))
-    return fig
+        kept = (1 - np.asarray(a.block_sparsity, dtype=np.float64)) * numel
+        series.append({"key": a.allocator, "name": ALLOCATORS[a.allocator].label,
+                       "color": ALLOCATOR_COLORS.get(a.allocator, "#444444"),
+                       "sparsity": [float(v) * 100 for v in a.block_sparsity],
+                       "kept": [float(v) for v in kept / kept.sum() * 100]})
+    return {"title": f"Per-block sparsity at target S = {sparsity:.0%}",
+            "kept_title": "Share of all kept weights held by each block", "blocks": len(numel),
+            "band": None if lam is None else [(sparsity - lam) * 100, (sparsity + lam) * 100], "series": series}
 
 
 def ppl_vs_sparsity_figure(rows: list[dict], dense: float | None) -> go.Figure:

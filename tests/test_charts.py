@@ -13,3 +13,25 @@ def test_dense_label_on_the_log_perplexity_axis_sits_at_the_dense_line():
     (label,) = [a for a in fig.layout.annotations if a.text == "dense 19.13"]
     # annotation y on a log axis is log10(value); y = 19.13 would stretch the axis to 10^19
     assert label.y == math.log10(19.13) and label.yref == "y"
+
+
+
+def test_allocation_curves_data_by_hand():
+    """Two blocks of 100 and 300 weights: OWL at 25% and 75% keeps 75 of each, so each block holds 50% of the kept
+    weights; uniform at 50% keeps 50 and 150 (25%, 75%). Sparsities in percent, the band S ± λ in percent."""
+    import numpy as np
+
+    from pruner.allocation import Allocation
+    from pruner.charts import ALLOCATOR_COLORS, allocation_curves_data
+
+    numel = np.array([100.0, 300.0])
+    allocs = [Allocation("uniform", 0.5, {}, np.array([0.5, 0.5]), np.array([0.5, 0.5]), 0.5),
+              Allocation("owl", 0.5, {}, np.array([0.25, 0.75]), np.array([0.25, 0.75]), 0.5)]
+    data = allocation_curves_data(allocs, numel, 0.5, 0.25)
+    uni, owl = data["series"]
+    assert (owl["key"], owl["name"], owl["color"]) == ("owl", "OWL", ALLOCATOR_COLORS["owl"])
+    assert owl["sparsity"] == [25.0, 75.0] and owl["kept"] == [50.0, 50.0]
+    assert uni["sparsity"] == [50.0, 50.0] and uni["kept"] == [25.0, 75.0]
+    assert data["band"] == [25.0, 75.0] and data["blocks"] == 2
+    assert data["title"] == "Per-block sparsity at target S = 50%"
+    assert allocation_curves_data(allocs, numel, 0.5, None)["band"] is None

@@ -54,10 +54,17 @@ def figures(at):
     return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
 
 
-def trace(fig, name, axis="y"):
-    for t in fig["data"]:
-        if t.get("name") == name and t.get("yaxis", "y") == axis and t["type"] == "scatter":
-            return values(t["y"]) / 100
+def curves(at) -> dict:
+    """The data the Allocation page's live curves (pages/_curves.js) were given on the last run."""
+    (component,) = at.get("bidi_component")
+    return json.loads(component.proto.json)
+
+
+def curve(data: dict, name: str) -> np.ndarray:
+    """One allocator's per-block sparsities (fractions) from ``curves``."""
+    for s in data["series"]:
+        if s["name"] == name:
+            return np.asarray(s["sparsity"]) / 100
     raise KeyError(name)
 
 
@@ -99,20 +106,21 @@ def test_outliers_page(app, cached):
 def test_allocation_sliders_redraw_as_the_allocators_predict(app, cached):
     stats = cached[1]
     go(app, "allocation")
-    fig = figures(app)[0]
+    fig = curves(app)
     for name, label in LABEL.items():
         expected = allocate(name, stats, 0.7, **ALLOCATORS[name].pick({"lam": 0.08, "m": 5, "alpha": 0.15,
                                                                        "delta": 0.01})).block_sparsity
-        np.testing.assert_allclose(trace(fig, label), expected, atol=1e-9)
+        np.testing.assert_allclose(curve(fig, label), expected, atol=1e-9)
     # the controls are generated from the allocators' declared parameters, labelled by paper symbol
     assert {n.label for n in app.number_input} == {"β (beta)"}  # no slider range: a number input
     assert {n.label for n in app.slider} >= {"λ (lam)", "M (m)", "ε (epsilon)", "α (alpha)", "δ (delta)"}  # what-if
     app.slider(key="alloc_delta").set_value(0.02).run()  # ATP's curve steepens: s_b = s_0 + 0.02 b
-    np.testing.assert_allclose(np.diff(trace(figures(app)[0], "ATP")), 0.02, atol=1e-9)
+    np.testing.assert_allclose(np.diff(curve(curves(app), "ATP")), 0.02, atol=1e-9)
     app.slider(key="alloc_m").set_value(8.0).run()
     app.slider(key="alloc_lam").set_value(0.12).run()
-    after = trace(figures(app)[0], "OWL")
-    assert not np.allclose(after, trace(fig, "OWL"))
+    after = curve(curves(app), "OWL")
+    assert not np.allclose(after, curve(fig, "OWL"))
+    assert curves(app)["band"] == pytest.approx([58.0, 82.0])  # S ± λ = 70% ± 12%
     np.testing.assert_allclose(after, owl(stats.lod(8.0), 0.7, 0.12), atol=1e-9)
     assert [b.label for b in app.get("download_button")] == ["Download CSV (per block)", "Download JSON (per block and layer)"]
 
@@ -148,7 +156,7 @@ def test_allocation_besa_is_queued_then_shown_beside_owl(tiny_folder, data_dir, 
     owl_z = values(owl_heat["data"][0]["z"]).reshape(7, 4)
     np.testing.assert_allclose(owl_z / 100, np.repeat(allocate("owl", stats, 0.7).block_sparsity[None], 7, 0), atol=1e-9)
     assert owl_heat["data"][0]["zmin"] == besa_heat["data"][0]["zmin"]  # one colour scale for both
-    np.testing.assert_allclose(trace(figures(at)[0], "BESA (learned)"), 0.7, atol=1e-9)  # each block's mean is S
+    np.testing.assert_allclose(curve(curves(at), "BESA (learned)"), 0.7, atol=1e-9)  # each block's mean is S
     assert any("lower)" in c.value for c in at.caption)
 
 
@@ -157,7 +165,7 @@ def test_allocation_too_wide_lambda_says_what_is_allowed(app):
     app.slider(key="alloc_S").set_value(0.95).run()
     app.slider(key="alloc_lam").set_value(0.3).run()
     assert any("too wide" in w.value and "choose λ <" in w.value for w in app.warning)
-    names = {t.get("name") for t in figures(app)[0]["data"]}
+    names = {s["name"] for s in curves(app)["series"]}
     assert "OWL" not in names and "Uniform" in names  # no nonsense curve; the others still drawn
 
 
@@ -246,7 +254,7 @@ def test_a_registered_allocator_and_method_get_page_controls(app, cached):
         assert "γ (gamma)" in {n.label for n in app.number_input}  # declared without a slider range
         app.number_input(key="alloc_gamma").set_value(0.1).run()
         assert not app.exception, app.exception
-        np.testing.assert_allclose(trace(figures(app)[0], "Toy tilt"), tilt(30, 0.7, 0.1), atol=1e-9)
+        np.testing.assert_allclose(curve(curves(app), "Toy tilt"), tilt(30, 0.7, 0.1), atol=1e-9)
         go(app, "prune")
         app.multiselect(key="grid_allocators").set_value(["toy_tilt"]).run()
         app.multiselect(key="grid_methods").set_value(["toy_power"]).run()

@@ -5,6 +5,7 @@ run on Compare, downloads its zip and loads the model from it. Screenshots of ev
 test-artifacts/screenshots/ at 1280 × 800.
 """
 
+import json
 import os
 import shutil
 import socket
@@ -15,6 +16,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pruner import api
@@ -90,11 +92,10 @@ def _shot(page, name):
     page.screenshot(path=str(SHOTS / f"{name}.png"))
 
 
-# _fullData holds the decoded arrays (plot.data keeps plotly's base64 typed-array spec)
+# OWL's per-block sparsities (%) as the Allocation page's curves (pages/_curves.js) drew them
 OWL_Y = """() => {
-  const plot = document.querySelectorAll('.js-plotly-plot')[0];
-  const t = plot._fullData.find(d => d.name === 'OWL');
-  return Array.from(t.y);
+  const line = document.querySelector('.allocation-curves polyline[data-panel="sparsity"][data-name="OWL"]');
+  return line ? JSON.parse(line.dataset.y) : null;
 }"""
 
 
@@ -109,20 +110,34 @@ def test_browser_session(server, page, tmp_path):
     _shot(page, "2-outliers")
 
     _open(page, url, "allocation", "Per-block sparsity at target S")
-    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length > 0")
+    page.wait_for_function(f"() => ({OWL_Y})() !== null")
     before = page.evaluate(OWL_Y)
+    # the curve is drawn where its numbers say: 30 points, one per block, left to right
+    owl_line = page.locator('.allocation-curves polyline[data-panel="sparsity"][data-name="OWL"]')
+    points = owl_line.get_attribute("points").split()
+    assert len(points) == 30 and sorted(float(p.split(",")[0]) for p in points) == [float(p.split(",")[0]) for p in points]
     lam_slider = page.locator('[data-testid="stSlider"]').nth(1).locator('input[type="range"]')
     assert lam_slider.input_value() == "0.08"
     lam_slider.focus()
     for _ in range(4):
         page.keyboard.press("ArrowRight")
     assert len(before) == 30
-    page.wait_for_function(f"() => {{ const t = document.querySelectorAll('.js-plotly-plot')[0]._fullData"
-                           f".find(d => d.name === 'OWL'); return t && t.y[29] !== {before[29]}; }}", timeout=30_000)
+    page.wait_for_function(f"() => {{ const y = ({OWL_Y})(); return y && y[29] !== {before[29]}; }}", timeout=30_000)
     after = page.evaluate(OWL_Y)
     assert lam_slider.input_value() == "0.12"
     assert max(after) - min(after) > max(before) - min(before)  # the spread is 2λ: wider after the move
     _shot(page, "3-allocation")
+    # the downloads are made when clicked (not on every slider move): they must hold what the chart shows now
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=30_000)
+    with page.expect_download(timeout=60_000) as dl:
+        page.get_by_role("button", name="Download JSON (per block and layer)").click()
+    exported = json.loads(Path(dl.value.path()).read_text())
+    assert exported["owl"]["params"]["lam"] == pytest.approx(0.12)
+    np.testing.assert_allclose(np.array(exported["owl"]["block_sparsity"]) * 100, after, atol=1e-6)
+    with page.expect_download(timeout=60_000) as dl:
+        page.get_by_role("button", name="Download CSV (per block)").click()
+    csv_rows = Path(dl.value.path()).read_text().splitlines()
+    assert len(csv_rows) == 31 and "OWL" in csv_rows[0].split(",")
 
     _open(page, url, "prune", "Finished runs")
     page.get_by_text("Perplexity afterwards").click()  # keep the job small
