@@ -11,7 +11,7 @@ for each of --moves key presses on the λ slider measures:
   protocol, polling), which no user waits for;
 * until the page's re-run ended (Streamlit's running indicator gone).
 
-The curve is read from the page's per-block curves (the polyline pages/_curves.js drew for OWL). Target: p95 ≤ 250 ms with predictions.
+The curve is read from the polyline pages/_curves.js drew for OWL. Target: p95 ≤ 250 ms with predictions.
 Run on an idle machine: `.venv/bin/python -m bench.ui_latency [--moves 30] [--preset cpu]`.
 """
 
@@ -80,7 +80,7 @@ def main():
     ap.add_argument("--sparsity", type=float, default=PAGE_DEFAULT_S,
                     help="move the page's S slider here first (its step is 0.05); predictions need the damage table "
                          "around this S in the cache")
-    ap.add_argument("--debug", action="store_true", help="print the websocket log of the first three moves")
+    ap.add_argument("--debug", action="store_true", help="print each move's split, and the websocket log of the first three moves")
     args = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
