@@ -159,6 +159,10 @@ def dense_perplexity_cached(model_spec, cache_dir: Path | None = None) -> dict |
 # Zero-shot accuracy (lm-eval)
 
 
+#: folder (in a run folder, or beside the dense model's metrics) for lm-eval's request caches of unfinished tasks
+ZEROSHOT_REQUESTS = "zeroshot-requests"
+
+
 def zeroshot_metric_name(source: str, limit: int | None) -> str:
     return f"zeroshot:{source}" + (f":limit{limit}" if limit else "")
 
@@ -176,25 +180,40 @@ def _merge_zeroshot(previous: dict | None, result: dict) -> dict:
             "seconds": round(sum(timed), 2) if len(timed) == len(ordered) else result["seconds"]}
 
 
+def request_cache_file(prefix: Path) -> Path:
+    """The SQLite file lm-eval's ``use_cache=prefix`` writes (one process, so rank 0)."""
+    return prefix.with_name(prefix.name + "_rank0.db")
+
+
 def _zeroshot_task_by_task(model, tokenizer, device, data_dir, tasks, limit, source, batch_size, progress,
-                           should_cancel, save: Callable[[dict], dict]) -> dict:
+                           should_cancel, save: Callable[[dict], dict], request_dir: Path) -> dict:
     """lm-eval on ``tasks`` one task at a time, handing each task's result to ``save`` (which merges it into the
-    store and returns the merged result) as soon as it is done: the full sets take about an hour here, and a crash
-    or a cancel then keeps every finished task. Returns the last merged result."""
+    store and returns the merged result) as soon as it is done: the full sets take hours here, and a crash or a
+    cancel then keeps every finished task. Within a task, each answered request is kept in lm-eval's request cache
+    under ``request_dir`` (one folder per model), so a task interrupted midway (HellaSwag's 40,168 requests take
+    about three hours on two cores) resumes from its last answered request; the file is removed once the task's
+    result is saved. Returns the last merged result."""
+    import lm_eval
+
     from pruner.calibrate import Cancelled
     from pruner.evaluate.zeroshot import parse_tasks, zeroshot_accuracy
 
     names = parse_tasks(tasks)
     merged: dict = {}
+    request_dir.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"zero-shot evaluation cancelled after {i} of {len(names)} tasks (finished ones kept)")
+        prefix = request_dir / f"{name}-{source}-{'all' if limit is None else f'limit{limit}'}-lm_eval{lm_eval.__version__}"
         result = zeroshot_accuracy(model, tokenizer, tasks=[name], limit=limit, source=source, data_dir=data_dir,
-                                   batch_size=batch_size, device=str(device))
+                                   batch_size=batch_size, device=str(device), request_cache=prefix)
         result["tasks"][name]["seconds"] = result["seconds"]
         merged = save(result)
+        request_cache_file(prefix).unlink(missing_ok=True)
         if progress is not None:
             progress(i + 1, len(names))
+    if not any(request_dir.iterdir()):
+        request_dir.rmdir()  # nothing unfinished: leave no empty folder in the run (or its download)
     return merged
 
 
@@ -215,7 +234,7 @@ def evaluate_zeroshot(folder: Path, data_dir: str | None, *, tasks=None, limit: 
         return update_metrics(folder, name, lambda previous: _merge_zeroshot(previous, result))["metrics"][name]
 
     return _zeroshot_task_by_task(model, tokenizer, device, data_dir, tasks, limit, source, batch_size, progress,
-                                  should_cancel, save)
+                                  should_cancel, save, Path(folder) / ZEROSHOT_REQUESTS)
 
 
 def dense_zeroshot(model_spec, data_dir: str | None, cache_dir: Path | None = None, *, loaded: LoadedModel | None = None,
@@ -246,7 +265,8 @@ def dense_zeroshot(model_spec, data_dir: str | None, cache_dir: Path | None = No
     try:
         base.model.to(base.device)
         return _zeroshot_task_by_task(base.model, base.tokenizer, base.device, data_dir, missing, limit, source,
-                                      batch_size, progress, should_cancel, save)
+                                      batch_size, progress, should_cancel, save,
+                                      _dense_metrics_path(model_spec, cache_dir).parent / ZEROSHOT_REQUESTS)
     finally:
         base.model.to(home)
 

@@ -2,12 +2,17 @@
 equal to a direct log-likelihood computation, results merged into the run's manifest."""
 
 import json
+from pathlib import Path
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from pruner import metrics
 from pruner.evaluate.zeroshot import TASKS, parse_tasks, write_local_tasks, zeroshot_accuracy
+from pruner.metrics import request_cache_file
 from pruner.store import read_manifest
 
 
@@ -24,7 +29,7 @@ def test_local_task_yaml_includes_lm_eval_and_reads_the_data_dir(data_dir, tmp_p
     names = write_local_tasks(["arc_easy", "boolq"], data_dir, tmp_path)
     text = (tmp_path / f"{names['arc_easy']}.yaml").read_text()
     assert "lm_eval/tasks/arc/arc_easy.yaml" in text and "arc/arc_easy_test.jsonl" in text
-    task = TaskManager(include_path=str(tmp_path)).load([names["boolq"]])["tasks"][names["boolq"]]
+    task = TaskManager(include_path=str(tmp_path), include_defaults=False).load([names["boolq"]])["tasks"][names["boolq"]]
     first = json.loads(open(f"{data_dir}/boolq/validation.jsonl").readline())
     doc = next(iter(task.eval_docs))
     assert task.doc_to_text(doc) == f"{first['passage']}\nQuestion: {first['question']}?\nAnswer:"
@@ -81,6 +86,7 @@ def test_run_manifest_gets_merged_results(tiny_run, data_dir):
     assert "acc_norm" in stored["tasks"]["hellaswag"] and "acc_norm" not in stored["tasks"]["rte"]
     assert stored["mean_acc"] == pytest.approx(sum(r["acc"] for r in stored["tasks"].values()) / len(order))
     assert stored["partial"] and stored["lm_eval"].startswith("0.4")
+    assert not (Path(folder) / metrics.ZEROSHOT_REQUESTS).exists()  # finished tasks leave no request cache behind
 
 
 def test_bad_limit_is_rejected(tiny_run, data_dir):
@@ -103,3 +109,56 @@ def test_a_cancel_keeps_the_tasks_already_finished(tiny_run, data_dir):
     stored = read_manifest(folder)["metrics"]["zeroshot:local:limit3"]
     assert list(stored["tasks"]) == ["winogrande"] and stored["tasks"]["winogrande"]["n"] == 3
     assert stored["seconds"] == pytest.approx(stored["tasks"]["winogrande"]["seconds"], abs=0.01)
+
+
+def _request_rows(db: Path) -> int:
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db, timeout=30) as con:
+        try:
+            return con.execute("select count(*) from unnamed").fetchone()[0]
+        except sqlite3.OperationalError:  # the table is created with the first commit
+            return 0
+
+
+def test_a_task_killed_midway_resumes_from_its_last_answered_request(tiny_folder, data_dir, tmp_path):
+    """A real process evaluating RTE is killed (SIGKILL) once some requests are answered; run again with the same
+    request cache, the task computes the rest and gets exactly the accuracy of an uninterrupted run."""
+    import transformers as tf
+
+    limit, prefix = 40, tmp_path / "rte"
+    db = request_cache_file(prefix)
+    script = ("import sys, transformers as tf; from pruner.evaluate.zeroshot import zeroshot_accuracy; "
+              "m = tf.AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = tf.AutoTokenizer.from_pretrained(sys.argv[1]); "
+              "zeroshot_accuracy(m, t, tasks=['rte'], limit=int(sys.argv[2]), data_dir=sys.argv[3], batch_size=1, "
+              "request_cache=sys.argv[4])")
+    proc = subprocess.Popen([sys.executable, "-c", script, tiny_folder, str(limit), data_dir, str(prefix)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while _request_rows(db) < 4 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    answered, total = _request_rows(db), 2 * limit  # two answers (entailment or not) per RTE document
+    assert 0 < answered < total, (answered, proc.stderr.read().decode()[-2000:])
+
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_folder)
+    tokenizer = tf.AutoTokenizer.from_pretrained(tiny_folder)
+    resumed = zeroshot_accuracy(model, tokenizer, tasks=["rte"], limit=limit, data_dir=data_dir,
+                                request_cache=prefix)
+    assert _request_rows(db) == total
+    whole = zeroshot_accuracy(model, tokenizer, tasks=["rte"], limit=limit, data_dir=data_dir)
+    assert resumed["tasks"] == whole["tasks"]
+
+    # the kept answers are what the resumed run used: a model with every weight zeroed, given the same (now
+    # complete) cache, computes nothing and reports the first model's accuracy
+    zeroed = tf.AutoModelForCausalLM.from_pretrained(tiny_folder)
+    with torch.no_grad():
+        for p in zeroed.parameters():
+            p.zero_()
+    again = zeroshot_accuracy(zeroed, tokenizer, tasks=["rte"], limit=limit, data_dir=data_dir,
+                              request_cache=prefix)
+    assert again["tasks"] == whole["tasks"]
+

@@ -113,8 +113,14 @@ def _metrics_of(raw: dict) -> dict:
 def zeroshot_accuracy(model, tokenizer, *, tasks=None, limit: int | None = None, source: str = "local",
                       data_dir: str | os.PathLike | None = None, batch_size: int = 8, device: str = "cpu",
                       progress: Callable[[int, int], None] | None = None,
-                      should_cancel: Callable[[], bool] | None = None) -> dict:
+                      should_cancel: Callable[[], bool] | None = None,
+                      request_cache: str | os.PathLike | None = None) -> dict:
     """Evaluate ``model`` (in memory) with lm-eval on ``tasks`` (default: the papers' seven), zero-shot.
+
+    ``request_cache``: a path prefix for lm-eval's own request cache (``use_cache``: an SQLite file
+    ``<prefix>_rank0.db`` to which every answered log-likelihood request is committed as it is answered). A task
+    interrupted midway and run again with the same prefix recomputes only the requests it had not answered. The
+    cache knows requests, not models: one prefix must only ever serve one model's weights.
 
     Returns {"tasks": {name: {acc, acc_stderr[, acc_norm, acc_norm_stderr], n}}, "mean_acc", "limit", "partial",
     "source", "lm_eval", "seconds"}. ``progress(done, total)`` is called per task, and ``should_cancel`` is checked
@@ -137,14 +143,17 @@ def zeroshot_accuracy(model, tokenizer, *, tasks=None, limit: int | None = None,
     with tempfile.TemporaryDirectory(prefix="pruner-tasks-") as folder:
         if source == "local":
             mapping = write_local_tasks(names, data_dir, Path(folder))
-            manager = TaskManager(include_path=folder)
+            # only our folder is indexed: its YAMLs include lm-eval's own by absolute path, so indexing lm-eval's
+            # whole task tree (about 10 s here, on every call) is not needed
+            manager = TaskManager(include_path=folder, include_defaults=False)
         else:
             mapping, manager = {n: n for n in names}, TaskManager()
         for i, name in enumerate(names):
             if should_cancel is not None and should_cancel():
                 raise Cancelled(f"zero-shot evaluation cancelled after {i} of {len(names)} tasks")
             out = lm_eval.simple_evaluate(model=lm, tasks=[mapping[name]], task_manager=manager, num_fewshot=0,
-                                          limit=limit, log_samples=False, verbosity="ERROR")
+                                          limit=limit, log_samples=False, verbosity="ERROR",
+                                          use_cache=None if request_cache is None else str(request_cache))
             raw = out["results"][mapping[name]]
             results[name] = _metrics_of(raw) | {"n": int(out["n-samples"][mapping[name]]["effective"])}
             if progress is not None:
