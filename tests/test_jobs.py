@@ -43,9 +43,9 @@ def _machine_snapshot(store) -> str:
     return f"\n--- busiest processes ---\n{top}\n--- worker log tail ---\n{tail}"
 
 
-def _spec(data_dir, model="smollm2-135m", method="wanda", seed=0):
+def _spec(data_dir, model="smollm2-135m", method="wanda", seed=0, allocator="owl"):
     return PruneSpec(model=ModelSpec(model, device="cpu"), calib=CalibSpec(nsamples=4, seqlen=128, seed=seed,
-                     data_dir=data_dir), allocator="owl", method=method, sparsity=0.5)
+                     data_dir=data_dir), allocator=allocator, method=method, sparsity=0.5)
 
 
 def _wait(store, job_id, until, timeout=WAIT_S):
@@ -94,7 +94,7 @@ def test_job_survives_the_submitting_process_and_concurrent_submitters(cache, da
 
 def test_cancel_stops_between_blocks_and_leaves_no_run(cache, data_dir):
     store = JobStore(cache / "jobs.sqlite")
-    spec = _spec(data_dir, method="sparsegpt", seed=1)
+    spec = _spec(data_dir, method="sparsegpt", seed=1, allocator="uniform")  # uniform: no statistics pass first
     job_id = submit(store, PruneRequest(spec), cache_dir=cache)
     _wait(store, job_id, lambda j: j.phase == "prune" and j.done >= 1)
     store.cancel(job_id)
@@ -113,7 +113,7 @@ def test_queued_job_cancels_at_once(tmp_path):
 
 def test_killed_worker_is_detected(cache, data_dir):
     store = JobStore(cache / "jobs.sqlite")
-    job_id = submit(store, PruneRequest(_spec(data_dir, method="sparsegpt", seed=2)),
+    job_id = submit(store, PruneRequest(_spec(data_dir, method="sparsegpt", seed=2, allocator="uniform")),
                     cache_dir=cache)
     job = _wait(store, job_id, lambda j: j.phase == "prune" and j.done >= 1)
     os.kill(job.worker_pid, signal.SIGKILL)

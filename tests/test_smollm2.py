@@ -65,19 +65,19 @@ def test_allocators_hit_target_on_real_stats(small_stats, name, S):
     assert np.all(a.layer_sparsity >= 0) and np.all(a.layer_sparsity < 1)
 
 
-def test_prune_and_perplexity_end_to_end(smollm2, data_dir, tmp_path):
+def test_prune_and_perplexity_end_to_end(smollm2, data_dir, small_stats):
     from pruner.specs import PruneSpec
     from pruner.store import read_manifest
 
-    spec = PruneSpec(model=ModelSpec("smollm2-135m", device="cpu"), calib=CalibSpec(nsamples=4, seqlen=128, data_dir=data_dir),
-                     allocator="owl", method="wanda", sparsity=0.5)
-    folder = runs.run_prune(spec, tmp_path, loaded=smollm2)
+    stats_spec, cache, _, _ = small_stats  # the allocation reads these cached statistics (no second stats pass)
+    spec = PruneSpec(model=stats_spec.model, calib=stats_spec.calib, allocator="owl", method="wanda", sparsity=0.5)
+    folder = runs.run_prune(spec, cache, loaded=smollm2)
     manifest = read_manifest(folder)
     for layer in manifest["achieved"]["layers"]:  # within one weight per output row (the Q4_1 weights hold a few
         in_features = 1536 if layer["name"] == "mlp.down_proj" else 576  # exact zeros, which only add)
         assert layer["pruned"] == layer["numel"] // in_features * round(layer["allocated"] * in_features)
         assert -1 / in_features <= layer["achieved"] - layer["allocated"] <= 0.002
-    dense = metrics.dense_perplexity(spec.model, data_dir, tmp_path, loaded=smollm2, max_chunks=1, seqlen=256)
+    dense = metrics.dense_perplexity(spec.model, data_dir, cache, loaded=smollm2, max_chunks=1, seqlen=256)
     pruned = metrics.evaluate_perplexity(folder, data_dir, max_chunks=1, seqlen=256)
     assert 5 < dense["perplexity"] < pruned["perplexity"] < 20 * dense["perplexity"]
     assert pruned["partial"] and pruned["chunks"] == 1
