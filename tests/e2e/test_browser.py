@@ -123,12 +123,14 @@ def test_browser_session(server, page, tmp_path):
         page.keyboard.press("ArrowRight")
     assert len(before) == 30
     page.wait_for_function(f"() => {{ const y = ({OWL_Y})(); return y && y[29] !== {before[29]}; }}", timeout=30_000)
-    after = page.evaluate(OWL_Y)
     assert lam_slider.input_value() == "0.12"
+    # the first redraw may be of an intermediate λ (one rerun per key press): read the curve once every rerun is done
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=30_000)
+    page.wait_for_timeout(500)
+    after = page.evaluate(OWL_Y)
     assert max(after) - min(after) > max(before) - min(before)  # the spread is 2λ: wider after the move
     _shot(page, "3-allocation")
     # the downloads are made when clicked (not on every slider move): they must hold what the chart shows now
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=30_000)
     with page.expect_download(timeout=60_000) as dl:
         page.get_by_role("button", name="Download JSON (per block and layer)").click()
     exported = json.loads(Path(dl.value.path()).read_text())
