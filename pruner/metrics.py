@@ -180,11 +180,6 @@ def _merge_zeroshot(previous: dict | None, result: dict) -> dict:
             "seconds": round(sum(timed), 2) if len(timed) == len(ordered) else result["seconds"]}
 
 
-def request_cache_file(prefix: Path) -> Path:
-    """The SQLite file lm-eval's ``use_cache=prefix`` writes (one process, so rank 0)."""
-    return prefix.with_name(prefix.name + "_rank0.db")
-
-
 def _zeroshot_task_by_task(model, tokenizer, device, data_dir, tasks, limit, source, batch_size, progress,
                            should_cancel, save: Callable[[dict], dict], request_dir: Path) -> dict:
     """lm-eval on ``tasks`` one task at a time, handing each task's result to ``save`` (which merges it into the
@@ -196,11 +191,10 @@ def _zeroshot_task_by_task(model, tokenizer, device, data_dir, tasks, limit, sou
     import lm_eval
 
     from pruner.calibrate import Cancelled
-    from pruner.evaluate.zeroshot import parse_tasks, zeroshot_accuracy
+    from pruner.evaluate.zeroshot import parse_tasks, request_cache_file, zeroshot_accuracy
 
     names = parse_tasks(tasks)
     merged: dict = {}
-    request_dir.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"zero-shot evaluation cancelled after {i} of {len(names)} tasks (finished ones kept)")
@@ -212,7 +206,7 @@ def _zeroshot_task_by_task(model, tokenizer, device, data_dir, tasks, limit, sou
         request_cache_file(prefix).unlink(missing_ok=True)
         if progress is not None:
             progress(i + 1, len(names))
-    if not any(request_dir.iterdir()):
+    if request_dir.is_dir() and not any(request_dir.iterdir()):  # lm-eval creates it with the first cache file
         request_dir.rmdir()  # nothing unfinished: leave no empty folder in the run (or its download)
     return merged
 

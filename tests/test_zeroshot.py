@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from pruner import metrics
-from pruner.evaluate.zeroshot import TASKS, parse_tasks, write_local_tasks, zeroshot_accuracy
-from pruner.metrics import request_cache_file
+from pruner.evaluate.zeroshot import TASKS, parse_tasks, request_cache_file, write_local_tasks, zeroshot_accuracy
 from pruner.store import read_manifest
 
 

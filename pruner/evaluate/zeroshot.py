@@ -110,6 +110,12 @@ def _metrics_of(raw: dict) -> dict:
     return out
 
 
+def request_cache_file(prefix: str | os.PathLike) -> Path:
+    """The SQLite file lm-eval's ``use_cache=prefix`` writes (one process, so rank 0)."""
+    prefix = Path(prefix)
+    return prefix.with_name(prefix.name + "_rank0.db")
+
+
 def zeroshot_accuracy(model, tokenizer, *, tasks=None, limit: int | None = None, source: str = "local",
                       data_dir: str | os.PathLike | None = None, batch_size: int = 8, device: str = "cpu",
                       progress: Callable[[int, int], None] | None = None,
