@@ -15,6 +15,20 @@ def run_cli(*args, cache: Path, data_dir: str):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300)
 
 
+def cli_in_process(capsys, *args, cache: Path, data_dir: str):
+    """The same CLI (``pruner.cli.main``) in this process: the refusals below need no Python start-up (about 3 s
+    each, mostly importing torch); ``test_refusals_from_the_real_command`` checks the installed entry point."""
+    from pruner.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([*args, "--cache-dir", str(cache), "--data-dir", data_dir])
+    except SystemExit as stop:  # argparse's usage errors end the program
+        code = stop.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 def test_stats_and_allocate(tiny_folder, tmp_path, data_dir):
     r = run_cli("stats", "--model", tiny_folder, "--preset", "tiny", cache=tmp_path, data_dir=data_dir)
     assert r.returncode == 0, r.stderr
@@ -54,10 +68,23 @@ def test_stats_and_allocate(tiny_folder, tmp_path, data_dir):
     (["stats", "--nsamples", "0"], "nsamples must be an integer >= 1"),
     (["stats", "--preset", "huge"], "invalid choice: 'huge'"),
 ])
-def test_bad_input_one_line_exit_2_nothing_cached(args, message, tmp_path, data_dir):
-    r = run_cli(*args, cache=tmp_path, data_dir=data_dir)
+def test_bad_input_one_line_exit_2_nothing_cached(args, message, tmp_path, data_dir, capsys):
+    r = cli_in_process(capsys, *args, cache=tmp_path, data_dir=data_dir)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prune", "--nm", "3:2"], "N:M needs integers 1 ≤ N < M"),  # the CLI's own check
+    (["allocate", "--sparsity", "0.5", "--lam", "-0.1"], "λ (lam) must be a number in [0, 0.5); got -0.1"),  # a spec's
+    (["allocate", "--sparsity", "0.5", "--allocator", "magic"], "invalid choice: 'magic' (choose from 'uniform'"),  # argparse
+])
+def test_refusals_from_the_real_command(args, message, tmp_path, data_dir):
+    """`python -m pruner` itself: one line on stderr (nothing else writes there), exit code 2, nothing cached."""
+    r = run_cli(*args, cache=tmp_path, data_dir=data_dir)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, \
+        r.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -67,8 +94,8 @@ def test_missing_data_dir(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_lambda_too_wide_leaves_cache_empty(tiny_folder, tmp_path, data_dir):
-    r = run_cli("allocate", "--model", tiny_folder, "--preset", "tiny", "--sparsity", "0.9", "--lam", "0.45",
+def test_lambda_too_wide_leaves_cache_empty(tiny_folder, tmp_path, data_dir, capsys):
+    r = cli_in_process(capsys, "allocate", "--model", tiny_folder, "--preset", "tiny", "--sparsity", "0.9", "--lam", "0.45",
                 cache=tmp_path, data_dir=data_dir)
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
@@ -76,7 +103,7 @@ def test_lambda_too_wide_leaves_cache_empty(tiny_folder, tmp_path, data_dir):
     assert not (tmp_path / "stats").exists() or list((tmp_path / "stats").iterdir()) == []
 
 
-def test_prune_eval_and_out(tiny_folder, tmp_path, data_dir):
+def test_prune_eval_and_out(tiny_folder, tmp_path, data_dir, capsys):
     cache, out = tmp_path / "cache", tmp_path / "exported"
     r = run_cli("prune", "--model", tiny_folder, "--preset", "tiny", "--allocator", "owl", "--method", "wanda",
                 "--sparsity", "0.7", "--lam", "0.05", "--m", "3", "--out", str(out), cache=cache, data_dir=data_dir)
@@ -84,8 +111,8 @@ def test_prune_eval_and_out(tiny_folder, tmp_path, data_dir):
     key = r.stdout.split()[1].rstrip(":")
     assert "achieved sparsity 0.69" in r.stdout and "prune" in r.stderr  # progress bar per block
     assert (out / "model.safetensors").is_file() and json.loads((out / "manifest.json").read_text())["key"] == key
-    r = run_cli("eval", "--run", key, "--ppl", "--max-chunks", "2", "--eval-seqlen", "64", "--json",
-                cache=cache, data_dir=data_dir)
+    r = cli_in_process(capsys, "eval", "--run", key, "--ppl", "--max-chunks", "2", "--eval-seqlen", "64", "--json",
+                       cache=cache, data_dir=data_dir)
     assert r.returncode == 0, r.stderr
     assert "partial: first 2 of" in r.stdout
     result = json.loads(r.stdout[r.stdout.index("{"):])["perplexity"]
@@ -114,8 +141,8 @@ def test_prune_eval_and_out(tiny_folder, tmp_path, data_dir):
     (["eval", "--speed"], "--speed compares a pruned run with its dense model: pass --run KEY"),
     (["eval", "--run", "deadbeef", "--speed", "--runs", "5"], "runs must be ≥ 30"),
 ])
-def test_prune_eval_bad_input(args, message, tmp_path, data_dir):
-    r = run_cli(*args, cache=tmp_path, data_dir=data_dir)
+def test_prune_eval_bad_input(args, message, tmp_path, data_dir, capsys):
+    r = cli_in_process(capsys, *args, cache=tmp_path, data_dir=data_dir)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -155,8 +182,8 @@ def test_prune_drop_weights_keeps_the_numbers_and_force_restores_them(tiny_folde
     assert not list(folder.rglob("*.safetensors")) and (folder / "config.json").is_file()
     assert manifest["weights_dropped"]["bytes"] > 0 and len(manifest["metrics"]) == 1
     (before,) = manifest["metrics"].values()
-    # the prunes run as subprocesses (the installed command); the checks that need no prune run the same CLI
-    # in this process (``pruner.cli.main``), which saves a Python start-up each
+    # the first prune ran as a subprocess (the installed command); the rest run the same CLI in this process
+    # (``pruner.cli.main``), which saves a Python start-up (about 8 s with transformers) each
     from pruner.cli import main
 
     def cli_here(*argv, data=True):
@@ -173,7 +200,7 @@ def test_prune_drop_weights_keeps_the_numbers_and_force_restores_them(tiny_folde
         run_zip(folder)
     r = cli_here("eval", "--run", key, "--ppl", "--max-chunks", "1")
     assert r.returncode == 2 and "its weights were dropped after evaluation" in r.stderr and "--force" in r.stderr
-    r = run_cli(*args, "--force", cache=tmp_path, data_dir=data_dir)
+    r = cli_here(*args, "--force")
     assert r.returncode == 0, r.stderr
     restored = json.loads((folder / "manifest.json").read_text())
     assert "weights_dropped" not in restored and (folder / "model.safetensors").is_file()
@@ -190,7 +217,7 @@ def test_prune_drop_weights_keeps_the_numbers_and_force_restores_them(tiny_folde
     r = cache_cli("--drop-weights", key)
     assert r.returncode == 0 and "freed" in r.stdout and not list(folder.rglob("*.safetensors")), r.stderr
     assert "1 of the runs keep only their manifest and metrics" in cache_cli().stdout
-    r = run_cli(*args[:-5], "--sparsity", "0.5", cache=tmp_path, data_dir=data_dir)  # not evaluated
+    r = cli_here(*args[:-5], "--sparsity", "0.5")  # not evaluated
     other = r.stdout.split()[1].rstrip(":")
     r = cache_cli("--drop-weights", other)
     assert r.returncode == 2 and f"run {other} has no evaluation yet" in r.stderr

@@ -9,12 +9,13 @@ from pruner.allocation import ALLOCATORS, allocate, formula_allocators
 from pruner.data import calibration_tokens
 from pruner.models import model_summary
 from pruner.specs import CalibSpec, ModelSpec, StatsSpec
+from tests.conftest import share_project_models
 from tests.test_calibrate import direct_input_norms
 
 
 @pytest.fixture(scope="module")
 def small_stats(smollm2, data_dir, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
+    cache = share_project_models(tmp_path_factory.mktemp("cache"))  # (a bare cache would convert SmolLM2 again)
     spec = StatsSpec(ModelSpec("smollm2-135m", device="cpu"), CalibSpec(nsamples=4, seqlen=128, data_dir=data_dir))
     seen = []
     stats = api.get_stats(spec, cache, loaded=smollm2, progress=lambda d, t: seen.append((d, t)))

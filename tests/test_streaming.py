@@ -69,9 +69,10 @@ def test_streamed_statistics_equal_in_memory(sharded_folder, data_dir):
 
 
 def test_streamed_smollm2_equals_in_memory(smollm2, data_dir, tmp_path):
-    """The bundled model (tied head, single-file checkpoint) with SparseGPT, the method with the most state. Every
-    method, and the streamed statistics pass, are compared on the tiny Llama above (the suite's time budget)."""
-    for method in ("sparsegpt",):
+    """The bundled model (tied head, single-file checkpoint), pruned with Wanda block after block from the pruned
+    blocks' outputs. Every method (SparseGPT's weight update included), and the streamed statistics pass, are
+    compared on the tiny Llama above: SparseGPT here took 62 s of the suite's budget against Wanda's 31 s."""
+    for method in ("wanda",):
         spec = PruneSpec(model=ModelSpec("smollm2-135m", device="cpu"),
                          calib=CalibSpec(nsamples=4, seqlen=64, data_dir=data_dir),
                          allocator="uniform", method=method, sparsity=0.7)
