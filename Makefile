@@ -4,6 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PORT   ?= 8501
+# pytest-xdist worker processes for `make test` (each computes with ⌊CPUs ÷ workers⌋ threads, at most 2; see
+# tests/conftest.py); 0 runs the suite in one process. A file's tests stay in one worker (--dist loadfile).
+TEST_WORKERS ?= 2
 
 .PHONY: run test install clean-cache deepsparse results
 
@@ -31,7 +34,7 @@ deepsparse: $(STAMP)
 test: $(STAMP)
 	-$(BIN)/python -m pruner deepsparse-env
 	$(BIN)/python -m pyflakes app.py pages pruner bench tests
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Regenerates the cheap tables of docs/results.md (between `<!-- generated: NAME -->` markers) from the code as it is.
 results: $(STAMP)

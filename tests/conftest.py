@@ -2,11 +2,30 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
-from pruner.store import default_data_dir
+#: The suite runs in this many pytest-xdist worker processes (Makefile: ``pytest -n``); each computes with
+#: ⌊CPUs ÷ workers⌋ threads, and so do the processes its tests start (job workers, the CLI, Streamlit), which
+#: inherit these variables: two workers of two threads on two cores would oversubscribe them, and MKL's threaded
+#: LAPACK then slows down 50–100× (docs/results.md, issue 12 fourth session).
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+THREADS = max(1, min(2, (os.cpu_count() or 1) // XDIST_WORKERS))
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(THREADS)
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+import torch  # noqa: E402  (after the thread variables, which it reads when imported)
+
+from pruner.store import default_data_dir  # noqa: E402
+
+torch.set_num_threads(THREADS)
+
+
+def pytest_sessionstart(session):
+    """Convert the bundled SmolLM2 into the project cache once, before any worker starts: workers converting it at
+    the same moment would replace the folder under each other's feet."""
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
+        from pruner.models import convert_bundled
+
+        convert_bundled("smollm2-135m")
 
 
 def share_project_models(cache: Path) -> Path:

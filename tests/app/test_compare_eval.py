@@ -1,6 +1,7 @@
 """The Compare page's zero-shot and speed-up charts on real stored results of a tiny run, and queuing an
 evaluation job from the page (a real worker process)."""
 
+import shutil
 import time
 
 import pytest
@@ -12,11 +13,16 @@ from pruner.evaluate.speed import SpeedSpec
 from pruner.jobs import JobStore, default_db
 from pruner.store import PROJECT_ROOT, read_manifest
 from tests.app.test_pages import figures, values
+from tests.conftest import share_project_models
 
 
 @pytest.fixture(scope="module")
-def evaluated(tiny_run, data_dir):
-    cache, folder = tiny_run
+def evaluated(tiny_run, data_dir, tmp_path_factory):
+    """The session's tiny run copied alone into this module's cache: other modules evaluate the shared run and add
+    runs beside it in an order pytest-xdist does not fix, and the page shows only the tasks every run shares."""
+    cache = share_project_models(tmp_path_factory.mktemp("compare-eval-cache"))
+    folder = cache / "runs" / tiny_run[1].name
+    shutil.copytree(tiny_run[1], folder)
     metrics.evaluate_perplexity(folder, data_dir, max_chunks=1, seqlen=64)
     metrics.evaluate_zeroshot(folder, data_dir, tasks=["rte", "arc_easy"], limit=2)
     metrics.dense_zeroshot(runs.RunManifest.from_dict(read_manifest(folder)).model_spec(), data_dir, cache, tasks=["rte", "arc_easy"],
