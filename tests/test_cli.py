@@ -15,14 +15,14 @@ def run_cli(*args, cache: Path, data_dir: str):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300)
 
 
-def cli_in_process(capsys, *args, cache: Path, data_dir: str):
+def cli_in_process(capsys, *args, cache: Path, data_dir: str | None):
     """The same CLI (``pruner.cli.main``) in this process: the refusals below need no Python start-up (about 3 s
     each, mostly importing torch); ``test_refusals_from_the_real_command`` checks the installed entry point."""
     from pruner.cli import main
 
     capsys.readouterr()
     try:
-        code = main([*args, "--cache-dir", str(cache), "--data-dir", data_dir])
+        code = main([*args, "--cache-dir", str(cache), *(["--data-dir", data_dir] if data_dir else [])])
     except SystemExit as stop:  # argparse's usage errors end the program
         code = stop.code
     out = capsys.readouterr()
@@ -184,13 +184,8 @@ def test_prune_drop_weights_keeps_the_numbers_and_force_restores_them(tiny_folde
     (before,) = manifest["metrics"].values()
     # the first prune ran as a subprocess (the installed command); the rest run the same CLI in this process
     # (``pruner.cli.main``), which saves a Python start-up (about 8 s with transformers) each
-    from pruner.cli import main
-
     def cli_here(*argv, data=True):
-        capsys.readouterr()
-        code = main([*argv, "--cache-dir", str(tmp_path), *(["--data-dir", data_dir] if data else [])])
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(argv, code, out.out, out.err)
+        return cli_in_process(capsys, *argv, cache=tmp_path, data_dir=data_dir if data else None)
 
     again = cli_here(*args)  # same spec: the stored numbers answer
     assert again.returncode == 0 and f"{before['perplexity']:.3f}" in again.stdout, again.stderr
