@@ -10,6 +10,11 @@ An allocator may carry parameters (``NAME:K=V,K=V``) or ``NAME:tuned``: its para
 on the perplexity predictor's table around S (calibration seed 0's statistics; held-out validation windows, never
 the test split), then used for every seed, so the seeds stay one run group.
 
+Before anything is pruned, every closed-form allocation the study asks for is computed from the (cached)
+statistics: a refused one (e.g. DLP's α too wide for S = 0.8) stops the study with every refusal and its allowed
+range, having pruned nothing; ``--skip-refused`` leaves those out instead and names them in the report. (Learned
+allocators, BESA and the predictor-optimal one, are learned when their turn comes.)
+
 Runs are ordinary cached runs (same spec → same key), so the CLI (`prune --seeds 3 --ppl`), the Prune page and
 this script share them.
 """
@@ -19,16 +24,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 
 from bench.common import git_rev, machine
 from pruner.allocation import ALLOCATORS
+from pruner.api import allocation_for
 from pruner.params import params_text
 from pruner.groups import compare, group_runs, ranking
 from pruner.metrics import perplexity_metric_name
 from pruner.runs import list_runs, run_exists
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec
 from pruner.store import default_data_dir
-from pruner.workflows import PerplexityOptions, PruneRequest, run
+from pruner.workflows import Context, PerplexityOptions, PruneRequest, run
 
 
 def _label(run) -> str:
@@ -40,7 +47,7 @@ def _label(run) -> str:
 _tuned: dict[tuple, dict] = {}
 
 
-def _params(entry: str, allocator: str, S: float, calib: CalibSpec) -> dict:
+def _params(entry: str, allocator: str, S: float, calib: CalibSpec, model: str, cache_dir: str | None) -> dict:
     """The parameters an ``--allocators`` entry asks for: none (defaults), ``K=V,…``, or ``tuned``."""
     _, _, given = entry.partition(":")
     if not given:
@@ -48,10 +55,10 @@ def _params(entry: str, allocator: str, S: float, calib: CalibSpec) -> dict:
     if given != "tuned":
         return {k: float(v) for k, v in (kv.split("=") for kv in given.split(","))}
     if (allocator, S) not in _tuned:  # the workflow `prune --tune` runs, on seed 0's calibration set
-        from pruner.workflows import Context, tuned_spec
+        from pruner.workflows import tuned_spec
 
-        _, t = tuned_spec(PruneSpec(model=ModelSpec("smollm2-135m"), calib=calib, allocator=allocator,
-                                    method="wanda", sparsity=S), Context())
+        _, t = tuned_spec(PruneSpec(model=ModelSpec(model), calib=calib, allocator=allocator,
+                                    method="wanda", sparsity=S), Context(cache_dir=cache_dir))
         print(f"# {allocator} at S = {S:.0%} tuned on the predictor around S: {t['params']} (predicted "
               f"{t['predicted_perplexity']:.1f}, {t['tried'] - t['skipped']} of {t['tried']} grid points readable)",
               flush=True)
@@ -59,8 +66,24 @@ def _params(entry: str, allocator: str, S: float, calib: CalibSpec) -> dict:
     return _tuned[(allocator, S)]
 
 
-def main() -> None:
+def refusals(specs: list[PruneSpec], cache_dir: str | None) -> dict[str, str]:
+    """{spec key: the allocator's refusal} for every spec whose closed-form allocation is refused (statistics
+    are computed and cached where missing; runs already in the cache and learned allocators are not checked)."""
+    refused = {}
+    for spec in specs:
+        if ALLOCATORS[spec.allocator].learned or run_exists(spec.key(), cache_dir):
+            continue
+        try:
+            allocation_for(spec.stats_spec, spec.allocator, spec.sparsity, spec.allocator_params, cache_dir=cache_dir)
+        except ValueError as e:
+            refused[spec.key()] = f"{spec.label()}, seed {spec.calib.seed}: {e}"
+    return refused
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="model id, bundled name or local folder")
+    p.add_argument("--cache-dir", help="the cache to read and write (default: <project>/cache)")
     p.add_argument("--allocators", nargs="+", default=["uniform", "owl"])
     p.add_argument("--methods", nargs="+", default=["wanda"])
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.7])
@@ -72,27 +95,38 @@ def main() -> None:
                    help="keep only each new run's manifest and metrics (saves 0.5 GB of disk per SmolLM2 run)")
     p.add_argument("--versus", help="also compare every group with this allocator's group (an --allocators entry, "
                                     "e.g. uniform), paired by seed")
-    args = p.parse_args()
+    p.add_argument("--skip-refused", action="store_true",
+                   help="leave out allocations the allocator refuses (and say so) instead of stopping before pruning")
+    args = p.parse_args(argv)
     data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
     calib = CalibSpec.preset(args.preset, data_dir=data_dir)
-    specs = [PruneSpec(model=ModelSpec("smollm2-135m"), calib=dataclasses.replace(calib, seed=seed),
-                       allocator=a, method=m, sparsity=S, allocator_params=_params(entry, a, S, calib))
+    specs = [PruneSpec(model=ModelSpec(args.model), calib=dataclasses.replace(calib, seed=seed),
+                       allocator=a, method=m, sparsity=S, allocator_params=_params(entry, a, S, calib, args.model, args.cache_dir))
              for m in args.methods for S in args.sparsities for entry in args.allocators
              for a in [entry.partition(":")[0]] for seed in range(args.seeds)]
+    refused = {} if args.report else refusals(specs, args.cache_dir)
+    if refused and not args.skip_refused:
+        print("refused before pruning anything (rerun with other parameters, or --skip-refused to leave these out):",
+              *refused.values(), sep="\n- ", file=sys.stderr)
+        raise SystemExit(2)
+    specs = [s for s in specs if s.key() not in refused]
     keys = {s.key() for s in specs}
     protocol = None
     for spec in specs:
         if args.report:
             continue
         result = run(PruneRequest(spec, PerplexityOptions(max_chunks=args.max_chunks), data_dir=data_dir,
-                                  drop_weights=args.drop_weights and not run_exists(spec.key())))
+                                  drop_weights=args.drop_weights and not run_exists(spec.key(), args.cache_dir)),
+                     Context(cache_dir=args.cache_dir))
         protocol = perplexity_metric_name(result["details"]["perplexity"])
         print(f"{spec.label()}, seed {spec.calib.seed}: perplexity {result['perplexity']:.3f}", flush=True)
-    runs = [r for r in list_runs().runs if r.key in keys]
+    runs = [r for r in list_runs(args.cache_dir).runs if r.key in keys]
     if protocol is None:  # --report: the protocol the asked-for evaluation would have written
         seqlen = 2048
         protocol = f"perplexity:wikitext2-test:seq{seqlen}" + (f":first{args.max_chunks}" if args.max_chunks else "")
     print(f"# machine: {machine()}; commit {git_rev()}; protocol {protocol}; calibration preset {args.preset}")
+    for reason in refused.values():
+        print(f"# left out, refused by the allocator: {reason}")
     for m in args.methods:
         for S in args.sparsities:
             groups = [g for g in group_runs(runs) if g.first.method == m and g.first.sparsity == S]
@@ -106,7 +140,7 @@ def main() -> None:
                       f"{r.summary.perplexity.text(1)} | {vs} |")
             if args.versus:
                 name, _, _ = args.versus.partition(":")
-                params = _params(args.versus, name, S, calib)
+                params = _params(args.versus, name, S, calib, args.model, args.cache_dir)
                 base = [g for g in groups if g.first.allocator == name and g.first.allocator_params == params]
                 if not base:
                     print(f"# no {args.versus} group at {S:.0%} to compare with")
