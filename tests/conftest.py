@@ -82,3 +82,20 @@ def tiny_run(tiny_folder, data_dir, tmp_path_factory):
     spec = PruneSpec(model=ModelSpec(tiny_folder, device="cpu"), calib=CalibSpec(nsamples=4, seqlen=64, data_dir=data_dir),
                      allocator="owl", method="wanda", sparsity=0.5, allocator_params={"lam": 0.05, "m": 3})
     return cache, runs.run_prune(spec, cache)
+
+
+def copy_of_tiny_run(tiny_run, cache: Path) -> tuple[Path, Path]:
+    """(cache dir, run folder) of a copy of ``tiny_run``'s cache at ``cache``, for tests that add to the run
+    (evaluations merged into its manifest, runs recovered beside it): the session's run stays as it was built, so
+    what one module stores cannot change what another module reads (the order of modules in a worker is not
+    fixed)."""
+    import shutil
+
+    shutil.copytree(tiny_run[0], cache, symlinks=True)  # the shared models stay a link (not 0.5 GB copied)
+    return cache, cache / "runs" / tiny_run[1].name
+
+
+@pytest.fixture
+def own_tiny_run(tiny_run, tmp_path):
+    """This test's own copy of the session's tiny run (``copy_of_tiny_run``)."""
+    return copy_of_tiny_run(tiny_run, tmp_path / "own-tiny-run-cache")

@@ -1,7 +1,6 @@
 """LoRA recovery: settings, the learning-rate schedule by hand, and a real recovery of the tiny stored run (library,
 store, zip and the CLI in a subprocess)."""
 
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,6 +11,7 @@ from safetensors.torch import load_file
 
 from pruner import metrics, runs
 from pruner.recover import RecoverSpec, learning_rate, train_lora
+from tests.conftest import copy_of_tiny_run
 from tests.tiny_models import tiny_model, tiny_tokens
 from pruner.store import PROJECT_ROOT, read_manifest, run_zip
 
@@ -45,8 +45,8 @@ def test_lora_result_depends_on_its_seed_not_on_the_process_random_state():
 
 
 @pytest.fixture(scope="module")
-def recovered(tiny_run, data_dir):
-    cache, parent = tiny_run
+def recovered(tiny_run, data_dir, tmp_path_factory):
+    cache, parent = copy_of_tiny_run(tiny_run, tmp_path_factory.mktemp("recovered") / "cache")
     spec = RecoverSpec(read_manifest(parent)["key"], steps=12, seqlen=32, lr=1e-2)
     phases = []
     folder = runs.recover_run(parent, spec, data_dir, cache, progress=lambda ph, d, t: phases.append((ph, d, t)))
@@ -100,10 +100,9 @@ def test_zero_shot_runs_on_the_recovered_model(recovered, data_dir):
     assert read_manifest(folder)["metrics"]["zeroshot:local:limit2"]["tasks"]["rte"]["acc"] == result["tasks"]["rte"]["acc"]
 
 
-def test_cli_recover_prints_perplexity_before_and_after(tiny_run, data_dir, tmp_path):
-    cache = tmp_path / "cache"
-    shutil.copytree(tiny_run[0], cache, symlinks=True)  # the shared models stay a link (not 0.5 GB copied)
-    key = tiny_run[1].name
+def test_cli_recover_prints_perplexity_before_and_after(own_tiny_run, data_dir):
+    cache, parent = own_tiny_run
+    key = parent.name
     cmd = [sys.executable, "-m", "pruner", "recover", "--run", key, "--steps", "3", "--train-seqlen", "32",
            "--max-chunks", "1", "--device", "cpu", "--cache-dir", str(cache), "--data-dir", data_dir]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300)

@@ -205,9 +205,9 @@ def _deepsparse_or_skip():
         pytest.skip(status["reason"])
 
 
-def test_deepsparse_worker_round_trip_on_a_stored_run(tiny_run):
+def test_deepsparse_worker_round_trip_on_a_stored_run(own_tiny_run):
     _deepsparse_or_skip()
-    cache, folder = tiny_run
+    cache, folder = own_tiny_run
     phases = []
     result = metrics.evaluate_speed(folder, SpeedSpec(seqlen=16), cache, engine="deepsparse",
                                 progress=lambda p, d, t: phases.append(p))

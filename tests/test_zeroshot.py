@@ -70,10 +70,10 @@ def test_arc_easy_accuracy_equals_direct_loglikelihood(smollm2, data_dir):
     assert result["partial"] and result["limit"] == limit and result["source"] == "local"
 
 
-def test_run_manifest_gets_merged_results(tiny_run, data_dir):
-    _, folder = tiny_run
+def test_run_manifest_gets_merged_results(own_tiny_run, data_dir):
+    _, folder = own_tiny_run
     first = metrics.evaluate_zeroshot(folder, data_dir, tasks=["rte", "hellaswag"], limit=2)
-    assert {"rte", "hellaswag"} <= set(first["tasks"]) and not first["complete"]  # the run is shared by tests
+    assert {"rte", "hellaswag"} <= set(first["tasks"]) and not first["complete"]  # 2 of the 7 tasks
     merged = metrics.evaluate_zeroshot(folder, data_dir, tasks="boolq", limit=2)
     stored = read_manifest(folder)["metrics"]["zeroshot:local:limit2"]
     assert stored == json.loads(json.dumps(merged))
@@ -88,19 +88,19 @@ def test_run_manifest_gets_merged_results(tiny_run, data_dir):
     assert not (Path(folder) / metrics.ZEROSHOT_REQUESTS).exists()  # finished tasks leave no request cache behind
 
 
-def test_bad_limit_is_rejected(tiny_run, data_dir):
-    _, folder = tiny_run
+def test_bad_limit_is_rejected(own_tiny_run, data_dir):
+    _, folder = own_tiny_run
     before = read_manifest(folder)
     with pytest.raises(ValueError, match="limit must be a whole number >= 1"):
         metrics.evaluate_zeroshot(folder, data_dir, tasks="rte", limit=0)
     assert read_manifest(folder) == before
 
 
-def test_a_cancel_keeps_the_tasks_already_finished(tiny_run, data_dir):
+def test_a_cancel_keeps_the_tasks_already_finished(own_tiny_run, data_dir):
     """Results are saved task by task: cancelled after the first of two tasks, the first is in the manifest."""
     from pruner.calibrate import Cancelled
 
-    _, folder = tiny_run
+    _, folder = own_tiny_run
     done = []
     with pytest.raises(Cancelled, match="after 1 of 2 tasks"):
         metrics.evaluate_zeroshot(folder, data_dir, tasks=["winogrande", "openbookqa"], limit=3,

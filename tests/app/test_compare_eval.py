@@ -18,8 +18,8 @@ from tests.conftest import share_project_models
 
 @pytest.fixture(scope="module")
 def evaluated(tiny_run, data_dir, tmp_path_factory):
-    """The session's tiny run copied alone into this module's cache: other modules evaluate the shared run and add
-    runs beside it in an order pytest-xdist does not fix, and the page shows only the tasks every run shares."""
+    """The session's tiny run copied alone into this module's cache and evaluated there: the page charts every run
+    of its cache and only the tasks they all share, so nothing else may sit beside it."""
     cache = share_project_models(tmp_path_factory.mktemp("compare-eval-cache"))
     folder = cache / "runs" / tiny_run[1].name
     shutil.copytree(tiny_run[1], folder)
