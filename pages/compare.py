@@ -75,10 +75,12 @@ if protocols:
     summaries = [(g, g.summary(protocol)) for g in groups]
     summaries = [(g, s) for g, s in summaries if s is not None]
     group_rows = [{"group": g.label, "method": g.first.method_label, "allocator": g.first.allocator,
+                   "parameters": g.first.parameters_text(), "target": g.first.sparsity,
                    "sparsity": sum(r.achieved_overall for r in g.runs) / len(g.runs), "seeds": len(s.by_seed),
                    "ppl": s.perplexity.estimate, "ppl_low": s.perplexity.low, "ppl_high": s.perplexity.high,
                    "interval": "seeds" if s.kind == "seeds" else "evaluation (one seed)"} for g, s in summaries]
-    st.dataframe(pd.DataFrame(group_rows).style.format({"sparsity": "{:.2%}", "ppl": "{:,.3f}", "ppl_low": "{:,.3f}",
+    # the label already names the parameters and S; the two keys are for the chart's lines and axis
+    st.dataframe(pd.DataFrame(group_rows).drop(columns=["parameters", "target"]).style.format({"sparsity": "{:.2%}", "ppl": "{:,.3f}", "ppl_low": "{:,.3f}",
                                                          "ppl_high": "{:,.3f}"}, na_rep="–"),
                  width="stretch", hide_index=True)
     st.caption("One row per run group (the runs of one spec that differ only in the calibration seed). With two or "
@@ -208,7 +210,7 @@ if zs_name:
         def mean_over(tasks):
             return sum(tasks[t]["acc"] for t in common) / len(common)
 
-        acc_rows = [{"method": r.method_label, "allocator": r.allocator,
+        acc_rows = [{"method": r.method_label, "allocator": r.allocator, "parameters": r.parameters_text(),
                      "sparsity": r.achieved_overall, "mean_acc": mean_over(r.metrics[zs_name]["tasks"])}
                     for r in with_zs]
         st.plotly_chart(accuracy_vs_sparsity_figure(acc_rows, mean_over(dense_zs["tasks"]) if dense_zs else None,
@@ -224,7 +226,7 @@ if not ds["available"]:
 sp_name, with_sp = metric_set("speed:", "Setting", speed_setting_label, "cmp_speed_set", "speed measurements")
 if sp_name:
     measured = [r for r in with_sp if r.metrics[sp_name]["speedup"].get("decode")]
-    sp_rows = [{"method": r.method_label, "allocator": r.allocator,
+    sp_rows = [{"method": r.method_label, "allocator": r.allocator, "parameters": r.parameters_text(),
                 "sparsity": r.achieved_overall, **r.metrics[sp_name]["speedup"],
                 "ideal": r.metrics[sp_name].get("ideal_decode_speedup_estimate"),
                 "ppl": (r.latest_perplexity() or {}).get("perplexity")} for r in measured]

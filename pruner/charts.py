@@ -148,28 +148,47 @@ def allocation_curves_data(allocations: list[Allocation], block_numel: np.ndarra
 
 
 def ppl_vs_sparsity_figure(rows: list[dict], dense: float | None) -> go.Figure:
-    """Perplexity (log scale) against achieved sparsity, one line per allocator × method; rows with ``ppl_low`` /
-    ``ppl_high`` get asymmetric error bars (an interval on the log scale is asymmetric in perplexity)."""
+    """Perplexity (log scale) at each target sparsity, one line per method × allocator × parameters; rows with
+    ``ppl_low`` / ``ppl_high`` get asymmetric error bars (an interval on the log scale is asymmetric in perplexity).
+
+    The x axis is the target sparsity S as categories ("70%"), and the lines' points at one S sit side by side
+    (plotly's grouped scatter), so that the error bars of allocations at the same S do not hide each other. (On an
+    axis of *achieved* sparsity they did, and with one S the axis zoomed into differences of 10⁻⁵ points.) The
+    achieved sparsity (row ``sparsity``; ``target`` when given, else the achieved one) is in each point's hover."""
     fig = go.Figure()
+    targets = sorted({r.get("target", r["sparsity"]) for r in rows})
     for name, rs in _groups(rows):
+        rs = sorted(rs, key=lambda r: r.get("target", r["sparsity"]))
         y = [r["ppl"] for r in rs]
         bars = None
         if any(r.get("ppl_low") is not None for r in rs):
             bars = dict(type="data", symmetric=False, visible=True,
                         array=[(r["ppl_high"] - r["ppl"]) if r.get("ppl_high") is not None else 0 for r in rs],
                         arrayminus=[(r["ppl"] - r["ppl_low"]) if r.get("ppl_low") is not None else 0 for r in rs])
-        fig.add_trace(go.Scatter(x=[r["sparsity"] * 100 for r in rs], y=y, mode="lines+markers", name=name,
-                                 error_y=bars))
+        interval = [f" [{r['ppl_low']:,.1f}, {r['ppl_high']:,.1f}]" if r.get("ppl_low") is not None else ""
+                    for r in rs]
+        fig.add_trace(go.Scatter(
+            x=[_target_label(r.get("target", r["sparsity"])) for r in rs], y=y, mode="lines+markers", name=name,
+            error_y=bars, customdata=[[r["sparsity"] * 100, i] for r, i in zip(rs, interval)],
+            hovertemplate="%{fullData.name}<br>target %{x}, achieved %{customdata[0]:.4f}%<br>"
+                          "perplexity %{y:,.1f}%{customdata[1]}<extra></extra>"))
     if dense is not None:
         fig.add_hline(y=dense, line=dict(dash="dot", color="black"))
         # On a log axis an annotation's y is in log10 units: the label placed at y=dense (what add_hline's
         # annotation_text does) stretched the axis up to 10^dense, squashing every curve against its floor.
         fig.add_annotation(x=1, xref="x domain", y=np.log10(dense), yref="y", text=f"dense {dense:.2f}",
                            showarrow=False, xanchor="right", yanchor="bottom")
-    fig.update_layout(title="WikiText-2 perplexity vs sparsity", xaxis_title="achieved sparsity (%)",
-                      yaxis_title="perplexity (log scale)", yaxis_type="log", height=450,
+    fig.update_layout(title="WikiText-2 perplexity vs sparsity", xaxis_title="target sparsity S",
+                      xaxis=dict(type="category", categoryorder="array",
+                                 categoryarray=[_target_label(t) for t in targets]),
+                      yaxis_title="perplexity (log scale)", yaxis_type="log", height=450, scattermode="group",
                       margin=dict(l=60, r=20, t=60, b=50))
     return fig
+
+
+def _target_label(sparsity: float) -> str:
+    """'70%', or '62.5%' where a whole percent would merge two targets."""
+    return f"{sparsity * 100:.4g}%"
 
 
 def two_runs_figure(a, b) -> go.Figure:
@@ -189,10 +208,13 @@ def two_runs_figure(a, b) -> go.Figure:
 
 
 def _groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
-    """Rows grouped by method × allocator ("wanda + OWL"), groups sorted by name, rows by sparsity."""
+    """Rows grouped by method × allocator × parameters ("wanda + OWL (λ=0.15, M=14.3)"; a row's ``parameters`` is
+    the run's parameter text, absent or empty for defaults-free entries), groups sorted by name, rows by sparsity.
+    Two settings of one allocator are two lines: one line through both would draw a trend that is not there."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        groups.setdefault(f"{r['method']} + {ALLOCATORS[r['allocator']].label}", []).append(r)
+        params = f" ({r['parameters']})" if r.get("parameters") else ""
+        groups.setdefault(f"{r['method']} + {ALLOCATORS[r['allocator']].label}{params}", []).append(r)
     return [(name, sorted(rs, key=lambda r: r["sparsity"])) for name, rs in sorted(groups.items())]
 
 

@@ -35,3 +35,25 @@ def test_allocation_curves_data_by_hand():
     assert data["band"] == [25.0, 75.0] and data["blocks"] == 2
     assert data["title"] == "Per-block sparsity at target S = 50%"
     assert allocation_curves_data(allocs, numel, 0.5, None)["band"] is None
+
+
+def test_settings_of_one_allocator_are_separate_lines_side_by_side_at_their_target():
+    """Two OWL settings at 70% (achieved 1e-5 points apart) and uniform at 50% and 70%: three lines, x the target
+    sparsity as categories in numeric order, points of one S grouped side by side, achieved sparsity in the hover."""
+    rows = [{"method": "wanda", "allocator": "owl", "parameters": "λ=0.08, M=5", "target": 0.7, "sparsity": 0.700004,
+             "ppl": 700.0, "ppl_low": 600.0, "ppl_high": 800.0},
+            {"method": "wanda", "allocator": "owl", "parameters": "λ=0.15, M=14.3", "target": 0.7,
+             "sparsity": 0.699996, "ppl": 650.0},
+            {"method": "wanda", "allocator": "uniform", "parameters": "", "target": 0.7, "sparsity": 0.7003, "ppl": 1000.0},
+            {"method": "wanda", "allocator": "uniform", "parameters": "", "target": 0.5, "sparsity": 0.5, "ppl": 42.0}]
+    fig = ppl_vs_sparsity_figure(rows, dense=None)
+    by_name = {t.name: t for t in fig.data}
+    assert sorted(by_name) == ["wanda + OWL (λ=0.08, M=5)", "wanda + OWL (λ=0.15, M=14.3)", "wanda + Uniform"]
+    assert list(by_name["wanda + Uniform"].x) == ["50%", "70%"] and list(by_name["wanda + Uniform"].y) == [42.0, 1000.0]
+    assert list(by_name["wanda + OWL (λ=0.08, M=5)"].x) == ["70%"]
+    assert list(fig.layout.xaxis.categoryarray) == ["50%", "70%"] and fig.layout.xaxis.type == "category"
+    assert fig.layout.scattermode == "group"
+    owl = by_name["wanda + OWL (λ=0.08, M=5)"]
+    assert list(owl.error_y.array) == [100.0] and list(owl.error_y.arrayminus) == [100.0]
+    assert owl.customdata[0][0] == 0.700004 * 100 and owl.customdata[0][1] == " [600.0, 800.0]"
+    assert "achieved %{customdata[0]:.4f}%" in owl.hovertemplate

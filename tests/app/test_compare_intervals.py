@@ -39,9 +39,12 @@ def test_compare_shows_seed_intervals_as_error_bars_and_a_ranking(app, seeded):
     assert len(groups) == 2 and all(g.seeds == [0, 1, 2] for g in groups)
     fig = figures(app)[0]
     assert fig["layout"]["title"]["text"] == "WikiText-2 perplexity vs sparsity"
+    # one line per allocator and parameters, at the target sparsity's category, points of one S side by side
+    names = {"wanda + Uniform": "uniform", "wanda + OWL (λ=0.05, M=3)": "owl"}
+    assert sorted(t["name"] for t in fig["data"]) == sorted(names) and fig["layout"]["scattermode"] == "group"
     for trace in fig["data"]:
-        group = next(g for g in groups if trace["name"].endswith(("Uniform", "OWL")) and
-                     g.first.allocator == ("owl" if trace["name"].endswith("OWL") else "uniform"))
+        group = next(g for g in groups if g.first.allocator == names[trace["name"]])
+        assert list(trace["x"]) == ["60%"]
         s = group.summary(PROTOCOL)
         assert s.kind == "seeds"
         np.testing.assert_allclose(values(trace["y"]), [s.perplexity.estimate])
