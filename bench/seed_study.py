@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
     calib = CalibSpec.preset(args.preset, data_dir=data_dir)
     specs = [PruneSpec(model=ModelSpec(args.model), calib=dataclasses.replace(calib, seed=seed),
-                       allocator=a, method=m, sparsity=S, allocator_params=_params(entry, a, S, calib, args.model, args.cache_dir))
+                       allocator=a, method=m, sparsity=S,
+                       allocator_params=_params(entry, a, S, calib, args.model, args.cache_dir))
              for m in args.methods for S in args.sparsities for entry in args.allocators
              for a in [entry.partition(":")[0]] for seed in range(args.seeds)]
     refused = {} if args.report else refusals(specs, args.cache_dir)

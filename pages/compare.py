@@ -80,8 +80,8 @@ if protocols:
                    "ppl": s.perplexity.estimate, "ppl_low": s.perplexity.low, "ppl_high": s.perplexity.high,
                    "interval": "seeds" if s.kind == "seeds" else "evaluation (one seed)"} for g, s in summaries]
     # the label already names the parameters and S; the two keys are for the chart's lines and axis
-    st.dataframe(pd.DataFrame(group_rows).drop(columns=["parameters", "target"]).style.format({"sparsity": "{:.2%}", "ppl": "{:,.3f}", "ppl_low": "{:,.3f}",
-                                                         "ppl_high": "{:,.3f}"}, na_rep="–"),
+    st.dataframe(pd.DataFrame(group_rows).drop(columns=["parameters", "target"]).style.format(
+                     {"sparsity": "{:.2%}", "ppl": "{:,.3f}", "ppl_low": "{:,.3f}", "ppl_high": "{:,.3f}"}, na_rep="–"),
                  width="stretch", hide_index=True)
     st.caption("One row per run group (the runs of one spec that differ only in the calibration seed). With two or "
                "more seeds: geometric mean and a 95% t-interval over seeds of log-perplexity (is the method "

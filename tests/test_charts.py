@@ -44,7 +44,8 @@ def test_settings_of_one_allocator_are_separate_lines_side_by_side_at_their_targ
              "ppl": 700.0, "ppl_low": 600.0, "ppl_high": 800.0},
             {"method": "wanda", "allocator": "owl", "parameters": "λ=0.15, M=14.3", "target": 0.7,
              "sparsity": 0.699996, "ppl": 650.0},
-            {"method": "wanda", "allocator": "uniform", "parameters": "", "target": 0.7, "sparsity": 0.7003, "ppl": 1000.0},
+            {"method": "wanda", "allocator": "uniform", "parameters": "", "target": 0.7, "sparsity": 0.7003,
+             "ppl": 1000.0},
             {"method": "wanda", "allocator": "uniform", "parameters": "", "target": 0.5, "sparsity": 0.5, "ppl": 42.0}]
     fig = ppl_vs_sparsity_figure(rows, dense=None)
     by_name = {t.name: t for t in fig.data}
