@@ -154,11 +154,12 @@ def ppl_vs_sparsity_figure(rows: list[dict], dense: float | None) -> go.Figure:
     The x axis is the target sparsity S as categories ("70%"), and the lines' points at one S sit side by side
     (plotly's grouped scatter), so that the error bars of allocations at the same S do not hide each other. (On an
     axis of *achieved* sparsity they did, and with one S the axis zoomed into differences of 10⁻⁵ points.) The
-    achieved sparsity (row ``sparsity``; ``target`` when given, else the achieved one) is in each point's hover."""
+    achieved sparsity (row ``sparsity``) and the interval are in each point's hover; a row without ``target`` is
+    placed at its achieved sparsity."""
     fig = go.Figure()
-    targets = sorted({r.get("target", r["sparsity"]) for r in rows})
+    targets = sorted({_target(r) for r in rows})
     for name, rs in _groups(rows):
-        rs = sorted(rs, key=lambda r: r.get("target", r["sparsity"]))
+        rs = sorted(rs, key=_target)
         y = [r["ppl"] for r in rs]
         bars = None
         if any(r.get("ppl_low") is not None for r in rs):
@@ -168,7 +169,7 @@ def ppl_vs_sparsity_figure(rows: list[dict], dense: float | None) -> go.Figure:
         interval = [f" [{r['ppl_low']:,.1f}, {r['ppl_high']:,.1f}]" if r.get("ppl_low") is not None else ""
                     for r in rs]
         fig.add_trace(go.Scatter(
-            x=[_target_label(r.get("target", r["sparsity"])) for r in rs], y=y, mode="lines+markers", name=name,
+            x=[_target_label(_target(r)) for r in rs], y=y, mode="lines+markers", name=name,
             error_y=bars, customdata=[[r["sparsity"] * 100, i] for r, i in zip(rs, interval)],
             hovertemplate="%{fullData.name}<br>target %{x}, achieved %{customdata[0]:.4f}%<br>"
                           "perplexity %{y:,.1f}%{customdata[1]}<extra></extra>"))
@@ -184,6 +185,11 @@ def ppl_vs_sparsity_figure(rows: list[dict], dense: float | None) -> go.Figure:
                       yaxis_title="perplexity (log scale)", yaxis_type="log", height=450, scattermode="group",
                       margin=dict(l=60, r=20, t=60, b=50))
     return fig
+
+
+def _target(row: dict) -> float:
+    """The row's target sparsity S (its achieved sparsity where it names none)."""
+    return row.get("target", row["sparsity"])
 
 
 def _target_label(sparsity: float) -> str:
