@@ -12,6 +12,7 @@ from pruner.charts import (accuracy_vs_sparsity_figure, ppl_vs_speedup_figure, p
 from pruner.evaluate.speed import STATUS_NOTE, SpeedSpec
 from pruner.evaluate.zeroshot import TASKS
 from pruner.groups import RunGroup, compare, group_runs, perplexity_metrics, ranking, seed_of
+from pruner.intervals import mean_accuracy_stderr
 from pruner.predictor import spearman, table_for
 from pruner.runs import list_runs
 from pruner.workflows import EvalRequest, PerplexityOptions, ZeroshotOptions
@@ -211,7 +212,9 @@ if zs_name:
             return sum(tasks[t]["acc"] for t in common) / len(common)
 
         acc_rows = [{"method": r.method_label, "allocator": r.allocator, "parameters": r.parameters_text(),
-                     "sparsity": r.achieved_overall, "mean_acc": mean_over(r.metrics[zs_name]["tasks"])}
+                     "target": r.sparsity, "sparsity": r.achieved_overall,
+                     "mean_acc": mean_over(r.metrics[zs_name]["tasks"]),
+                     "mean_acc_stderr": mean_accuracy_stderr({t: r.metrics[zs_name]["tasks"][t] for t in common})}
                     for r in with_zs]
         st.plotly_chart(accuracy_vs_sparsity_figure(acc_rows, mean_over(dense_zs["tasks"]) if dense_zs else None,
                                                     len(common), note), width="stretch")
@@ -227,7 +230,7 @@ sp_name, with_sp = metric_set("speed:", "Setting", speed_setting_label, "cmp_spe
 if sp_name:
     measured = [r for r in with_sp if r.metrics[sp_name]["speedup"].get("decode")]
     sp_rows = [{"method": r.method_label, "allocator": r.allocator, "parameters": r.parameters_text(),
-                "sparsity": r.achieved_overall, **r.metrics[sp_name]["speedup"],
+                "target": r.sparsity, "sparsity": r.achieved_overall, **r.metrics[sp_name]["speedup"],
                 "ideal": r.metrics[sp_name].get("ideal_decode_speedup_estimate"),
                 "ppl": (r.latest_perplexity() or {}).get("perplexity")} for r in measured]
     env = with_sp[0].metrics[sp_name]["env"]

@@ -6,6 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from pruner.allocation import ALLOCATORS, Allocation
+from pruner.intervals import mean_accuracy_stderr
 
 
 def lod_figure(lod_by_m: dict[float, np.ndarray], title: str = "Layerwise outlier distribution") -> go.Figure:
@@ -157,7 +158,6 @@ def ppl_vs_sparsity_figure(rows: list[dict], dense: float | None) -> go.Figure:
     achieved sparsity (row ``sparsity``) and the interval are in each point's hover; a row without ``target`` is
     placed at its achieved sparsity."""
     fig = go.Figure()
-    targets = sorted({_target(r) for r in rows})
     for name, rs in _groups(rows):
         rs = sorted(rs, key=_target)
         y = [r["ppl"] for r in rs]
@@ -180,10 +180,8 @@ def ppl_vs_sparsity_figure(rows: list[dict], dense: float | None) -> go.Figure:
         fig.add_annotation(x=1, xref="x domain", y=np.log10(dense), yref="y", text=f"dense {dense:.2f}",
                            showarrow=False, xanchor="right", yanchor="bottom")
     fig.update_layout(title="WikiText-2 perplexity vs sparsity", xaxis_title="target sparsity S",
-                      xaxis=dict(type="category", categoryorder="array",
-                                 categoryarray=[_target_label(t) for t in targets]),
-                      yaxis_title="perplexity (log scale)", yaxis_type="log", height=450, scattermode="group",
-                      margin=dict(l=60, r=20, t=60, b=50))
+                      xaxis=_target_axis(rows), yaxis_title="perplexity (log scale)", yaxis_type="log", height=450,
+                      scattermode="group", margin=dict(l=60, r=20, t=60, b=50))
     return fig
 
 
@@ -219,9 +217,25 @@ def _groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
     Two settings of one allocator are two lines: one line through both would draw a trend that is not there."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        params = f" ({r['parameters']})" if r.get("parameters") else ""
-        groups.setdefault(f"{r['method']} + {ALLOCATORS[r['allocator']].label}{params}", []).append(r)
+        groups.setdefault(f"{r['method']} + {setting_label(r['allocator'], r.get('parameters'))}", []).append(r)
     return [(name, sorted(rs, key=lambda r: r["sparsity"])) for name, rs in sorted(groups.items())]
+
+
+def setting_label(allocator: str, parameters: str | None) -> str:
+    """An allocator's label with its parameter text: "OWL (λ=0.08, M=5)"; a label that already ends in a
+    parenthesis takes the parameters inside it ("BESA (learned, β=50)", not "BESA (learned) (β=50)")."""
+    label = ALLOCATORS[allocator].label
+    if not parameters:
+        return label
+    if label.endswith(")"):
+        return f"{label[:-1]}, {parameters})"
+    return f"{label} ({parameters})"
+
+
+def _target_axis(rows: list[dict]) -> dict:
+    """The x axis of target sparsities as categories in numeric order (shared by the charts against S)."""
+    return dict(type="category", categoryorder="array",
+                categoryarray=[_target_label(t) for t in sorted({_target(r) for r in rows})])
 
 
 def zeroshot_tasks_figure(entries: list[dict], task_labels: dict[str, str], partial_note: str = "") -> go.Figure:
@@ -234,8 +248,10 @@ def zeroshot_tasks_figure(entries: list[dict], task_labels: dict[str, str], part
     for i, e in enumerate(entries):
         accs = [e["tasks"][t]["acc"] * 100 for t in tasks]
         errs = [(e["tasks"][t].get("acc_stderr") or 0) * 100 for t in tasks]
+        mean_se = mean_accuracy_stderr({t: e["tasks"][t] for t in tasks})
         fig.add_trace(go.Bar(x=[task_labels[t] for t in tasks] + ["mean"], y=accs + [sum(accs) / len(accs)],
-                             error_y=dict(type="data", array=errs + [0], visible=True), name=e["label"],
+                             error_y=dict(type="data", array=errs + [(mean_se or 0) * 100], visible=True),
+                             name=e["label"],
                              marker_color="#7f7f7f" if i == 0 and e["label"].startswith("dense") else None))
     fig.update_layout(title="Zero-shot accuracy per task" + partial_note, barmode="group", yaxis_title="accuracy (%)",
                       height=460, legend=dict(orientation="h", yanchor="top", y=-0.15, x=0),
@@ -245,39 +261,54 @@ def zeroshot_tasks_figure(entries: list[dict], task_labels: dict[str, str], part
 
 def accuracy_vs_sparsity_figure(rows: list[dict], dense: float | None, n_tasks: int,
                                 partial_note: str = "") -> go.Figure:
-    """Mean zero-shot accuracy (%) against achieved sparsity, one line per method × allocator, dense dotted."""
+    """Mean zero-shot accuracy (%) at each target sparsity (categories, points of one S side by side), one line per
+    method × allocator × parameters, ± the mean's standard error (row ``mean_acc_stderr``, see
+    ``mean_accuracy_stderr``) where known; achieved sparsity in the hover; dense dotted."""
     fig = go.Figure()
     for name, rs in _groups(rows):
-        fig.add_trace(go.Scatter(x=[r["sparsity"] * 100 for r in rs], y=[r["mean_acc"] * 100 for r in rs],
-                                 mode="lines+markers", name=name))
+        rs = sorted(rs, key=_target)
+        errors = [r.get("mean_acc_stderr") for r in rs]
+        bars = (dict(type="data", visible=True, array=[(e or 0) * 100 for e in errors])
+                if any(e is not None for e in errors) else None)
+        fig.add_trace(go.Scatter(
+            x=[_target_label(_target(r)) for r in rs], y=[r["mean_acc"] * 100 for r in rs], mode="lines+markers",
+            name=name, error_y=bars, customdata=[[r["sparsity"] * 100] for r in rs],
+            hovertemplate="%{fullData.name}<br>target %{x}, achieved %{customdata[0]:.4f}%<br>"
+                          "mean accuracy %{y:.2f}%<extra></extra>"))
     if dense is not None:
         fig.add_hline(y=dense * 100, line=dict(dash="dot", color="black"), annotation_text=f"dense {dense:.1%}")
     fig.update_layout(title=f"Mean zero-shot accuracy over {n_tasks} task(s) vs sparsity" + partial_note,
-                      xaxis_title="achieved sparsity (%)", yaxis_title="mean accuracy (%)", height=420,
+                      xaxis_title="target sparsity S", xaxis=_target_axis(rows), scattermode="group",
+                      yaxis_title="mean accuracy (%) ± standard error", height=420,
                       margin=dict(l=60, r=20, t=60, b=50))
     return fig
 
 
 def speedup_vs_sparsity_figure(rows: list[dict], title_note: str = "") -> go.Figure:
-    """Measured speed-up (dense time ÷ pruned time) against sparsity: decode solid, prefill dashed, per method ×
-    allocator; the estimated ideal decode speed-up as grey crosses; 1× as the break-even line."""
+    """Measured speed-up (dense time ÷ pruned time) at each target sparsity (categories): decode solid, prefill
+    dashed, per method × allocator × parameters; the estimated ideal decode speed-up as grey crosses; 1× as the
+    break-even line; achieved sparsity in the hover."""
     fig = go.Figure()
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    hover = "%{fullData.name}<br>target %{x}, achieved %{customdata[0]:.4f}%<br>%{y:.2f}×<extra></extra>"
     for i, (name, rs) in enumerate(_groups(rows)):
-        x = [r["sparsity"] * 100 for r in rs]
+        rs = sorted(rs, key=_target)
+        x = [_target_label(_target(r)) for r in rs]
+        achieved = [[r["sparsity"] * 100] for r in rs]
         color = palette[i % len(palette)]
         fig.add_trace(go.Scatter(x=x, y=[r["decode"] for r in rs], mode="lines+markers", name=f"{name}: decode",
-                                 line=dict(color=color)))
+                                 line=dict(color=color), customdata=achieved, hovertemplate=hover))
         fig.add_trace(go.Scatter(x=x, y=[r["prefill"] for r in rs], mode="lines+markers", name=f"{name}: prefill",
-                                 line=dict(color=color, dash="dash"), marker=dict(symbol="square")))
-    ideal = sorted({(r["sparsity"], r["ideal"]) for r in rows if r.get("ideal")})
+                                 line=dict(color=color, dash="dash"), marker=dict(symbol="square"),
+                                 customdata=achieved, hovertemplate=hover))
+    ideal = sorted({(_target(r), r["ideal"]) for r in rows if r.get("ideal")})
     if ideal:
-        fig.add_trace(go.Scatter(x=[s * 100 for s, _ in ideal], y=[v for _, v in ideal], mode="markers",
+        fig.add_trace(go.Scatter(x=[_target_label(s) for s, _ in ideal], y=[v for _, v in ideal], mode="markers",
                                  name="ideal decode (estimate from weights removed)",
                                  marker=dict(symbol="x", color="#7f7f7f", size=9)))
     fig.add_hline(y=1, line=dict(dash="dot", color="black"), annotation_text="dense speed")
-    fig.update_layout(title="DeepSparse speed-up vs sparsity" + title_note, xaxis_title="achieved sparsity (%)",
-                      yaxis_title="speed-up (dense time ÷ pruned time)", height=460,
+    fig.update_layout(title="DeepSparse speed-up vs sparsity" + title_note, xaxis_title="target sparsity S",
+                      xaxis=_target_axis(rows), yaxis_title="speed-up (dense time ÷ pruned time)", height=460,
                       legend=dict(orientation="h", yanchor="top", y=-0.15, x=0), margin=dict(l=60, r=20, t=60, b=60))
     return fig
 

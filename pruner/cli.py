@@ -497,11 +497,15 @@ def cmd_sweep(args) -> int:
 
 def _print_zeroshot(label: str, r: dict) -> None:
     from pruner.evaluate.zeroshot import TASKS
+    from pruner.intervals import mean_accuracy_stderr
 
     part = f" (partial: first {r['limit']} documents per task)" if r["partial"] else ""
-    cells = ", ".join(f"{TASKS[t].label} {v['acc']:.3f}" for t, v in r["tasks"].items())
-    print(f"{label}: zero-shot accuracy{part}: {cells}; mean {r['mean_acc']:.3f} over {len(r['tasks'])} tasks "
-          f"(lm-eval {r['lm_eval']})")
+    def pm(se):
+        return "" if se is None else f" ± {se:.3f}"
+
+    cells = ", ".join(f"{TASKS[t].label} {v['acc']:.3f}{pm(v.get('acc_stderr'))}" for t, v in r["tasks"].items())
+    print(f"{label}: zero-shot accuracy{part}: {cells}; mean {r['mean_acc']:.3f}{pm(mean_accuracy_stderr(r['tasks']))}"
+          f" over {len(r['tasks'])} tasks (± standard error over the documents; lm-eval {r['lm_eval']})")
 
 
 def _print_speed(label: str, r: dict) -> None:

@@ -118,3 +118,14 @@ def paired_ratio(a, b, paired_by: str, confidence: float = CONFIDENCE) -> Differ
         raise ValueError(f"paired values must be two 1-D arrays of one length; got {a.shape} and {b.shape}")
     return Difference(_exp(t_interval(b - a, confidence), f"exp of a {confidence:.0%} paired t-interval over "
                                                           f"{paired_by}"), paired_by)
+
+
+def mean_accuracy_stderr(tasks: dict[str, dict]) -> float | None:
+    """Standard error of the unweighted mean zero-shot accuracy over T tasks, from lm-eval's per-task standard
+    errors (``{task: {"acc_stderr": SE_t, ...}}``): the tasks' documents are disjoint, so their errors are
+    independent and SE(mean) = √(Σ_t SE_t²) / T. (Evaluation uncertainty, like ``perplexity_over_chunks``.) None
+    where a task has no stderr: the mean's error cannot be stated then."""
+    errors = [v.get("acc_stderr") for v in tasks.values()]
+    if not errors or any(e is None for e in errors):
+        return None
+    return float(np.sqrt(np.sum(np.square(errors))) / len(errors))

@@ -2,7 +2,10 @@
 
 import math
 
-from pruner.charts import ppl_vs_sparsity_figure
+import pytest
+
+from pruner.charts import (accuracy_vs_sparsity_figure, ppl_vs_sparsity_figure, setting_label,
+                           speedup_vs_sparsity_figure, zeroshot_tasks_figure)
 
 
 def test_dense_label_on_the_log_perplexity_axis_sits_at_the_dense_line():
@@ -58,3 +61,42 @@ def test_settings_of_one_allocator_are_separate_lines_side_by_side_at_their_targ
     assert list(owl.error_y.array) == [100.0] and list(owl.error_y.arrayminus) == [100.0]
     assert owl.customdata[0][0] == 0.700004 * 100 and owl.customdata[0][1] == " [600.0, 800.0]"
     assert "achieved %{customdata[0]:.4f}%" in owl.hovertemplate
+
+
+def test_setting_label_puts_parameters_inside_a_label_that_ends_in_a_bracket():
+    assert setting_label("besa", "β=50") == "BESA (learned, β=50)"
+    assert setting_label("owl", "λ=0.08, M=5") == "OWL (λ=0.08, M=5)"
+    assert setting_label("uniform", "") == "Uniform" and setting_label("uniform", None) == "Uniform"
+
+
+def test_accuracy_and_speed_charts_place_runs_at_their_target_sparsity():
+    """Mean accuracy and speed-up against target S as categories (achieved sparsity in the hover), the mean's
+    standard error as error bars; a row without one gets no bar."""
+    rows = [{"method": "wanda", "allocator": "owl", "parameters": "λ=0.08, M=5", "target": 0.7, "sparsity": 0.700004,
+             "mean_acc": 0.40, "mean_acc_stderr": 0.025, "decode": 1.5, "prefill": 1.2, "ideal": 2.0},
+            {"method": "wanda", "allocator": "owl", "parameters": "λ=0.08, M=5", "target": 0.5, "sparsity": 0.5000002,
+             "mean_acc": 0.45, "mean_acc_stderr": 0.02, "decode": 1.1, "prefill": 1.0, "ideal": 1.6},
+            {"method": "wanda", "allocator": "besa", "parameters": "β=50", "target": 0.7, "sparsity": 0.6999,
+             "mean_acc": 0.41, "mean_acc_stderr": None, "decode": 1.4, "prefill": 1.1, "ideal": 2.0}]
+    acc = accuracy_vs_sparsity_figure(rows, dense=0.5, n_tasks=2)
+    by_name = {t.name: t for t in acc.data}
+    assert sorted(by_name) == ["wanda + BESA (learned, β=50)", "wanda + OWL (λ=0.08, M=5)"]
+    owl = by_name["wanda + OWL (λ=0.08, M=5)"]
+    assert list(owl.x) == ["50%", "70%"] and list(owl.y) == [45.0, 40.0]
+    assert list(owl.error_y.array) == [2.0, 2.5] and owl.customdata[1][0] == 0.700004 * 100
+    assert by_name["wanda + BESA (learned, β=50)"].error_y.array is None
+    assert list(acc.layout.xaxis.categoryarray) == ["50%", "70%"] and acc.layout.xaxis.type == "category"
+    speed = speedup_vs_sparsity_figure(rows)
+    decode = {t.name: t for t in speed.data}["wanda + OWL (λ=0.08, M=5): decode"]
+    assert list(decode.x) == ["50%", "70%"] and list(decode.y) == [1.1, 1.5]
+    ideal = {t.name: t for t in speed.data}["ideal decode (estimate from weights removed)"]
+    assert list(ideal.x) == ["50%", "70%"] and list(ideal.y) == [1.6, 2.0]
+    assert list(speed.layout.xaxis.categoryarray) == ["50%", "70%"]
+
+
+def test_per_task_chart_gives_the_mean_its_standard_error():
+    entries = [{"label": "dense", "tasks": {"rte": {"acc": 0.5, "acc_stderr": 0.03},
+                                            "boolq": {"acc": 0.6, "acc_stderr": 0.04}}}]
+    bar = zeroshot_tasks_figure(entries, {"rte": "RTE", "boolq": "BoolQ"}).data[0]
+    assert list(bar.x) == ["RTE", "BoolQ", "mean"] and list(bar.y) == pytest.approx([50.0, 60.0, 55.0])
+    assert list(bar.error_y.array) == pytest.approx([3.0, 4.0, 2.5])

@@ -123,6 +123,8 @@ def test_prune_eval_and_out(tiny_folder, tmp_path, data_dir, capsys):
     assert "zero-shot accuracy (partial: first 2 documents per task): RTE " in r.stdout and "WinoGrande" in r.stdout
     stored = json.loads((cache / "runs" / key / "manifest.json").read_text())["metrics"]["zeroshot:local:limit2"]
     assert list(stored["tasks"]) == ["rte", "winogrande"] and stored["tasks"]["rte"]["n"] == 2
+    rte = stored["tasks"]["rte"]
+    assert f"RTE {rte['acc']:.3f} ± {rte['acc_stderr']:.3f}" in r.stdout and "± standard error" in r.stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from pruner.intervals import (Interval, paired_ratio, perplexity_over_chunks, perplexity_over_seeds, t_interval)
+from pruner.intervals import (Interval, mean_accuracy_stderr, paired_ratio, perplexity_over_chunks,
+                              perplexity_over_seeds, t_interval)
 
 T_975_2 = 4.302652729749464  # t quantile 0.975 with 2 degrees of freedom (tables: 4.303)
 
@@ -50,3 +51,13 @@ def test_paired_ratio_is_separable_only_when_its_interval_excludes_one():
     assert not single.separable and "no interval" in single.text()
     with pytest.raises(ValueError, match="one length"):
         paired_ratio([1.0, 2.0], [1.0], "seeds")
+
+
+def test_mean_accuracy_stderr_by_hand():
+    """Two tasks with standard errors 0.03 and 0.04: SE of their mean = √(0.03² + 0.04²) / 2 = 0.05 / 2 = 0.025;
+    one task keeps its own; a task without a stderr makes the mean's unknown."""
+    assert mean_accuracy_stderr({"rte": {"acc": 0.5, "acc_stderr": 0.03},
+                                 "boolq": {"acc": 0.6, "acc_stderr": 0.04}}) == pytest.approx(0.025, abs=1e-15)
+    assert mean_accuracy_stderr({"rte": {"acc": 0.5, "acc_stderr": 0.03}}) == pytest.approx(0.03, abs=1e-15)
+    assert mean_accuracy_stderr({"rte": {"acc": 0.5, "acc_stderr": 0.03}, "boolq": {"acc": 0.6}}) is None
+    assert mean_accuracy_stderr({}) is None

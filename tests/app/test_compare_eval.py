@@ -62,6 +62,10 @@ def test_zeroshot_charts_show_the_stored_accuracies(compare, evaluated):
     line = by_title(compare, "Mean zero-shot accuracy over 2 task(s) vs sparsity")
     mean = (stored["rte"]["acc"] + stored["arc_easy"]["acc"]) / 2 * 100
     assert values(line["data"][0]["y"]).tolist() == pytest.approx([mean])
+    se = (stored["rte"]["acc_stderr"] ** 2 + stored["arc_easy"]["acc_stderr"] ** 2) ** 0.5 / 2 * 100
+    assert values(line["data"][0]["error_y"]["array"]).tolist() == pytest.approx([se])
+    assert list(line["data"][0]["x"]) == [f"{manifest['spec']['sparsity'] * 100:.4g}%"]
+    assert line["layout"]["xaxis"]["title"]["text"] == "target sparsity S"
 
 
 def test_speed_section_shows_measurements_or_says_why_not(compare, evaluated):
