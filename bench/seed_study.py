@@ -27,7 +27,7 @@ import os
 import sys
 
 from bench.common import git_rev, machine
-from pruner.allocation import ALLOCATORS
+from pruner.allocation import ALLOCATORS, AllocationRefused
 from pruner.api import allocation_for
 from pruner.params import params_text
 from pruner.groups import compare, group_runs, ranking
@@ -75,7 +75,7 @@ def refusals(specs: list[PruneSpec], cache_dir: str | None) -> dict[str, str]:
             continue
         try:
             allocation_for(spec.stats_spec, spec.allocator, spec.sparsity, spec.allocator_params, cache_dir=cache_dir)
-        except ValueError as e:
+        except AllocationRefused as e:  # other errors (malformed input, missing data) are raised, not listed
             refused[spec.key()] = f"{spec.label()}, seed {spec.calib.seed}: {e}"
     return refused
 

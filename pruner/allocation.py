@@ -6,7 +6,9 @@ outlier threshold multiplier, r_i is block i's outlier ratio (LOD entry).
 Invariants every allocator keeps: every sparsity is in [0, 1), and the parameter-weighted mean sparsity over all
 prunable layers equals S (exactly, up to float round-off, for blocks of equal size, which every supported
 decoder-only family has). Inputs that cannot honour them raise ``ValueError`` naming the allowed range; nothing is
-clamped.
+clamped. Where the inputs are well-formed but the allocator cannot reach S with these parameters on this model
+(λ too wide, δ too steep, a global threshold that empties a layer) the error is the subclass ``AllocationRefused``,
+so that a caller can tell "choose other parameters" from malformed input.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ NEEDS_LAYOUT = "layout"  # layer names, blocks and shapes
 NEEDS_WEIGHTS = "weights"  # the layout plus per-layer quantities of the dense weights alone (PL_Alpha_Hill)
 NEEDS_STATISTICS = "statistics"  # the dense model's calibration statistics (input norms, Wanda-score summaries)
 NEEDS = (NEEDS_LAYOUT, NEEDS_WEIGHTS, NEEDS_STATISTICS)
+
+
+class AllocationRefused(ValueError):
+    """Well-formed inputs, but no allocation with these parameters keeps every sparsity in [0, 1) at this S on this
+    model; the message names the allowed range where there is one."""
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -86,7 +93,7 @@ def _owl_family(outlier_ratios, sparsity: float, lam: float, direction: int, lab
     out = 1.0 - density
     if out.min() < -_ROUNDOFF or out.max() >= 1.0:
         lam_max = owl_lambda_max(outlier_ratios, S, inverse=direction < 0)
-        raise ValueError(
+        raise AllocationRefused(
             f"{symbol}={lam:g} is too wide for S={S:g}: {label} would give block sparsities in "
             f"[{out.min():.4f}, {out.max():.4f}], outside [0, 1); allowed here: 0 ≤ {symbol} < {lam_max:.4f}"
         )
@@ -162,7 +169,7 @@ def atp(block_numel, sparsity: float, delta: float = ATP_DEFAULT_DELTA) -> np.nd
     index = np.arange(len(n), dtype=np.float64)
     s = S - delta * float((n * index).sum() / n.sum()) + delta * index
     if s.min() < -_ROUNDOFF or s.max() >= 1:
-        raise ValueError(f"δ={delta:g} is too steep for S={S:g} over {len(n)} blocks: ATP would give block "
+        raise AllocationRefused(f"δ={delta:g} is too steep for S={S:g} over {len(n)} blocks: ATP would give block "
                          f"sparsities in [{s.min():.4f}, {s.max():.4f}], outside [0, 1); allowed here: "
                          f"0 ≤ δ < {atp_delta_max(n, S):.4f}")
     return np.where(s < 0, 0.0, s)  # only round-off (> −1e-12) reaches here
@@ -234,7 +241,7 @@ def global_threshold(score_hist, sparsity: float) -> np.ndarray:
     out = pruned / numel
     full = np.flatnonzero(out >= 1.0)
     if full.size:
-        raise ValueError(
+        raise AllocationRefused(
             f"S={S:g} is too high for a global threshold here: it would prune every weight of layer(s) "
             f"{full.tolist()}; lower S"
         )
@@ -271,7 +278,8 @@ def alpha_pruning(block_alpha, block_numel, sparsity: float,
     s = S - eps + 2 * eps * unit
     s = s + (S - (s * w).sum() / w.sum())
     if s.min() < 0 or s.max() >= 1:
-        raise ValueError(f"AlphaPruning's sparsities leave [0, 1) at S = {S:g} (range {s.min():.3f}…{s.max():.3f})")
+        raise AllocationRefused(f"AlphaPruning's sparsities leave [0, 1) at S = {S:g} "
+                                f"(range {s.min():.3f}…{s.max():.3f})")
     return s
 
 

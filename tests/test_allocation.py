@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pruner.allocation import (ALLOCATORS, allocate, atp, atp_delta_max, dlp, dlp_importance, er, formula_allocators,
-                               global_threshold, owl, owl_inverse, owl_lambda_max, uniform)
+from pruner.allocation import (ALLOCATORS, AllocationRefused, allocate, atp, atp_delta_max, dlp, dlp_importance, er,
+                               formula_allocators, global_threshold, owl, owl_inverse, owl_lambda_max, uniform)
 
 
 def test_uniform():
@@ -70,7 +70,7 @@ def test_er_keeps_tiny_layer_dense_and_rescales():
 def test_global_threshold_by_hand():
     hist = [[2, 2, 0, 0], [0, 1, 2, 1]]  # N = 8; S = 0.5 → prune 4: bin 0 (2) + 2/3 of bin 1 (3)
     np.testing.assert_allclose(global_threshold(hist, 0.5), [(2 + 2 * 2 / 3) / 4, (2 / 3) / 4], atol=1e-12)
-    with pytest.raises(ValueError, match=r"layer\(s\) \[0\]"):
+    with pytest.raises(AllocationRefused, match=r"layer\(s\) \[0\]"):
         global_threshold(hist, 0.625)  # the whole of layer 0 falls below the threshold
 
 
@@ -144,6 +144,10 @@ def test_alpha_pruning_by_hand():
     assert alpha_pruning([2.0, 3.0, 4.0], [2, 1, 1], 0.5) == pytest.approx([0.3875, 0.5375, 0.6875])
     # S = 0.8: ε is capped at half the headroom, (1 − 0.8) / 2 = 0.1
     assert alpha_pruning([1.0, 5.0], [1, 1], 0.8) == pytest.approx([0.7, 0.9])
+    # ε fraction 1 at S = 0.2: ε = min(0.2, 0.4) = 0.2, s = [0, 0.4] before the shift; the heavy second block pulls
+    # the weighted mean to (0 + 1000 · 0.4)/1001, so the shift of 0.2 − 0.3996 takes block 0 below 0: refused
+    with pytest.raises(AllocationRefused, match=r"leave \[0, 1\) at S = 0.2 \(range -0.200…0.200\)"):
+        alpha_pruning([1.0, 5.0], [1, 1000], 0.2, epsilon_fraction=1.0)
     # equal α everywhere: uniform
     assert alpha_pruning([3.0, 3.0], [1, 3], 0.6) == pytest.approx([0.6, 0.6])
 
@@ -160,10 +164,12 @@ def test_dlp_worked_by_hand_on_four_blocks():
 
 def test_dlp_alpha_too_wide_and_bad_scores_name_the_allowed_range():
     # S = 0.9, α = 0.1 on [1, 2, 3, 4]: s reaches 0.9 + 0.1 = 1.0, outside [0, 1); α < 0.1 is allowed
-    with pytest.raises(ValueError, match=r"α=0.1 is too wide for S=0.9: DLP .* allowed here: 0 ≤ α < 0.1000"):
+    with pytest.raises(AllocationRefused,
+                       match=r"α=0.1 is too wide for S=0.9: DLP .* allowed here: 0 ≤ α < 0.1000"):
         dlp([1.0, 2.0, 3.0, 4.0], 0.9, 0.1)
-    with pytest.raises(ValueError, match="each block's mean Wanda score"):
+    with pytest.raises(ValueError, match="each block's mean Wanda score") as malformed:
         dlp([1.0, -1.0], 0.5)
+    assert not isinstance(malformed.value, AllocationRefused)  # malformed input is not a refusal
     with pytest.raises(ValueError, match=r"α \(alpha\) must be a number in \[0, 0.5\)"):
         allocate("dlp", _Inputs(), 0.5, alpha=0.5)
 
@@ -175,10 +181,12 @@ def test_atp_worked_by_hand_with_unequal_blocks():
     assert atp_delta_max([1, 1, 2], 0.5) == pytest.approx(0.4)
     np.testing.assert_allclose(atp([5, 5, 5, 5], 0.5, 0.1), [0.35, 0.45, 0.55, 0.65])
     np.testing.assert_allclose(atp([5, 5], 0.6, 0.0), [0.6, 0.6])  # δ = 0 is uniform
-    with pytest.raises(ValueError, match=r"δ=0.5 is too steep for S=0.5 over 3 blocks: .* allowed here: 0 ≤ δ < 0.4000"):
+    with pytest.raises(AllocationRefused,
+                       match=r"δ=0.5 is too steep for S=0.5 over 3 blocks: .* allowed here: 0 ≤ δ < 0.4000"):
         atp([1, 1, 2], 0.5, 0.5)
-    with pytest.raises(ValueError, match="must be ≥ 0"):
+    with pytest.raises(ValueError, match="must be ≥ 0") as malformed:
         atp([1, 1], 0.5, -0.1)
+    assert not isinstance(malformed.value, AllocationRefused)
 
 
 def test_allocate_dlp_and_atp_read_block_scores_and_sizes():
