@@ -40,30 +40,32 @@ from pruner.workflows import Context, PerplexityOptions, PruneRequest, run
 
 def _label(run) -> str:
     """An allocator's name with its parameters, e.g. "OWL (λ=0.15, M=10.5)"."""
-    params = params_text(run.allocator_params, ALLOCATORS[run.allocator].params)
-    return f"{ALLOCATORS[run.allocator].label}{f' ({params})' if params else ''}"
+    a = ALLOCATORS[run.allocator]
+    return a.setting_label(params_text(run.allocator_params, a.params))
 
 
 _tuned: dict[tuple, dict] = {}
 
 
-def _params(entry: str, allocator: str, S: float, calib: CalibSpec, model: str, cache_dir: str | None) -> dict:
+def _params(entry: str, allocator: str, method: str, S: float, calib: CalibSpec, model: str,
+            cache_dir: str | None) -> dict:
     """The parameters an ``--allocators`` entry asks for: none (defaults), ``K=V,…``, or ``tuned``."""
     _, _, given = entry.partition(":")
     if not given:
         return {}
     if given != "tuned":
         return {k: float(v) for k, v in (kv.split("=") for kv in given.split(","))}
-    if (allocator, S) not in _tuned:  # the workflow `prune --tune` runs, on seed 0's calibration set
+    if (allocator, method, S) not in _tuned:  # the workflow `prune --tune` runs, on seed 0's calibration set
         from pruner.workflows import tuned_spec
 
         _, t = tuned_spec(PruneSpec(model=ModelSpec(model), calib=calib, allocator=allocator,
-                                    method="wanda", sparsity=S), Context(cache_dir=cache_dir))
-        print(f"# {allocator} at S = {S:.0%} tuned on the predictor around S: {t['params']} (predicted "
-              f"{t['predicted_perplexity']:.1f}, {t['tried'] - t['skipped']} of {t['tried']} grid points readable)",
+                                    method=method, sparsity=S), Context(cache_dir=cache_dir))
+        print(f"# {allocator} with {method} at S = {S:.0%} tuned on the predictor around S ({t['table_method']} "
+              f"table): {t['params']} (predicted {t['predicted_perplexity']:.1f}, {t['tried'] - t['skipped']} of "
+              f"{t['tried']} grid points readable)" + (f"; caveat: {t['caveat']}" if t.get("caveat") else ""),
               flush=True)
-        _tuned[(allocator, S)] = t["params"]
-    return _tuned[(allocator, S)]
+        _tuned[(allocator, method, S)] = t["params"]
+    return _tuned[(allocator, method, S)]
 
 
 def refusals(specs: list[PruneSpec], cache_dir: str | None) -> dict[str, str]:
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     calib = CalibSpec.preset(args.preset, data_dir=data_dir)
     specs = [PruneSpec(model=ModelSpec(args.model), calib=dataclasses.replace(calib, seed=seed),
                        allocator=a, method=m, sparsity=S,
-                       allocator_params=_params(entry, a, S, calib, args.model, args.cache_dir))
+                       allocator_params=_params(entry, a, m, S, calib, args.model, args.cache_dir))
              for m in args.methods for S in args.sparsities for entry in args.allocators
              for a in [entry.partition(":")[0]] for seed in range(args.seeds)]
     refused = {} if args.report else refusals(specs, args.cache_dir)
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{r.summary.perplexity.text(1)} | {vs} |")
             if args.versus:
                 name, _, _ = args.versus.partition(":")
-                params = _params(args.versus, name, S, calib, args.model, args.cache_dir)
+                params = _params(args.versus, name, m, S, calib, args.model, args.cache_dir)
                 base = [g for g in groups if g.first.allocator == name and g.first.allocator_params == params]
                 if not base:
                     print(f"# no {args.versus} group at {S:.0%} to compare with")

@@ -367,6 +367,15 @@ class Allocator:
         """The entries of ``values`` that are this allocator's parameters (for a page that shows several)."""
         return {p.name: values[p.name] for p in self.params if p.name in values}
 
+    def setting_label(self, parameters: str | None) -> str:
+        """Its label with a parameter text: "OWL (λ=0.08, M=5)"; a label that already ends in a parenthesis takes
+        the parameters inside it ("BESA (learned, β=50)", not "BESA (learned) (β=50)")."""
+        if not parameters:
+            return self.label
+        if self.label.endswith(")"):
+            return f"{self.label[:-1]}, {parameters})"
+        return f"{self.label} ({parameters})"
+
 
 def _learned_elsewhere(inputs, S, **params):
     raise ValueError("this allocator's sparsities are learned from calibration data through the model, not computed "

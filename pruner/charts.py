@@ -217,19 +217,9 @@ def _groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
     Two settings of one allocator are two lines: one line through both would draw a trend that is not there."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        groups.setdefault(f"{r['method']} + {setting_label(r['allocator'], r.get('parameters'))}", []).append(r)
+        groups.setdefault(f"{r['method']} + {ALLOCATORS[r['allocator']].setting_label(r.get('parameters'))}",
+                          []).append(r)
     return [(name, sorted(rs, key=lambda r: r["sparsity"])) for name, rs in sorted(groups.items())]
-
-
-def setting_label(allocator: str, parameters: str | None) -> str:
-    """An allocator's label with its parameter text: "OWL (λ=0.08, M=5)"; a label that already ends in a
-    parenthesis takes the parameters inside it ("BESA (learned, β=50)", not "BESA (learned) (β=50)")."""
-    label = ALLOCATORS[allocator].label
-    if not parameters:
-        return label
-    if label.endswith(")"):
-        return f"{label[:-1]}, {parameters})"
-    return f"{label} ({parameters})"
 
 
 def _target_axis(rows: list[dict]) -> dict:

@@ -404,6 +404,8 @@ def cmd_prune(args) -> int:
             t = result["tuning"]
             print(f"  parameters tuned on the perplexity predictor ({t['tried']} tried): {manifest.parameters_text()},"
                   f" predicted perplexity {t['predicted_perplexity']:.2f}")
+            if t.get("caveat"):
+                print(f"  caveat: {t['caveat']}")
         print(f"  folder {folder}")
         print(f"  achieved sparsity {manifest.achieved_overall:.6f} (target {sparsity:g}); "
               f"prune {manifest.timings['prune']:.1f} s")

@@ -338,16 +338,28 @@ def run_learn(req: LearnRequest, ctx: Context) -> dict:
 
 def tuned_spec(spec: PruneSpec, ctx: Context, data_dir=None) -> tuple[PruneSpec, dict]:
     """``spec`` with its allocator's parameters tuned on the perplexity predictor (the damage table of its model
-    and calibration set around its S, built first when missing) and the record of how."""
-    from pruner.predictor import PredictorSpec, get_damage_table, tune_parameters
+    and calibration set around its S, built first when missing) and the record of how.
 
-    predictor = PredictorSpec(spec.stats_spec, around=spec.sparsity)
+    The table prunes each block with the spec's own method where a table can be built with it (Wanda, magnitude);
+    for a method that also updates the kept weights (SparseGPT, ADMM) it is a Wanda table, and the record carries a
+    ``caveat`` saying so: those updates change what each block's pruning costs, and a parameter chosen on Wanda's
+    costs can be a poor one for them (docs/results.md: with SparseGPT at 70%, ATP's δ tuned on the Wanda table was
+    10.6% worse than uniform, while δ = 0.01 was 25% better)."""
+    from pruner.predictor import TABLE_METHODS, PredictorSpec, get_damage_table, tune_parameters
+
+    table_method = spec.method if spec.method in TABLE_METHODS else "wanda"
+    predictor = PredictorSpec(spec.stats_spec, method=table_method, around=spec.sparsity)
     table = get_damage_table(predictor, ctx.cache_dir, data_dir=data_dir if data_dir is not None
                              else spec.calib.data_dir, progress=ctx.phase("damage table"),
                              should_cancel=ctx.should_cancel)
     t = tune_parameters(table, get_stats(spec.stats_spec, ctx.cache_dir), spec.allocator, spec.sparsity)
-    record = {"by": "perplexity predictor", "predictor": predictor.key(), "predicted_perplexity": t["predicted"],
-              "tried": t["tried"], "skipped": t["skipped"], "params": t["params"]}
+    record = {"by": "perplexity predictor", "predictor": predictor.key(), "table_method": table_method,
+              "predicted_perplexity": t["predicted"], "tried": t["tried"], "skipped": t["skipped"],
+              "params": t["params"]}
+    if table_method != spec.method:
+        record["caveat"] = (f"tuned on a {table_method} damage table: {spec.method} updates the kept weights, which "
+                            f"changes each block's cost, so these parameters may not be the best for it (check "
+                            f"against the untuned allocation)")
     return dataclasses.replace(spec, allocator_params=t["params"]), record
 
 

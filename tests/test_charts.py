@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from pruner.charts import (accuracy_vs_sparsity_figure, ppl_vs_sparsity_figure, setting_label,
-                           speedup_vs_sparsity_figure, zeroshot_tasks_figure)
+from pruner.allocation import ALLOCATORS
+from pruner.charts import (accuracy_vs_sparsity_figure, ppl_vs_sparsity_figure, speedup_vs_sparsity_figure,
+                           zeroshot_tasks_figure)
 
 
 def test_dense_label_on_the_log_perplexity_axis_sits_at_the_dense_line():
@@ -64,9 +65,9 @@ def test_settings_of_one_allocator_are_separate_lines_side_by_side_at_their_targ
 
 
 def test_setting_label_puts_parameters_inside_a_label_that_ends_in_a_bracket():
-    assert setting_label("besa", "β=50") == "BESA (learned, β=50)"
-    assert setting_label("owl", "λ=0.08, M=5") == "OWL (λ=0.08, M=5)"
-    assert setting_label("uniform", "") == "Uniform" and setting_label("uniform", None) == "Uniform"
+    assert ALLOCATORS["besa"].setting_label("β=50") == "BESA (learned, β=50)"
+    assert ALLOCATORS["owl"].setting_label("λ=0.08, M=5") == "OWL (λ=0.08, M=5)"
+    assert ALLOCATORS["uniform"].setting_label("") == "Uniform" == ALLOCATORS["uniform"].setting_label(None)
 
 
 def test_accuracy_and_speed_charts_place_runs_at_their_target_sparsity():

@@ -418,6 +418,30 @@ def test_cli_prune_tune_records_the_tuned_parameters(tiny_folder, data_dir, tmp_
                                allocator="uniform", method="wanda", sparsity=0.5), tune=True)
 
 
+def test_tuning_reads_the_method_s_own_table_or_says_it_could_not(tiny_folder, data_dir, tmp_path, capsys):
+    """Magnitude is tuned on a magnitude table; SparseGPT (whose weight updates no table measures) on a Wanda table,
+    and the run's record and the CLI say so."""
+    import json
+
+    from pruner.workflows import Context, tuned_spec
+    from tests.test_cli import cli_in_process
+
+    calib = CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir)
+    stats = StatsSpec(ModelSpec(tiny_folder), calib)
+    magnitude = tuned_spec(PruneSpec(model=ModelSpec(tiny_folder), calib=calib, allocator="atp", method="magnitude",
+                                     sparsity=0.5), Context(cache_dir=tmp_path))[1]
+    assert magnitude["predictor"] == PredictorSpec(stats, method="magnitude", around=0.5).key()
+    assert magnitude["table_method"] == "magnitude" and "caveat" not in magnitude
+    r = cli_in_process(capsys, "prune", "--model", tiny_folder, "--nsamples", "4", "--seqlen", "32", "--allocator",
+                       "atp", "--method", "sparsegpt", "--sparsity", "0.5", "--tune", cache=tmp_path, data_dir=data_dir)
+    assert r.returncode == 0, r.stderr
+    assert "caveat: tuned on a wanda damage table: sparsegpt updates the kept weights" in r.stdout
+    key = r.stdout.split()[1].rstrip(":")
+    tuning = json.loads((tmp_path / "runs" / key / "manifest.json").read_text())["tuning"]
+    assert tuning["predictor"] == PredictorSpec(stats, method="wanda", around=0.5).key()
+    assert tuning["table_method"] == "wanda" and tuning["caveat"].startswith("tuned on a wanda damage table")
+
+
 def test_removed_energy_worked_by_hand():
     """Rows (1, 2, 3, 4) and (4, 3, 2, 1): at 25% each row loses its lowest score (1² + 1² = 2), at 50% its two
     lowest (2 · (1 + 4) = 10), at 75% three (2 · 14 = 28); at 13% round(0.52) = 1 weight per row."""
