@@ -169,9 +169,9 @@ def atp(block_numel, sparsity: float, delta: float = ATP_DEFAULT_DELTA) -> np.nd
     index = np.arange(len(n), dtype=np.float64)
     s = S - delta * float((n * index).sum() / n.sum()) + delta * index
     if s.min() < -_ROUNDOFF or s.max() >= 1:
-        raise AllocationRefused(f"δ={delta:g} is too steep for S={S:g} over {len(n)} blocks: ATP would give block "
-                         f"sparsities in [{s.min():.4f}, {s.max():.4f}], outside [0, 1); allowed here: "
-                         f"0 ≤ δ < {atp_delta_max(n, S):.4f}")
+        raise AllocationRefused(f"δ={delta:g} is too steep for S={S:g} over {len(n)} blocks: ATP would give "
+                                f"block sparsities in [{s.min():.4f}, {s.max():.4f}], outside [0, 1); allowed here: "
+                                f"0 ≤ δ < {atp_delta_max(n, S):.4f}")
     return np.where(s < 0, 0.0, s)  # only round-off (> −1e-12) reaches here
 
 
