@@ -187,15 +187,17 @@ def stamp(name: str) -> str:
             f"{time.strftime('%Y-%m-%d')}; machine: {machine()}._\n")
 
 
-def _dirty() -> bool:
+def _dirty(cwd: Path = RESULTS_MD.parent) -> bool:
+    """Whether tracked files differ from the commit, apart from docs/results.md itself: the run writes its tables
+    one after another, so after the first every later stamp would call the tree dirty because of its own output."""
     import subprocess
 
     try:
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                             text=True, cwd=RESULTS_MD.parent, check=True).stdout
+                             text=True, cwd=cwd, check=True).stdout
     except Exception:
         return False
-    return bool(out.strip())
+    return any(line[3:].strip() != "docs/results.md" for line in out.splitlines() if line.strip())
 
 
 def check(text: str) -> list[str]:

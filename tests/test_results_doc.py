@@ -83,3 +83,25 @@ def test_cli_check_and_a_bad_file(tmp_path: Path, capsys):
     assert results.main(["--file", str(bad)]) == 1
     assert "section 'a' has no generator" in capsys.readouterr().err
     assert bad.read_text() == DOC  # nothing written
+
+
+def test_the_stamp_is_not_dirtied_by_the_document_it_writes(tmp_path: Path):
+    """A real git repository: an edited docs/results.md (the tables the run has already written) leaves the tree
+    clean for the stamp; an edited code file does not."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results.md").write_text("tables\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    assert not results._dirty(tmp_path / "docs")
+    (tmp_path / "docs" / "results.md").write_text("tables, regenerated\n")
+    assert not results._dirty(tmp_path / "docs")
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert results._dirty(tmp_path / "docs")
