@@ -159,7 +159,6 @@ def ppl_vs_sparsity_figure(rows: list[dict], dense: float | None) -> go.Figure:
     placed at its achieved sparsity."""
     fig = go.Figure()
     for name, rs in _groups(rows):
-        rs = sorted(rs, key=_target)
         y = [r["ppl"] for r in rs]
         bars = None
         if any(r.get("ppl_low") is not None for r in rs):
@@ -213,13 +212,13 @@ def two_runs_figure(a, b) -> go.Figure:
 
 def _groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
     """Rows grouped by method × allocator × parameters ("wanda + OWL (λ=0.15, M=14.3)"; a row's ``parameters`` is
-    the run's parameter text, absent or empty for defaults-free entries), groups sorted by name, rows by sparsity.
+    the run's parameter text, absent or empty for defaults-free entries), groups sorted by name, rows by target S.
     Two settings of one allocator are two lines: one line through both would draw a trend that is not there."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(f"{r['method']} + {ALLOCATORS[r['allocator']].setting_label(r.get('parameters'))}",
                           []).append(r)
-    return [(name, sorted(rs, key=lambda r: r["sparsity"])) for name, rs in sorted(groups.items())]
+    return [(name, sorted(rs, key=_target)) for name, rs in sorted(groups.items())]
 
 
 def _target_axis(rows: list[dict]) -> dict:
@@ -256,7 +255,6 @@ def accuracy_vs_sparsity_figure(rows: list[dict], dense: float | None, n_tasks: 
     ``mean_accuracy_stderr``) where known; achieved sparsity in the hover; dense dotted."""
     fig = go.Figure()
     for name, rs in _groups(rows):
-        rs = sorted(rs, key=_target)
         errors = [r.get("mean_acc_stderr") for r in rs]
         bars = (dict(type="data", visible=True, array=[(e or 0) * 100 for e in errors])
                 if any(e is not None for e in errors) else None)
@@ -282,7 +280,6 @@ def speedup_vs_sparsity_figure(rows: list[dict], title_note: str = "") -> go.Fig
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
     hover = "%{fullData.name}<br>target %{x}, achieved %{customdata[0]:.4f}%<br>%{y:.2f}×<extra></extra>"
     for i, (name, rs) in enumerate(_groups(rows)):
-        rs = sorted(rs, key=_target)
         x = [_target_label(_target(r)) for r in rs]
         achieved = [[r["sparsity"] * 100] for r in rs]
         color = palette[i % len(palette)]
