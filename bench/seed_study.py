@@ -4,6 +4,7 @@ of run groups with their seed intervals and whether neighbours separate (paired 
 
     python -m bench.seed_study --allocators uniform owl --methods wanda --sparsities 0.7 --seeds 3
     python -m bench.seed_study ... --report      # only print, from the runs already in the cache
+    python -m bench.seed_study ... --report --versus uniform --matrix   # one table: allocators × (method, S)
     python -m bench.seed_study --allocators uniform owl owl:lam=0.12,m=10 owl:tuned atp:tuned predicted ...
 
 An allocator may carry parameters (``NAME:K=V,K=V``) or ``NAME:tuned``: its parameters chosen once per (method, S)
@@ -14,6 +15,10 @@ Before anything is pruned, every closed-form allocation the study asks for is co
 statistics: a refused one (e.g. DLP's α too wide for S = 0.8) stops the study with every refusal and its allowed
 range, having pruned nothing; ``--skip-refused`` leaves those out instead and names them in the report. (Learned
 allocators, BESA and the predictor-optimal one, are learned when their turn comes.)
+
+``--matrix`` (with ``--versus``) ends with one Markdown table, an allocator entry per row and a (method, S) per
+column, each cell the entry's perplexity ÷ the --versus entry's, paired by seed, with its 95% interval (bold where
+it excludes 1, "–" where either group is missing), the table at the top of docs/results.md.
 
 Runs are ordinary cached runs (same spec → same key), so the CLI (`prune --seeds 3 --ppl`), the Prune page and
 this script share them.
@@ -68,6 +73,34 @@ def _params(entry: str, allocator: str, method: str, S: float, calib: CalibSpec,
     return _tuned[(allocator, method, S)]
 
 
+def _entry_label(entry: str) -> str:
+    """A row label for an ``--allocators`` entry: "OWL (λ=0.08, M=5)" (defaults shown), "DLP (α=0.13)", "ATP (tuned)"."""
+    name, _, given = entry.partition(":")
+    a = ALLOCATORS[name]
+    if given == "tuned":
+        return a.setting_label("tuned")
+    values = a.check({k: float(v) for k, v in (kv.split("=") for kv in given.split(","))} if given else {})
+    return a.setting_label(params_text(values, a.params))
+
+
+def _ratio_text(v: float) -> str:
+    return f"{v:.3f}" if v < 10 else (f"{v:.1f}" if v < 100 else f"{v:.0f}")
+
+
+def matrix_cell(d, seeds: int, note: str = "") -> str:
+    """One matrix cell from a paired comparison: "×0.978 [0.960, 0.996]", bold when separable, the number of
+    paired seeds named when it is not the study's; "–" without a comparison."""
+    if d is None:
+        return "–"
+    r = d.ratio
+    text = (f"×{_ratio_text(r.estimate)}" + (f" [{_ratio_text(r.low)}, {_ratio_text(r.high)}]" if r.low is not None
+                                            else " (no interval)"))
+    if r.n != seeds:
+        text += f" ({r.n} {d.paired_by})"
+    text += note
+    return f"**{text}**" if d.separable else text
+
+
 def refusals(specs: list[PruneSpec], cache_dir: str | None) -> dict[str, str]:
     """{spec key: the allocator's refusal} for every spec whose closed-form allocation is refused (statistics
     are computed and cached where missing; runs already in the cache and learned allocators are not checked)."""
@@ -97,9 +130,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="keep only each new run's manifest and metrics (saves 0.5 GB of disk per SmolLM2 run)")
     p.add_argument("--versus", help="also compare every group with this allocator's group (an --allocators entry, "
                                     "e.g. uniform), paired by seed")
+    p.add_argument("--matrix", action="store_true",
+                   help="end with one table: every --allocators entry ÷ the --versus one, per (method, S)")
     p.add_argument("--skip-refused", action="store_true",
                    help="leave out allocations the allocator refuses (and say so) instead of stopping before pruning")
     args = p.parse_args(argv)
+    if args.matrix and not args.versus:
+        p.error("--matrix compares every entry with the --versus entry: give --versus (e.g. --versus uniform)")
     data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
     calib = CalibSpec.preset(args.preset, data_dir=data_dir)
     specs = [PruneSpec(model=ModelSpec(args.model), calib=dataclasses.replace(calib, seed=seed),
@@ -130,6 +167,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# machine: {machine()}; commit {git_rev()}; protocol {protocol}; calibration preset {args.preset}")
     for reason in refused.values():
         print(f"# left out, refused by the allocator: {reason}")
+    cells: dict[tuple, str] = {}  # (entry, method, S) -> its --matrix cell
+
+    def group_of(entry: str, groups, m: str, S: float):
+        """The entry's run group (parameters compared with defaults filled in: {} is OWL's λ=0.08, M=5), or None."""
+        name = entry.partition(":")[0]
+        a = ALLOCATORS[name]
+        params = a.check(_params(entry, name, m, S, calib, args.model, args.cache_dir))
+        return next((g for g in groups if g.first.allocator == name and a.check(g.first.allocator_params) == params),
+                    None)
+
     for m in args.methods:
         for S in args.sparsities:
             groups = [g for g in group_runs(runs) if g.first.method == m and g.first.sparsity == S]
@@ -141,19 +188,32 @@ def main(argv: list[str] | None = None) -> None:
                 vs = r.versus_next.text() if r.versus_next else "–"
                 print(f"| {i + 1} | {_label(r.group.first)} | {len(r.summary.by_seed)} | {per_seed} | "
                       f"{r.summary.perplexity.text(1)} | {vs} |")
-            if args.versus:
-                name, _, _ = args.versus.partition(":")
-                params = _params(args.versus, name, m, S, calib, args.model, args.cache_dir)
-                base = [g for g in groups if g.first.allocator == name and g.first.allocator_params == params]
-                if not base:
-                    print(f"# no {args.versus} group at {S:.0%} to compare with")
+            if not args.versus:
+                continue
+            base = group_of(args.versus, groups, m, S)
+            if base is None:
+                print(f"# no {args.versus} group at {S:.0%} to compare with")
+                continue
+            print(f"\nEach group ÷ {args.versus} (paired by seed):")
+            for entry in args.allocators:
+                group = group_of(entry, groups, m, S)
+                if group is None or group is base:
                     continue
-                print(f"\nEach group ÷ {args.versus} (paired by seed):")
-                for g in groups:
-                    if g is base[0]:
-                        continue
-                    d = compare(base[0], g, protocol)
-                    print(f"- {_label(g.first)}: {d.text() if d else 'cannot be paired'}")
+                d = compare(base, group, protocol)
+                print(f"- {_label(group.first)}: {d.text() if d else 'cannot be paired'}")
+                a = ALLOCATORS[group.first.allocator]
+                tuned = f" ({params_text(group.first.allocator_params, a.params)})" if entry.endswith(":tuned") else ""
+                cells[(entry, m, S)] = matrix_cell(d, args.seeds, tuned)
+    if args.matrix:
+        columns = [(m, S) for m in args.methods for S in args.sparsities]
+        print(f"\nEach entry ÷ {_entry_label(args.versus)}, paired by seed: geometric mean with its 95% t-interval; "
+              f"bold: separable; –: not measured. Protocol {protocol}.\n")
+        print("| allocator | " + " | ".join(f"{m} {S:.0%}" for m, S in columns) + " |")
+        print("|---" * (len(columns) + 1) + "|")
+        for entry in args.allocators:
+            if entry != args.versus:
+                print(f"| {_entry_label(entry)} | " + " | ".join(cells.get((entry, m, S), "–") for m, S in columns)
+                      + " |")
 
 
 if __name__ == "__main__":

@@ -34,3 +34,36 @@ def test_skip_refused_leaves_them_out_and_says_so(study_env, tmp_path, capsys):
     assert sorted((r.spec["allocator"], r.spec["calib"]["seed"]) for r in runs) == [("uniform", 0), ("uniform", 1)]
     assert out.count("# left out, refused by the allocator: magnitude + dlp (α=0.45) @ 80%") == 2
     assert "| 1 | Uniform | 2 |" in out  # the ranking has the uniform group, with its two seeds
+
+
+def test_matrix_cell_is_the_paired_ratio_of_the_runs(tiny_folder, data_dir, tmp_path, monkeypatch, capsys):
+    """--matrix: OWL's cell is the geometric mean of its per-seed perplexity ÷ uniform's, from the cached runs."""
+    import math
+
+    monkeypatch.setenv("PRUNER_DATA_DIR", data_dir)
+    common = ["--model", tiny_folder, "--cache-dir", str(tmp_path), "--methods", "magnitude", "--sparsities", "0.5",
+              "--seeds", "2", "--preset", "tiny", "--max-chunks", "1"]
+    with pytest.raises(SystemExit):  # --matrix without --versus is refused, saying what to give
+        seed_study.main([*common, "--allocators", "uniform", "owl", "--matrix"])
+    assert "give --versus" in capsys.readouterr().err
+    seed_study.main([*common, "--allocators", "uniform", "owl", "--drop-weights"])
+    # from the cache only; ER was not pruned, so its row says "–"
+    seed_study.main([*common, "--allocators", "uniform", "owl", "er", "--report", "--versus", "uniform", "--matrix"])
+    out = capsys.readouterr().out
+    ppl = {(r.spec["allocator"], r.spec["calib"]["seed"]): next(iter(r.metrics.values()))["perplexity"]
+           for r in list_runs(tmp_path).runs}
+    ratio = math.exp((math.log(ppl["owl", 0] / ppl["uniform", 0]) + math.log(ppl["owl", 1] / ppl["uniform", 1])) / 2)
+    table = out[out.index("| allocator | magnitude 50% |"):].splitlines()
+    assert table[2].replace("**", "").startswith(f"| OWL (λ=0.08, M=5) | ×{ratio:.3f} [")
+    assert table[3] == "| Erdős–Rényi | – |"
+
+
+def test_matrix_cell_text():
+    from pruner.intervals import paired_ratio
+
+    d = paired_ratio([0.0, 0.0, 0.0], [0.1, 0.1, 0.1], "seeds")  # every seed ×e^0.1: separable, zero width
+    assert seed_study.matrix_cell(d, 3) == "**×1.105 [1.105, 1.105]**"
+    d = paired_ratio([0.0, 0.0], [0.1, -0.1], "seeds")  # mean 0: not separable; 2 seeds of a 3-seed study named
+    assert seed_study.matrix_cell(d, 3).startswith("×1.000 [") and seed_study.matrix_cell(d, 3).endswith("(2 seeds)")
+    assert seed_study.matrix_cell(None, 3) == "–"
+    assert seed_study.matrix_cell(paired_ratio([0.0], [4.6], "seeds"), 3) == "×99.5 (no interval) (1 seeds)"
