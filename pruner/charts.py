@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from pruner.allocation import ALLOCATORS, Allocation
 from pruner.intervals import mean_accuracy_stderr
@@ -149,17 +150,19 @@ def allocation_curves_data(allocations: list[Allocation], block_numel: np.ndarra
 
 
 def ppl_vs_sparsity_figure(rows: list[dict], dense: float | None) -> go.Figure:
-    """Perplexity (log scale) at each target sparsity, one line per method × allocator × parameters; rows with
+    """Perplexity (log scale) at each target sparsity: one panel per method (shared log y axis), one line per
+    allocator × parameters in its allocator's colour in every panel (one legend entry for both); rows with
     ``ppl_low`` / ``ppl_high`` get asymmetric error bars (an interval on the log scale is asymmetric in perplexity).
 
     The x axis is the target sparsity S as categories ("70%"), and the lines' points at one S sit side by side
     (plotly's grouped scatter), so that the error bars of allocations at the same S do not hide each other. (On an
     axis of *achieved* sparsity they did, and with one S the axis zoomed into differences of 10⁻⁵ points.) The
     achieved sparsity (row ``sparsity``) and the interval are in each point's hover; a row without ``target`` is
-    placed at its achieved sparsity."""
-    fig = go.Figure()
-    for name, rs in _groups(rows):
-        y = [r["ppl"] for r in rs]
+    placed at its achieved sparsity. (One panel with a line per method × allocator drew 17 lines from a 10-colour
+    palette at 25 real SmolLM2 groups: two lines shared each colour and the side-by-side points of one S filled the
+    gap to the next.)"""
+    fig, facets = _method_panels(rows)
+    for col, method, name, rs, style in facets:
         bars = None
         if any(r.get("ppl_low") is not None for r in rs):
             bars = dict(type="data", symmetric=False, visible=True,
@@ -168,20 +171,53 @@ def ppl_vs_sparsity_figure(rows: list[dict], dense: float | None) -> go.Figure:
         interval = [f" [{r['ppl_low']:,.1f}, {r['ppl_high']:,.1f}]" if r.get("ppl_low") is not None else ""
                     for r in rs]
         fig.add_trace(go.Scatter(
-            x=[_target_label(_target(r)) for r in rs], y=y, mode="lines+markers", name=name,
-            error_y=bars, customdata=[[r["sparsity"] * 100, i] for r, i in zip(rs, interval)],
-            hovertemplate="%{fullData.name}<br>target %{x}, achieved %{customdata[0]:.4f}%<br>"
-                          "perplexity %{y:,.1f}%{customdata[1]}<extra></extra>"))
+            x=[_target_label(_target(r)) for r in rs], y=[r["ppl"] for r in rs], mode="lines+markers", name=name,
+            error_y=bars, customdata=[[r["sparsity"] * 100, i] for r, i in zip(rs, interval)], **style,
+            hovertemplate=f"{method} + %{{fullData.name}}<br>target %{{x}}, achieved %{{customdata[0]:.4f}}%<br>"
+                          "perplexity %{y:,.1f}%{customdata[1]}<extra></extra>"), row=1, col=col)
     if dense is not None:
-        fig.add_hline(y=dense, line=dict(dash="dot", color="black"))
+        fig.add_hline(y=dense, line=dict(dash="dot", color="black"), row="all", col="all")
         # On a log axis an annotation's y is in log10 units: the label placed at y=dense (what add_hline's
         # annotation_text does) stretched the axis up to 10^dense, squashing every curve against its floor.
         fig.add_annotation(x=1, xref="x domain", y=np.log10(dense), yref="y", text=f"dense {dense:.2f}",
                            showarrow=False, xanchor="right", yanchor="bottom")
-    fig.update_layout(title="WikiText-2 perplexity vs sparsity", xaxis_title="target sparsity S",
-                      xaxis=_target_axis(rows), yaxis_title="perplexity (log scale)", yaxis_type="log", height=450,
-                      scattermode="group", margin=dict(l=60, r=20, t=60, b=50))
+    fig.update_layout(title="WikiText-2 perplexity vs sparsity", height=450, scattermode="group",
+                      margin=dict(l=60, r=20, t=80, b=50))
+    fig.update_xaxes(_target_axis(rows) | dict(title="target sparsity S"))
+    fig.update_yaxes(type="log")
+    fig.update_yaxes(title="perplexity (log scale)", col=1)
     return fig
+
+
+#: Line dash and marker of the 1st, 2nd, … parameter setting of one allocator (its colour is the allocator's).
+SETTING_STYLES = (("solid", "circle"), ("dot", "diamond"), ("dash", "square"), ("dashdot", "triangle-up"),
+                  ("longdash", "star"))
+
+
+def _method_panels(rows: list[dict]):
+    """A figure with one panel per method (shared y axis) and, per (method, allocator setting) group, its panel
+    column, method, legend name (the setting: "OWL (λ=0.08, M=5)"), rows and trace style: the allocator's colour
+    (``ALLOCATOR_COLORS``), the setting's dash and marker (``SETTING_STYLES``), one legend entry per setting."""
+    methods = sorted({r["method"] for r in rows})
+    fig = make_subplots(rows=1, cols=len(methods), shared_yaxes=True, horizontal_spacing=0.03,
+                        subplot_titles=methods)
+    settings: dict[str, list[str]] = {}  # allocator -> its settings' names, in order of appearance
+    for method, name, rs in _groups(rows):
+        allocator = rs[0]["allocator"]
+        if name not in settings.setdefault(allocator, []):
+            settings[allocator].append(name)
+    fallback = iter(["#444444", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5"] * len(rows))
+    colors = {a: ALLOCATOR_COLORS.get(a) or next(fallback) for a in settings}
+    shown: set[str] = set()
+    facets = []
+    for method, name, rs in _groups(rows):
+        allocator = rs[0]["allocator"]
+        dash, symbol = SETTING_STYLES[settings[allocator].index(name) % len(SETTING_STYLES)]
+        style = dict(legendgroup=name, showlegend=name not in shown,
+                     line=dict(color=colors[allocator], dash=dash), marker=dict(color=colors[allocator], symbol=symbol))
+        shown.add(name)
+        facets.append((methods.index(method) + 1, method, name, rs, style))
+    return fig, facets
 
 
 def _target(row: dict) -> float:
@@ -210,15 +246,15 @@ def two_runs_figure(a, b) -> go.Figure:
     return fig
 
 
-def _groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
-    """Rows grouped by method × allocator × parameters ("wanda + OWL (λ=0.15, M=14.3)"; a row's ``parameters`` is
-    the run's parameter text, absent or empty for defaults-free entries), groups sorted by name, rows by target S.
-    Two settings of one allocator are two lines: one line through both would draw a trend that is not there."""
-    groups: dict[str, list[dict]] = {}
+def _groups(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:
+    """Rows grouped by method × allocator × parameters: (method, the setting's name "OWL (λ=0.15, M=14.3)", its
+    rows); a row's ``parameters`` is the run's parameter text, absent or empty for defaults-free entries. Groups
+    sorted by method and name, rows by target S. Two settings of one allocator are two lines: one line through both
+    would draw a trend that is not there."""
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        groups.setdefault(f"{r['method']} + {ALLOCATORS[r['allocator']].setting_label(r.get('parameters'))}",
-                          []).append(r)
-    return [(name, sorted(rs, key=_target)) for name, rs in sorted(groups.items())]
+        groups.setdefault((r["method"], ALLOCATORS[r["allocator"]].setting_label(r.get("parameters"))), []).append(r)
+    return [(method, name, sorted(rs, key=_target)) for (method, name), rs in sorted(groups.items())]
 
 
 def _target_axis(rows: list[dict]) -> dict:
@@ -250,25 +286,27 @@ def zeroshot_tasks_figure(entries: list[dict], task_labels: dict[str, str], part
 
 def accuracy_vs_sparsity_figure(rows: list[dict], dense: float | None, n_tasks: int,
                                 partial_note: str = "") -> go.Figure:
-    """Mean zero-shot accuracy (%) at each target sparsity (categories, points of one S side by side), one line per
-    method × allocator × parameters, ± the mean's standard error (row ``mean_acc_stderr``, see
-    ``mean_accuracy_stderr``) where known; achieved sparsity in the hover; dense dotted."""
-    fig = go.Figure()
-    for name, rs in _groups(rows):
+    """Mean zero-shot accuracy (%) at each target sparsity (categories, points of one S side by side): one panel
+    per method, one line per allocator × parameters in its allocator's colour, ± the mean's standard error (row
+    ``mean_acc_stderr``, see ``mean_accuracy_stderr``) where known; achieved sparsity in the hover; dense dotted."""
+    fig, facets = _method_panels(rows)
+    for col, method, name, rs, style in facets:
         errors = [r.get("mean_acc_stderr") for r in rs]
         bars = (dict(type="data", visible=True, array=[(e or 0) * 100 for e in errors])
                 if any(e is not None for e in errors) else None)
         fig.add_trace(go.Scatter(
             x=[_target_label(_target(r)) for r in rs], y=[r["mean_acc"] * 100 for r in rs], mode="lines+markers",
-            name=name, error_y=bars, customdata=[[r["sparsity"] * 100] for r in rs],
-            hovertemplate="%{fullData.name}<br>target %{x}, achieved %{customdata[0]:.4f}%<br>"
-                          "mean accuracy %{y:.2f}%<extra></extra>"))
+            name=name, error_y=bars, customdata=[[r["sparsity"] * 100] for r in rs], **style,
+            hovertemplate=f"{method} + %{{fullData.name}}<br>target %{{x}}, achieved %{{customdata[0]:.4f}}%<br>"
+                          "mean accuracy %{y:.2f}%<extra></extra>"), row=1, col=col)
     if dense is not None:
-        fig.add_hline(y=dense * 100, line=dict(dash="dot", color="black"), annotation_text=f"dense {dense:.1%}")
+        fig.add_hline(y=dense * 100, line=dict(dash="dot", color="black"), row="all", col="all")
+        fig.add_annotation(x=1, xref="x domain", y=dense * 100, yref="y", text=f"dense {dense:.1%}",
+                           showarrow=False, xanchor="right", yanchor="bottom")
     fig.update_layout(title=f"Mean zero-shot accuracy over {n_tasks} task(s) vs sparsity" + partial_note,
-                      xaxis_title="target sparsity S", xaxis=_target_axis(rows), scattermode="group",
-                      yaxis_title="mean accuracy (%) ± standard error", height=420,
-                      margin=dict(l=60, r=20, t=60, b=50))
+                      scattermode="group", height=420, margin=dict(l=60, r=20, t=80, b=50))
+    fig.update_xaxes(_target_axis(rows) | dict(title="target sparsity S"))
+    fig.update_yaxes(title="mean accuracy (%) ± standard error", col=1)
     return fig
 
 
@@ -279,7 +317,8 @@ def speedup_vs_sparsity_figure(rows: list[dict], title_note: str = "") -> go.Fig
     fig = go.Figure()
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
     hover = "%{fullData.name}<br>target %{x}, achieved %{customdata[0]:.4f}%<br>%{y:.2f}×<extra></extra>"
-    for i, (name, rs) in enumerate(_groups(rows)):
+    for i, (method, setting, rs) in enumerate(_groups(rows)):
+        name = f"{method} + {setting}"
         x = [_target_label(_target(r)) for r in rs]
         achieved = [[r["sparsity"] * 100] for r in rs]
         color = palette[i % len(palette)]
@@ -303,9 +342,10 @@ def speedup_vs_sparsity_figure(rows: list[dict], title_note: str = "") -> go.Fig
 def ppl_vs_speedup_figure(rows: list[dict], dense_ppl: float | None) -> go.Figure:
     """The trade-off: perplexity (log) against measured decode speed-up, one marker per run (dense at 1×)."""
     fig = go.Figure()
-    for name, rs in _groups(rows):
+    for method, setting, rs in _groups(rows):
         fig.add_trace(go.Scatter(x=[r["decode"] for r in rs], y=[r["ppl"] for r in rs], mode="markers+text",
-                                 text=[f"{r['sparsity']:.0%}" for r in rs], textposition="top center", name=name,
+                                 text=[f"{r['sparsity']:.0%}" for r in rs], textposition="top center",
+                                 name=f"{method} + {setting}",
                                  marker=dict(size=10)))
     if dense_ppl is not None:
         fig.add_trace(go.Scatter(x=[1.0], y=[dense_ppl], mode="markers+text", text=["dense"],

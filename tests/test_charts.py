@@ -5,7 +5,7 @@ import math
 import pytest
 
 from pruner.allocation import ALLOCATORS
-from pruner.charts import (accuracy_vs_sparsity_figure, ppl_vs_sparsity_figure, speedup_vs_sparsity_figure,
+from pruner.charts import (ALLOCATOR_COLORS, accuracy_vs_sparsity_figure, ppl_vs_sparsity_figure, speedup_vs_sparsity_figure,
                            zeroshot_tasks_figure)
 
 
@@ -53,15 +53,38 @@ def test_settings_of_one_allocator_are_separate_lines_side_by_side_at_their_targ
             {"method": "wanda", "allocator": "uniform", "parameters": "", "target": 0.5, "sparsity": 0.5, "ppl": 42.0}]
     fig = ppl_vs_sparsity_figure(rows, dense=None)
     by_name = {t.name: t for t in fig.data}
-    assert sorted(by_name) == ["wanda + OWL (λ=0.08, M=5)", "wanda + OWL (λ=0.15, M=14.3)", "wanda + Uniform"]
-    assert list(by_name["wanda + Uniform"].x) == ["50%", "70%"] and list(by_name["wanda + Uniform"].y) == [42.0, 1000.0]
-    assert list(by_name["wanda + OWL (λ=0.08, M=5)"].x) == ["70%"]
+    assert sorted(by_name) == ["OWL (λ=0.08, M=5)", "OWL (λ=0.15, M=14.3)", "Uniform"]
+    assert list(by_name["Uniform"].x) == ["50%", "70%"] and list(by_name["Uniform"].y) == [42.0, 1000.0]
+    assert list(by_name["OWL (λ=0.08, M=5)"].x) == ["70%"]
     assert list(fig.layout.xaxis.categoryarray) == ["50%", "70%"] and fig.layout.xaxis.type == "category"
     assert fig.layout.scattermode == "group"
-    owl = by_name["wanda + OWL (λ=0.08, M=5)"]
+    # two settings of one allocator: its colour, told apart by dash and marker
+    first, second = by_name["OWL (λ=0.08, M=5)"], by_name["OWL (λ=0.15, M=14.3)"]
+    assert first.line.color == second.line.color == ALLOCATOR_COLORS["owl"] != by_name["Uniform"].line.color
+    assert (first.line.dash, first.marker.symbol) != (second.line.dash, second.marker.symbol)
+    owl = by_name["OWL (λ=0.08, M=5)"]
     assert list(owl.error_y.array) == [100.0] and list(owl.error_y.arrayminus) == [100.0]
     assert owl.customdata[0][0] == 0.700004 * 100 and owl.customdata[0][1] == " [600.0, 800.0]"
     assert "achieved %{customdata[0]:.4f}%" in owl.hovertemplate
+
+
+def test_each_method_gets_a_panel_and_each_allocator_one_colour_and_one_legend_entry():
+    """Wanda and SparseGPT runs of uniform and OWL: two panels sharing the log y axis; a setting is drawn in both
+    panels in one colour, listed once in the legend; the method is named in the hover."""
+    rows = [{"method": m, "allocator": a, "parameters": p, "target": S, "sparsity": S, "ppl": v}
+            for m in ("wanda", "sparsegpt") for a, p in (("uniform", ""), ("owl", "λ=0.08, M=5"))
+            for S, v in ((0.5, 40.0), (0.7, 900.0))]
+    fig = ppl_vs_sparsity_figure(rows, dense=19.13)
+    assert [a.text for a in fig.layout.annotations if a.text in ("wanda", "sparsegpt")] == ["sparsegpt", "wanda"]
+    assert len(fig.data) == 4
+    panels = {(t.name, t.xaxis) for t in fig.data}
+    assert panels == {("Uniform", "x"), ("OWL (λ=0.08, M=5)", "x"), ("Uniform", "x2"), ("OWL (λ=0.08, M=5)", "x2")}
+    assert sorted(t.name for t in fig.data if t.showlegend) == ["OWL (λ=0.08, M=5)", "Uniform"]
+    for name in ("Uniform", "OWL (λ=0.08, M=5)"):
+        assert len({t.line.color for t in fig.data if t.name == name}) == 1
+    assert fig.layout.yaxis2.matches == "y" and fig.layout.yaxis2.type == fig.layout.yaxis.type == "log"
+    assert {t.hovertemplate.split(" + ")[0] for t in fig.data} == {"wanda", "sparsegpt"}
+    assert list(fig.layout.xaxis2.categoryarray) == ["50%", "70%"]
 
 
 def test_setting_label_puts_parameters_inside_a_label_that_ends_in_a_bracket():
@@ -81,11 +104,12 @@ def test_accuracy_and_speed_charts_place_runs_at_their_target_sparsity():
              "mean_acc": 0.41, "mean_acc_stderr": None, "decode": 1.4, "prefill": 1.1, "ideal": 2.0}]
     acc = accuracy_vs_sparsity_figure(rows, dense=0.5, n_tasks=2)
     by_name = {t.name: t for t in acc.data}
-    assert sorted(by_name) == ["wanda + BESA (learned, β=50)", "wanda + OWL (λ=0.08, M=5)"]
-    owl = by_name["wanda + OWL (λ=0.08, M=5)"]
+    assert sorted(by_name) == ["BESA (learned, β=50)", "OWL (λ=0.08, M=5)"]  # in the panel titled "wanda"
+    assert [a.text for a in acc.layout.annotations if a.text == "wanda"] == ["wanda"]
+    owl = by_name["OWL (λ=0.08, M=5)"]
     assert list(owl.x) == ["50%", "70%"] and list(owl.y) == [45.0, 40.0]
     assert list(owl.error_y.array) == [2.0, 2.5] and owl.customdata[1][0] == 0.700004 * 100
-    assert by_name["wanda + BESA (learned, β=50)"].error_y.array is None
+    assert by_name["BESA (learned, β=50)"].error_y.array is None
     assert list(acc.layout.xaxis.categoryarray) == ["50%", "70%"] and acc.layout.xaxis.type == "category"
     speed = speedup_vs_sparsity_figure(rows)
     decode = {t.name: t for t in speed.data}["wanda + OWL (λ=0.08, M=5): decode"]

@@ -40,7 +40,7 @@ def test_compare_shows_seed_intervals_as_error_bars_and_a_ranking(app, seeded):
     fig = figures(app)[0]
     assert fig["layout"]["title"]["text"] == "WikiText-2 perplexity vs sparsity"
     # one line per allocator and parameters, at the target sparsity's category, points of one S side by side
-    names = {"wanda + Uniform": "uniform", "wanda + OWL (λ=0.05, M=3)": "owl"}
+    names = {"Uniform": "uniform", "OWL (λ=0.05, M=3)": "owl"}  # in the panel titled "wanda"
     assert sorted(t["name"] for t in fig["data"]) == sorted(names) and fig["layout"]["scattermode"] == "group"
     for trace in fig["data"]:
         group = next(g for g in groups if g.first.allocator == names[trace["name"]])
