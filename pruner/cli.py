@@ -319,8 +319,9 @@ def _print_ppl(label: str, r: dict) -> None:
     interval = (f" [{ci['low']:.3f}, {ci['high']:.3f}] ({ci['confidence']:.0%} evaluation interval over "
                 f"{ci['n']} chunks)" if ci.get("low") is not None else " (one chunk: no evaluation interval)"
                 if ci else "")
+    source = f"; taken from the stored {r['derived_from']}" if r.get("derived_from") else ""
     print(f"{label}: WikiText-2 test perplexity {r['perplexity']:.3f}{interval} at seqlen {r['seqlen']}{part}; "
-          f"{r['tokens_per_second']:.0f} tokens/s")
+          f"{r['tokens_per_second']:.0f} tokens/s{source}")
 
 
 def _check_chunks(args) -> None:

@@ -44,14 +44,22 @@ def perplexity_metric_name(result: dict) -> str:
 
 def stored_perplexity(folder: Path, *, max_chunks: int | None = None, seqlen: int | None = None) -> dict | None:
     """The run's stored WikiText-2 test perplexity under the protocol asked for (window ``seqlen``, default the
-    model's; the first ``max_chunks`` chunks, or all), or None."""
-    from pruner.evaluate.perplexity import default_seqlen
+    model's; the first ``max_chunks`` chunks, or all), or None. A result for the first k chunks is also taken from
+    a stored one over more chunks (``first_chunks``: same chunk NLLs, no weights needed), marked ``derived_from``."""
+    from pruner.evaluate.perplexity import default_seqlen, first_chunks
 
     seqlen = seqlen or default_seqlen(_run_config(folder))
+    longer = []
     for name, r in read_run(folder).metrics.items():
-        if name.startswith("perplexity:wikitext2-test:") and r.get("seqlen") == seqlen and (
-                r.get("chunks") == max_chunks or (max_chunks is None and not r.get("partial"))):
+        if not name.startswith("perplexity:wikitext2-test:") or r.get("seqlen") != seqlen:
+            continue
+        if r.get("chunks") == max_chunks or (max_chunks is None and not r.get("partial")):
             return r
+        if max_chunks is not None and len(r.get("chunk_mean_nll") or []) > max_chunks:
+            longer.append((name, r))
+    if longer:
+        name, r = min(longer, key=lambda nr: nr[1]["chunks"])
+        return first_chunks(r, max_chunks, name)
     return None
 
 
@@ -69,6 +77,8 @@ def evaluate_perplexity(folder: Path, data_dir: str | None, *, max_chunks: int |
     if reuse:
         found = stored_perplexity(folder, max_chunks=max_chunks, seqlen=seqlen)
         if found is not None:
+            if "derived_from" in found:  # stored under its own protocol, so that groups and charts find it
+                add_metrics(folder, perplexity_metric_name(found), found)
             return found
 
     blocks = None

@@ -183,7 +183,7 @@ def test_prune_drop_weights_keeps_the_numbers_and_force_restores_them(tiny_folde
     manifest = json.loads((folder / "manifest.json").read_text())
     assert not list(folder.rglob("*.safetensors")) and (folder / "config.json").is_file()
     assert manifest["weights_dropped"]["bytes"] > 0 and len(manifest["metrics"]) == 1
-    (before,) = manifest["metrics"].values()
+    ((name, before),) = manifest["metrics"].items()
     # the first prune ran as a subprocess (the installed command); the rest run the same CLI in this process
     # (``pruner.cli.main``), which saves a Python start-up (about 8 s with transformers) each
     def cli_here(*argv, data=True):
@@ -195,13 +195,16 @@ def test_prune_drop_weights_keeps_the_numbers_and_force_restores_them(tiny_folde
         load_run(folder)
     with pytest.raises(BadRun, match="its weights were dropped after evaluation"):
         run_zip(folder)
-    r = cli_here("eval", "--run", key, "--ppl", "--max-chunks", "1")
+    r = cli_here("eval", "--run", key, "--ppl", "--max-chunks", "1")  # fewer chunks: from the stored chunk NLLs
+    assert r.returncode == 0 and f"taken from the stored {name} (its first 1 of 2 "\
+        "chunks)" in r.stdout, r.stderr
+    r = cli_here("eval", "--run", key, "--ppl", "--max-chunks", "3")  # more chunks than stored: needs the weights
     assert r.returncode == 2 and "its weights were dropped after evaluation" in r.stderr and "--force" in r.stderr
     r = cli_here(*args, "--force")
     assert r.returncode == 0, r.stderr
     restored = json.loads((folder / "manifest.json").read_text())
     assert "weights_dropped" not in restored and (folder / "model.safetensors").is_file()
-    assert list(restored["metrics"].values())[0]["perplexity"] == before["perplexity"]  # the same weights again
+    assert restored["metrics"][name]["perplexity"] == before["perplexity"]  # the same weights again
     # the cache command drops an evaluated run's weights, and refuses a run that has no evaluation to keep
     def cache_cli(*args):  # `cache` takes no data folder
         return cli_here("cache", *args, data=False)

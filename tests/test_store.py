@@ -83,6 +83,47 @@ def test_perplexity_lands_in_manifest_and_reproduces(spec, tmp_path, data_dir):
     assert stored["perplexity:wikitext2-test:seq64:first2"]["perplexity"] == r1["perplexity"]
 
 
+def test_first_chunks_of_a_longer_evaluation_need_no_weights(spec, tmp_path, data_dir):
+    """A run evaluated on 3 chunks and then stripped of its weights still answers the 2-chunk protocol: the result
+    derived from the first 2 chunk NLLs equals a direct 2-chunk evaluation (made before the weights went)."""
+    import math
+
+    folder = runs.run_prune(spec, tmp_path)
+    direct = metrics.evaluate_perplexity(folder, data_dir, max_chunks=2, seqlen=64)
+    three = metrics.evaluate_perplexity(folder, data_dir, max_chunks=3, seqlen=64)
+    manifest = read_manifest(folder)
+    del manifest["metrics"]["perplexity:wikitext2-test:seq64:first2"]  # as if only the 3-chunk one had been run
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    runs.drop_weights(folder)
+    derived = metrics.evaluate_perplexity(folder, data_dir, max_chunks=2, seqlen=64)  # no BadRun: no forward pass
+    assert derived["chunk_mean_nll"] == direct["chunk_mean_nll"] == three["chunk_mean_nll"][:2]
+    assert math.isclose(derived["perplexity"], direct["perplexity"], rel_tol=1e-12)
+    assert derived["interval"]["low"] == pytest.approx(direct["interval"]["low"], rel=1e-12)
+    assert (derived["chunks"], derived["partial"], derived["tokens_scored"]) == (2, True, direct["tokens_scored"])
+    assert derived["derived_from"] == "perplexity:wikitext2-test:seq64:first3 (its first 2 of 3 chunks)"
+    # stored under its own protocol (groups and charts read it there); nothing beyond the 3 chunks is invented
+    assert read_manifest(folder)["metrics"]["perplexity:wikitext2-test:seq64:first2"] == derived
+    assert metrics.stored_perplexity(folder, max_chunks=4, seqlen=64) is None
+    with pytest.raises(runs.BadRun):
+        metrics.evaluate_perplexity(folder, data_dir, max_chunks=4, seqlen=64)
+
+
+def test_first_chunks_by_hand():
+    """Chunk NLLs ln 2, ln 8, ln 4 over 3 chunks of 4 scored tokens: the first 2 give exp((ln 2 + ln 8)/2) = 4."""
+    import math
+
+    from pruner.evaluate.perplexity import first_chunks
+
+    parent = {"dataset": "wikitext2-test", "seqlen": 5, "chunks": 3, "chunks_total": 10, "partial": True,
+              "tokens_scored": 12, "seconds": 3.0, "tokens_per_second": 5.0, "kind": "token-level",
+              "chunk_mean_nll": [math.log(2), math.log(8), math.log(4)]}
+    r = first_chunks(parent, 2, "p")
+    assert r["perplexity"] == pytest.approx(4.0, rel=1e-15) and r["tokens_scored"] == 8 and r["seconds"] == 2.0
+    assert r["chunks"] == 2 and r["partial"] and r["interval"]["n"] == 2
+    with pytest.raises(ValueError, match="at least 4 per-chunk NLLs; p kept 3"):
+        first_chunks(parent, 4, "p")
+
+
 def test_atomic_dir_keeps_target_on_error(tmp_path):
     target = tmp_path / "x"
     with atomic_dir(target) as tmp:
