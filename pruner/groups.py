@@ -9,6 +9,8 @@ two or more seeds in common, else by chunk when both are single runs evaluated o
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,8 +68,10 @@ class RunGroup:
         return next(r for r in self.runs if seed_of(r) == seed)
 
     def results(self, metric: str) -> dict:
-        """seed → the stored perplexity result under ``metric`` (runs without it are left out)."""
-        return {seed_of(r): r.metrics[metric] for r in self.runs if metric in r.metrics}
+        """seed → the perplexity result under ``metric``, stored or derived from a longer evaluation
+        (``perplexity_result``); runs without one are left out."""
+        results = {seed_of(r): perplexity_result(r.metrics, metric) for r in self.runs}
+        return {s: r for s, r in results.items() if r is not None}
 
     def summary(self, metric: str) -> GroupSummary | None:
         results = self.results(metric)
@@ -82,6 +86,47 @@ class RunGroup:
         interval = (perplexity_over_chunks(nll) if nll else
                     Interval(only["perplexity"], None, None, 1, "no per-chunk losses stored (older result)"))
         return GroupSummary(interval, "evaluation", by_seed, partial)
+
+
+def first_chunks(result: dict, k: int, name: str) -> dict:
+    """The perplexity over the first ``k`` chunks, taken from a stored ``result`` (named ``name``) over more chunks
+    of the same text and window: every chunk is scored on its own, so its mean NLL is the same in both
+    evaluations, and the perplexity over the first k is exp of the mean of their mean NLLs (all chunks score
+    seqlen − 1 tokens). ``seconds`` is the parent's share (k of its chunks), ``derived_from`` names the parent.
+    Needs no weights: a run whose weights were dropped after a full evaluation still gets its quick-protocol
+    number."""
+    nll = result.get("chunk_mean_nll") or []
+    if not 1 <= k <= len(nll):
+        raise ValueError(f"the first {k} chunks need a result that kept at least {k} per-chunk NLLs; "
+                         f"{name} kept {len(nll)}")
+    first = [float(v) for v in nll[:k]]
+    share = k / len(nll)
+    derived = {**result, "perplexity": math.exp(sum(first) / k), "chunks": k,
+               "partial": k < result.get("chunks_total", len(nll)), "chunk_mean_nll": first,
+               "interval": perplexity_over_chunks(first).to_dict(), "derived_from": f"{name} (its first {k} of "
+                                                                                   f"{len(nll)} chunks)"}
+    if "tokens_scored" in result:  # every chunk scores seqlen − 1 tokens
+        derived["tokens_scored"] = result["tokens_scored"] // len(nll) * k
+    if "seconds" in result:
+        derived["seconds"] = round(result["seconds"] * share, 2)
+    return derived
+
+
+def perplexity_result(metrics: dict, name: str) -> dict | None:
+    """A run's perplexity result under the protocol ``name``: the stored one, or for "…:firstK" one derived from a
+    stored result of the same dataset and window over more chunks (``first_chunks``), or None."""
+    if name in metrics:
+        return metrics[name]
+    found = re.fullmatch(r"(perplexity:.+):first(\d+)", name)
+    if not found:
+        return None
+    base, k = found[1], int(found[2])
+    longer = [(len(r.get("chunk_mean_nll") or []), n, r) for n, r in metrics.items()
+              if (n == base or n.startswith(base + ":first")) and len(r.get("chunk_mean_nll") or []) > k]
+    if not longer:
+        return None
+    _, n, r = min(longer, key=lambda t: t[0])
+    return first_chunks(r, k, n)
 
 
 def group_runs(runs) -> list[RunGroup]:

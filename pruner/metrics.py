@@ -46,7 +46,8 @@ def stored_perplexity(folder: Path, *, max_chunks: int | None = None, seqlen: in
     """The run's stored WikiText-2 test perplexity under the protocol asked for (window ``seqlen``, default the
     model's; the first ``max_chunks`` chunks, or all), or None. A result for the first k chunks is also taken from
     a stored one over more chunks (``first_chunks``: same chunk NLLs, no weights needed), marked ``derived_from``."""
-    from pruner.evaluate.perplexity import default_seqlen, first_chunks
+    from pruner.evaluate.perplexity import default_seqlen
+    from pruner.groups import first_chunks
 
     seqlen = seqlen or default_seqlen(_run_config(folder))
     longer = []

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pruner.groups import compare, group_runs, perplexity_metrics, ranking
+from pruner.groups import compare, group_runs, perplexity_metrics, perplexity_result, ranking
 from pruner.runs import RunManifest
 
 METRIC = "perplexity:wikitext2-test:seq2048"
@@ -59,3 +59,20 @@ def test_ranking_marks_results_that_cannot_be_told_apart():
     assert ranks[0].versus_next is None
     assert ranks[1].versus_next.separable  # ER vs OWL: about twice, every seed
     assert not ranks[2].versus_next.separable  # uniform vs ER: within the seeds' spread
+
+
+def test_quick_protocol_taken_from_a_longer_evaluation():
+    """Runs evaluated on all 3 chunks answer "first 2" from their first two chunk NLLs: per seed exp(mean), and
+    the group pairs by seed as if they had been evaluated on 2 chunks."""
+    quick = METRIC + ":first2"
+    nll = {0: [math.log(4), math.log(16), 9.0], 1: [math.log(2), math.log(8), 9.0]}  # first two: 8 and 4
+    runs = [run("owl", s, 99.0, nll[s]) for s in (0, 1)]
+    (owl,) = group_runs(runs)
+    r = perplexity_result(runs[0].metrics, quick)
+    assert r["perplexity"] == pytest.approx(8.0) and r["chunks"] == 2 and r["partial"]
+    assert r["derived_from"] == f"{METRIC} (its first 2 of 3 chunks)" and r["chunk_mean_nll"] == nll[0][:2]
+    assert owl.summary(quick).by_seed == pytest.approx({0: 8.0, 1: 4.0}) and owl.summary(quick).partial
+    assert perplexity_result(runs[0].metrics, METRIC + ":first3") is None  # not more than was scored
+    assert perplexity_result(runs[0].metrics, METRIC + ":first1")["perplexity"] == pytest.approx(4.0)
+    assert perplexity_result(runs[0].metrics, "perplexity:wikitext2-test:seq64:first2") is None  # other window
+    assert perplexity_result(runs[0].metrics, METRIC) is runs[0].metrics[METRIC]

@@ -112,7 +112,7 @@ def test_first_chunks_by_hand():
     """Chunk NLLs ln 2, ln 8, ln 4 over 3 chunks of 4 scored tokens: the first 2 give exp((ln 2 + ln 8)/2) = 4."""
     import math
 
-    from pruner.evaluate.perplexity import first_chunks
+    from pruner.groups import first_chunks
 
     parent = {"dataset": "wikitext2-test", "seqlen": 5, "chunks": 3, "chunks_total": 10, "partial": True,
               "tokens_scored": 12, "seconds": 3.0, "tokens_per_second": 5.0, "kind": "token-level",

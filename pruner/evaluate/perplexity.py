@@ -174,23 +174,3 @@ def wikitext2_perplexity(model, tokenizer, data_dir=None, split: str = "test", s
         "interval": perplexity_over_chunks(chunk_mean_nll).to_dict(),
     }
 
-
-def first_chunks(result: dict, k: int, name: str) -> dict:
-    """The perplexity over the first ``k`` chunks, taken from a stored ``result`` (named ``name``) over more chunks
-    of the same text and window: every chunk is scored on its own, so its mean NLL is the same in both
-    evaluations, and the perplexity over the first k is exp of the mean of their mean NLLs (all chunks score
-    seqlen − 1 tokens). ``seconds`` is the parent's share (k of its chunks), ``derived_from`` names the parent.
-    Needs no weights: a run whose weights were dropped after a full evaluation still gets its quick-protocol
-    number."""
-    nll = result.get("chunk_mean_nll") or []
-    if not 1 <= k <= len(nll):
-        raise ValueError(f"the first {k} chunks need a result that kept at least {k} per-chunk NLLs; "
-                         f"{name} kept {len(nll)}")
-    first = [float(v) for v in nll[:k]]
-    per_chunk_tokens = result["tokens_scored"] // len(nll)
-    return {**{key: result[key] for key in ("dataset", "seqlen", "chunks_total", "kind", "tokens_per_second")},
-            "perplexity": math.exp(sum(first) / k), "chunks": k, "partial": k < result["chunks_total"],
-            "tokens_scored": per_chunk_tokens * k, "seconds": round(result["seconds"] * k / len(nll), 2),
-            "chunk_mean_nll": first, "interval": perplexity_over_chunks(first).to_dict(),
-            "derived_from": f"{name} (its first {k} of {len(nll)} chunks)"}
-
