@@ -45,23 +45,14 @@ def perplexity_metric_name(result: dict) -> str:
 def stored_perplexity(folder: Path, *, max_chunks: int | None = None, seqlen: int | None = None) -> dict | None:
     """The run's stored WikiText-2 test perplexity under the protocol asked for (window ``seqlen``, default the
     model's; the first ``max_chunks`` chunks, or all), or None. A result for the first k chunks is also taken from
-    a stored one over more chunks (``first_chunks``: same chunk NLLs, no weights needed), marked ``derived_from``."""
+    a stored one over more chunks (``pruner.groups.perplexity_result``: the same chunk NLLs, no weights needed),
+    marked ``derived_from``."""
     from pruner.evaluate.perplexity import default_seqlen
-    from pruner.groups import first_chunks
+    from pruner.groups import perplexity_result
 
     seqlen = seqlen or default_seqlen(_run_config(folder))
-    longer = []
-    for name, r in read_run(folder).metrics.items():
-        if not name.startswith("perplexity:wikitext2-test:") or r.get("seqlen") != seqlen:
-            continue
-        if r.get("chunks") == max_chunks or (max_chunks is None and not r.get("partial")):
-            return r
-        if max_chunks is not None and len(r.get("chunk_mean_nll") or []) > max_chunks:
-            longer.append((name, r))
-    if longer:
-        name, r = min(longer, key=lambda nr: nr[1]["chunks"])
-        return first_chunks(r, max_chunks, name)
-    return None
+    name = f"perplexity:wikitext2-test:seq{seqlen}" + (f":first{max_chunks}" if max_chunks is not None else "")
+    return perplexity_result(read_run(folder).metrics, name)
 
 
 def evaluate_perplexity(folder: Path, data_dir: str | None, *, max_chunks: int | None = None,

@@ -173,4 +173,3 @@ def wikitext2_perplexity(model, tokenizer, data_dir=None, split: str = "test", s
         "chunk_mean_nll": chunk_mean_nll,
         "interval": perplexity_over_chunks(chunk_mean_nll).to_dict(),
     }
-
