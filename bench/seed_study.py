@@ -59,7 +59,7 @@ def _params(entry: str, allocator: str, method: str, S: float, calib: CalibSpec,
     if not given:
         return {}
     if given != "tuned":
-        return {k: float(v) for k, v in (kv.split("=") for kv in given.split(","))}
+        return _given_params(given)
     if (allocator, method, S) not in _tuned:  # the workflow `prune --tune` runs, on seed 0's calibration set
         from pruner.workflows import tuned_spec
 
@@ -73,13 +73,18 @@ def _params(entry: str, allocator: str, method: str, S: float, calib: CalibSpec,
     return _tuned[(allocator, method, S)]
 
 
+def _given_params(given: str) -> dict:
+    """The ``K=V,K=V`` part of an ``--allocators`` entry as {K: float(V)}."""
+    return {k: float(v) for k, v in (kv.split("=") for kv in given.split(","))}
+
+
 def _entry_label(entry: str) -> str:
     """A row label for an ``--allocators`` entry: "OWL (λ=0.08, M=5)" (defaults shown), "DLP (α=0.13)", "ATP (tuned)"."""
     name, _, given = entry.partition(":")
     a = ALLOCATORS[name]
     if given == "tuned":
         return a.setting_label("tuned")
-    values = a.check({k: float(v) for k, v in (kv.split("=") for kv in given.split(","))} if given else {})
+    values = a.check(_given_params(given) if given else {})
     return a.setting_label(params_text(values, a.params))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -206,7 +208,7 @@ def _method_panels(rows: list[dict]):
         allocator = rs[0]["allocator"]
         if name not in settings.setdefault(allocator, []):
             settings[allocator].append(name)
-    fallback = iter(["#444444", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5"] * len(rows))
+    fallback = itertools.cycle(["#444444", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5"])  # allocators without a colour
     colors = {a: ALLOCATOR_COLORS.get(a) or next(fallback) for a in settings}
     shown: set[str] = set()
     facets = []
