@@ -13,8 +13,10 @@ the test split), then used for every seed, so the seeds stay one run group.
 
 Before anything is pruned, every closed-form allocation the study asks for is computed from the (cached)
 statistics: a refused one (e.g. DLP's α too wide for S = 0.8) stops the study with every refusal and its allowed
-range, having pruned nothing; ``--skip-refused`` leaves those out instead and names them in the report. (Learned
-allocators, BESA and the predictor-optimal one, are learned when their turn comes.)
+range, having pruned nothing; so does a stored run whose weights were dropped (``--drop-weights``) and whose stored
+perplexities cannot give the protocol asked for (e.g. the full test set after a first-8 study). ``--skip-refused``
+leaves those out instead and names them in the report. (Learned allocators, BESA and the predictor-optimal one, are
+learned when their turn comes.)
 
 ``--matrix`` (with ``--versus``) ends with one Markdown table, an allocator entry per row and a (method, S) per
 column, each cell the entry's perplexity ÷ the --versus entry's, paired by seed, with its 95% interval (bold where
@@ -36,8 +38,8 @@ from pruner.allocation import ALLOCATORS, AllocationRefused
 from pruner.api import allocation_for
 from pruner.params import params_text
 from pruner.groups import compare, group_runs, ranking
-from pruner.metrics import perplexity_metric_name
-from pruner.runs import list_runs, run_exists
+from pruner.metrics import perplexity_metric_name, stored_perplexity
+from pruner.runs import list_runs, read_run, run_dir, run_exists
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec
 from pruner.store import default_data_dir
 from pruner.workflows import Context, PerplexityOptions, PruneRequest, run
@@ -120,6 +122,26 @@ def refusals(specs: list[PruneSpec], cache_dir: str | None) -> dict[str, str]:
     return refused
 
 
+def unanswerable(specs: list[PruneSpec], max_chunks: int | None, cache_dir: str | None) -> dict[str, str]:
+    """{spec key: why} for every stored run whose weights were dropped and whose stored evaluations cannot give
+    the perplexity asked for (more chunks than it was evaluated on, or the full test set after a partial one):
+    without weights it cannot be evaluated again. Found before anything is pruned, not an hour into the study."""
+    missing = {}
+    for spec in specs:
+        if not run_exists(spec.key(), cache_dir):
+            continue
+        folder = run_dir(spec.key(), cache_dir)
+        run = read_run(folder)
+        if run.weights_dropped and stored_perplexity(folder, max_chunks=max_chunks) is None:
+            stored = ", ".join(sorted(n for n in run.metrics if n.startswith("perplexity:"))) or "none"
+            asked = f"the first {max_chunks} chunks" if max_chunks else "the full test set"
+            missing[spec.key()] = (f"{spec.label()}, seed {spec.calib.seed}: run {spec.key()} cannot be evaluated on "
+                                   f"{asked}: its weights were dropped and its stored perplexities ({stored}) do not "
+                                   "cover it; `python -m pruner prune ... --force` with the same settings prunes it "
+                                   "again (dropping its stored metrics)")
+    return missing
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="model id, bundled name or local folder")
@@ -138,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--matrix", action="store_true",
                    help="end with one table: every --allocators entry ÷ the --versus one, per (method, S)")
     p.add_argument("--skip-refused", action="store_true",
-                   help="leave out allocations the allocator refuses (and say so) instead of stopping before pruning")
+                   help="leave out allocations the allocator refuses, and stored runs whose weights were dropped "
+                        "before they were evaluated as asked (and say so), instead of stopping before pruning")
     args = p.parse_args(argv)
     if args.matrix and not args.versus:
         p.error("--matrix compares every entry with the --versus entry: give --versus (e.g. --versus uniform)")
@@ -150,11 +173,13 @@ def main(argv: list[str] | None = None) -> None:
              for m in args.methods for S in args.sparsities for entry in args.allocators
              for a in [entry.partition(":")[0]] for seed in range(args.seeds)]
     refused = {} if args.report else refusals(specs, args.cache_dir)
-    if refused and not args.skip_refused:
-        print("refused before pruning anything (rerun with other parameters, or --skip-refused to leave these out):",
-              *refused.values(), sep="\n- ", file=sys.stderr)
+    dropped = {} if args.report else unanswerable(specs, args.max_chunks, args.cache_dir)
+    if (refused or dropped) and not args.skip_refused:
+        print("stopped before pruning anything (rerun with other parameters, or --skip-refused to leave these out):",
+              *(f"refused by the allocator: {r}" for r in refused.values()), *dropped.values(),
+              sep="\n- ", file=sys.stderr)
         raise SystemExit(2)
-    specs = [s for s in specs if s.key() not in refused]
+    specs = [s for s in specs if s.key() not in refused and s.key() not in dropped]
     keys = {s.key() for s in specs}
     protocol = None
     for spec in specs:
@@ -172,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# machine: {machine()}; commit {git_rev()}; protocol {protocol}; calibration preset {args.preset}")
     for reason in refused.values():
         print(f"# left out, refused by the allocator: {reason}")
+    for reason in dropped.values():
+        print(f"# left out: {reason}")
     cells: dict[tuple, str] = {}  # (entry, method, S) -> its --matrix cell
 
     def group_of(entry: str, groups, m: str, S: float):

@@ -21,7 +21,7 @@ def test_refused_allocation_stops_the_study_before_any_prune(study_env, tmp_path
         seed_study.main(study_env)
     assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert "refused before pruning anything" in err
+    assert "stopped before pruning anything" in err
     # both seeds' refusals, each with DLP's allowed range for S = 0.8
     assert err.count("α=0.45 is too wide for S=0.8") == 2 and err.count("allowed here: 0 ≤ α <") == 2
     assert list_runs(tmp_path).runs == []  # uniform came first in the list and was not pruned either
@@ -67,3 +67,27 @@ def test_matrix_cell_text():
     assert seed_study.matrix_cell(d, 3).startswith("×1.000 [") and seed_study.matrix_cell(d, 3).endswith("(2 seeds)")
     assert seed_study.matrix_cell(None, 3) == "–"
     assert seed_study.matrix_cell(paired_ratio([0.0], [4.6], "seeds"), 3) == "×99.5 (no interval) (1 seeds)"
+
+
+def test_dropped_run_that_cannot_answer_stops_the_study_before_any_prune(study_env, tmp_path, capsys):
+    """A run evaluated on 1 chunk whose weights were dropped cannot give 2 chunks: named before anything is pruned
+    (not when its turn comes), or left out with --skip-refused; asked for 1 chunk again, it answers from its metrics."""
+    common = [*study_env[:4], "--allocators", "uniform", "--methods", "magnitude", "--preset", "tiny"]
+    seed_study.main([*common, "--sparsities", "0.5", "--seeds", "1", "--max-chunks", "1", "--drop-weights"])
+    (dropped,) = list_runs(tmp_path).runs
+    assert dropped.weights_dropped
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # seed 1 would be pruned first in a study that did not check
+        seed_study.main([*common, "--sparsities", "0.5", "--seeds", "2", "--max-chunks", "2"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "stopped before pruning anything" in err
+    assert f"run {dropped.key} cannot be evaluated on the first 2 chunks" in err
+    assert ":first1)" in err  # what it was evaluated on
+    assert [r.key for r in list_runs(tmp_path).runs] == [dropped.key]  # nothing pruned
+    seed_study.main([*common, "--sparsities", "0.5", "--seeds", "2", "--max-chunks", "2", "--skip-refused"])
+    out = capsys.readouterr().out
+    assert out.count(f"# left out: magnitude + uniform @ 50%, seed 0: run {dropped.key}") == 1
+    assert sorted(r.spec["calib"]["seed"] for r in list_runs(tmp_path).runs) == [0, 1]
+    seed_study.main([*common, "--sparsities", "0.5", "--seeds", "1", "--max-chunks", "1"])  # answerable: no stop
+    assert "left out" not in capsys.readouterr().out
