@@ -36,6 +36,7 @@ import sys
 from bench.common import git_rev, machine
 from pruner.allocation import ALLOCATORS, AllocationRefused
 from pruner.api import allocation_for
+from pruner.cli import phase_bars
 from pruner.params import params_text
 from pruner.groups import compare, group_runs, ranking
 from pruner.metrics import perplexity_metric_name, stored_perplexity
@@ -181,13 +182,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     specs = [s for s in specs if s.key() not in refused and s.key() not in dropped]
     keys = {s.key() for s in specs}
+    stored = sum(run_exists(k, args.cache_dir) for k in keys)
+    if not args.report:
+        print(f"# {len(keys)} runs: {stored} stored, {len(keys) - stored} to prune (progress on stderr)", flush=True)
     protocol = None
     for spec in specs:
         if args.report:
             continue
         result = run(PruneRequest(spec, PerplexityOptions(max_chunks=args.max_chunks), data_dir=data_dir,
                                   drop_weights=args.drop_weights and not run_exists(spec.key(), args.cache_dir)),
-                     Context(cache_dir=args.cache_dir))
+                     Context(cache_dir=args.cache_dir, progress=phase_bars()))
         protocol = perplexity_metric_name(result["details"]["perplexity"])
         print(f"{spec.label()}, seed {spec.calib.seed}: perplexity {result['perplexity']:.3f}", flush=True)
     runs = [r for r in list_runs(args.cache_dir).runs if r.key in keys]

@@ -301,7 +301,9 @@ def _print_learning(result: dict, alloc, stats) -> None:
               f"{result['error_uniform'][i]:9.4f}  " + "  ".join(f"{v:9.4f}" for v in layer))
 
 
-def _phase_bars():
+def phase_bars():
+    """A workflow ``Context.progress`` that draws one tqdm bar per phase on stderr (calibration, learning, pruning,
+    evaluation), each opened when its phase first reports."""
     bars = {}
 
     def update(phase: str, done: int, total: int):
@@ -396,7 +398,7 @@ def cmd_prune(args) -> int:
         return 0
     folders = []
     for spec, request in zip(specs, requests):
-        result = run(request, Context(_cache(args), progress=_phase_bars(), device=str(resolve_device(args.device))))
+        result = run(request, Context(_cache(args), progress=phase_bars(), device=str(resolve_device(args.device))))
         folder = Path(result["folder"])
         folders.append(folder)
         manifest = read_run(folder)
@@ -570,7 +572,7 @@ def cmd_eval(args) -> int:
                               zeroshot=ZeroshotOptions(tuple(tasks) if tasks else None, args.limit, source,
                                                        args.zeroshot_batch)
                               if args.zeroshot else None, speed=speed_spec, engine=args.engine, data_dir=data_dir)
-        results = run(request, Context(_cache(args), progress=_phase_bars(), device=device))["details"]
+        results = run(request, Context(_cache(args), progress=phase_bars(), device=device))["details"]
         for name, show in (("perplexity", _print_ppl), ("zeroshot", _print_zeroshot), ("speed", _print_speed)):
             if name in results:
                 show(f"run {args.run}", results[name])
@@ -612,7 +614,7 @@ def cmd_recover(args) -> int:
         from pruner.jobs import JobStore, default_db, submit
 
         return _queued(submit(JobStore(default_db(_cache(args))), request, cache_dir=_cache(args)), request.label())
-    result = run(request, Context(_cache(args), progress=_phase_bars(), device=str(resolve_device(args.device))))
+    result = run(request, Context(_cache(args), progress=phase_bars(), device=str(resolve_device(args.device))))
     from pruner.runs import LORA_SUBFOLDER
 
     recovered = read_run(run_folder(result["run"], _cache(args)))

@@ -29,7 +29,9 @@ def test_refused_allocation_stops_the_study_before_any_prune(study_env, tmp_path
 
 def test_skip_refused_leaves_them_out_and_says_so(study_env, tmp_path, capsys):
     seed_study.main([*study_env, "--skip-refused"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "# 2 runs: 0 stored, 2 to prune" in out
+    assert "prune: 100%" in err and "perplexity: 100%" in err  # a progress bar per phase, on stderr
     runs = list_runs(tmp_path).runs
     assert sorted((r.spec["allocator"], r.spec["calib"]["seed"]) for r in runs) == [("uniform", 0), ("uniform", 1)]
     assert out.count("# left out, refused by the allocator: magnitude + dlp (α=0.45) @ 80%") == 2
