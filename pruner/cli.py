@@ -301,6 +301,11 @@ def _print_learning(result: dict, alloc, stats) -> None:
               f"{result['error_uniform'][i]:9.4f}  " + "  ".join(f"{v:9.4f}" for v in layer))
 
 
+#: What a workflow phase counts, where it is not transformer blocks (the phase names of ``pruner.workflows``).
+PHASE_UNITS = {"perplexity": "chunk", "zero-shot tasks": "task", "dense zero-shot tasks": "task",
+               "damage table": "step", "LoRA steps": "step"}
+
+
 def phase_bars():
     """A workflow ``Context.progress`` that draws one tqdm bar per phase on stderr (calibration, learning, pruning,
     evaluation), each opened when its phase first reports."""
@@ -308,7 +313,7 @@ def phase_bars():
 
     def update(phase: str, done: int, total: int):
         if phase not in bars:
-            bars[phase] = _progress_bar(phase)
+            bars[phase] = _progress_bar(phase, PHASE_UNITS.get(phase, "block"))
         bars[phase](done, total)
 
     return update

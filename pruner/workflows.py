@@ -318,7 +318,9 @@ class RecoverRequest(Request):
 
 def _perplexity(folder: Path, options: PerplexityOptions, data_dir, ctx: Context) -> dict:
     return metrics.evaluate_perplexity(folder, data_dir, max_chunks=options.max_chunks, seqlen=options.seqlen,
-                                       device=ctx.device, progress=ctx.phase("perplexity"),
+                                       device=ctx.device,
+                                       progress=ctx.phase("perplexity, block by block" if options.stream
+                                                          else "perplexity"),
                                        should_cancel=ctx.should_cancel, stream=options.stream)
 
 
