@@ -1,5 +1,5 @@
-"""bench.seed_study on the tiny Llama: a refused allocation stops the study before anything is pruned, or is left
-out and named with --skip-refused."""
+"""bench.seed_study on the tiny Llama: a refused allocation, or a stored run that cannot answer, stops the study before
+anything is pruned, or is left out and named with --skip-refused; the matrix; progress."""
 
 import re
 
@@ -76,23 +76,24 @@ def test_matrix_cell_text():
 
 def test_dropped_run_that_cannot_answer_stops_the_study_before_any_prune(study_env, tmp_path, capsys):
     """A run evaluated on 1 chunk whose weights were dropped cannot give 2 chunks: named before anything is pruned
-    (not when its turn comes), or left out with --skip-refused; asked for 1 chunk again, it answers from its metrics."""
-    common = [*study_env[:4], "--allocators", "uniform", "--methods", "magnitude", "--preset", "tiny"]
-    seed_study.main([*common, "--sparsities", "0.5", "--seeds", "1", "--max-chunks", "1", "--drop-weights"])
+    (not when its turn comes, after uniform's run), or left out with --skip-refused; asked for 1 chunk again, it
+    answers from its metrics."""
+    common = [*study_env[:4], "--methods", "magnitude", "--preset", "tiny", "--sparsities", "0.5", "--seeds", "1"]
+    seed_study.main([*common, "--allocators", "owl", "--max-chunks", "1", "--drop-weights"])
     (dropped,) = list_runs(tmp_path).runs
     assert dropped.weights_dropped
     capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:  # seed 1 would be pruned first in a study that did not check
-        seed_study.main([*common, "--sparsities", "0.5", "--seeds", "2", "--max-chunks", "2"])
+    with pytest.raises(SystemExit) as stop:  # uniform's run comes first in the study's order
+        seed_study.main([*common, "--allocators", "uniform", "owl", "--max-chunks", "2"])
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "stopped before pruning anything" in err
-    assert f"run {dropped.key} cannot be evaluated on the first 2 chunks" in err
+    assert f"seed 0: run {dropped.key} cannot be evaluated on the first 2 chunks" in err
     assert ":first1)" in err  # what it was evaluated on
-    assert [r.key for r in list_runs(tmp_path).runs] == [dropped.key]  # nothing pruned
-    seed_study.main([*common, "--sparsities", "0.5", "--seeds", "2", "--max-chunks", "2", "--skip-refused"])
+    assert [r.key for r in list_runs(tmp_path).runs] == [dropped.key]  # uniform was not pruned
+    seed_study.main([*common, "--allocators", "uniform", "owl", "--max-chunks", "2", "--skip-refused"])
     out = capsys.readouterr().out
-    assert out.count(f"# left out: magnitude + uniform @ 50%, seed 0: run {dropped.key}") == 1
-    assert sorted(r.spec["calib"]["seed"] for r in list_runs(tmp_path).runs) == [0, 1]
-    seed_study.main([*common, "--sparsities", "0.5", "--seeds", "1", "--max-chunks", "1"])  # answerable: no stop
+    assert out.count(f"seed 0: run {dropped.key} cannot be evaluated") == 1 and "# left out: magnitude + owl" in out
+    assert sorted(r.spec["allocator"] for r in list_runs(tmp_path).runs) == ["owl", "uniform"]
+    seed_study.main([*common, "--allocators", "owl", "--max-chunks", "1"])  # answerable from its metrics: no stop
     assert "left out" not in capsys.readouterr().out
