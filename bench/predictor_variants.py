@@ -164,9 +164,10 @@ def seed_sigma(S: float, max_chunks: int) -> tuple[float, int]:
     at S in the cache evaluated on the same first ``max_chunks`` chunks (e.g. `bench.seed_study`'s), and the
     number of groups pooled."""
     from pruner.groups import group_runs
+    from pruner.metrics import perplexity_protocol
     from pruner.runs import list_runs
 
-    protocol = f"perplexity:wikitext2-test:seq2048:first{max_chunks}"
+    protocol = perplexity_protocol(2048, max_chunks)
     squares, dof, groups = 0.0, 0, 0
     for g in group_runs(list_runs().runs):
         if g.first.method != "wanda" or g.first.sparsity != S:

@@ -65,7 +65,7 @@ def main():
         try:
             folder = runs.run_prune(spec, loaded=lm)
             manifest = json.loads((folder / "manifest.json").read_text())
-            stored = manifest["metrics"].get(f"perplexity:wikitext2-test:seq{seqlen}:first{args.max_chunks}")
+            stored = manifest["metrics"].get(metrics.perplexity_protocol(seqlen, args.max_chunks))
             r = stored or metrics.evaluate_perplexity(folder, data_dir, max_chunks=args.max_chunks)
             row = {"kind": "run", "method": method, "allocator": alloc, "sparsity": S, "lam": spec.allocator_params.get("lam"), "m": spec.allocator_params.get("m"),
                    "ppl": r["perplexity"], "prune_s": manifest["timings_s"]["prune"],

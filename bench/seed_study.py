@@ -39,7 +39,7 @@ from pruner.api import allocation_for
 from pruner.cli import phase_bars
 from pruner.params import params_text
 from pruner.groups import compare, group_runs, ranking
-from pruner.metrics import perplexity_metric_name, stored_perplexity
+from pruner.metrics import perplexity_metric_name, perplexity_protocol, stored_perplexity
 from pruner.runs import list_runs, read_run, run_dir, run_exists
 from pruner.specs import CalibSpec, ModelSpec, PruneSpec
 from pruner.store import default_data_dir
@@ -196,8 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{spec.label()}, seed {spec.calib.seed}: perplexity {result['perplexity']:.3f}", flush=True)
     runs = [r for r in list_runs(args.cache_dir).runs if r.key in keys]
     if protocol is None:  # --report: the protocol the asked-for evaluation would have written
-        seqlen = 2048
-        protocol = f"perplexity:wikitext2-test:seq{seqlen}" + (f":first{args.max_chunks}" if args.max_chunks else "")
+        protocol = perplexity_protocol(2048, args.max_chunks)  # SmolLM2's window: min(2048, its context)
     print(f"# machine: {machine()}; commit {git_rev()}; protocol {protocol}; calibration preset {args.preset}")
     for reason in refused.values():
         print(f"# left out, refused by the allocator: {reason}")

@@ -37,9 +37,14 @@ _ZEROSHOT_WAYS = ["a smaller lm-eval batch (--zeroshot-batch)", "a machine with 
                   "block-by-block mode: lm-eval runs the whole model)"]
 
 
+def perplexity_protocol(seqlen: int, max_chunks: int | None = None, dataset: str = "wikitext2-test") -> str:
+    """The metric name a perplexity evaluation is stored under: dataset, window and, for a partial evaluation, the
+    number of leading chunks, e.g. "perplexity:wikitext2-test:seq2048:first8"."""
+    return f"perplexity:{dataset}:seq{seqlen}" + (f":first{max_chunks}" if max_chunks is not None else "")
+
+
 def perplexity_metric_name(result: dict) -> str:
-    name = f"perplexity:{result['dataset']}:seq{result['seqlen']}"
-    return name + (f":first{result['chunks']}" if result["partial"] else "")
+    return perplexity_protocol(result["seqlen"], result["chunks"] if result["partial"] else None, result["dataset"])
 
 
 def stored_perplexity(folder: Path, *, max_chunks: int | None = None, seqlen: int | None = None) -> dict | None:
@@ -51,8 +56,7 @@ def stored_perplexity(folder: Path, *, max_chunks: int | None = None, seqlen: in
     from pruner.groups import perplexity_result
 
     seqlen = seqlen or default_seqlen(_run_config(folder))
-    name = f"perplexity:wikitext2-test:seq{seqlen}" + (f":first{max_chunks}" if max_chunks is not None else "")
-    return perplexity_result(read_run(folder).metrics, name)
+    return perplexity_result(read_run(folder).metrics, perplexity_protocol(seqlen, max_chunks))
 
 
 def evaluate_perplexity(folder: Path, data_dir: str | None, *, max_chunks: int | None = None,
