@@ -8,7 +8,9 @@
    exception is needed to stop the forward pass.
 2. Walk the blocks in order. Each block is moved to the compute device, run on every mini-batch with the
    observer's hooks attached (hooks are always removed in ``finally``), and the observer then finishes the block
-   (computes statistics, or prunes it). If the observer changed the block's weights, the block runs again so that
+   (computes statistics, or prunes it). During that pass a mixture-of-experts block computes its routed experts
+   through per-expert slices (``pruner.anatomy.routed_through_slices``), so a hook on an expert's matrix sees only
+   the tokens the router sent to it. If the observer changed the block's weights, the block runs again so that
    the next block sees the outputs of the modified block (the sequential protocol of Wanda and SparseGPT).
    The block then goes back to where it was, so only one block at a time needs to fit on the compute device.
 
@@ -28,7 +30,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from pruner.memory import return_freed_memory
-from pruner.models import find_blocks, prunable_layers, weight_matrix
+from pruner.anatomy import prunable_layers, routed_through_slices, weight_matrix
+from pruner.models import find_blocks
 
 #: Attributes some model families read from a block object in their outer loop; recorders carry them over.
 _BLOCK_ATTRIBUTES = ("attention_type", "layer_idx", "is_sliding", "sliding_window", "layer_type")
@@ -72,6 +75,16 @@ class ResidentBlocks:
 
     def release(self, index: int, block: nn.Module) -> None:
         block.to(self._home.pop(index))
+
+
+class LayerNeverRan(ValueError):
+    """A prunable layer's forward never ran during a calibration pass, so it has no activation statistics: its
+    model reads the layer's weight directly (e.g. Mamba's ``dt_proj``) instead of calling the module."""
+
+    def __init__(self, block: int, names: list[str]):
+        super().__init__(f"block {block}: {', '.join(names)} never ran as a module during calibration (the model reads "
+                         "its weight directly), so there are no activations to calibrate it with; this architecture "
+                         "can be pruned only by a method that needs no calibration data (magnitude)")
 
 
 class Cancelled(Exception):
@@ -239,10 +252,11 @@ def run_blockwise(
             outputs = None
             try:
                 handles = observer.attach(i, block, layers)
-                if inputs_only:
-                    _run_block_for_inputs(block, hidden, calls[i], layers, device)
-                else:
-                    outputs = _run_block(block, hidden, calls[i], device)
+                with routed_through_slices(block):  # hooks on an expert's matrices see only its routed tokens
+                    if inputs_only:
+                        _run_block_for_inputs(block, hidden, calls[i], layers, device)
+                    else:
+                        outputs = _run_block(block, hidden, calls[i], device)
             finally:
                 for handle in handles:
                     handle.remove()

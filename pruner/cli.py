@@ -389,7 +389,8 @@ def cmd_prune(args) -> int:
     # one run per calibration seed: a run group (pruner.groups), summarised with its seed interval
     specs = [PruneSpec(model=stats_spec.model, calib=dataclasses.replace(stats_spec.calib, seed=args.seed + i),
                        allocator=args.allocator, method=args.method, sparsity=sparsity, allocator_params=a_params,
-                       method_params=m_params, nm=args.nm, scope=args.scope) for i in range(args.seeds)]
+                       method_params=m_params, nm=args.nm, scope=args.scope,
+                       leave_unsupported_dense=args.leave_unsupported_dense) for i in range(args.seeds)]
     requests = [PruneRequest(spec, perplexity=_perplexity_options(args) if args.ppl else None,
                              data_dir=stats_spec.calib.data_dir, force=args.force, batch_size=args.batch_size,
                              stream=args.stream, tune=args.tune, drop_weights=args.drop_weights)
@@ -415,8 +416,11 @@ def cmd_prune(args) -> int:
             if t.get("caveat"):
                 print(f"  caveat: {t['caveat']}")
         print(f"  folder {folder}")
-        print(f"  achieved sparsity {manifest.achieved_overall:.6f} (target {sparsity:g}); "
-              f"prune {manifest.timings['prune']:.1f} s")
+        print(f"  achieved sparsity {manifest.achieved_overall:.6f} of the pruned weights (target {sparsity:g})"
+              + (f", {manifest.achieved_decoder:.6f} of all decoder-block weights"
+                 if manifest.achieved_decoder is not None else "") + f"; prune {manifest.timings['prune']:.1f} s")
+        for line in manifest.accounting_lines():
+            print(f"  {line}")
         if "perplexity" in result["details"]:
             _print_ppl("  pruned", result["details"]["perplexity"])
     if args.seeds > 1 and args.ppl:
@@ -837,6 +841,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "data, never the test split); recorded in the run's manifest")
     p.add_argument("--out", help="also copy the pruned Hugging Face folder here")
     p.add_argument("--force", action="store_true", help="recompute even if this run exists")
+    p.add_argument("--leave-unsupported-dense", action="store_true",
+                   help="a model whose blocks hold weights the tool cannot prune (e.g. state-space layers) is refused "
+                        "with their names; with this flag they stay dense and the manifest lists them")
     p.add_argument("--stream", action="store_true",
                    help="read one decoder block at a time from the checkpoint and write pruned blocks straight to "
                         "the run's shards: memory holds one block, not the model (same pruned weights)")

@@ -4,8 +4,9 @@ A model is named by a ``ModelSpec``: a bundled name (a GGUF file shipped in a Py
 safetensors folder under ``cache/models/``), a local Hugging Face folder, or a hub id.
 
 Block discovery is generic: the decoder blocks are the ``nn.ModuleList`` at a known attribute path (or, failing
-that, the one whose length is the config's layer count), and a block's prunable layers are its ``nn.Linear`` and
-GPT-2-style ``Conv1D`` modules. Embeddings, norms and ``lm_head`` live outside the blocks and are never pruned.
+that, the one whose length is the config's layer count). What a block holds (its prunable units, routed experts
+included, and every weight that is not pruned, with the reason) is ``pruner.anatomy``. Embeddings, the final norm
+and ``lm_head`` live outside the blocks and are never pruned.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pruner.anatomy import (attach_expert_slices, experts_layout, layer_shape, prunable_layers,  # noqa: F401
+                             weight_matrix, weights_summary)
 from pruner.specs import ModelSpec
 from pruner.store import atomic_dir
 
@@ -34,12 +37,6 @@ BLOCK_PATHS = (
     "transformer.layers",
     "transformer.blocks",
 )
-
-
-def _conv1d_class():
-    from transformers.pytorch_utils import Conv1D
-
-    return Conv1D
 
 
 @dataclass(frozen=True)
@@ -365,23 +362,6 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
-def prunable_layers(block: nn.Module) -> dict[str, nn.Module]:
-    """Name → module for every linear layer of a block (nn.Linear and GPT-2's Conv1D), in module order."""
-    conv1d = _conv1d_class()
-    return {name: m for name, m in block.named_modules() if isinstance(m, (nn.Linear, conv1d))}
-
-
-def weight_matrix(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as a (out_features, in_features) view (Conv1D stores it transposed)."""
-    return layer.weight.T if isinstance(layer, _conv1d_class()) else layer.weight
-
-
-def layer_shape(layer: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features)."""
-    out_f, in_f = weight_matrix(layer).shape
-    return int(out_f), int(in_f)
-
-
 @dataclass(frozen=True)
 class LayerInfo:
     block: int
@@ -407,10 +387,13 @@ def describe_layers(model: nn.Module) -> list[LayerInfo]:
 
 
 def model_summary(loaded: LoadedModel) -> dict:
-    """What the Model page and the CLI show about a loaded model."""
+    """What the Model page, the CLI and the manifest show about a loaded model: its prunable units, and every
+    decoder-block weight that is not pruned with the reason (``pruner.anatomy.weights_summary``)."""
     layers = describe_layers(loaded.model)
     path, blocks = find_blocks(loaded.model)
     total = sum(p.numel() for p in loaded.model.parameters())
+    weights = weights_summary(blocks)
+    block_total = sum(weights["parameters_by_role"].values())
     return {
         "architecture": loaded.info.get("architecture"),
         "blocks": len(blocks),
@@ -418,7 +401,11 @@ def model_summary(loaded: LoadedModel) -> dict:
         "prunable_layers_per_block": len(layers) // len(blocks),
         "layer_names": [l.name for l in layers if l.block == 0],
         "prunable_parameters": sum(l.numel for l in layers),
+        "decoder_block_parameters": block_total,
         "total_parameters": total,
+        "not_pruned": weights["not_pruned"],
+        "parameters_by_role": weights["parameters_by_role"],
+        **(experts_layout(blocks) or {}),
         "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
         "weights": loaded.info.get("weights"),
         "device": str(loaded.device),

@@ -14,9 +14,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from pruner.calibrate import BlockStore, Cancelled, ProgressFn, ResidentBlocks, run_blockwise
+from pruner.calibrate import BlockStore, Cancelled, LayerNeverRan, ProgressFn, ResidentBlocks, run_blockwise
 from pruner.methods import METHODS, NM, LayerMethod
-from pruner.models import find_blocks, prunable_layers, weight_matrix
+from pruner.anatomy import block_zero_count, is_expert_unit, prunable_layers, weight_matrix
+from pruner.models import find_blocks
+
+#: An expert that fewer calibration tokens than this were routed to has no activation statistics to prune by and
+#: is pruned by magnitude within each row (Wanda's score with every ‖X_j‖₂ = 1) instead, for every method; the
+#: manifest counts these per block. One token is already a real (if noisy) estimate, kept as such: each expert's
+#: routed token count is in the manifest too.
+MIN_ROUTED_TOKENS = 1
+#: What such an expert is pruned with.
+EXPERT_FALLBACK_METHOD = "magnitude"
 
 
 @dataclass
@@ -35,11 +44,30 @@ class LayerReport:
     pruned: int  # weights the method masked
     numel: int
     nm: str | None = None
+    tokens: int | None = None  # calibration tokens the layer saw (a routed expert: those routed to it)
+    fallback: str | None = None  # the method used instead of the run's, when too few tokens reached the expert
 
 
 @dataclass
 class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
+    #: per block, (zeros, numel) over EVERY parameter of the block (norms, biases, routers, unpruned weights too)
+    block_weights: list[tuple[int, int]] = field(default_factory=list)
+
+    def decoder_overall(self) -> float:
+        """Zeros ÷ parameters over all weights of all decoder blocks, whatever the method pruned."""
+        return sum(z for z, _ in self.block_weights) / sum(n for _, n in self.block_weights)
+
+    def decoder_block(self) -> list[float]:
+        return [z / n for z, n in self.block_weights]
+
+    def fallbacks_per_block(self) -> list[int]:
+        """How many experts' matrices of each block were pruned by the fallback (too few routed tokens)."""
+        n_blocks = max(l.block for l in self.layers) + 1
+        counts = [0] * n_blocks
+        for l in self.layers:
+            counts[l.block] += l.fallback is not None
+        return counts
 
     def block_achieved(self) -> np.ndarray:
         n_blocks = max(l.block for l in self.layers) + 1
@@ -69,7 +97,8 @@ def layer_targets(layer_sparsity: np.ndarray, layer_keys: list[tuple[int, str]],
     return out
 
 
-def _store(layer: nn.Module, target: LayerTarget, block: int, name: str, result) -> LayerReport:
+def _store(layer: nn.Module, target: LayerTarget, block: int, name: str, result, tokens: int | None = None,
+           fallback: str | None = None) -> LayerReport:
     """Write a method's result (new weight, mask) into the layer (None: left dense) and measure it."""
     weight = weight_matrix(layer)  # (out, in) view of the parameter
     numel = weight.numel()
@@ -81,16 +110,19 @@ def _store(layer: nn.Module, target: LayerTarget, block: int, name: str, result)
         pruned = int(mask.sum())
     zeros = int((weight == 0).sum())
     allocated = target.nm.sparsity if target.nm is not None else (0.0 if target.dense else target.sparsity)
-    return LayerReport(block, name, allocated, zeros / numel, pruned, numel, str(target.nm) if target.nm else None)
+    return LayerReport(block, name, allocated, zeros / numel, pruned, numel, str(target.nm) if target.nm else None,
+                       tokens, fallback)
 
 
-def _apply_group(layers: dict[str, nn.Module], method: LayerMethod, targets: dict, block: int) -> list[LayerReport]:
+def _apply_group(layers: dict[str, nn.Module], method: LayerMethod, targets: dict, block: int,
+                 tokens: int | None = None, fallback: str | None = None) -> list[LayerReport]:
     """Prune the layers that share ``method``'s state together (``prune_many``) and report each."""
     todo = [name for name in layers if not targets[(block, name)].dense]
     items = [(weight_matrix(layers[n]).detach().float(), targets[(block, n)].sparsity, targets[(block, n)].nm)
              for n in todo]
     results = dict(zip(todo, method.prune_many(items))) if items else {}
-    return [_store(layer, targets[(block, n)], block, n, results.get(n)) for n, layer in layers.items()]
+    return [_store(layer, targets[(block, n)], block, n, results.get(n), tokens, fallback)
+            for n, layer in layers.items()]
 
 
 class PruningObserver:
@@ -105,7 +137,7 @@ class PruningObserver:
     first_pass_outputs_unused = True
 
     def __init__(self, method: str, targets: dict, scope: str, device: torch.device, share_inputs: bool = True,
-                 method_params: dict | None = None):
+                 method_params: dict | None = None, min_routed_tokens: int = MIN_ROUTED_TOKENS):
         self.cls = METHODS[method]
         self.method_params = self.cls.check(method_params)
         self.targets = targets
@@ -114,8 +146,10 @@ class PruningObserver:
         #: False: every layer accumulates its own state even when a sibling saw the same tensor (same result,
         #: more work; kept to show that sharing changes nothing: bench/wanda_drift.py)
         self.share_inputs = share_inputs
+        self.min_routed_tokens = min_routed_tokens
         self.report = PruneReport()
         self._state: dict[str, LayerMethod] = {}  # layer name → the method state it reads
+        self._tokens: dict[int, int] = {}  # id(state) → tokens it accumulated
         self._call: dict[int, tuple[torch.Tensor, LayerMethod]] = {}  # id(input) → (input, state), per block call
 
     def attach(self, index, block, layers):
@@ -134,25 +168,35 @@ class PruningObserver:
                 if state is None:
                     state = self._state[name] = self.cls(x.shape[-1], self.device, self.scope, **self.method_params)
                 self._call[id(x)] = (x, state)
-                state.accumulate(x.detach().reshape(-1, x.shape[-1]))
+                rows = x.detach().reshape(-1, x.shape[-1])
+                self._tokens[id(state)] = self._tokens.get(id(state), 0) + rows.shape[0]
+                state.accumulate(rows)
 
             handles.append(layer.register_forward_hook(hook))
         return handles
 
     def finish(self, index, block, layers) -> bool:
         self._call = {}
-        groups: dict[int, tuple[LayerMethod, dict]] = {}  # layers sharing one state, in module order
+        # layers sharing one state, in module order: id → (state, {name: layer}, tokens it saw, fallback method)
+        groups: dict[int, tuple[LayerMethod, dict, int, str | None]] = {}
         for name, layer in layers.items():
-            if name not in self._state:
-                raise RuntimeError(f"block {index}: layer {name} never ran during calibration")
-            state = self._state[name]
-            groups.setdefault(id(state), (state, {}))[1][name] = layer
+            state = self._state.get(name)
+            if state is None and not is_expert_unit(name):
+                raise LayerNeverRan(index, [name])
+            tokens = self._tokens.get(id(state), 0) if state is not None else 0
+            fallback = None
+            if is_expert_unit(name) and tokens < self.min_routed_tokens:
+                # too few tokens were routed to this expert: prune it by magnitude within its rows instead
+                state = METHODS[EXPERT_FALLBACK_METHOD](weight_matrix(layer).shape[1], self.device, self.scope)
+                fallback = EXPERT_FALLBACK_METHOD
+            groups.setdefault(id(state), (state, {}, tokens, fallback))[1][name] = layer
         reports = {}
-        for state, members in groups.values():
-            for report in _apply_group(members, state, self.targets, index):
+        for state, members, tokens, fallback in groups.values():
+            for report in _apply_group(members, state, self.targets, index, tokens, fallback):
                 reports[report.name] = report
         self.report.layers.extend(reports[name] for name in layers)  # report in module order
-        self._state = {}
+        self.report.block_weights.append(block_zero_count(block))
+        self._state, self._tokens = {}, {}
         return True
 
 
@@ -192,6 +236,7 @@ def prune_model(
             for name, layer in prunable_layers(block).items():
                 state = METHODS[method](weight_matrix(layer).shape[1], device, scope, **method_params)
                 report.layers.extend(_apply_group({name: layer}, state, targets, i))
+            report.block_weights.append(block_zero_count(block))
         finally:
             store.release(i, block)
         if progress is not None:

@@ -15,7 +15,8 @@ from pruner.api import cached_learned, get_stats, learn_allocation, learned_laye
 from pruner.cache import CacheLayout, check_key
 from pruner.data import calibration_tokens
 from pruner.memory_plan import check_fits, plan_for_spec, prune_ways_out
-from pruner.models import LoadedModel, load_model, model_summary
+from pruner.anatomy import is_expert_unit, unsupported_message, unsupported_weights
+from pruner.models import LoadedModel, find_blocks, load_model, model_summary
 from pruner.stats import ModelLayout
 from pruner.store import MANIFEST, WEIGHTS_DROPPED, atomic_dir, read_manifest
 
@@ -65,7 +66,7 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     import copy
 
     from pruner.methods import METHODS, NM
-    from pruner.prune import layer_targets, prune_model
+    from pruner.prune import EXPERT_FALLBACK_METHOD, MIN_ROUTED_TOKENS, layer_targets, prune_model
 
     layout = CacheLayout.at(cache_dir)
     folder = layout.run(spec.key())
@@ -82,6 +83,10 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     check_fits(plan, ways=prune_ways_out(streamed=streamed, offloaded=spec.model.offload_activations,
                                          device=plan.device))
     base = loaded if loaded is not None else load_model(spec.model, cache_dir, stream=stream)
+    # weights of the blocks that nothing here can prune: refused by name unless the spec says to leave them dense
+    unsupported = unsupported_weights(find_blocks(base.model)[1])
+    if unsupported and not spec.leave_unsupported_dense:
+        raise ValueError(unsupported_message(unsupported, base.info.get("architecture", "the model")))
     stats = load_cached_stats(spec.stats_spec, cache_dir)
     # the dense statistics pass runs only for an allocator that reads them (uniform and ER read the layout,
     # AlphaPruning the weights); cached statistics serve every allocator. A learned allocator collects them in its
@@ -139,10 +144,18 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "allocation": alloc.to_dict(),
             "achieved": {
+                # over the weights the method pruned (the allocation's denominator) ...
                 "overall": report.overall(),
                 "block": report.block_achieved().tolist(),
+                # ... and over every parameter of the decoder blocks (norms, biases, routers, weights left dense)
+                "decoder_overall": report.decoder_overall(),
+                "decoder_block": report.decoder_block(),
+                **({"expert_fallback": {"min_routed_tokens": MIN_ROUTED_TOKENS, "method": EXPERT_FALLBACK_METHOD,
+                                        "per_block": report.fallbacks_per_block()}}
+                   if any(is_expert_unit(l.name) for l in report.layers) else {}),
                 "layers": [vars(l) for l in report.layers],
             },
+            **({"left_dense_unsupported": unsupported} if unsupported else {}),
             # where the allocation's inputs came from: cached statistics, a statistics pass run now, or the model
             "allocation_inputs": source,
             **({"tuning": tuning} if tuning else {}),
@@ -371,6 +384,25 @@ class RunManifest:
     @property
     def nm(self) -> str | None:
         return self.spec.get("nm")
+
+    @property
+    def achieved_decoder(self) -> float | None:
+        """Zeros ÷ parameters over every weight of the decoder blocks (None: a run made before this was kept)."""
+        value = self.raw.get("achieved", {}).get("decoder_overall")
+        return None if value is None else float(value)
+
+    def accounting_lines(self) -> list[str]:
+        """What was not pruned and why, and the experts pruned by the fallback: one line each, for the CLI."""
+        lines = []
+        summary = self.raw.get("model_summary", {})
+        for w in summary.get("not_pruned", []):
+            lines.append(f"not pruned: {w['name']} ({w['numel']:,} weights in {w['blocks']} blocks): {w['reason']}")
+        fallback = self.raw.get("achieved", {}).get("expert_fallback")
+        if fallback and sum(fallback["per_block"]):
+            lines.append(f"experts with fewer than {fallback['min_routed_tokens']} routed calibration tokens, pruned "
+                         f"by {fallback['method']} instead: {sum(fallback['per_block'])} matrices "
+                         f"(per block: {fallback['per_block']})")
+        return lines
 
     @property
     def weights_dropped(self) -> bool:

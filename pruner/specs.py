@@ -158,6 +158,9 @@ class PruneSpec:
     method_params: dict = dataclasses.field(default_factory=dict)
     nm: str | None = None
     scope: str | None = None
+    #: prune what can be pruned and leave dense the block weights the tool cannot prune (``pruner.anatomy``); the
+    #: manifest lists them. False: such a model is refused with their names.
+    leave_unsupported_dense: bool = False
 
     def __post_init__(self):
         if self.allocator not in ALLOCATORS:
@@ -192,6 +195,8 @@ class PruneSpec:
         if self.allocator in ALLOCATORS and ALLOCATORS[self.allocator].learned:
             from pruner.api import _learner  # a learned allocation depends on how it was learned (BESA's epochs,
             d["learner"] = _learner(self.allocator).settings  # the predictor's table): so does the run
+        if self.leave_unsupported_dense:  # only when set: the keys of every run made before it existed stay valid
+            d["leave_unsupported_dense"] = True
         return {"model": self.model.identity(), "calib": self.calib.identity(), **d, "format": PRUNE_FORMAT_VERSION}
 
     def key(self) -> str:

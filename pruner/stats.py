@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pruner.models import weight_matrix
+from pruner.anatomy import is_expert_unit, weight_matrix
 from pruner.scores import accumulate_sumsq, wanda_score  # noqa: F401 (part of this module's interface)
 
 #: Bump when the saved layout changes (it is part of the cache key).
@@ -148,10 +148,12 @@ def summarize_block(weights: list[torch.Tensor], input_norms: list[torch.Tensor]
 
 
 class _InputNormObserver:
-    """Accumulates Σ_tokens x_j² (float64) of every layer's input during the block's forward passes."""
+    """Accumulates Σ_tokens x_j² (float64) of every layer's input during the block's forward passes, and how many
+    tokens each layer saw (all of them for a dense layer; the routed ones for an expert's matrices)."""
 
     def __init__(self, layers: dict[str, nn.Module]):
         self.sumsq: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
         self.layers = layers
 
     def hooks(self):
@@ -160,6 +162,7 @@ class _InputNormObserver:
 
             def hook(module, args, output, name=name):
                 self.sumsq[name] = accumulate_sumsq(self.sumsq.get(name), args[0])
+                self.tokens[name] = self.tokens.get(name, 0) + args[0].numel() // args[0].shape[-1]
 
             handles.append(layer.register_forward_hook(hook))
         return handles
@@ -184,6 +187,9 @@ class Stats:
     input_norms: list[np.ndarray]  # L arrays of (in_features,) float64
     layer_alpha: np.ndarray  # (L,) float64: PL_Alpha_Hill of each weight's WᵀW spectrum (AlphaPruning)
     meta: dict = field(default_factory=dict)
+    #: (L,) int64: calibration tokens each layer saw (a routed expert's matrices: the tokens routed to it); None in
+    #: statistics written before it was kept
+    layer_tokens: np.ndarray | None = None
 
     # -- sizes ---------------------------------------------------------------------------------------------
     @property
@@ -265,6 +271,7 @@ class Stats:
             input_norm_offsets=offsets,
             layer_alpha=self.layer_alpha,
             m_grid=M_GRID,
+            **({"layer_tokens": self.layer_tokens} if self.layer_tokens is not None else {}),
         )
         (folder / "meta.json").write_text(
             json.dumps({**self.meta, "layer_names": self.layer_names, "format": STATS_FORMAT_VERSION}, indent=2)
@@ -293,6 +300,7 @@ class Stats:
                 input_norms=[norms[a:b] for a, b in zip(offsets[:-1], offsets[1:])],
                 layer_alpha=z["layer_alpha"],
                 meta=meta,
+                layer_tokens=z["layer_tokens"] if "layer_tokens" in z.files else None,
             )
 
 
@@ -369,9 +377,12 @@ class StatsBuilder:
         self.means: list[float] = []
         self.summaries: list[LayerSummary] = []
         self.alphas: list[float] = []
+        self.tokens: list[int] | None = []
 
-    def add_block(self, names: list[str], weights: list[torch.Tensor], input_norms: list[torch.Tensor]) -> None:
-        """Add the next block: its layers' names, (out, in) weights and (in,) input norms ‖X_j‖₂."""
+    def add_block(self, names: list[str], weights: list[torch.Tensor], input_norms: list[torch.Tensor],
+                  tokens: list[int] | None = None) -> None:
+        """Add the next block: its layers' names, (out, in) weights, (in,) input norms ‖X_j‖₂ and, when known, the
+        calibration tokens each layer saw."""
         mean, summaries = summarize_block(weights, input_norms)
         index = len(self.means)
         self.names += names
@@ -380,6 +391,7 @@ class StatsBuilder:
         self.means.append(mean)
         self.summaries += summaries
         self.alphas += [layer_alpha(w) for w in weights]
+        self.tokens = self.tokens + list(tokens) if tokens is not None and self.tokens is not None else None
 
     def result(self, meta: dict | None = None) -> Stats:
         if not self.summaries:
@@ -394,6 +406,7 @@ class StatsBuilder:
             input_norms=[s.input_norm for s in self.summaries],
             layer_alpha=np.asarray(self.alphas, dtype=np.float64),
             meta=meta or {},
+            layer_tokens=np.asarray(self.tokens, dtype=np.int64) if self.tokens is not None else None,
         )
 
 
@@ -409,13 +422,21 @@ class StatsCollector(StatsBuilder):
         return self._observer.hooks()
 
     def finish(self, index, block, layers) -> bool:
-        norms = self._observer.norms()
+        norms, tokens = self._observer.norms(), self._observer.tokens
         self._observer = None
         names = list(layers)
-        missing = [n for n in names if n not in norms]
+        missing = [n for n in names if n not in norms and not is_expert_unit(n)]
         if missing:
-            raise RuntimeError(f"block {index}: layers {missing} never ran during calibration")
-        self.add_block(names, [weight_matrix(layers[n]) for n in names], [norms[n] for n in names])
+            from pruner.calibrate import LayerNeverRan
+
+            raise LayerNeverRan(index, missing)
+        # an expert no calibration token was routed to: its inputs' norms are zero (so are its Wanda scores)
+        for n in names:
+            if n not in norms:
+                norms[n] = torch.zeros(weight_matrix(layers[n]).shape[1], dtype=torch.float64,
+                                       device=weight_matrix(layers[n]).device)
+        self.add_block(names, [weight_matrix(layers[n]) for n in names], [norms[n] for n in names],
+                       [tokens.get(n, 0) for n in names])
         return False
 
 

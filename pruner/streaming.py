@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -179,7 +180,7 @@ class StreamedBlocks:
         prefix = self._prefix(index)
         tensors = self.checkpoint.read(self.checkpoint.names(prefix), device)
         state = _cast({name[len(prefix):]: t for name, t in tensors.items()}, self.dtype)
-        block.load_state_dict(state, strict=True, assign=True)
+        block.load_state_dict(fuse_expert_tensors(block, state), strict=True, assign=True)
         block.requires_grad_(False)
 
     def release(self, index: int, block: nn.Module) -> None:
@@ -187,6 +188,62 @@ class StreamedBlocks:
             prefix = self._prefix(index)
             self.writer.add({prefix + name: t for name, t in block.state_dict().items()})
         block.to("meta")
+
+
+#: On-disk names of a routed expert's matrices (per-expert layouts: Qwen/OLMoE/DeepSeek and Mixtral's w1/w3/w2).
+_EXPERT_FILE_PARTS = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+_EXPERT_FILE_NAME = re.compile(r"^(?P<parent>.*)\.experts\.(?P<expert>\d+)\.(?P<part>\w+)\.weight$")
+
+
+def fuse_expert_tensors(block: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A block's tensors as read from a checkpoint, renamed and fused into what the block's modules hold.
+
+    transformers 5 fuses per-expert checkpoint tensors (``mlp.experts.3.gate_proj.weight``, Mixtral's
+    ``block_sparse_moe.experts.3.w1.weight``) into one 3-D parameter per experts module when it loads a model
+    (``experts.gate_up_proj`` = per expert [gate; up], ``experts.down_proj``). Streaming reads tensors itself, so it
+    does the same for the layouts transformers itself fuses this way (gate and up concatenated, not transposed);
+    a checkpoint that already stores fused tensors (as streamed runs and GPT-OSS do) passes through unchanged."""
+    from pruner.anatomy import is_fused_experts
+
+    expected = set(block.state_dict())
+    fused = {name: m for name, m in block.named_modules() if is_fused_experts(m)}
+    if not fused or expected <= set(state):
+        return state
+    out = {k: v for k, v in state.items() if k in expected}
+    pieces: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # parent on disk → expert → part → (out, in)
+    renames: dict[str, str] = {}  # parent path on disk → path of the module that holds the experts
+    for name, tensor in state.items():
+        match = _EXPERT_FILE_NAME.match(name)
+        if name in expected or match is None or match["part"] not in _EXPERT_FILE_PARTS:
+            continue
+        pieces.setdefault(match["parent"], {}).setdefault(int(match["expert"]), {})[
+            _EXPERT_FILE_PARTS[match["part"]]] = tensor
+    for parent, experts in pieces.items():
+        # the experts module whose parent has the same path, else the block's only one (Mixtral's rename)
+        path = f"{parent}.experts" if f"{parent}.experts" in fused else (next(iter(fused)) if len(fused) == 1 else None)
+        if path is None:
+            raise ValueError(f"cannot tell which experts module the checkpoint's {parent}.experts.* belong to")
+        module = fused[path]
+        if module.is_transposed or not module.is_concatenated:
+            raise ValueError(f"{type(module).__name__} keeps its experts transposed or interleaved; streaming reads "
+                             "only checkpoints that store them fused or as per-expert [out, in] matrices")
+        order = range(len(experts))
+        if module.has_gate:
+            out[f"{path}.gate_up_proj"] = torch.stack([torch.cat([experts[e]["gate"], experts[e]["up"]]) for e in order])
+        else:
+            out[f"{path}.up_proj"] = torch.stack([experts[e]["up"] for e in order])
+        out[f"{path}.down_proj"] = torch.stack([experts[e]["down"] for e in order])
+        renames[parent] = path.rsplit(".", 1)[0] if "." in path else ""
+    for name, tensor in state.items():  # e.g. Mixtral's block_sparse_moe.gate.weight → mlp.gate.weight
+        if name in expected or _EXPERT_FILE_NAME.match(name):
+            continue
+        for old, new in renames.items():
+            if name.startswith(old + ".") and new + name[len(old):] in expected:
+                out[new + name[len(old):]] = tensor
+                break
+        else:
+            out[name] = tensor  # unknown: load_state_dict names it
+    return out
 
 
 def outside_blocks_state(model: nn.Module) -> dict[str, torch.Tensor]:

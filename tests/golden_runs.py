@@ -140,7 +140,8 @@ def main() -> None:
         statistics = golden_statistics(str(folder), data_dir, Path(tmp) / "cache")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     payload = {"commit": commit, "command": "python -m tests.golden_runs --write", "torch": torch.__version__,
-               "cpu": cpu_name(), "cases": cases, "statistics": statistics}
+               "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cases": cases,
+               "statistics": statistics}
     if "--write" in sys.argv:
         GOLDEN.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2))
