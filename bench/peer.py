@@ -149,7 +149,8 @@ def evaluate(outputs: dict, data_dir: str, max_chunks: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pruner.evaluate.perplexity import wikitext2_perplexity
-    from pruner.models import find_blocks, prunable_layers, weight_matrix
+    from pruner.anatomy import prunable_layers, weight_matrix
+    from pruner.models import find_blocks
 
     print(f"\nWikiText-2 test perplexity, first {max_chunks} chunks of 2048 (a partial evaluation), one evaluator:")
     for method, (ours, peer) in outputs.items():

@@ -62,7 +62,8 @@ def fit_kappa(table, rows: list[dict]) -> float:
 def attach_layer_energy(table, spec) -> None:
     """Per-layer removed Wanda-score energies for a table built before they were part of it."""
     from pruner.besa import block_input_norms
-    from pruner.models import find_blocks, load_model, prunable_layers, weight_matrix
+    from pruner.anatomy import prunable_layers, weight_matrix
+    from pruner.models import find_blocks, load_model
     from pruner.predictor import removed_energy
     from pruner.scores import wanda_score
 

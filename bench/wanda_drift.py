@@ -85,7 +85,8 @@ def _targets(model, alloc, stats):
 def _fresh_inputs_prune(model, tokens, observer, batch):
     """The loop with block i's inputs taken from a forward of the whole (partly pruned) model each time."""
     from pruner.calibrate import _Recorder, _run_block, capture_block_inputs
-    from pruner.models import find_blocks, prunable_layers
+    from pruner.anatomy import prunable_layers
+    from pruner.models import find_blocks
 
     _, blocks = find_blocks(model)
     base = model.base_model if hasattr(model, "base_model") else model
@@ -175,7 +176,8 @@ def prune_variant(variant, dense, tokenizer, calib, allocator, sparsity, stats_c
 
 
 def pruned_sets(model):
-    from pruner.models import find_blocks, prunable_layers, weight_matrix
+    from pruner.anatomy import prunable_layers, weight_matrix
+    from pruner.models import find_blocks
 
     return [{n: (weight_matrix(l) == 0).clone() for n, l in prunable_layers(b).items()} for b in find_blocks(model)[1]]
 

@@ -43,7 +43,7 @@ from torch import nn
 from pruner.allocation import BESA_DEFAULT_BETA, BETA
 from pruner.calibrate import ProgressFn, run_blockwise
 from pruner.methods.masks import prune_count
-from pruner.models import weight_matrix
+from pruner.anatomy import weight_matrix
 from pruner.scores import wanda_score
 
 #: Spacing of the candidate sparsities (the paper's 1%).

@@ -94,7 +94,8 @@ class _Shapes:
 
     @classmethod
     def of(cls, config, trust_remote_code: bool = False) -> "_Shapes":
-        from pruner.models import find_blocks, layer_shape, prunable_layers
+        from pruner.anatomy import layer_shape, prunable_layers
+        from pruner.models import find_blocks
         from pruner.streaming import empty_model
 
         model = empty_model(config, trust_remote_code=trust_remote_code)

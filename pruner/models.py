@@ -22,8 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pruner.anatomy import (attach_expert_slices, experts_layout, layer_shape, prunable_layers,  # noqa: F401
-                             weight_matrix, weights_summary)
+from pruner.anatomy import experts_layout, layer_shape, prunable_layers, weights_summary
 from pruner.specs import ModelSpec
 from pruner.store import atomic_dir
 

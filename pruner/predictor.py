@@ -482,20 +482,20 @@ def _set_weights(layers, originals, scores, g: float | None) -> None:
     """Every layer of a block dense (g None: a dense-reference table's reference) or with the row-wise mask of its
     scores at sparsity g."""
     from pruner.methods.masks import lowest_mask
-    from pruner.models import weight_matrix
+    from pruner.anatomy import weight_matrix
 
     for n, layer in layers.items():
         weight_matrix(layer).copy_(originals[n] if g is None else originals[n] * ~lowest_mask(scores[n], g, "row"))
 
 
 def _dense_weights(layers) -> dict[str, torch.Tensor]:
-    from pruner.models import weight_matrix
+    from pruner.anatomy import weight_matrix
 
     return {n: weight_matrix(layer).detach().clone() for n, layer in layers.items()}
 
 
 def _restore(blocks, originals_by_block: dict[int, dict[str, torch.Tensor]]) -> None:
-    from pruner.models import prunable_layers, weight_matrix
+    from pruner.anatomy import prunable_layers, weight_matrix
 
     for b, originals in originals_by_block.items():
         for n, layer in prunable_layers(blocks[b]).items():
@@ -509,7 +509,7 @@ def build_damage_table(model, tokenizer, stats, spec: PredictorSpec, data_dir, d
     """Measure the table (see the module's docstring) on a dense model in memory; the model is left unchanged.
     ``stats``: the dense statistics of ``spec.stats`` (Wanda's ‖X_j‖₂). ``progress`` counts blocks."""
     from pruner.calibrate import _run_block
-    from pruner.models import prunable_layers
+    from pruner.anatomy import prunable_layers
 
     t0 = time.perf_counter()
     dense_weights: dict[int, dict[str, torch.Tensor]] = {}  # only with an operating point: every block's originals
@@ -570,7 +570,7 @@ def measure_allocations(model, tokenizer, stats, spec: PredictorSpec, layer_spar
     alone its table row. ``layer_sparsities``: one sequence per allocation, in the statistics' layer order. The
     model is left unchanged. (A, W)"""
     from pruner.methods.masks import prune_count
-    from pruner.models import prunable_layers, weight_matrix
+    from pruner.anatomy import prunable_layers, weight_matrix
 
     layer_block, names = np.asarray(stats.layer_block), list(stats.layer_names)
     allocations = [np.asarray(s, dtype=np.float64) for s in layer_sparsities]

@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pruner.models import find_blocks, prunable_layers
+from pruner.anatomy import prunable_layers
+from pruner.models import find_blocks
 
 #: Optimiser steps (one sequence each by default). ~1.5 s per step for SmolLM2 at 512 tokens on 2 cores.
 RECOVER_DEFAULT_STEPS = 100

@@ -256,7 +256,8 @@ def recover_run(parent_folder: Path, spec, data_dir: str | None, cache_dir: Path
     import os
     import shutil
 
-    from pruner.models import find_blocks, prunable_layers, weight_matrix
+    from pruner.anatomy import prunable_layers, weight_matrix
+    from pruner.models import find_blocks
     from pruner.recover import RECOVER_SEED_OFFSET, train_lora
     from pruner.specs import CalibSpec, stable_hash
 

@@ -323,7 +323,8 @@ class ModelLayout:
         """The layout of ``model``'s prunable layers and, with ``weights``, each one's PL_Alpha_Hill. ``blocks``
         (a ``pruner.calibrate.BlockStore``, e.g. a streamed model's) provides each block's weights for its turn;
         shapes alone need none."""
-        from pruner.models import find_blocks, prunable_layers
+        from pruner.anatomy import prunable_layers
+        from pruner.models import find_blocks
 
         names, block_of, shapes, alphas = [], [], [], []
         for index, block in enumerate(find_blocks(model)[1]):

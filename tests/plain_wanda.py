@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pruner.models import find_blocks, prunable_layers, weight_matrix
+from pruner.anatomy import prunable_layers, weight_matrix
+from pruner.models import find_blocks
 
 
 def _block_calls(model: nn.Module, sample: torch.Tensor) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:

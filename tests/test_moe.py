@@ -16,7 +16,7 @@ from pruner.anatomy import (ROUTER, UNSUPPORTED, block_weights, is_fused_experts
                             routed_through_slices, unsupported_weights, weight_matrix)
 from pruner.models import find_blocks
 from pruner.prune import LayerTarget, prune_model
-from tests.tiny_models import MOE_CONFIGS, tiny_moe_config, tiny_moe_model
+from tests.tiny_models import MOE_CONFIGS, tiny_moe_model
 
 FAMILIES = list(MOE_CONFIGS)
 SPARSITY = 0.5

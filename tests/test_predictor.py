@@ -143,7 +143,8 @@ def _whole_model_nll(model, windows) -> np.ndarray:
 def test_table_matches_whole_model_forwards(built, data_dir):
     from pruner.besa import block_input_norms
     from pruner.methods.masks import lowest_mask
-    from pruner.models import find_blocks, prunable_layers, weight_matrix
+    from pruner.anatomy import prunable_layers, weight_matrix
+    from pruner.models import find_blocks
     from pruner.scores import wanda_score
 
     spec, _, loaded, before, table, stats = built
@@ -175,7 +176,8 @@ def test_operating_point_table_matches_whole_model_forwards(built, data_dir):
 
     from pruner.besa import block_input_norms
     from pruner.methods.masks import lowest_mask
-    from pruner.models import find_blocks, prunable_layers, weight_matrix
+    from pruner.anatomy import prunable_layers, weight_matrix
+    from pruner.models import find_blocks
     from pruner.scores import wanda_score
 
     spec, _, loaded, before, _, stats = built
@@ -473,7 +475,8 @@ def test_table_holds_each_layers_removed_energy(built):
     a uniform allocation is its own equivalent."""
     from pruner.allocation import allocate
     from pruner.besa import block_input_norms
-    from pruner.models import find_blocks, prunable_layers, weight_matrix
+    from pruner.anatomy import prunable_layers, weight_matrix
+    from pruner.models import find_blocks
     from pruner.predictor import removed_energy
     from pruner.scores import wanda_score
 

@@ -12,7 +12,8 @@ from pruner.calibrate import Cancelled
 from pruner.evaluate.perplexity import chunk_stream, perplexity_of_chunks
 from pruner.methods import NM
 from pruner.methods.masks import lowest_mask, prune_count
-from pruner.models import find_blocks, prunable_layers, weight_matrix
+from pruner.anatomy import prunable_layers, weight_matrix
+from pruner.models import find_blocks
 from pruner.prune import LayerTarget, layer_targets, prune_model
 from pruner.stats import collect_stats, wanda_score
 from tests.test_calibrate import direct_input_norms

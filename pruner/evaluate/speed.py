@@ -91,7 +91,8 @@ def run_worker(python: str, request: dict) -> dict:
 def matmul_weight_counts(model) -> tuple[int, int]:
     """(all, nonzero) weights of the matrix multiplies one decode step reads: every prunable linear layer inside
     the blocks plus the output projection (lm_head, read in full even when tied to the embedding)."""
-    from pruner.models import find_blocks, prunable_layers, weight_matrix
+    from pruner.anatomy import prunable_layers, weight_matrix
+    from pruner.models import find_blocks
 
     total = nonzero = 0
     for block in find_blocks(model)[1]:
