@@ -71,36 +71,42 @@ class ExpertSlice(nn.Module):
         self.expert = expert
         self.part = part
 
-    def _fused(self, suffix: str = "") -> torch.Tensor | None:
-        owner = self._owner
+    @property
+    def parameter_name(self) -> str:
+        """The owner's fused parameter this slice is part of: 'gate_up_proj', 'up_proj' or 'down_proj'."""
         if self.part == "down":
-            name = "down_proj"
-        else:
-            name = "gate_up_proj" if owner.has_gate else "up_proj"
-        full = getattr(owner, name + suffix, None)
-        if full is None:
-            return None
-        t = full[self.expert]  # ([2I|I|H], [H|I]) or transposed
-        if self.part == "down" or not owner.has_gate:
-            return t
-        along = -1 if owner.is_transposed or suffix else 0  # the axis holding gate and up (a bias: its only one)
-        half = t.shape[along] // 2
-        first = self.part == "gate"
-        if owner.is_concatenated:
-            index = slice(0, half) if first else slice(half, 2 * half)
-        else:  # interleaved: gate0, up0, gate1, up1, ...
-            index = slice(0, None, 2) if first else slice(1, None, 2)
-        return t[..., index] if along == -1 else t[index]
+            return "down_proj"
+        return "gate_up_proj" if self._owner.has_gate else "up_proj"
+
+    def fused_parameter(self) -> torch.Tensor:
+        return getattr(self._owner, self.parameter_name)
+
+    def view_of(self, full: torch.Tensor, bias: bool = False) -> torch.Tensor:
+        """This slice's part of ``full``, a tensor shaped like the fused parameter ((out, in) view; writes go into
+        ``full``), or with ``bias`` like the fused bias ((out,) view)."""
+        owner = self._owner
+        t = full[self.expert]  # ([2I|I|H], [H|I]), or transposed; a bias: ([2I|I|H],)
+        if self.part != "down" and owner.has_gate:
+            along = -1 if owner.is_transposed or bias else 0  # the axis holding gate and up
+            half = t.shape[along] // 2
+            first = self.part == "gate"
+            if owner.is_concatenated:
+                index = slice(0, half) if first else slice(half, 2 * half)
+            else:  # interleaved: gate0, up0, gate1, up1, ...
+                index = slice(0, None, 2) if first else slice(1, None, 2)
+            t = t[..., index] if along == -1 else t[index]
+        return t.T if owner.is_transposed and not bias else t
 
     @property
     def weight(self) -> torch.Tensor:
         """(out_features, in_features) view of the fused parameter (writes go into it)."""
-        t = self._fused()
-        return t.T if self._owner.is_transposed else t
+        return self.view_of(self.fused_parameter())
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self._fused("_bias") if self._owner.has_bias else None
+        if not self._owner.has_bias:
+            return None
+        return self.view_of(getattr(self._owner, self.parameter_name + "_bias"), bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight, self.bias)
@@ -201,6 +207,24 @@ def layer_shape(layer: nn.Module) -> tuple[int, int]:
     """(out_features, in_features)."""
     out_f, in_f = weight_matrix(layer).shape
     return int(out_f), int(in_f)
+
+
+def parameter_overrides(layers: dict[str, nn.Module], matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Parameters for ``torch.func.functional_call`` on a block in which each named layer's weight is the given
+    (out, in) matrix (gradients flow to the matrices): ``<name>.weight`` for a linear (transposed back for Conv1D),
+    and for routed experts the fused parameter, rebuilt from its slices' matrices (every slice of it must be
+    given)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, matrix in matrices.items():
+        layer = layers[name]
+        if isinstance(layer, ExpertSlice):
+            path = f"{name.rsplit('.', 2)[0]}.{layer.parameter_name}"  # e.g. mlp.experts.gate_up_proj
+            if path not in out:
+                out[path] = torch.zeros_like(layer.fused_parameter(), dtype=matrix.dtype)
+            layer.view_of(out[path]).copy_(matrix)  # autograd records the write into the view
+        else:
+            out[f"{name}.weight"] = matrix if weight_matrix(layer) is layer.weight else matrix.T
+    return out
 
 
 def is_expert_unit(name: str) -> bool:

@@ -43,7 +43,7 @@ from torch import nn
 from pruner.allocation import BESA_DEFAULT_BETA, BETA
 from pruner.calibrate import ProgressFn, run_blockwise
 from pruner.methods.masks import prune_count
-from pruner.anatomy import weight_matrix
+from pruner.anatomy import parameter_overrides, weight_matrix
 from pruner.scores import wanda_score
 
 #: Spacing of the candidate sparsities (the paper's 1%).
@@ -137,11 +137,6 @@ class BlockResult:
     error_uniform: float  # E with hard Wanda masks at S in every layer: what uniform allocation gets here
 
 
-def _matrix_to_param(layer: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
-    """An (out, in) matrix in the orientation of the layer's ``weight`` parameter (Conv1D stores it transposed)."""
-    return matrix if weight_matrix(layer) is layer.weight else matrix.T
-
-
 def learn_block(block: nn.Module, layers: dict[str, nn.Module], input_norms: dict[str, torch.Tensor],
                 batches: list[tuple[torch.Tensor, tuple, dict, torch.Tensor]], target: float, *,
                 beta: float = BESA_DEFAULT_BETA, epochs: int = BESA_DEFAULT_EPOCHS, lr: float = BESA_DEFAULT_LR,
@@ -179,8 +174,8 @@ def learn_block(block: nn.Module, layers: dict[str, nn.Module], input_norms: dic
             for _ in range(epochs):
                 for (x, args, kwargs, y), scale in zip(batches, scales):
                     x, y = x.to(device), y.to(device)
-                    params = {f"{n}.weight": _matrix_to_param(layers[n], weights[n] * expected_keep(logits[n], buckets[n]))
-                              for n in names}
+                    params = parameter_overrides(layers, {n: weights[n] * expected_keep(logits[n], buckets[n])
+                                                          for n in names})
                     out = functional_call(block, params, (x, *args), kwargs)
                     out = out if isinstance(out, torch.Tensor) else out[0]
                     error = ((out.float() - y.float()) ** 2).sum() / scale
@@ -200,8 +195,8 @@ def learn_block(block: nn.Module, layers: dict[str, nn.Module], input_norms: dic
     per_epoch = len(batches)
 
     def hard_error(sparsities) -> float:
-        masked = {f"{n}.weight": _matrix_to_param(layers[n], weights[n] * (ranks[n] >= prune_count(weights[n].shape[1], s)))
-                  for n, s in zip(names, sparsities)}
+        masked = parameter_overrides(layers, {n: weights[n] * (ranks[n] >= prune_count(weights[n].shape[1], s))
+                                              for n, s in zip(names, sparsities)})
         with torch.no_grad():
             errors = []
             for (x, args, kwargs, y), scale in zip(batches, scales):

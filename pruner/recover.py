@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pruner.anatomy import prunable_layers
+from pruner.anatomy import ExpertSlice, prunable_layers
 from pruner.models import find_blocks
 
 #: Optimiser steps (one sequence each by default). ~1.5 s per step for SmolLM2 at 512 tokens on 2 cores.
@@ -69,9 +69,14 @@ class RecoverSpec:
 
 def lora_target_names(model: nn.Module) -> list[str]:
     """The distinct last-name components of the prunable linears in the blocks (q_proj, …, down_proj): the layers
-    that were pruned are the ones that get adapters."""
-    _, blocks = find_blocks(model)
-    return sorted({name.split(".")[-1] for block in blocks for name in prunable_layers(block)})
+    that were pruned are the ones that get adapters. In a mixture-of-experts model the routed experts' matrices are
+    slices of fused 3-D parameters, not linears peft can wrap: there the targets are the full names of the blocks'
+    other prunable linears (attention, shared experts), and the routed experts get no adapter."""
+    path, blocks = find_blocks(model)
+    layers = [(i, name, layer) for i, block in enumerate(blocks) for name, layer in prunable_layers(block).items()]
+    if not any(isinstance(layer, ExpertSlice) for _, _, layer in layers):
+        return sorted({name.split(".")[-1] for _, name, _ in layers})
+    return [f"{path}.{i}.{name}" for i, name, layer in layers if not isinstance(layer, ExpertSlice)]
 
 
 def learning_rate(step: int, total: int, peak: float) -> float:
