@@ -3,6 +3,7 @@
 import streamlit as st
 
 from pages._dashboard import cached_stats, dense_model, job_row, job_store, keep_workers, page_setup, queue
+from pruner.anatomy import UNSUPPORTED, expert_kind
 from pruner.models import model_summary
 from pruner.workflows import StatsRequest
 
@@ -24,8 +25,24 @@ c[0].metric("Transformer blocks", s["blocks"])
 c[1].metric("Prunable weights", f"{s['prunable_parameters'] / 1e6:.1f} M",
             help="embeddings, norms and lm_head are never pruned")
 c[2].metric("All parameters", f"{s['total_parameters'] / 1e6:.1f} M")
-st.caption(f"Blocks found at `{s['blocks_path']}`. Prunable layers per block: "
-           + ", ".join(f"`{n}`" for n in s["layer_names"]))
+experts = s.get("experts_per_block")
+if experts:
+    dense_blocks = sum(1 for e in experts if e == 0)
+    st.markdown(f"**Mixture of experts:** {max(experts)} routed experts per block"
+                + (f" ({dense_blocks} dense blocks)" if dense_blocks else "")
+                + ". Each expert's matrices are pruned as layers of their own, calibrated on the tokens routed "
+                  "to them; the routers are never pruned.")
+kinds = list(dict.fromkeys(expert_kind(n) for n in s["layer_names"]))
+st.caption(f"Blocks found at `{s['blocks_path']}`. Prunable layers per block (`*`: every routed expert): "
+           + ", ".join(f"`{n}`" for n in kinds))
+with st.expander(f"Weights of the blocks that are not pruned ({len(s['not_pruned'])} kinds, "
+                 f"{sum(w['numel'] for w in s['not_pruned']) / max(1, s['decoder_block_parameters']):.2%} of the "
+                 "blocks' parameters)"):
+    st.dataframe([{"weight": w["name"], "why": w["reason"], "blocks": w["blocks"], "parameters": w["numel"]}
+                  for w in s["not_pruned"]], hide_index=True, width="stretch")
+    if any(w["role"] == UNSUPPORTED for w in s["not_pruned"]):
+        st.warning("This model has block weights the tool cannot prune: a prune refuses unless told to leave "
+                   "them dense (CLI `--leave-unsupported-dense`), and then reports them in its manifest.")
 
 st.subheader("Outlier statistics")
 stats = cached_stats(sel)

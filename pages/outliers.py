@@ -3,7 +3,7 @@
 import streamlit as st
 
 from pruner.allocation import OWL_DEFAULT_M
-from pruner.charts import distribution_figure, heatmap_figure, lod_figure
+from pruner.charts import distribution_figure, expert_heatmap_figure, heatmap_figure, lod_figure
 from pages._dashboard import page_setup, page_with_stats
 
 st.title("📊 Layerwise outlier distribution")
@@ -21,6 +21,19 @@ st.caption(f"At M = {m:g}: lowest block {lod.argmin()} ({lod.min():.3%}), highes
            f"({lod.max():.3%}), mean {lod.mean():.3%}.")
 
 st.plotly_chart(heatmap_figure(stats.outlier_matrix(m), stats.layers_per_block, m), width="stretch")
+if stats.experts_per_block:
+    st.subheader("Routed experts")
+    st.caption("Each expert's scores come from the calibration tokens its router sent to it (its down_proj from its "
+               "own intermediate activations). In the heatmap above, `experts.*` pools all experts of a block.")
+    cols = st.columns(2)
+    cols[0].plotly_chart(expert_heatmap_figure(stats.expert_matrix(m), f"Outlier ratio per expert at M = {m:g}",
+                                               "%"), width="stretch")
+    if stats.layer_tokens is not None:
+        cols[1].plotly_chart(expert_heatmap_figure(stats.expert_token_share(),
+                                                   "Share of each block's routed calibration tokens",
+                                                   "% of tokens"), width="stretch")
+    else:
+        cols[1].info("These statistics predate routed token counts; recompute them on the Model page to see them.")
 
 block = st.select_slider("Distribution of A/Ā for", options=["all blocks"] + list(range(stats.n_blocks)),
                          value="all blocks", key="outliers_block")

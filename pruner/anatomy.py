@@ -233,6 +233,19 @@ def is_expert_unit(name: str) -> bool:
     return len(parts) >= 3 and parts[-2].isdigit() and parts[-3] == "experts"
 
 
+def expert_index(name: str) -> int | None:
+    """3 for ``mlp.experts.3.down_proj``; None for a layer that is not a routed expert's."""
+    return int(name.split(".")[-2]) if is_expert_unit(name) else None
+
+
+def expert_kind(name: str) -> str:
+    """The layer's name with a routed expert's index replaced by ``*`` (``mlp.experts.*.down_proj``)."""
+    if not is_expert_unit(name):
+        return name
+    parts = name.split(".")
+    return ".".join(parts[:-2] + ["*", parts[-1]])
+
+
 @dataclass(frozen=True)
 class BlockWeight:
     """One parameter of a decoder block and what the tool does with it."""

@@ -51,6 +51,18 @@ def heatmap_figure(matrix: np.ndarray, layer_names: list[str], m: float) -> go.F
     return fig
 
 
+def expert_heatmap_figure(matrix: np.ndarray, title: str, colorbar: str) -> go.Figure:
+    """Block × routed-expert values (fractions, drawn in %): an expert's outlier ratio or its share of the block's
+    routed calibration tokens. NaN cells (a block without that expert) stay blank."""
+    z = np.asarray(matrix, dtype=np.float64).T * 100  # (experts, blocks)
+    fig = go.Figure(go.Heatmap(z=z, x=np.arange(z.shape[1]), y=np.arange(z.shape[0]), colorscale="Viridis",
+                               colorbar=dict(title=colorbar),
+                               hovertemplate="block %{x}<br>expert %{y}<br>%{z:.3f}%<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="transformer block", yaxis_title="routed expert",
+                      height=max(320, min(900, 14 * z.shape[0] + 140)), margin=dict(l=70, r=20, t=60, b=50))
+    return fig
+
+
 def layer_sparsity_heatmap_figure(allocation: Allocation, layer_names: list[str], layer_block: np.ndarray,
                                   zrange: tuple[float, float]) -> go.Figure:
     """Block × layer sparsities (%) of one allocation; ``zrange`` (in %) is shared by the heatmaps shown together,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pruner.anatomy import is_expert_unit, weight_matrix
+from pruner.anatomy import expert_index, expert_kind, is_expert_unit, weight_matrix
 from pruner.scores import accumulate_sumsq, wanda_score  # noqa: F401 (part of this module's interface)
 
 #: Bump when the saved layout changes (it is part of the cache key).
@@ -206,8 +206,53 @@ class Stats:
 
     @property
     def layers_per_block(self) -> list[str]:
-        """Layer names of block 0 (all supported families repeat the same layers in every block)."""
-        return [n for n, b in zip(self.layer_names, self.layer_block) if b == 0]
+        """The kinds of layer a block has, in order of first appearance: a layer's name, with a routed expert's index
+        replaced by ``*`` (``mlp.experts.*.down_proj``), so that every expert's matrix of one kind is one column."""
+        return list(dict.fromkeys(expert_kind(n) for n in self.layer_names))
+
+    def _per_block_and(self, column: list, columns: list, values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """(B, len(columns)) Σ values ÷ Σ weights over the layers of each (block, column); NaN where a block has
+        no such layer (e.g. the dense first blocks of a DeepSeek-style model)."""
+        index = {c: j for j, c in enumerate(columns)}
+        cols = np.array([index[c] for c in column])
+        num = np.zeros((self.n_blocks, len(columns)))
+        den = np.zeros((self.n_blocks, len(columns)))
+        np.add.at(num, (self.layer_block, cols), values)
+        np.add.at(den, (self.layer_block, cols), weights)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+    @property
+    def experts_per_block(self) -> int:
+        """The most routed experts any block has (0: a dense model)."""
+        indices = [expert_index(n) for n in self.layer_names]
+        return max((i + 1 for i in indices if i is not None), default=0)
+
+    def expert_matrix(self, m: float) -> np.ndarray:
+        """Block × expert outlier ratio: the share of all of an expert's scores above M·Ā of its block.
+        (B, experts); NaN where a block has no such expert."""
+        experts = [expert_index(n) for n in self.layer_names]
+        rows = np.array([e is not None for e in experts])
+        if not rows.any():
+            raise ValueError("this model has no routed experts")
+        counts, numel = self._counts_at(m), self.layer_numel.astype(np.float64)
+        column = [e if e is not None else -1 for e in experts]
+        out = self._per_block_and(column, list(range(self.experts_per_block)) + [-1], counts * rows, numel * rows)
+        return out[:, :-1]
+
+    def expert_token_share(self) -> np.ndarray:
+        """Block × expert share of the routed calibration tokens each expert received (a row sums to 1 over its
+        experts). (B, experts); needs statistics that kept the token counts."""
+        if self.layer_tokens is None:
+            raise ValueError("these statistics were computed before routed token counts were kept; recompute them")
+        experts = [expert_index(n) for n in self.layer_names]
+        # one matrix per expert carries its token count: the one its routed tokens enter (gate or up)
+        first = np.array([e is not None and expert_kind(n).endswith(("up_proj",))
+                          for n, e in zip(self.layer_names, experts)])
+        column = [e if e is not None else -1 for e in experts]
+        tokens = self._per_block_and(column, list(range(self.experts_per_block)) + [-1],
+                                     self.layer_tokens * first, first.astype(np.float64))[:, :-1]
+        return tokens / np.nansum(tokens, axis=1, keepdims=True)
 
     # -- queries -------------------------------------------------------------------------------------------
     def _counts_at(self, m: float) -> np.ndarray:
@@ -234,8 +279,10 @@ class Stats:
         return self._counts_at(m) / self.layer_numel
 
     def outlier_matrix(self, m: float) -> np.ndarray:
-        """Block × layer-name matrix of ``layer_outlier_ratios`` (for a heatmap). (B, layers per block)"""
-        return self.layer_outlier_ratios(m).reshape(self.n_blocks, -1)
+        """Block × layer-kind matrix of outlier ratios (for a heatmap), columns as ``layers_per_block``: a routed
+        expert's kind is pooled over the block's experts. (B, kinds); NaN where a block lacks a kind."""
+        return self._per_block_and([expert_kind(n) for n in self.layer_names], self.layers_per_block,
+                                   self._counts_at(m), self.layer_numel.astype(np.float64))
 
     def ratio_distribution(self, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Histogram of A/Ā for one block (or all): (edges (K,), counts (K+1,)).

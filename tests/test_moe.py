@@ -282,3 +282,33 @@ def test_dense_models_account_for_every_block_weight(smollm2):
     assert {roles["input_layernorm.weight"]} == {"norm"}
     assert np.isclose(sum(w.numel for w in block_weights(block)), sum(p.numel() for p in block.parameters()))
 
+
+
+# -- the dashboard ----------------------------------------------------------------------------------------------------
+
+
+def test_model_and_outliers_pages_show_the_experts(moe_folders, data_dir, tmp_path, monkeypatch):
+    """AppTest on a tiny Qwen2-MoE (shared expert + scalar shared-expert gate) with cached statistics."""
+    from pruner import api
+    from pruner.specs import CalibSpec, ModelSpec, StatsSpec
+    from tests.app.test_pages import figures, go, tiny_app, values
+
+    folder = moe_folders["qwen2_moe"]
+    stats = api.get_stats(StatsSpec(ModelSpec(folder), CalibSpec.preset("tiny", data_dir=data_dir)), tmp_path)
+    assert stats.experts_per_block == 4 and stats.layer_tokens is not None
+    at = tiny_app(tmp_path, folder, data_dir, monkeypatch)
+    go(at, "model")
+    text = " ".join(m.value for m in at.markdown)
+    assert "4 routed experts per block" in text and "routers are never pruned" in text
+    assert any("`mlp.experts.*.down_proj`" in c.value for c in at.caption)
+    shown = at.dataframe[0].value
+    assert {"mlp.gate.weight", "mlp.shared_expert_gate.weight"} <= set(shown["weight"])
+    go(at, "outliers")
+    lod, heat, experts, share, dist = figures(at)
+    assert "mlp.experts.*.gate_proj" in heat["data"][0]["y"]
+    np.testing.assert_allclose(values(experts["data"][0]["z"]).reshape(4, 2).T, stats.expert_matrix(5.0) * 100)
+    np.testing.assert_allclose(values(share["data"][0]["z"]).reshape(4, 2).sum(axis=0), [100, 100])
+    # the token shares are the routed counts: top-2 of 4 experts, every calibration token counted twice
+    routed = stats.layer_tokens[[i for i, n in enumerate(stats.layer_names) if n.endswith("up_proj")
+                                 and ".experts." in n]]
+    assert routed.sum() == 2 * 2 * 8 * 128  # 2 blocks × top-2 × the tiny preset's 8 × 128 tokens
