@@ -31,7 +31,6 @@ import tempfile
 import time
 import traceback
 
-import numpy as np
 import torch
 
 #: Size fields shrunk when the config has them (the name → the tiny value); anything else keeps its default.
