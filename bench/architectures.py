@@ -12,8 +12,8 @@ Outcome per architecture:
   (routed experts included) holds its allocated share of zeros (± one weight per row), the weights counted as pruned
   plus the ones listed as not pruned are every parameter of the blocks, the perplexity is finite, and the reloaded
   model gives the pruned model's logits.
-* **refused** — the tool stopped with its own clear error (``ValueError``: weights it cannot prune, a layer that
-  never runs as a module, no list of decoder blocks), naming the reason. Nothing was mis-pruned.
+* **refused** — the tool stopped with its own clear error (a ``ValueError`` raised by the tool: weights it cannot
+  prune, a layer that never runs as a module, no list of decoder blocks), naming the reason. Nothing was mis-pruned.
 * **not built** — transformers could not build or run the model from a tiny generic config (its own error), so the
   tool was never reached: not a verdict on the tool.
 * **fail** — anything else: an exception from the tool's code, or a check above that did not hold. These are bugs.
@@ -84,11 +84,21 @@ def tiny_config(model_type: str):
     return config
 
 
+#: A "tiny" model over this many parameters kept sizes the generic config fields do not reach (e.g. byte-level
+#: models' hash embeddings): it is reported as not built rather than built at gigabytes.
+MAX_TINY_PARAMETERS = 20_000_000
+
+
 def build(model_type: str):
     from transformers import AutoModelForCausalLM
 
+    config = tiny_config(model_type)
+    with torch.device("meta"):  # count first, at no memory cost
+        size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if size > MAX_TINY_PARAMETERS:
+        raise ValueError(f"the tiny config still has {size / 1e6:.0f} M parameters (sizes it does not shrink)")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval().requires_grad_(False)
 
 
@@ -166,11 +176,19 @@ def check(model_type: str) -> tuple[str, str, float]:
             details.append(f"{method} {report.decoder_overall():.3f} of block weights")
         return PASS, "; ".join(details), time.perf_counter() - t0
     except ValueError as err:
-        return REFUSED, str(err).splitlines()[0][:220], time.perf_counter() - t0
+        if "/pruner/" in traceback.extract_tb(err.__traceback__)[-1].filename:  # the tool's own refusal
+            return REFUSED, str(err).splitlines()[0][:220], time.perf_counter() - t0
+        return FAIL, _where(err), time.perf_counter() - t0
     except Exception as err:
-        frame = traceback.extract_tb(err.__traceback__)[-1]
-        return FAIL, f"{type(err).__name__} at {frame.filename.split('/')[-1]}:{frame.lineno}: {str(err)[:140]}", \
-            time.perf_counter() - t0
+        return FAIL, _where(err), time.perf_counter() - t0
+
+
+def _where(err: Exception) -> str:
+    """The error and the innermost frame of the tool's own code it passed through (else the innermost)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    ours = [f for f in frames if "/pruner/" in f.filename] or frames
+    frame = ours[-1]
+    return f"{type(err).__name__} at {frame.filename.split('/')[-1]}:{frame.lineno}: {str(err).splitlines()[0][:140]}"
 
 
 def causal_lm_types() -> list[str]:

@@ -79,12 +79,14 @@ class ResidentBlocks:
 
 class LayerNeverRan(ValueError):
     """A prunable layer's forward never ran during a calibration pass, so it has no activation statistics: its
-    model reads the layer's weight directly (e.g. Mamba's ``dt_proj``) instead of calling the module."""
+    model reads the layer's weight directly (e.g. Mamba's ``dt_proj``) instead of calling the module, or the layer
+    serves an input the causal LM is not given (the cross-attention of an encoder-decoder's decoder)."""
 
     def __init__(self, block: int, names: list[str]):
         super().__init__(f"block {block}: {', '.join(names)} never ran as a module during calibration (the model reads "
-                         "its weight directly), so there are no activations to calibrate it with; this architecture "
-                         "can be pruned only by a method that needs no calibration data (magnitude)")
+                         "its weight directly, or it serves an input a causal LM is not given, such as an encoder's "
+                         "states), so there are no activations to calibrate it with; this architecture can be pruned "
+                         "only by a method that needs no calibration data (magnitude)")
 
 
 class Cancelled(Exception):

@@ -85,7 +85,8 @@ class _Shapes:
 
     total_params: int
     block_params: list[int]
-    layer_shapes: list[tuple[int, int]]  # (out, in) of the first block's prunable layers
+    layer_shapes: list[tuple[int, int]]  # (out, in) of the prunable layers of the block with the most prunable weights
+    expert_params: int  # the most weights of routed experts in one block (0: no mixture of experts)
     hidden: int
     intermediate: int
     heads: int
@@ -94,7 +95,7 @@ class _Shapes:
 
     @classmethod
     def of(cls, config, trust_remote_code: bool = False) -> "_Shapes":
-        from pruner.anatomy import layer_shape, prunable_layers
+        from pruner.anatomy import ExpertSlice, layer_shape, prunable_layers
         from pruner.models import find_blocks
         from pruner.streaming import empty_model
 
@@ -102,9 +103,14 @@ class _Shapes:
         cfg = model.config
         _, blocks = find_blocks(model)
         hidden = cfg.hidden_size
+        # blocks may differ (DeepSeek-style models keep their first blocks dense): plan for the largest
+        units = [list(prunable_layers(b).values()) for b in blocks]
+        largest = max(units, key=lambda layers: sum(o * i for o, i in map(layer_shape, layers)))
+        experts = [sum(o * i for o, i in (layer_shape(u) for u in layers if isinstance(u, ExpertSlice)))
+                   for layers in units]
         return cls(total_params=sum(p.numel() for p in model.parameters()),
                    block_params=[sum(p.numel() for p in b.parameters()) for b in blocks],
-                   layer_shapes=[layer_shape(layer) for layer in prunable_layers(blocks[0]).values()],
+                   layer_shapes=[layer_shape(layer) for layer in largest], expert_params=max(experts),
                    hidden=hidden, intermediate=getattr(cfg, "intermediate_size", 4 * hidden),
                    heads=getattr(cfg, "num_attention_heads", 1), vocab=cfg.vocab_size,
                    context=getattr(cfg, "max_position_embeddings", None))
@@ -130,6 +136,8 @@ def plan_prune(config, *, dtype_bytes: int, method: str, nsamples: int, seqlen: 
         plan.parts["weights outside the blocks"] = outside
         plan.parts["shard writer buffer"] = min(DEFAULT_SHARD_BYTES, total_bytes)
         plan.add("one block", block_bytes, on_device=True)
+        if m.expert_params:  # per-expert checkpoint tensors are read, then stacked into the fused parameters
+            plan.add("a block's experts while they are fused", m.expert_params * dtype_bytes, on_device=True)
     else:
         plan.parts["weights"] = total_bytes
         if gpu:
