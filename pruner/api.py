@@ -15,7 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from pruner.allocation import ALLOCATORS, NEEDS_STATISTICS, NEEDS_WEIGHTS, Allocation, allocate, check_sparsity
+from pruner.allocation import (ALLOCATORS, NEEDS_STATISTICS, NEEDS_WEIGHTS, Allocation, allocate, check_expert_split,
+                               check_sparsity, with_expert_split)
 from pruner.cache import CacheLayout
 from pruner.calibrate import ProgressFn
 from pruner.data import calibration_tokens
@@ -85,28 +86,33 @@ def get_stats(spec: StatsSpec, cache_dir: Path | None = None, *, save: bool = Tr
 
 
 def allocation_for(spec: StatsSpec, allocator: str, sparsity: float, params: dict | None = None, *,
-                   cache_dir: Path | None = None, **kwargs) -> tuple[Stats | ModelLayout, Allocation]:
+                   cache_dir: Path | None = None, expert_split: str = "uniform", expert_params: dict | None = None,
+                   **kwargs) -> tuple[Stats | ModelLayout, Allocation]:
     """The allocation's inputs and one allocation with ``params`` (the allocator's declared parameters; missing
     ones take their defaults): cached statistics when there are some, else only what the allocator needs (the
     model's layout or weights, or a statistics pass). Newly computed statistics are saved only if the allocation
     succeeds, so a rejected λ leaves the cache as it was. A learned allocator's sparsities are learned (or read
-    from the cache) first."""
+    from the cache) first. ``expert_split`` shares each block's sparsity among its routed experts
+    (``pruner.allocation.with_expert_split``); any split but 'uniform' reads the statistics."""
     if allocator not in ALLOCATORS:
         raise ValueError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
     a = ALLOCATORS[allocator]
     params = a.check(params)
+    expert_params = check_expert_split(expert_split, expert_params)
     if a.learned:
         result = learn_allocation(spec, allocator, sparsity, params, cache_dir, **kwargs)
         stats = get_stats(spec, cache_dir)  # cached by the learning pass when it collected them
-        return stats, allocate(allocator, stats, sparsity, learned=learned_layer_sparsity(result, stats), **params)
+        return stats, with_expert_split(allocate(allocator, stats, sparsity,
+                                                 learned=learned_layer_sparsity(result, stats), **params),
+                                        stats, expert_split, **expert_params)
     cached = load_cached_stats(spec, cache_dir)
-    if cached is None and a.needs != NEEDS_STATISTICS:
+    if cached is None and a.needs != NEEDS_STATISTICS and expert_split == "uniform":
         loaded = kwargs.get("loaded") or load_model(spec.model, cache_dir, stream=kwargs.get("stream", False))
         layout = ModelLayout.of(loaded.model, weights=a.needs == NEEDS_WEIGHTS, blocks=loaded.block_store(),
                                 device=loaded.device)
         return layout, allocate(allocator, layout, sparsity, **params)
     stats = cached if cached is not None else compute_stats(spec, cache_dir, **kwargs)
-    result = allocate(allocator, stats, sparsity, **params)
+    result = with_expert_split(allocate(allocator, stats, sparsity, **params), stats, expert_split, **expert_params)
     if cached is None:
         save_stats(spec, stats, cache_dir)
     return stats, result

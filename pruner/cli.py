@@ -123,6 +123,34 @@ def _add_param_flags(p: argparse.ArgumentParser, allocators: bool = True, method
                                 f"({applies})")
 
 
+def _add_expert_flags(p: argparse.ArgumentParser) -> None:
+    from pruner.allocation import EXPERT_PARAMS, EXPERT_SPLITS
+
+    g = p.add_argument_group("mixture-of-experts models: how a block's sparsity is shared among its routed experts")
+    g.add_argument("--expert-split", default="uniform", choices=list(EXPERT_SPLITS),
+                   help="; ".join(f"{n}: {text}" for n, text in EXPERT_SPLITS.items()))
+    for param in EXPERT_PARAMS:
+        g.add_argument(f"--{param.name.replace('_', '-')}", dest=param.name, type=param.kind, default=None,
+                       metavar=param.symbol, help=f"{param.symbol}: {param.help}; {param.range_text()}, default "
+                                                  f"{param.default:g} (with --expert-split outliers or routing)")
+
+
+def _expert_from_args(args) -> tuple[str, dict]:
+    """(expert split, its parameters) from the flags; a parameter flag without a split that takes it is an error."""
+    from pruner.allocation import EXPERT_PARAMS, check_expert_split
+
+    given = {p.name: getattr(args, p.name) for p in EXPERT_PARAMS if getattr(args, p.name, None) is not None}
+    if args.expert_split == "uniform" and given:
+        raise BadInput(f"{', '.join('--' + n.replace('_', '-') for n in given)} applies only with --expert-split "
+                       "outliers or routing")
+    if args.expert_split == "routing" and "expert_m" in given:
+        raise BadInput("--expert-m applies only with --expert-split outliers (routing ranks experts by tokens)")
+    try:
+        return args.expert_split, check_expert_split(args.expert_split, given)
+    except ValueError as err:
+        raise BadInput(str(err)) from err
+
+
 def _params_from_args(args, allocator: str | None, method: str | None) -> tuple[dict, dict]:
     """(allocator parameters, method parameters) from the flags; a flag that neither takes is an error."""
     a_params = ALLOCATORS[allocator].params if allocator else ()
@@ -190,9 +218,11 @@ def cmd_allocate(args) -> int:
         raise BadInput(str(err)) from err
     params, _ = _params_from_args(args, args.allocator, None)
     params = ALLOCATORS[args.allocator].check(params)
+    split, split_params = _expert_from_args(args)
     spec = _stats_spec(args)
     a = ALLOCATORS[args.allocator]
-    stats, alloc = allocation_for(spec, args.allocator, S, params, cache_dir=_cache(args),
+    stats, alloc = allocation_for(spec, args.allocator, S, params, cache_dir=_cache(args), expert_split=split,
+                                  expert_params=split_params,
                                   progress=_progress_bar("learning " + a.label if a.learned else "outlier statistics",
                                                          "step" if args.allocator == "predicted" else "block"),
                                   batch_size=args.batch_size, stream=args.stream)
@@ -206,9 +236,13 @@ def cmd_allocate(args) -> int:
     if learning is not None:
         _print_learning(learning, alloc, stats)
         return 0
-    print("block  sparsity")
+    split = alloc.meta.get("expert_split")
+    print("block  sparsity" + ("  routed experts (least … most pruned)" if split else ""))
     for i, s in enumerate(alloc.block_sparsity):
-        print(f"{i:5d}  {s:.4f}")
+        rows = (stats.layer_block == i) & (stats.layer_expert >= 0) if split else None
+        extra = (f"  {alloc.layer_sparsity[rows].min():.4f} … {alloc.layer_sparsity[rows].max():.4f}"
+                 if split and rows.any() else "")
+        print(f"{i:5d}  {s:.4f}{extra}")
     return 0
 
 
@@ -386,11 +420,13 @@ def cmd_prune(args) -> int:
         raise BadInput("--out copies one run; with --seeds N > 1 choose the seed with --seed and --seeds 1")
     stats_spec = _stats_spec(args)
     a_params, m_params = _params_from_args(args, args.allocator, args.method)
+    split, split_params = _expert_from_args(args)
     # one run per calibration seed: a run group (pruner.groups), summarised with its seed interval
     specs = [PruneSpec(model=stats_spec.model, calib=dataclasses.replace(stats_spec.calib, seed=args.seed + i),
                        allocator=args.allocator, method=args.method, sparsity=sparsity, allocator_params=a_params,
                        method_params=m_params, nm=args.nm, scope=args.scope,
-                       leave_unsupported_dense=args.leave_unsupported_dense) for i in range(args.seeds)]
+                       leave_unsupported_dense=args.leave_unsupported_dense, expert_split=split,
+                       expert_params=split_params) for i in range(args.seeds)]
     requests = [PruneRequest(spec, perplexity=_perplexity_options(args) if args.ppl else None,
                              data_dir=stats_spec.calib.data_dir, force=args.force, batch_size=args.batch_size,
                              stream=args.stream, tune=args.tune, drop_weights=args.drop_weights)
@@ -796,6 +832,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{n}: {a.description}" for n, a in ALLOCATORS.items()))
     p.add_argument("--sparsity", type=float, required=True, help="target sparsity S in (0, 1)")
     _add_param_flags(p, methods=False)
+    _add_expert_flags(p)
     _add_stream_flag(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_allocate)
@@ -831,6 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{n}: {m.description}" for n, m in METHODS.items()))
     p.add_argument("--sparsity", type=float, help="target sparsity S in (0, 1) (implied by --nm)")
     _add_param_flags(p)
+    _add_expert_flags(p)
     p.add_argument("--nm", help="N:M semi-structured sparsity, e.g. 2:4 (N kept of every M)")
     p.add_argument("--scope", choices=list(SCOPES), help="comparison group (default: the method's own)")
     p.add_argument("--seeds", type=int, default=1,

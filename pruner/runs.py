@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pruner.allocation import ALLOCATORS, NEEDS_STATISTICS, NEEDS_WEIGHTS, allocate
+from pruner.allocation import ALLOCATORS, NEEDS_STATISTICS, NEEDS_WEIGHTS, allocate, with_expert_split
 from pruner.api import cached_learned, get_stats, learn_allocation, learned_layer_sparsity, load_cached_stats
 from pruner.cache import CacheLayout, check_key
 from pruner.data import calibration_tokens
@@ -91,7 +91,9 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     # the dense statistics pass runs only for an allocator that reads them (uniform and ER read the layout,
     # AlphaPruning the weights); cached statistics serve every allocator. A learned allocator collects them in its
     # own learning pass when they are missing (pruner.besa.StatsAndBesaObserver)
-    stats_pass = stats is None and allocator.needs == NEEDS_STATISTICS and not allocator.learned
+    # (an expert split other than 'uniform' reads them too: each expert's outliers or routed tokens)
+    needs_stats = allocator.needs == NEEDS_STATISTICS or spec.expert_split != "uniform"
+    stats_pass = stats is None and needs_stats and not allocator.learned
     # tokenized once, for the statistics pass (when it runs) and for pruning
     needs_tokens = METHODS[spec.method].needs_inputs or stats_pass or allocator.learned
     tokens = calibration_tokens(base.tokenizer, spec.calib) if needs_tokens else None
@@ -116,7 +118,8 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
             stats_or_layout = stats = load_cached_stats(spec.stats_spec, cache_dir)
             source = "statistics collected in the learning pass"
         learned, t_learn = learned_layer_sparsity(result, stats), time.perf_counter() - t0
-    alloc = allocate(spec.allocator, stats_or_layout, spec.sparsity, learned=learned, **spec.allocator_params)
+    alloc = with_expert_split(allocate(spec.allocator, stats_or_layout, spec.sparsity, learned=learned,
+                                       **spec.allocator_params), stats, spec.expert_split, **spec.expert_params)
     nm = NM.parse(spec.nm) if spec.nm else None
     targets = layer_targets(alloc.layer_sparsity,
                             list(zip(stats_or_layout.layer_block.tolist(), stats_or_layout.layer_names)), nm)

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pruner.allocation import ALLOCATORS, check_sparsity
+from pruner.allocation import ALLOCATORS, EXPERT_PARAMS, check_expert_split, check_sparsity
 from pruner.methods import METHODS, NM, SCOPES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -161,6 +161,10 @@ class PruneSpec:
     #: prune what can be pruned and leave dense the block weights the tool cannot prune (``pruner.anatomy``); the
     #: manifest lists them. False: such a model is refused with their names.
     leave_unsupported_dense: bool = False
+    #: how a block's sparsity is shared among its routed experts (``pruner.allocation.EXPERT_SPLITS``) and that
+    #: split's parameters (λₑ, Mₑ); 'uniform' gives each expert the block's allocation
+    expert_split: str = "uniform"
+    expert_params: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.allocator not in ALLOCATORS:
@@ -179,6 +183,7 @@ class PruneSpec:
         object.__setattr__(self, "allocator_params", ALLOCATORS[self.allocator].check(self.allocator_params))
         object.__setattr__(self, "method_params", METHODS[self.method].check(self.method_params))
         object.__setattr__(self, "scope", self.scope or METHODS[self.method].default_scope)
+        object.__setattr__(self, "expert_params", check_expert_split(self.expert_split, self.expert_params))
 
     def __hash__(self):  # the parameter dicts are not hashable; the key says everything that matters
         return hash(self.key())
@@ -195,16 +200,23 @@ class PruneSpec:
         if self.allocator in ALLOCATORS and ALLOCATORS[self.allocator].learned:
             from pruner.api import _learner  # a learned allocation depends on how it was learned (BESA's epochs,
             d["learner"] = _learner(self.allocator).settings  # the predictor's table): so does the run
-        if self.leave_unsupported_dense:  # only when set: the keys of every run made before it existed stay valid
+        # only when set: the keys of every run made before these existed stay valid
+        if self.leave_unsupported_dense:
             d["leave_unsupported_dense"] = True
+        if self.expert_split != "uniform":
+            d["expert_split"], d["expert_params"] = self.expert_split, self.expert_params
         return {"model": self.model.identity(), "calib": self.calib.identity(), **d, "format": PRUNE_FORMAT_VERSION}
 
     def key(self) -> str:
         return stable_hash(self.identity())
 
     def label(self) -> str:
+        from pruner.params import params_text
+
+        split = (f", experts by {self.expert_split} ({params_text(self.expert_params, EXPERT_PARAMS)})"
+                 if self.expert_split != "uniform" else "")
         return run_label(self.method, self.method_params, self.allocator, self.allocator_params, self.sparsity,
-                         self.nm)
+                         self.nm) + split
 
 
 def run_label(method: str, method_params: dict, allocator: str, allocator_params: dict, sparsity: float,

@@ -223,6 +223,11 @@ class Stats:
             return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
     @property
+    def layer_expert(self) -> np.ndarray:
+        """(L,) int: each layer's routed expert, −1 for a layer that is not an expert's."""
+        return np.array([-1 if (e := expert_index(n)) is None else e for n in self.layer_names], dtype=np.int64)
+
+    @property
     def experts_per_block(self) -> int:
         """The most routed experts any block has (0: a dense model)."""
         indices = [expert_index(n) for n in self.layer_names]

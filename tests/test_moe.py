@@ -312,3 +312,51 @@ def test_model_and_outliers_pages_show_the_experts(moe_folders, data_dir, tmp_pa
     routed = stats.layer_tokens[[i for i, n in enumerate(stats.layer_names) if n.endswith("up_proj")
                                  and ".experts." in n]]
     assert routed.sum() == 2 * 2 * 8 * 128  # 2 blocks × top-2 × the tiny preset's 8 × 128 tokens
+
+
+# -- sharing a block's sparsity among its experts -------------------------------------------------------------------
+
+
+def test_split_experts_by_hand():
+    from pruner.allocation import AllocationRefused, split_experts
+
+    # one block: a non-expert layer of 4 weights, experts 0 and 1 of 2 weights each; values 0.1 and 0.3, λₑ = 0.1:
+    # scaled [0, 0.2], mean 0.1, so expert 0 (lower value) +0.1 and expert 1 −0.1; the block mean stays 0.5
+    s = split_experts([0.5, 0.5, 0.5], [0, 0, 0], [-1, 0, 1], [4, 2, 2], [[0.1, 0.3]], 0.1)
+    np.testing.assert_allclose(s, [0.5, 0.6, 0.4])
+    # unequal sizes: expert 0 has 1 weight, expert 1 three; the mean of the scaled values is weighted: 0.15
+    s = split_experts([0.5, 0.5], [0, 0], [0, 1], [1, 3], [[0.0, 1.0]], 0.1)
+    np.testing.assert_allclose(s, [0.65, 0.45])
+    assert (s * [1, 3]).sum() / 4 == pytest.approx(0.5)
+    # two blocks split independently; an expert a block does not have is NaN and unused
+    s = split_experts([0.4, 0.4, 0.6, 0.6], [0, 0, 1, 1], [0, 1, 0, 1], [1, 1, 1, 1], [[1.0, 2.0], [5.0, 5.0]], 0.05)
+    np.testing.assert_allclose(s, [0.45, 0.35, 0.6, 0.6])
+    with pytest.raises(AllocationRefused, match="λₑ=0.45 is too wide"):
+        split_experts([0.9, 0.9], [0, 0], [0, 1], [1, 1], [[0.0, 1.0]], 0.45)
+    with pytest.raises(ValueError, match="no routed experts"):
+        split_experts([0.5], [0], [-1], [4], [[0.0]], 0.1)
+
+
+def test_routing_split_prunes_rarely_used_experts_more_and_keeps_the_block_mean(moe_folders, data_dir, tmp_path):
+    from pruner.runs import run_prune
+    from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+
+    spec = PruneSpec(model=ModelSpec(moe_folders["olmoe"], device="cpu"),
+                     calib=CalibSpec(nsamples=4, seqlen=64, data_dir=data_dir), allocator="owl", method="wanda",
+                     sparsity=SPARSITY, expert_split="routing", expert_params={"expert_lam": 0.1})
+    assert spec.key() != PruneSpec(**{**spec.__dict__, "expert_split": "uniform", "expert_params": {}}).key()
+    manifest = _check_run(run_prune(spec, tmp_path))
+    layers = manifest["achieved"]["layers"]
+    blocks = manifest["allocation"]["block_sparsity"]
+    for b in (0, 1):
+        mine = [l for l in layers if l["block"] == b]
+        # the block's parameter-weighted mean is the block allocator's
+        mean = sum(l["allocated"] * l["numel"] for l in mine) / sum(l["numel"] for l in mine)
+        assert mean == pytest.approx(blocks[b], abs=1e-12)
+        # attention keeps the block's sparsity; experts are ordered by their routed tokens (fewer: pruned more)
+        assert {round(l["allocated"], 12) for l in mine if ".experts." not in l["name"]} == {round(blocks[b], 12)}
+        downs = sorted((l["tokens"], l["allocated"]) for l in mine if l["name"].endswith("down_proj")
+                       and ".experts." in l["name"])
+        assert [a for _, a in downs] == sorted([a for _, a in downs], reverse=True)
+        assert downs[0][1] - downs[-1][1] == pytest.approx(0.2)  # the span is 2λₑ
+    assert manifest["allocation"]["expert_split"] == {"split": "routing", "expert_lam": 0.1, "expert_m": 5.0}
