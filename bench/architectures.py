@@ -48,6 +48,7 @@ TINY_SIZES = {
     # multi-head latent attention (DeepSeek-V2/V3, Kimi, GLM-MoE-DSA ...): its own head sizes and ranks
     "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "q_lora_rank": 16, "kv_lora_rank": 16,
     "first_k_dense_replace": 1,  # DeepSeek-style models: the first block dense, the second with experts
+    "n_group": 1, "topk_group": 1,  # their grouped routing: one group of the 4 experts
 }
 #: Special token ids that must lie inside the tiny vocabulary (set to 0 when the config has them).
 TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
@@ -142,11 +143,13 @@ def check(model_type: str) -> tuple[str, str, float]:
             model(input_ids=tokens[:1], use_cache=False)
     except Exception as err:  # transformers' own limits on a generic tiny config
         return NOT_BUILT, f"{type(err).__name__}: {str(err).splitlines()[0][:140]}", time.perf_counter() - t0
+    step = "anatomy"
     try:
         blocks = find_blocks(model)[1]
         unsupported = unsupported_weights(blocks)
-        if unsupported:
-            raise ValueError(unsupported_message(unsupported, type(model).__name__))
+        if unsupported:  # what run_prune refuses (without --leave-unsupported-dense)
+            return REFUSED, unsupported_message(unsupported, type(model).__name__)[:220], time.perf_counter() - t0
+        step = "statistics"
         stats = collect_stats(model, tokens, "cpu", batch_size=2)
         alloc = allocate("owl", stats, SPARSITY)
         targets = layer_targets(alloc.layer_sparsity, list(zip(stats.layer_block.tolist(), stats.layer_names)), None)
@@ -155,6 +158,7 @@ def check(model_type: str) -> tuple[str, str, float]:
         if experts:
             details.append(f"{max(experts['experts_per_block'])} experts/block")
         for method in ("wanda", "sparsegpt"):
+            step = f"{method} prune"
             pruned = copy.deepcopy(model)
             report = prune_model(pruned, tokens, method, targets, "row", batch_size=2)
             problem = _check_units(pruned, report)
@@ -165,6 +169,7 @@ def check(model_type: str) -> tuple[str, str, float]:
             ppl = math.exp(float(out.loss))
             if not math.isfinite(ppl):
                 return FAIL, f"{method}: perplexity {ppl}", time.perf_counter() - t0
+            step = f"{method}: save and from_pretrained"
             with tempfile.TemporaryDirectory() as tmp:
                 pruned.save_pretrained(tmp)
                 reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
@@ -178,9 +183,9 @@ def check(model_type: str) -> tuple[str, str, float]:
     except ValueError as err:
         if "/pruner/" in traceback.extract_tb(err.__traceback__)[-1].filename:  # the tool's own refusal
             return REFUSED, str(err).splitlines()[0][:220], time.perf_counter() - t0
-        return FAIL, _where(err), time.perf_counter() - t0
+        return FAIL, f"{step}: {_where(err)}", time.perf_counter() - t0
     except Exception as err:
-        return FAIL, _where(err), time.perf_counter() - t0
+        return FAIL, f"{step}: {_where(err)}", time.perf_counter() - t0
 
 
 def _where(err: Exception) -> str:

@@ -4,8 +4,8 @@ Symbols: S is the target (mean) sparsity, λ (``lam``) bounds how far a block ma
 outlier threshold multiplier, r_i is block i's outlier ratio (LOD entry).
 
 Invariants every allocator keeps: every sparsity is in [0, 1), and the parameter-weighted mean sparsity over all
-prunable layers equals S (exactly, up to float round-off, for blocks of equal size, which every supported
-decoder-only family has). Inputs that cannot honour them raise ``ValueError`` naming the allowed range; nothing is
+prunable layers equals S (exactly, up to float round-off; a block formula whose blocks differ in size, as in
+mixture-of-experts models with dense first blocks, is shifted to that mean by ``to_parameter_mean``). Inputs that cannot honour them raise ``ValueError`` naming the allowed range; nothing is
 clamped. Where the inputs are well-formed but the allocator cannot reach S with these parameters on this model
 (λ too wide, δ too steep, a global threshold that empties a layer) the error is the subclass ``AllocationRefused``,
 so that a caller can tell "choose other parameters" from malformed input.
@@ -434,9 +434,31 @@ def _learned_elsewhere(inputs, S, **params):
                      "--allocator NAME`) and pass them as learned=")
 
 
+def to_parameter_mean(block_sparsity, block_numel, sparsity: float) -> np.ndarray:
+    """Block sparsities shifted by one constant so that their parameter-weighted mean is S.
+
+    The block formulas (OWL, DLP, ...) make the *unweighted* mean of the blocks S, which is the parameter-weighted
+    mean when every block has the same size. Mixture-of-experts models whose first blocks are dense (DeepSeek-V3,
+    GLM-4.5, Ernie 4.5: an expert block holds many times a dense one's weights) are not so: there the whole curve
+    moves by c = S − Σ numel_b s_b / Σ numel_b, which keeps its shape (every difference between blocks) and makes the
+    pruned share exactly S. Equal sizes are returned unchanged. ``AllocationRefused`` when the shift leaves [0, 1).
+    """
+    s = np.asarray(block_sparsity, dtype=np.float64)
+    w = np.asarray(block_numel, dtype=np.float64)
+    if np.all(w == w[0]):
+        return s
+    shifted = s + (check_sparsity(sparsity) - (s * w).sum() / w.sum())
+    if shifted.min() < -_ROUNDOFF or shifted.max() >= 1.0:
+        raise AllocationRefused(f"blocks differ in size, and moving this allocation to mean S={sparsity:g} over the "
+                                f"parameters gives block sparsities in [{shifted.min():.4f}, {shifted.max():.4f}], "
+                                "outside [0, 1); choose a narrower spread")
+    return np.where(shifted < 0, 0.0, shifted)
+
+
 def _per_block(fn):
     def compute(inputs: AllocationInputs, S, **params):
-        return fn(inputs, S, **params)[np.asarray(inputs.layer_block)]
+        block = to_parameter_mean(fn(inputs, S, **params), _block_numel(inputs), S)
+        return block[np.asarray(inputs.layer_block)]
 
     return compute
 

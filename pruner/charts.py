@@ -40,6 +40,15 @@ def allocation_figure(allocations: list[Allocation], sparsity: float, lam: float
     return fig
 
 
+#: Up to this many cells along an index axis (blocks, experts) every index gets its tick; beyond, plotly chooses.
+EVERY_TICK_UP_TO = 16
+
+
+def _index_axis(count: int) -> dict:
+    """Axis settings for integer positions 0..count−1: one tick each when they fit, never a tick between two."""
+    return dict(dtick=1) if count <= EVERY_TICK_UP_TO else dict(tickformat="d")
+
+
 def heatmap_figure(matrix: np.ndarray, layer_names: list[str], m: float) -> go.Figure:
     """Block × layer outlier ratios (%), each relative to its block's mean score."""
     fig = go.Figure(go.Heatmap(z=np.asarray(matrix).T * 100, x=np.arange(matrix.shape[0]), y=layer_names,
@@ -47,7 +56,7 @@ def heatmap_figure(matrix: np.ndarray, layer_names: list[str], m: float) -> go.F
                                hovertemplate="block %{x}<br>%{y}<br>%{z:.3f}%<extra></extra>"))
     fig.update_layout(title=f"Outlier ratio per layer at M = {m:g} (scores above M × the block mean)",
                       xaxis_title="transformer block", yaxis_title="linear layer", height=380,
-                      margin=dict(l=130, r=20, t=60, b=50))
+                      margin=dict(l=130, r=20, t=60, b=50), xaxis=_index_axis(matrix.shape[0]))
     return fig
 
 
@@ -59,7 +68,8 @@ def expert_heatmap_figure(matrix: np.ndarray, title: str, colorbar: str) -> go.F
                                colorbar=dict(title=colorbar),
                                hovertemplate="block %{x}<br>expert %{y}<br>%{z:.3f}%<extra></extra>"))
     fig.update_layout(title=title, xaxis_title="transformer block", yaxis_title="routed expert",
-                      height=max(320, min(900, 14 * z.shape[0] + 140)), margin=dict(l=70, r=20, t=60, b=50))
+                      height=max(320, min(900, 14 * z.shape[0] + 140)), margin=dict(l=70, r=20, t=60, b=50),
+                      xaxis=_index_axis(z.shape[1]), yaxis=_index_axis(z.shape[0]))
     return fig
 
 

@@ -360,3 +360,18 @@ def test_routing_split_prunes_rarely_used_experts_more_and_keeps_the_block_mean(
         assert [a for _, a in downs] == sorted([a for _, a in downs], reverse=True)
         assert downs[0][1] - downs[-1][1] == pytest.approx(0.2)  # the span is 2λₑ
     assert manifest["allocation"]["expert_split"] == {"split": "routing", "expert_lam": 0.1, "expert_m": 5.0}
+
+
+def test_blocks_of_unequal_size_are_shifted_to_the_parameter_weighted_mean():
+    """A DeepSeek-style model: a small dense block 0 and a large expert block 1 (1 : 3 weights). OWL's formula gives
+    [0.6, 0.4] (unweighted mean 0.5, weighted 0.45); the whole curve moves by +0.05 to [0.65, 0.45]."""
+    from types import SimpleNamespace
+
+    from pruner.allocation import allocate, to_parameter_mean
+
+    inputs = SimpleNamespace(layer_block=np.array([0, 1]), layer_shapes=np.array([[1, 1], [3, 1]]), n_blocks=2,
+                             lod=lambda m: np.array([0.0, 1.0]))
+    alloc = allocate("owl", inputs, 0.5, lam=0.1)
+    np.testing.assert_allclose(alloc.block_sparsity, [0.65, 0.45])
+    assert alloc.overall == pytest.approx(0.5)
+    np.testing.assert_array_equal(to_parameter_mean([0.6, 0.4], [2, 2], 0.5), [0.6, 0.4])  # equal sizes: untouched

@@ -181,3 +181,33 @@ def test_browser_session(server, page, tmp_path):
     q = model.model.layers[0].self_attn.q_proj.weight
     assert abs(float((q == 0).float().mean()) - 0.7) < 0.01  # the uniform 70% run, with its zeros
     shutil.rmtree(tmp_path / "unzipped")
+
+
+def test_browser_shows_the_experts_of_a_mixture_of_experts_model(server, page, data_dir, tmp_path):
+    """A tiny random Qwen2-MoE chosen as a local folder: the Model page names its experts and routers, the
+    Outliers page draws the block × expert views."""
+    from tests.tiny_models import tiny_moe_model
+    from transformers import AutoTokenizer
+
+    url, cache, _ = server
+    folder = tmp_path / "tiny-qwen2-moe"
+    tokenizer = AutoTokenizer.from_pretrained(PROJECT_ROOT / "cache" / "models" / "smollm2-135m")
+    tiny_moe_model("qwen2_moe", vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    api.get_stats(StatsSpec(ModelSpec(str(folder)), CalibSpec.preset("tiny", data_dir=data_dir)), cache)
+    _open(page, url, "", "Transformer blocks")
+    page.get_by_text("local folder").click()
+    box = page.get_by_label("Folder with config.json and weights")
+    box.fill(str(folder))
+    box.press("Enter")
+    page.get_by_text("4 routed experts per block").wait_for(timeout=90_000)
+    page.get_by_text("Weights of the blocks that are not pruned").click()
+    page.wait_for_timeout(1000)
+    _shot(page, "7-moe-model")
+    # within the session (a new address would start a new one, back on the bundled model)
+    page.locator('[data-testid="stSidebarNav"]').get_by_text("Outliers").click()
+    page.get_by_text("Outlier ratio per expert").first.wait_for(timeout=90_000)
+    page.get_by_text("Share of each block's routed calibration tokens").first.wait_for(timeout=30_000)
+    page.get_by_text("Outlier ratio per expert").first.scroll_into_view_if_needed()
+    page.wait_for_timeout(1000)
+    _shot(page, "8-moe-outliers")
