@@ -22,10 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from bench.common import git_rev, machine
-from bench.stream_memory import INIT_STD, prune_streamed
+from bench.stream_memory import borrowed_tokenizer, prune_streamed, write_random_checkpoint
 from pruner.store import PROJECT_ROOT, default_data_dir
 
 #: Qwen3-30B-A3B's shapes (its config.json on the hub: hidden_size 2048, num_attention_heads 32,
@@ -38,60 +36,29 @@ def build_checkpoint(folder: Path, blocks: int, tokenizer_folder: Path) -> int:
     """A random Qwen3-MoE of ``blocks`` blocks, written block by block with per-expert tensors; its parameter count."""
     import transformers as tf
 
-    from pruner.models import find_blocks
-    from pruner.streaming import ShardWriter, empty_model, outside_blocks_state
-
     tokenizer = tf.AutoTokenizer.from_pretrained(tokenizer_folder)
     config = tf.Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, num_hidden_layers=blocks,
                                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
                                num_experts=EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=EXPERT_INTERMEDIATE,
                                intermediate_size=6144, max_position_embeddings=2048, tie_word_embeddings=True,
                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = empty_model(config, torch.float32)
-    path, decoder = find_blocks(model)
-    writer = ShardWriter(folder)
-    generator = torch.Generator().manual_seed(0)
-    count = 0
 
-    def fill(module: torch.nn.Module) -> None:
-        module.to_empty(device="cpu")
-        for name, p in module.named_parameters():
-            with torch.no_grad():
-                if name.endswith("norm.weight") or p.dim() == 1:
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, INIT_STD, generator=generator)
-
-    for i, block in enumerate(decoder):
-        fill(block)
-        state = {}
-        for name, tensor in block.state_dict().items():
-            if name.endswith("experts.gate_up_proj"):  # per expert, as save_pretrained writes Qwen3-MoE
-                parent = name.rsplit(".", 1)[0]
+    def per_expert(state: dict) -> dict:  # as save_pretrained writes Qwen3-MoE: each expert's own tensors
+        out = {}
+        for name, tensor in state.items():
+            parent = name.rsplit(".", 1)[0]
+            if name.endswith("experts.gate_up_proj"):
                 for e in range(EXPERTS):
-                    state[f"{parent}.{e}.gate_proj.weight"] = tensor[e, :EXPERT_INTERMEDIATE].clone()
-                    state[f"{parent}.{e}.up_proj.weight"] = tensor[e, EXPERT_INTERMEDIATE:].clone()
+                    out[f"{parent}.{e}.gate_proj.weight"] = tensor[e, :EXPERT_INTERMEDIATE].clone()
+                    out[f"{parent}.{e}.up_proj.weight"] = tensor[e, EXPERT_INTERMEDIATE:].clone()
             elif name.endswith("experts.down_proj"):
-                parent = name.rsplit(".", 1)[0]
                 for e in range(EXPERTS):
-                    state[f"{parent}.{e}.down_proj.weight"] = tensor[e].clone()
+                    out[f"{parent}.{e}.down_proj.weight"] = tensor[e].clone()
             else:
-                state[name] = tensor
-        writer.add({f"{path}.{i}.{n}": t for n, t in state.items()})
-        count += sum(p.numel() for p in block.parameters())
-        block.to("meta")
-        del state
-    base = model.base_model
-    fill(base.embed_tokens)
-    fill(base.norm)
-    model.tie_weights()
-    outside = outside_blocks_state(model)
-    count += sum(t.numel() for t in outside.values())
-    writer.add(outside)
-    writer.close()
-    config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return count
+                out[name] = tensor
+        return out
+
+    return write_random_checkpoint(config, folder, tokenizer, per_expert)
 
 
 def main() -> None:
@@ -101,10 +68,7 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="build the checkpoint here and keep it")
     args = ap.parse_args()
     data_dir = str(default_data_dir())
-    tokenizer_folder = PROJECT_ROOT / "cache" / "models" / "smollm2-135m"
-    if not tokenizer_folder.is_dir():
-        raise SystemExit("run `python -m pruner stats --preset tiny` once first: the bench borrows the converted "
-                         "SmolLM2's tokenizer")
+    tokenizer_folder = borrowed_tokenizer()
     root = args.keep or Path(tempfile.mkdtemp(prefix="moe-bench-", dir=PROJECT_ROOT / "cache"))
     folder = root / f"qwen3-30b-a3b-shape-{args.blocks}"
     try:

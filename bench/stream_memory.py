@@ -40,17 +40,34 @@ HIDDEN, INTERMEDIATE, HEADS = 4096, 11008, 32
 INIT_STD = 0.02
 
 
+def borrowed_tokenizer() -> Path:
+    """The converted SmolLM2's folder, whose tokenizer (and 49,152-token vocabulary) the random checkpoints use."""
+    folder = PROJECT_ROOT / "cache" / "models" / "smollm2-135m"
+    if not folder.is_dir():
+        raise SystemExit("run `python -m pruner stats --preset tiny` once first: the bench borrows the converted "
+                         "SmolLM2's tokenizer")
+    return folder
+
+
 def build_checkpoint(folder: Path, depth: int, tokenizer_folder: Path) -> int:
     """A random Llama of ``depth`` blocks written block by block into shards; returns its parameter count."""
     import transformers as tf
-    from pruner.models import find_blocks
-    from pruner.streaming import ShardWriter, empty_model, outside_blocks_state
 
     tokenizer = tf.AutoTokenizer.from_pretrained(tokenizer_folder)
     config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
                             num_hidden_layers=depth, num_attention_heads=HEADS, num_key_value_heads=HEADS,
                             max_position_embeddings=2048, tie_word_embeddings=True,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return write_random_checkpoint(config, folder, tokenizer)
+
+
+def write_random_checkpoint(config, folder: Path, tokenizer, block_tensors=None) -> int:
+    """The model ``config`` describes, random-init (normal(0, INIT_STD) matrices, ones for norms and vectors), written
+    block by block into shards with the tokenizer (the model is never whole in memory); its parameter count.
+    ``block_tensors(state) -> state`` may rename or split a block's tensors as they are written."""
+    from pruner.models import find_blocks
+    from pruner.streaming import ShardWriter, empty_model, outside_blocks_state
+
     model = empty_model(config, torch.float32)
     path, blocks = find_blocks(model)
     writer = ShardWriter(folder)
@@ -68,7 +85,8 @@ def build_checkpoint(folder: Path, depth: int, tokenizer_folder: Path) -> int:
 
     for i, block in enumerate(blocks):
         fill(block)
-        writer.add({f"{path}.{i}.{n}": t for n, t in block.state_dict().items()})
+        state = block.state_dict()
+        writer.add({f"{path}.{i}.{n}": t for n, t in (block_tensors(state) if block_tensors else state).items()})
         count += sum(p.numel() for p in block.parameters())
         block.to("meta")
     base = model.base_model
@@ -163,10 +181,7 @@ def main() -> None:
                     help="only: prune (first --methods) and evaluate a DEPTH-block model capped at half its weights")
     args = ap.parse_args()
     data_dir = str(default_data_dir())
-    tokenizer_folder = PROJECT_ROOT / "cache" / "models" / "smollm2-135m"
-    if not tokenizer_folder.is_dir():
-        raise SystemExit("run `python -m pruner stats --preset tiny` once first: the bench borrows the converted "
-                         "SmolLM2's tokenizer")
+    tokenizer_folder = borrowed_tokenizer()
     root = args.keep or Path(tempfile.mkdtemp(prefix="stream-bench-", dir=PROJECT_ROOT / "cache"))
     root.mkdir(parents=True, exist_ok=True)
     if args.capped:
