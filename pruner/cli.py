@@ -77,10 +77,15 @@ def _add_stream_flag(p: argparse.ArgumentParser) -> None:
                         "model (the same results)")
 
 
-def _stats_spec(args) -> StatsSpec:
+def _model_spec(args) -> ModelSpec:
     model = ModelSpec(name=args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                       offload_activations=args.offload_activations)
     model_source(model)  # unknown names and folders that are not models fail here, before anything is loaded
+    return model
+
+
+def _stats_spec(args) -> StatsSpec:
+    model = _model_spec(args)
     overrides = {k: v for k, v in (("nsamples", args.nsamples), ("seqlen", args.seqlen)) if v is not None}
     calib = CalibSpec.preset(args.preset, seed=args.seed, data_dir=_data_dir(args.data_dir), **overrides)
     check_calibration_fits(model, calib.seqlen)  # before minutes of work, not after
@@ -189,6 +194,32 @@ def _progress_bar(label: str, unit: str = "block"):
 
 def _cache(args) -> Path | None:
     return Path(args.cache_dir) if args.cache_dir else None
+
+
+def cmd_model(args) -> int:
+    """What the model is made of: blocks, prunable layers (routed experts included) and every block weight that is not
+    pruned, with the reason. Reads only the config and shapes (no weights are loaded)."""
+    from pruner.anatomy import UNSUPPORTED, expert_kind
+    from pruner.models import load_model, model_summary
+
+    spec = _model_spec(args)
+    s = model_summary(load_model(spec, _cache(args), stream=True))
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"{spec.name}: {s['architecture']}, {s['blocks']} blocks at {s['blocks_path']}, "
+          f"{s['total_parameters'] / 1e6:.1f} M parameters, {s['decoder_block_parameters'] / 1e6:.1f} M in the "
+          f"blocks, {s['prunable_parameters'] / 1e6:.1f} M prunable")
+    if s.get("experts_per_block"):
+        print(f"routed experts per block: {s['experts_per_block']} (each expert's matrices are layers of their own)")
+    kinds = list(dict.fromkeys(expert_kind(n) for n in s["layer_names"]))
+    print("prunable layers of block 0 (*: every routed expert): " + ", ".join(kinds))
+    for w in s["not_pruned"]:
+        print(f"not pruned: {w['name']} ({w['numel']:,} weights in {w['blocks']} blocks): {w['reason']}")
+    if any(w["role"] == UNSUPPORTED for w in s["not_pruned"]):
+        print("a prune refuses this model unless --leave-unsupported-dense (the weights above stay dense, listed in "
+              "the manifest)")
+    return 0
 
 
 def cmd_stats(args) -> int:
@@ -818,6 +849,14 @@ def cmd_jobs(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pruner", description="Layerwise sparsity allocation for LLM pruning")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("model", help="what the model's blocks hold: prunable layers, routed experts, and every weight "
+                                     "that is not pruned, with the reason (no weights loaded)")
+    p.add_argument("--model", default="smollm2-135m", help="bundled name, local folder or hub id (owner/name)")
+    p.add_argument("--cache-dir", help="cache folder (default: <project>/cache)")
+    p.set_defaults(dtype="float32", device="cpu", trust_remote_code=False, offload_activations=False)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_model)
 
     p = sub.add_parser("stats", help="outlier statistics of the dense model; prints the per-block LOD")
     _add_common(p)

@@ -246,6 +246,11 @@ def test_weights_that_cannot_be_pruned_make_the_prune_refuse_unless_left_dense_o
     model = tf.AutoModelForCausalLM.from_pretrained(folder)
     names = unsupported_weights(find_blocks(model)[1])
     assert "0.mixer.conv1d.weight" in names and "0.mixer.A_log" in names
+    summary = subprocess.run([sys.executable, "-m", "pruner", "model", "--model", str(folder)], capture_output=True,
+                             text=True, timeout=300)
+    assert summary.returncode == 0, summary.stderr
+    assert "not pruned: mixer.A_log (" in summary.stdout and "not supported" in summary.stdout
+    assert "a prune refuses this model unless --leave-unsupported-dense" in summary.stdout
     cache = tmp_path / "cache"
     cmd = [sys.executable, "-m", "pruner", "prune", "--model", str(folder), "--allocator", "uniform", "--sparsity",
            "0.5", "--nsamples", "2", "--seqlen", "32", "--data-dir", data_dir, "--cache-dir", str(cache),
