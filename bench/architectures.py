@@ -94,6 +94,7 @@ def build(model_type: str):
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(model_type)
+    type(config).from_dict(config.to_dict())  # the validation transformers runs on loading a saved config
     with torch.device("meta"):  # count first, at no memory cost
         size = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     if size > MAX_TINY_PARAMETERS:

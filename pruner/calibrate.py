@@ -93,13 +93,21 @@ class Cancelled(Exception):
     """The caller asked the loop to stop (checked between blocks, never inside a forward pass)."""
 
 
-class _Recorder(nn.Module):
-    """Stands in for a decoder block during capture: records its call and passes the hidden states through."""
+#: What a recorder returns for the hidden states h, tried in this order until the model's own loop over its blocks
+#: accepts it: transformers 5's decoder layers return h itself; older-style loops read ``outputs[0]`` (GPT-Neo,
+#: OpenAI-GPT) or unpack a pair (CPM-Ant).
+_RECORDER_OUTPUTS = (lambda h: h, lambda h: (h,), lambda h: (h, None))
 
-    def __init__(self, index: int, original: nn.Module, store: dict):
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder block during capture: records its call and passes the hidden states through (in the
+    output form ``wrap`` gives, one of ``_RECORDER_OUTPUTS``)."""
+
+    def __init__(self, index: int, original: nn.Module, store: dict, wrap=_RECORDER_OUTPUTS[0]):
         super().__init__()
         self.index = index
         self.store = store
+        self.wrap = wrap
         for attr in _BLOCK_ATTRIBUTES:
             if hasattr(original, attr):
                 setattr(self, attr, getattr(original, attr))
@@ -112,7 +120,7 @@ class _Recorder(nn.Module):
         if self.index == 0:
             self.store["hidden"].append(hidden.detach().to(self.store["to"]))
         self.store["calls"].setdefault(self.index, (rest, kwargs))
-        return hidden
+        return self.wrap(hidden)
 
 
 def _first_tensor(output) -> torch.Tensor:
@@ -142,18 +150,23 @@ def capture_block_inputs(
     _, blocks = find_blocks(model)
     base = model.base_model if hasattr(model, "base_model") else model
     originals = list(blocks)
-    store: dict = {"hidden": [], "calls": {}, "to": activations_device or device}
     home = _module_device(model)
-    try:
-        for j, block in enumerate(originals):
-            blocks[j] = _Recorder(j, block, store)
-        model.to(device)  # only the non-block modules are in the tree now: embeddings, final norm, lm_head
-        for start in range(0, tokens.shape[0], batch_size):
-            base(input_ids=tokens[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        model.to(home)
-        for j, block in enumerate(originals):
-            blocks[j] = block
+    for attempt, wrap in enumerate(_RECORDER_OUTPUTS):
+        store: dict = {"hidden": [], "calls": {}, "to": activations_device or device}
+        try:
+            for j, block in enumerate(originals):
+                blocks[j] = _Recorder(j, block, store, wrap)
+            model.to(device)  # only the non-block modules are in the tree now: embeddings, final norm, lm_head
+            for start in range(0, tokens.shape[0], batch_size):
+                base(input_ids=tokens[start : start + batch_size].to(device), use_cache=False)
+            break
+        except (TypeError, ValueError, RuntimeError, IndexError):
+            if attempt == len(_RECORDER_OUTPUTS) - 1:
+                raise  # no output form the model's loop accepts: its own error says why
+        finally:
+            model.to(home)
+            for j, block in enumerate(originals):
+                blocks[j] = block
     missing = [j for j in range(len(originals)) if j not in store["calls"]]
     if missing:
         raise RuntimeError(f"blocks {missing} were never called during capture; the model skips decoder blocks")

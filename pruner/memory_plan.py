@@ -87,6 +87,7 @@ class _Shapes:
     block_params: list[int]
     layer_shapes: list[tuple[int, int]]  # (out, in) of the prunable layers of the block with the most prunable weights
     expert_params: int  # the most weights of routed experts in one block (0: no mixture of experts)
+    largest_tensor: int  # elements of the largest parameter of any block (a fused experts tensor can be GBs)
     hidden: int
     intermediate: int
     heads: int
@@ -111,6 +112,7 @@ class _Shapes:
         return cls(total_params=sum(p.numel() for p in model.parameters()),
                    block_params=[sum(p.numel() for p in b.parameters()) for b in blocks],
                    layer_shapes=[layer_shape(layer) for layer in largest], expert_params=max(experts),
+                   largest_tensor=max(p.numel() for b in blocks for p in b.parameters()),
                    hidden=hidden, intermediate=getattr(cfg, "intermediate_size", 4 * hidden),
                    heads=getattr(cfg, "num_attention_heads", 1), vocab=cfg.vocab_size,
                    context=getattr(cfg, "max_position_embeddings", None))
@@ -134,7 +136,8 @@ def plan_prune(config, *, dtype_bytes: int, method: str, nsamples: int, seqlen: 
     gpu = device != "cpu"
     if streamed:
         plan.parts["weights outside the blocks"] = outside
-        plan.parts["shard writer buffer"] = min(DEFAULT_SHARD_BYTES, total_bytes)
+        # a pending shard, or one tensor larger than a shard (a fused experts tensor) while it is written
+        plan.parts["shard writer buffer"] = min(max(DEFAULT_SHARD_BYTES, m.largest_tensor * dtype_bytes), total_bytes)
         plan.add("one block", block_bytes, on_device=True)
         if m.expert_params:  # per-expert checkpoint tensors are read, then stacked into the fused parameters
             plan.add("a block's experts while they are fused", m.expert_params * dtype_bytes, on_device=True)

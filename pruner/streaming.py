@@ -178,8 +178,9 @@ class StreamedBlocks:
 
     def fetch(self, index: int, block: nn.Module, device: torch.device) -> None:
         prefix = self._prefix(index)
-        tensors = self.checkpoint.read(self.checkpoint.names(prefix), device)
-        state = _cast({name[len(prefix):]: t for name, t in tensors.items()}, self.dtype)
+        # ``state`` holds the only references to the read tensors (fusing experts drops them as it copies them)
+        state = _cast({name[len(prefix):]: t
+                       for name, t in self.checkpoint.read(self.checkpoint.names(prefix), device).items()}, self.dtype)
         block.load_state_dict(fuse_expert_tensors(block, state), strict=True, assign=True)
         block.requires_grad_(False)
 
@@ -202,7 +203,9 @@ def fuse_expert_tensors(block: nn.Module, state: dict[str, torch.Tensor]) -> dic
     ``block_sparse_moe.experts.3.w1.weight``) into one 3-D parameter per experts module when it loads a model
     (``experts.gate_up_proj`` = per expert [gate; up], ``experts.down_proj``). Streaming reads tensors itself, so it
     does the same for the layouts transformers itself fuses this way (gate and up concatenated, not transposed);
-    a checkpoint that already stores fused tensors (as streamed runs and GPT-OSS do) passes through unchanged."""
+    a checkpoint that already stores fused tensors (as streamed runs and GPT-OSS do) passes through unchanged.
+    The per-expert tensors are taken out of ``state`` as they are copied (the caller should hold no other
+    reference to them)."""
     from pruner.anatomy import is_fused_experts
 
     expected = set(block.state_dict())
@@ -210,14 +213,14 @@ def fuse_expert_tensors(block: nn.Module, state: dict[str, torch.Tensor]) -> dic
     if not fused or expected <= set(state):
         return state
     out = {k: v for k, v in state.items() if k in expected}
-    pieces: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # parent on disk → expert → part → (out, in)
+    pieces: dict[str, dict[int, dict[str, str]]] = {}  # parent on disk → expert → part → tensor name
     renames: dict[str, str] = {}  # parent path on disk → path of the module that holds the experts
-    for name, tensor in state.items():
+    for name in state:
         match = _EXPERT_FILE_NAME.match(name)
         if name in expected or match is None or match["part"] not in _EXPERT_FILE_PARTS:
             continue
         pieces.setdefault(match["parent"], {}).setdefault(int(match["expert"]), {})[
-            _EXPERT_FILE_PARTS[match["part"]]] = tensor
+            _EXPERT_FILE_PARTS[match["part"]]] = name
     for parent, experts in pieces.items():
         # the experts module whose parent has the same path, else the block's only one (Mixtral's rename)
         path = f"{parent}.experts" if f"{parent}.experts" in fused else (next(iter(fused)) if len(fused) == 1 else None)
@@ -227,15 +230,23 @@ def fuse_expert_tensors(block: nn.Module, state: dict[str, torch.Tensor]) -> dic
         if module.is_transposed or not module.is_concatenated:
             raise ValueError(f"{type(module).__name__} keeps its experts transposed or interleaved; streaming reads "
                              "only checkpoints that store them fused or as per-expert [out, in] matrices")
-        order = range(len(experts))
-        if module.has_gate:
-            out[f"{path}.gate_up_proj"] = torch.stack([torch.cat([experts[e]["gate"], experts[e]["up"]]) for e in order])
-        else:
-            out[f"{path}.up_proj"] = torch.stack([experts[e]["up"] for e in order])
-        out[f"{path}.down_proj"] = torch.stack([experts[e]["down"] for e in order])
+        # each expert's tensors are copied into the fused ones and dropped from ``state`` at once, so memory holds
+        # the block's experts about twice at the start of this and once at its end (never three times)
+        parts = ("gate", "up") if module.has_gate else ("up",)
+        first = state[experts[0][parts[0]]]
+        rows = first.shape[0]
+        fused_main = first.new_empty((len(experts), rows * len(parts), first.shape[1]))
+        down = state[experts[0]["down"]]
+        fused_down = down.new_empty((len(experts),) + tuple(down.shape))
+        for e in range(len(experts)):
+            for k, part in enumerate(parts):
+                fused_main[e, k * rows:(k + 1) * rows] = state.pop(experts[e][part])
+            fused_down[e] = state.pop(experts[e]["down"])
+        out[f"{path}.gate_up_proj" if module.has_gate else f"{path}.up_proj"] = fused_main
+        out[f"{path}.down_proj"] = fused_down
         renames[parent] = path.rsplit(".", 1)[0] if "." in path else ""
     for name, tensor in state.items():  # e.g. Mixtral's block_sparse_moe.gate.weight → mlp.gate.weight
-        if name in expected or _EXPERT_FILE_NAME.match(name):
+        if name in expected:
             continue
         for old, new in renames.items():
             if name.startswith(old + ".") and new + name[len(old):] in expected:
