@@ -136,6 +136,22 @@ def _local_fingerprint(folder: Path) -> dict:
     return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in files}
 
 
+#: Config fields that give a model routed experts (Mixtral and GPT-OSS, Qwen-MoE and OLMoE, DeepSeek).
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+#: Part of a mixture-of-experts model's identity since its experts became prunable units (statistics and runs made
+#: before left the experts out, so they must not be found under the new keys).
+EXPERT_UNITS_VERSION = 1
+
+
+def _has_routed_experts(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    configs = [config] + [v for v in config.values() if isinstance(v, dict)]  # a text_config, for wrappers
+    return any(isinstance(c.get(f), int) and c[f] > 1 for c in configs for f in EXPERT_COUNT_FIELDS)
+
+
 def model_identity(spec: ModelSpec) -> dict:
     """A JSON-able description of the weights a spec loads (used for cache keys)."""
     source = model_source(spec)
@@ -146,6 +162,8 @@ def model_identity(spec: ModelSpec) -> dict:
     elif source == "local":
         folder = Path(spec.name).expanduser().resolve()
         ident.update(path=str(folder), files=_local_fingerprint(folder))
+        if _has_routed_experts(folder):
+            ident["expert_units"] = EXPERT_UNITS_VERSION
     else:
         ident.update(hub_id=spec.name, revision=spec.revision)
     return ident

@@ -380,3 +380,12 @@ def test_blocks_of_unequal_size_are_shifted_to_the_parameter_weighted_mean():
     np.testing.assert_allclose(alloc.block_sparsity, [0.65, 0.45])
     assert alloc.overall == pytest.approx(0.5)
     np.testing.assert_array_equal(to_parameter_mean([0.6, 0.4], [2, 2], 0.5), [0.6, 0.4])  # equal sizes: untouched
+
+
+def test_moe_models_get_a_new_identity_so_older_statistics_and_runs_are_not_reused(moe_folders, tiny_folder):
+    """Statistics and runs of MoE models made before experts were units left the experts out: their keys must differ."""
+    from pruner.models import model_identity
+    from pruner.specs import ModelSpec
+
+    assert model_identity(ModelSpec(moe_folders["mixtral"]))["expert_units"] == 1
+    assert "expert_units" not in model_identity(ModelSpec(tiny_folder))
