@@ -64,7 +64,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seqlen", type=int, help="override the preset's tokens per sample")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--data-dir", help="local data folder (default: $PRUNER_DATA_DIR or ../shared/data); 'hub' for the hub")
-    g.add_argument("--cache-dir", help="cache folder (default: <project>/cache)")
+    g.add_argument("--cache-dir", help="cache folder (default: $PRUNER_CACHE_DIR, else <project>/cache)")
     g.add_argument("--batch-size", type=int, default=4, help="calibration mini-batch size (memory vs speed)")
     g.add_argument("--offload-activations", action="store_true",
                    help="keep the calibration activations between blocks in CPU memory, not on the compute device "
@@ -193,7 +193,9 @@ def _progress_bar(label: str, unit: str = "block"):
 
 
 def _cache(args) -> Path | None:
-    return Path(args.cache_dir) if args.cache_dir else None
+    """--cache-dir, else $PRUNER_CACHE_DIR (as the dashboard reads it), else None: the project's cache/."""
+    value = getattr(args, "cache_dir", None) or os.environ.get("PRUNER_CACHE_DIR")
+    return Path(value) if value else None
 
 
 def cmd_model(args) -> int:
@@ -853,7 +855,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("model", help="what the model's blocks hold: prunable layers, routed experts, and every weight "
                                      "that is not pruned, with the reason (no weights loaded)")
     p.add_argument("--model", default="smollm2-135m", help="bundled name, local folder or hub id (owner/name)")
-    p.add_argument("--cache-dir", help="cache folder (default: <project>/cache)")
+    p.add_argument("--cache-dir", help="cache folder (default: $PRUNER_CACHE_DIR, else <project>/cache)")
     p.set_defaults(dtype="float32", device="cpu", trust_remote_code=False, offload_activations=False)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_model)
@@ -981,7 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background", action="store_true", help="queue it as a background job and return at once")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--data-dir", help="local data folder (default: $PRUNER_DATA_DIR or ../shared/data); 'hub' for the hub")
-    p.add_argument("--cache-dir", help="cache folder (default: <project>/cache)")
+    p.add_argument("--cache-dir", help="cache folder (default: $PRUNER_CACHE_DIR, else <project>/cache)")
     p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("cache", help="sizes of the cache per kind; remove stale or named entries")
@@ -992,7 +994,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-weights", nargs="+", metavar="KEY",
                    help="keep these evaluated runs' manifests and metrics, remove their weights (a prune of the same "
                         "settings with --force restores them)")
-    p.add_argument("--cache-dir", help="cache folder (default: <project>/cache)")
+    p.add_argument("--cache-dir", help="cache folder (default: $PRUNER_CACHE_DIR, else <project>/cache)")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("deepsparse-env", help="create the DeepSparse virtual environment (.venv-deepsparse)")
@@ -1004,7 +1006,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", nargs="?", type=int)
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--cache-dir", help="cache folder (default: <project>/cache)")
+    p.add_argument("--cache-dir", help="cache folder (default: $PRUNER_CACHE_DIR, else <project>/cache)")
     p.add_argument("--db", help=argparse.SUPPRESS)
     p.add_argument("--ids", help=argparse.SUPPRESS)  # ray-driver: the jobs it runs
     p.add_argument("--ray-settings", help=argparse.SUPPRESS)

@@ -292,9 +292,13 @@ class JobStore:
     def finish(self, job_id: int, state: str, error: str | None = None, result: dict | None = None) -> None:
         if state not in FINAL_STATES:
             raise ValueError(f"final state must be one of {', '.join(FINAL_STATES)}; got {state!r}")
+        # a final state is final: a worker that was stopped long enough to be reaped as dead, then resumed, must not
+        # turn the "failed" the table already shows into "done"
         with self._db() as db:
-            db.execute("UPDATE jobs SET state = ?, finished = ?, error = ?, result = ? WHERE id = ?",
-                       (state, time.time(), error, json.dumps(result) if result is not None else None, job_id))
+            db.execute(f"UPDATE jobs SET state = ?, finished = ?, error = ?, result = ? WHERE id = ? "
+                       f"AND state NOT IN ({', '.join('?' * len(FINAL_STATES))})",
+                       (state, time.time(), error, json.dumps(result) if result is not None else None, job_id,
+                        *FINAL_STATES))
 
     def remove_worker(self, pid: int) -> None:
         with self._db() as db:

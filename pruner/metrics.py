@@ -67,9 +67,10 @@ def evaluate_perplexity(folder: Path, data_dir: str | None, *, max_chunks: int |
     over all chunks, each block read from the run's shards for its turn (the model is never whole in memory).
     ``reuse``: a result already stored under the same protocol is returned as it is (evaluations are
     deterministic; a full one takes minutes here); False evaluates again."""
-    from pruner.evaluate.perplexity import wikitext2_perplexity
+    from pruner.evaluate.perplexity import check_window, wikitext2_perplexity
     from pruner.store import add_metrics
 
+    check_window(_run_config(folder), seqlen)  # before anything is loaded or a stored result is looked up
     if reuse:
         found = stored_perplexity(folder, max_chunks=max_chunks, seqlen=seqlen)
         if found is not None:

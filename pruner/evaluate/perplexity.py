@@ -37,6 +37,16 @@ def default_seqlen(model) -> int:
     return min(PAPER_SEQLEN, int(ctx))
 
 
+def check_window(model, seqlen: int | None) -> None:
+    """ValueError when an evaluation window of ``seqlen`` tokens is longer than the model's context (``model`` may
+    be its config); None (the default window) always fits."""
+    config = getattr(model, "config", model)
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if seqlen is not None and context and seqlen > context:
+        raise ValueError(f"evaluation window seqlen {seqlen} is longer than the model's context of {context} tokens "
+                         f"(max_position_embeddings); choose seqlen ≤ {context}")
+
+
 def chunk_stream(ids: torch.Tensor, seqlen: int, max_chunks: int | None = None) -> torch.Tensor:
     """(n_tokens,) → (n_chunks, seqlen), non-overlapping, remainder dropped; at most ``max_chunks`` chunks."""
     n = ids.numel() // seqlen
@@ -146,6 +156,7 @@ def wikitext2_perplexity(model, tokenizer, data_dir=None, split: str = "test", s
     ``pruner.calibrate.BlockStore``): evaluate block by block over all chunks, each block fetched once (a streamed
     model's skeleton); else the whole model runs chunk by chunk."""
     device = device if device is not None else next(model.parameters()).device
+    check_window(model, seqlen)
     seqlen = seqlen or default_seqlen(model)
     # Tokenizer defaults, as the papers' code: a BOS (if the tokenizer adds one) opens the stream, not each chunk.
     ids = tokenizer(wikitext2_text(split, data_dir), return_tensors="pt").input_ids[0]
