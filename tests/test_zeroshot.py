@@ -36,8 +36,22 @@ def test_local_task_yaml_includes_lm_eval_and_reads_the_data_dir(data_dir, tmp_p
 
 
 def test_missing_task_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="rte/validation.jsonl"):
+    from pruner.data import DataError
+
+    with pytest.raises(DataError, match="rte/validation.jsonl"):  # a clean one-line error in the CLI, not a traceback
         write_local_tasks(["rte"], tmp_path, tmp_path)
+
+
+def test_a_data_folder_whose_name_yaml_would_cut_short_is_read_whole(data_dir, tmp_path):
+    """A folder named "data #x": unquoted in YAML, everything from " #" on would be a comment."""
+    from lm_eval.tasks import TaskManager
+
+    odd = tmp_path / "data #x: {y}"
+    (odd / "rte").mkdir(parents=True)
+    (odd / "rte" / "validation.jsonl").write_text(Path(data_dir, "rte", "validation.jsonl").read_text())
+    names = write_local_tasks(["rte"], odd, tmp_path)
+    task = TaskManager(include_path=str(tmp_path), include_defaults=False).load([names["rte"]])["tasks"][names["rte"]]
+    assert len(task.eval_docs) == sum(1 for _ in open(f"{data_dir}/rte/validation.jsonl"))
 
 
 def _loglik(model, tokenizer, context: str, continuation: str) -> float:

@@ -14,6 +14,7 @@ task and the result says so (``partial``).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pruner.data import DataError
 from pruner.store import default_data_dir
 
 
@@ -83,16 +85,17 @@ def write_local_tasks(tasks, data_dir: str | os.PathLike | None, folder: Path) -
         task = TASKS[name]
         data_file = (data_dir / task.data_file).resolve()
         if not data_file.is_file():
-            raise FileNotFoundError(f"zero-shot task {name} needs {data_file} (data directory {data_dir}); "
-                                    f"set PRUNER_DATA_DIR or use source='hub' with internet access")
+            raise DataError(f"zero-shot task {name} needs {data_file} (data directory {data_dir}); "
+                            f"set PRUNER_DATA_DIR or use source='hub' with internet access")
         included = tasks_root / task.yaml
         if not included.is_file():
             raise RuntimeError(f"lm-eval {lm_eval.__version__} has no task file {task.yaml}")
         local = LOCAL_PREFIX + name
         splits = {"training_split": "null", "validation_split": "null", "test_split": "null",
                   f"{task.split}_split": task.split}
-        lines = [f"include: {included}", f"task: {local}", "tag: null", "dataset_path: json", "dataset_name: null",
-                 "dataset_kwargs:", "  data_files:", f"    {task.split}: {data_file}"]
+        # paths as JSON strings (valid YAML scalars): a folder named "data #x" must not become "data" + a comment
+        lines = [f"include: {json.dumps(str(included))}", f"task: {local}", "tag: null", "dataset_path: json",
+                 "dataset_name: null", "dataset_kwargs:", "  data_files:", f"    {task.split}: {json.dumps(str(data_file))}"]
         lines += [f"{k}: {v}" for k, v in splits.items()]
         (folder / f"{local}.yaml").write_text("\n".join(lines) + "\n")
         names[name] = local
