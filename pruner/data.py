@@ -77,9 +77,15 @@ def c4_documents(data_dir: str | Path | None = None) -> list[str]:
             if not line.strip():
                 continue
             try:
-                docs.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError) as err:
-                raise DataError(f"{path}:{number}: expected a JSON object with a 'text' field ({err})") from err
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: expected a JSON object with a 'text' string ({err})") from err
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                got = (f"a {type(record).__name__}" if not isinstance(record, dict) else
+                       "an object without 'text'" if "text" not in record else
+                       f"an object whose 'text' is a {type(record['text']).__name__}")
+                raise DataError(f"{path}:{number}: expected a JSON object with a 'text' string; got {got}")
+            docs.append(record["text"])
     if not docs:
         raise DataError(f"{path} holds no documents")
     return docs

@@ -35,6 +35,16 @@ def test_bad_jsonl_line_is_reported(tmp_path):
         c4_documents(tmp_path)
 
 
+@pytest.mark.parametrize("line,what", [('["a", "list"]', "got a list"),
+                                       ('{"text": 12345}', "got an object whose 'text' is a int"),
+                                       ('{"url": "x"}', "got an object without 'text'"), ('"just a string"', "got a str")])
+def test_valid_json_that_is_not_a_document_is_named(tmp_path, line, what):
+    (tmp_path / "c4").mkdir()
+    (tmp_path / "c4" / "c4_sample_text.jsonl").write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=r"c4_sample_text.jsonl:2: expected a JSON object with a 'text' string; " + what):
+        c4_documents(tmp_path)
+
+
 def test_windows_are_seeded_and_exact():
     stream = torch.arange(1000)
     a = sample_windows(stream, 5, 100, seed=3)
