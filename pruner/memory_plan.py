@@ -161,6 +161,9 @@ def plan_prune(config, *, dtype_bytes: int, method: str, nsamples: int, seqlen: 
         copy = 0 if dtype_bytes == FLOAT32 else FLOAT32
         plan.add("BESA's per-weight state", max(m.block_params) * (8 + 8 + 2 * FLOAT32 + copy), on_device=True)
         plan.add("BESA's autograd of one mini-batch", 2 * one_batch, on_device=True)
+    # the honest count of a pruned block's zeros (pruner.anatomy.block_zero_count): one byte per weight of its largest
+    # tensor at a time (a fused experts tensor is hundreds of millions of weights)
+    plan.add("counting a block's zeros", m.largest_tensor, on_device=True)
     if method in ("sparsegpt", "admm", "admm-gradual"):
         plan.add("Hessians", sum(i * i for _, i in m.layer_shapes) * FLOAT32, on_device=True)
         max_in = max(i for _, i in m.layer_shapes)
