@@ -31,15 +31,16 @@ def stats_dir(spec: StatsSpec, cache_dir: Path | None = None) -> Path:
 
 
 def load_cached_stats(spec: StatsSpec, cache_dir: Path | None = None) -> Stats | None:
-    """The cached statistics for ``spec``, or None if they were never computed."""
+    """The cached statistics for ``spec``, or None if they were never computed; ``pruner.stats.CorruptStatistics``
+    when what is cached is not what it claims (truncated, altered, another spec's)."""
     folder = stats_dir(spec, cache_dir)
-    return Stats.load(folder) if (folder / "meta.json").exists() else None
+    return Stats.load(folder, key=spec.key()) if (folder / "meta.json").exists() else None
 
 
 def save_stats(spec: StatsSpec, stats: Stats, cache_dir: Path | None = None) -> Path:
     folder = stats_dir(spec, cache_dir)
     with atomic_dir(folder) as tmp:
-        stats.save(tmp)
+        stats.save(tmp, key=spec.key())
     return folder
 
 

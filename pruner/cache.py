@@ -181,9 +181,17 @@ class CacheLayout:
                 return f"ONNX export version {match.group(1)} (current {EXPORT_VERSION})"
             return None
         if kind == "stats":
+            from pruner.stats import verification_problem
+
             version = _json_field(path / "meta.json", "format")
             if version is not None and version != STATS_FORMAT_VERSION:
                 return f"statistics format {version} (current {STATS_FORMAT_VERSION})"
+            meta = _json_field(path / "meta.json", None)
+            if not isinstance(meta, dict):
+                return "unreadable meta.json"
+            problem = verification_problem(path, meta, key=name)
+            if problem:
+                return f"corrupt: {problem}"
         if kind == "learned":
             if not (path / "learned.json").is_file():
                 return "incomplete (no learned.json)"
@@ -222,11 +230,12 @@ class CacheLayout:
         return freed
 
 
-def _json_field(path: Path, field: str):
-    """One top-level field of a JSON file; None when the file is missing or unreadable."""
+def _json_field(path: Path, field: str | None):
+    """One top-level field of a JSON file (None: the whole object); None when the file is missing or unreadable."""
     import json
 
     try:
-        return json.loads(path.read_text()).get(field)
+        value = json.loads(path.read_text())
+        return value if field is None else value.get(field)
     except (OSError, ValueError, AttributeError):
         return None

@@ -17,8 +17,10 @@ vector and a histogram of raw scores on a fixed log grid (for the global-thresho
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +111,41 @@ def layer_alpha(weight: torch.Tensor) -> float:
         return hill_alpha(np.clip(np.linalg.eigvalsh(gram.numpy()), 0, None))
     except ValueError:
         return float("nan")
+
+
+#: meta.json fields that let a load verify what it reads: the stats.npz checksum and the statistics spec's key.
+NPZ_SHA256, SPEC_KEY = "npz_sha256", "key"
+
+
+class CorruptStatistics(ValueError):
+    """Cached statistics that are not what they claim to be (truncated, altered, or another spec's)."""
+
+    def __init__(self, folder: Path, problem: str):
+        super().__init__(f"cached statistics {folder} cannot be used: {problem}. They are never used as they are: "
+                         f"remove them (`python -m pruner cache --remove {Path(folder).name}`) and they are computed "
+                         "again")
+        self.folder = Path(folder)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verification_problem(folder: Path, meta: dict, key: str | None = None) -> str | None:
+    """Why the statistics in ``folder`` (with its parsed ``meta``) are not what they claim, or None. Statistics
+    written before checksums were kept pass on their format alone."""
+    path = Path(folder) / "stats.npz"
+    if not path.is_file():
+        return "stats.npz is missing"
+    if key is not None and meta.get(SPEC_KEY) not in (None, key):
+        return f"they were saved for statistics key {meta[SPEC_KEY]}, not {key} (another model or calibration set)"
+    if NPZ_SHA256 in meta and _sha256(path) != meta[NPZ_SHA256]:
+        return "stats.npz does not match its checksum (truncated or altered)"
+    return None
 
 
 @dataclass
@@ -309,7 +346,9 @@ class Stats:
         return M_GRID[idx], counts.astype(np.int64)
 
     # -- persistence ---------------------------------------------------------------------------------------
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, key: str | None = None) -> None:
+        """Write ``stats.npz`` and ``meta.json`` into ``folder``; the meta holds the arrays' sha256 and, given, the
+        statistics spec's ``key``, which ``load`` verifies."""
         folder = Path(folder)
         offsets = np.cumsum([0] + [len(n) for n in self.input_norms])
         np.savez_compressed(
@@ -326,22 +365,38 @@ class Stats:
             **({"layer_tokens": self.layer_tokens} if self.layer_tokens is not None else {}),
         )
         (folder / "meta.json").write_text(
-            json.dumps({**self.meta, "layer_names": self.layer_names, "format": STATS_FORMAT_VERSION}, indent=2)
+            json.dumps({**self.meta, "layer_names": self.layer_names, "format": STATS_FORMAT_VERSION,
+                        **({SPEC_KEY: key} if key else {}), NPZ_SHA256: _sha256(folder / "stats.npz")}, indent=2)
         )
 
     @classmethod
-    def load(cls, folder: Path) -> "Stats":
+    def load(cls, folder: Path, key: str | None = None) -> "Stats":
+        """The statistics saved in ``folder``, verified: the arrays' checksum, and (given ``key``) that they were
+        saved for that statistics spec. ``CorruptStatistics`` names the folder and the way out otherwise."""
         folder = Path(folder)
-        meta = json.loads((folder / "meta.json").read_text())
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("meta.json is not an object")
+        except (OSError, ValueError) as err:
+            raise CorruptStatistics(folder, f"meta.json is unreadable ({err})") from err
         if meta.get("format") != STATS_FORMAT_VERSION:
             raise ValueError(f"{folder} holds stats format {meta.get('format')}, expected {STATS_FORMAT_VERSION}")
-        with np.load(folder / "stats.npz") as z:
+        problem = verification_problem(folder, meta, key)
+        if problem:
+            raise CorruptStatistics(folder, problem)
+        try:
+            z = np.load(folder / "stats.npz")
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            raise CorruptStatistics(folder, f"stats.npz is unreadable ({err})") from err
+        with z:
             if not np.array_equal(z["m_grid"], M_GRID):
                 raise ValueError(f"{folder} was written with another M grid; recompute the statistics")
             offsets = z["input_norm_offsets"]
             norms = z["input_norms"]
             names = meta.pop("layer_names")
-            meta.pop("format")
+            for field_name in ("format", SPEC_KEY, NPZ_SHA256):
+                meta.pop(field_name, None)
             return cls(
                 layer_names=names,
                 layer_block=z["layer_block"],

@@ -54,3 +54,76 @@ def test_an_evaluation_window_longer_than_the_context_is_refused_and_nothing_is_
         assert f"longer than the model's context of {context} tokens" in out.stderr
         assert "Traceback" not in out.stderr
     assert json.loads((run / "manifest.json").read_text())["metrics"] == before
+
+
+def _stats_folder(cache):
+    (folder,) = (cache / "stats").iterdir()
+    return folder
+
+
+def _damage(folder, fault, other_stats_folder=None):
+    import shutil
+
+    npz = folder / "stats.npz"
+    if fault == "truncated":
+        npz.write_bytes(npz.read_bytes()[:1000])
+    elif fault == "byte-flipped":
+        data = bytearray(npz.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        npz.write_bytes(bytes(data))
+    else:  # another model's statistics copied under this key
+        shutil.rmtree(folder)
+        shutil.copytree(other_stats_folder, folder)
+
+
+def test_corrupt_or_foreign_statistics_are_named_listed_as_stale_and_never_used(tiny_run, smollm2, data_dir,
+                                                                                tmp_path):
+    """The session's tiny run cached its statistics; they are truncated, byte-flipped, or replaced by another
+    model's (the bundled SmolLM2's, 30 blocks, saved under the tiny model's key): each is refused by name, listed by
+    `cache --stale`, and once removed computed again."""
+    from pruner import api
+    from pruner.cache import CacheLayout
+    from pruner.runs import read_run
+    from pruner.specs import CalibSpec, ModelSpec, StatsSpec
+    from pruner.stats import CorruptStatistics
+
+    other = tmp_path / "other"
+    api.get_stats(StatsSpec(ModelSpec("smollm2-135m"), CalibSpec(nsamples=1, seqlen=16, data_dir=data_dir)), other,
+                  loaded=smollm2)
+    for fault in ("truncated", "byte-flipped", "foreign"):
+        cache, run = copy_of_tiny_run(tiny_run, tmp_path / fault)
+        spec = StatsSpec(ModelSpec(**{k: v for k, v in read_run(run).raw["spec"]["model"].items()
+                                      if k in ("name", "dtype", "device")} | {"name": _model_path(run)}),
+                         CalibSpec(**_calib(run), data_dir=data_dir))
+        folder = _stats_folder(cache)
+        assert folder.name == spec.key()
+        _damage(folder, fault, _stats_folder(other))
+        with pytest.raises(CorruptStatistics, match=f"cached statistics {folder} cannot be used"):
+            api.load_cached_stats(spec, cache)
+        layout = CacheLayout.at(cache)
+        assert layout.stale_reason("stats", folder).startswith("corrupt: "), fault
+        layout.remove([folder])
+        assert api.get_stats(spec, cache, save=False).n_blocks == 4  # computed again, from the tiny model
+
+
+def _model_path(run):
+    return json.loads((run / "manifest.json").read_text())["spec"]["model"]["path"]
+
+
+def _calib(run):
+    calib = json.loads((run / "manifest.json").read_text())["spec"]["calib"]
+    return {k: calib[k] for k in ("nsamples", "seqlen", "seed")}
+
+
+def test_the_cli_names_corrupt_statistics_in_one_line(tiny_run, data_dir, tmp_path):
+    cache, run = copy_of_tiny_run(tiny_run, tmp_path / "cache")
+    folder = _stats_folder(cache)
+    _damage(folder, "truncated")
+    calib = _calib(run)
+    out = subprocess.run([sys.executable, "-m", "pruner", "allocate", "--model", _model_path(run), "--allocator", "owl",
+                          "--sparsity", "0.5", "--nsamples", str(calib["nsamples"]), "--seqlen", str(calib["seqlen"]),
+                          "--data-dir", data_dir, "--cache-dir", str(cache), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert f"cached statistics {folder} cannot be used" in out.stderr and f"cache --remove {folder.name}" in out.stderr
