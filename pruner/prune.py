@@ -190,13 +190,17 @@ class PruningObserver:
                 state = METHODS[EXPERT_FALLBACK_METHOD](weight_matrix(layer).shape[1], self.device, self.scope)
                 fallback = EXPERT_FALLBACK_METHOD
             groups.setdefault(id(state), (state, {}, tokens, fallback))[1][name] = layer
+        self._state, self._tokens = {}, {}
         reports = {}
-        for state, members, tokens, fallback in groups.values():
+        # each state is dropped once its layers are pruned: a SparseGPT state holds H and, once pruning starts, the
+        # factor of H⁻¹ (two in × in matrices); a block of 128 experts would otherwise keep all of them to the end
+        for key in list(groups):
+            state, members, tokens, fallback = groups.pop(key)
             for report in _apply_group(members, state, self.targets, index, tokens, fallback):
                 reports[report.name] = report
+            del state
         self.report.layers.extend(reports[name] for name in layers)  # report in module order
         self.report.block_weights.append(block_zero_count(block))
-        self._state, self._tokens = {}, {}
         return True
 
 
