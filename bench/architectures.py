@@ -39,7 +39,7 @@ TINY_SIZES = {
     "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "decoder_layers": 2,
     "num_attention_heads": 4, "n_head": 4, "decoder_attention_heads": 4,
     "num_key_value_heads": 2, "head_dim": 16,
-    "intermediate_size": 128, "ffn_dim": 128, "decoder_ffn_dim": 128, "n_inner": 128,
+    "intermediate_size": 128, "ffn_dim": 128, "decoder_ffn_dim": 128, "n_inner": 128, "ffn_hidden_size": 128,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
     "num_experts_per_tok": 2, "moe_topk": 2, "moe_intermediate_size": 64, "expert_intermediate_size": 64,
     "shared_expert_intermediate_size": 64,
@@ -71,7 +71,10 @@ def tiny_config(model_type: str):
     for c in targets:
         for name, value in TINY_SIZES.items():
             if hasattr(c, name) and isinstance(getattr(c, name), int) and not isinstance(getattr(c, name), bool):
-                setattr(c, name, value)
+                try:
+                    setattr(c, name, value)
+                except AttributeError:  # a derived property (Falcon's head_dim): it follows the fields it derives from
+                    pass
         if hasattr(c, "qk_rope_head_dim") and hasattr(c, "head_dim"):  # MLA: the rotary part is the head_dim
             c.head_dim = c.qk_rope_head_dim
         for name in TOKEN_ID_FIELDS:
