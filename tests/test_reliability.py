@@ -127,3 +127,28 @@ def test_the_cli_names_corrupt_statistics_in_one_line(tiny_run, data_dir, tmp_pa
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert f"cached statistics {folder} cannot be used" in out.stderr and f"cache --remove {folder.name}" in out.stderr
+
+
+@pytest.mark.parametrize("signum,code,word", [(2, 130, "interrupted"), (15, 143, "terminated")])
+def test_a_signal_mid_prune_leaves_no_temporary_folder_and_no_traceback(smollm2, data_dir, tmp_path, signum, code,
+                                                                        word):
+    """Ctrl-C (SIGINT) or SIGTERM while the bundled model's run folder is being written: exit 130 / 143 with one
+    line, no traceback, and nothing half-written left in the cache."""
+    import time
+
+    from tests.conftest import share_project_models
+
+    cache = share_project_models(tmp_path / "cache")
+    proc = subprocess.Popen([sys.executable, "-m", "pruner", "prune", "--allocator", "uniform", "--method", "wanda",
+                             "--sparsity", "0.5", "--preset", "tiny", "--data-dir", data_dir, "--cache-dir",
+                             str(cache), "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = cache / "runs"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (runs.is_dir() and any(p.name.startswith(".") for p in runs.iterdir())):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"{word}: nothing half-written")
+    assert list(runs.iterdir()) == []
