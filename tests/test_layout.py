@@ -163,7 +163,7 @@ def test_editable_install_gives_a_pruner_command_usable_from_anywhere(tmp_path):
     r = subprocess.run([str(venv / "bin" / "pruner"), "--help"], capture_output=True, text=True, cwd=elsewhere,
                        timeout=120)
     assert r.returncode == 0 and "Layerwise sparsity allocation" in r.stdout, r.stderr
-    assert "{stats,allocate,predict,prune,eval,recover,cache" in r.stdout
+    assert "{model,stats,allocate,predict,prune,eval,recover,cache" in r.stdout
     r = subprocess.run([str(venv / "bin" / "python"), "-c", "import pruner; print(pruner.__file__)"],
                        capture_output=True, text=True, cwd=elsewhere, timeout=120)
     assert Path(r.stdout.strip()).parent == PACKAGE
