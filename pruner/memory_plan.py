@@ -204,12 +204,17 @@ def model_config(model_spec, cache_dir=None):
     """The transformers config of the model a ``ModelSpec`` names (a bundled model is converted first)."""
     from transformers import AutoConfig
 
-    from pruner.models import convert_bundled, model_source
+    from pruner.models import BrokenModelFolder, convert_bundled, model_source
 
     source = model_source(model_spec)
     where = str(convert_bundled(model_spec.name, cache_dir)) if source == "bundled" else model_spec.name
-    return AutoConfig.from_pretrained(where, trust_remote_code=model_spec.trust_remote_code,
-                                      **({"revision": model_spec.revision} if source == "hub" else {}))
+    try:
+        return AutoConfig.from_pretrained(where, trust_remote_code=model_spec.trust_remote_code,
+                                          **({"revision": model_spec.revision} if source == "hub" else {}))
+    except (OSError, ValueError) as err:
+        if source != "local":
+            raise
+        raise BrokenModelFolder(where, err) from err
 
 
 def plan_for_spec(spec, cache_dir=None, *, batch_size: int, streamed: bool, learning: bool = False) -> MemoryPlan:

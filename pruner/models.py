@@ -261,6 +261,15 @@ def convert_bundled(name: str, cache_dir: Path | None = None, progress: Callable
     return target
 
 
+class BrokenModelFolder(ValueError):
+    """A local model folder whose config or weight files cannot be read."""
+
+    def __init__(self, folder, err: Exception):
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        super().__init__(f"the model folder {folder} cannot be loaded: {text[:300]} ({type(err).__name__}); it needs a "
+                         "valid config.json and complete weight files (as save_pretrained writes them)")
+
+
 @dataclass
 class LoadedModel:
     """A model ready for calibration: eval mode, no grad, weights on CPU (blocks move to ``device`` one at a time).
@@ -333,6 +342,12 @@ def load_model(spec: ModelSpec, cache_dir: Path | None = None, progress: Callabl
                 f"could not load {spec.name!r} from the hub ({err.__class__.__name__}); without internet, use a "
                 f"bundled model ({', '.join(BUNDLED)}) or a local folder"
             ) from err
+        raise BrokenModelFolder(path, err) from err
+    except ValueError:
+        raise  # already says what is wrong (the tool's own checks, e.g. streaming's)
+    except Exception as err:  # a corrupt config.json or a truncated weight file (safetensors' own error type)
+        if source == "local":
+            raise BrokenModelFolder(path, err) from err
         raise
     model.eval()
     model.requires_grad_(False)

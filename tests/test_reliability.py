@@ -152,3 +152,43 @@ def test_a_signal_mid_prune_leaves_no_temporary_folder_and_no_traceback(smollm2,
     assert proc.returncode == code, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"{word}: nothing half-written")
     assert list(runs.iterdir()) == []
+
+
+def _broken_folders(tiny_folder, root):
+    """A corrupt config.json, a weight file cut to 1000 bytes or to half, and no weight file at all."""
+    import shutil
+
+    out = {}
+    for fault in ("corrupt config", "1000 bytes", "half", "no weights"):
+        folder = root / fault.replace(" ", "-")
+        shutil.copytree(tiny_folder, folder)
+        weights = folder / "model.safetensors"
+        if fault == "corrupt config":
+            (folder / "config.json").write_text('{"model_type": "llama", "hidden')
+        elif fault == "1000 bytes":
+            weights.write_bytes(weights.read_bytes()[:1000])
+        elif fault == "half":
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        else:
+            weights.unlink()
+        out[fault] = folder
+    return out
+
+
+def test_broken_model_folders_are_named_in_one_line(tiny_folder, data_dir, tmp_path):
+    cache = tmp_path / "cache"
+    common = ["--preset", "tiny", "--data-dir", data_dir, "--cache-dir", str(cache), "--device", "cpu"]
+    commands = {"allocate": ["allocate", "--allocator", "owl", "--sparsity", "0.5"],
+                "prune --stream": ["prune", "--allocator", "uniform", "--sparsity", "0.5", "--stream"],
+                "eval": ["eval", "--ppl", "--max-chunks", "1"]}
+    for fault, folder in _broken_folders(tiny_folder, tmp_path).items():
+        for name, args in commands.items():
+            if name == "eval" and fault not in ("corrupt config", "half"):
+                continue  # the same loader as allocate
+            out = subprocess.run([sys.executable, "-m", "pruner", *args, "--model", str(folder), *common],
+                                 capture_output=True, text=True, timeout=300)
+            lines = [l for l in out.stderr.strip().splitlines() if "it/s]" not in l]
+            assert out.returncode == 2 and "Traceback" not in out.stderr, (fault, name, out.stderr[-2000:])
+            assert lines[-1].startswith("error: ") and str(folder) in lines[-1], (fault, name, lines[-1])
+    for kind in ("stats", "runs"):  # nothing cached or half-written
+        assert not (cache / kind).exists() or not any((cache / kind).iterdir()), kind
