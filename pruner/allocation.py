@@ -310,7 +310,7 @@ class AllocationInputs(Protocol):
 
 #: The allocators' declared parameters (``pruner.params``); a sparsity interval [0, 1) spans at most 2λ < 1.
 LAMBDA = Param("lam", "λ", float, OWL_DEFAULT_LAMBDA, "OWL's spread: block sparsities span 2λ around S",
-               low=0.0, high=0.5, high_open=True, step=0.01, slider=(0.0, 0.5))
+               low=0.0, high=0.5, high_open=True, step=0.01, slider=(0.0, 0.49))
 #: M's range is that of the statistics' exact grid (``pruner.stats.M_GRID``: 0.01 … ≈9976).
 OWL_M = Param("m", "M", float, OWL_DEFAULT_M, "OWL's outlier threshold: a score is an outlier above M × the block mean",
               low=0.01, high=9976.0, step=0.5, slider=(1.0, 20.0))
@@ -321,7 +321,7 @@ ALPHA_EPSILON = Param("epsilon", "ε", float, ALPHA_EPSILON_FRACTION,
                       "restored (ε·S is at most (1 − S)/2)", low=0.0, high=1.0, low_open=True, step=0.05,
                       slider=(0.05, 1.0))
 DLP_ALPHA = Param("alpha", "α", float, DLP_DEFAULT_ALPHA, "DLP's spread: block sparsities span 2α around S",
-                  low=0.0, high=0.5, high_open=True, step=0.01, slider=(0.0, 0.5))
+                  low=0.0, high=0.5, high_open=True, step=0.01, slider=(0.0, 0.49))
 ATP_DELTA = Param("delta", "δ", float, ATP_DEFAULT_DELTA,
                   "ATP's common difference: each block is pruned δ more than the one before it",
                   low=0.0, high=1.0, high_open=True, step=0.001, slider=(0.0, 0.05))
@@ -342,7 +342,7 @@ EXPERT_SPLITS = {
 }
 EXPERT_LAMBDA = Param("expert_lam", "λₑ", float, OWL_DEFAULT_LAMBDA,
                       "spread of the expert split: a block's expert sparsities span 2λₑ around the block's",
-                      low=0.0, high=0.5, high_open=True, step=0.01, slider=(0.0, 0.5))
+                      low=0.0, high=0.5, high_open=True, step=0.01, slider=(0.0, 0.49))
 EXPERT_M = Param("expert_m", "Mₑ", float, OWL_DEFAULT_M,
                  "outlier threshold of the 'outliers' expert split (× the block's mean score)", low=0.01,
                  high=9976.0, step=0.5, slider=(1.0, 20.0))

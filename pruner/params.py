@@ -42,6 +42,11 @@ class Param:
         self.check(self.default)  # a default outside its own range is a declaration bug
         if self.slider is not None and not (self.slider[0] <= self.default <= self.slider[1]):
             raise ValueError(f"parameter {self.name!r}: the slider's range {self.slider} must hold the default")
+        for end in self.slider or ():  # a slider dragged to its end must not offer a value the check refuses
+            try:
+                self.check(end)
+            except ValueError as err:
+                raise ValueError(f"parameter {self.name!r}: the slider's end {end:g} is not allowed ({err})") from err
 
     @property
     def title(self) -> str:

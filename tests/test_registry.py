@@ -28,6 +28,19 @@ def test_param_checks_name_the_allowed_range():
         check_params("toy", (GAMMA,), {"lam": 0.1})
 
 
+def test_a_slider_cannot_end_on_a_value_its_check_refuses():
+    """λ's slider once ended at 0.5, outside λ ∈ [0, 0.5): dragging it there removed the OWL curve with an error."""
+    from pruner.allocation import ALLOCATORS, EXPERT_PARAMS
+    from pruner.methods import METHODS
+
+    with pytest.raises(ValueError, match="the slider's end 0.5 is not allowed"):
+        Param("lam", "λ", float, 0.08, "spread", low=0.0, high=0.5, high_open=True, slider=(0.0, 0.5))
+    declared = [p for entry in [*ALLOCATORS.values(), *METHODS.values()] for p in entry.params] + list(EXPERT_PARAMS)
+    for p in declared:
+        for end in p.slider or ():
+            assert p.check(end) == end, p.name
+
+
 def test_tilt_formula_on_four_blocks():
     np.testing.assert_allclose(tilt(4, 0.5, 0.06), [0.44, 0.48, 0.52, 0.56], atol=1e-15)
 
