@@ -91,9 +91,11 @@ if protocols:
     methods = c[0].multiselect("Methods in the chart", sorted({r["method"] for r in group_rows}),
                                default=sorted({r["method"] for r in group_rows}), key="cmp_methods")
     collapsed = [r for r in group_rows if r["ppl"] > COLLAPSED]
-    show_all = c[1].checkbox(f"Include collapsed runs (perplexity > {COLLAPSED:g}): {len(collapsed)}", False,
-                             key="cmp_collapsed")
-    shown = [r for r in group_rows if r["method"] in methods and (show_all or r["ppl"] <= COLLAPSED)]
+    # every run is drawn unless the user hides the collapsed ones: on a small model at high sparsity most runs are
+    # above the mark, and hiding them by default hid the very comparison asked for (the axis is logarithmic)
+    hide = c[1].checkbox(f"Hide collapsed runs (perplexity > {COLLAPSED:g}): {len(collapsed)}", False,
+                         key="cmp_hide_collapsed")
+    shown = [r for r in group_rows if r["method"] in methods and not (hide and r["ppl"] > COLLAPSED)]
     if shown:
         st.plotly_chart(ppl_vs_sparsity_figure(shown, dense), width="stretch")
     else:

@@ -34,11 +34,16 @@ def app(seeded, tiny_folder, data_dir, monkeypatch):
 def test_compare_shows_seed_intervals_as_error_bars_and_a_ranking(app, seeded):
     app.switch_page("pages/compare.py").run()
     assert not app.exception, app.exception
-    app.checkbox(key="cmp_collapsed").check().run()  # a random tiny model's perplexity is in the tens of thousands
+    # a random tiny model's perplexity is in the tens of thousands: collapsed, and still drawn unless hidden
+    assert not app.checkbox(key="cmp_hide_collapsed").value
     groups = group_runs(list_runs(seeded).runs)
     assert len(groups) == 2 and all(g.seeds == [0, 1, 2] for g in groups)
     fig = figures(app)[0]
     assert fig["layout"]["title"]["text"] == "WikiText-2 perplexity vs sparsity"
+    hidden = app.checkbox(key="cmp_hide_collapsed").check().run()
+    assert not any(f["layout"]["title"]["text"] == "WikiText-2 perplexity vs sparsity" for f in figures(hidden))
+    assert any("No run matches the chart's filters" in c.value for c in hidden.caption)
+    app.checkbox(key="cmp_hide_collapsed").uncheck().run()
     # one line per allocator and parameters, at the target sparsity's category, points of one S side by side
     names = {"Uniform": "uniform", "OWL (λ=0.05, M=3)": "owl"}  # in the panel titled "wanda"
     assert sorted(t["name"] for t in fig["data"]) == sorted(names) and fig["layout"]["scattermode"] == "group"
