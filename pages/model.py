@@ -3,7 +3,7 @@
 import streamlit as st
 
 from pages._dashboard import cached_stats, dense_model, job_row, job_store, keep_workers, page_setup, queue
-from pruner.anatomy import UNSUPPORTED, expert_kind
+from pruner.anatomy import UNSUPPORTED
 from pruner.models import model_summary
 from pruner.workflows import StatsRequest
 
@@ -32,9 +32,8 @@ if experts:
                 + (f" ({dense_blocks} dense blocks)" if dense_blocks else "")
                 + ". Each expert's matrices are pruned as layers of their own, calibrated on the tokens routed "
                   "to them; the routers are never pruned.")
-kinds = list(dict.fromkeys(expert_kind(n) for n in s["layer_names"]))
 st.caption(f"Blocks found at `{s['blocks_path']}`. Prunable layers per block (`*`: every routed expert): "
-           + ", ".join(f"`{n}`" for n in kinds))
+           + ", ".join(f"`{n}`" for n in s["layer_kinds"]))
 with st.expander(f"Weights of the blocks that are not pruned ({len(s['not_pruned'])} kinds, "
                  f"{sum(w['numel'] for w in s['not_pruned']) / max(1, s['decoder_block_parameters']):.2%} of the "
                  "blocks' parameters)"):

@@ -131,17 +131,13 @@ def num_experts(module: nn.Module) -> int:
     return int(getattr(module, "down_proj").shape[0])
 
 
-def attach_expert_slices(block: nn.Module) -> int:
+def attach_expert_slices(block: nn.Module) -> None:
     """Give every fused experts module of ``block`` its per-expert slices (once; they hold no parameter, so the
-    state dict is unchanged). Returns how many experts modules the block has."""
-    count = 0
+    state dict is unchanged)."""
     for module in list(block.modules()):
-        if is_fused_experts(module):
-            count += 1
-            if "0" not in module._modules:
-                for e in range(num_experts(module)):
-                    module.add_module(str(e), _ExpertUnits(module, e))
-    return count
+        if is_fused_experts(module) and "0" not in module._modules:
+            for e in range(num_experts(module)):
+                module.add_module(str(e), _ExpertUnits(module, e))
 
 
 def _sliced_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
@@ -244,6 +240,17 @@ def expert_kind(name: str) -> str:
         return name
     parts = name.split(".")
     return ".".join(parts[:-2] + ["*", parts[-1]])
+
+
+def layer_kinds(names) -> list[str]:
+    """The distinct ``expert_kind`` of layer names, in order of first appearance: every routed expert's matrix of one
+    kind counts once."""
+    return list(dict.fromkeys(expert_kind(n) for n in names))
+
+
+def not_pruned_text(entry: dict) -> str:
+    """One line for a ``weights_summary`` entry: 'not pruned: <name> (<n> weights in <b> blocks): <reason>'."""
+    return f"not pruned: {entry['name']} ({entry['numel']:,} weights in {entry['blocks']} blocks): {entry['reason']}"
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,7 @@ def _cache(args) -> Path | None:
 def cmd_model(args) -> int:
     """What the model is made of: blocks, prunable layers (routed experts included) and every block weight that is not
     pruned, with the reason. Reads only the config and shapes (no weights are loaded)."""
-    from pruner.anatomy import UNSUPPORTED, expert_kind
+    from pruner.anatomy import UNSUPPORTED, not_pruned_text
     from pruner.models import load_model, model_summary
 
     spec = _model_spec(args)
@@ -214,10 +214,9 @@ def cmd_model(args) -> int:
           f"blocks, {s['prunable_parameters'] / 1e6:.1f} M prunable")
     if s.get("experts_per_block"):
         print(f"routed experts per block: {s['experts_per_block']} (each expert's matrices are layers of their own)")
-    kinds = list(dict.fromkeys(expert_kind(n) for n in s["layer_names"]))
-    print("prunable layers of block 0 (*: every routed expert): " + ", ".join(kinds))
+    print("prunable layers (*: every routed expert): " + ", ".join(s["layer_kinds"]))
     for w in s["not_pruned"]:
-        print(f"not pruned: {w['name']} ({w['numel']:,} weights in {w['blocks']} blocks): {w['reason']}")
+        print(not_pruned_text(w))
     if any(w["role"] == UNSUPPORTED for w in s["not_pruned"]):
         print("a prune refuses this model unless --leave-unsupported-dense (the weights above stay dense, listed in "
               "the manifest)")

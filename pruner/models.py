@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pruner.anatomy import experts_layout, layer_shape, prunable_layers, weights_summary
+from pruner.anatomy import experts_layout, layer_kinds, layer_shape, prunable_layers, weights_summary
 from pruner.specs import ModelSpec
 from pruner.store import atomic_dir
 
@@ -432,6 +432,7 @@ def model_summary(loaded: LoadedModel) -> dict:
         "blocks_path": path,
         "prunable_layers_per_block": len(layers) // len(blocks),
         "layer_names": [l.name for l in layers if l.block == 0],
+        "layer_kinds": layer_kinds(l.name for l in layers),  # routed experts' matrices as mlp.experts.*.down_proj
         "prunable_parameters": sum(l.numel for l in layers),
         "decoder_block_parameters": block_total,
         "total_parameters": total,

@@ -52,14 +52,14 @@ class LayerReport:
 class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
     #: per block, (zeros, numel) over EVERY parameter of the block (norms, biases, routers, unpruned weights too)
-    block_weights: list[tuple[int, int]] = field(default_factory=list)
+    block_zeros: list[tuple[int, int]] = field(default_factory=list)
 
     def decoder_overall(self) -> float:
         """Zeros ÷ parameters over all weights of all decoder blocks, whatever the method pruned."""
-        return sum(z for z, _ in self.block_weights) / sum(n for _, n in self.block_weights)
+        return sum(z for z, _ in self.block_zeros) / sum(n for _, n in self.block_zeros)
 
     def decoder_block(self) -> list[float]:
-        return [z / n for z, n in self.block_weights]
+        return [z / n for z, n in self.block_zeros]
 
     def fallbacks_per_block(self) -> list[int]:
         """How many experts' matrices of each block were pruned by the fallback (too few routed tokens)."""
@@ -200,7 +200,7 @@ class PruningObserver:
                 reports[report.name] = report
             del state
         self.report.layers.extend(reports[name] for name in layers)  # report in module order
-        self.report.block_weights.append(block_zero_count(block))
+        self.report.block_zeros.append(block_zero_count(block))
         return True
 
 
@@ -240,7 +240,7 @@ def prune_model(
             for name, layer in prunable_layers(block).items():
                 state = METHODS[method](weight_matrix(layer).shape[1], device, scope, **method_params)
                 report.layers.extend(_apply_group({name: layer}, state, targets, i))
-            report.block_weights.append(block_zero_count(block))
+            report.block_zeros.append(block_zero_count(block))
         finally:
             store.release(i, block)
         if progress is not None:

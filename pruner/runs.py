@@ -15,7 +15,7 @@ from pruner.api import cached_learned, get_stats, learn_allocation, learned_laye
 from pruner.cache import CacheLayout, check_key
 from pruner.data import calibration_tokens
 from pruner.memory_plan import check_fits, plan_for_spec, prune_ways_out
-from pruner.anatomy import is_expert_unit, unsupported_message, unsupported_weights
+from pruner.anatomy import is_expert_unit, not_pruned_text, unsupported_message, unsupported_weights
 from pruner.models import LoadedModel, find_blocks, load_model, model_summary
 from pruner.stats import ModelLayout
 from pruner.store import MANIFEST, WEIGHTS_DROPPED, atomic_dir, read_manifest
@@ -399,8 +399,7 @@ class RunManifest:
         """What was not pruned and why, and the experts pruned by the fallback: one line each, for the CLI."""
         lines = []
         summary = self.raw.get("model_summary", {})
-        for w in summary.get("not_pruned", []):
-            lines.append(f"not pruned: {w['name']} ({w['numel']:,} weights in {w['blocks']} blocks): {w['reason']}")
+        lines += [not_pruned_text(w) for w in summary.get("not_pruned", [])]
         fallback = self.raw.get("achieved", {}).get("expert_fallback")
         if fallback and sum(fallback["per_block"]):
             lines.append(f"experts with fewer than {fallback['min_routed_tokens']} routed calibration tokens, pruned "

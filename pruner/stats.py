@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pruner.anatomy import expert_index, expert_kind, is_expert_unit, weight_matrix
+from pruner.anatomy import expert_index, expert_kind, is_expert_unit, layer_kinds, weight_matrix
 from pruner.scores import accumulate_sumsq, wanda_score  # noqa: F401 (part of this module's interface)
 
 #: Bump when the saved layout changes (it is part of the cache key).
@@ -245,7 +245,7 @@ class Stats:
     def layers_per_block(self) -> list[str]:
         """The kinds of layer a block has, in order of first appearance: a layer's name, with a routed expert's index
         replaced by ``*`` (``mlp.experts.*.down_proj``), so that every expert's matrix of one kind is one column."""
-        return list(dict.fromkeys(expert_kind(n) for n in self.layer_names))
+        return layer_kinds(self.layer_names)
 
     def _per_block_and(self, column: list, columns: list, values: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """(B, len(columns)) Σ values ÷ Σ weights over the layers of each (block, column); NaN where a block has
@@ -267,33 +267,31 @@ class Stats:
     @property
     def experts_per_block(self) -> int:
         """The most routed experts any block has (0: a dense model)."""
-        indices = [expert_index(n) for n in self.layer_names]
-        return max((i + 1 for i in indices if i is not None), default=0)
+        return int(self.layer_expert.max()) + 1
+
+    def _per_block_and_expert(self, values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """(B, experts) Σ values ÷ Σ weights over each expert's layers (``_per_block_and``; non-expert layers are
+        left out)."""
+        experts = self.layer_expert
+        if not (experts >= 0).any():
+            raise ValueError("this model has no routed experts")
+        mine = experts >= 0
+        columns = list(range(self.experts_per_block)) + [-1]  # -1: the layers that are not experts', dropped
+        return self._per_block_and(list(experts), columns, values * mine, weights * mine)[:, :-1]
 
     def expert_matrix(self, m: float) -> np.ndarray:
         """Block × expert outlier ratio: the share of all of an expert's scores above M·Ā of its block.
         (B, experts); NaN where a block has no such expert."""
-        experts = [expert_index(n) for n in self.layer_names]
-        rows = np.array([e is not None for e in experts])
-        if not rows.any():
-            raise ValueError("this model has no routed experts")
-        counts, numel = self._counts_at(m), self.layer_numel.astype(np.float64)
-        column = [e if e is not None else -1 for e in experts]
-        out = self._per_block_and(column, list(range(self.experts_per_block)) + [-1], counts * rows, numel * rows)
-        return out[:, :-1]
+        return self._per_block_and_expert(self._counts_at(m), self.layer_numel.astype(np.float64))
 
     def expert_token_share(self) -> np.ndarray:
         """Block × expert share of the routed calibration tokens each expert received (a row sums to 1 over its
         experts). (B, experts); needs statistics that kept the token counts."""
         if self.layer_tokens is None:
             raise ValueError("these statistics were computed before routed token counts were kept; recompute them")
-        experts = [expert_index(n) for n in self.layer_names]
-        # one matrix per expert carries its token count: the one its routed tokens enter (gate or up)
-        first = np.array([e is not None and expert_kind(n).endswith(("up_proj",))
-                          for n, e in zip(self.layer_names, experts)])
-        column = [e if e is not None else -1 for e in experts]
-        tokens = self._per_block_and(column, list(range(self.experts_per_block)) + [-1],
-                                     self.layer_tokens * first, first.astype(np.float64))[:, :-1]
+        # one matrix per expert carries its token count: up_proj (every expert has one; its routed tokens enter it)
+        entry = np.array([n.endswith(".up_proj") for n in self.layer_names], dtype=np.float64)
+        tokens = self._per_block_and_expert(self.layer_tokens * entry, entry)
         return tokens / np.nansum(tokens, axis=1, keepdims=True)
 
     # -- queries -------------------------------------------------------------------------------------------
