@@ -13,10 +13,11 @@ import time
 import numpy as np
 
 from bench.common import git_rev, machine
-from pruner import api
-from pruner.allocation import formula_allocators, allocate, owl_lambda_max
-from pruner.specs import CalibSpec, ModelSpec, StatsSpec
-from pruner.store import default_data_dir
+from pruner.allocation import allocate, formula_allocators, owl_lambda_max
+from pruner.engine import artifacts
+from pruner.model.catalogue import ModelSpec
+from pruner.specs import CalibSpec, StatsSpec
+from pruner.store.files import default_data_dir
 
 
 def time_updates(stats, draws: int, seed: int = 0) -> dict[str, list[float]]:
@@ -94,10 +95,10 @@ def main():
                          "missing: `pruner predict`)")
     args = ap.parse_args()
     spec = StatsSpec(ModelSpec("smollm2-135m", device="cpu"), CalibSpec.preset(args.preset, data_dir=str(default_data_dir())))
-    stats = api.get_stats(spec)
+    stats = artifacts.get_stats(spec)
     times = time_updates(stats, args.draws)
     if args.predict:
-        from pruner.predictor import table_for
+        from pruner.predictor.cache import table_for
 
         table = table_for(spec, 0.7)  # the table around 70% when built, else the dense-reference one
         if table is None:

@@ -110,8 +110,7 @@ def build(model_type: str):
 def _check_units(model, report) -> str | None:
     """None when every prunable unit holds its allocated zeros (± one weight per row) and every block weight is
     either pruned or listed as not pruned; else what is wrong."""
-    from pruner.anatomy import PRUNED, block_weights, prunable_layers, weight_matrix
-    from pruner.models import find_blocks
+    from pruner.model.anatomy import PRUNED, block_weights, find_blocks, prunable_layers, weight_matrix
 
     allocated = {(l.block, l.name): l.allocated for l in report.layers}
     for i, block in enumerate(find_blocks(model)[1]):
@@ -134,10 +133,9 @@ def check(model_type: str) -> tuple[str, str, float]:
     from transformers import AutoModelForCausalLM
 
     from pruner.allocation import allocate
-    from pruner.anatomy import experts_layout, unsupported_message, unsupported_weights
-    from pruner.models import find_blocks
-    from pruner.prune import layer_targets, prune_model
-    from pruner.stats import collect_stats
+    from pruner.engine.prune import layer_targets, prune_model
+    from pruner.engine.stats import collect_stats
+    from pruner.model.anatomy import experts_layout, find_blocks, unsupported_message, unsupported_weights
 
     t0 = time.perf_counter()
     try:
@@ -235,9 +233,9 @@ def main(argv=None) -> int:
     text = table(rows)
     print(text)
     if args.out:
-        from bench.common import machine
-
         from pathlib import Path
+
+        from bench.common import machine
 
         Path(args.out).write_text(text + "\n")
         print(f"written to {args.out} ({machine()})")

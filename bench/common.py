@@ -48,9 +48,10 @@ def forward_baseline(preset: str, batch_size: int = 4):
     import time
 
     from pruner.data import calibration_tokens
-    from pruner.models import load_model
-    from pruner.specs import CalibSpec, ModelSpec
-    from pruner.store import default_data_dir
+    from pruner.model.catalogue import ModelSpec
+    from pruner.model.loading import load_model
+    from pruner.specs import CalibSpec
+    from pruner.store.files import default_data_dir
 
     lm = load_model(ModelSpec("smollm2-135m"))
     calib = CalibSpec.preset(preset, data_dir=str(default_data_dir()))

@@ -17,12 +17,14 @@ import json
 import time
 
 from bench.common import git_rev, machine
-from pruner import metrics, runs
-from pruner.evaluate.onnx_export import EXPORT_VERSION
-from pruner.evaluate.speed import SpeedSpec
+from pruner.evaluate.speed_spec import SpeedSpec
 from pruner.evaluate.zeroshot import TASKS
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec
-from pruner.store import default_data_dir, read_manifest
+from pruner.model.catalogue import ModelSpec
+from pruner.runs import metrics
+from pruner.runs.execute import load_run, run_prune
+from pruner.specs import CalibSpec, PruneSpec
+from pruner.store.files import default_data_dir, read_manifest
+from pruner.store.formats import EXPORT_VERSION
 
 
 def spec(alloc: str, sparsity: float, preset: str, data_dir: str) -> PruneSpec:
@@ -66,7 +68,7 @@ def main():
         for S in args.zs_sparsities:
             for alloc in args.allocators:
                 s = spec(alloc, S, args.preset, data_dir)
-                folder = runs.run_prune(s)
+                folder = run_prune(s)
                 t0 = time.perf_counter()
                 r = metrics.evaluate_zeroshot(folder, data_dir, limit=limit)
                 rows.append((s.label(), r, time.perf_counter() - t0, s.key()))
@@ -82,7 +84,7 @@ def main():
         for S in args.speed_sparsities:
             for alloc in args.allocators:
                 s = spec(alloc, S, args.preset, data_dir)
-                folder = runs.run_prune(s)
+                folder = run_prune(s)
                 stored = [v for k, v in read_manifest(folder)["metrics"].items() if k.startswith("speed:deepsparse:")
                           and v.get("export_version") == EXPORT_VERSION and v["spec"]["seqlen"] == sp.seqlen
                           and v["spec"]["batch"] == sp.batch and v["spec"]["threads"] == sp.n_threads]
@@ -108,7 +110,7 @@ def repeated_calls(args, data_dir: str, emit) -> None:
 
     from pruner.evaluate.onnx_export import export_graphs
     from pruner.evaluate.speed import measure
-    from pruner.models import load_model
+    from pruner.model.loading import load_model
 
     sp = SpeedSpec(batch=args.batch, seqlen=args.seqlen)
     print(f"# the same graphs in {args.speed_calls} separate worker calls; decode (prefill) speed-up per call")
@@ -117,7 +119,7 @@ def repeated_calls(args, data_dir: str, emit) -> None:
         for S in args.speed_sparsities:
             for alloc in args.allocators:
                 s = spec(alloc, S, args.preset, data_dir)
-                pruned_model, _ = runs.load_run(runs.run_prune(s))
+                pruned_model, _ = load_run(run_prune(s))
                 pruned = export_graphs(pruned_model, Path(tmp) / "pruned", sp)
                 calls = [measure(dense, pruned, sp, engine="deepsparse") for _ in range(args.speed_calls)]
                 emit({"kind": "speed_calls", "label": s.label(), "run": s.key(), "export_version": EXPORT_VERSION,

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench.common import git_rev, machine
-from pruner.store import PROJECT_ROOT, default_data_dir
+from pruner.store.files import PROJECT_ROOT, default_data_dir
 
 
 def main() -> None:
@@ -27,9 +27,11 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--sparsity", type=float, default=0.5)
     args = ap.parse_args()
-    from pruner import metrics, runs
-    from pruner.intervals import Interval, paired_ratio
-    from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+    from pruner.core.intervals import Interval, paired_ratio
+    from pruner.model.catalogue import ModelSpec
+    from pruner.runs import metrics
+    from pruner.runs.execute import run_prune
+    from pruner.specs import CalibSpec, PruneSpec
 
     data_dir = str(default_data_dir())
     print(f"# SmolLM2-135M in {', '.join(args.dtypes)}: WikiText-2 test, first {args.chunks} of 148 chunks "
@@ -52,7 +54,7 @@ def main() -> None:
                 else:
                     spec = PruneSpec(model=model, calib=CalibSpec.preset(args.preset, data_dir=data_dir),
                                      allocator="uniform", method="wanda", sparsity=args.sparsity)
-                    folder = runs.run_prune(spec, cache)
+                    folder = run_prune(spec, cache)
                     r = metrics.evaluate_perplexity(folder, data_dir, max_chunks=args.chunks)
                 seconds = time.perf_counter() - t0
                 nll = r["chunk_mean_nll"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench.common import git_rev, machine
 from bench.stream_memory import borrowed_tokenizer, prune_streamed, write_random_checkpoint
-from pruner.store import PROJECT_ROOT, default_data_dir
+from pruner.store.files import PROJECT_ROOT, default_data_dir
 
 #: Qwen3-30B-A3B's shapes (its config.json on the hub: hidden_size 2048, num_attention_heads 32,
 #: num_key_value_heads 4, head_dim 128, num_experts 128, num_experts_per_tok 8, moe_intermediate_size 768).

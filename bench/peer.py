@@ -74,9 +74,10 @@ def main() -> None:
     import torch
 
     from pruner.data import calibration_tokens
-    from pruner.models import load_model
-    from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
-    from pruner.store import default_data_dir
+    from pruner.model.catalogue import ModelSpec
+    from pruner.model.loading import load_model
+    from pruner.specs import CalibSpec, PruneSpec, StatsSpec
+    from pruner.store.files import default_data_dir
 
     data_dir = str(Path(os.environ.get("PRUNER_DATA_DIR") or default_data_dir()).resolve())
     work = Path(args.work)
@@ -149,8 +150,7 @@ def evaluate(outputs: dict, data_dir: str, max_chunks: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pruner.evaluate.perplexity import wikitext2_perplexity
-    from pruner.anatomy import prunable_layers, weight_matrix
-    from pruner.models import find_blocks
+    from pruner.model.anatomy import find_blocks, prunable_layers, weight_matrix
 
     print(f"\nWikiText-2 test perplexity, first {max_chunks} chunks of 2048 (a partial evaluation), one evaluator:")
     for method, (ours, peer) in outputs.items():

@@ -30,14 +30,17 @@ import os
 import numpy as np
 
 from bench.common import forward_baseline, git_rev, machine
-from pruner.api import allocation_for, cached_learned
 from pruner.allocation import ALLOCATORS
-from pruner.predictor import DEFAULT_WINDOW_TOKENS, DEFAULT_WINDOWS, PredictorSpec, cached_table, get_damage_table, spearman
-from pruner.metrics import stored_perplexity
-from pruner.runs import run_exists, run_folder
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
-from pruner.store import default_data_dir
-from pruner.workflows import PerplexityOptions, PruneRequest, run
+from pruner.engine.artifacts import allocation_for, cached_learned
+from pruner.jobs.workflows import PerplexityOptions, PruneRequest, run
+from pruner.model.catalogue import ModelSpec
+from pruner.predictor.cache import cached_table, get_damage_table
+from pruner.predictor.table import DEFAULT_WINDOW_TOKENS, DEFAULT_WINDOWS, PredictorSpec
+from pruner.predictor.tuning import spearman
+from pruner.runs.manifest import run_exists, run_folder
+from pruner.runs.metrics import stored_perplexity
+from pruner.specs import CalibSpec, PruneSpec, StatsSpec
+from pruner.store.files import default_data_dir
 
 #: The allocations compared at each S: (allocator, parameters).
 CANDIDATES = (

@@ -2,7 +2,7 @@
 setting and a real prune? (issue 13)
 
 For the allocations a `bench.predictor_check` run measured, this measures each *whole* allocation in the table's own
-setting (``pruner.predictor.measure_allocations``: every layer at its sparsity with one-shot masks from the cached
+setting (``pruner.predictor.measure.measure_allocations``: every layer at its sparsity with one-shot masks from the cached
 statistics, the held-out WikiText-2 validation windows; about one forward of 2,048 tokens each) and prints, per
 target S, three Spearman correlations:
 
@@ -19,7 +19,7 @@ was pruned with (from its manifest).
     python -m bench.predictor_holdout --probe-cost 0.7   # the compounding probes' time ÷ a plain forward
 
 ``--probe-cost S`` times, in one process, a plain forward over the calibration set and the measurement of the
-compounding fit's probes for the table around S (``pruner.predictor.measure_compounding``; the cached table is read,
+compounding fit's probes for the table around S (``pruner.predictor.measure.measure_compounding``; the cached table is read,
 its stored fit left alone), and prints the ratio next to the table's own build ratio (from its metadata and this
 forward): the predictor's whole cost target is ≤ 20× a plain forward.
 """
@@ -35,12 +35,16 @@ import time
 import numpy as np
 
 from bench.common import git_rev, machine
-from pruner.api import get_stats
-from pruner.models import load_model
-from pruner.predictor import PredictorSpec, get_damage_table, measure_allocations, spearman
-from pruner.runs import read_run, run_folder
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
-from pruner.store import default_data_dir
+from pruner.engine.artifacts import get_stats
+from pruner.model.catalogue import ModelSpec
+from pruner.model.loading import load_model
+from pruner.predictor.cache import get_damage_table
+from pruner.predictor.measure import measure_allocations
+from pruner.predictor.table import PredictorSpec
+from pruner.predictor.tuning import spearman
+from pruner.runs.manifest import read_run, run_folder
+from pruner.specs import CalibSpec, PruneSpec, StatsSpec
+from pruner.store.files import default_data_dir
 
 
 def check_rows(check: dict, S: float) -> list[dict]:
@@ -116,7 +120,9 @@ def main() -> None:
 
 def probe_cost(stats_spec, S: float, preset: str, data_dir: str) -> None:
     from bench.common import forward_baseline
-    from pruner.predictor import COMPOUNDING_PROBES, cached_table, measure_compounding
+    from pruner.predictor.cache import cached_table
+    from pruner.predictor.compounding import COMPOUNDING_PROBES
+    from pruner.predictor.measure import measure_compounding
 
     spec = PredictorSpec(stats_spec, around=S)
     table = cached_table(spec)

@@ -28,11 +28,14 @@ import os
 import numpy as np
 
 from bench.common import forward_baseline, git_rev
-from pruner.api import get_stats
-from pruner.runs import read_run, run_folder
-from pruner.predictor import PredictorSpec, get_damage_table, operating_grid, spearman
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
-from pruner.store import default_data_dir
+from pruner.engine.artifacts import get_stats
+from pruner.model.catalogue import ModelSpec
+from pruner.predictor.cache import get_damage_table
+from pruner.predictor.table import PredictorSpec, operating_grid
+from pruner.predictor.tuning import spearman
+from pruner.runs.manifest import read_run, run_folder
+from pruner.specs import CalibSpec, PruneSpec, StatsSpec
+from pruner.store.files import default_data_dir
 
 #: κ searched on this grid (e^{±3} ≈ 20× between the first and last block at the ends).
 KAPPAS = np.round(np.arange(-3.0, 3.01, 0.05), 2)
@@ -61,11 +64,11 @@ def fit_kappa(table, rows: list[dict]) -> float:
 
 def attach_layer_energy(table, spec) -> None:
     """Per-layer removed Wanda-score energies for a table built before they were part of it."""
-    from pruner.besa import block_input_norms
-    from pruner.anatomy import prunable_layers, weight_matrix
-    from pruner.models import find_blocks, load_model
-    from pruner.predictor import removed_energy
-    from pruner.scores import wanda_score
+    from pruner.core.scores import wanda_score
+    from pruner.engine.besa import block_input_norms
+    from pruner.model.anatomy import find_blocks, prunable_layers, weight_matrix
+    from pruner.model.loading import load_model
+    from pruner.predictor.measure import removed_energy
 
     stats = get_stats(spec)
     _, blocks = find_blocks(load_model(spec.model).model)
@@ -88,8 +91,8 @@ def main() -> None:
     data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
     spec = StatsSpec(ModelSpec("smollm2-135m"), CalibSpec.preset(args.preset, data_dir=data_dir))
     if args.table:
-        from pruner.cache import CacheLayout
-        from pruner.predictor import DamageTable
+        from pruner.predictor.table import DamageTable
+        from pruner.store.layout import CacheLayout
 
         table = DamageTable.load(CacheLayout.at(None).predictor(args.table))
         if table.layer_energy is None:
@@ -164,9 +167,9 @@ def seed_sigma(S: float, max_chunks: int) -> tuple[float, int]:
     """Pooled within-group standard deviation of log-perplexity over calibration seeds, from the Wanda run groups
     at S in the cache evaluated on the same first ``max_chunks`` chunks (e.g. `bench.seed_study`'s), and the
     number of groups pooled."""
-    from pruner.groups import group_runs
-    from pruner.metrics import perplexity_protocol
-    from pruner.runs import list_runs
+    from pruner.runs.groups import group_runs
+    from pruner.runs.manifest import list_runs
+    from pruner.runs.metrics import perplexity_protocol
 
     protocol = perplexity_protocol(2048, max_chunks)
     squares, dof, groups = 0.0, 0, 0
@@ -186,7 +189,7 @@ _forward_s: list[float] = []
 
 def _operating_point_lines(spec, data_dir, S: float, rows: list[dict], preset: str) -> None:
     """Spearman ρ of an operating-point table at S (built here when not cached, timed against a plain forward)."""
-    from pruner.predictor import cached_table
+    from pruner.predictor.cache import cached_table
 
     op_spec = PredictorSpec(spec, around=S, grid=operating_grid(S))
     built = cached_table(op_spec) is None

@@ -23,10 +23,10 @@ import torch
 from bench.common import forward_baseline, git_rev, machine
 from pruner.allocation import allocate
 from pruner.data import wikitext2_text
+from pruner.engine.prune import layer_targets, prune_model
+from pruner.engine.stats import collect_stats
 from pruner.evaluate.perplexity import chunk_stream, default_seqlen, perplexity_of_chunks
-from pruner.prune import layer_targets, prune_model
-from pruner.stats import collect_stats
-from pruner.store import PROJECT_ROOT, default_data_dir
+from pruner.store.files import PROJECT_ROOT, default_data_dir
 
 
 def main():
@@ -42,8 +42,8 @@ def main():
     args = ap.parse_args()
     data_dir = str(default_data_dir())
     if args.rss_only or args.ppl_only or args.ppl_full:
-        from pruner.models import load_model
-        from pruner.specs import ModelSpec
+        from pruner.model.catalogue import ModelSpec
+        from pruner.model.loading import load_model
 
         print(f"# machine: {machine()}; commit {git_rev()}")
         lm = load_model(ModelSpec("smollm2-135m"))

@@ -16,12 +16,13 @@ import time
 import torch
 
 from bench.common import forward_baseline, git_rev, machine
-from pruner import metrics, runs
+from pruner.allocation import ALLOCATORS
 from pruner.data import wikitext2_text
 from pruner.evaluate.perplexity import chunk_stream, default_seqlen
-from pruner.allocation import ALLOCATORS
+from pruner.runs import metrics
+from pruner.runs.execute import run_prune
 from pruner.specs import PruneSpec
-from pruner.store import default_data_dir
+from pruner.store.files import default_data_dir
 
 
 def main():
@@ -63,7 +64,7 @@ def main():
         spec = PruneSpec(model=lm.spec, calib=calib, allocator=alloc, method=method, sparsity=S,
                          allocator_params=ALLOCATORS[alloc].pick(given))
         try:
-            folder = runs.run_prune(spec, loaded=lm)
+            folder = run_prune(spec, loaded=lm)
             manifest = json.loads((folder / "manifest.json").read_text())
             stored = manifest["metrics"].get(metrics.perplexity_protocol(seqlen, args.max_chunks))
             r = stored or metrics.evaluate_perplexity(folder, data_dir, max_chunks=args.max_chunks)

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from bench.common import git_rev, machine
-from pruner.cache import CacheLayout
-from pruner.jobs import JobStore
-from pruner.ray_exec import LOCAL_RAY_ENV, start_local_head
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec
-from pruner.store import default_data_dir
-from pruner.sweep import LocalExecutor, SweepRequest
-
+from pruner.jobs.queue import JobStore
+from pruner.jobs.ray_exec import LOCAL_RAY_ENV, start_local_head
+from pruner.jobs.sweep import LocalExecutor, SweepRequest
+from pruner.model.catalogue import ModelSpec
+from pruner.specs import CalibSpec, PruneSpec
+from pruner.store.files import default_data_dir
+from pruner.store.layout import CacheLayout
 
 
 def timed(executor, sweep, cache: Path) -> tuple[float, float, list]:
@@ -72,7 +72,7 @@ def main() -> None:
         wall, first, jobs = timed(LocalExecutor(), sweep, fresh_cache(root, "local"))
         assert all(j.state == "done" for j in jobs), [(j.id, j.state, j.error) for j in jobs]
         rows.append(("local (worker processes, one job at a time)", wall, first))
-        from pruner.ray_exec import RayExecutor, RaySettings
+        from pruner.jobs.ray_exec import RayExecutor, RaySettings
 
         head, address = start_local_head(os.cpu_count() or 1)
         try:

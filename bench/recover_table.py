@@ -1,7 +1,7 @@
 """Perplexity before and after LoRA recovery of pruned SmolLM2 runs, with the recovery's time ratio.
 
 For each (method, allocator, S): the run is pruned (or reused from the cache), LoRA-recovered with the library's
-defaults (``pruner.recover``), and both are evaluated on the first ``--max-chunks`` chunks of WikiText-2 test (a
+defaults (``pruner.engine.recover``), and both are evaluated on the first ``--max-chunks`` chunks of WikiText-2 test (a
 partial estimate, labelled so). The time ratio divides the recovery's wall time by one plain forward pass over
 the calibration batches, measured in this run. Rows are appended to ``--out`` as they finish.
 
@@ -12,10 +12,11 @@ import argparse
 import json
 
 from bench.common import forward_baseline, git_rev, machine
-from pruner import metrics, runs
-from pruner.recover import RECOVER_DEFAULT_STEPS, RecoverSpec
+from pruner.engine.recover import RECOVER_DEFAULT_STEPS, RecoverSpec
+from pruner.runs import metrics
+from pruner.runs.execute import recover_run, run_prune
 from pruner.specs import PruneSpec
-from pruner.store import default_data_dir, read_manifest
+from pruner.store.files import default_data_dir, read_manifest
 
 
 def main():
@@ -38,9 +39,9 @@ def main():
     for alloc in args.allocators:
         for S in args.sparsities:
             spec = PruneSpec(model=lm.spec, calib=calib, allocator=alloc, method=args.method, sparsity=S)
-            parent = runs.run_prune(spec, loaded=lm)
+            parent = run_prune(spec, loaded=lm)
             rspec = RecoverSpec(spec.key(), steps=args.steps)
-            folder = runs.recover_run(parent, rspec, data_dir, device=str(lm.device))
+            folder = recover_run(parent, rspec, data_dir, device=str(lm.device))
             before = metrics.evaluate_perplexity(parent, data_dir, max_chunks=args.max_chunks)
             after = metrics.evaluate_perplexity(folder, data_dir, max_chunks=args.max_chunks)
             rec = read_manifest(folder)["recovery"]

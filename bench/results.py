@@ -82,14 +82,15 @@ class Session:
         return self._memo[key]
 
     def stats_spec(self):
-        from pruner.specs import CalibSpec, ModelSpec, StatsSpec
+        from pruner.model.catalogue import ModelSpec
+        from pruner.specs import CalibSpec, StatsSpec
 
         return StatsSpec(ModelSpec("smollm2-135m"), CalibSpec.preset("cpu", data_dir=self.data_dir))
 
     def stats(self):
-        from pruner import api
+        from pruner.engine import artifacts
 
-        return self.once("stats", lambda: api.get_stats(self.stats_spec(), self.cache_dir))
+        return self.once("stats", lambda: artifacts.get_stats(self.stats_spec(), self.cache_dir))
 
 
 #: The outlier thresholds of the LOD table (OWL's paper sweeps M ∈ {3, 5, 7}).
@@ -157,10 +158,9 @@ def latency_table(session: Session) -> str:
 
 def dense_table(session: Session) -> str:
     """The dense model's WikiText-2 test perplexity on the first chunks, with its evaluation interval."""
-    from pruner.metrics import dense_perplexity
-    from pruner.specs import ModelSpec
-
-    from pruner.intervals import Interval
+    from pruner.core.intervals import Interval
+    from pruner.model.catalogue import ModelSpec
+    from pruner.runs.metrics import dense_perplexity
 
     r = dense_perplexity(ModelSpec("smollm2-135m"), session.data_dir, session.cache_dir, max_chunks=DENSE_CHUNKS)
     interval = Interval.from_dict(r["interval"])
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"{len(GENERATORS)} generated sections, all with generators: {', '.join(GENERATORS)}")
         return 0
-    from pruner.store import PROJECT_ROOT, default_data_dir
+    from pruner.store.files import PROJECT_ROOT, default_data_dir
 
     data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
     with tempfile.TemporaryDirectory(prefix="pruner-results-") as tmp:

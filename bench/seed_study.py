@@ -35,15 +35,16 @@ import sys
 
 from bench.common import git_rev, machine
 from pruner.allocation import ALLOCATORS, AllocationRefused
-from pruner.api import allocation_for
-from pruner.cli import phase_bars
-from pruner.params import params_text
-from pruner.groups import compare, group_runs, ranking
-from pruner.metrics import perplexity_metric_name, perplexity_protocol, stored_perplexity
-from pruner.runs import list_runs, read_run, run_dir, run_exists
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec
-from pruner.store import default_data_dir
-from pruner.workflows import Context, PerplexityOptions, PruneRequest, run
+from pruner.cli.common import phase_bars
+from pruner.core.params import params_text
+from pruner.engine.artifacts import allocation_for
+from pruner.jobs.workflows import Context, PerplexityOptions, PruneRequest, run
+from pruner.model.catalogue import ModelSpec
+from pruner.runs.groups import compare, group_runs, ranking
+from pruner.runs.manifest import list_runs, read_run, run_dir, run_exists
+from pruner.runs.metrics import perplexity_metric_name, perplexity_protocol, stored_perplexity
+from pruner.specs import CalibSpec, PruneSpec
+from pruner.store.files import default_data_dir
 
 
 def _label(run) -> str:
@@ -64,7 +65,7 @@ def _params(entry: str, allocator: str, method: str, S: float, calib: CalibSpec,
     if given != "tuned":
         return _given_params(given)
     if (allocator, method, S) not in _tuned:  # the workflow `prune --tune` runs, on seed 0's calibration set
-        from pruner.workflows import tuned_spec
+        from pruner.jobs.workflows import tuned_spec
 
         _, t = tuned_spec(PruneSpec(model=ModelSpec(model), calib=calib, allocator=allocator,
                                     method=method, sparsity=S), Context(cache_dir=cache_dir))

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from bench.common import forward_baseline, git_rev, machine, plain_forward
-from pruner.stats import collect_stats
+from pruner.engine.stats import collect_stats
 
 
 def main():

@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 
 from bench.common import git_rev, machine
-from pruner.store import PROJECT_ROOT, default_data_dir
+from pruner.store.files import PROJECT_ROOT, default_data_dir
 
 
 def main() -> None:
-    from pruner import runs
     from pruner.methods import METHODS
-    from pruner.specs import CalibSpec, ModelSpec, PruneSpec
-    from pruner.streaming import Checkpoint
+    from pruner.model.catalogue import ModelSpec
+    from pruner.model.streaming import Checkpoint
+    from pruner.runs.execute import run_prune
+    from pruner.specs import CalibSpec, PruneSpec
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
@@ -41,9 +42,9 @@ def main() -> None:
                              calib=CalibSpec.preset("tiny", data_dir=data_dir), allocator="uniform", method=method,
                              sparsity=0.5)
             t0 = time.perf_counter()
-            a = runs.run_prune(spec, cache).rename(cache / "in-memory")
+            a = run_prune(spec, cache).rename(cache / "in-memory")
             t1 = time.perf_counter()
-            b = runs.run_prune(spec, cache, stream=True)
+            b = run_prune(spec, cache, stream=True)
             t2 = time.perf_counter()
             ca, cb = Checkpoint(a), Checkpoint(b)
             if set(ca.names()) != set(cb.names()):

@@ -32,7 +32,7 @@ import torch
 
 from bench.common import git_rev, machine
 from bench.prune_speed import REPORT_PEAK
-from pruner.store import PROJECT_ROOT, default_data_dir
+from pruner.store.files import PROJECT_ROOT, default_data_dir
 
 #: LLaMA-7B's block shapes (Touvron et al. 2023).
 HIDDEN, INTERMEDIATE, HEADS = 4096, 11008, 32
@@ -65,8 +65,8 @@ def write_random_checkpoint(config, folder: Path, tokenizer, block_tensors=None)
     """The model ``config`` describes, random-init (normal(0, INIT_STD) matrices, ones for norms and vectors), written
     block by block into shards with the tokenizer (the model is never whole in memory); its parameter count.
     ``block_tensors(state) -> state`` may rename or split a block's tensors as they are written."""
-    from pruner.models import find_blocks
-    from pruner.streaming import ShardWriter, empty_model, outside_blocks_state
+    from pruner.model.anatomy import find_blocks
+    from pruner.model.streaming import ShardWriter, empty_model, outside_blocks_state
 
     model = empty_model(config, torch.float32)
     path, blocks = find_blocks(model)

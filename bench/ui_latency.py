@@ -27,7 +27,7 @@ import urllib.request
 import numpy as np
 
 from bench.common import git_rev, machine
-from pruner.store import PROJECT_ROOT
+from pruner.store.files import PROJECT_ROOT
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]

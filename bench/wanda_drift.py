@@ -77,16 +77,15 @@ class WandaFloat32:
 
 
 def _targets(model, alloc, stats):
-    from pruner.prune import layer_targets
+    from pruner.engine.prune import layer_targets
 
     return layer_targets(alloc.layer_sparsity, list(zip(stats.layer_block.tolist(), stats.layer_names)), None)
 
 
 def _fresh_inputs_prune(model, tokens, observer, batch):
     """The loop with block i's inputs taken from a forward of the whole (partly pruned) model each time."""
-    from pruner.calibrate import _Recorder, _run_block, capture_block_inputs
-    from pruner.anatomy import prunable_layers
-    from pruner.models import find_blocks
+    from pruner.engine.calibrate import _Recorder, _run_block, capture_block_inputs
+    from pruner.model.anatomy import find_blocks, prunable_layers
 
     _, blocks = find_blocks(model)
     base = model.base_model if hasattr(model, "base_model") else model
@@ -120,13 +119,14 @@ def _fresh_inputs_prune(model, tokens, observer, batch):
 
 def prune_variant(variant, dense, tokenizer, calib, allocator, sparsity, stats_cache):
     """A pruned copy of ``dense`` for one variant; (model, seconds)."""
-    import pruner.calibrate as calibrate
+    import pruner.engine.calibrate as calibrate
     from pruner.allocation import ALLOCATORS, NEEDS_STATISTICS, allocate
-    from pruner.calibrate import run_blockwise
     from pruner.data import calibration_tokens
+    from pruner.engine.calibrate import run_blockwise
+    from pruner.engine.layout import ModelLayout
+    from pruner.engine.prune import PruningObserver
+    from pruner.engine.stats import collect_stats
     from pruner.methods import METHODS
-    from pruner.prune import PruningObserver
-    from pruner.stats import ModelLayout, collect_stats
     from tests.plain_wanda import plain_wanda
 
     seed = int(variant.split("-")[1]) if variant.startswith("seed-") else calib.seed
@@ -176,8 +176,7 @@ def prune_variant(variant, dense, tokenizer, calib, allocator, sparsity, stats_c
 
 
 def pruned_sets(model):
-    from pruner.anatomy import prunable_layers, weight_matrix
-    from pruner.models import find_blocks
+    from pruner.model.anatomy import find_blocks, prunable_layers, weight_matrix
 
     return [{n: (weight_matrix(l) == 0).clone() for n, l in prunable_layers(b).items()} for b in find_blocks(model)[1]]
 
@@ -190,9 +189,10 @@ def agreement(mine, theirs) -> list[float]:
 
 def run(args) -> None:
     from pruner.evaluate.perplexity import wikitext2_perplexity
-    from pruner.models import load_model
-    from pruner.specs import CalibSpec, ModelSpec
-    from pruner.store import default_data_dir
+    from pruner.model.catalogue import ModelSpec
+    from pruner.model.loading import load_model
+    from pruner.specs import CalibSpec
+    from pruner.store.files import default_data_dir
 
     data_dir = str(default_data_dir())
     lm = load_model(ModelSpec("smollm2-135m"))

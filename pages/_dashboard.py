@@ -13,12 +13,13 @@ from pathlib import Path
 
 import streamlit as st
 
-from pruner import api
-from pruner.jobs import ACTIVE_STATES, JobStore, default_db, ensure_workers, submit
-from pruner.models import DEFAULT_MODEL, available_bundled, load_model
-from pruner.params import Param
-from pruner.specs import CALIB_PRESETS, DEFAULT_CALIB_PRESET, DEVICES, CalibSpec, ModelSpec, StatsSpec
-from pruner.store import default_data_dir
+from pruner.core.params import Param
+from pruner.engine import artifacts
+from pruner.jobs.queue import ACTIVE_STATES, JobStore, default_db, ensure_workers, submit
+from pruner.model.catalogue import DEFAULT_MODEL, DEVICES, ModelSpec, available_bundled
+from pruner.model.loading import load_model
+from pruner.specs import CALIB_PRESETS, DEFAULT_CALIB_PRESET, CalibSpec, StatsSpec
+from pruner.store.files import default_data_dir
 
 SOURCES = ("bundled", "local folder", "hub id")
 
@@ -138,7 +139,7 @@ def cached_stats(sel: Selection):
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _stats(key: str, spec: StatsSpec, cache: Path | None):
     """Loaded once per process and shared read-only (a miss raises, so it is not remembered)."""
-    stats = api.load_cached_stats(spec, cache)
+    stats = artifacts.load_cached_stats(spec, cache)
     if stats is None:
         raise LookupError(key)
     return stats
@@ -161,12 +162,12 @@ def job_store(sel: Selection | None = None) -> JobStore:
 
 
 def queue(sel: Selection | None, request) -> int:
-    """Submit a typed request (``pruner.workflows``) as a background job; returns its id."""
+    """Submit a typed request (``pruner.jobs.workflows``) as a background job; returns its id."""
     return submit(job_store(sel), request, cache_dir=sel.cache_dir if sel else cache_dir())
 
 
 def param_controls(params: list[Param], prefix: str, columns=None, values: dict | None = None, sliders: bool = False) -> dict:
-    """One control per declared parameter (``pruner.params.Param``), labelled by its paper symbol: a slider over
+    """One control per declared parameter (``pruner.core.params.Param``), labelled by its paper symbol: a slider over
     the declaration's ``slider`` range when ``sliders`` and it has one, else a number input bounded by its closed
     range ends (open ends are checked when the request is built, naming the range). Returns {name: value};
     ``values`` prefill them (e.g. from the Allocation page)."""

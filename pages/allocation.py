@@ -9,12 +9,14 @@ import streamlit as st
 
 from pages._curves import allocation_curves
 from pages._dashboard import jobs_panel, page_setup, page_with_stats, param_controls, queue, unique_params
-from pruner import api
 from pruner.allocation import ALLOCATORS, allocate, owl_lambda_max
 from pruner.charts import layer_sparsity_heatmap_figure, predicted_map_figure
-from pruner.predictor import COMPOUNDING_PROBES, PredictorSpec, table_for
+from pruner.engine import artifacts
+from pruner.jobs.workflows import LearnRequest, PerplexityOptions, PredictorRequest, PruneRequest
+from pruner.predictor.cache import table_for
+from pruner.predictor.compounding import COMPOUNDING_PROBES
+from pruner.predictor.table import PredictorSpec
 from pruner.specs import PruneSpec
-from pruner.workflows import LearnRequest, PerplexityOptions, PredictorRequest, PruneRequest
 
 st.title("🎚️ Allocation")
 st.caption("Every curve is recomputed from the cached statistics when a control moves: no model forward.")
@@ -76,9 +78,9 @@ def _what_if():
     S = c[0].slider("Target sparsity S", 0.05, 0.95, 0.70, 0.05, key="alloc_S")
     shown = c[1].multiselect("Allocators", list(ALLOCATORS), default=list(ALLOCATORS), key="alloc_shown",
                              format_func=lambda k: ALLOCATORS[k].label)
-    # one control per parameter the shown allocators declare (pruner.params), labelled by its paper symbol
+    # one control per parameter the shown allocators declare (pruner.core.params), labelled by its paper symbol
     values = param_controls(unique_params(ALLOCATORS[n] for n in shown), "alloc", st.columns(4), sliders=True)
-    learned_results = {name: api.cached_learned(sel.stats_spec, name, S, ALLOCATORS[name].pick(values), sel.cache_dir)
+    learned_results = {name: artifacts.cached_learned(sel.stats_spec, name, S, ALLOCATORS[name].pick(values), sel.cache_dir)
                        for name in shown if ALLOCATORS[name].learned}
 
     allocations, problems = [], []
@@ -88,7 +90,7 @@ def _what_if():
         try:
             if a.learned:  # shown once learned for this S and these parameters, see below
                 if learned_results[name] is not None:
-                    allocations.append(allocate(name, stats, S, learned=api.learned_layer_sparsity(learned_results[name],
+                    allocations.append(allocate(name, stats, S, learned=artifacts.learned_layer_sparsity(learned_results[name],
                                                                                                    stats), **params))
                 continue
             allocations.append(allocate(name, stats, S, **params))
@@ -124,7 +126,7 @@ def _what_if():
                                                  "params": values}
             st.switch_page("pages/prune.py")
 
-    # what each allocation would cost, before pruning it: the damage-table predictor (pruner.predictor)
+    # what each allocation would cost, before pruning it: the damage-table predictor (pruner.predictor.table)
     st.subheader("Predicted perplexity")
     # the table measured around this S ranks allocations at S best; the dense-reference one serves any S meanwhile
     predictor = PredictorSpec(sel.stats_spec, around=S)
@@ -138,7 +140,7 @@ def _what_if():
 
     def _measured(spec: PruneSpec) -> dict | None:
         """The stored run's latest perplexity, if that run exists and was evaluated."""
-        from pruner.runs import BadRun, read_run, run_exists, run_folder
+        from pruner.runs.manifest import BadRun, read_run, run_exists, run_folder
 
         if not run_exists(spec.key(), sel.cache_dir):
             return None

@@ -5,17 +5,19 @@ import streamlit as st
 
 from pages._dashboard import (deepsparse_available, jobs_panel, page_setup, queue, speed_setting_label, speed_table_row,
                               zeroshot_set_label)
-from pruner import metrics
-from pruner.charts import (accuracy_vs_sparsity_figure, ppl_vs_speedup_figure, ppl_vs_sparsity_figure,
+from pruner.charts import (accuracy_vs_sparsity_figure, ppl_vs_sparsity_figure, ppl_vs_speedup_figure,
                            predicted_vs_measured_figure, speedup_vs_sparsity_figure, two_runs_figure,
                            zeroshot_tasks_figure)
-from pruner.evaluate.speed import STATUS_NOTE, SpeedSpec
+from pruner.core.intervals import mean_accuracy_stderr
+from pruner.evaluate.speed import STATUS_NOTE
+from pruner.evaluate.speed_spec import SpeedSpec
 from pruner.evaluate.zeroshot import TASKS
-from pruner.groups import RunGroup, compare, group_runs, perplexity_metrics, ranking, seed_of
-from pruner.intervals import mean_accuracy_stderr
-from pruner.predictor import spearman, table_for
-from pruner.runs import list_runs
-from pruner.workflows import EvalRequest, PerplexityOptions, ZeroshotOptions
+from pruner.jobs.workflows import EvalRequest, PerplexityOptions, ZeroshotOptions
+from pruner.predictor.cache import table_for
+from pruner.predictor.tuning import spearman
+from pruner.runs import metrics
+from pruner.runs.groups import RunGroup, compare, group_runs, perplexity_metrics, ranking, seed_of
+from pruner.runs.manifest import list_runs
 
 st.title("📈 Compare")
 sel = page_setup()
@@ -116,7 +118,7 @@ if protocols:
                "or more seeds, else by chunk when both are single runs on the same chunks. “Not separable”: the "
                "95% interval of the perplexity ratio contains 1, so the order of the two rows is not established.")
 
-    # the predictor's ranking against pruning's (pruner.predictor): one point per Wanda run under this protocol
+    # the predictor's ranking against pruning's (pruner.predictor.table): one point per Wanda run under this protocol
     st.subheader("Predicted vs measured perplexity")
     tables = {S: table_for(sel.stats_spec, S, sel.cache_dir) for S in sorted({r.sparsity for r in runs})}
     if not any(tables.values()):

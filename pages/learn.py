@@ -3,9 +3,9 @@
 import numpy as np
 import streamlit as st
 
+from pages._dashboard import page_setup, page_with_stats
 from pruner.allocation import OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, allocate, owl_lambda_max
 from pruner.charts import allocation_figure, distribution_figure, lod_figure
-from pages._dashboard import page_setup, page_with_stats
 
 st.title("🎓 Learn: outlier-weighed layerwise sparsity")
 sel, stats = page_with_stats(page_setup())
@@ -82,7 +82,8 @@ st.markdown(
     "allocations poorly at high S, and serves only until the table around S is built.)")
 damage = None
 if sel is not None:
-    from pruner.predictor import COMPOUNDING_PROBES, table_for
+    from pruner.predictor.cache import table_for
+    from pruner.predictor.compounding import COMPOUNDING_PROBES
 
     damage = table_for(sel.stats_spec, S, sel.cache_dir)
 if damage is None:

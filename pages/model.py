@@ -3,9 +3,9 @@
 import streamlit as st
 
 from pages._dashboard import cached_stats, dense_model, job_row, job_store, keep_workers, page_setup, queue
-from pruner.anatomy import UNSUPPORTED
-from pruner.models import model_summary
-from pruner.workflows import StatsRequest
+from pruner.jobs.workflows import StatsRequest
+from pruner.model.anatomy import UNSUPPORTED
+from pruner.model.loading import model_summary
 
 st.title("🧠 Model")
 sel = page_setup()

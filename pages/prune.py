@@ -7,13 +7,12 @@ import streamlit as st
 
 from pages._dashboard import job_store, jobs_panel, page_setup, param_controls, queue, unique_params
 from pruner.allocation import ALLOCATORS
+from pruner.engine.recover import RECOVER_DEFAULT_STEPS, RecoverSpec
+from pruner.jobs.sweep import SweepRequest, executor_for
+from pruner.jobs.workflows import PerplexityOptions, RecoverRequest
 from pruner.methods import METHODS, NM
-from pruner.recover import RECOVER_DEFAULT_STEPS, RecoverSpec
-from pruner.runs import list_runs, run_folder
+from pruner.runs.manifest import list_runs, run_folder, run_zip
 from pruner.specs import PruneSpec
-from pruner.store import run_zip
-from pruner.sweep import SweepRequest, executor_for
-from pruner.workflows import PerplexityOptions, RecoverRequest
 
 st.title("✂️ Prune")
 sel = page_setup()
@@ -30,7 +29,7 @@ allocators = c[0].multiselect("Allocators", list(ALLOCATORS), default=prefill.ge
 methods = c[1].multiselect("Methods", list(METHODS), default=["wanda"], key="grid_methods")
 sparsities = c[2].multiselect("Target sparsities", SPARSITIES, default=[round(prefill.get("sparsity", 0.7), 2)],
                               format_func=lambda s: f"{s:.0%}", key="grid_sparsities")
-# one control per parameter the chosen allocators and methods declare (pruner.params), labelled by paper symbol
+# one control per parameter the chosen allocators and methods declare (pruner.core.params), labelled by paper symbol
 a_params = unique_params(ALLOCATORS[a] for a in allocators)
 m_params = unique_params(METHODS[m] for m in methods)
 if a_params or m_params:
@@ -54,7 +53,7 @@ c = st.columns(2)
 stream = c[0].checkbox("Stream blocks from disk", False, key="grid_stream",
                        help="read one decoder block at a time from the checkpoint and write pruned blocks straight "
                             "to the run's shards: memory holds one block instead of the model (same pruned weights)")
-from pruner.models import resolve_device  # noqa: E402
+from pruner.model.loading import resolve_device  # noqa: E402
 
 on_gpu = resolve_device(sel.model.device).type != "cpu"
 offload = c[1].checkbox("Offload activations to CPU memory", False, key="grid_offload", disabled=not on_gpu,
@@ -67,7 +66,7 @@ model = dataclasses.replace(sel.model, offload_activations=offload) if offload e
 
 @st.cache_data(show_spinner=False)
 def _planned(model, calib, method: str, streamed: bool, learning: bool) -> tuple[int, str]:
-    from pruner.memory_plan import plan_for_spec
+    from pruner.engine.memory_plan import plan_for_spec
 
     spec = PruneSpec(model=model, calib=calib, allocator="uniform", method=method, sparsity=0.5)
     plan = plan_for_spec(spec, sel.cache_dir, batch_size=4, streamed=streamed, learning=learning)
@@ -75,7 +74,7 @@ def _planned(model, calib, method: str, streamed: bool, learning: bool) -> tuple
 
 
 if methods:  # memory is planned before a job starts; show the plan so that a refusal is no surprise
-    from pruner.memory_plan import available_bytes, gib
+    from pruner.engine.memory_plan import available_bytes, gib
 
     allowed, source = available_bytes()
     # a learned allocator may learn in the job (when not cached yet): planned for, as the worst case
@@ -94,7 +93,7 @@ with st.sidebar:
                                      "becomes a Ray task there; empty runs the jobs here, one at a time").strip()
     ray_cpus = st.number_input("CPUs per Ray task", 1, 64, 1, key="ray_cpus", disabled=not ray_address)
     if ray_address:
-        from pruner.ray_exec import RAY_MISSING
+        from pruner.jobs.ray_exec import RAY_MISSING
 
         if importlib.util.find_spec("ray") is None:
             st.warning(RAY_MISSING)

@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from pruner.allocation import ALLOCATORS, Allocation
-from pruner.intervals import mean_accuracy_stderr
+from pruner.core.intervals import mean_accuracy_stderr
 
 
 def lod_figure(lod_by_m: dict[float, np.ndarray], title: str = "Layerwise outlier distribution") -> go.Figure:
@@ -255,7 +255,7 @@ def _target_label(sparsity: float) -> str:
 
 
 def two_runs_figure(a, b) -> go.Figure:
-    """Per-block allocated (line) and achieved (markers) sparsity of two runs (``pruner.runs.RunManifest``)."""
+    """Per-block allocated (line) and achieved (markers) sparsity of two runs (``pruner.runs.manifest.RunManifest``)."""
     fig = go.Figure()
     for run, color in ((a, "#d62728"), (b, "#1f77b4")):
         alloc = np.asarray(run.allocation["block_sparsity"]) * 100

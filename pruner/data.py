@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pruner.memory import return_freed_memory
+from pruner.core.memory import return_freed_memory
 from pruner.specs import CalibSpec
 
 WIKITEXT_FILES = {"test": "wikitext2/wiki.test.raw", "validation": "wikitext2/wiki.valid.raw"}

@@ -8,16 +8,14 @@ Specs are the only thing that crosses from the CLI and the pages into the librar
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from pruner.allocation import ALLOCATORS, EXPERT_PARAMS, check_expert_split, check_sparsity
 from pruner.methods import METHODS, NM, SCOPES
+from pruner.model.catalogue import ModelSpec
+from pruner.store.formats import PRUNE_FORMAT_VERSION, stable_hash
 
-DTYPES = ("float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda")
 CALIB_DATASETS = ("c4",)
 
 #: Named calibration presets: (nsamples, seqlen).
@@ -29,49 +27,6 @@ CALIB_PRESETS = {
     "paper": (128, 2048),
 }
 DEFAULT_CALIB_PRESET = "cpu"
-
-
-def stable_hash(payload: dict, length: int = 16) -> str:
-    """Hex digest of a JSON-serialisable dict, independent of key order."""
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which causal LM to load.
-
-    ``name`` is one of: a bundled name (see ``pruner.models.BUNDLED``), a path to a local Hugging Face folder, or
-    a hub id such as ``HuggingFaceTB/SmolLM2-135M`` (needs internet on first use).
-
-    ``device`` and ``offload_activations`` say where the work runs, not what the weights are (they are not part
-    of ``identity``): the compute device, and whether the calibration activations between blocks stay in CPU
-    memory instead of on that device (``pruner.calibrate.run_blockwise``).
-    """
-
-    name: str = "smollm2-135m"
-    dtype: str = "float32"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    revision: str | None = None
-    offload_activations: bool = False
-
-    def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise ValueError("model name must be a bundled name, a local folder or a hub id; got an empty name")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
-
-    def identity(self) -> dict:
-        """What determines the weights (not where they are computed)."""
-        from pruner.models import model_identity
-
-        return model_identity(self)
-
-    def key(self) -> str:
-        return stable_hash(self.identity())
 
 
 @dataclass(frozen=True)
@@ -125,17 +80,11 @@ class StatsSpec:
     calib: CalibSpec = CalibSpec()
 
     def key(self) -> str:
-        from pruner.stats import STATS_FORMAT_VERSION
+        from pruner.store.formats import STATS_FORMAT_VERSION
 
         return stable_hash(
             {"model": self.model.identity(), "calib": self.calib.identity(), "format": STATS_FORMAT_VERSION}
         )
-
-
-#: Bump when pruning semantics or the run identity change (it is part of the run key).
-#: 2: allocator and method parameters are declared per registry entry and stored as ``allocator_params`` /
-#: ``method_params`` (format 1 had flat ``lam``, ``m``, ``beta``).
-PRUNE_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -144,7 +93,7 @@ class PruneSpec:
     target sparsity (+ N:M).
 
     ``allocator_params`` / ``method_params`` are checked against the registry entry's declared parameters
-    (``pruner.params``): missing ones take their defaults, undeclared ones are an error, so two specs that prune
+    (``pruner.core.params``): missing ones take their defaults, undeclared ones are an error, so two specs that prune
     alike have one key. With ``nm`` (e.g. "2:4") the target sparsity is 1 − N/M; a non-uniform allocator then gives
     each block its own N (OWL's mixed N:M), N_i = round(M · (1 − s_i)).
     """
@@ -158,7 +107,7 @@ class PruneSpec:
     method_params: dict = dataclasses.field(default_factory=dict)
     nm: str | None = None
     scope: str | None = None
-    #: prune what can be pruned and leave dense the block weights the tool cannot prune (``pruner.anatomy``); the
+    #: prune what can be pruned and leave dense the block weights the tool cannot prune (``pruner.model.anatomy``); the
     #: manifest lists them. False: such a model is refused with their names.
     leave_unsupported_dense: bool = False
     #: how a block's sparsity is shared among its routed experts (``pruner.allocation.EXPERT_SPLITS``) and that
@@ -195,11 +144,9 @@ class PruneSpec:
     def identity(self) -> dict:
         d = {k: getattr(self, k) for k in ("allocator", "allocator_params", "method", "method_params", "sparsity",
                                            "nm", "scope")}
-        from pruner.allocation import ALLOCATORS
-
         if self.allocator in ALLOCATORS and ALLOCATORS[self.allocator].learned:
-            from pruner.api import _learner  # a learned allocation depends on how it was learned (BESA's epochs,
-            d["learner"] = _learner(self.allocator).settings  # the predictor's table): so does the run
+            # a learned allocation depends on how it was learned (BESA's epochs, the predictor's table): so does the run
+            d["learner"] = ALLOCATORS[self.allocator].resolve_learner().settings
         # only when set: the keys of every run made before these existed stay valid
         if self.leave_unsupported_dense:
             d["leave_unsupported_dense"] = True
@@ -211,7 +158,7 @@ class PruneSpec:
         return stable_hash(self.identity())
 
     def label(self) -> str:
-        from pruner.params import params_text
+        from pruner.core.params import params_text
 
         split = (f", experts by {self.expert_split} ({params_text(self.expert_params, EXPERT_PARAMS)})"
                  if self.expert_split != "uniform" else "")
@@ -222,7 +169,7 @@ class PruneSpec:
 def run_label(method: str, method_params: dict, allocator: str, allocator_params: dict, sparsity: float,
               nm: str | None) -> str:
     """'admm (ρ=1, iterations=20) + owl (λ=0.08, M=5) @ 70%' — parameters by their paper symbols."""
-    from pruner.params import params_text
+    from pruner.core.params import params_text
 
     def part(name, params, declared):
         return f"{name} ({params_text(params, declared)})" if params else name

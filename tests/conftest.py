@@ -14,7 +14,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import torch  # noqa: E402  (after the thread variables, which it reads when imported)
 
-from pruner.store import default_data_dir  # noqa: E402
+from pruner.store.files import default_data_dir  # noqa: E402
 
 torch.set_num_threads(THREADS)
 
@@ -23,7 +23,7 @@ def pytest_sessionstart(session):
     """Convert the bundled SmolLM2 into the project cache once, before any worker starts: workers converting it at
     the same moment would replace the folder under each other's feet."""
     if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
-        from pruner.models import convert_bundled
+        from pruner.model.loading import convert_bundled
 
         convert_bundled("smollm2-135m")
 
@@ -31,8 +31,8 @@ def pytest_sessionstart(session):
 def share_project_models(cache: Path) -> Path:
     """Let a test's cache folder reuse the project cache's converted bundled models through a symlink (converting
     SmolLM2 again costs ~20 s and 0.5 GB per folder); converts it there first when missing. Returns ``cache``."""
-    from pruner.cache import CacheLayout
-    from pruner.models import convert_bundled
+    from pruner.model.loading import convert_bundled
+    from pruner.store.layout import CacheLayout
 
     convert_bundled("smollm2-135m")
     cache.mkdir(parents=True, exist_ok=True)
@@ -52,8 +52,8 @@ def data_dir() -> str:
 @pytest.fixture(scope="session")
 def smollm2():
     """The bundled SmolLM2-135M, converted once into the project cache (about 20 s the first time)."""
-    from pruner.models import load_model
-    from pruner.specs import ModelSpec
+    from pruner.model.catalogue import ModelSpec
+    from pruner.model.loading import load_model
 
     return load_model(ModelSpec("smollm2-135m", device="cpu"))
 
@@ -75,13 +75,14 @@ def tiny_folder(smollm2, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_folder, data_dir, tmp_path_factory):
     """(cache dir, run folder) of a stored Wanda + OWL run of the tiny Llama at 50% on 4×64 calibration tokens."""
-    from pruner import runs
-    from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+    from pruner.model.catalogue import ModelSpec
+    from pruner.runs.execute import run_prune
+    from pruner.specs import CalibSpec, PruneSpec
 
     cache = share_project_models(tmp_path_factory.mktemp("tiny-run-cache"))  # pages opening on SmolLM2 read it
     spec = PruneSpec(model=ModelSpec(tiny_folder, device="cpu"), calib=CalibSpec(nsamples=4, seqlen=64, data_dir=data_dir),
                      allocator="owl", method="wanda", sparsity=0.5, allocator_params={"lam": 0.05, "m": 3})
-    return cache, runs.run_prune(spec, cache)
+    return cache, run_prune(spec, cache)
 
 
 def copy_of_tiny_run(tiny_run, cache: Path) -> tuple[Path, Path]:

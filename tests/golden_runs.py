@@ -51,7 +51,8 @@ def tiny_llama_folder(folder: Path, tokenizer) -> Path:
 
 
 def build_spec(case, model_folder: str, data_dir: str):
-    from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+    from pruner.model.catalogue import ModelSpec
+    from pruner.specs import CalibSpec, PruneSpec
 
     _, allocator, a_params, method, m_params, sparsity, nm = case
     return PruneSpec(model=ModelSpec(model_folder, device="cpu"),
@@ -105,7 +106,7 @@ def statistics_digest(stats) -> dict:
 
 def golden_statistics(model_folder: str, data_dir: str, cache_dir: Path) -> dict:
     """The statistics every case's calibration set gives (computed, or cached by ``run_cases`` in ``cache_dir``)."""
-    from pruner.api import get_stats
+    from pruner.engine.artifacts import get_stats
 
     return statistics_digest(get_stats(build_spec(CASES[1], model_folder, data_dir).stats_spec, cache_dir))
 
@@ -113,8 +114,8 @@ def golden_statistics(model_folder: str, data_dir: str, cache_dir: Path) -> dict
 def run_cases(model_folder: str, data_dir: str, cache_dir: Path) -> dict[str, dict]:
     """Each case through the prune workflow (the one the CLI, the worker and the pages use) → its weights digest,
     mask digest and perplexity on the first PPL_CHUNKS × PPL_SEQLEN tokens of WikiText-2 test."""
-    from pruner.metrics import evaluate_perplexity
-    from pruner.workflows import Context, PruneRequest, run
+    from pruner.jobs.workflows import Context, PruneRequest, run
+    from pruner.runs.metrics import evaluate_perplexity
 
     out = {}
     for case in CASES:
@@ -128,9 +129,9 @@ def main() -> None:
     import os
     import tempfile
 
-    from pruner.models import load_model
-    from pruner.specs import ModelSpec
-    from pruner.store import default_data_dir
+    from pruner.model.catalogue import ModelSpec
+    from pruner.model.loading import load_model
+    from pruner.store.files import default_data_dir
 
     data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
     tokenizer = load_model(ModelSpec("smollm2-135m", device="cpu")).tokenizer

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pruner.anatomy import prunable_layers, weight_matrix
-from pruner.models import find_blocks
+from pruner.model.anatomy import find_blocks, prunable_layers, weight_matrix
 
 
 def _block_calls(model: nn.Module, sample: torch.Tensor) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:

@@ -124,7 +124,7 @@ def test_hill_alpha_by_hand():
 
     import torch
 
-    from pruner.stats import hill_alpha, layer_alpha
+    from pruner.engine.layout import hill_alpha, layer_alpha
 
     # ascending [1, 2, 4, 8], tail = the upper half [4, 8] with x_min = 4: α = 1 + 2 / (ln 1 + ln 2)
     assert hill_alpha([8, 1, 4, 2]) == pytest.approx(1 + 2 / math.log(2))

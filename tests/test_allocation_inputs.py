@@ -7,11 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pruner import api, runs
 from pruner.allocation import ALLOCATORS, NEEDS, NEEDS_LAYOUT, NEEDS_STATISTICS, NEEDS_WEIGHTS, allocate
-from pruner.models import find_blocks, load_model
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec
-from pruner.stats import ModelLayout, collect_stats
+from pruner.engine import artifacts
+from pruner.engine.layout import ModelLayout
+from pruner.engine.stats import collect_stats
+from pruner.model.anatomy import find_blocks
+from pruner.model.catalogue import ModelSpec
+from pruner.model.loading import load_model
+from pruner.runs.execute import run_prune
+from pruner.specs import CalibSpec, PruneSpec
 from tests.tiny_models import tiny_model, tiny_tokens
 
 NSAMPLES, BATCH = 4, 2  # two calibration mini-batches
@@ -43,7 +47,7 @@ def _count_block_forwards(loaded) -> list[int]:
 def test_block_forwards_per_allocator(tiny_folder, data_dir, tmp_path, allocator, passes, inputs):
     loaded = load_model(ModelSpec(tiny_folder, device="cpu"))
     counts = _count_block_forwards(loaded)
-    folder = runs.run_prune(_spec(tiny_folder, data_dir, allocator), tmp_path, loaded=loaded, batch_size=BATCH)
+    folder = run_prune(_spec(tiny_folder, data_dir, allocator), tmp_path, loaded=loaded, batch_size=BATCH)
     assert counts == [passes * NSAMPLES // BATCH] * len(counts)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["allocation_inputs"] == inputs
@@ -53,9 +57,9 @@ def test_block_forwards_per_allocator(tiny_folder, data_dir, tmp_path, allocator
 @pytest.mark.parametrize("allocator", ["uniform", "er", "alpha"])
 def test_same_weights_with_and_without_cached_statistics(tiny_folder, data_dir, tmp_path, allocator):
     spec = _spec(tiny_folder, data_dir, allocator)
-    without = runs.run_prune(spec, tmp_path / "a")
-    api.get_stats(spec.stats_spec, tmp_path / "b")
-    with_stats = runs.run_prune(spec, tmp_path / "b")
+    without = run_prune(spec, tmp_path / "a")
+    artifacts.get_stats(spec.stats_spec, tmp_path / "b")
+    with_stats = run_prune(spec, tmp_path / "b")
     assert json.loads((with_stats / "manifest.json").read_text())["allocation_inputs"] == "cached statistics"
     a, b = load_file(without / "model.safetensors"), load_file(with_stats / "model.safetensors")
     assert a.keys() == b.keys()

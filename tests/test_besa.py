@@ -2,19 +2,23 @@
 and a BESA run through the pruning pipeline."""
 
 import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from pruner import api, runs
 from pruner.allocation import BESA_DEFAULT_BETA, allocate
-from pruner.besa import (KEEP_FLOOR, BesaObserver, block_input_norms, candidate_sparsities, expected_keep,
-                         expected_sparsity, learn_sparsities, prune_counts, rank_buckets, row_ranks, shift_to_target)
-from pruner.calibrate import Cancelled, run_blockwise
 from pruner.data import calibration_tokens
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec
-from pruner.stats import collect_stats
-from pruner.store import read_manifest
+from pruner.engine import artifacts
+from pruner.engine.besa import (KEEP_FLOOR, BesaObserver, block_input_norms, candidate_sparsities, expected_keep,
+                                expected_sparsity, learn_sparsities, prune_counts, rank_buckets, row_ranks,
+                                shift_to_target)
+from pruner.engine.calibrate import Cancelled, run_blockwise
+from pruner.engine.stats import collect_stats
+from pruner.model.catalogue import ModelSpec
+from pruner.runs.execute import run_prune
+from pruner.specs import CalibSpec, PruneSpec
+from pruner.store.files import read_manifest
 from tests.tiny_models import tiny_model, tiny_tokens
 
 
@@ -115,10 +119,10 @@ def test_besa_run_through_the_pipeline_is_exact_and_cached(tiny_folder, data_dir
                      allocator="besa", method="wanda", sparsity=0.6)
     assert spec.allocator_params == {"beta": BESA_DEFAULT_BETA} and BESA_DEFAULT_BETA == 50.0
     phases = []
-    folder = runs.run_prune(spec, tmp_path, progress=lambda ph, d, t: phases.append(ph))
+    folder = run_prune(spec, tmp_path, progress=lambda ph, d, t: phases.append(ph))
     assert "learn allocation" in phases and phases[-1] == "prune"
     manifest = read_manifest(folder)
-    learned = api.cached_learned(spec.stats_spec, "besa", 0.6, {"beta": 50.0}, tmp_path)
+    learned = artifacts.cached_learned(spec.stats_spec, "besa", 0.6, {"beta": 50.0}, tmp_path)
     assert learned is not None and learned["steps_per_block"] == 4  # 4 epochs × one mini-batch of 4 samples
     allocated = [l["allocated"] for l in manifest["achieved"]["layers"]]
     np.testing.assert_allclose(allocated, learned["layer_sparsity"])
@@ -130,7 +134,7 @@ def test_besa_run_through_the_pipeline_is_exact_and_cached(tiny_folder, data_dir
     assert "learn_allocation" in manifest["timings_s"]
     # a second run with the same S reuses the learned allocation (no new learning phase)
     phases.clear()
-    runs.run_prune(dataclasses.replace(spec, method="magnitude", method_params={}), tmp_path,
+    run_prune(dataclasses.replace(spec, method="magnitude", method_params={}), tmp_path,
                   progress=lambda ph, d, t: phases.append(ph))
     assert "learn allocation" not in phases
 
@@ -138,21 +142,21 @@ def test_besa_run_through_the_pipeline_is_exact_and_cached(tiny_folder, data_dir
 def test_besa_collects_missing_statistics_in_its_own_pass(tiny_folder, data_dir, tmp_path, monkeypatch):
     """No separate statistics pass for BESA: the learning pass collects them, and both the statistics and the
     learned sparsities are exactly those of the two-pass route."""
-    from pruner.stats import Stats
+    from pruner.engine.stats import Stats
 
     spec = PruneSpec(model=ModelSpec(tiny_folder, device="cpu"), calib=CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir),
                      allocator="besa", method="wanda", sparsity=0.6)
     # the two-pass route: statistics first, then learning from them
-    api.get_stats(spec.stats_spec, tmp_path / "two")
-    two = api.learn_allocation(spec.stats_spec, "besa", 0.6, {"beta": 50.0}, tmp_path / "two")
+    artifacts.get_stats(spec.stats_spec, tmp_path / "two")
+    two = artifacts.learn_allocation(spec.stats_spec, "besa", 0.6, {"beta": 50.0}, tmp_path / "two")
     # the fused route: computing statistics separately is refused
-    monkeypatch.setattr(api, "compute_stats", lambda *a, **k: pytest.fail("a separate statistics pass ran"))
-    folder = runs.run_prune(spec, tmp_path / "one")
+    monkeypatch.setattr(artifacts, "compute_stats", lambda *a, **k: pytest.fail("a separate statistics pass ran"))
+    folder = run_prune(spec, tmp_path / "one")
     assert read_manifest(folder)["allocation_inputs"] == "statistics collected in the learning pass"
-    one = api.cached_learned(spec.stats_spec, "besa", 0.6, {"beta": 50.0}, tmp_path / "one")
+    one = artifacts.cached_learned(spec.stats_spec, "besa", 0.6, {"beta": 50.0}, tmp_path / "one")
     assert one["layer_sparsity"] == two["layer_sparsity"]
-    a = api.load_cached_stats(spec.stats_spec, tmp_path / "one")
-    b = api.load_cached_stats(spec.stats_spec, tmp_path / "two")
+    a = artifacts.load_cached_stats(spec.stats_spec, tmp_path / "one")
+    b = artifacts.load_cached_stats(spec.stats_spec, tmp_path / "two")
     assert isinstance(a, Stats) and a.layer_names == b.layer_names
     for field in ("block_mean_score", "ratio_counts_above", "score_hist", "layer_alpha"):
         assert np.array_equal(getattr(a, field), getattr(b, field)), field

@@ -5,10 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from pruner.calibrate import Cancelled, capture_block_inputs, mini_batch_size, run_blockwise
-from pruner.anatomy import prunable_layers, weight_matrix
-from pruner.models import describe_layers, find_blocks
-from pruner.stats import StatsCollector, collect_stats
+from pruner.engine.calibrate import Cancelled, capture_block_inputs, mini_batch_size, run_blockwise
+from pruner.engine.stats import StatsCollector, collect_stats
+from pruner.model.anatomy import describe_layers, find_blocks, prunable_layers, weight_matrix
 from tests.tiny_models import EXPECTED_LAYERS, TINY_CONFIGS, tiny_model, tiny_tokens
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pruner.store import PROJECT_ROOT
+from pruner.store.files import PROJECT_ROOT
 
 
 def run_cli(*args, cache: Path, data_dir: str):
@@ -171,8 +171,8 @@ def test_prune_seeds_make_a_group_with_a_seed_interval(tiny_folder, tmp_path, da
 def test_prune_drop_weights_keeps_the_numbers_and_force_restores_them(tiny_folder, tmp_path, data_dir, capsys):
     """A study's runs can keep only their manifest and metrics: the weights go, the run still answers from its
     metrics, whatever needs the weights says how to get them back, and a forced prune brings back the same model."""
-    from pruner.runs import BadRun, load_run
-    from pruner.store import run_zip
+    from pruner.runs.execute import load_run
+    from pruner.runs.manifest import BadRun, run_zip
 
     args = ("prune", "--model", tiny_folder, "--preset", "tiny", "--allocator", "uniform", "--method", "wanda",
             "--sparsity", "0.6", "--ppl", "--max-chunks", "2")

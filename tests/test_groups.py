@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from pruner.groups import compare, group_runs, perplexity_metrics, perplexity_result, ranking
-from pruner.runs import RunManifest
+from pruner.runs.groups import compare, group_runs, perplexity_metrics, perplexity_result, ranking
+from pruner.runs.manifest import RunManifest
 
 METRIC = "perplexity:wikitext2-test:seq2048"
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from pruner.intervals import (Interval, mean_accuracy_stderr, paired_ratio, perplexity_over_chunks,
-                              perplexity_over_seeds, t_interval)
+from pruner.core.intervals import (Interval, mean_accuracy_stderr, paired_ratio, perplexity_over_chunks,
+                                   perplexity_over_seeds, t_interval)
 
 T_975_2 = 4.302652729749464  # t quantile 0.975 with 2 degrees of freedom (tables: 4.303)
 

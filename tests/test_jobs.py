@@ -9,12 +9,13 @@ import time
 
 import pytest
 
-from pruner.jobs import JobStore, submit
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec
-from pruner.workflows import PruneRequest, StatsRequest
-from pruner.store import PROJECT_ROOT
+from pruner.jobs.queue import JobStore, submit
+from pruner.jobs.workflows import PruneRequest, StatsRequest
+from pruner.model.catalogue import ModelSpec
+from pruner.runs.manifest import run_exists
+from pruner.specs import CalibSpec, PruneSpec
+from pruner.store.files import PROJECT_ROOT
 from tests.conftest import share_project_models
-from pruner.runs import run_exists
 
 WAIT_S = 240
 
@@ -133,7 +134,7 @@ def test_submit_validates_before_queueing(tmp_path):
 def test_queued_job_starts_when_a_page_calls_ensure_workers(tiny_folder, tmp_path, data_dir):
     """An app that died right after queueing: the job waits; the next ensure_workers (every jobs panel refresh,
     and `python -m pruner jobs list`) starts a worker that runs it."""
-    from pruner.jobs import ensure_workers
+    from pruner.jobs.queue import ensure_workers
     from pruner.specs import StatsSpec
 
     store = JobStore(tmp_path / "jobs.sqlite")
@@ -150,7 +151,7 @@ def test_queued_job_starts_when_a_page_calls_ensure_workers(tiny_folder, tmp_pat
 
 OPEN_AND_LIST = """
 import sys, time
-from pruner.jobs import JobStore
+from pruner.jobs.queue import JobStore
 start = float(sys.argv[2])
 while time.time() < start:
     pass

@@ -3,6 +3,7 @@
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pruner.cache import CacheLayout
-from pruner.store import PROJECT_ROOT, writer_host
+from pruner.store.files import PROJECT_ROOT, writer_host
+from pruner.store.layout import CacheLayout
 
 PACKAGE = PROJECT_ROOT / "pruner"
 
@@ -21,21 +22,51 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _top_level_imports(path: Path) -> set[str]:
-    """pruner modules imported at module level (not inside functions)."""
-    out = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pruner"):
-            out.add(node.module)
-            out.update(f"{node.module}.{a.name}" for a in node.names)
+#: The package's floors, lowest first: a module may import only from its own floor or below (never up), and no
+#: import, at module level or inside a function, may close a circle. A name is on the floor of the first entry it
+#: equals or lies under; ``pruner`` itself (only ``__version__``) is the ground.
+FLOORS = (
+    ("pruner", "pruner.core"),  # parameters, scores, intervals, process memory
+    ("pruner.store",),  # atomic files; the cache layout, its format versions and checksums
+    ("pruner.model",),  # the torch-free catalogue; anatomy of blocks; loading; streaming
+    ("pruner.allocation", "pruner.methods", "pruner.specs", "pruner.data"),
+    ("pruner.engine",),  # calibration, statistics, pruning, BESA, LoRA, memory plans, cached artifacts
+    ("pruner.evaluate",),  # perplexity, zero-shot, speed
+    ("pruner.predictor",),  # the damage table: table, measurement, cache, optimal allocation, tuning
+    ("pruner.runs",),  # executing a run, its manifest, metrics, groups
+    ("pruner.jobs",),  # workflows, the job queue, sweeps, executors (local and Ray)
+    ("pruner.cli", "pruner.charts", "pruner.__main__"),  # the faces: the CLI (the pages live outside the package)
+)
+#: No module under pruner/ is longer than this (lines): past it, a module holds more than one job.
+MAX_MODULE_LINES = 500
+
+
+def _floor(module: str) -> int:
+    found = [i for i, names in enumerate(FLOORS) for name in names
+             if module == name or (name != "pruner" and module.startswith(name + "."))]
+    assert found, f"{module} is on no floor: add it to FLOORS"
+    return max(found)
+
+
+def _imports(path: Path) -> dict[str, int]:
+    """Every pruner module ``path`` imports, with the line: module level, inside functions and under TYPE_CHECKING
+    alike (``from pruner.x import y`` counts as importing pruner.x.y when that is a module)."""
+    out = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pruner") and not node.level:
+            out.setdefault(node.module, node.lineno)
+            for a in node.names:
+                out.setdefault(f"{node.module}.{a.name}", node.lineno)
         elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names if a.name.startswith("pruner"))
+            for a in node.names:
+                if a.name.startswith("pruner"):
+                    out.setdefault(a.name, node.lineno)
     return out
 
 
-def _graph() -> dict[str, set[str]]:
+def _graph() -> dict[str, dict[str, int]]:
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    return {m: {i for i in _top_level_imports(p) if i in modules and i != m} for m, p in modules.items()}
+    return {m: {i: line for i, line in _imports(p).items() if i in modules and i != m} for m, p in modules.items()}
 
 
 def test_no_streamlit_under_the_library():
@@ -46,13 +77,16 @@ def test_no_streamlit_under_the_library():
             assert not any(n.split(".")[0] == "streamlit" for n in names), f"{path} imports streamlit"
 
 
-def test_module_level_imports_form_no_cycle_and_the_lowest_modules_import_nothing_above():
+def test_every_import_points_down_the_floors_and_none_closes_a_circle():
     graph = _graph()
+    upward = [f"{m} (floor {_floor(m)}) imports {n} (floor {_floor(n)}) at line {line}"
+              for m, deps in graph.items() for n, line in deps.items() if _floor(n) > _floor(m)]
+    assert not upward, "imports that run up:\n" + "\n".join(upward)
     state: dict[str, int] = {}
 
     def visit(m, trail):
         if state.get(m) == 1:
-            pytest.fail("import cycle: " + " → ".join(trail + [m]))
+            pytest.fail("import circle: " + " → ".join(trail[trail.index(m):] + [m]))
         if state.get(m) == 2:
             return
         state[m] = 1
@@ -62,17 +96,43 @@ def test_module_level_imports_form_no_cycle_and_the_lowest_modules_import_nothin
 
     for m in graph:
         visit(m, [])
-    lowest = {"pruner.params": set(), "pruner.scores": set(), "pruner.methods.masks": set(),
-              "pruner.allocation": {"pruner.params"}}
-    for m, allowed in lowest.items():
-        assert graph[m] <= allowed, f"{m} imports {graph[m] - allowed}"
-    # the registries sit below the specs, and the specs below everything that runs
-    assert "pruner.specs" not in graph["pruner.methods"] | graph["pruner.allocation"]
+    # the lowest modules import nothing of the package; the registries sit below the specs
+    for m, allowed in {"pruner.core.params": set(), "pruner.core.scores": set(), "pruner.methods.masks": set(),
+                       "pruner.model.catalogue": {"pruner.store.formats"}}.items():
+        assert set(graph[m]) <= allowed, f"{m} imports {set(graph[m]) - allowed}"
+    assert "pruner.specs" not in set(graph["pruner.methods"]) | set(graph["pruner.allocation.registry"])
+
+
+def test_the_import_check_sees_function_local_imports_and_fails_on_an_upward_one(tmp_path):
+    """The check above must be able to fail: an import inside a function that runs up is found, with its line."""
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from pruner.jobs.queue import JobStore\n    return JobStore\n")
+    found = _imports(module)
+    assert found["pruner.jobs.queue"] == 2 and _floor("pruner.jobs.queue") > _floor("pruner.engine.prune")
+    with pytest.raises(AssertionError, match="on no floor"):
+        _floor("pruner_other.thing")
+
+
+def test_no_module_is_longer_than_the_limit_and_the_cli_has_one_module_per_command_group():
+    long = {str(p.relative_to(PROJECT_ROOT)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+    from pruner.cli import COMMAND_GROUPS, build_parser
+
+    commands = {}
+    for group in COMMAND_GROUPS:
+        source = Path(group.__file__).read_text()
+        for name in re.findall(r'sub\.add_parser\("([\w-]+)"', source):
+            commands[name] = group.__name__
+    parser_commands = set(build_parser()._subparsers._group_actions[0].choices)
+    assert set(commands) == parser_commands, "each command is added by exactly one command-group module"
+    assert len(set(commands.values())) == len(COMMAND_GROUPS) >= 4
 
 
 def _tiny_run(cache, tiny_folder, data_dir):
-    from pruner.runs import run_prune
-    from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+    from pruner.model.catalogue import ModelSpec
+    from pruner.runs.execute import run_prune
+    from pruner.specs import CalibSpec, PruneSpec
 
     spec = PruneSpec(model=ModelSpec(tiny_folder, device="cpu"), calib=CalibSpec(nsamples=2, seqlen=32, data_dir=data_dir),
                      allocator="uniform", method="magnitude", sparsity=0.5)
@@ -81,7 +141,7 @@ def _tiny_run(cache, tiny_folder, data_dir):
 
 def test_cache_command_lists_kinds_and_removes_stale_and_named_entries(tiny_folder, data_dir, tmp_path, capsys):
     from pruner import cli
-    from pruner.store import run_zip
+    from pruner.runs.manifest import run_zip
 
     key, folder = _tiny_run(tmp_path, tiny_folder, data_dir)
     run_zip(folder)
@@ -105,7 +165,7 @@ def test_cache_command_lists_kinds_and_removes_stale_and_named_entries(tiny_fold
 
     assert cli.main(["cache", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    from pruner.cache import KINDS
+    from pruner.store.layout import KINDS
 
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:2 + len(KINDS)]}
     assert list(rows) == list(KINDS)
@@ -130,7 +190,7 @@ def test_cache_command_lists_kinds_and_removes_stale_and_named_entries(tiny_fold
 
 
 def test_a_corrupt_manifest_is_named_and_the_rest_still_lists(tiny_folder, data_dir, tmp_path):
-    from pruner.runs import BadRun, list_runs, read_run
+    from pruner.runs.manifest import BadRun, list_runs, read_run
 
     key, folder = _tiny_run(tmp_path, tiny_folder, data_dir)
     bad = tmp_path / "runs" / "00000000000000cc"
@@ -163,7 +223,7 @@ def test_editable_install_gives_a_pruner_command_usable_from_anywhere(tmp_path):
     r = subprocess.run([str(venv / "bin" / "pruner"), "--help"], capture_output=True, text=True, cwd=elsewhere,
                        timeout=120)
     assert r.returncode == 0 and "Layerwise sparsity allocation" in r.stdout, r.stderr
-    assert "{model,stats,allocate,predict,prune,eval,recover,cache" in r.stdout
+    assert "{model,stats,allocate,predict,prune,recover,sweep,eval,cache" in r.stdout
     r = subprocess.run([str(venv / "bin" / "python"), "-c", "import pruner; print(pruner.__file__)"],
                        capture_output=True, text=True, cwd=elsewhere, timeout=120)
     assert Path(r.stdout.strip()).parent == PACKAGE

@@ -3,8 +3,8 @@
 import pytest
 import transformers as tf
 
-from pruner import memory_plan
-from pruner.memory_plan import MemoryPlan, check_fits, parse_bytes, plan_prune, plan_whole_model, prune_ways_out
+from pruner.engine import memory_plan
+from pruner.engine.memory_plan import MemoryPlan, check_fits, parse_bytes, plan_prune, plan_whole_model, prune_ways_out
 
 #: hidden 32, intermediate 48, 4 heads of 8, 2 key-value heads, vocabulary 100, 3 blocks, untied head
 CONFIG = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
@@ -73,7 +73,7 @@ def test_cli_refuses_a_prune_that_cannot_fit_before_it_starts(tiny_folder, tmp_p
     import subprocess
     import sys
 
-    from pruner.store import PROJECT_ROOT
+    from pruner.store.files import PROJECT_ROOT
 
     cmd = [sys.executable, "-m", "pruner", "prune", "--model", tiny_folder, "--preset", "tiny", "--allocator",
            "uniform", "--method", "sparsegpt", "--sparsity", "0.5", "--cache-dir", str(tmp_path), "--data-dir",
@@ -148,7 +148,7 @@ def test_zero_shot_that_cannot_fit_is_refused_before_loading(tiny_run, data_dir)
     import subprocess
     import sys
 
-    from pruner.store import PROJECT_ROOT
+    from pruner.store.files import PROJECT_ROOT
 
     cache, folder = tiny_run
     before = (folder / "manifest.json").read_text()

@@ -1,7 +1,7 @@
 import pytest
 
-from pruner.models import BUNDLED, model_source, resolve_device
-from pruner.specs import ModelSpec
+from pruner.model.catalogue import BUNDLED, ModelSpec, model_source
+from pruner.model.loading import resolve_device
 
 
 def test_model_spec_validation():
@@ -36,7 +36,8 @@ def test_device_resolution():
 
 
 def test_gemma_needs_its_package():
-    from pruner.models import bundled_installed, convert_bundled
+    from pruner.model.catalogue import bundled_installed
+    from pruner.model.loading import convert_bundled
 
     assert "gemma3-270m" in BUNDLED
     if not bundled_installed("gemma3-270m"):

@@ -12,10 +12,9 @@ import pytest
 import torch
 import transformers as tf
 
-from pruner.anatomy import (ROUTER, UNSUPPORTED, block_weights, is_fused_experts, prunable_layers,
-                            routed_through_slices, unsupported_weights, weight_matrix)
-from pruner.models import find_blocks
-from pruner.prune import LayerTarget, prune_model
+from pruner.engine.prune import LayerTarget, prune_model
+from pruner.model.anatomy import (ROUTER, UNSUPPORTED, block_weights, find_blocks, is_fused_experts, prunable_layers,
+                                  routed_through_slices, unsupported_weights, weight_matrix)
 from tests.tiny_models import MOE_CONFIGS, tiny_moe_model
 
 FAMILIES = list(MOE_CONFIGS)
@@ -102,8 +101,9 @@ def _check_run(folder, sparsity=SPARSITY, per_row=True):
 @pytest.mark.parametrize("method,stream", [("wanda", False), ("sparsegpt", False), ("wanda", True),
                                            ("sparsegpt", True)])
 def test_owl_prune_reaches_every_expert(moe_folders, data_dir, tmp_path, family, method, stream):
-    from pruner.runs import run_prune
-    from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+    from pruner.model.catalogue import ModelSpec
+    from pruner.runs.execute import run_prune
+    from pruner.specs import CalibSpec, PruneSpec
 
     spec = PruneSpec(model=ModelSpec(moe_folders[family], device="cpu"),
                      calib=CalibSpec(nsamples=4, seqlen=64, data_dir=data_dir), allocator="owl", method=method,
@@ -117,8 +117,9 @@ def test_owl_prune_reaches_every_expert(moe_folders, data_dir, tmp_path, family,
 
 
 def test_streamed_and_in_memory_moe_prunes_are_identical(moe_folders, data_dir, tmp_path):
-    from pruner.runs import run_prune
-    from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+    from pruner.model.catalogue import ModelSpec
+    from pruner.runs.execute import run_prune
+    from pruner.specs import CalibSpec, PruneSpec
 
     spec = PruneSpec(model=ModelSpec(moe_folders["mixtral"], device="cpu"),
                      calib=CalibSpec(nsamples=4, seqlen=64, data_dir=data_dir), allocator="owl", method="sparsegpt",
@@ -194,8 +195,10 @@ def test_expert_wanda_masks_equal_a_plain_float64_routed_reference():
 
 def test_an_expert_with_no_routed_tokens_is_pruned_by_magnitude_and_counted(moe_folders, data_dir, tmp_path):
     """GPT-OSS's router has a bias: a very negative one for expert 3 means no token is ever routed there."""
-    from pruner.runs import read_run, run_prune
-    from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+    from pruner.model.catalogue import ModelSpec
+    from pruner.runs.execute import run_prune
+    from pruner.runs.manifest import read_run
+    from pruner.specs import CalibSpec, PruneSpec
 
     model = tf.AutoModelForCausalLM.from_pretrained(moe_folders["gpt_oss"])
     for block in find_blocks(model)[1]:
@@ -294,12 +297,13 @@ def test_dense_models_account_for_every_block_weight(smollm2):
 
 def test_model_and_outliers_pages_show_the_experts(moe_folders, data_dir, tmp_path, monkeypatch):
     """AppTest on a tiny Qwen2-MoE (shared expert + scalar shared-expert gate) with cached statistics."""
-    from pruner import api
-    from pruner.specs import CalibSpec, ModelSpec, StatsSpec
+    from pruner.engine import artifacts
+    from pruner.model.catalogue import ModelSpec
+    from pruner.specs import CalibSpec, StatsSpec
     from tests.app.test_pages import figures, go, tiny_app, values
 
     folder = moe_folders["qwen2_moe"]
-    stats = api.get_stats(StatsSpec(ModelSpec(folder), CalibSpec.preset("tiny", data_dir=data_dir)), tmp_path)
+    stats = artifacts.get_stats(StatsSpec(ModelSpec(folder), CalibSpec.preset("tiny", data_dir=data_dir)), tmp_path)
     assert stats.experts_per_block == 4 and stats.layer_tokens is not None
     at = tiny_app(tmp_path, folder, data_dir, monkeypatch)
     go(at, "model")
@@ -343,8 +347,9 @@ def test_split_experts_by_hand():
 
 
 def test_routing_split_prunes_rarely_used_experts_more_and_keeps_the_block_mean(moe_folders, data_dir, tmp_path):
-    from pruner.runs import run_prune
-    from pruner.specs import CalibSpec, ModelSpec, PruneSpec
+    from pruner.model.catalogue import ModelSpec
+    from pruner.runs.execute import run_prune
+    from pruner.specs import CalibSpec, PruneSpec
 
     spec = PruneSpec(model=ModelSpec(moe_folders["olmoe"], device="cpu"),
                      calib=CalibSpec(nsamples=4, seqlen=64, data_dir=data_dir), allocator="owl", method="wanda",
@@ -384,8 +389,7 @@ def test_blocks_of_unequal_size_are_shifted_to_the_parameter_weighted_mean():
 
 def test_moe_models_get_a_new_identity_so_older_statistics_and_runs_are_not_reused(moe_folders, tiny_folder):
     """Statistics and runs of MoE models made before experts were units left the experts out: their keys must differ."""
-    from pruner.models import model_identity
-    from pruner.specs import ModelSpec
+    from pruner.model.catalogue import ModelSpec, model_identity
 
     assert model_identity(ModelSpec(moe_folders["mixtral"]))["expert_units"] == 1
     assert "expert_units" not in model_identity(ModelSpec(tiny_folder))

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pruner.predictor import (DEFAULT_GRID, DamageTable, PredictorSpec, build_damage_table, get_damage_table,
-                              holdout_windows, measure_allocations)
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
+from pruner.model.catalogue import ModelSpec
+from pruner.predictor.cache import get_damage_table
+from pruner.predictor.measure import build_damage_table, holdout_windows, measure_allocations
+from pruner.predictor.table import DEFAULT_GRID, DamageTable, PredictorSpec
+from pruner.specs import CalibSpec, PruneSpec, StatsSpec
 
 
 def test_prediction_worked_by_hand():
@@ -40,7 +42,7 @@ def test_operating_point_prediction_worked_by_hand():
     [0.3, 0.7], and the predictor-optimal allocation at S = 0.5 moves sparsity from block 0 to block 1 as far as
     the convex costs allow: (0.3, 0.7) costs −0.4 + 0.6 = +0.2, (0.5, 0.5) costs 0, (0.4, 0.6) costs −0.2 + 0.3 =
     +0.1; so uniform wins at S = 0.5 on a 0.1 lattice."""
-    from pruner.predictor import optimal_block_sparsity
+    from pruner.predictor.optimal import optimal_block_sparsity
 
     table = DamageTable(grid=np.array([0.3, 0.7]), dense_nll=np.array([3.0]),
                         window_nll=np.array([[[2.6], [4.0]], [[2.8], [3.6]]]), block_numel=np.array([10, 10]),
@@ -76,7 +78,8 @@ def test_compounding_fit_worked_by_hand():
       C (0.7, 0.3): one damage, one gain → (0, 0);              additive 1.15
     Measured 1.68, 0.87, 1.15 are the additive values plus 0.5 · first + 2 · second feature: the fit recovers
     (γ₊, γ₋) = (0.5, 2) exactly. A block moved alone has no pair: its table row is predicted exactly."""
-    from pruner.predictor import compounding_features, fit_compounding, nonnegative_least_squares, probe_allocations
+    from pruner.predictor.compounding import probe_allocations
+    from pruner.predictor.table import compounding_features, fit_compounding, nonnegative_least_squares
 
     table = DamageTable(grid=np.array([0.3, 0.7]), dense_nll=np.array([1.0]),
                         window_nll=np.array([[[0.9], [1.2]], [[0.95], [1.4]]]), block_numel=np.array([10, 10]),
@@ -119,8 +122,8 @@ def test_spec_names_what_is_allowed():
 
 @pytest.fixture(scope="module")
 def built(tiny_folder, data_dir, tmp_path_factory):
-    from pruner.api import get_stats
-    from pruner.models import load_model
+    from pruner.engine.artifacts import get_stats
+    from pruner.model.loading import load_model
 
     cache = tmp_path_factory.mktemp("predictor-cache")
     spec = PredictorSpec(StatsSpec(ModelSpec(tiny_folder, device="cpu"), CalibSpec(nsamples=4, seqlen=32,
@@ -141,11 +144,10 @@ def _whole_model_nll(model, windows) -> np.ndarray:
 
 
 def test_table_matches_whole_model_forwards(built, data_dir):
-    from pruner.besa import block_input_norms
+    from pruner.core.scores import wanda_score
+    from pruner.engine.besa import block_input_norms
     from pruner.methods.masks import lowest_mask
-    from pruner.anatomy import prunable_layers, weight_matrix
-    from pruner.models import find_blocks
-    from pruner.scores import wanda_score
+    from pruner.model.anatomy import find_blocks, prunable_layers, weight_matrix
 
     spec, _, loaded, before, table, stats = built
     windows = holdout_windows(loaded.tokenizer, data_dir, spec.windows, spec.window_tokens)
@@ -174,11 +176,10 @@ def test_operating_point_table_matches_whole_model_forwards(built, data_dir):
     checked against whole-model forwards of copies pruned with the same Wanda masks. The model leaves dense."""
     import dataclasses
 
-    from pruner.besa import block_input_norms
+    from pruner.core.scores import wanda_score
+    from pruner.engine.besa import block_input_norms
     from pruner.methods.masks import lowest_mask
-    from pruner.anatomy import prunable_layers, weight_matrix
-    from pruner.models import find_blocks
-    from pruner.scores import wanda_score
+    from pruner.model.anatomy import find_blocks, prunable_layers, weight_matrix
 
     spec, _, loaded, before, _, stats = built
     around = dataclasses.replace(spec, around=0.5)
@@ -221,7 +222,7 @@ def test_operating_point_table_matches_whole_model_forwards(built, data_dir):
 
 
 def test_table_is_cached_and_listed(built):
-    from pruner.cache import CacheLayout
+    from pruner.store.layout import CacheLayout
 
     spec, cache, loaded, _, table, _ = built
     again = get_damage_table(spec, cache, loaded=None)  # no model needed: read from the cache
@@ -235,7 +236,9 @@ def test_compounding_fit_is_measured_with_the_table_and_added_to_an_older_one(bu
     one (probes only, no rebuild) the next time it is asked for with a model at hand."""
     import shutil
 
-    from pruner.predictor import COMPOUNDING_FILE, COMPOUNDING_PROBES, predictor_dir, probe_allocations
+    from pruner.predictor.cache import predictor_dir
+    from pruner.predictor.compounding import COMPOUNDING_PROBES, probe_allocations
+    from pruner.predictor.table import COMPOUNDING_FILE
 
     spec, cache, loaded, _, table, stats = built
     fit = table.compounding
@@ -270,7 +273,7 @@ def test_magnitude_table_differs_from_wanda(built, data_dir):
 
 
 def test_spearman_by_hand():
-    from pruner.predictor import spearman
+    from pruner.predictor.tuning import spearman
 
     rho, n = spearman([1, 2, 3, 4], [10, 20, 40, 30])  # one swap: 1 − 6·2/(4·15) = 0.8
     assert rho == pytest.approx(0.8) and n == 4
@@ -287,7 +290,7 @@ def _table(delta: list[list[float]], grid) -> DamageTable:
 def test_optimal_allocation_worked_by_hand():
     """Block 0's damage rises slowly (0.1, 0.2, 0.3 at 0.25, 0.5, 0.75), block 1's steeply (0.05, 0.5, 2.0). At
     S = 0.5 in steps of 0.25 the choices with mean 0.5 are (0.75, 0.25): 0.35, (0.5, 0.5): 0.7, (0.25, 0.75): 2.1."""
-    from pruner.predictor import optimal_block_sparsity
+    from pruner.predictor.optimal import optimal_block_sparsity
 
     table = _table([[0.1, 0.2, 0.3], [0.05, 0.5, 2.0]], [0.25, 0.5, 0.75])
     np.testing.assert_allclose(optimal_block_sparsity(table, 0.5, step=0.25), [0.75, 0.25])
@@ -300,7 +303,7 @@ def test_optimal_allocation_worked_by_hand():
 def test_optimal_allocation_is_exact_against_brute_force():
     import itertools
 
-    from pruner.predictor import optimal_block_sparsity
+    from pruner.predictor.optimal import optimal_block_sparsity
 
     rng = np.random.default_rng(0)
     grid = [0.2, 0.4, 0.6, 0.8]
@@ -322,7 +325,7 @@ def test_optimal_allocation_with_compounding_against_brute_force_on_small_tables
     brute-force best on the 0.1 lattice on 7 of these 8 tables (it is a local search; the eighth is 8% above)."""
     import itertools
 
-    from pruner.predictor import optimal_block_sparsity
+    from pruner.predictor.optimal import optimal_block_sparsity
 
     levels = np.round(np.arange(3, 8) * 0.1, 2)
     feasible = [np.array(c) for c in itertools.product(levels, repeat=4) if abs(sum(c) - 2.0) < 1e-9]
@@ -349,14 +352,14 @@ def test_predictor_optimal_allocator_through_the_registry(built, data_dir):
     its block sparsities have mean S and a predicted loss no higher than uniform's or OWL's. How it was learned is
     part of its runs' key."""
     from pruner.allocation import allocate
-    from pruner.api import learn_allocation, learned_layer_sparsity
+    from pruner.engine.artifacts import learn_allocation, learned_layer_sparsity
 
     spec, cache, loaded, _, _, stats = built
     # the allocator reads the table of the default held-out windows and grid: built here for the tiny model
     result = learn_allocation(spec.stats, "predicted", 0.6, cache_dir=cache, loaded=loaded)
     alloc = allocate("predicted", stats, 0.6, learned=learned_layer_sparsity(result, stats))
     assert alloc.overall == pytest.approx(0.6)
-    from pruner.predictor import cached_table
+    from pruner.predictor.cache import cached_table
 
     table = cached_table(PredictorSpec(spec.stats, around=0.6), cache)  # the table around S, as learning reads
     assert result["predictor"] == PredictorSpec(spec.stats, around=0.6).key()
@@ -364,7 +367,7 @@ def test_predictor_optimal_allocator_through_the_registry(built, data_dir):
     assert result["predicted_perplexity"] == pytest.approx(best)
     for other in ("uniform", "owl", "atp"):
         assert best <= table.predict(allocate(other, stats, 0.6).block_sparsity).perplexity + 1e-12
-    from pruner.predictor import OPTIMAL_LEARNER
+    from pruner.predictor.optimal import OPTIMAL_LEARNER
 
     assert result["params"] == {"reach": 0.15}  # the default trust region, within which every block stays
     assert np.abs(alloc.block_sparsity - 0.6).max() <= 0.15 + 1e-9
@@ -377,7 +380,7 @@ def test_predictor_optimal_allocator_through_the_registry(built, data_dir):
 
 def test_tuning_searches_the_slider_grid_for_the_lowest_prediction(built):
     from pruner.allocation import allocate
-    from pruner.predictor import tune_parameters
+    from pruner.predictor.tuning import tune_parameters
 
     _, _, _, _, table, stats = built
     t = tune_parameters(table, stats, "atp", 0.5, points=6)  # δ ∈ {0, 0.01, …, 0.05}
@@ -413,7 +416,7 @@ def test_cli_prune_tune_records_the_tuned_parameters(tiny_folder, data_dir, tmp_
     assert manifest["tuning"]["by"] == "perplexity predictor"
     stats = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir))
     assert manifest["tuning"]["predictor"] == PredictorSpec(stats, around=0.5).key()  # the table around its S
-    from pruner.workflows import PruneRequest
+    from pruner.jobs.workflows import PruneRequest
 
     with pytest.raises(ValueError, match="allocator 'uniform' has no parameters to tune"):
         PruneRequest(PruneSpec(model=ModelSpec(tiny_folder), calib=CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir),
@@ -425,7 +428,7 @@ def test_tuning_reads_the_method_s_own_table_or_says_it_could_not(tiny_folder, d
     and the run's record and the CLI say so."""
     import json
 
-    from pruner.workflows import Context, tuned_spec
+    from pruner.jobs.workflows import Context, tuned_spec
     from tests.test_cli import cli_in_process
 
     calib = CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir)
@@ -447,7 +450,8 @@ def test_tuning_reads_the_method_s_own_table_or_says_it_could_not(tiny_folder, d
 def test_removed_energy_worked_by_hand():
     """Rows (1, 2, 3, 4) and (4, 3, 2, 1): at 25% each row loses its lowest score (1² + 1² = 2), at 50% its two
     lowest (2 · (1 + 4) = 10), at 75% three (2 · 14 = 28); at 13% round(0.52) = 1 weight per row."""
-    from pruner.predictor import ENERGY_STEP, removed_energy
+    from pruner.predictor.measure import removed_energy
+    from pruner.predictor.table import ENERGY_STEP
 
     e = removed_energy(torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]))
     assert len(e) == round(1 / ENERGY_STEP) + 1
@@ -474,11 +478,10 @@ def test_table_holds_each_layers_removed_energy(built):
     """The built table's energies are those of the Wanda scores from the cached statistics, in their layer order;
     a uniform allocation is its own equivalent."""
     from pruner.allocation import allocate
-    from pruner.besa import block_input_norms
-    from pruner.anatomy import prunable_layers, weight_matrix
-    from pruner.models import find_blocks
-    from pruner.predictor import removed_energy
-    from pruner.scores import wanda_score
+    from pruner.core.scores import wanda_score
+    from pruner.engine.besa import block_input_norms
+    from pruner.model.anatomy import find_blocks, prunable_layers, weight_matrix
+    from pruner.predictor.measure import removed_energy
 
     spec, cache, loaded, before, table, stats = built
     assert table.layer_energy.shape == (len(stats.layer_names), 101)
@@ -495,7 +498,7 @@ def test_cli_predicts_around_the_target_sparsity(tiny_folder, data_dir, tmp_path
     """`pruner predict --around` builds the operating-point table at S and predicts from it: uniform at S is the
     reference itself, so its prediction is the table's reference perplexity exactly."""
     from pruner import cli
-    from pruner.predictor import cached_table
+    from pruner.predictor.cache import cached_table
 
     args = ["predict", "--model", tiny_folder, "--device", "cpu", "--nsamples", "4", "--seqlen", "32",
             "--data-dir", data_dir, "--cache-dir", str(tmp_path), "--sparsity", "0.5", "--windows", "2",
@@ -512,7 +515,7 @@ def test_cli_predicts_around_the_target_sparsity(tiny_folder, data_dir, tmp_path
 
 def test_row_ranks_worked_by_hand_and_match_lowest_mask():
     from pruner.methods.masks import lowest_mask
-    from pruner.predictor import row_ranks
+    from pruner.predictor.measure import row_ranks
 
     scores = torch.tensor([[3.0, 1.0, 1.0, 2.0], [0.5, 0.5, 0.5, 0.1]])
     # stable ascending order: row 0 → positions 1, 2, 3, 0; row 1 → 3, 0, 1, 2

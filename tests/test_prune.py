@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from pruner.allocation import allocate
-from pruner.calibrate import Cancelled
+from pruner.core.scores import wanda_score
+from pruner.engine.calibrate import Cancelled
+from pruner.engine.prune import LayerTarget, layer_targets, prune_model
+from pruner.engine.stats import collect_stats
 from pruner.evaluate.perplexity import chunk_stream, perplexity_of_chunks
 from pruner.methods import NM
 from pruner.methods.masks import lowest_mask, prune_count
-from pruner.anatomy import prunable_layers, weight_matrix
-from pruner.models import find_blocks
-from pruner.prune import LayerTarget, layer_targets, prune_model
-from pruner.stats import collect_stats, wanda_score
+from pruner.model.anatomy import find_blocks, prunable_layers, weight_matrix
 from tests.test_calibrate import direct_input_norms
 from tests.tiny_models import tiny_model, tiny_tokens
 
@@ -133,8 +133,8 @@ def test_summed_nll_by_hand_and_sliced(monkeypatch):
 
 
 def test_layers_fed_the_same_tensor_share_one_state():
-    from pruner.calibrate import run_blockwise
-    from pruner.prune import PruningObserver
+    from pruner.engine.calibrate import run_blockwise
+    from pruner.engine.prune import PruningObserver
 
     model = tiny_model("llama")
     targets = {k: LayerTarget(0.5, None) for k in
@@ -158,7 +158,7 @@ def test_layers_fed_the_same_tensor_share_one_state():
 def test_first_pass_skipping_the_last_layer_gives_the_same_model(family, method, monkeypatch):
     """The first pass skips the last-running layer's matmul (its output only feeds the discarded block output):
     the pruned weights must be exactly those of full first passes."""
-    from pruner.prune import PruningObserver
+    from pruner.engine.prune import PruningObserver
 
     tokens = tiny_tokens(8, 16)
     results = {}
@@ -172,7 +172,7 @@ def test_first_pass_skipping_the_last_layer_gives_the_same_model(family, method,
 
 
 def test_first_pass_skips_one_matmul_per_mini_batch_after_the_first():
-    from pruner.prune import PruningObserver
+    from pruner.engine.prune import PruningObserver
 
     model = tiny_model("llama")
     tokens = tiny_tokens(8, 16)
@@ -184,7 +184,7 @@ def test_first_pass_skips_one_matmul_per_mini_batch_after_the_first():
     targets = {k: LayerTarget(0.5, None) for k in
                [(i, n) for i, b in enumerate(find_blocks(model)[1]) for n in prunable_layers(b)]}
     observer = PruningObserver("wanda", targets, "row", torch.device("cpu"))
-    from pruner.calibrate import run_blockwise
+    from pruner.engine.calibrate import run_blockwise
 
     run_blockwise(model, tokens, observer, batch_size=2)
     n_blocks = len(find_blocks(model)[1])

@@ -9,11 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pruner import metrics, runs
-from pruner.recover import RecoverSpec, learning_rate, train_lora
+from pruner.engine.recover import RecoverSpec, learning_rate, train_lora
+from pruner.runs import metrics
+from pruner.runs.execute import load_run, recover_run
+from pruner.runs.manifest import LORA_SUBFOLDER, run_zip
+from pruner.store.files import PROJECT_ROOT, read_manifest
 from tests.conftest import copy_of_tiny_run
 from tests.tiny_models import tiny_model, tiny_tokens
-from pruner.store import PROJECT_ROOT, read_manifest, run_zip
 
 
 def test_settings_are_checked():
@@ -49,7 +51,7 @@ def recovered(tiny_run, data_dir, tmp_path_factory):
     cache, parent = copy_of_tiny_run(tiny_run, tmp_path_factory.mktemp("recovered") / "cache")
     spec = RecoverSpec(read_manifest(parent)["key"], steps=12, seqlen=32, lr=1e-2)
     phases = []
-    folder = runs.recover_run(parent, spec, data_dir, cache, progress=lambda ph, d, t: phases.append((ph, d, t)))
+    folder = recover_run(parent, spec, data_dir, cache, progress=lambda ph, d, t: phases.append((ph, d, t)))
     return cache, parent, folder, spec, phases
 
 
@@ -63,7 +65,7 @@ def test_recovery_is_a_new_run_linked_to_its_parent(recovered):
     rec = m["recovery"]
     assert len(rec["losses"]) == 12 and rec["loss_last"] < rec["loss_first"]
     assert rec["merged"] is False and rec["trainable_params"] > 0
-    assert runs.recover_run(parent, spec, None, cache) == folder  # stored: not trained again (no data needed)
+    assert recover_run(parent, spec, None, cache) == folder  # stored: not trained again (no data needed)
 
 
 def test_pruned_weights_are_untouched_and_the_adapters_change_the_output(recovered):
@@ -71,10 +73,10 @@ def test_pruned_weights_are_untouched_and_the_adapters_change_the_output(recover
     assert load_file(folder / "model.safetensors").keys() == load_file(parent / "model.safetensors").keys()
     for name, tensor in load_file(parent / "model.safetensors").items():
         assert torch.equal(load_file(folder / "model.safetensors")[name], tensor)
-    adapters = load_file(folder / runs.LORA_SUBFOLDER / "adapter_model.safetensors")
+    adapters = load_file(folder / LORA_SUBFOLDER / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapters.items())  # B starts at 0; it was trained
-    base, _ = runs.load_run(parent)
-    model, _ = runs.load_run(folder)
+    base, _ = load_run(parent)
+    model, _ = load_run(folder)
     assert type(model).__name__ == "PeftModelForCausalLM"
     ids = torch.arange(1, 17)[None]
     assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits)
@@ -88,7 +90,7 @@ def test_zip_carries_the_adapters_and_a_recovered_run_is_not_recovered_again(rec
         names = z.namelist()
     assert f"{folder.name}/lora/adapter_config.json" in names and f"{folder.name}/model.safetensors" in names
     with pytest.raises(ValueError, match="is already a LoRA recovery; recover its parent"):
-        runs.recover_run(folder, RecoverSpec(folder.name, steps=1), data_dir, cache)
+        recover_run(folder, RecoverSpec(folder.name, steps=1), data_dir, cache)
     with pytest.raises(ValueError, match="is a LoRA recovery: its unmerged adapters are a dense branch"):
         metrics.evaluate_speed(folder, None, cache)
 

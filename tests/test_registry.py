@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pruner import cli
-from pruner.params import Param, check_params
+from pruner.core.params import Param, check_params
 from tests.toy_registry import GAMMA, registered, tilt
 
 

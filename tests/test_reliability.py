@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from pruner.jobs import JobStore, submit
+from pruner.jobs.queue import JobStore, submit
+from pruner.jobs.workflows import PruneRequest
 from pruner.specs import PruneSpec
-from pruner.workflows import PruneRequest
 from tests.conftest import copy_of_tiny_run
 
 
@@ -81,14 +81,15 @@ def test_corrupt_or_foreign_statistics_are_named_listed_as_stale_and_never_used(
     """The session's tiny run cached its statistics; they are truncated, byte-flipped, or replaced by another
     model's (the bundled SmolLM2's, 30 blocks, saved under the tiny model's key): each is refused by name, listed by
     `cache --stale`, and once removed computed again."""
-    from pruner import api
-    from pruner.cache import CacheLayout
-    from pruner.runs import read_run
-    from pruner.specs import CalibSpec, ModelSpec, StatsSpec
-    from pruner.stats import CorruptStatistics
+    from pruner.engine import artifacts
+    from pruner.engine.stats import CorruptStatistics
+    from pruner.model.catalogue import ModelSpec
+    from pruner.runs.manifest import read_run
+    from pruner.specs import CalibSpec, StatsSpec
+    from pruner.store.layout import CacheLayout
 
     other = tmp_path / "other"
-    api.get_stats(StatsSpec(ModelSpec("smollm2-135m"), CalibSpec(nsamples=1, seqlen=16, data_dir=data_dir)), other,
+    artifacts.get_stats(StatsSpec(ModelSpec("smollm2-135m"), CalibSpec(nsamples=1, seqlen=16, data_dir=data_dir)), other,
                   loaded=smollm2)
     for fault in ("truncated", "byte-flipped", "foreign"):
         cache, run = copy_of_tiny_run(tiny_run, tmp_path / fault)
@@ -99,11 +100,11 @@ def test_corrupt_or_foreign_statistics_are_named_listed_as_stale_and_never_used(
         assert folder.name == spec.key()
         _damage(folder, fault, _stats_folder(other))
         with pytest.raises(CorruptStatistics, match=f"cached statistics {folder} cannot be used"):
-            api.load_cached_stats(spec, cache)
+            artifacts.load_cached_stats(spec, cache)
         layout = CacheLayout.at(cache)
         assert layout.stale_reason("stats", folder).startswith("corrupt: "), fault
         layout.remove([folder])
-        assert api.get_stats(spec, cache, save=False).n_blocks == 4  # computed again, from the tiny model
+        assert artifacts.get_stats(spec, cache, save=False).n_blocks == 4  # computed again, from the tiny model
 
 
 def _model_path(run):

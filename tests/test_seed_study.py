@@ -6,7 +6,7 @@ import re
 import pytest
 
 from bench import seed_study
-from pruner.runs import list_runs
+from pruner.runs.manifest import list_runs
 
 STUDY = ["--allocators", "uniform", "dlp:alpha=0.45", "--methods", "magnitude", "--sparsities", "0.8", "--seeds", "2",
          "--preset", "tiny", "--max-chunks", "1", "--drop-weights"]
@@ -64,7 +64,7 @@ def test_matrix_cell_is_the_paired_ratio_of_the_runs(tiny_folder, data_dir, tmp_
 
 
 def test_matrix_cell_text():
-    from pruner.intervals import paired_ratio
+    from pruner.core.intervals import paired_ratio
 
     d = paired_ratio([0.0, 0.0, 0.0], [0.1, 0.1, 0.1], "seeds")  # every seed ×e^0.1: separable, zero width
     assert seed_study.matrix_cell(d, 3) == "**×1.105 [1.105, 1.105]**"

@@ -3,12 +3,15 @@
 import numpy as np
 import pytest
 
-from pruner.cache import CacheLayout
-from pruner import api, metrics, runs
 from pruner.allocation import ALLOCATORS, allocate, formula_allocators
 from pruner.data import calibration_tokens
-from pruner.models import model_summary
-from pruner.specs import CalibSpec, ModelSpec, StatsSpec
+from pruner.engine import artifacts
+from pruner.model.catalogue import ModelSpec
+from pruner.model.loading import model_summary
+from pruner.runs import metrics
+from pruner.runs.execute import run_prune
+from pruner.specs import CalibSpec, StatsSpec
+from pruner.store.layout import CacheLayout
 from tests.conftest import share_project_models
 from tests.test_calibrate import direct_input_norms
 
@@ -18,7 +21,7 @@ def small_stats(smollm2, data_dir, tmp_path_factory):
     cache = share_project_models(tmp_path_factory.mktemp("cache"))  # (a bare cache would convert SmolLM2 again)
     spec = StatsSpec(ModelSpec("smollm2-135m", device="cpu"), CalibSpec(nsamples=4, seqlen=128, data_dir=data_dir))
     seen = []
-    stats = api.get_stats(spec, cache, loaded=smollm2, progress=lambda d, t: seen.append((d, t)))
+    stats = artifacts.get_stats(spec, cache, loaded=smollm2, progress=lambda d, t: seen.append((d, t)))
     return spec, cache, stats, seen
 
 
@@ -34,7 +37,7 @@ def test_stats_cached_and_progress(small_stats):
     spec, cache, stats, seen = small_stats
     assert seen[-1] == (30, 30) and len(seen) == 30
     assert (CacheLayout.at(cache).stats(spec.key()) / "stats.npz").exists()
-    again = api.load_cached_stats(spec, cache)
+    again = artifacts.load_cached_stats(spec, cache)
     np.testing.assert_array_equal(again.ratio_counts_above, stats.ratio_counts_above)
     assert again.meta["summary"]["blocks"] == 30
 
@@ -68,11 +71,11 @@ def test_allocators_hit_target_on_real_stats(small_stats, name, S):
 
 def test_prune_and_perplexity_end_to_end(smollm2, data_dir, small_stats):
     from pruner.specs import PruneSpec
-    from pruner.store import read_manifest
+    from pruner.store.files import read_manifest
 
     stats_spec, cache, _, _ = small_stats  # the allocation reads these cached statistics (no second stats pass)
     spec = PruneSpec(model=stats_spec.model, calib=stats_spec.calib, allocator="owl", method="wanda", sparsity=0.5)
-    folder = runs.run_prune(spec, cache, loaded=smollm2)
+    folder = run_prune(spec, cache, loaded=smollm2)
     manifest = read_manifest(folder)
     for layer in manifest["achieved"]["layers"]:  # within one weight per output row (the Q4_1 weights hold a few
         in_features = 1536 if layer["name"] == "mlp.down_proj" else 576  # exact zeros, which only add)

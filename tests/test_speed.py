@@ -10,11 +10,13 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from pruner import metrics
-from pruner.evaluate import deepsparse_env, onnx_export, speed
+from pruner.evaluate import deepsparse_env, onnx_export, speed, speed_spec
+from pruner.store.formats import EXPORT_VERSION
 from pruner.evaluate.onnx_export import export_graphs, fold_weight_transposes
-from pruner.evaluate.speed import SpeedSpec, ideal_decode_speedup
-from pruner.store import read_manifest
+from pruner.evaluate.speed import ideal_decode_speedup
+from pruner.evaluate.speed_spec import SpeedSpec
+from pruner.runs import metrics
+from pruner.store.files import read_manifest
 from tests.tiny_models import VOCAB, tiny_model
 
 
@@ -218,12 +220,12 @@ def test_deepsparse_worker_round_trip_on_a_stored_run(own_tiny_run):
         for model in ("dense", "pruned"):
             assert row["checks"][model]["ok"] and row["checks"][model]["max_rel_diff"] <= speed.OUTPUT_RTOL
             assert row[model]["runs"] == 30 and row[model]["compile_s"] > 0
-            assert len(row[model]["round_medians_ms"]) == speed.DEFAULT_ROUNDS  # 5 rounds of 6 calls, in turn
+            assert len(row[model]["round_medians_ms"]) == speed_spec.DEFAULT_ROUNDS  # 5 rounds of 6 calls, in turn
         assert result["speedup"][graph] == pytest.approx(row["dense"]["median_ms"] / row["pruned"]["median_ms"])
         assert result["speedup_by_round"][graph] == pytest.approx(
             [d / p for d, p in zip(row["dense"]["round_medians_ms"], row["pruned"]["round_medians_ms"])])
     stored = read_manifest(folder)["metrics"][metrics.speed_metric_name(result)]
     assert stored["speedup"] == result["speedup"] and stored["sparsity"] == pytest.approx(0.5, abs=0.01)
     # the dense graphs are kept for the next run of the same model and shape
-    assert sorted(p.name for p in next((cache / "dense").iterdir()).glob(f"onnx/v{onnx_export.EXPORT_VERSION}-b1-t16/*.onnx")) == [
+    assert sorted(p.name for p in next((cache / "dense").iterdir()).glob(f"onnx/v{EXPORT_VERSION}-b1-t16/*.onnx")) == [
         "decode.onnx", "prefill.onnx"]

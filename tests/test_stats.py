@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pruner.stats import M_GRID, Stats, StatsBuilder, counts_above, histogram, wanda_score
+from pruner.core.scores import wanda_score
+from pruner.engine.stats import M_GRID, Stats, StatsBuilder, counts_above, histogram
 
 
 def _two_layer_block():

@@ -9,15 +9,18 @@ import zipfile
 import pytest
 import torch
 
-from pruner import api, metrics, runs
 from pruner.allocation import allocate
-from pruner.calibrate import Cancelled
 from pruner.data import calibration_tokens
-from pruner.models import load_model
-from pruner.prune import layer_targets, prune_model
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec
-from pruner.store import PROJECT_ROOT, add_metrics, atomic_dir, read_manifest, run_zip, update_metrics
-from pruner.runs import list_runs
+from pruner.engine import artifacts
+from pruner.engine.calibrate import Cancelled
+from pruner.engine.prune import layer_targets, prune_model
+from pruner.model.catalogue import ModelSpec
+from pruner.model.loading import load_model
+from pruner.runs import metrics
+from pruner.runs.execute import load_run, run_prune
+from pruner.runs.manifest import BadRun, drop_weights, list_runs, run_zip
+from pruner.specs import CalibSpec, PruneSpec
+from pruner.store.files import PROJECT_ROOT, add_metrics, atomic_dir, read_manifest, update_metrics
 
 
 @pytest.fixture
@@ -28,7 +31,7 @@ def spec(tiny_folder, data_dir):
 
 def test_run_folder_manifest_and_reuse(spec, tmp_path):
     phases = []
-    folder = runs.run_prune(spec, tmp_path, progress=lambda p, d, t: phases.append((p, d, t)))
+    folder = run_prune(spec, tmp_path, progress=lambda p, d, t: phases.append((p, d, t)))
     assert ("statistics", 4, 4) in phases and ("prune", 4, 4) in phases
     for name in ("model.safetensors", "config.json", "tokenizer.json", "manifest.json"):
         assert (folder / name).is_file()
@@ -42,17 +45,17 @@ def test_run_folder_manifest_and_reuse(spec, tmp_path):
     assert m["memory"]["process_peak_rss_gb"] > 0 and m["timings_s"]["prune"] > 0
     assert [r.key for r in list_runs(tmp_path).runs] == [spec.key()]
     # same spec: returned as is, not recomputed
-    assert runs.run_prune(spec, tmp_path, progress=lambda *a: pytest.fail("recomputed")) == folder
-    again = runs.run_prune(spec, tmp_path, force=True)
+    assert run_prune(spec, tmp_path, progress=lambda *a: pytest.fail("recomputed")) == folder
+    again = run_prune(spec, tmp_path, force=True)
     assert read_manifest(again)["created"] >= m["created"]
 
 
 def test_saved_run_loads_with_the_same_logits(spec, tmp_path):
-    folder = runs.run_prune(spec, tmp_path)
-    loaded, _ = runs.load_run(folder)
+    folder = run_prune(spec, tmp_path)
+    loaded, _ = load_run(folder)
     # prune a fresh copy in memory the same way
     base = load_model(spec.model)
-    stats = api.get_stats(spec.stats_spec, tmp_path, loaded=base)
+    stats = artifacts.get_stats(spec.stats_spec, tmp_path, loaded=base)
     alloc = allocate("owl", stats, 0.5, lam=0.05, m=3)
     model = copy.deepcopy(base.model)
     targets = layer_targets(alloc.layer_sparsity, list(zip(stats.layer_block.tolist(), stats.layer_names)), None)
@@ -64,13 +67,13 @@ def test_saved_run_loads_with_the_same_logits(spec, tmp_path):
 
 def test_cancelled_run_leaves_nothing(spec, tmp_path):
     with pytest.raises(Cancelled):
-        runs.run_prune(spec, tmp_path, should_cancel=lambda: True)
+        run_prune(spec, tmp_path, should_cancel=lambda: True)
     folder = tmp_path / "runs"
     assert not folder.exists() or list(folder.iterdir()) == []
 
 
 def test_perplexity_lands_in_manifest_and_reproduces(spec, tmp_path, data_dir):
-    folder = runs.run_prune(spec, tmp_path)
+    folder = run_prune(spec, tmp_path)
     r1 = metrics.evaluate_perplexity(folder, data_dir, max_chunks=2, seqlen=64)
     r2 = metrics.evaluate_perplexity(folder, data_dir, max_chunks=2, seqlen=64, reuse=False)  # computed again
     assert r1["perplexity"] == r2["perplexity"] and r1["partial"] and r1["chunks"] == 2
@@ -88,13 +91,13 @@ def test_first_chunks_of_a_longer_evaluation_need_no_weights(spec, tmp_path, dat
     derived from the first 2 chunk NLLs equals a direct 2-chunk evaluation (made before the weights went)."""
     import math
 
-    folder = runs.run_prune(spec, tmp_path)
+    folder = run_prune(spec, tmp_path)
     direct = metrics.evaluate_perplexity(folder, data_dir, max_chunks=2, seqlen=64)
     three = metrics.evaluate_perplexity(folder, data_dir, max_chunks=3, seqlen=64)
     manifest = read_manifest(folder)
     del manifest["metrics"]["perplexity:wikitext2-test:seq64:first2"]  # as if only the 3-chunk one had been run
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    runs.drop_weights(folder)
+    drop_weights(folder)
     derived = metrics.evaluate_perplexity(folder, data_dir, max_chunks=2, seqlen=64)  # no BadRun: no forward pass
     assert derived["chunk_mean_nll"] == direct["chunk_mean_nll"] == three["chunk_mean_nll"][:2]
     assert math.isclose(derived["perplexity"], direct["perplexity"], rel_tol=1e-12)
@@ -104,7 +107,7 @@ def test_first_chunks_of_a_longer_evaluation_need_no_weights(spec, tmp_path, dat
     # stored under its own protocol (groups and charts read it there); nothing beyond the 3 chunks is invented
     assert read_manifest(folder)["metrics"]["perplexity:wikitext2-test:seq64:first2"] == derived
     assert metrics.stored_perplexity(folder, max_chunks=4, seqlen=64) is None
-    with pytest.raises(runs.BadRun):
+    with pytest.raises(BadRun):
         metrics.evaluate_perplexity(folder, data_dir, max_chunks=4, seqlen=64)
 
 
@@ -112,7 +115,7 @@ def test_first_chunks_by_hand():
     """Chunk NLLs ln 2, ln 8, ln 4 over 3 chunks of 4 scored tokens: the first 2 give exp((ln 2 + ln 8)/2) = 4."""
     import math
 
-    from pruner.groups import first_chunks
+    from pruner.runs.groups import first_chunks
 
     parent = {"dataset": "wikitext2-test", "seqlen": 5, "chunks": 3, "chunks_total": 10, "partial": True,
               "tokens_scored": 12, "seconds": 3.0, "tokens_per_second": 5.0, "kind": "token-level",
@@ -146,7 +149,7 @@ def _fake_run(tmp_path):
 
 WRITER = """
 import sys
-from pruner.store import add_metrics
+from pruner.store.files import add_metrics
 folder, tag = sys.argv[1], sys.argv[2]
 for i in range(60):
     add_metrics(folder, f"{tag}{i}", {"i": i})

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from pruner import runs
-from tests.conftest import share_project_models
 from pruner.methods import METHODS
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec
-from pruner.streaming import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint, ShardWriter, build_skeleton
+from pruner.model.catalogue import ModelSpec
+from pruner.model.streaming import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, Checkpoint, ShardWriter, build_skeleton
+from pruner.runs.execute import load_run, run_prune
+from pruner.specs import CalibSpec, PruneSpec
+from tests.conftest import share_project_models
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +45,22 @@ def test_streamed_prune_equals_in_memory_for_every_method(sharded_folder, data_d
     spec = PruneSpec(model=ModelSpec(sharded_folder, device="cpu"),
                      calib=CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir),
                      allocator="owl", method=method, sparsity=0.6, allocator_params={"lam": 0.05, "m": 3})
-    in_memory = runs.run_prune(spec, tmp_path).rename(tmp_path / "in-memory")  # statistics stay cached
-    streamed = runs.run_prune(spec, tmp_path, stream=True)
+    in_memory = run_prune(spec, tmp_path).rename(tmp_path / "in-memory")  # statistics stay cached
+    streamed = run_prune(spec, tmp_path, stream=True)
     _assert_same_weights(in_memory, streamed)
     manifest = json.loads((streamed / "manifest.json").read_text())
     assert manifest["execution"] == {"streamed": True, "device": "cpu", "offload_activations": False}
     assert manifest["achieved"]["overall"] == pytest.approx(0.6, abs=0.01)
     # the streamed run loads like any run and computes what the in-memory one does
-    a, _ = runs.load_run(in_memory)
-    b, _ = runs.load_run(streamed)
+    a, _ = load_run(in_memory)
+    b, _ = load_run(streamed)
     ids = torch.arange(20)[None]
     assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
 
 
 def test_streamed_statistics_equal_in_memory(sharded_folder, data_dir):
-    from pruner.api import compute_stats
-    from pruner.models import load_model
+    from pruner.engine.artifacts import compute_stats
+    from pruner.model.loading import load_model
     from pruner.specs import StatsSpec
 
     spec = StatsSpec(ModelSpec(sharded_folder, device="cpu"), CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir))
@@ -76,8 +77,8 @@ def test_streamed_smollm2_equals_in_memory(smollm2, data_dir, tmp_path):
         spec = PruneSpec(model=ModelSpec("smollm2-135m", device="cpu"),
                          calib=CalibSpec(nsamples=4, seqlen=64, data_dir=data_dir),
                          allocator="uniform", method=method, sparsity=0.7)
-        in_memory = runs.run_prune(spec, _sharing_models(tmp_path / f"memory-{method}"))
-        streamed = runs.run_prune(spec, _sharing_models(tmp_path / f"streamed-{method}"), stream=True)
+        in_memory = run_prune(spec, _sharing_models(tmp_path / f"memory-{method}"))
+        streamed = run_prune(spec, _sharing_models(tmp_path / f"streamed-{method}"), stream=True)
         _assert_same_weights(in_memory, streamed)
         # the tied head is stored once, as save_pretrained does
         assert "lm_head.weight" not in Checkpoint(streamed).names()
@@ -93,8 +94,8 @@ def test_streamed_besa_learns_and_prunes_as_in_memory(sharded_folder, data_dir, 
                      allocator="besa", method="wanda", sparsity=0.6)
     offloaded = dataclasses.replace(spec, model=dataclasses.replace(spec.model, offload_activations=True))
     assert offloaded.key() == spec.key()  # where activations live is not what the weights are
-    in_memory = runs.run_prune(spec, tmp_path / "a")
-    streamed = runs.run_prune(offloaded, tmp_path / "b", stream=True)
+    in_memory = run_prune(spec, tmp_path / "a")
+    streamed = run_prune(offloaded, tmp_path / "b", stream=True)
     _assert_same_weights(in_memory, streamed)
     learned = [json.loads(next((tmp_path / side / "learned").glob("*/learned.json")).read_text())
                for side in ("a", "b")]
@@ -146,14 +147,14 @@ def test_a_folder_without_safetensors_is_refused(tmp_path):
 
 def test_a_failed_streamed_prune_leaves_no_run(sharded_folder, data_dir, tmp_path):
     """Cancelled half-way: the shards already written go with the temporary folder."""
-    from pruner.calibrate import Cancelled
+    from pruner.engine.calibrate import Cancelled
 
     spec = PruneSpec(model=ModelSpec(sharded_folder, device="cpu"),
                      calib=CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir), allocator="uniform",
                      method="wanda", sparsity=0.5)
     calls = []
     with pytest.raises(Cancelled):
-        runs.run_prune(spec, tmp_path, stream=True, should_cancel=lambda: calls.append(1) or len(calls) > 2)
+        run_prune(spec, tmp_path, stream=True, should_cancel=lambda: calls.append(1) or len(calls) > 2)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
@@ -173,7 +174,7 @@ def test_cli_prune_stream(sharded_folder, tmp_path, data_dir):
 def test_cli_allocate_besa_stream(sharded_folder, tmp_path, data_dir):
     """`allocate --allocator besa --stream` in a real subprocess learns block by block from the shards; the
     sparsities equal an in-memory learning in the library."""
-    from pruner.api import learn_allocation
+    from pruner.engine.artifacts import learn_allocation
     from pruner.specs import StatsSpec
     from tests.test_cli import run_cli
 
@@ -188,12 +189,12 @@ def test_cli_allocate_besa_stream(sharded_folder, tmp_path, data_dir):
 
 def test_streamed_perplexity_equals_whole_model(sharded_folder, data_dir, tmp_path):
     """Block by block over all chunks, blocks read from the shards: the same per-chunk NLLs as the whole model."""
-    from pruner import metrics
+    from pruner.runs import metrics
 
     spec = PruneSpec(model=ModelSpec(sharded_folder, device="cpu"),
                      calib=CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir), allocator="uniform",
                      method="wanda", sparsity=0.5)
-    folder = runs.run_prune(spec, tmp_path, stream=True)
+    folder = run_prune(spec, tmp_path, stream=True)
     whole = metrics.evaluate_perplexity(folder, data_dir, max_chunks=3, seqlen=64)
     blockwise = metrics.evaluate_perplexity(folder, data_dir, max_chunks=3, seqlen=64, stream=True, reuse=False)
     assert blockwise["chunk_mean_nll"] == pytest.approx(whole["chunk_mean_nll"], rel=1e-6)
@@ -202,8 +203,8 @@ def test_streamed_perplexity_equals_whole_model(sharded_folder, data_dir, tmp_pa
 
 def test_streamed_dense_perplexity_of_smollm2(smollm2, data_dir, tmp_path):
     """The bundled model's first chunk, whole model vs blocks streamed from its checkpoint (tied head)."""
-    from pruner.metrics import dense_perplexity
-    from pruner.models import load_model
+    from pruner.model.loading import load_model
+    from pruner.runs.metrics import dense_perplexity
 
     spec = ModelSpec("smollm2-135m", device="cpu")
     whole = dense_perplexity(spec, data_dir, _sharing_models(tmp_path / "a"), max_chunks=1, seqlen=256,

@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pruner.jobs import JobStore
-from pruner.ray_exec import start_local_head
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec
-from pruner.sweep import LocalExecutor, SweepRequest, wait_for
+from pruner.jobs.queue import JobStore
+from pruner.jobs.ray_exec import start_local_head
+from pruner.jobs.sweep import LocalExecutor, SweepRequest, wait_for
+from pruner.model.catalogue import ModelSpec
+from pruner.specs import CalibSpec, PruneSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The head stops by itself after this long even if the test process dies first.
@@ -100,7 +101,7 @@ def test_ray_sweep_gives_the_local_executors_runs(ray_head, tiny_folder, data_di
 
 
 def test_killed_ray_worker_is_retried_and_leaves_no_partial_run(ray_head, tiny_folder, data_dir, tmp_path):
-    from pruner.ray_exec import RayExecutor, RaySettings
+    from pruner.jobs.ray_exec import RayExecutor, RaySettings
 
     cache, node = tmp_path / "store", tmp_path / "node"
     store = JobStore(cache / "jobs.sqlite")
@@ -154,7 +155,7 @@ def test_prune_page_submits_its_grid_to_the_ray_cluster_named_in_the_sidebar(ray
 
 
 def test_without_ray_the_ray_option_says_what_to_install(monkeypatch):
-    from pruner.sweep import executor_for
+    from pruner.jobs.sweep import executor_for
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as on a machine without it
     assert executor_for(None).name == "local"
@@ -165,8 +166,8 @@ def test_without_ray_the_ray_option_says_what_to_install(monkeypatch):
 def test_stale_temporaries_are_matched_by_pid_and_host(tmp_path):
     """On a cache that several nodes share, a pid alone does not name a writer: a node clears only folders of its
     own dead writers, the driver only those of the lost attempt's pid on the lost attempt's host."""
-    from pruner.ray_exec import lost_attempt, remove_stale_temporaries
-    from pruner.store import atomic_dir, temporary_writer, writer_gone_here, writer_host
+    from pruner.jobs.ray_exec import lost_attempt, remove_stale_temporaries
+    from pruner.store.files import atomic_dir, temporary_writer, writer_gone_here, writer_host
 
     here = writer_host()
     with atomic_dir(tmp_path / "runs" / "0123456789abcdef") as tmp:

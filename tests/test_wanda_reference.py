@@ -7,9 +7,8 @@ import copy
 import pytest
 import torch
 
-from pruner.anatomy import prunable_layers, weight_matrix
-from pruner.models import find_blocks
-from pruner.prune import LayerTarget, prune_model
+from pruner.engine.prune import LayerTarget, prune_model
+from pruner.model.anatomy import find_blocks, prunable_layers, weight_matrix
 from tests.plain_wanda import plain_wanda
 from tests.tiny_models import tiny_model, tiny_tokens
 

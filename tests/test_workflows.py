@@ -41,12 +41,12 @@ def test_prune_runs_are_bit_identical_to_the_code_before_the_workflow_layer(smol
 
 
 def test_requests_round_trip_through_the_job_table_form(tiny_folder, data_dir):
-    from pruner.evaluate.speed import SpeedSpec
-    from pruner.recover import RecoverSpec
+    from pruner.engine.recover import RecoverSpec
+    from pruner.evaluate.speed_spec import SpeedSpec
+    from pruner.jobs.workflows import (EvalRequest, LearnRequest, PerplexityOptions, PredictorRequest, PruneRequest,
+                                       RecoverRequest, StatsRequest, ZeroshotOptions, request_from_dict)
+    from pruner.predictor.table import PredictorSpec
     from pruner.specs import StatsSpec
-    from pruner.predictor import PredictorSpec
-    from pruner.workflows import (EvalRequest, LearnRequest, PerplexityOptions, PredictorRequest, PruneRequest,
-                                  RecoverRequest, StatsRequest, ZeroshotOptions, request_from_dict)
     from tests.golden_runs import CASES
 
     spec = build_spec(CASES[1], tiny_folder, data_dir)
@@ -67,8 +67,8 @@ def test_requests_round_trip_through_the_job_table_form(tiny_folder, data_dir):
 
 def test_a_request_whose_calibration_exceeds_the_context_is_refused_when_built():
     """The check the CLI makes is the request's own, so a page or a job payload gets it too."""
+    from pruner.jobs.workflows import PruneRequest, StatsRequest
     from pruner.specs import CalibSpec, PruneSpec, StatsSpec
-    from pruner.workflows import PruneRequest, StatsRequest
 
     long = CalibSpec(seqlen=100_000)
     for request in (lambda: PruneRequest(PruneSpec(calib=long)), lambda: StatsRequest(StatsSpec(calib=long))):
@@ -83,7 +83,7 @@ def test_a_request_whose_calibration_exceeds_the_context_is_refused_when_built()
     (dict(kind="sweep", payload={}), "request kind must be one of"),
 ])
 def test_bad_requests_are_refused_when_built(bad, message):
-    from pruner.workflows import request_from_dict
+    from pruner.jobs.workflows import request_from_dict
 
     with pytest.raises(ValueError, match=message):
         request_from_dict(bad["kind"], bad["payload"])
@@ -93,8 +93,8 @@ def test_method_parameters_reach_the_method(smollm2, data_dir, tmp_path):
     """ADMM's iterations and ρ, set in the spec, change the weights and are stored with the run."""
     from dataclasses import replace
 
-    from pruner.runs import read_run
-    from pruner.workflows import Context, PruneRequest, run
+    from pruner.jobs.workflows import Context, PruneRequest, run
+    from pruner.runs.manifest import read_run
     from tests.golden_runs import CASES, weights_digest
 
     folder = tiny_llama_folder(tmp_path / "tiny", smollm2.tokenizer)

@@ -2,17 +2,17 @@
 equal to a direct log-likelihood computation, results merged into the run's manifest."""
 
 import json
-from pathlib import Path
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from pruner import metrics
 from pruner.evaluate.zeroshot import TASKS, parse_tasks, request_cache_file, write_local_tasks, zeroshot_accuracy
-from pruner.store import read_manifest
+from pruner.runs import metrics
+from pruner.store.files import read_manifest
 
 
 def test_parse_tasks_names_the_allowed_ones():
@@ -112,7 +112,7 @@ def test_bad_limit_is_rejected(own_tiny_run, data_dir):
 
 def test_a_cancel_keeps_the_tasks_already_finished(own_tiny_run, data_dir):
     """Results are saved task by task: cancelled after the first of two tasks, the first is in the manifest."""
-    from pruner.calibrate import Cancelled
+    from pruner.engine.calibrate import Cancelled
 
     _, folder = own_tiny_run
     done = []

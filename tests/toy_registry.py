@@ -8,10 +8,10 @@ import contextlib
 import numpy as np
 
 from pruner.allocation import ALLOCATORS, NEEDS_LAYOUT, Allocator, check_sparsity
+from pruner.core.params import Param
 from pruner.methods import METHODS
 from pruner.methods.base import LayerMethod
 from pruner.methods.masks import select
-from pruner.params import Param
 
 GAMMA = Param("gamma", "γ", float, 0.05, "toy tilt: block sparsities rise linearly by 2γ from first to last block",
               low=0.0, high=0.2, step=0.01)

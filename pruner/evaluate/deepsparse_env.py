@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from pruner.store import PROJECT_ROOT
+from pruner.store.files import PROJECT_ROOT
 
 #: The versions that work together (see DESIGN.md): 1.9.0 is an end-of-life stub that refuses to install, and with
 #: numpy 2 DeepSparse 1.8.0 returns wrong logits.

@@ -13,24 +13,20 @@ import contextvars
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
-if TYPE_CHECKING:
-    from pruner.evaluate.speed import SpeedSpec
+from pruner.evaluate.speed_spec import SpeedSpec
 
 #: DeepSparse 1.8.0's bundled ONNX reader accepts IR version 8; the exporter writes 10 (opset 18 is fine).
 DEEPSPARSE_IR_VERSION = 8
 ONNX_OPSET = 18
-#: Bump when the exported graphs change (part of the cached dense graphs' folder name and of every result).
-EXPORT_VERSION = 6
 #: The two exported graphs of every model (see ``export_graphs``).
 GRAPHS = ("prefill", "decode")
 #: The exported graphs must reproduce PyTorch within this fraction of its largest |output| (float32 kernels of two
 #: runtimes through 30 layers differ by ~1e-4 of the largest logit on SmolLM2 with a random KV cache).
 EXPORT_RTOL = 1e-3
-
 
 
 def kv_cache_shapes(model, batch: int, seqlen: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:

@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from pruner.calibrate import Cancelled, run_blockwise
+from pruner.core.intervals import perplexity_over_chunks
 from pruner.data import wikitext2_text
-from pruner.intervals import perplexity_over_chunks
+from pruner.engine.calibrate import Cancelled, run_blockwise
 
 #: Label value that cross_entropy skips (the last position of a chunk has no next token).
 IGNORE = -100
@@ -124,7 +124,7 @@ def perplexity_of_chunks_blockwise(model, chunks: torch.Tensor, device, blocks,
                                    progress: Callable[[int, int], None] | None = None,
                                    should_cancel: Callable[[], bool] | None = None) -> tuple[float, int, list[float]]:
     """``perplexity_of_chunks`` computed the other way round: every chunk goes through block 0, then through block
-    1, ... (the calibration loop, ``pruner.calibrate.run_blockwise``, with ``blocks`` providing each block's
+    1, ... (the calibration loop, ``pruner.engine.calibrate.run_blockwise``, with ``blocks`` providing each block's
     weights for its turn, e.g. streamed from disk), then through the final norm and head one chunk at a time.
     Each block is read once for all chunks; memory holds the chunks' hidden states and one block. Same numbers as
     the whole-model forward. ``progress`` counts blocks."""
@@ -152,8 +152,8 @@ def wikitext2_perplexity(model, tokenizer, data_dir=None, split: str = "test", s
                          progress: Callable[[int, int], None] | None = None,
                          should_cancel: Callable[[], bool] | None = None, blocks=None) -> dict:
     """The papers' WikiText-2 perplexity; ``max_chunks`` gives a quick estimate, flagged ``partial``. The result
-    keeps each chunk's mean NLL and the evaluation interval they give (``pruner.intervals``). ``blocks`` (a
-    ``pruner.calibrate.BlockStore``): evaluate block by block over all chunks, each block fetched once (a streamed
+    keeps each chunk's mean NLL and the evaluation interval they give (``pruner.core.intervals``). ``blocks`` (a
+    ``pruner.engine.calibrate.BlockStore``): evaluate block by block over all chunks, each block fetched once (a streamed
     model's skeleton); else the whole model runs chunk by chunk."""
     device = device if device is not None else next(model.parameters()).device
     check_window(model, seqlen)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from pruner.data import DataError
-from pruner.store import default_data_dir
+from pruner.store.files import default_data_dir
 
 
 @dataclass(frozen=True)
@@ -133,9 +133,9 @@ def zeroshot_accuracy(model, tokenizer, *, tasks=None, limit: int | None = None,
 
     Returns {"tasks": {name: {acc, acc_stderr[, acc_norm, acc_norm_stderr], n}}, "mean_acc", "limit", "partial",
     "source", "lm_eval", "seconds"}. ``progress(done, total)`` is called per task, and ``should_cancel`` is checked
-    between tasks (raises ``pruner.calibrate.Cancelled``).
+    between tasks (raises ``pruner.engine.calibrate.Cancelled``).
     """
-    from pruner.calibrate import Cancelled
+    from pruner.engine.calibrate import Cancelled
 
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")

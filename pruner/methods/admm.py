@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
+from pruner.core.params import Param
 from pruner.methods.base import LayerMethod
 from pruner.methods.masks import NM, select
 from pruner.methods.sparsegpt import add_gram_
-from pruner.params import Param
 
 #: ρ, the ADMM penalty (the paper's default on normalised G).
 RHO = 1.0

@@ -11,8 +11,8 @@ from typing import ClassVar
 
 import torch
 
+from pruner.core.params import Param, check_params
 from pruner.methods.masks import NM
-from pruner.params import Param, check_params
 
 
 class LayerMethod(ABC):
@@ -22,7 +22,7 @@ class LayerMethod(ABC):
     #: Default comparison group for unstructured selection ('row' or 'layer').
     default_scope: ClassVar[str] = "row"
     description: ClassVar[str] = ""
-    #: The method's own parameters (``pruner.params``): the CLI flags and the dashboard's controls come from them,
+    #: The method's own parameters (``pruner.core.params``): the CLI flags and the dashboard's controls come from them,
     #: and ``__init__`` receives them as keywords, already checked.
     params: ClassVar[tuple[Param, ...]] = ()
 

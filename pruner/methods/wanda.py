@@ -2,9 +2,9 @@
 
 import torch
 
+from pruner.core.scores import accumulate_sumsq, wanda_score
 from pruner.methods.base import LayerMethod
 from pruner.methods.masks import select
-from pruner.scores import accumulate_sumsq, wanda_score
 
 
 class Wanda(LayerMethod):

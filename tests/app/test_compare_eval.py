@@ -7,11 +7,13 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from pruner import metrics, runs
 from pruner.evaluate.deepsparse_env import deepsparse_status
-from pruner.evaluate.speed import SpeedSpec
-from pruner.jobs import JobStore, default_db
-from pruner.store import PROJECT_ROOT, read_manifest
+from pruner.evaluate.speed_spec import SpeedSpec
+from pruner.jobs.queue import JobStore, default_db
+from pruner.runs import metrics
+from pruner.runs.execute import recover_run
+from pruner.runs.manifest import RunManifest
+from pruner.store.files import PROJECT_ROOT, read_manifest
 from tests.app.test_pages import figures, values
 from tests.conftest import share_project_models
 
@@ -25,7 +27,7 @@ def evaluated(tiny_run, data_dir, tmp_path_factory):
     shutil.copytree(tiny_run[1], folder)
     metrics.evaluate_perplexity(folder, data_dir, max_chunks=1, seqlen=64)
     metrics.evaluate_zeroshot(folder, data_dir, tasks=["rte", "arc_easy"], limit=2)
-    metrics.dense_zeroshot(runs.RunManifest.from_dict(read_manifest(folder)).model_spec(), data_dir, cache, tasks=["rte", "arc_easy"],
+    metrics.dense_zeroshot(RunManifest.from_dict(read_manifest(folder)).model_spec(), data_dir, cache, tasks=["rte", "arc_easy"],
                        limit=2)
     metrics.evaluate_speed(folder, SpeedSpec(seqlen=16), cache)  # DeepSparse where it runs, else the labelled fallback
     return cache, folder
@@ -53,7 +55,7 @@ def by_title(at, text):
 def test_zeroshot_charts_show_the_stored_accuracies(compare, evaluated):
     manifest = read_manifest(evaluated[1])
     stored = manifest["metrics"]["zeroshot:local:limit2"]["tasks"]
-    dense = metrics.dense_metrics(runs.RunManifest.from_dict(manifest).model_spec(), evaluated[0])["zeroshot:local:limit2"]["tasks"]
+    dense = metrics.dense_metrics(RunManifest.from_dict(manifest).model_spec(), evaluated[0])["zeroshot:local:limit2"]["tasks"]
     fig = by_title(compare, "Zero-shot accuracy per task (partial: first 2 documents per task)")
     bars = {t["name"]: values(t["y"]) for t in fig["data"]}
     assert list(fig["data"][0]["x"]) == ["RTE", "ARC-e", "mean"]
@@ -104,16 +106,16 @@ def test_queue_a_zeroshot_evaluation_from_the_page(compare, evaluated):
         time.sleep(0.5)
     assert store.get(job.id).state == "done", store.get(job.id).error
     assert read_manifest(evaluated[1])["metrics"]["zeroshot:local:limit1"]["tasks"]["winogrande"]["n"] == 1
-    dense = metrics.dense_metrics(runs.RunManifest.from_dict(read_manifest(evaluated[1])).model_spec(), evaluated[0])
+    dense = metrics.dense_metrics(RunManifest.from_dict(read_manifest(evaluated[1])).model_spec(), evaluated[0])
     assert dense["zeroshot:local:limit1"]["tasks"]["winogrande"]["n"] == 1  # the reference came with it
 
 
 def test_compare_lists_a_lora_recovered_run(compare, evaluated, data_dir):
     """A recovered run has no prune time of its own (it was trained, not pruned): the table shows its training time."""
-    from pruner.recover import RecoverSpec
+    from pruner.engine.recover import RecoverSpec
 
     cache, folder = evaluated
-    recovered = read_manifest(runs.recover_run(folder, RecoverSpec(read_manifest(folder)["key"], steps=2, seqlen=32),
+    recovered = read_manifest(recover_run(folder, RecoverSpec(read_manifest(folder)["key"], steps=2, seqlen=32),
                                               data_dir, cache))
     compare.run()
     assert not compare.exception, compare.exception

@@ -4,11 +4,12 @@ control — on real tiny-model runs (3 calibration seeds × uniform / OWL), prun
 import numpy as np
 import pytest
 
-from pruner.groups import group_runs, ranking
-from pruner.jobs import JobStore, default_db
-from pruner.runs import list_runs
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec
-from pruner.workflows import Context, PerplexityOptions, PruneRequest, run
+from pruner.jobs.queue import JobStore, default_db
+from pruner.jobs.workflows import Context, PerplexityOptions, PruneRequest, run
+from pruner.model.catalogue import ModelSpec
+from pruner.runs.groups import group_runs, ranking
+from pruner.runs.manifest import list_runs
+from pruner.specs import CalibSpec, PruneSpec
 from tests.app.test_pages import figures, tiny_app, values
 
 PROTOCOL = "perplexity:wikitext2-test:seq64:first3"

@@ -2,19 +2,23 @@
 
 import base64
 import json
-from pathlib import Path
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from pruner import api, metrics, runs
-from tests.conftest import share_project_models
 from pruner.allocation import ALLOCATORS, allocate, owl
-from pruner.jobs import JobStore, default_db
-from pruner.specs import CalibSpec, ModelSpec, PruneSpec, StatsSpec
-from pruner.store import PROJECT_ROOT
+from pruner.engine import artifacts
+from pruner.jobs.queue import JobStore, default_db
+from pruner.model.catalogue import ModelSpec
+from pruner.runs import metrics
+from pruner.runs.execute import run_prune
+from pruner.runs.manifest import read_run, run_folder
+from pruner.specs import CalibSpec, PruneSpec, StatsSpec
+from pruner.store.files import PROJECT_ROOT
+from tests.conftest import share_project_models
 
 LABEL = {"uniform": "Uniform", "owl": "OWL", "owl_inverse": "OWL-inverse", "er": "Erdős–Rényi", "global": "Global",
          "dlp": "DLP", "atp": "ATP"}
@@ -25,9 +29,9 @@ def cached(smollm2, data_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("app-cache")
     share_project_models(cache)
     calib = CalibSpec.preset("tiny", data_dir=data_dir)
-    stats = api.get_stats(StatsSpec(ModelSpec("smollm2-135m"), calib), cache, loaded=smollm2)
+    stats = artifacts.get_stats(StatsSpec(ModelSpec("smollm2-135m"), calib), cache, loaded=smollm2)
     spec = PruneSpec(model=ModelSpec("smollm2-135m"), calib=calib, allocator="owl", method="wanda", sparsity=0.5)
-    folder = runs.run_prune(spec, cache, loaded=smollm2)
+    folder = run_prune(spec, cache, loaded=smollm2)
     metrics.evaluate_perplexity(folder, data_dir, max_chunks=1, seqlen=128)
     return cache, stats, spec
 
@@ -130,7 +134,7 @@ def test_allocation_besa_is_queued_then_shown_beside_owl(tiny_folder, data_dir, 
     and once the allocation is learned shows it, on request, as a heatmap beside OWL's on one colour scale."""
     calib = CalibSpec.preset("tiny", data_dir=data_dir)
     spec = StatsSpec(ModelSpec(tiny_folder), calib)
-    stats = api.get_stats(spec, tmp_path)
+    stats = artifacts.get_stats(spec, tmp_path)
     at = tiny_app(tmp_path, tiny_folder, data_dir, monkeypatch)
     go(at, "allocation")
     assert any("BESA (learned) has not been learned for S = 70%" in i.value for i in at.info)
@@ -141,10 +145,10 @@ def test_allocation_besa_is_queued_then_shown_beside_owl(tiny_folder, data_dir, 
     assert job.kind == "learn" and (request.allocator, request.sparsity, request.params) == ("besa", 0.7, {"beta": 50.0})
     assert job.label.startswith("BESA (learned) sparsities at S = 70% (β=50) of ")
     store.cancel(job.id)  # the queue works; learn it here instead, with the same workflow the worker runs
-    from pruner.workflows import Context, run
+    from pruner.jobs.workflows import Context, run
 
     run(request, Context(tmp_path))
-    learned = api.cached_learned(spec, "besa", 0.7, {"beta": 50.0}, tmp_path)
+    learned = artifacts.cached_learned(spec, "besa", 0.7, {"beta": 50.0}, tmp_path)
     at.run()
     assert not at.exception, at.exception
     assert not [f for f in figures(at) if f["data"][0]["type"] == "heatmap"]  # drawn on request (slider speed)
@@ -275,11 +279,12 @@ def test_allocation_predicts_each_curve_once_the_predictor_is_built(tiny_folder,
     """On the tiny Llama: the page offers to build the damage table around its S, queues it as a job; once built,
     every shown curve has its predicted perplexity (the table's own prediction of that allocation) and OWL a (λ, M) map with
     its lowest point marked."""
-    from pruner.predictor import PredictorSpec, cached_table
+    from pruner.predictor.cache import cached_table
+    from pruner.predictor.table import PredictorSpec
 
     calib = CalibSpec.preset("tiny", data_dir=data_dir)
     spec = StatsSpec(ModelSpec(tiny_folder), calib)
-    stats = api.get_stats(spec, tmp_path)
+    stats = artifacts.get_stats(spec, tmp_path)
     at = tiny_app(tmp_path, tiny_folder, data_dir, monkeypatch)
     go(at, "allocation")
     at.button(key="alloc_predictor_build").click().run()
@@ -288,7 +293,7 @@ def test_allocation_predicts_each_curve_once_the_predictor_is_built(tiny_folder,
     assert job.label.startswith("perplexity predictor of ") and "around S = 70%" in job.label
     assert job.request.spec == PredictorSpec(spec, around=0.7)  # the table around the page's S
     store.cancel(job.id)  # the queue works; build it here with the workflow the worker runs
-    from pruner.workflows import Context, run
+    from pruner.jobs.workflows import Context, run
 
     run(job.request, Context(tmp_path))
     table = cached_table(PredictorSpec(spec, around=0.7), tmp_path)
@@ -308,7 +313,7 @@ def test_allocation_predicts_each_curve_once_the_predictor_is_built(tiny_folder,
     assert float(star["text"][0]) == pytest.approx(np.nanmin(grid), abs=0.05)
     # the Compare page puts measured runs against the same table's predictions
     for name in ("uniform", "owl", "atp"):
-        folder = runs.run_prune(PruneSpec(model=ModelSpec(tiny_folder), calib=calib, allocator=name, method="wanda",
+        folder = run_prune(PruneSpec(model=ModelSpec(tiny_folder), calib=calib, allocator=name, method="wanda",
                                           sparsity=0.7), tmp_path)
         metrics.evaluate_perplexity(folder, data_dir, max_chunks=1, seqlen=64)
     go(at, "compare")
@@ -322,10 +327,10 @@ def test_allocation_predicts_each_curve_once_the_predictor_is_built(tiny_folder,
     go(at, "allocation")
     shown = at.dataframe[-1].value
     for name in ("uniform", "owl", "atp"):
-        folder = runs.run_folder(PruneSpec(model=ModelSpec(tiny_folder), calib=calib, allocator=name, method="wanda",
+        folder = run_folder(PruneSpec(model=ModelSpec(tiny_folder), calib=calib, allocator=name, method="wanda",
                                            sparsity=0.7).key(), tmp_path)
         row = shown.loc[shown["allocator"] == ALLOCATORS[name].label].iloc[0]
-        assert row["measured perplexity"] == pytest.approx(runs.read_run(folder).latest_perplexity()["perplexity"])
+        assert row["measured perplexity"] == pytest.approx(read_run(folder).latest_perplexity()["perplexity"])
         assert row["measured on"].startswith("test, first 1 of")
     assert shown.loc[shown["allocator"] == ALLOCATORS["dlp"].label, "measured on"].iloc[0] == "not yet"
     at.selectbox(key="alloc_verify_pick").set_value("dlp").run()
@@ -343,9 +348,9 @@ def test_allocation_predicts_each_curve_once_the_predictor_is_built(tiny_folder,
 
 
 def test_a_run_without_weights_lists_its_numbers_but_offers_no_download_or_evaluation(app, cached):
-    """A run whose weights were dropped after evaluation (pruner.runs.drop_weights) keeps its place on the Prune
+    """A run whose weights were dropped after evaluation (pruner.runs.manifest.drop_weights) keeps its place on the Prune
     and Compare pages with its perplexity; the download, LoRA and evaluation controls are not offered for it."""
-    path = runs.run_folder(cached[2].key(), cached[0]) / "manifest.json"
+    path = run_folder(cached[2].key(), cached[0]) / "manifest.json"
     original = path.read_text()
     label = json.loads(original)["label"]
     go(app, "compare")

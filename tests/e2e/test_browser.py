@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pruner import api
-from pruner.specs import CalibSpec, ModelSpec, StatsSpec
-from pruner.store import PROJECT_ROOT
+from pruner.engine import artifacts
+from pruner.model.catalogue import ModelSpec
+from pruner.specs import CalibSpec, StatsSpec
+from pruner.store.files import PROJECT_ROOT
 from tests.conftest import share_project_models
 
 CHROMIUM = "/usr/bin/chromium"
@@ -45,7 +46,7 @@ def _free_port() -> int:
 def server(smollm2, data_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("e2e-cache")
     share_project_models(cache)
-    api.get_stats(StatsSpec(ModelSpec("smollm2-135m"), CalibSpec.preset("tiny", data_dir=data_dir)), cache,
+    artifacts.get_stats(StatsSpec(ModelSpec("smollm2-135m"), CalibSpec.preset("tiny", data_dir=data_dir)), cache,
                   loaded=smollm2)
     port = _free_port()
     env = {**os.environ, "PRUNER_CACHE_DIR": str(cache), "PRUNER_DATA_DIR": data_dir, "PRUNER_CALIB_PRESET": "tiny",
@@ -186,15 +187,16 @@ def test_browser_session(server, page, tmp_path):
 def test_browser_shows_the_experts_of_a_mixture_of_experts_model(server, page, data_dir, tmp_path):
     """A tiny random Qwen2-MoE chosen as a local folder: the Model page names its experts and routers, the
     Outliers page draws the block × expert views."""
-    from tests.tiny_models import tiny_moe_model
     from transformers import AutoTokenizer
+
+    from tests.tiny_models import tiny_moe_model
 
     url, cache, _ = server
     folder = tmp_path / "tiny-qwen2-moe"
     tokenizer = AutoTokenizer.from_pretrained(PROJECT_ROOT / "cache" / "models" / "smollm2-135m")
     tiny_moe_model("qwen2_moe", vocab_size=len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    api.get_stats(StatsSpec(ModelSpec(str(folder)), CalibSpec.preset("tiny", data_dir=data_dir)), cache)
+    artifacts.get_stats(StatsSpec(ModelSpec(str(folder)), CalibSpec.preset("tiny", data_dir=data_dir)), cache)
     _open(page, url, "", "Transformer blocks")
     page.get_by_text("local folder").click()
     box = page.get_by_label("Folder with config.json and weights")

@@ -1,0 +1,2 @@
+"""The ground floor: declared parameters, Wanda's score, intervals and process-memory housekeeping (imports nothing
+above itself)."""
