@@ -134,9 +134,24 @@ def test_whole_model_evaluations_are_planned_by_hand():
                         "activations inside a block": 8 * tokens * (2 * 48 + 4 * 32) * 4 + 8 * 4 * tokens * tokens * 4}
     ppl = plan_whole_model(CONFIG, what="perplexity", seqlen=64)
     assert ppl.parts["logits and their log-softmax"] == 2 * 64 * 100 * 4
-    speed = plan_whole_model(CONFIG, what="speed", models=2)
+    speed = plan_whole_model(CONFIG, what="speed", models=2, batch_size=2, seqlen=16)
     assert speed.parts["weights"] == 2 * weights and speed.parts["ONNX export copy of the weights"] == weights
-    with pytest.raises(ValueError, match="what must be perplexity, zero-shot or speed"):
+    # the export's forward of B × T tokens: a block's transient tensors, attention scores and the logits
+    assert speed.parts["the export's forward"] == (2 * 16 * (2 * 48 + 4 * 32) * 4 + 2 * 4 * 16 * 16 * 4
+                                                   + 2 * 16 * 100 * 4)
+    # LoRA training keeps every block's activations for the backward pass (3 blocks, twice a block's transients)
+    train = plan_whole_model(CONFIG, what="training", batch_size=2, seqlen=16)
+    one_block = 2 * 16 * (2 * 48 + 4 * 32) * 4 + 2 * 4 * 16 * 16 * 4
+    assert train.parts == {"runtime": memory_plan.RUNTIME_BYTES, "weights": weights,
+                           "activations kept for the backward pass": 3 * 2 * one_block,
+                           "logits, their log-softmax and gradient": 3 * 2 * 16 * 100 * 4}
+    # the damage table keeps the held-out windows' hidden states entering each of the 3 blocks and the head
+    table = plan_whole_model(CONFIG, what="damage table", batch_size=4, seqlen=8)
+    assert table.parts["held-out hidden states entering every block"] == 4 * 4 * 8 * 32 * 4
+    assert table.parts["logits and their log-softmax"] == 2 * 4 * 8 * 100 * 4
+    # the attention scores grow with T²: a 100,000-token speed shape is refused long before it is exported
+    assert plan_whole_model(CONFIG, what="speed", seqlen=100_000).total > 4 * 100_000**2 * 4
+    with pytest.raises(ValueError, match="what must be one of perplexity, zero-shot, speed, training, damage table"):
         plan_whole_model(CONFIG, what="accuracy")
 
 

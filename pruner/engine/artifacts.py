@@ -20,6 +20,7 @@ from pruner.allocation import (ALLOCATORS, NEEDS_STATISTICS, NEEDS_WEIGHTS, Allo
 from pruner.data import calibration_tokens
 from pruner.engine.calibrate import ProgressFn
 from pruner.engine.layout import ModelLayout
+from pruner.engine.memory_plan import check_fits, plan_for_statistics, prune_ways_out
 from pruner.engine.stats import Stats, collect_stats
 from pruner.model.loading import LoadedModel, load_model, model_summary
 from pruner.specs import StatsSpec
@@ -46,6 +47,15 @@ def save_stats(spec: StatsSpec, stats: Stats, cache_dir: Path | None = None) -> 
     return folder
 
 
+def check_statistics_fit(spec: StatsSpec, cache_dir: Path | None = None, *, batch_size: int, streamed: bool,
+                         learning: bool = False) -> None:
+    """Refuse a statistics (or learning) pass whose memory plan does not fit, naming the numbers and ways out."""
+    plan = plan_for_statistics(spec, cache_dir, batch_size=batch_size, streamed=streamed, learning=learning)
+    check_fits(plan, ways=prune_ways_out(streamed=streamed, offloaded=spec.model.offload_activations,
+                                         device=plan.device),
+               what="this learning pass" if learning else "this statistics pass")
+
+
 def compute_stats(
     spec: StatsSpec,
     cache_dir: Path | None = None,
@@ -58,7 +68,10 @@ def compute_stats(
 ) -> Stats:
     """Run the calibration pass on the dense model (does not save; see ``get_stats``). ``tokens``: the spec's
     calibration tokens if the caller already has them. ``stream`` (when no ``loaded`` model is passed): read each
-    block from the checkpoint for its turn (``pruner.model.streaming``); the statistics are the same."""
+    block from the checkpoint for its turn (``pruner.model.streaming``); the statistics are the same. Before a
+    model is loaded the pass's memory is planned and refused when it does not fit."""
+    if loaded is None:
+        check_statistics_fit(spec, cache_dir, batch_size=batch_size, streamed=stream)
     loaded = loaded if loaded is not None else load_model(spec.model, cache_dir, stream=stream)
     t0 = time.perf_counter()
     tokens = tokens if tokens is not None else calibration_tokens(loaded.tokenizer, spec.calib)
@@ -157,6 +170,8 @@ def learn_allocation(spec: StatsSpec, allocator: str, sparsity: float, params: d
     if found is not None:
         return found
     learner = ALLOCATORS[allocator].resolve_learner()
+    if loaded is None:
+        check_statistics_fit(spec, cache_dir, batch_size=batch_size, streamed=stream, learning=True)
     loaded = loaded if loaded is not None else load_model(spec.model, cache_dir, stream=stream)
     tokens = tokens if tokens is not None else calibration_tokens(loaded.tokenizer, spec.calib)
     stats = stats if stats is not None else load_cached_stats(spec, cache_dir)

@@ -172,31 +172,68 @@ def plan_prune(config, *, dtype_bytes: int, method: str, nsamples: int, seqlen: 
     return plan
 
 
+#: What ``plan_whole_model`` plans: evaluations and training that hold the whole model in memory.
+WHOLE_MODEL_WORK = ("perplexity", "zero-shot", "speed", "training", "damage table")
+
+
+def _block_activations(m: "_Shapes", batch: int, tokens: int) -> int:
+    """Bytes of one forward's transient tensors inside a block (MLP, attention scores) for ``batch`` × ``tokens``."""
+    return batch * tokens * (2 * m.intermediate + 4 * m.hidden) * FLOAT32 + batch * m.heads * tokens * tokens * FLOAT32
+
+
 def plan_whole_model(config, *, what: str, dtype_bytes: int = FLOAT32, batch_size: int = 1, seqlen: int | None = None,
                      models: int = 1, trust_remote_code: bool = False, device: str = "cpu") -> MemoryPlan:
-    """The plan of an evaluation that holds the whole model in memory (``dtype_bytes`` per weight: runs are
-    evaluated in float32). ``what``: "perplexity" (one chunk of ``seqlen`` tokens at a time: its logits and their
-    log-softmax), "zero-shot" (lm-eval's longest batch: ``batch_size`` × ``LONGEST_ZEROSHOT_TOKENS`` logits and
-    their log-softmax) or "speed" (``models`` models in memory, dense and pruned, and one further copy of the
-    weights while a graph is exported to ONNX)."""
+    """The plan of work that holds the whole model in memory (``dtype_bytes`` per weight: runs are evaluated in
+    float32). ``what`` (``WHOLE_MODEL_WORK``):
+
+    * "perplexity": one chunk of ``seqlen`` tokens at a time, its logits and their log-softmax;
+    * "zero-shot": lm-eval's longest batch, ``batch_size`` × ``LONGEST_ZEROSHOT_TOKENS`` logits and log-softmax;
+    * "speed": ``models`` models (dense and pruned), one further copy of the weights while a graph is exported to
+      ONNX, and the export's forward of ``batch_size`` × ``seqlen`` tokens;
+    * "training" (LoRA recovery): every block's activations kept for the backward pass (no checkpointing) for
+      ``batch_size`` sequences of ``seqlen`` tokens, and the logits, their log-softmax and gradient;
+    * "damage table": the hidden states of ``batch_size`` held-out windows of ``seqlen`` tokens entering every
+      block (kept for the whole build), and one window batch's logits.
+    """
+    if what not in WHOLE_MODEL_WORK:
+        raise ValueError(f"what must be one of {', '.join(WHOLE_MODEL_WORK)}; got {what!r}")
     m = _Shapes.of(config, trust_remote_code)
     weights = m.total_params * dtype_bytes
     plan = MemoryPlan({"runtime": RUNTIME_BYTES}, device=device)
     if what == "speed":
         plan.parts["weights"] = models * weights
         plan.parts["ONNX export copy of the weights"] = weights
+        tokens = seqlen or 1
+        plan.parts["the export's forward"] = (_block_activations(m, batch_size, tokens)
+                                             + batch_size * tokens * m.vocab * FLOAT32)
         return plan
     plan.add("weights", weights, on_device=True)
+    batch = batch_size
     if what == "perplexity":
-        tokens, batch = seqlen or m.context or 2048, batch_size
+        tokens = seqlen or m.context or 2048
     elif what == "zero-shot":
-        tokens, batch = min(LONGEST_ZEROSHOT_TOKENS, m.context or LONGEST_ZEROSHOT_TOKENS), batch_size
+        tokens = min(LONGEST_ZEROSHOT_TOKENS, m.context or LONGEST_ZEROSHOT_TOKENS)
     else:
-        raise ValueError(f"what must be perplexity, zero-shot or speed; got {what!r}")
-    plan.add("logits and their log-softmax", 2 * batch * tokens * m.vocab * FLOAT32, on_device=True)
-    plan.add("activations inside a block", batch * tokens * (2 * m.intermediate + 4 * m.hidden) * FLOAT32
-             + batch * m.heads * tokens * tokens * FLOAT32, on_device=True)
+        tokens = seqlen or m.context or 2048
+    logits = batch * tokens * m.vocab * FLOAT32
+    if what == "training":
+        plan.add("activations kept for the backward pass", len(m.block_params) * 2 * _block_activations(m, batch, tokens),
+                 on_device=True)
+        plan.add("logits, their log-softmax and gradient", 3 * logits, on_device=True)
+        return plan
+    if what == "damage table":
+        plan.add("held-out hidden states entering every block", (len(m.block_params) + 1) * batch * tokens * m.hidden
+                 * FLOAT32, on_device=True)
+    plan.add("logits and their log-softmax", 2 * logits, on_device=True)
+    plan.add("activations inside a block", _block_activations(m, batch, tokens), on_device=True)
     return plan
+
+
+def check_whole_model(config, what: str, subject: str, *, ways: list[str], **plan_args) -> None:
+    """Refuse work that needs the whole model in memory before loading it when its plan (``plan_whole_model``)
+    does not fit, naming the numbers and the ``ways`` out."""
+    check_fits(plan_whole_model(config, what=what, **plan_args), ways=ways,
+               what=f"{what} of {subject} (the whole model in memory)")
 
 
 def model_config(model_spec, cache_dir=None):
@@ -299,8 +336,20 @@ def device_available_bytes(device: str) -> int | None:
     return int(free)
 
 
+def plan_for_statistics(spec, cache_dir=None, *, batch_size: int, streamed: bool, learning: bool = False) -> MemoryPlan:
+    """The plan of a statistics pass of a ``StatsSpec`` (the calibration loop holding every sample's activations,
+    Wanda's scores of the largest layer), or, with ``learning``, of a learned allocation's pass (BESA), which
+    collects the statistics on the way."""
+    from pruner.model.loading import resolve_device
+
+    return plan_prune(model_config(spec.model, cache_dir), dtype_bytes=4 if spec.model.dtype == "float32" else 2,
+                      method="wanda", nsamples=spec.calib.nsamples, seqlen=spec.calib.seqlen, batch_size=batch_size,
+                      streamed=streamed, trust_remote_code=spec.model.trust_remote_code, learning=learning,
+                      device=resolve_device(spec.model.device).type, offload=spec.model.offload_activations)
+
+
 def prune_ways_out(*, streamed: bool, offloaded: bool, device: str) -> list[str]:
-    """What a user can change when a prune (or statistics or learning pass) does not fit."""
+    """What a user can change when a prune (or a statistics or learning pass) does not fit."""
     ways = [] if streamed else ["--stream (weights: one block at a time instead of all of them)"]
     if device != "cpu" and not offloaded:
         ways.append("--offload-activations (calibration activations in host memory instead of on the device)")

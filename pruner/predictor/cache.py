@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from pruner.engine.calibrate import Cancelled, ProgressFn
+from pruner.engine.memory_plan import check_whole_model, model_config
 from pruner.predictor.compounding import COMPOUNDING_PROBES
 from pruner.predictor.measure import build_damage_table, measure_compounding
 from pruner.predictor.table import DamageTable, PredictorSpec, save_compounding
@@ -41,6 +42,11 @@ def get_damage_table(spec: PredictorSpec, cache_dir: Path | None = None, *, data
     found = cached_table(spec, cache_dir)
     if found is not None and found.compounding is not None:
         return found
+    if loaded is None:
+        check_whole_model(model_config(spec.stats.model, cache_dir), "damage table", spec.stats.model.name,
+                          dtype_bytes=4 if spec.stats.model.dtype == "float32" else 2, batch_size=spec.windows,
+                          seqlen=spec.window_tokens, ways=["fewer held-out windows (--windows)",
+                                                           "shorter ones (--window-tokens)"])
     loaded = loaded if loaded is not None else load_model(spec.stats.model, cache_dir)
     if loaded.streamed:
         raise ValueError("the damage table is built with the model in memory; load it without streaming")

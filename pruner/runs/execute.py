@@ -14,9 +14,9 @@ from pruner.data import calibration_tokens
 from pruner.engine.artifacts import (cached_learned, get_stats, learn_allocation, learned_layer_sparsity,
                                      load_cached_stats)
 from pruner.engine.layout import ModelLayout
-from pruner.engine.memory_plan import check_fits, plan_for_spec, prune_ways_out
+from pruner.engine.memory_plan import check_fits, check_whole_model, plan_for_spec, prune_ways_out
 from pruner.model.anatomy import find_blocks, is_expert_unit, unsupported_message, unsupported_weights
-from pruner.model.loading import LoadedModel, load_model, model_summary
+from pruner.model.loading import LoadedModel, load_model, model_summary, resolve_device
 from pruner.runs.manifest import LORA_SUBFOLDER, read_run, require_weights
 from pruner.store.files import MANIFEST, atomic_dir, read_manifest
 from pruner.store.layout import CacheLayout
@@ -233,6 +233,11 @@ def recover_run(parent_folder: Path, spec, data_dir: str | None, cache_dir: Path
     folder = CacheLayout.at(cache_dir).run(key)
     if (folder / MANIFEST).is_file() and not force:
         return folder
+    from transformers import AutoConfig
+
+    check_whole_model(AutoConfig.from_pretrained(parent_folder), "training", f"run {parent['key']}",
+                      batch_size=spec.batch, seqlen=spec.seqlen, device=resolve_device(device).type,
+                      ways=["a shorter --train-seqlen", "a smaller --train-batch"])
     t0 = time.perf_counter()
     model, tokenizer = load_run(parent_folder, device)
     c = parent["spec"]["calib"]

@@ -11,20 +11,12 @@ from pathlib import Path
 from typing import Callable
 
 from pruner.engine.calibrate import ProgressFn
+from pruner.engine.memory_plan import check_whole_model, model_config
 from pruner.evaluate.zeroshot import ZEROSHOT_DEFAULT_BATCH
 from pruner.model.loading import LoadedModel, load_model
 from pruner.runs.execute import PhaseProgress, load_run
 from pruner.runs.manifest import read_run
 from pruner.store.layout import CacheLayout
-
-
-def check_whole_model_fits(config, what: str, subject: str, *, ways: list[str], **plan_args) -> None:
-    """Zero-shot accuracy, CPU speed and in-memory perplexity need the whole model in memory: refuse before
-    loading it when its plan (``pruner.engine.memory_plan.plan_whole_model``) does not fit, naming the numbers."""
-    from pruner.engine.memory_plan import check_fits, plan_whole_model
-
-    plan = plan_whole_model(config, what=what, **plan_args)
-    check_fits(plan, ways=ways, what=f"{what} of {subject} (the whole model in memory)")
 
 
 def _run_config(folder: Path):
@@ -83,9 +75,9 @@ def evaluate_perplexity(folder: Path, data_dir: str | None, *, max_chunks: int |
     if stream:
         model, tokenizer, blocks = stream_run(folder)
     else:
-        check_whole_model_fits(_run_config(folder), "perplexity", f"run {Path(folder).name}", seqlen=seqlen,
-                               batch_size=batch_size, device=str(device),
-                               ways=["--stream (block by block over all chunks: one block in memory)"])
+        check_whole_model(_run_config(folder), "perplexity", f"run {Path(folder).name}", seqlen=seqlen,
+                          batch_size=batch_size, device=str(device),
+                          ways=["--stream (block by block over all chunks: one block in memory)"])
         model, tokenizer = load_run(folder, device)
     result = wikitext2_perplexity(model, tokenizer, data_dir, seqlen=seqlen, max_chunks=max_chunks, device=device,
                                   batch_size=batch_size, progress=progress, should_cancel=should_cancel,
@@ -136,6 +128,10 @@ def dense_perplexity(model_spec, data_dir: str | None, cache_dir: Path | None = 
     """WikiText-2 test perplexity of the dense model, cached under cache/dense/<model key>/metrics.json."""
     from pruner.evaluate.perplexity import default_seqlen, wikitext2_perplexity
 
+    if loaded is None:
+        check_whole_model(model_config(model_spec, cache_dir), "perplexity", f"the dense {model_spec.name}",
+                          dtype_bytes=4 if model_spec.dtype == "float32" else 2, seqlen=seqlen,
+                          batch_size=batch_size, ways=["a shorter --eval-seqlen", "a machine with more memory"])
     base = loaded if loaded is not None else load_model(model_spec, cache_dir)
     seqlen = seqlen or default_seqlen(base.model)
     for name, result in dense_metrics(model_spec, cache_dir).items():
@@ -226,8 +222,8 @@ def evaluate_zeroshot(folder: Path, data_dir: str | None, *, tasks=None, limit: 
     ``zeroshot:<source>[:limit<n>]`` as soon as it finishes. Returns the merged result."""
     from pruner.store.files import update_metrics
 
-    check_whole_model_fits(_run_config(folder), "zero-shot", f"run {Path(folder).name}", batch_size=batch_size,
-                           device=str(device), ways=_ZEROSHOT_WAYS)
+    check_whole_model(_run_config(folder), "zero-shot", f"run {Path(folder).name}", batch_size=batch_size,
+                      device=str(device), ways=_ZEROSHOT_WAYS)
     model, tokenizer = load_run(folder, device)
     name = zeroshot_metric_name(source, limit)
 
@@ -253,11 +249,9 @@ def dense_zeroshot(model_spec, data_dir: str | None, cache_dir: Path | None = No
     if not missing:
         return previous
     if loaded is None:
-        from pruner.engine.memory_plan import model_config
-
-        check_whole_model_fits(model_config(model_spec, cache_dir), "zero-shot", f"the dense {model_spec.name}",
-                               dtype_bytes=4 if model_spec.dtype == "float32" else 2, batch_size=batch_size,
-                               ways=_ZEROSHOT_WAYS)
+        check_whole_model(model_config(model_spec, cache_dir), "zero-shot", f"the dense {model_spec.name}",
+                          dtype_bytes=4 if model_spec.dtype == "float32" else 2, batch_size=batch_size,
+                          ways=_ZEROSHOT_WAYS)
     base = loaded if loaded is not None else load_model(model_spec, cache_dir)
     home = next(base.model.parameters()).device
 
@@ -304,8 +298,10 @@ def evaluate_speed(folder: Path, speed_spec=None, cache_dir: Path | None = None,
     onnx_dir = CacheLayout.at(cache_dir).onnx(model_spec.key(), speed_spec.shape_key())
     # the dense model is loaded only when its graphs for this shape are not cached yet
     dense_needed = not cached_graphs(onnx_dir)
-    check_whole_model_fits(_run_config(folder), "speed", f"run {run.key}", models=2 if dense_needed else 1,
-                           ways=["a machine with more memory (the ONNX export and the engine take whole models)"])
+    check_whole_model(_run_config(folder), "speed", f"run {run.key}", models=2 if dense_needed else 1,
+                      batch_size=speed_spec.batch, seqlen=speed_spec.seqlen,
+                      ways=["a shorter --speed-seqlen or a smaller --speed-batch", "a machine with more memory (the "
+                            "ONNX export and the engine take whole models)"])
     dense = load_model(model_spec, cache_dir).model if dense_needed else None
     pruned, _ = load_run(folder)
     result = export_and_measure(dense, pruned, speed_spec, dense_dir=onnx_dir, engine=engine, progress=progress)
