@@ -41,7 +41,7 @@ def cmd_cache(args) -> int:
     layout = CacheLayout.at(cache_arg(args))
     if args.drop_weights:
         return _drop_weights(layout, args.drop_weights)
-    entries = layout.entries()
+    entries = layout.entries(contents=args.stale)  # a cleanup reads every run's weights against their checksums
     chosen = []
     if args.remove:
         by_name = {e.path.name.removesuffix(".zip"): e for e in entries
@@ -54,8 +54,8 @@ def cmd_cache(args) -> int:
                 if by_name[name].kind == "runs":  # its zip goes with it
                     chosen += [e for e in entries if e.kind == "exports" and e.path.stem == name]
             else:
-                raise BadInput(f"--remove takes a kind ({', '.join(KINDS)}) or the key of a run, statistics or "
-                               f"learned allocation in {layout.root}; got {name!r}")
+                raise BadInput(f"--remove takes a kind ({', '.join(KINDS)}) or the key of a run, statistics, "
+                               f"learned allocation or damage table in {layout.root}; got {name!r}")
     if args.stale:
         chosen += [e for e in entries if e.stale]
     if chosen:
@@ -154,10 +154,13 @@ def cmd_jobs(args) -> int:
 def add_parsers(sub) -> None:
     """Its commands' subparsers."""
     p = sub.add_parser("cache", help="sizes of the cache per kind; remove stale or named entries")
-    p.add_argument("--stale", action="store_true", help="remove stale entries (interrupted writes, old formats, "
-                                                       "zips of removed runs, ONNX graphs of older export versions)")
-    p.add_argument("--remove", nargs="+", metavar="KEY|KIND", help="remove these runs/statistics/learned allocations "
-                                                                   "(by key) or every entry of these kinds")
+    p.add_argument("--stale", action="store_true",
+                   help="remove stale entries (interrupted writes, old formats, zips of removed runs, ONNX graphs of "
+                        "older export versions, and corrupt entries: files truncated, altered or saved under another "
+                        "key)")
+    p.add_argument("--remove", nargs="+", metavar="KEY|KIND",
+                   help="remove these runs/statistics/learned allocations/damage tables (by key) or every entry of "
+                        "these kinds")
     p.add_argument("--drop-weights", nargs="+", metavar="KEY",
                    help="keep these evaluated runs' manifests and metrics, remove their weights (a prune of the same "
                         "settings with --force restores them)")

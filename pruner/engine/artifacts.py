@@ -25,7 +25,7 @@ from pruner.engine.stats import Stats, collect_stats
 from pruner.model.loading import LoadedModel, load_model, model_summary
 from pruner.specs import StatsSpec
 from pruner.store.files import atomic_dir
-from pruner.store.formats import stable_hash
+from pruner.store.formats import FILES_FIELD, CorruptArtifact, entry_problem, file_records, stable_hash
 from pruner.store.layout import CacheLayout
 
 
@@ -139,6 +139,10 @@ def allocation_for(spec: StatsSpec, allocator: str, sparsity: float, params: dic
 # parameters, the learner's fixed settings)
 
 
+#: The file a learned allocation is stored in (beside a meta.json with its key and checksum).
+LEARNED_FILE = "learned.json"
+
+
 def learned_key(spec: StatsSpec, allocator: str, sparsity: float, params: dict | None = None) -> str:
     return stable_hash({"model": spec.model.identity(), "calib": spec.calib.identity(), "allocator": allocator,
                         "sparsity": check_sparsity(sparsity), "params": ALLOCATORS[allocator].check(params),
@@ -148,8 +152,14 @@ def learned_key(spec: StatsSpec, allocator: str, sparsity: float, params: dict |
 def cached_learned(spec: StatsSpec, allocator: str, sparsity: float, params: dict | None = None,
                    cache_dir: Path | None = None) -> dict | None:
     """The learned allocation for this model, calibration set, S and parameters, or None if never learned."""
-    path = CacheLayout.at(cache_dir).learned(learned_key(spec, allocator, sparsity, params)) / "learned.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    key = learned_key(spec, allocator, sparsity, params)
+    folder = CacheLayout.at(cache_dir).learned(key)
+    if not (folder / LEARNED_FILE).exists() and not (folder / "meta.json").exists():
+        return None
+    problem = entry_problem(folder, key=key, required=(LEARNED_FILE,))
+    if problem:
+        raise CorruptArtifact("learned allocation", folder, problem)
+    return json.loads((folder / LEARNED_FILE).read_text())
 
 
 def learn_allocation(spec: StatsSpec, allocator: str, sparsity: float, params: dict | None = None,
@@ -190,8 +200,10 @@ def learn_allocation(spec: StatsSpec, allocator: str, sparsity: float, params: d
     result = {"allocator": allocator, "sparsity": S, "params": params, "settings": learner.settings,
               "model": spec.model.identity(), "calib": spec.calib.identity(),
               "seconds": round(time.perf_counter() - t0, 2), **result}
-    with atomic_dir(CacheLayout.at(cache_dir).learned(learned_key(spec, allocator, S, params))) as tmp:
-        (tmp / "learned.json").write_text(json.dumps(result, indent=1))
+    key = learned_key(spec, allocator, S, params)
+    with atomic_dir(CacheLayout.at(cache_dir).learned(key)) as tmp:
+        (tmp / LEARNED_FILE).write_text(json.dumps(result, indent=1))
+        (tmp / "meta.json").write_text(json.dumps({"key": key, FILES_FIELD: file_records(tmp, [LEARNED_FILE])}))
     return result
 
 

@@ -30,7 +30,8 @@ from torch import nn
 from pruner.core.scores import accumulate_sumsq, wanda_score
 from pruner.engine.layout import layer_alpha
 from pruner.model.anatomy import expert_index, expert_kind, is_expert_unit, layer_kinds, weight_matrix
-from pruner.store.formats import NPZ_SHA256, SPEC_KEY, STATS_FORMAT_VERSION, file_sha256, verification_problem
+from pruner.store.formats import (NPZ_SHA256, SPEC_KEY, STATS_FORMAT_VERSION, CorruptArtifact, file_sha256,
+                                  verification_problem)
 
 #: M values at which outlier counts are exact: 0.01, 0.02, ..., 50 (fine), then 100 per decade up to ~9976.
 M_FINE_STEP = 0.01
@@ -73,14 +74,11 @@ def histogram(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     return torch.bincount(torch.bucketize(values, edges, right=False), minlength=len(edges) + 1)
 
 
-class CorruptStatistics(ValueError):
+class CorruptStatistics(CorruptArtifact):
     """Cached statistics that are not what they claim to be (truncated, altered, or another spec's)."""
 
     def __init__(self, folder: Path, problem: str):
-        super().__init__(f"cached statistics {folder} cannot be used: {problem}. They are never used as they are: "
-                         f"remove them (`python -m pruner cache --remove {Path(folder).name}`) and they are computed "
-                         "again")
-        self.folder = Path(folder)
+        super().__init__("statistics", folder, problem)
 
 
 @dataclass

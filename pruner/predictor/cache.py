@@ -21,7 +21,7 @@ def predictor_dir(spec: PredictorSpec, cache_dir: Path | None = None) -> Path:
 
 def cached_table(spec: PredictorSpec, cache_dir: Path | None = None) -> DamageTable | None:
     folder = predictor_dir(spec, cache_dir)
-    return DamageTable.load(folder) if (folder / "meta.json").is_file() else None
+    return DamageTable.load(folder, key=spec.key()) if (folder / "meta.json").is_file() else None
 
 
 def table_for(stats: StatsSpec, sparsity: float, cache_dir: Path | None = None) -> DamageTable | None:

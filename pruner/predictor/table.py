@@ -58,7 +58,7 @@ import numpy as np
 
 from pruner.core.intervals import t_interval
 from pruner.specs import StatsSpec
-from pruner.store.formats import TABLE_FORMAT, stable_hash
+from pruner.store.formats import FILES_FIELD, TABLE_FORMAT, CorruptArtifact, entry_problem, file_records, stable_hash
 
 #: Sparsities at which each block alone is pruned. The predictor refuses a block sparsity above the last one
 #: rather than extrapolate. Below the first point Δ is interpolated from Δ(0) = 0: on SmolLM2 (table 4d01fc5a998f289b,
@@ -283,12 +283,21 @@ class DamageTable:
                  if self.layer_energy is not None else {})
         np.savez(folder / "table.npz", grid=self.grid, dense_nll=self.dense_nll, window_nll=self.window_nll,
                  block_numel=self.block_numel, anchor=self.anchor, **extra)
-        (folder / "meta.json").write_text(json.dumps(self.meta, indent=1))
+        # the key it is saved under (``PredictorSpec.key``, in ``meta``) and the checksum of its arrays
+        (folder / "meta.json").write_text(json.dumps({**self.meta, FILES_FIELD: file_records(folder, ["table.npz"])},
+                                                     indent=1))
         if self.compounding is not None:
             save_compounding(folder, {k: v for k, v in self.compounding.items() if not k.startswith("_")})
 
     @classmethod
-    def load(cls, folder: Path) -> "DamageTable":
+    def load(cls, folder: Path, key: str | None = None) -> "DamageTable":
+        """The table saved in ``folder``; ``CorruptArtifact`` when it is truncated, altered or (``key``) another
+        spec's."""
+        problem = entry_problem(folder, key=key, required=("meta.json", "table.npz"))
+        if problem is None and (folder / COMPOUNDING_FILE).is_file():
+            problem = entry_problem(folder, required=(COMPOUNDING_FILE,))
+        if problem:
+            raise CorruptArtifact("damage table", folder, problem)
         z = np.load(folder / "table.npz")
         fit = folder / COMPOUNDING_FILE
         return cls(z["grid"], z["dense_nll"], z["window_nll"], z["block_numel"],

@@ -17,8 +17,9 @@ from pruner.engine.layout import ModelLayout
 from pruner.engine.memory_plan import check_fits, check_whole_model, plan_for_spec, prune_ways_out
 from pruner.model.anatomy import find_blocks, is_expert_unit, unsupported_message, unsupported_weights
 from pruner.model.loading import LoadedModel, load_model, model_summary, resolve_device
-from pruner.runs.manifest import LORA_SUBFOLDER, read_run, require_weights
+from pruner.runs.manifest import LORA_SUBFOLDER, read_run, require_weights, weight_records
 from pruner.store.files import MANIFEST, atomic_dir, read_manifest
+from pruner.store.formats import FILES_FIELD
 from pruner.store.layout import CacheLayout
 
 PhaseProgress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -188,6 +189,7 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
                                  if plan.device_parts else {})}
         manifest["timings_s"]["save"] = round(time.perf_counter() - t0, 2)
         manifest["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
+        manifest[FILES_FIELD] = weight_records(tmp)  # what every later read of the weights is checked against
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     read_run(folder)  # fail loudly if the folder is not complete
     return folder
@@ -281,6 +283,7 @@ def recover_run(parent_folder: Path, spec, data_dir: str | None, cache_dir: Path
                 except OSError:
                     shutil.copy2(path, tmp / path.name)
         peft_model.save_pretrained(tmp / LORA_SUBFOLDER)
+        manifest[FILES_FIELD] = weight_records(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return folder
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from pruner.allocation import ALLOCATORS
 from pruner.model.anatomy import not_pruned_text
 from pruner.store.files import MANIFEST, WEIGHTS_DROPPED, read_manifest
+from pruner.store.formats import FILES_FIELD, CorruptArtifact, file_records, files_problem
 from pruner.store.layout import CacheLayout, check_key
 
 #: Subfolder of a LoRA-recovered run that holds its (unmerged) adapters, in peft's format.
@@ -26,15 +27,32 @@ def _weight_files(folder: Path) -> list[Path]:
                   if p.is_file() and (p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json")))
 
 
+def weight_records(folder: Path) -> dict:
+    """The size and checksum of each of a run folder's weight files (``pruner.store.formats.file_records``)."""
+    folder = Path(folder)
+    return file_records(folder, [p.relative_to(folder) for p in _weight_files(folder)])
+
+
 def require_weights(folder: Path) -> None:
-    """``BadRun`` (a ValueError), saying how to get them back, when the run's weights were dropped: the one check
-    for everything that reads a run's weights (loading, streaming, zipping)."""
-    raw = read_manifest(Path(folder))
+    """The one check for everything that reads a run's weights (loading, streaming, zipping): ``BadRun`` (a
+    ValueError), saying how to get them back, when they were dropped; ``CorruptArtifact`` when a weight file is
+    missing, truncated, altered or another run's (against the sizes and checksums its manifest recorded)."""
+    folder = Path(folder)
+    try:
+        raw = read_manifest(folder)
+    except ValueError as err:
+        raise BadRun(f"run {folder.name}: its manifest.json is unreadable ({err})") from err
     if WEIGHTS_DROPPED in raw:
-        raise BadRun(f"run {Path(folder).name} keeps only its manifest and metrics: its weights were dropped after "
+        raise BadRun(f"run {folder.name} keeps only its manifest and metrics: its weights were dropped after "
                      f"evaluation on {raw[WEIGHTS_DROPPED]['when']} to save disk. Prune it again to restore them "
                      "(`python -m pruner prune ... --force` with the same settings): the same spec gives the same "
                      "weights.")
+    problem = files_problem(folder, raw.get(FILES_FIELD, {}))
+    if problem:
+        again = (f"`python -m pruner recover --run {raw['parent']} --force`" if "recovery" in raw else
+                 "`python -m pruner prune ... --force` with the same settings")
+        raise CorruptArtifact("run", folder, problem, remedy=f"make it again ({again}: the same spec gives the same "
+                                                            "weights)")
 
 
 def drop_weights(folder: Path) -> int:

@@ -63,3 +63,72 @@ def verification_problem(folder: Path, meta: dict, key: str | None = None) -> st
     if NPZ_SHA256 in meta and file_sha256(path) != meta[NPZ_SHA256]:
         return "stats.npz does not match its checksum (truncated or altered)"
     return None
+
+
+#: The field of an entry's meta (or a run's manifest) that records the files its data lives in:
+#: {file name (relative to the entry's folder): {"bytes": size, "sha256": digest}}.
+FILES_FIELD = "files_sha256"
+
+
+class CorruptArtifact(ValueError):
+    """A cache entry that is not what it claims to be (truncated, altered, or another key's). It is never used as it
+    is: the message names it, what is wrong, and how to get a good one back (``remedy``)."""
+
+    def __init__(self, what: str, folder: Path, problem: str, remedy: str | None = None):
+        remedy = remedy or (f"remove it (`python -m pruner cache --remove {Path(folder).name}`) and it is computed "
+                            "again")
+        super().__init__(f"cached {what} {folder} cannot be used: {problem}. It is never used as it is: {remedy}")
+        self.folder, self.problem = Path(folder), problem
+
+
+def file_records(folder: Path, names) -> dict:
+    """``FILES_FIELD``'s value for these files of ``folder`` (names relative to it)."""
+    folder = Path(folder)
+    return {str(n): {"bytes": (folder / n).stat().st_size, "sha256": file_sha256(folder / n)} for n in sorted(names)}
+
+
+def files_problem(folder: Path, records: dict, *, contents: bool = True) -> str | None:
+    """Why the files of ``folder`` are not the ones ``records`` (``file_records``) describes, or None: one missing,
+    of another size (truncated), or, with ``contents``, of other bytes (altered or another entry's file)."""
+    folder = Path(folder)
+    for name, record in sorted(records.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            return f"{name} is {size} bytes, {record['bytes']} were written (truncated or altered)"
+        if contents and file_sha256(path) != record["sha256"]:
+            return f"{name} does not match its checksum (altered, or another entry's file)"
+    return None
+
+
+def entry_problem(folder: Path, *, key: str | None = None, required: tuple[str, ...] = ()) -> str | None:
+    """Why a cache entry folder is not what it claims, or None. Its ``meta.json`` records the key it was saved
+    under (``"key"``) and its data files (``FILES_FIELD``); both are checked when present (entries written before
+    they were recorded pass on their files' presence and readability alone). ``required``: files that must exist;
+    the JSON ones among them must parse."""
+    folder = Path(folder)
+    for name in required:
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as err:
+            return f"meta.json is unreadable ({err})"
+        if not isinstance(meta, dict):
+            return "meta.json is not an object"
+        if key is not None and meta.get("key") not in (None, key):
+            return f"it was saved under key {meta['key']}, not {key} (another model, calibration set or setting)"
+        problem = files_problem(folder, meta.get(FILES_FIELD, {}))
+        if problem:
+            return problem
+    for name in required:
+        if name.endswith(".json"):
+            try:
+                json.loads((folder / name).read_text())
+            except ValueError as err:
+                return f"{name} is unreadable ({err})"
+    return None

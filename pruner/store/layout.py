@@ -25,7 +25,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pruner.store.files import default_cache_dir
+from pruner.store.files import WEIGHTS_DROPPED, default_cache_dir, temporary_writer, writer_gone_here
+from pruner.store.formats import (EXPORT_VERSION, FILES_FIELD, PRUNE_FORMAT_VERSION, STATS_FORMAT_VERSION, TABLE_FORMAT,
+                                  entry_problem, files_problem, verification_problem)
 
 #: A cache key: the first 16 hex digits of a sha256 (``pruner.specs.stable_hash``).
 KEY_PATTERN = re.compile(r"[0-9a-f]{16}")
@@ -140,14 +142,15 @@ class CacheLayout:
         return self.root / "ray-driver.log"
 
     # -- what is there ---------------------------------------------------------------------------------------
-    def entries(self) -> list[Entry]:
-        """Every entry of every kind with its size and, when it can go, why (see ``stale_reason``)."""
+    def entries(self, contents: bool = False) -> list[Entry]:
+        """Every entry of every kind with its size and, when it can go, why (see ``stale_reason``; ``contents``:
+        runs' weight files are checked against their checksums, not only their sizes, which reads them all)."""
         out = []
         for kind, parent in (("models", self.models), ("stats", self.root / "stats"),
                              ("learned", self.root / "learned"), ("predictors", self.root / "predictors"),
                              ("runs", self.runs)):
             for path in sorted(parent.iterdir()) if parent.is_dir() else []:
-                out.append(Entry(kind, path, tree_bytes(path), self.stale_reason(kind, path)))
+                out.append(Entry(kind, path, tree_bytes(path), self.stale_reason(kind, path, contents=contents)))
         exports = self.root / "exports"
         for path in sorted(exports.iterdir()) if exports.is_dir() else []:
             out.append(Entry("exports", path, tree_bytes(path), self.stale_reason("exports", path)))
@@ -163,20 +166,17 @@ class CacheLayout:
 
     def others(self) -> list[Path]:
         """Top-level things this layout does not own (never removed by ``remove_stale``)."""
-        owned = {"models", "stats", "learned", "predictors", "runs", "exports", "dense", "jobs.sqlite", "jobs.sqlite-wal", "jobs.sqlite-shm",
-                 "worker.log", "ray-driver.log", ".gitkeep"}
+        owned = {"models", "stats", "learned", "predictors", "runs", "exports", "dense", "jobs.sqlite",
+                 "jobs.sqlite-wal", "jobs.sqlite-shm", "worker.log", "ray-driver.log", ".gitkeep"}
         return sorted(p for p in self.root.iterdir() if p.name not in owned) if self.root.is_dir() else []
 
-    def stale_reason(self, kind: str, path: Path) -> str | None:
+    def stale_reason(self, kind: str, path: Path, contents: bool = False) -> str | None:
         """Why an entry is stale, or None. Stale: a temporary folder left by an interrupted write; statistics,
         learned allocations or runs whose format version the current code no longer reads; ONNX graphs of an
-        older export version."""
-        from pruner.store.formats import EXPORT_VERSION, PRUNE_FORMAT_VERSION, STATS_FORMAT_VERSION
-
+        older export version; and corrupt entries (files truncated, altered or saved under another key, against
+        what their meta.json or manifest recorded; a run's weights by size, and by checksum with ``contents``)."""
         name = path.name
         if name.startswith(".") and ".tmp-" in name:
-            from pruner.store.files import temporary_writer, writer_gone_here
-
             writer = temporary_writer(name)
             # a folder still being written (its writer alive here, or on another machine sharing this cache) stays
             if writer is None or writer_gone_here(*writer):
@@ -194,8 +194,6 @@ class CacheLayout:
                 return f"ONNX export version {match.group(1)} (current {EXPORT_VERSION})"
             return None
         if kind == "stats":
-            from pruner.store.formats import verification_problem
-
             version = _json_field(path / "meta.json", "format")
             if version is not None and version != STATS_FORMAT_VERSION:
                 return f"statistics format {version} (current {STATS_FORMAT_VERSION})"
@@ -208,14 +206,18 @@ class CacheLayout:
         if kind == "learned":
             if not (path / "learned.json").is_file():
                 return "incomplete (no learned.json)"
+            problem = entry_problem(path, key=name, required=("learned.json",))
+            if problem:
+                return f"corrupt: {problem}"
         if kind == "predictors":
-            from pruner.store.formats import TABLE_FORMAT
-
             version = _json_field(path / "meta.json", "format")
             if version is None:
                 return "incomplete (no meta.json)"
             if version != TABLE_FORMAT:
                 return f"damage table format {version} (current {TABLE_FORMAT})"
+            problem = entry_problem(path, key=name, required=("table.npz",))
+            if problem:
+                return f"corrupt: {problem}"
         if kind == "runs":
             if not (path / "manifest.json").is_file():
                 return "incomplete (no manifest.json)"
@@ -225,6 +227,12 @@ class CacheLayout:
             version = spec.get("format", 1)
             if version != PRUNE_FORMAT_VERSION:
                 return f"run format {version} (current {PRUNE_FORMAT_VERSION}; its key can no longer be asked for)"
+            manifest = _json_field(path / "manifest.json", None)
+            if WEIGHTS_DROPPED not in manifest:
+                # by size unless asked (a listing must not read every run's gigabytes; a load checks the contents)
+                problem = files_problem(path, manifest.get(FILES_FIELD, {}), contents=contents)
+                if problem:
+                    return f"corrupt: {problem}"
         return None
 
     def remove(self, paths: list[Path]) -> int:
