@@ -100,6 +100,13 @@ def cmd_deepsparse_env(args) -> int:
     return 0
 
 
+def _warn_broken_runs(args) -> None:
+    from pruner.runs.manifest import list_runs
+
+    for key, why in list_runs(cache_arg(args)).broken:  # a job's output that can no longer be read
+        print(f"warning: {why}")
+
+
 def cmd_jobs(args) -> int:
     from pruner.jobs.queue import JobStore, default_db, ensure_workers, worker_main
 
@@ -111,6 +118,18 @@ def cmd_jobs(args) -> int:
         from pruner.jobs.ray_exec import RaySettings, drive
 
         drive(db, [int(i) for i in args.ids.split(",")], RaySettings(**json.loads(args.ray_settings)), cache_arg(args))
+        return 0
+    if args.action in ("cancel", "wait") and args.id is None:
+        raise BadInput(f"jobs {args.action} needs a job id (`jobs list` shows them)")
+    if not db.is_file():  # nothing was ever queued here: say so, and create nothing
+        if args.action in ("cancel", "wait"):
+            raise BadInput(f"no job {args.id}: {db} holds no job table (nothing was ever queued with this cache "
+                           f"folder)")
+        if args.json:
+            print("[]")
+            return 0
+        print(f"no jobs: nothing was ever queued in {db.parent}")
+        _warn_broken_runs(args)
         return 0
     store = JobStore(db)
     ensure_workers(store, cache_dir=cache_arg(args))  # reaps dead jobs; restarts a worker for queued ones
@@ -144,10 +163,7 @@ def cmd_jobs(args) -> int:
         print(f"{j.id:>4}  {j.state:<9} {prog:<22} {elapsed:>8}  {j.label}{where}")
         if j.error and j.state == "failed":
             print(f"      error: {j.error.splitlines()[0]}")
-    from pruner.runs.manifest import list_runs
-
-    for key, why in list_runs(cache_arg(args)).broken:  # a job's output that can no longer be read
-        print(f"warning: {why}")
+    _warn_broken_runs(args)
     return 0
 
 

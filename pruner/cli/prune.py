@@ -24,6 +24,7 @@ def cmd_prune(args) -> int:
     from pruner.runs.manifest import read_run
     from pruner.specs import PruneSpec
     from pruner.store.files import atomic_dir
+    from pruner.store.layout import CacheUnusable, check_writable
 
     if args.nm is not None:
         try:
@@ -37,8 +38,14 @@ def cmd_prune(args) -> int:
         sparsity = args.sparsity
     check_chunks(args)
     out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and any(out.iterdir()):
-        raise BadInput(f"--out {out} exists and is not empty; choose a new folder")
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadInput(f"--out {out} exists and is {'a file' if not out.is_dir() else 'not empty'}; choose a new "
+                       f"folder")
+    if out is not None:  # checked now, not after the prune: a folder under a file, or one that cannot be written
+        try:
+            check_writable(out, what="--out")
+        except CacheUnusable as err:
+            raise BadInput(str(err).replace("; choose another with --cache-dir or $PRUNER_CACHE_DIR", "")) from err
     if args.seeds < 1:
         raise BadInput(f"--seeds must be ≥ 1 (calibration seeds --seed, --seed + 1, ...); got {args.seeds}")
     if args.tune and args.seeds > 1:

@@ -58,6 +58,8 @@ class MemoryPlan:
     parts: dict[str, int] = field(default_factory=dict)
     device_parts: dict[str, int] = field(default_factory=dict)
     device: str = "cpu"
+    #: bytes the job writes to disk (a prune: the pruned model's weights), checked against the free space first
+    writes: int = 0
 
     @property
     def total(self) -> int:
@@ -131,7 +133,7 @@ def plan_prune(config, *, dtype_bytes: int, method: str, nsamples: int, seqlen: 
     total_bytes = m.total_params * dtype_bytes
     outside = total_bytes - sum(m.block_params) * dtype_bytes
     largest = max(o * i for o, i in m.layer_shapes)
-    plan = MemoryPlan({"runtime": RUNTIME_BYTES}, device=device)
+    plan = MemoryPlan({"runtime": RUNTIME_BYTES}, device=device, writes=total_bytes)
     gpu = device != "cpu"
     if streamed:
         plan.parts["weights outside the blocks"] = outside

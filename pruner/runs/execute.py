@@ -18,9 +18,9 @@ from pruner.engine.memory_plan import check_fits, check_whole_model, plan_for_sp
 from pruner.model.anatomy import find_blocks, is_expert_unit, unsupported_message, unsupported_weights
 from pruner.model.loading import LoadedModel, load_model, model_summary, resolve_device
 from pruner.runs.manifest import LORA_SUBFOLDER, read_run, require_weights, weight_records
-from pruner.store.files import MANIFEST, atomic_dir, read_manifest
+from pruner.store.files import MANIFEST, atomic_dir
 from pruner.store.formats import FILES_FIELD
-from pruner.store.layout import CacheLayout
+from pruner.store.layout import CacheLayout, check_writable
 
 PhaseProgress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -83,6 +83,7 @@ def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     plan = plan_for_spec(spec, cache_dir, batch_size=batch_size, streamed=streamed, learning=learning)
     check_fits(plan, ways=prune_ways_out(streamed=streamed, offloaded=spec.model.offload_activations,
                                          device=plan.device))
+    check_writable(layout.runs, needs_bytes=plan.writes, what="the runs folder")
     base = loaded if loaded is not None else load_model(spec.model, cache_dir, stream=stream)
     # weights of the blocks that nothing here can prune: refused by name unless the spec says to leave them dense
     unsupported = unsupported_weights(find_blocks(base.model)[1])
@@ -225,7 +226,7 @@ def recover_run(parent_folder: Path, spec, data_dir: str | None, cache_dir: Path
     from pruner.specs import CalibSpec
     from pruner.store.formats import stable_hash
 
-    parent = read_manifest(parent_folder)
+    parent = read_run(parent_folder).raw  # a manifest that cannot be read names the run
     if "recovery" in parent:
         raise ValueError(f"run {parent['key']} is already a LoRA recovery; recover its parent {parent['parent']} "
                          f"instead")

@@ -40,8 +40,9 @@ def require_weights(folder: Path) -> None:
     folder = Path(folder)
     try:
         raw = read_manifest(folder)
-    except ValueError as err:
-        raise BadRun(f"run {folder.name}: its manifest.json is unreadable ({err})") from err
+    except json.JSONDecodeError as err:  # named like read_run names it
+        raise CorruptRun(folder, f"run {folder.name}: {MANIFEST} is not valid JSON ({err}); remove it with "
+                                 f"`python -m pruner cache --remove {folder.name}`") from err
     if WEIGHTS_DROPPED in raw:
         raise BadRun(f"run {folder.name} keeps only its manifest and metrics: its weights were dropped after "
                      f"evaluation on {raw[WEIGHTS_DROPPED]['when']} to save disk. Prune it again to restore them "
@@ -76,6 +77,15 @@ def drop_weights(folder: Path) -> int:
 
 class BadRun(ValueError):
     """A run folder whose manifest is missing, truncated or not what this code writes."""
+
+
+class CorruptRun(BadRun, CorruptArtifact):
+    """A run whose manifest is not readable: a corrupt cache entry (the CLI's environment exit code), not bad
+    input."""
+
+    def __init__(self, folder: Path, message: str):
+        ValueError.__init__(self, message)
+        self.folder, self.problem = Path(folder), message
 
 
 @dataclass(frozen=True)
@@ -217,8 +227,8 @@ def read_run(folder: Path) -> RunManifest:
     try:
         raw = read_manifest(folder)
     except json.JSONDecodeError as err:
-        raise BadRun(f"run {folder.name}: {MANIFEST} is not valid JSON ({err}); remove it with "
-                     f"`python -m pruner cache --remove {folder.name}`") from err
+        raise CorruptRun(folder, f"run {folder.name}: {MANIFEST} is not valid JSON ({err}); remove it with "
+                                 f"`python -m pruner cache --remove {folder.name}`") from err
     except ValueError as err:
         raise BadRun(f"run {folder.name}: {err}") from err
     try:

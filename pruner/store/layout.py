@@ -260,3 +260,29 @@ def _json_field(path: Path, field: str | None):
         return value if field is None else value.get(field)
     except (OSError, ValueError, AttributeError):
         return None
+
+
+class CacheUnusable(Exception):
+    """The cache folder cannot take what a command would write: it is a file, read-only, or its disk is too full.
+    Raised before the work starts; an environment fault, not bad input."""
+
+
+def check_writable(folder: Path, needs_bytes: int = 0, what: str = "the cache folder") -> None:
+    """``CacheUnusable`` unless ``folder`` (created if missing, so its nearest existing parent counts) can be
+    written and its disk has ``needs_bytes`` free. Nothing is created."""
+    folder = Path(folder).expanduser()
+    way = "choose another with --cache-dir or $PRUNER_CACHE_DIR"
+    probe = folder
+    while not probe.exists():
+        if probe.is_symlink() or probe.parent == probe:
+            raise CacheUnusable(f"{what} {folder} cannot be created ({probe} is a broken link); {way}")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CacheUnusable(f"{what} {folder} cannot be used: {probe} is a file, not a folder; {way}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CacheUnusable(f"{what} {folder} cannot be written: {probe} is read-only for this user; {way}")
+    free = shutil.disk_usage(probe).free
+    if free < needs_bytes:
+        raise CacheUnusable(f"{what} {folder} needs about {needs_bytes / 2**30:.2f} GiB free, its disk has "
+                            f"{free / 2**30:.2f} GiB; free some (`python -m pruner cache --stale`, `cache --remove`, "
+                            f"`cache --drop-weights`) or {way}")
