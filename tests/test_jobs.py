@@ -6,10 +6,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from pruner.jobs.queue import JobStore, submit
+from pruner.jobs.queue import MAX_ATTEMPTS, JobStore, ensure_workers, submit
 from pruner.jobs.workflows import PruneRequest, StatsRequest
 from pruner.model.catalogue import ModelSpec
 from pruner.runs.manifest import run_exists
@@ -112,16 +113,50 @@ def test_queued_job_cancels_at_once(tmp_path):
     assert store.cancel(job_id).state == "cancelled"
 
 
-def test_killed_worker_is_detected(cache, data_dir):
+def test_a_killed_workers_job_is_queued_again_and_finishes(cache, data_dir):
+    """SIGKILL the worker in the middle of a prune: the job goes back to the queue with the cause, a new worker
+    (started by the next ensure_workers, as `jobs wait`, sweeps and the pages call it) runs it again, and it ends
+    done, on its second attempt, with the run stored."""
     store = JobStore(cache / "jobs.sqlite")
     job_id = submit(store, PruneRequest(_spec(data_dir, method="sparsegpt", seed=2, allocator="uniform")),
                     cache_dir=cache)
     job = _wait(store, job_id, lambda j: j.phase == "prune" and j.done >= 1)
-    os.kill(job.worker_pid, signal.SIGKILL)
-    job = _wait(store, job_id, _final, timeout=30)
-    assert job.state == "failed" and f"worker process {job.worker_pid} died" in job.error
+    killed = job.worker_pid
+    os.kill(killed, signal.SIGKILL)
+    end = time.time() + WAIT_S
+    requeued = False
+    while time.time() < end and not _final(job := store.get(job_id)):
+        ensure_workers(store, cache_dir=cache)
+        requeued |= f"worker process {killed} died" in (store.get(job_id).error or "")
+        time.sleep(0.3)
+    assert requeued, "the job was not queued again with its cause"
+    assert job.state == "done" and job.attempts == 2 and job.worker_pid != killed, job
+    assert (Path(job.result["folder"]) / "manifest.json").is_file()
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has exited (a real one, not a made-up number)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_a_job_whose_worker_keeps_dying_fails_after_its_last_attempt_and_a_stale_worker_cannot_report(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job_id = submit(store, PruneRequest(PruneSpec()), start_worker=False)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        dead = _dead_pid()
+        assert store.claim(dead).id == job_id and store.get(job_id).attempts == attempt
+        store.reap()
+        job = store.get(job_id)
+        if attempt < MAX_ATTEMPTS:
+            assert job.state == "queued" and f"worker process {dead} died" in job.error
+            assert job.phase == f"queued again after attempt {attempt} of {MAX_ATTEMPTS}"
+            # the dead (or stopped, then resumed) worker's late reports change nothing: the job is not its own any more
+            store.progress(job_id, "prune", 5, 30, pid=dead)
+            store.finish(job_id, "done", result={"folder": "x"}, pid=dead)
+            assert store.get(job_id).state == "queued" and store.get(job_id).done == 0
+    assert job.state == "failed" and job.error.endswith(f"the job did not finish after {MAX_ATTEMPTS} attempts")
 def test_submit_validates_before_queueing(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
     with pytest.raises(ValueError, match="unknown method"):

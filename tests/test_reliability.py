@@ -194,3 +194,22 @@ def test_broken_model_folders_are_named_in_one_line(tiny_folder, data_dir, tmp_p
             assert lines[-1].startswith("error: ") and str(folder) in lines[-1], (fault, name, lines[-1])
     for kind in ("stats", "runs"):  # nothing cached or half-written
         assert not (cache / kind).exists() or not any((cache / kind).iterdir()), kind
+
+
+def test_two_identical_prunes_at_once_do_the_work_once(smollm2, data_dir, tmp_path):
+    """Two CLI prunes of one spec started together: one prunes, the other waits for its lock and then takes the
+    stored run (it reports waiting and runs no phase of its own); both print the same run."""
+    from tests.conftest import share_project_models
+
+    cache = share_project_models(tmp_path / "cache")
+    cmd = [sys.executable, "-m", "pruner", "prune", "--allocator", "uniform", "--method", "wanda", "--sparsity", "0.5",
+           "--preset", "tiny", "--data-dir", data_dir, "--cache-dir", str(cache), "--device", "cpu"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    keys = [next(line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith("run ")) for out, _ in outs]
+    assert keys[0] == keys[1] and [p.name for p in (cache / "runs").iterdir()] == [keys[0]]
+    waited = [err for _, err in outs if "waiting for the same prune in another process" in err]
+    worked = [err for _, err in outs if "waiting for the same prune" not in err]
+    assert len(waited) == 1 and len(worked) == 1, [e[-500:] for _, e in outs]
+    assert "prune:" in worked[0] and "prune:" not in waited[0]  # the pruning phase's progress bar: one process only

@@ -149,7 +149,7 @@ def cmd_jobs(args) -> int:
 
         while store.get(args.id).state not in FINAL_STATES:
             time.sleep(1)
-            store.reap()
+            ensure_workers(store, cache_dir=cache_arg(args))  # a job whose worker died is queued again: run it
     jobs = [store.get(args.id)] if args.id is not None else store.list(args.limit)
     if args.json:
         print(json.dumps([{k: v for k, v in vars(j).items()} for j in jobs], indent=2, default=str))

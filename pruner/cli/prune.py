@@ -164,7 +164,7 @@ def cmd_sweep(args) -> int:
         step = f" {job.phase} {job.done}/{job.total}" if job.total else (f" {job.phase}" if job.phase else "")
         print(f"job {job.id} {job.state}{where}:{step} {job.label}", flush=True)
 
-    jobs = wait_for(store, ids, on_change=show)
+    jobs = wait_for(store, ids, on_change=show, cache_dir=cache_arg(args))
     rows = []
     for j in jobs:
         row = {"job": j.id, "kind": j.kind, "state": j.state, "label": j.label}

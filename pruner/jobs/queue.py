@@ -66,14 +66,20 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     result TEXT,
     executor TEXT NOT NULL DEFAULT 'local',
-    remote TEXT
+    remote TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS workers (pid INTEGER PRIMARY KEY, started REAL NOT NULL, heartbeat REAL NOT NULL);
 """
 
 
 #: Columns added after the first release of the table: (name, declaration).
-ADDED_COLUMNS = (("executor", "TEXT NOT NULL DEFAULT 'local'"), ("remote", "TEXT"))
+ADDED_COLUMNS = (("executor", "TEXT NOT NULL DEFAULT 'local'"), ("remote", "TEXT"),
+                 ("attempts", "INTEGER NOT NULL DEFAULT 0"))
+#: How many times a local job is started before a dead worker fails it: a worker killed (out of memory, a reboot)
+#: or stopped is the machine's fault, not the job's, so the job is queued again, as the Ray executor retries its
+#: tasks (``pruner.jobs.ray_exec.DEFAULT_MAX_RETRIES`` = 2 retries, 3 attempts).
+MAX_ATTEMPTS = 3
 
 
 def default_db(cache_dir: Path | None = None) -> Path:
@@ -102,6 +108,8 @@ class Job:
     executor: str = "local"
     #: where a remote executor runs it: {"node", "pid", "attempt"} of the Ray worker (None for local jobs)
     remote: dict | None = None
+    #: how many times a local worker has started it (``MAX_ATTEMPTS``)
+    attempts: int = 0
 
     @property
     def request(self):
@@ -262,15 +270,17 @@ class JobStore:
                 db.execute("COMMIT")
                 return None
             now = time.time()
-            db.execute("UPDATE jobs SET state = 'running', started = ?, heartbeat = ?, worker_pid = ? WHERE id = ?",
-                       (now, now, pid, row["id"]))
+            db.execute("UPDATE jobs SET state = 'running', started = ?, heartbeat = ?, worker_pid = ?, "
+                       "attempts = attempts + 1 WHERE id = ?", (now, now, pid, row["id"]))
             db.execute("COMMIT")
         return self.get(row["id"])
 
-    def progress(self, job_id: int, phase: str, done: int, total: int) -> None:
+    def progress(self, job_id: int, phase: str, done: int, total: int, pid: int | None = None) -> None:
+        """``pid``: the worker reporting; a worker whose job was taken from it (reaped, queued again) is ignored."""
         with self._db() as db:
-            db.execute("UPDATE jobs SET phase = ?, done = ?, total = ?, heartbeat = ? WHERE id = ?",
-                       (phase, done, total, time.time(), job_id))
+            db.execute("UPDATE jobs SET phase = ?, done = ?, total = ?, heartbeat = ? WHERE id = ?"
+                       + (" AND worker_pid = ?" if pid is not None else ""),
+                       (phase, done, total, time.time(), job_id, *([pid] if pid is not None else [])))
 
     def beat(self, pid: int, job_id: int | None) -> None:
         now = time.time()
@@ -291,35 +301,49 @@ class JobStore:
             row = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row["cancel_requested"])
 
-    def finish(self, job_id: int, state: str, error: str | None = None, result: dict | None = None) -> None:
+    def finish(self, job_id: int, state: str, error: str | None = None, result: dict | None = None,
+               pid: int | None = None) -> None:
+        """Record a final state. A final state is final: a worker that was stopped long enough to be reaped as dead,
+        then resumed, must not turn the "failed" the table already shows into "done". ``pid``: the worker
+        reporting; one whose job was queued again meanwhile (and perhaps taken by another worker) is ignored."""
         if state not in FINAL_STATES:
             raise ValueError(f"final state must be one of {', '.join(FINAL_STATES)}; got {state!r}")
-        # a final state is final: a worker that was stopped long enough to be reaped as dead, then resumed, must not
-        # turn the "failed" the table already shows into "done"
         with self._db() as db:
             db.execute(f"UPDATE jobs SET state = ?, finished = ?, error = ?, result = ? WHERE id = ? "
-                       f"AND state NOT IN ({', '.join('?' * len(FINAL_STATES))})",
+                       f"AND state NOT IN ({', '.join('?' * len(FINAL_STATES))})"
+                       + (" AND worker_pid = ?" if pid is not None else ""),
                        (state, time.time(), error, json.dumps(result) if result is not None else None, job_id,
-                        *FINAL_STATES))
+                        *FINAL_STATES, *([pid] if pid is not None else [])))
 
     def remove_worker(self, pid: int) -> None:
         with self._db() as db:
             db.execute("DELETE FROM workers WHERE pid = ?", (pid,))
 
     def reap(self) -> list[int]:
-        """Mark running jobs whose worker died as failed; return their ids."""
+        """Running jobs whose worker died or stopped responding: a local one is queued again while it has attempts
+        left (``MAX_ATTEMPTS``; the next ``ensure_workers`` starts a worker for it), then failed with the cause; a
+        remote one is failed (its executor retries). Returns the ids of the jobs failed now."""
         now = time.time()
         failed = []
         with self._db() as db:
-            for r in db.execute("SELECT id, worker_pid, heartbeat FROM jobs WHERE state = 'running'").fetchall():
+            rows = db.execute("SELECT id, worker_pid, heartbeat, executor, attempts FROM jobs "
+                              "WHERE state = 'running'").fetchall()
+            for r in rows:
                 silent = now - (r["heartbeat"] or 0)
-                if not pid_alive(r["worker_pid"]) or silent > DEAD_AFTER_S:
-                    cause = (f"worker process {r['worker_pid']} died" if not pid_alive(r["worker_pid"])
-                             else f"worker process {r['worker_pid']} stopped responding")
-                    db.execute("UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ? "
-                               "AND state = 'running'",
-                               (now, f"{cause} (last heartbeat {silent:.0f} s ago); the job did not finish", r["id"]))
-                    failed.append(r["id"])
+                if pid_alive(r["worker_pid"]) and silent <= DEAD_AFTER_S:
+                    continue
+                cause = (f"worker process {r['worker_pid']} died" if not pid_alive(r["worker_pid"])
+                         else f"worker process {r['worker_pid']} stopped responding")
+                cause += f" (last heartbeat {silent:.0f} s ago)"
+                if r["executor"] == "local" and r["attempts"] < MAX_ATTEMPTS:
+                    db.execute("UPDATE jobs SET state = 'queued', worker_pid = NULL, started = NULL, heartbeat = NULL, "
+                               "phase = ?, done = 0, total = 0, error = ? WHERE id = ? AND state = 'running'",
+                               (f"queued again after attempt {r['attempts']} of {MAX_ATTEMPTS}", cause, r["id"]))
+                    continue
+                tries = f" after {r['attempts']} attempts" if r["executor"] == "local" else ""
+                db.execute("UPDATE jobs SET state = 'failed', finished = ?, error = ? WHERE id = ? "
+                           "AND state = 'running'", (now, f"{cause}; the job did not finish{tries}", r["id"]))
+                failed.append(r["id"])
         return failed
 
 
@@ -365,7 +389,9 @@ def _execute(store: JobStore, job: Job, cache_dir: Path | None) -> dict:
     from pruner.model.loading import resolve_device
 
     request = job.request
-    ctx = Context(cache_dir=cache_dir, progress=lambda phase, done, total: store.progress(job.id, phase, done, total),
+    pid = os.getpid()
+    ctx = Context(cache_dir=cache_dir,
+                  progress=lambda phase, done, total: store.progress(job.id, phase, done, total, pid=pid),
                   should_cancel=lambda: store.cancel_requested(job.id), device=str(resolve_device("auto")))
     return run(request, ctx)
 
@@ -395,11 +421,12 @@ def worker_main(db_path: Path, cache_dir: Path | None = None, idle_exit_s: float
             current["job"] = job.id
             try:
                 result = _execute(store, job, cache_dir)
-                store.finish(job.id, "done", result=result)
+                store.finish(job.id, "done", result=result, pid=pid)
             except Cancelled as err:
-                store.finish(job.id, "cancelled", error=str(err))
+                store.finish(job.id, "cancelled", error=str(err), pid=pid)
             except Exception as err:  # the job fails with its cause; the worker goes on with the next job
-                store.finish(job.id, "failed", error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
+                store.finish(job.id, "failed", error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}",
+                             pid=pid)
             current["job"] = None
             idle_since = time.time()
     finally:

@@ -182,16 +182,20 @@ def executor_for(ray_address: str | None, **ray_settings):
     return RayExecutor(RaySettings(address=ray_address, **ray_settings))
 
 
-def wait_for(store, ids: list[int], *, poll_s: float = 0.5, on_change=None) -> list:
-    """Block until every job in ``ids`` has ended (reaping dead workers meanwhile); returns the final jobs.
-    ``on_change(job)`` is called whenever a job's state, phase or progress changes."""
+def wait_for(store, ids: list[int], *, poll_s: float = 0.5, on_change=None, cache_dir: Path | None = None) -> list:
+    """Block until every job in ``ids`` has ended (reaping dead workers meanwhile, and starting a worker, for
+    ``cache_dir``, for a local job queued again after its worker died); returns the final jobs. ``on_change(job)``
+    is called whenever a job's state, phase or progress changes."""
     import time
 
-    from pruner.jobs.queue import FINAL_STATES
+    from pruner.jobs.queue import FINAL_STATES, ensure_workers
 
     last: dict[int, tuple] = {}
     while True:
-        store.reap()
+        if all(store.get(i).executor == "local" for i in ids):
+            ensure_workers(store, cache_dir=cache_dir)  # reaps; a job whose worker died is queued again: run it
+        else:
+            store.reap()
         jobs = [store.get(i) for i in ids]
         for j in jobs:
             now = (j.state, j.phase, j.done, j.total)

@@ -18,7 +18,7 @@ from pruner.engine.memory_plan import check_fits, check_whole_model, plan_for_sp
 from pruner.model.anatomy import find_blocks, is_expert_unit, unsupported_message, unsupported_weights
 from pruner.model.loading import LoadedModel, load_model, model_summary, resolve_device
 from pruner.runs.manifest import LORA_SUBFOLDER, read_run, require_weights, weight_records
-from pruner.store.files import MANIFEST, atomic_dir
+from pruner.store.files import MANIFEST, atomic_dir, exclusive
 from pruner.store.formats import FILES_FIELD
 from pruner.store.layout import CacheLayout, check_writable
 
@@ -49,6 +49,28 @@ def _versions() -> dict:
 
 
 def run_prune(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None = None,
+              progress: PhaseProgress | None = None, should_cancel: Callable[[], bool] | None = None,
+              force: bool = False, batch_size: int = 4, stream: bool = False, tuning: dict | None = None) -> Path:
+    """Prune a copy of the dense model as ``spec`` says and store it as a run (``_make_run``); return the run folder.
+    Two identical prunes at once (two workers, a CLI call beside a job) do the work once: the second waits for the
+    first's lock (``CacheLayout.lock``) and then takes its run; with ``force`` it prunes again after it."""
+    layout = CacheLayout.at(cache_dir)
+    folder = layout.run(spec.key())
+    if (folder / MANIFEST).is_file() and not force:
+        return folder
+
+    def waiting():
+        if progress:
+            progress("waiting for the same prune in another process", 0, 1)
+
+    with exclusive(layout.lock(spec.key()), on_wait=waiting) as waited:
+        if waited and (folder / MANIFEST).is_file() and not force:
+            return folder
+        return _make_run(spec, cache_dir, loaded=loaded, progress=progress, should_cancel=should_cancel, force=force,
+                         batch_size=batch_size, stream=stream, tuning=tuning)
+
+
+def _make_run(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None = None,
               progress: PhaseProgress | None = None, should_cancel: Callable[[], bool] | None = None,
               force: bool = False, batch_size: int = 4, stream: bool = False, tuning: dict | None = None) -> Path:
     """Prune a copy of the dense model as ``spec`` (a ``PruneSpec``) says and store it as a run; return the run

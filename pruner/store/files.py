@@ -135,6 +135,27 @@ def folder_lock(folder: Path):
         os.close(fd)  # releases the lock
 
 
+@contextlib.contextmanager
+def exclusive(lock_path: Path, on_wait: Callable[[], None] | None = None):
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing; released when the holder exits or dies).
+    When another process holds it, ``on_wait()`` is called and this waits. Yields whether it had to wait."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = True
+        yield waited
+    finally:
+        os.close(fd)
+
+
 def update_json_entry(path: Path, name: str, update: Callable[[dict | None], dict]) -> dict:
     """``payload[name] = update(payload.get(name))`` for the JSON object in ``path`` ({} when the file is missing),
     under the folder's lock and written atomically; returns the new payload.

@@ -12,6 +12,7 @@ Layout (under ``<project>/cache`` unless ``$PRUNER_CACHE_DIR``, ``--cache-dir`` 
     dense/<model key>/onnx/v<export version>-b<B>-t<T>/   the dense model's exported ONNX graphs
     jobs.sqlite, worker.log,        the background job table, its workers' log and a Ray sweep's driver log
     ray-driver.log
+    locks/<run key>.lock            taken by a prune while it makes its run: an identical prune waits for it
 
 Anything else under the root (e.g. a benchmark's scratch folder) is listed as "other" and never touched by the
 stale-entry cleanup. ``python -m pruner cache`` lists sizes per kind and removes what is stale or named.
@@ -131,6 +132,10 @@ class CacheLayout:
     def jobs_db(self) -> Path:
         return self.root / "jobs.sqlite"
 
+    def lock(self, key: str) -> Path:
+        """The lock file two processes making the same entry (a run of one spec) take in turn."""
+        return self.root / "locks" / f"{check_key(key)}.lock"
+
     @property
     def worker_log(self) -> Path:
         """What the background workers print (next to the job table)."""
@@ -167,7 +172,7 @@ class CacheLayout:
     def others(self) -> list[Path]:
         """Top-level things this layout does not own (never removed by ``remove_stale``)."""
         owned = {"models", "stats", "learned", "predictors", "runs", "exports", "dense", "jobs.sqlite",
-                 "jobs.sqlite-wal", "jobs.sqlite-shm", "worker.log", "ray-driver.log", ".gitkeep"}
+                 "jobs.sqlite-wal", "jobs.sqlite-shm", "worker.log", "ray-driver.log", "locks", ".gitkeep"}
         return sorted(p for p in self.root.iterdir() if p.name not in owned) if self.root.is_dir() else []
 
     def stale_reason(self, kind: str, path: Path, contents: bool = False) -> str | None:
