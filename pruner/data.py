@@ -45,14 +45,31 @@ def _require(data_dir: str | Path, relative: str) -> Path:
     return path
 
 
+def _hub_dataset(path: str, **kwargs):
+    """``datasets.load_dataset(path, **kwargs)``; ``DataError`` in one line when the hub cannot be reached (found out
+    in seconds, not after a minute of retries) or the load fails."""
+    import datasets
+
+    from pruner.model.catalogue import HUB_OFFLINE_SETTINGS, hub_unreachable
+
+    why = hub_unreachable()
+    if why is not None and why.split()[0] not in HUB_OFFLINE_SETTINGS:  # (offline on purpose: the cache is read)
+        raise DataError(f"the hub cannot be reached to read {path} ({why}): use a local data folder (--data-dir PATH "
+                        f"or $PRUNER_DATA_DIR, laid out like ../shared/data), or set HF_DATASETS_OFFLINE=1 to read "
+                        f"what the Hugging Face cache already holds")
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    except Exception as err:  # the hub's and the cache's many error types: one line naming the dataset
+        first = (str(err).strip().splitlines() or [""])[0].rstrip(":")
+        raise DataError(f"hub dataset {path} could not be read ({type(err).__name__}: {first})") from err
+
+
 def wikitext2_lines(split: str = "test", data_dir: str | Path | None = None) -> list[str]:
     """WikiText-2 raw rows as the hub dataset gives them: each line keeps its newline, blank lines are ''."""
     if split not in WIKITEXT_FILES:
         raise ValueError(f"WikiText-2 split must be one of {', '.join(WIKITEXT_FILES)}; got {split!r}")
     if data_dir is None:
-        import datasets
-
-        return list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+        return list(_hub_dataset("wikitext", name="wikitext-2-raw-v1", split=split)["text"])
     path = _require(data_dir, WIKITEXT_FILES[split])
     with open(path, encoding="utf-8", newline="\n") as f:
         return [line if line.strip() else "" for line in f]
@@ -66,9 +83,7 @@ def wikitext2_text(split: str = "test", data_dir: str | Path | None = None) -> s
 def c4_documents(data_dir: str | Path | None = None) -> list[str]:
     """C4 calibration documents (local sample, or the first ``C4_HUB_DOCUMENTS`` of one hub shard)."""
     if data_dir is None:
-        import datasets
-
-        ds = datasets.load_dataset("allenai/c4", data_files={"train": C4_HUB_SHARD}, split="train")
+        ds = _hub_dataset("allenai/c4", data_files={"train": C4_HUB_SHARD}, split="train")
         return list(ds.select(range(min(C4_HUB_DOCUMENTS, len(ds))))["text"])
     path = _require(data_dir, C4_FILE)
     docs = []

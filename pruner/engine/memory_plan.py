@@ -242,15 +242,22 @@ def model_config(model_spec, cache_dir=None):
     """The transformers config of the model a ``ModelSpec`` names (a bundled model is converted first)."""
     from transformers import AutoConfig
 
-    from pruner.model.catalogue import model_source
+    from pruner.model.catalogue import hub_unreachable, model_source
     from pruner.model.loading import BrokenModelFolder, convert_bundled
 
     source = model_source(model_spec)
     where = str(convert_bundled(model_spec.name, cache_dir)) if source == "bundled" else model_spec.name
+    offline = hub_unreachable() if source == "hub" else None
     try:
         return AutoConfig.from_pretrained(where, trust_remote_code=model_spec.trust_remote_code,
-                                          **({"revision": model_spec.revision} if source == "hub" else {}))
+                                          **({"revision": model_spec.revision, "local_files_only": bool(offline)}
+                                             if source == "hub" else {}))
     except (OSError, ValueError) as err:
+        if source == "hub":
+            raise ValueError(f"could not read the config of {model_spec.name!r} from the hub ({type(err).__name__}"
+                             + (f"; the hub cannot be reached: {offline}, and the Hugging Face cache does not hold "
+                                f"it" if offline else "") + "); without internet, use a bundled model or a local "
+                             "folder") from err
         if source != "local":
             raise
         raise BrokenModelFolder(where, err) from err

@@ -5,9 +5,12 @@ context length.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -208,3 +211,23 @@ def check_calibration_fits(spec: ModelSpec, seqlen: int) -> None:
     if limit is not None and seqlen > limit:
         raise ValueError(f"seqlen {seqlen} is longer than {spec.name}'s context of {limit} tokens "
                          f"(max_position_embeddings); choose seqlen ≤ {limit}")
+
+
+#: The host hub models and datasets are read from, and how long the check that it answers may take (seconds).
+HUB_HOST, HUB_PROBE_S = "huggingface.co", 5.0
+#: Settings under which the hub is never asked: models and datasets come from the local Hugging Face cache.
+HUB_OFFLINE_SETTINGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be asked from this process (an offline setting, or no connection to it within
+    ``HUB_PROBE_S``), or None. Asked once per process: without it, every hub read retries for about a minute."""
+    for setting in HUB_OFFLINE_SETTINGS:
+        if os.environ.get(setting, "").lower() in ("1", "true", "yes", "on"):
+            return f"{setting} is set"
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=HUB_PROBE_S).close()
+    except OSError as err:
+        return f"{HUB_HOST} does not answer: {err.strerror or err}"
+    return None

@@ -22,7 +22,7 @@ from torch import nn
 
 from pruner.model.anatomy import describe_layers, experts_layout, find_blocks, layer_kinds, weights_summary
 from pruner.model.catalogue import (BUNDLED, ModelSpec, _locate_in_package, _package_version, bundled_installed,
-                                    model_source)
+                                    hub_unreachable, model_source)
 from pruner.store.files import atomic_dir
 
 
@@ -152,7 +152,8 @@ def load_model(spec: ModelSpec, cache_dir: Path | None = None, progress: Callabl
     elif source == "local":
         path, kwargs = str(Path(spec.name).expanduser().resolve()), {}
     else:
-        path, kwargs = spec.name, {"revision": spec.revision}
+        # no connection: only what the Hugging Face cache holds (asking would retry for a minute, then fail)
+        path, kwargs = spec.name, {"revision": spec.revision, **({"local_files_only": True} if hub_unreachable() else {})}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code, **kwargs)
         checkpoint = None
@@ -162,7 +163,8 @@ def load_model(spec: ModelSpec, cache_dir: Path | None = None, progress: Callabl
             if source == "hub":
                 from huggingface_hub import snapshot_download
 
-                path = snapshot_download(spec.name, revision=spec.revision)
+                path = snapshot_download(spec.name, revision=spec.revision,
+                                         local_files_only=bool(kwargs.get("local_files_only")))
             checkpoint = Checkpoint(path)
             model = build_skeleton(path, dtype, spec.trust_remote_code)
         else:
@@ -171,9 +173,11 @@ def load_model(spec: ModelSpec, cache_dir: Path | None = None, progress: Callabl
             )
     except OSError as err:
         if source == "hub":
+            offline = hub_unreachable()
             raise ValueError(
-                f"could not load {spec.name!r} from the hub ({err.__class__.__name__}); without internet, use a "
-                f"bundled model ({', '.join(BUNDLED)}) or a local folder"
+                f"could not load {spec.name!r} from the hub ({err.__class__.__name__}"
+                + (f"; the hub cannot be reached: {offline}, and the Hugging Face cache does not hold it" if offline
+                   else "") + f"); without internet, use a bundled model ({', '.join(BUNDLED)}) or a local folder"
             ) from err
         raise BrokenModelFolder(path, err) from err
     except ValueError:

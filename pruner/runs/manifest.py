@@ -296,7 +296,8 @@ def run_zip(folder: Path) -> Path:
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:  # safetensors barely compress
             for path in sorted(folder.rglob("*")):  # subfolders too (a LoRA run's adapters live in lora/)
-                if path.is_file():
+                # regular files only: a link inside a run folder (none is written there) could point anywhere
+                if path.is_file() and not path.is_symlink():
                     z.write(path, f"{folder.name}/{path.relative_to(folder)}")
         os.replace(tmp, target)
     except BaseException:
