@@ -137,22 +137,40 @@ def folder_lock(folder: Path):
 
 @contextlib.contextmanager
 def exclusive(lock_path: Path, on_wait: Callable[[], None] | None = None):
-    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing; released when the holder exits or dies).
-    When another process holds it, ``on_wait()`` is called and this waits. Yields whether it had to wait."""
+    """Hold an exclusive ``flock`` on ``lock_path`` (released when the holder exits or dies). When another process
+    holds it, ``on_wait()`` is called and this waits. Yields whether it had to wait. The lock file (and the folders
+    made for it, when empty) is removed by its holder on the way out, so nothing stays behind; a waiter that then
+    finds it gone or replaced takes the lock again on the file now there."""
     lock_path = Path(lock_path)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    created = [p for p in (lock_path.parent, *lock_path.parent.parents) if not p.exists()]  # removed again if empty
+    waited = False
+    while True:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # its folder was removed by the last holder between the two calls
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            waited = False
         except BlockingIOError:
-            if on_wait is not None:
+            if on_wait is not None and not waited:
                 on_wait()
-            fcntl.flock(fd, fcntl.LOCK_EX)
             waited = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the holder before us removed the file: lock the one there now
+    try:
         yield waited
     finally:
+        lock_path.unlink(missing_ok=True)
+        for folder in [lock_path.parent, *created]:  # only when empty: the cache keeps what the work wrote
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         os.close(fd)
 
 
