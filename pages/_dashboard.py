@@ -20,6 +20,8 @@ from pruner.model.catalogue import DEFAULT_MODEL, DEVICES, ModelSpec, available_
 from pruner.model.loading import load_model
 from pruner.specs import CALIB_PRESETS, DEFAULT_CALIB_PRESET, CalibSpec, StatsSpec
 from pruner.store.files import default_data_dir
+from pruner.store.formats import CorruptArtifact
+from pruner.store.layout import CacheLayout
 
 SOURCES = ("bundled", "local folder", "hub id")
 
@@ -129,11 +131,19 @@ def dense_model(model: ModelSpec, cache: Path | None):
 
 
 def cached_stats(sel: Selection):
-    """The selection's statistics if they were computed, else None (never computes)."""
+    """The selection's statistics if they were computed, else None (never computes). Cached statistics that are not
+    what they claim (truncated, altered, another model's) are never used: the page names them, offers to remove
+    them (then the Model page computes them again) and stops."""
     try:
         return _stats(sel.stats_spec.key(), sel.stats_spec, sel.cache_dir)
     except LookupError:
         return None
+    except CorruptArtifact as err:
+        st.error(str(err))
+        if st.button("Remove them, to compute them again", key="remove_corrupt_stats"):
+            CacheLayout.at(sel.cache_dir).remove([err.folder])
+            st.rerun()
+        st.stop()
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)

@@ -367,3 +367,24 @@ def test_a_run_without_weights_lists_its_numbers_but_offers_no_download_or_evalu
         assert not any(o.startswith(label) for o in app.multiselect(key="cmp_eval_runs").options)
     finally:
         path.write_text(original)
+
+
+def test_corrupt_statistics_are_named_and_removed_on_request(cached, data_dir, tmp_path, monkeypatch):
+    """Statistics cut short in the cache: the Model page names them instead of failing, and its button removes
+    them, after which the page offers to compute them again (a copy of the module's cache: the others keep theirs)."""
+    import shutil
+
+    cache = share_project_models(tmp_path / "cache")
+    shutil.copytree(cached[0] / "stats", cache / "stats")
+    (folder,) = (cache / "stats").iterdir()
+    (folder / "stats.npz").write_bytes((folder / "stats.npz").read_bytes()[:1000])
+    monkeypatch.setenv("PRUNER_CACHE_DIR", str(cache))
+    monkeypatch.setenv("PRUNER_DATA_DIR", data_dir)
+    at = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=90)
+    at.run()
+    at.sidebar.selectbox(key="calib_preset").select("tiny").run()
+    assert not at.exception, at.exception
+    assert any(f"cached statistics {folder} cannot be used" in e.value for e in at.error)
+    at.button(key="remove_corrupt_stats").click().run()
+    assert not at.exception, at.exception
+    assert not folder.exists() and any("Not computed yet" in i.value for i in at.info)
