@@ -177,7 +177,11 @@ def _broken_folders(tiny_folder, root):
     return out
 
 
-def test_broken_model_folders_are_named_in_one_line(tiny_folder, data_dir, tmp_path):
+def test_broken_model_folders_are_named_in_one_line(tiny_folder, data_dir, tmp_path, capsys):
+    """Each broken folder through allocate, a streamed prune and eval, in this process (``pruner.cli.main``: the
+    command's code without a Python start-up per case); one of them also as a real subprocess below."""
+    from pruner.cli import main
+
     cache = tmp_path / "cache"
     common = ["--preset", "tiny", "--data-dir", data_dir, "--cache-dir", str(cache), "--device", "cpu"]
     commands = {"allocate": ["allocate", "--allocator", "owl", "--sparsity", "0.5"],
@@ -187,11 +191,16 @@ def test_broken_model_folders_are_named_in_one_line(tiny_folder, data_dir, tmp_p
         for name, args in commands.items():
             if name == "eval" and fault not in ("corrupt config", "half"):
                 continue  # the same loader as allocate
-            out = subprocess.run([sys.executable, "-m", "pruner", *args, "--model", str(folder), *common],
-                                 capture_output=True, text=True, timeout=300)
-            lines = [l for l in out.stderr.strip().splitlines() if "it/s]" not in l]
-            assert out.returncode == 2 and "Traceback" not in out.stderr, (fault, name, out.stderr[-2000:])
+            capsys.readouterr()
+            code = main([*args, "--model", str(folder), *common])
+            err = capsys.readouterr().err
+            lines = [l for l in err.strip().splitlines() if "it/s]" not in l]
+            assert code == 2 and "Traceback" not in err, (fault, name, err[-2000:])
             assert lines[-1].startswith("error: ") and str(folder) in lines[-1], (fault, name, lines[-1])
+    folder = _broken_folders(tiny_folder, tmp_path / "again")["half"]
+    out = subprocess.run([sys.executable, "-m", "pruner", *commands["allocate"], "--model", str(folder), *common],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and str(folder) in out.stderr, out.stderr[-2000:]
     for kind in ("stats", "runs"):  # nothing cached or half-written
         assert not (cache / kind).exists() or not any((cache / kind).iterdir()), kind
 
