@@ -99,16 +99,18 @@ def sidebar() -> Selection | None:
         source = st.radio("Source", SOURCES, horizontal=True, key="model_source")
         if source == "bundled":
             bundled = available_bundled()
-            name = st.selectbox("Bundled model", bundled, key="bundled_name",
-                                index=bundled.index(DEFAULT_MODEL) if DEFAULT_MODEL in bundled else 0)
+            # defaults go into the session state, not index=: a widget given both warns on every run
+            if bundled and st.session_state.get("bundled_name") not in bundled:
+                st.session_state["bundled_name"] = DEFAULT_MODEL if DEFAULT_MODEL in bundled else bundled[0]
+            name = st.selectbox("Bundled model", bundled, key="bundled_name")
         elif source == "local folder":
             name = st.text_input("Folder with config.json and weights", key="local_path").strip()
         else:
             name = st.text_input("Hub id (owner/name; needs internet)", key="hub_id").strip()
         trust = source == "hub id" and st.checkbox("Trust remote code", key="trust_remote_code",
                                                    help="Runs the repository's own Python code. Off by default.")
+        st.session_state.setdefault("calib_preset", default_preset())
         preset = st.selectbox("Calibration", list(CALIB_PRESETS), key="calib_preset",
-                              index=list(CALIB_PRESETS).index(default_preset()),
                               format_func=lambda k: f"{k}: {CALIB_PRESETS[k][0]} × {CALIB_PRESETS[k][1]} C4 tokens")
         device = st.selectbox("Device", DEVICES, key="device", help="auto = CUDA when present, else CPU")
     if not name:

@@ -111,12 +111,21 @@ if go:
                              perplexity=PerplexityOptions(max_chunks or None, stream=stream) if ppl else None,
                              data_dir=sel.data_dir, stream=stream)
         executor = executor_for(ray_address, cpus_per_cell=int(ray_cpus))
-        ids = executor.submit(job_store(sel), sweep, sel.cache_dir)
-        n_cells = len(sweep.specs())
-        shared = len(ids) - n_cells
-        st.success(f"Queued {n_cells} prune job(s)" + (f" after {shared} shared one(s) (statistics, learned "
-                                                        f"allocations)" if shared else "")
-                   + f" on the {executor.name} executor.")
+        store = job_store(sel)
+        existing = {j.id for j in store.list(1000)}
+        ids = executor.submit(store, sweep, sel.cache_dir)
+        new = [i for i in dict.fromkeys(ids) if i not in existing]
+        again = sorted({i for i in ids if i in existing})
+        if not new:  # a second click: the same jobs are queued or running already
+            st.info(f"Already queued or running: job(s) {', '.join(f'#{i}' for i in again)}; nothing added.")
+        else:
+            n_cells = len(sweep.specs())
+            shared = len(ids) - n_cells
+            st.success(f"Queued {n_cells} prune job(s)" + (f" after {shared} shared one(s) (statistics, learned "
+                                                            f"allocations)" if shared else "")
+                       + f" on the {executor.name} executor"
+                       + (f"; {len(again)} of them were queued or running already ("
+                          f"{', '.join(f'#{i}' for i in again)}), not added again" if again else "") + ".")
     except ValueError as err:
         st.error(str(err))
 

@@ -210,3 +210,13 @@ def test_processes_opening_a_new_job_table_together_all_succeed(tmp_path):
         store = JobStore(db)
         ids = [store.add("prune", {}, f"x{i}") for i in range(8)]
         assert [j.id for j in store.list()] == ids[::-1]
+
+
+def test_the_same_request_queued_twice_is_one_job_until_it_ends(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    first = submit(store, PruneRequest(PruneSpec()), start_worker=False)
+    assert submit(store, PruneRequest(PruneSpec()), start_worker=False) == first  # a second click, a second call
+    other = submit(store, PruneRequest(dataclasses.replace(PruneSpec(), sparsity=0.6)), start_worker=False)
+    assert other != first and len(store.list()) == 2
+    store.cancel(first)
+    assert submit(store, PruneRequest(PruneSpec()), start_worker=False) not in (first, other)  # ended: queued anew

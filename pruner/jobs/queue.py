@@ -228,15 +228,25 @@ class JobStore:
 
     # -- changes -------------------------------------------------------------------------------------------
     def add(self, kind: str, payload: dict, label: str, executor: str = "local") -> int:
+        """Queue a job; returns its id, or the id of the identical job (same kind, executor and payload) that is
+        already queued or running."""
         from pruner.jobs.workflows import WORKFLOWS
 
         if kind not in WORKFLOWS:
             raise ValueError(f"job kind must be one of {', '.join(WORKFLOWS)}; got {kind!r}")
         if executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
-        with self._db() as db:
+        text = json.dumps(payload, sort_keys=True)
+        with self._write_lock() as db:
+            # the same request queued again while it is queued or running (a second click, a second CLI call) is
+            # the job already there, not a duplicate that would repeat the work
+            for row in db.execute(f"SELECT id, payload FROM jobs WHERE kind = ? AND executor = ? AND state IN "
+                                  f"({', '.join('?' * len(ACTIVE_STATES))}) ORDER BY id",
+                                  (kind, executor, *ACTIVE_STATES)).fetchall():
+                if json.dumps(json.loads(row["payload"]), sort_keys=True) == text:
+                    return int(row["id"])
             cur = db.execute("INSERT INTO jobs (kind, payload, label, created, executor) VALUES (?, ?, ?, ?, ?)",
-                             (kind, json.dumps(payload), label, time.time(), executor))
+                             (kind, text, label, time.time(), executor))
             return int(cur.lastrowid)
 
     def hand_to(self, job_ids: list[int], pid: int) -> None:

@@ -198,6 +198,10 @@ def test_prune_page_queues_jobs_and_lists_runs(app, cached, monkeypatch):
     assert any("Queued 1 prune job" in s.value for s in app.success)
     store = JobStore(default_db(cached[0]))
     job = store.list()[0]
+    n_jobs = len(store.list())
+    app.button(key="grid_go").click().run()  # a second click while the job is queued or running adds nothing
+    assert any(f"Already queued or running: job(s) #{job.id}" in i.value for i in app.info), [i.value for i in app.info]
+    assert len(store.list()) == n_jobs
     assert job.label == "wanda + uniform @ 60%" and job.request.spec.sparsity == 0.6 and job.request.stream
     store.cancel(job.id)  # stop the real worker soon
     end = time.time() + 120
