@@ -11,8 +11,9 @@ from pruner.engine.recover import RECOVER_DEFAULT_STEPS, RecoverSpec
 from pruner.jobs.sweep import SweepRequest, executor_for
 from pruner.jobs.workflows import PerplexityOptions, RecoverRequest
 from pruner.methods import METHODS, NM
-from pruner.runs.manifest import list_runs, run_folder, run_zip
+from pruner.runs.manifest import current_zip, download_name, list_runs, run_folder, run_zip
 from pruner.specs import PruneSpec
+from pruner.store.layout import tree_bytes
 
 st.title("✂️ Prune")
 sel = page_setup()
@@ -147,8 +148,14 @@ for run in listing.runs:
     if run.weights_dropped:
         c[1].caption("weights dropped after evaluation (`python -m pruner prune ... --force` restores them)")
         continue
-    c[1].download_button("Download zip", data=lambda folder=folder: open(run_zip(folder), "rb").read(),
-                         file_name=f"{run.key}.zip", mime="application/zip", key=f"dl-{run.key}",
+    built = current_zip(folder)
+    size = (f"{built.stat().st_size / 2**20:,.0f} MB" if built is not None else
+            f"{tree_bytes(folder) / 2**20:,.0f} MB before compression")
+    c[1].download_button(f"Download zip ({size})", data=lambda folder=folder: open(run_zip(folder), "rb").read(),
+                         file_name=download_name(run), mime="application/zip", key=f"dl-{run.key}",
+                         help=f"{download_name(run)}: the Hugging Face folder (loads with "
+                              "AutoModelForCausalLM.from_pretrained) and manifest.json; compressed when first asked "
+                              "for (a pruned model's zeros shrink it about 3× at 70%)",
                          on_click="ignore")  # a rerun here would race the zip being made (see JOBS_REFRESH_*)
     if not run.is_recovery and c[1].button("LoRA recovery", key=f"rec-{run.key}",
                                            help=f"fine-tune LoRA adapters for {RECOVER_DEFAULT_STEPS} steps on "

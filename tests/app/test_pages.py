@@ -184,7 +184,7 @@ def test_allocation_prefills_prune(app):
 def test_prune_page_queues_jobs_and_lists_runs(app, cached, monkeypatch):
     go(app, "prune")
     assert any("wanda + owl" in m.value for m in app.markdown)  # the finished run, with a download button
-    assert any(b.label == "Download zip" for b in app.get("download_button"))
+    assert any(b.label.startswith("Download zip (") for b in app.get("download_button"))
     app.multiselect(key="grid_methods").set_value(["wanda", "admm"]).run()
     assert {"iterations", "ρ (rho)"} <= {n.label for n in app.number_input}  # ADMM's own parameters
     app.multiselect(key="grid_methods").set_value(["wanda"]).run()
@@ -363,7 +363,7 @@ def test_a_run_without_weights_lists_its_numbers_but_offers_no_download_or_evalu
     try:
         go(app, "prune")
         assert any("wanda + owl" in m.value and "ppl " in m.value for m in app.markdown)
-        assert not any(b.label == "Download zip" for b in app.get("download_button"))
+        assert not any(b.label.startswith("Download zip") for b in app.get("download_button"))
         assert f"rec-{cached[2].key()}" not in {b.key for b in app.button}
         assert any("weights dropped after evaluation" in c.value for c in app.caption)
         go(app, "compare")

@@ -172,7 +172,13 @@ def test_browser_session(server, page, tmp_path):
     time.sleep(max(0.0, seen_at + LATE_DOWNLOAD_S - time.monotonic()))
     head = urllib.request.Request(zip_url, method="HEAD")
     assert urllib.request.urlopen(head, timeout=30).status == 200, f"zip gone {LATE_DOWNLOAD_S} s after it was made"
+    # named by what it holds, and compressed: a 70% run's zeros shrink it (about 3× for SmolLM2's weights)
+    assert dl.value.suggested_filename.startswith("smollm2-135m_uniform_wanda_70pct_"), dl.value.suggested_filename
     with zipfile.ZipFile(zip_path) as z:
+        infos = z.infolist()
+        assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in infos)
+        ratio = sum(i.compress_size for i in infos) / sum(i.file_size for i in infos)
+        assert ratio < 0.5, f"the 70% run's zip is {ratio:.2f} of its files"
         z.extractall(tmp_path / "unzipped")
     folder = next((tmp_path / "unzipped").iterdir())
     assert (folder / "manifest.json").is_file()
