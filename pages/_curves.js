@@ -69,7 +69,8 @@ function panel(svg, { id, top, height, width, blocks, values, title, yTitle, ban
   }
   for (const line of lines) {
     const pts = line.values.map((v, b) => `${x(b)},${y(v)}`).join(" ");
-    g.appendChild(el("polyline", { points: pts, fill: "none", stroke: line.color, "stroke-width": markers ? 2 : 1.5,
+    g.appendChild(el("polyline", { points: pts, fill: "none", stroke: line.color,
+      "stroke-width": line.width || (markers ? 2 : 1.5), "stroke-dasharray": line.dash || "none",
       "data-panel": id, "data-name": line.name, "data-y": JSON.stringify(line.values) }));
     if (markers) {
       const d = line.values.map((v, b) => `M${x(b) - 2.5},${y(v)}a2.5,2.5 0 1,0 5,0a2.5,2.5 0 1,0 -5,0`).join("");
@@ -91,10 +92,11 @@ function draw(root) {
   svg.replaceChildren();
   const upper = panel(svg, { id: "sparsity", top: MARGIN.top, height: TOP_HEIGHT, width, blocks: data.blocks, title: data.title,
     yTitle: "sparsity (%)", band: data.band, markers: true, values: shown.map((s) => s.sparsity),
-    lines: shown.map((s) => ({ name: s.name, color: s.color, values: s.sparsity })) });
+    lines: shown.map((s) => ({ name: s.name, color: s.color, dash: s.dash, width: s.width, values: s.sparsity })) });
   panel(svg, { id: "kept", top: MARGIN.top + TOP_HEIGHT + PANEL_GAP, height: BOTTOM_HEIGHT, width, blocks: data.blocks,
     title: data.kept_title, yTitle: "kept weights (%)", xTitle: "transformer block", band: null, markers: false,
-    values: shown.map((s) => s.kept), lines: shown.map((s) => ({ name: s.name, color: s.color, values: s.kept })) });
+    values: shown.map((s) => s.kept),
+    lines: shown.map((s) => ({ name: s.name, color: s.color, dash: s.dash, width: s.width, values: s.kept })) });
   svg.appendChild(el("line", { class: "cursor", y1: MARGIN.top, y2: height - MARGIN.bottom, stroke: "currentColor",
     "stroke-opacity": 0.35, visibility: "hidden" }));
   root.__curves.x = upper.x;

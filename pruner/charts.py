@@ -32,9 +32,13 @@ def allocation_figure(allocations: list[Allocation], sparsity: float, lam: float
         fig.add_trace(go.Scatter(x=np.r_[x, x[::-1]], y=np.r_[np.full(n, sparsity + lam), np.full(n, sparsity - lam)] * 100,
                                  fill="toself", fillcolor="rgba(99,110,250,0.10)", line=dict(width=0),
                                  name="S ± λ band", hoverinfo="skip"))
-    for a in allocations:
-        fig.add_trace(go.Scatter(x=x, y=a.block_sparsity * 100, mode="lines+markers",
-                                 name=ALLOCATORS[a.allocator].label))
+    for a in sorted(allocations, key=lambda a: a.allocator == REFERENCE_ALLOCATOR):  # the reference on top
+        color = ALLOCATOR_COLORS.get(a.allocator, "#444444")  # the same colour on every page
+        reference = a.allocator == REFERENCE_ALLOCATOR
+        fig.add_trace(go.Scatter(x=x, y=a.block_sparsity * 100, mode="lines+markers", name=ALLOCATORS[a.allocator].label,
+                                 line=dict(color=color, dash="dash" if reference else "solid",
+                                           width=REFERENCE_STYLE["width"] if reference else 2),
+                                 marker=dict(color=color)))
     fig.update_layout(title=f"Per-block sparsity at target S = {sparsity:.0%}", xaxis_title="transformer block",
                       yaxis_title="sparsity (%)", height=420, margin=dict(l=60, r=20, t=60, b=50))
     return fig
@@ -155,6 +159,11 @@ ALLOCATOR_COLORS = {"uniform": "#7f7f7f", "owl": "#d62728", "owl_inverse": "#946
                     "predicted": "#8c564b"}
 
 
+#: The allocation every other is compared with, and how its curve stands out from them (SVG stroke settings).
+REFERENCE_ALLOCATOR = "uniform"
+REFERENCE_STYLE = {"dash": "8 5", "width": 3}
+
+
 def allocation_curves_data(allocations: list[Allocation], block_numel: np.ndarray, sparsity: float,
                            lam: float | None) -> dict:
     """What the Allocation page's live curves draw (pages/_curves.js): per allocator its per-block sparsity (%) and
@@ -162,10 +171,13 @@ def allocation_curves_data(allocations: list[Allocation], block_numel: np.ndarra
     [S − λ, S + λ] (%) when λ is given. Plain lists, so that the page sends a few kilobytes per slider move."""
     numel = np.asarray(block_numel, dtype=np.float64)
     series = []
-    for a in allocations:
+    # the reference is drawn last, thick and dashed: uniform's flat line would otherwise lie hidden under any other
+    # flat one (Erdős–Rényi's is flat at the block level too)
+    for a in sorted(allocations, key=lambda a: a.allocator == REFERENCE_ALLOCATOR):
         kept = (1 - np.asarray(a.block_sparsity, dtype=np.float64)) * numel
         series.append({"key": a.allocator, "name": ALLOCATORS[a.allocator].label,
                        "color": ALLOCATOR_COLORS.get(a.allocator, "#444444"),
+                       **(REFERENCE_STYLE if a.allocator == REFERENCE_ALLOCATOR else {}),
                        "sparsity": [float(v) * 100 for v in a.block_sparsity],
                        "kept": [float(v) for v in kept / kept.sum() * 100]})
     return {"title": f"Per-block sparsity at target S = {sparsity:.0%}",
@@ -345,7 +357,7 @@ def speedup_vs_sparsity_figure(rows: list[dict], title_note: str = "") -> go.Fig
         name = f"{method} + {setting}"
         x = [_target_label(_target(r)) for r in rs]
         achieved = [[r["sparsity"] * 100] for r in rs]
-        color = palette[i % len(palette)]
+        color = ALLOCATOR_COLORS.get(rs[0]["allocator"], palette[i % len(palette)])  # one colour per allocator everywhere
         fig.add_trace(go.Scatter(x=x, y=[r["decode"] for r in rs], mode="lines+markers", name=f"{name}: decode",
                                  line=dict(color=color), customdata=achieved, hovertemplate=hover))
         fig.add_trace(go.Scatter(x=x, y=[r["prefill"] for r in rs], mode="lines+markers", name=f"{name}: prefill",
@@ -370,7 +382,7 @@ def ppl_vs_speedup_figure(rows: list[dict], dense_ppl: float | None) -> go.Figur
         fig.add_trace(go.Scatter(x=[r["decode"] for r in rs], y=[r["ppl"] for r in rs], mode="markers+text",
                                  text=[f"{r['sparsity']:.0%}" for r in rs], textposition="top center",
                                  name=f"{method} + {setting}",
-                                 marker=dict(size=10)))
+                                 marker=dict(size=10, color=ALLOCATOR_COLORS.get(rs[0]["allocator"]))))
     if dense_ppl is not None:
         fig.add_trace(go.Scatter(x=[1.0], y=[dense_ppl], mode="markers+text", text=["dense"],
                                  textposition="top center", name="dense", marker=dict(size=11, color="black",

@@ -32,7 +32,8 @@ def test_allocation_curves_data_by_hand():
     allocs = [Allocation("uniform", 0.5, {}, np.array([0.5, 0.5]), np.array([0.5, 0.5]), 0.5),
               Allocation("owl", 0.5, {}, np.array([0.25, 0.75]), np.array([0.25, 0.75]), 0.5)]
     data = allocation_curves_data(allocs, numel, 0.5, 0.25)
-    uni, owl = data["series"]
+    owl, uni = data["series"]  # uniform, the reference, is drawn last (on top), thick and dashed
+    assert (uni["key"], uni["dash"], uni["width"]) == ("uniform", "8 5", 3) and "dash" not in owl
     assert (owl["key"], owl["name"], owl["color"]) == ("owl", "OWL", ALLOCATOR_COLORS["owl"])
     assert owl["sparsity"] == [25.0, 75.0] and owl["kept"] == [50.0, 50.0]
     assert uni["sparsity"] == [50.0, 50.0] and uni["kept"] == [25.0, 75.0]
@@ -125,3 +126,27 @@ def test_per_task_chart_gives_the_mean_its_standard_error():
     bar = zeroshot_tasks_figure(entries, {"rte": "RTE", "boolq": "BoolQ"}).data[0]
     assert list(bar.x) == ["RTE", "BoolQ", "mean"] and list(bar.y) == pytest.approx([50.0, 60.0, 55.0])
     assert list(bar.error_y.array) == pytest.approx([3.0, 4.0, 2.5])
+
+
+def test_every_chart_draws_an_allocator_in_its_one_colour():
+    """Learn's allocation chart, the Allocation page's curves, Compare's perplexity, speed-up and trade-off charts:
+    uniform and OWL have the same colour in each (uniform was light blue on Learn and grey on Allocation)."""
+    import numpy as np
+
+    from pruner.allocation import Allocation
+    from pruner.charts import allocation_curves_data, allocation_figure, ppl_vs_speedup_figure
+
+    allocs = [Allocation("uniform", 0.5, {}, np.array([0.5, 0.5]), np.array([0.5, 0.5]), 0.5),
+              Allocation("owl", 0.5, {}, np.array([0.25, 0.75]), np.array([0.25, 0.75]), 0.5)]
+    rows = [{"method": "wanda", "allocator": a, "target": 0.5, "sparsity": 0.5, "ppl": 20.0, "decode": 1.2,
+             "prefill": 1.1} for a in ("uniform", "owl")]
+    seen = {"uniform": set(), "owl": set()}
+    for s in allocation_curves_data(allocs, np.array([1.0, 1.0]), 0.5, None)["series"]:
+        seen[s["key"]].add(s["color"])
+    for name, fig in (("learn", allocation_figure(allocs, 0.5)), ("ppl", ppl_vs_sparsity_figure(rows, None)),
+                      ("speed", speedup_vs_sparsity_figure(rows)), ("trade-off", ppl_vs_speedup_figure(rows, None))):
+        for trace in fig.data:
+            key = "uniform" if "Uniform" in trace.name else "owl" if "OWL" in trace.name else None
+            if key:
+                seen[key].add(trace.line.color if trace.mode and "lines" in trace.mode else trace.marker.color)
+    assert seen == {"uniform": {ALLOCATOR_COLORS["uniform"]}, "owl": {ALLOCATOR_COLORS["owl"]}}, seen
