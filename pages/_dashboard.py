@@ -226,7 +226,9 @@ def job_row(job) -> None:
     cols[0].markdown(f"**#{job.id}** {job.label}{where}")
     if job.state == "running":
         eta = f", ETA {job.eta:.0f} s" if job.eta is not None else ""
-        cols[1].progress(job.fraction, text=f"{job.phase or 'starting'} {job.done}/{job.total}{eta}")
+        doing = job.phase or ("waiting for a worker" if job.state == "queued" else "starting the worker")
+        counts = f" {job.done}/{job.total}" if job.total > 1 else ""
+        cols[1].progress(job.fraction, text=f"{doing}{counts}{eta}")
     else:
         icon = {"done": "✅", "failed": "❌", "cancelled": "⏹️", "queued": "⏳"}[job.state]
         cols[1].write(f"{icon} {job.state}")

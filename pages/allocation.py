@@ -121,9 +121,14 @@ def _what_if():
                              lambda: json.dumps({a.allocator: a.to_dict(stats.layer_names, stats.layer_block)
                                                  for a in allocations}, indent=2).encode(),
                              "allocation.json", "application/json")
+        shown = [a.allocator for a in allocations]
+        chosen = c[2].selectbox("Allocation to prune", shown, index=shown.index("owl") if "owl" in shown else 0,
+                                format_func=lambda k: ALLOCATORS[k].label, key="alloc_to_prune_which",
+                                help="The Prune page opens with this allocator and uniform (the reference) at this "
+                                     "S and these parameters; add others there.")
         if c[2].button("✂️ Prune with this allocation", type="primary", key="alloc_to_prune"):
-            st.session_state["prune_prefill"] = {"allocators": [a.allocator for a in allocations], "sparsity": S,
-                                                 "params": values}
+            st.session_state["prune_prefill"] = {"allocators": list(dict.fromkeys([chosen, "uniform"])),
+                                                 "sparsity": S, "params": values}
             st.switch_page("pages/prune.py")
 
     # what each allocation would cost, before pruning it: the damage-table predictor (pruner.predictor.table)

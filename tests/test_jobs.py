@@ -208,7 +208,7 @@ def test_processes_opening_a_new_job_table_together_all_succeed(tmp_path):
         # the table they made together takes jobs (adding one in each child imported the job kinds' registry,
         # torch included: 20 s a trial on two cores, for nothing the race is about)
         store = JobStore(db)
-        ids = [store.add("prune", {}, f"x{i}") for i in range(8)]
+        ids = [store.add("prune", {"n": i}, f"x{i}") for i in range(8)]  # different payloads: eight jobs
         assert [j.id for j in store.list()] == ids[::-1]
 
 
@@ -220,3 +220,21 @@ def test_the_same_request_queued_twice_is_one_job_until_it_ends(tmp_path):
     assert other != first and len(store.list()) == 2
     store.cancel(first)
     assert submit(store, PruneRequest(PruneSpec()), start_worker=False) not in (first, other)  # ended: queued anew
+
+
+def test_the_eta_is_the_current_phases_measured_pace_not_the_jobs_start(tmp_path):
+    """Loading took 0.6 s, then one of ten blocks 0.1 s: the ETA is about 9 × 0.1 s, not 9 × 0.7 s."""
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job_id = submit(store, PruneRequest(PruneSpec()), start_worker=False)
+    pid = os.getpid()
+    assert store.claim(pid).id == job_id
+    store.progress(job_id, "loading the model", 0, 1, pid=pid)
+    assert store.get(job_id).eta is None  # nothing done yet: no pace, no guess
+    time.sleep(0.6)
+    store.progress(job_id, "prune", 0, 10, pid=pid)
+    started = store.get(job_id).phase_started
+    time.sleep(0.1)
+    store.progress(job_id, "prune", 1, 10, pid=pid)
+    job = store.get(job_id)
+    assert job.phase_started == started  # the phase's clock started at its first report, not at its later ones
+    assert 0.9 <= job.eta < 9 * 0.4, job.eta  # about 9 × 0.1 s; counting the loading time would give 9 × 0.7 s

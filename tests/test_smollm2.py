@@ -35,7 +35,7 @@ def test_summary(smollm2):
 
 def test_stats_cached_and_progress(small_stats):
     spec, cache, stats, seen = small_stats
-    assert seen[-1] == (30, 30) and len(seen) == 30
+    assert seen[0] == (0, 30) and seen[-1] == (30, 30) and len(seen) == 31  # 0: the first block starts
     assert (CacheLayout.at(cache).stats(spec.key()) / "stats.npz").exists()
     again = artifacts.load_cached_stats(spec, cache)
     np.testing.assert_array_equal(again.ratio_counts_above, stats.ratio_counts_above)

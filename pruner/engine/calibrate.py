@@ -255,6 +255,8 @@ def run_blockwise(
     batch = mini_batch_size(tokens.shape[0], batch_size)
     hidden, calls = capture_block_inputs(model, tokens, device, batch,
                                          activations_device=torch.device("cpu") if offload else device)
+    if progress is not None:  # the inputs are captured: the phase's clock starts here (ETA from block times)
+        progress(0, len(decoder_blocks))
     for i, block in enumerate(decoder_blocks):
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"cancelled before block {i} of {len(decoder_blocks)}")

@@ -175,9 +175,12 @@ def test_allocation_too_wide_lambda_says_what_is_allowed(app):
 
 def test_allocation_prefills_prune(app):
     go(app, "allocation")
-    app.button[0].click().run()  # "Prune with this allocation"
+    assert app.selectbox(key="alloc_to_prune_which").value == "owl"  # the page's subject, not all eight curves
+    app.button(key="alloc_to_prune").click().run()  # "Prune with this allocation"
     assert not app.exception
     assert app.session_state["prune_prefill"]["sparsity"] == 0.7
+    assert app.session_state["prune_prefill"]["allocators"] == ["owl", "uniform"]
+    assert app.multiselect(key="grid_allocators").value == ["owl", "uniform"]
     assert "Prune" in app.title[0].value
 
 
