@@ -12,11 +12,11 @@ from pruner.core.intervals import mean_accuracy_stderr
 from pruner.evaluate.speed import STATUS_NOTE
 from pruner.evaluate.speed_spec import SpeedSpec
 from pruner.evaluate.zeroshot import TASKS
-from pruner.jobs.workflows import EvalRequest, PerplexityOptions, ZeroshotOptions
+from pruner.jobs.workflows import DenseRequest, EvalRequest, PerplexityOptions, ZeroshotOptions
 from pruner.predictor.cache import table_for
 from pruner.predictor.tuning import spearman
 from pruner.runs import metrics
-from pruner.runs.groups import RunGroup, compare, group_runs, perplexity_metrics, ranking, seed_of
+from pruner.runs.groups import RunGroup, compare, group_runs, perplexity_metrics, perplexity_result, ranking, seed_of
 from pruner.runs.manifest import list_runs
 
 st.title("📈 Compare")
@@ -98,10 +98,26 @@ if protocols:
     hide = c[1].checkbox(f"Hide collapsed runs (perplexity > {COLLAPSED:g}): {len(collapsed)}", False,
                          key="cmp_hide_collapsed")
     shown = [r for r in group_rows if r["method"] in methods and not (hide and r["ppl"] > COLLAPSED)]
+    # the dense model under this protocol: the line every pruned run is read against
+    dense_here = perplexity_result(metrics.dense_metrics(sel.model, sel.cache_dir), protocol)
+    dense = dense_here["perplexity"] if dense_here else None
     if shown:
         st.plotly_chart(ppl_vs_sparsity_figure(shown, dense), width="stretch")
     else:
         st.caption("No run matches the chart's filters.")
+    if dense_here is None:
+        window, chunks = metrics.protocol_options(protocol)
+        c = st.columns([3, 2])
+        c[0].caption(f"No dense baseline for this protocol yet: the unpruned {sel.model.name} on the same "
+                     f"{'first ' + str(chunks) + ' chunks' if chunks else 'whole test set'} ({window}-token windows).")
+        if c[1].button("Compute the dense baseline", key="cmp_dense",
+                       help="WikiText-2 perplexity of the unpruned model under this protocol, as a background job; "
+                            "drawn as a dotted line on the chart"):
+            request = DenseRequest(sel.model, PerplexityOptions(chunks, window), data_dir=sel.data_dir)
+            job = queue(sel, request)
+            st.success(f"Queued job #{job}: {request.label()}.")
+    else:
+        st.caption(f"Dotted line: the dense {sel.model.name}, perplexity {dense:,.3f} under this protocol.")
 
     st.subheader("Ranking at one method and sparsity")
     settings = sorted({(g.first.method_label, g.first.sparsity, g.first.nm or "") for g, _ in summaries})

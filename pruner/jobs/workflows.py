@@ -22,7 +22,7 @@ from pruner.engine.calibrate import Cancelled
 from pruner.engine.recover import RecoverSpec
 from pruner.evaluate.speed_spec import SpeedSpec
 from pruner.evaluate.zeroshot import ZEROSHOT_DEFAULT_BATCH, parse_tasks
-from pruner.model.catalogue import check_calibration_fits
+from pruner.model.catalogue import ModelSpec, check_calibration_fits
 from pruner.runs import metrics
 from pruner.runs.execute import recover_run
 from pruner.runs.execute import run_prune as prune_to_run
@@ -300,6 +300,21 @@ class EvalRequest(Request):
 
 
 @dataclass(frozen=True)
+class DenseRequest(Request):
+    """WikiText-2 perplexity of the dense model ``model``: the baseline every pruned run is read against (stored
+    beside the model's other dense metrics, under the same protocol names as runs' perplexities)."""
+
+    kind: ClassVar[str] = "dense"
+    _decoders: ClassVar[dict] = {"model": lambda d: ModelSpec(**d), "perplexity": _perplexity_options}
+    model: ModelSpec
+    perplexity: PerplexityOptions = PerplexityOptions()
+    data_dir: str | None = None
+
+    def label(self) -> str:
+        return f"dense {self.perplexity.label()} of {self.model.name}"
+
+
+@dataclass(frozen=True)
 class RecoverRequest(Request):
     """LoRA-recover stored run ``spec.parent``; store it as a new run; perplexity before and after (same chunks)."""
 
@@ -442,11 +457,18 @@ def run_recover(req: RecoverRequest, ctx: Context) -> dict:
     return out
 
 
+def run_dense(req: DenseRequest, ctx: Context) -> dict:
+    ctx.starting(LOADING)
+    r = metrics.dense_perplexity(req.model, req.data_dir, ctx.cache_dir, max_chunks=req.perplexity.max_chunks,
+                                 seqlen=req.perplexity.seqlen, progress=ctx.phase("perplexity"))
+    return {"perplexity": r["perplexity"], "details": {"perplexity": r}}
+
+
 #: kind → (request type, workflow). The job worker dispatches through it; so does ``run``.
 WORKFLOWS: dict[str, tuple[type[Request], Callable[[Request, Context], dict]]] = {
     r.kind: (r, fn) for r, fn in ((StatsRequest, run_stats), (LearnRequest, run_learn), (PruneRequest, run_prune),
                                   (EvalRequest, run_eval), (RecoverRequest, run_recover),
-                                  (PredictorRequest, run_predictor))
+                                  (PredictorRequest, run_predictor), (DenseRequest, run_dense))
 }
 
 

@@ -7,6 +7,7 @@ into ``cache/dense/<model key>/metrics.json``.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +35,14 @@ def perplexity_protocol(seqlen: int, max_chunks: int | None = None, dataset: str
     """The metric name a perplexity evaluation is stored under: dataset, window and, for a partial evaluation, the
     number of leading chunks, e.g. "perplexity:wikitext2-test:seq2048:first8"."""
     return f"perplexity:{dataset}:seq{seqlen}" + (f":first{max_chunks}" if max_chunks is not None else "")
+
+
+def protocol_options(name: str) -> tuple[int, int | None]:
+    """(window, leading chunks or None) of a perplexity protocol name (``perplexity_protocol``'s inverse)."""
+    found = re.fullmatch(r"perplexity:[^:]+:seq(\d+)(?::first(\d+))?", name)
+    if not found:
+        raise ValueError(f"not a perplexity protocol name: {name!r}")
+    return int(found[1]), int(found[2]) if found[2] else None
 
 
 def perplexity_metric_name(result: dict) -> str:

@@ -12,6 +12,7 @@ from streamlit.testing.v1 import AppTest
 from pruner.allocation import ALLOCATORS, allocate, owl
 from pruner.engine import artifacts
 from pruner.jobs.queue import JobStore, default_db
+from pruner.jobs.workflows import Context
 from pruner.model.catalogue import ModelSpec
 from pruner.runs import metrics
 from pruner.runs.execute import run_prune
@@ -230,6 +231,31 @@ def test_compare_page(app, cached):
     figs = figures(app)
     assert figs[0]["layout"]["yaxis"]["type"] == "log"
     assert "Per-block sparsity of two runs" in figs[-1]["layout"]["title"]["text"]
+
+
+def test_compare_offers_the_dense_baseline_and_draws_it(app, cached, data_dir):
+    """No dense perplexity under the runs' protocol: Compare offers to compute it as a job; once computed (the
+    job's own request, run here) the chart draws it as a line and the caption gives its value."""
+    from pruner.jobs.workflows import run
+
+    go(app, "compare")
+    assert app.button(key="cmp_dense")  # offered
+    app.button(key="cmp_dense").click().run()
+    store = JobStore(default_db(cached[0]))
+    job = next(j for j in store.list() if j.kind == "dense")
+    store.cancel(job.id)  # run here instead of waiting for the worker
+    request = job.request
+    assert (request.perplexity.max_chunks, request.perplexity.seqlen) == (1, 128) and request.model.name == "smollm2-135m"
+    dense_file = metrics._dense_metrics_path(request.model, cached[0])
+    try:
+        result = run(request, Context(cached[0]))
+        app.run()
+        assert not app.exception, app.exception
+        chart = figures(app)[0]
+        assert any(s.get("y0") == result["perplexity"] for s in chart["layout"].get("shapes", [])), chart["layout"]
+        assert any(f"perplexity {result['perplexity']:,.3f} under this protocol" in c.value for c in app.caption)
+    finally:
+        dense_file.unlink(missing_ok=True)  # the module's other tests read the cache as it was
 
 
 def test_compare_and_prune_pages_name_a_corrupt_run_and_show_the_rest(app, cached):
