@@ -43,22 +43,26 @@ def build_checkpoint(folder: Path, blocks: int, tokenizer_folder: Path) -> int:
                                intermediate_size=6144, max_position_embeddings=2048, tie_word_embeddings=True,
                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
 
-    def per_expert(state: dict) -> dict:  # as save_pretrained writes Qwen3-MoE: each expert's own tensors
-        out = {}
-        for name, tensor in state.items():
-            parent = name.rsplit(".", 1)[0]
-            if name.endswith("experts.gate_up_proj"):
-                for e in range(EXPERTS):
-                    out[f"{parent}.{e}.gate_proj.weight"] = tensor[e, :EXPERT_INTERMEDIATE].clone()
-                    out[f"{parent}.{e}.up_proj.weight"] = tensor[e, EXPERT_INTERMEDIATE:].clone()
-            elif name.endswith("experts.down_proj"):
-                for e in range(EXPERTS):
-                    out[f"{parent}.{e}.down_proj.weight"] = tensor[e].clone()
-            else:
-                out[name] = tensor
-        return out
+    return write_random_checkpoint(config, folder, tokenizer,
+                                   lambda state: per_expert_tensors(state, EXPERTS, EXPERT_INTERMEDIATE))
 
-    return write_random_checkpoint(config, folder, tokenizer, per_expert)
+
+def per_expert_tensors(state: dict, experts: int, intermediate: int) -> dict:
+    """A block's state with its fused expert tensors split as save_pretrained writes Qwen3-MoE: each expert's own
+    gate_proj, up_proj and down_proj (so that a streamed prune fuses them as it reads)."""
+    out = {}
+    for name, tensor in state.items():
+        parent = name.rsplit(".", 1)[0]
+        if name.endswith("experts.gate_up_proj"):
+            for e in range(experts):
+                out[f"{parent}.{e}.gate_proj.weight"] = tensor[e, :intermediate].clone()
+                out[f"{parent}.{e}.up_proj.weight"] = tensor[e, intermediate:].clone()
+        elif name.endswith("experts.down_proj"):
+            for e in range(experts):
+                out[f"{parent}.{e}.down_proj.weight"] = tensor[e].clone()
+        else:
+            out[name] = tensor
+    return out
 
 
 def main() -> None:
