@@ -24,16 +24,19 @@ accumulation; ``--blocks`` blocks; calibration 32 × 512 tokens):
 7. ``moe``: one Qwen3-30B-A3B-shaped block (hidden 2048, 128 experts of intermediate 768, top-8), streamed Wanda
    prune; seconds and peak device memory against the plan.
 
-Expected wall time on one H100 (an estimate, not a measurement: no accelerator has been lent yet). Writing the
-checkpoint dominates: 2 blocks × 218 M parameters + the embeddings (49,152 × 4096, tied), about 0.5 B random
-numbers, ~1 min on 16 CPU cores. A block's forward over 16,384 calibration tokens is 2 × 218 M × 16 k ≈ 7 TFLOP,
-about 0.03 s at a sustained 250 TFLOP/s in bf16; every pass reads the block from disk (0.44 GB, ~0.3 s) and
-Wanda's selection sorts 117 M scores per block (~0.1 s). SparseGPT inverts 7 Hessians of up to 14336² in float32
-(~0.3 s each on an H100 against ~60 s each on the 2-core CPU). So statistics, two prunes, the offloaded prune and
-the perplexity each take seconds per block; the MoE block's 128 experts run one at a time (~10 s). Adding loading
-and the processes' start-up (~15 s each, 6 of them): about 4–5 minutes in all, under the 8-minute target; the
-default ``--budget-s`` of 420 stops cleanly before that target is passed. (The dry run takes about 30 s on the
-2-core CPU.)
+Expected wall time on one H100 (an estimate: no accelerator has been lent yet), from CPU times measured on this
+project's 2-core AMD EPYC and the steps' FLOP counts. There a float32 product of 512 × 4096 by 4096 × 14336 took
+0.43 s (138 GFLOP/s), and the 14336² Cholesky inverse SparseGPT needs for down_proj 23.6 s. One block is 218 M
+weights, so one pass of 32 × 512 = 16,384 calibration tokens through it is 2 × 218 M × 16,384 ≈ 7.1 TFLOP: 52 s
+on that CPU, about 0.03 s on an H100 at a sustained 250 TFLOP/s in bf16 (its float32 Cholesky, ~1 TFLOP,
+~0.3 s). Per 2-block run: statistics 1 pass per block, each prune 2, the perplexity one more, the offloaded prune
+2 again, i.e. about 9 passes per block and SparseGPT's Hessians (27 s a block): on the CPU ≈ 2 × 9 × 52 s + 2 × 27 s ≈ 17 min of
+arithmetic, on the H100 under 2 s. The H100's time is therefore reading and writing tensors: the float32
+checkpoint (2 × 0.87 GB of blocks + 0.8 GB of embeddings) written once (~30–60 s to fill 0.7 B random numbers on
+16 cores), each of 6 streamed passes reading every block and 4 prunes writing their shards (~2 GB each, ~3–5 s),
+and the MoE block's 128 experts fused on read and pruned one by one (~15 s). About 2–3 minutes in all, under the
+8-minute target, and the default ``--budget-s`` of 420 stops starting steps before the target could be passed.
+The dry run takes about 12 s here.
 """
 
 from __future__ import annotations
