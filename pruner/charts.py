@@ -142,14 +142,18 @@ def distribution_figure(edges: np.ndarray, counts: np.ndarray, m: float, above: 
     lefts = np.r_[edges[0] / 10 ** 0.05, edges[:-1]]
     centers = np.sqrt(lefts * edges)  # geometric centre of (left, edge]
     share = counts[:-1] / total * 100
-    fig = go.Figure(go.Bar(x=centers, y=share, width=(edges - lefts) * 0.95, name="weights",
-                           hovertemplate="A/Ā ≤ %{x:.3g}: %{y:.3f}%<extra></extra>"))
+    # only bins that hold weights: empty ones are invisible on a log axis but stretched it to 10⁶ past the data
+    held = share > 0
+    fig = go.Figure(go.Bar(x=centers[held], y=share[held], width=((edges - lefts) * 0.95)[held], name="weights",
+                           hovertemplate="A/Ā ≤ %{x:.3g}: %{y:.3g}%<extra></extra>"))
     fig.add_vline(x=m, line=dict(color="crimson", dash="dash"),
                   annotation_text=f"M = {m:g}: {above:.2%} of weights above",
                   annotation_position="top right")
-    fig.update_layout(title=title, xaxis_type="log", xaxis_title="score ÷ block mean score (A / Ā, log scale)",
-                      yaxis_title="share of weights (%)", yaxis_type="log", height=380, showlegend=False,
-                      margin=dict(l=60, r=20, t=60, b=50))
+    # powers of ten on the axes: plotly's SI suffixes read "100µ" for 0.0001 (%)
+    fig.update_layout(title=title, xaxis=dict(type="log", title="score ÷ block mean score (A / Ā, log scale)",
+                                              exponentformat="power"),
+                      yaxis=dict(type="log", title="share of weights (%)", exponentformat="power"), height=380,
+                      showlegend=False, margin=dict(l=60, r=20, t=60, b=50))
     return fig
 
 

@@ -150,3 +150,29 @@ def test_every_chart_draws_an_allocator_in_its_one_colour():
             if key:
                 seen[key].add(trace.line.color if trace.mode and "lines" in trace.mode else trace.marker.color)
     assert seen == {"uniform": {ALLOCATOR_COLORS["uniform"]}, "owl": {ALLOCATOR_COLORS["owl"]}}, seen
+
+
+def test_the_distribution_axes_show_powers_of_ten_and_end_where_the_data_end():
+    """Three bins hold weights, the last of eight bins none: only held bins are drawn (the x axis ended at 10⁶
+    while the data ended near 10³), and both log axes label powers of ten (plotly wrote 0.0001 % as "100µ")."""
+    import numpy as np
+
+    from pruner.charts import distribution_figure
+
+    edges = 10.0 ** np.arange(-2, 6)  # 8 edges: 8 bins up to 10⁵ and the overflow count
+    counts = np.array([0, 5, 90, 5, 0, 0, 0, 0, 0])
+    fig = distribution_figure(edges, counts, 5.0, 0.05, "t")
+    bar = fig.data[0]
+    np.testing.assert_allclose(bar.y, [5.0, 90.0, 5.0])
+    assert max(bar.x) < 10 and fig.layout.xaxis.exponentformat == fig.layout.yaxis.exponentformat == "power"
+
+
+def test_a_perplexity_protocol_in_words():
+    from pruner.runs.metrics import protocol_label, protocol_options
+
+    assert protocol_label("perplexity:wikitext2-test:seq2048:first8") == ("WikiText-2 test, 2048-token windows, "
+                                                                          "first 8 chunks (partial)")
+    assert protocol_label("perplexity:wikitext2-test:seq128") == "WikiText-2 test, 128-token windows, all chunks"
+    assert protocol_options("perplexity:wikitext2-test:seq64:first3") == (64, 3)
+    with pytest.raises(ValueError, match="not a perplexity protocol"):
+        protocol_options("zeroshot:local:all")

@@ -45,6 +45,13 @@ def protocol_options(name: str) -> tuple[int, int | None]:
     return int(found[1]), int(found[2]) if found[2] else None
 
 
+def protocol_label(name: str) -> str:
+    """A perplexity protocol in words, e.g. "WikiText-2 test, 2048-token windows, first 8 chunks (partial)"."""
+    window, chunks = protocol_options(name)
+    dataset = name.split(":")[1].replace("wikitext2-", "WikiText-2 ")
+    return f"{dataset}, {window}-token windows, " + (f"first {chunks} chunks (partial)" if chunks else "all chunks")
+
+
 def perplexity_metric_name(result: dict) -> str:
     return perplexity_protocol(result["seqlen"], result["chunks"] if result["partial"] else None, result["dataset"])
 
