@@ -74,10 +74,10 @@ def what_if():
 
 
 def _what_if():
-    c = st.columns([1, 2])
-    S = c[0].slider("Target sparsity S", 0.05, 0.95, 0.70, 0.05, key="alloc_S")
-    shown = c[1].multiselect("Allocators", list(ALLOCATORS), default=list(ALLOCATORS), key="alloc_shown",
-                             format_func=lambda k: ALLOCATORS[k].label, help=allocator_help())
+    # the allocators get a row of their own: beside the slider their chips were cut off after the sixth
+    shown = st.multiselect("Allocators", list(ALLOCATORS), default=list(ALLOCATORS), key="alloc_shown",
+                           format_func=lambda k: ALLOCATORS[k].label, help=allocator_help())
+    S = st.columns([1, 2])[0].slider("Target sparsity S", 0.05, 0.95, 0.70, 0.05, key="alloc_S")
     # one control per parameter the shown allocators declare (pruner.core.params), labelled by its paper symbol
     values = param_controls(unique_params(ALLOCATORS[n] for n in shown), "alloc", st.columns(4), sliders=True)
     learned_results = {name: artifacts.cached_learned(sel.stats_spec, name, S, ALLOCATORS[name].pick(values), sel.cache_dir)
@@ -224,7 +224,7 @@ def _what_if():
         help="Off by default so that the curves follow the sliders quickly; each heatmap is redrawn on every move.")
     for name, result in learned_results.items():
         a = ALLOCATORS[name]
-        st.subheader(f"{a.label}: sparsities learned per layer")
+        st.subheader(f"{a.label}: sparsities learned per {a.granularity}")
         st.caption(f"Per block, each linear layer's sparsity is learned so that the block's output stays closest to "
                    f"the dense block's on the calibration set while the block's mean is S ({a.description}). OWL gives "
                    f"every layer of a block the same sparsity; a learned allocation moves them apart." if name == "besa"

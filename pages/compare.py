@@ -52,6 +52,10 @@ for r in runs:
                  # a LoRA-recovered run was trained from its parent, not pruned: its time is the training's
                  "prune / LoRA s": r.work_seconds, "created": r.created})
 table = pd.DataFrame(rows)
+# columns that say nothing here go, so that the perplexity and its interval fit at 1280 px: the one model (named in
+# the sidebar), N:M and parameters when no run has any
+table = table.drop(columns=(["model"] if table["model"].nunique() == 1 else [])
+                   + [c for c in ("N:M", "parameters") if not table[c].astype(bool).any()])
 st.dataframe(table.style.format({"sparsity": "{:.0%}", "achieved": "{:.4%}", "ppl": "{:,.3f}", "ppl low": "{:,.3f}",
                                  "ppl high": "{:,.3f}", "prune / LoRA s": "{:.1f}"}, na_rep="–"),
              width="stretch", hide_index=True)

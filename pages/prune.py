@@ -24,12 +24,12 @@ SPARSITIES = sorted({0.5, 0.6, 0.7, 0.8, 0.9} | ({round(prefill["sparsity"], 2)}
 
 st.write(f"Prune copies of **{sel.model.name}** (calibration {sel.calib.nsamples} × {sel.calib.seqlen} tokens); "
          "each combination is one background job.")
-c = st.columns(3)
-allocators = c[0].multiselect("Allocators", list(ALLOCATORS), default=prefill.get("allocators", ["uniform", "owl"]),
-                              format_func=lambda k: ALLOCATORS[k].label, key="grid_allocators",
-                              help=allocator_help())
-methods = c[1].multiselect("Methods", list(METHODS), default=["wanda"], key="grid_methods")
-sparsities = c[2].multiselect("Target sparsities", SPARSITIES, default=[round(prefill.get("sparsity", 0.7), 2)],
+# the allocators get a row of their own: in a third of it their chips were cut off after the third
+allocators = st.multiselect("Allocators", list(ALLOCATORS), default=prefill.get("allocators", ["uniform", "owl"]),
+                            format_func=lambda k: ALLOCATORS[k].label, key="grid_allocators", help=allocator_help())
+c = st.columns(2)
+methods = c[0].multiselect("Methods", list(METHODS), default=["wanda"], key="grid_methods")
+sparsities = c[1].multiselect("Target sparsities", SPARSITIES, default=[round(prefill.get("sparsity", 0.7), 2)],
                               format_func=lambda s: f"{s:.0%}", key="grid_sparsities")
 # one control per parameter the chosen allocators and methods declare (pruner.core.params), labelled by paper symbol
 a_params = unique_params(ALLOCATORS[a] for a in allocators)

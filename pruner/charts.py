@@ -283,7 +283,16 @@ def two_runs_figure(a, b) -> go.Figure:
     fig.update_layout(title="Per-block sparsity of two runs", xaxis_title="transformer block",
                       yaxis_title="sparsity (%)", height=420, legend=dict(orientation="h", y=-0.2),
                       margin=dict(l=60, r=20, t=60, b=50))
+    values = np.concatenate([np.asarray(t.y, dtype=float) for t in fig.data])
+    if values.max() - values.min() < 2 * MIN_HALF_SPAN:  # a flat allocation: the axis zoomed into 0.03 points of noise
+        middle = (values.max() + values.min()) / 2
+        fig.update_yaxes(range=[middle - MIN_HALF_SPAN, middle + MIN_HALF_SPAN])
     return fig
+
+
+#: Half the smallest span (percentage points) of a per-block sparsity axis: a uniform allocation's 70% against an
+#: achieved 69.97% is then a flat line and a row of marks just under it, not two far-apart rows.
+MIN_HALF_SPAN = 5.0
 
 
 def _groups(rows: list[dict]) -> list[tuple[str, str, list[dict]]]:

@@ -89,8 +89,15 @@ def _open(page, url, path, wait_for):
 
 
 def _shot(page, name):
+    """The page at 1280 px wide, as tall as it needs (Streamlit scrolls inside its own container, so the window is
+    made tall for the picture and then put back)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
+    height = page.evaluate("() => document.querySelector('[data-testid=\"stMain\"]')?.scrollHeight || 800")
+    page.set_viewport_size({"width": 1280, "height": max(800, min(int(height) + 40, 6000))})
+    page.wait_for_timeout(800)
     page.screenshot(path=str(SHOTS / f"{name}.png"))
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.wait_for_timeout(300)
 
 
 # OWL's per-block sparsities (%) as the Allocation page's curves (pages/_curves.js) drew them
