@@ -5,7 +5,22 @@ import streamlit as st
 
 from pages._dashboard import page_setup, page_with_stats
 from pruner.allocation import OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, allocate, owl_lambda_max
-from pruner.charts import allocation_figure, distribution_figure, lod_figure
+from pruner.charts import allocation_figure, distribution_figure, lod_figure, ppl_vs_sparsity_figure
+from pruner.runs.manifest import list_runs
+
+
+
+def _measured_rows(sel) -> list[dict]:
+    """One row per stored run of the selected model with a perplexity (its latest), for the perplexity chart."""
+    rows = []
+    for run in list_runs(sel.cache_dir).runs:
+        p = run.latest_perplexity()
+        if p is None or run.model_spec().key() != sel.model.key():
+            continue
+        rows.append({"method": run.method_label, "allocator": run.allocator, "parameters": run.parameters_text(),
+                     "target": run.sparsity, "sparsity": run.achieved_overall, "ppl": p["perplexity"]})
+    return rows
+
 
 st.title("🎓 Learn: outlier-weighed layerwise sparsity")
 sel, stats = page_with_stats(page_setup())
@@ -66,29 +81,36 @@ else:
         "* **Uniform** gives every block S, ignoring that outlier-rich blocks lose important weights.\n"
         "* **Global** ranks all scores of the whole model against one threshold. Scores of different layers live "
         f"on different scales, so some blocks are pruned far more than others: {spread}.\n"
-        "* **OWL** moves each block at most a little (set by λ) in the direction its outliers ask for.")
+        f"* **OWL** moves each block away from S in proportion to its outlier ratio: the most outlier-rich block "
+        f"is pruned least, the poorest most, and the two are 2λ = {2 * lam:.0%} apart (here block "
+        f"{int(np.argmax(owl.block_sparsity))} at {owl.block_sparsity.max():.1%} and block "
+        f"{int(np.argmin(owl.block_sparsity))} at {owl.block_sparsity.min():.1%}).")
     st.plotly_chart(allocation_figure([a for a in (uniform, owl, glob) if a is not None], S, lam), width="stretch")
-st.header("5 · Seeing the cost before pruning: the damage-table predictor")
+st.header("5 · The consequence: perplexity")
 st.markdown(
-    "Whether λ = 0.12 beats λ = 0.08 is normally learned by pruning and evaluating both. The predictor answers it "
-    "without pruning. Once per model and target S, it prunes **every block at S** (the reference), then moves "
-    "**one block alone** to each sparsity of a grid around S and records the loss on a few held-out WikiText-2 "
-    "*validation* windows (never the test split). Writing "
-    r"$\Delta_b(g)$ for the loss change of block b alone at sparsity g ($\Delta_b(S) = 0$), an allocation "
-    r"$s_1 … s_L$ is predicted to lose $\sum_b \Delta_b(s_b)$ more than the reference, so its perplexity is "
-    r"$\exp(\text{NLL}_\text{ref} + \sum_b \Delta_b(s_b))$ — a sum of table look-ups, microseconds per "
-    "allocation, which is why the Allocation page can show a prediction for every curve while a slider moves. "
-    "(A cheaper first version measured each block in an otherwise dense model, one table for every S; it ranked "
-    "allocations poorly at high S, and serves only until the table around S is built.)")
+    "Whether OWL beats uniform, or λ = 0.12 beats λ = 0.08, is settled by pruning and measuring perplexity "
+    "(lower is better). Two ways to see it here:\n"
+    "* **Measured:** your pruned runs of this model (Prune page), their WikiText-2 perplexity against S.\n"
+    "* **Predicted,** before pruning, by the **damage table** (built on the Allocation page, minutes once per S): "
+    "each block pruned alone at a few sparsities on held-out text; an allocation's predicted loss is the sum of "
+    r"its blocks' damages, $\text{NLL}_\text{ref} + \sum_b \Delta_b(s_b)$, plus a fitted correction for how "
+    "damages compound. Each prediction takes microseconds.")
 damage = None
 if sel is not None:
     from pruner.predictor.cache import table_for
     from pruner.predictor.compounding import COMPOUNDING_PROBES
 
     damage = table_for(sel.stats_spec, S, sel.cache_dir)
+if sel is not None:  # the measured side: what the user's runs of this model scored
+    measured = _measured_rows(sel)
+    if measured:
+        st.plotly_chart(ppl_vs_sparsity_figure(measured, None), width="stretch")
+        st.caption("Your runs of this model, one point per run group (the first perplexity stored for each); "
+                   "compare them with their intervals on the Compare page.")
 if damage is None:
     st.info("No damage table for this model and calibration set yet: build it from the Allocation page "
-            "(\"Predicted perplexity\") to see live numbers here.")
+            "(\"Predicted perplexity\") to see predictions here."
+            + ("" if sel is None or _measured_rows(sel) else " Prune a few runs (Prune page) to see measured ones."))
 elif lam < lam_max:
     try:
         pu, po = (damage.predict(a.block_sparsity) for a in (uniform, owl))

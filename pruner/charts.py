@@ -149,9 +149,11 @@ def distribution_figure(edges: np.ndarray, counts: np.ndarray, m: float, above: 
     fig.add_vline(x=m, line=dict(color="crimson", dash="dash"),
                   annotation_text=f"M = {m:g}: {above:.2%} of weights above",
                   annotation_position="top right")
-    # powers of ten on the axes: plotly's SI suffixes read "100µ" for 0.0001 (%)
+    # powers of ten on the axes: plotly's SI suffixes read "100µ" for 0.0001 (%); the x axis spans the held bins
+    # (and M), not plotly's padding to 10⁶
+    span = np.log10([min(lefts[held].min(), m), max(edges[held].max(), m)]) + [-0.1, 0.1] if held.any() else None
     fig.update_layout(title=title, xaxis=dict(type="log", title="score ÷ block mean score (A / Ā, log scale)",
-                                              exponentformat="power"),
+                                              exponentformat="power", range=None if span is None else list(span)),
                       yaxis=dict(type="log", title="share of weights (%)", exponentformat="power"), height=380,
                       showlegend=False, margin=dict(l=60, r=20, t=60, b=50))
     return fig

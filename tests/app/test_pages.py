@@ -275,10 +275,17 @@ def test_compare_and_prune_pages_name_a_corrupt_run_and_show_the_rest(app, cache
         shutil.rmtree(bad)
 
 
-def test_learn_page(app):
+def test_learn_page(app, cached):
     go(app, "learn")
-    assert len(app.get("latex")) >= 3 and len(figures(app)) == 3
+    # distribution, LOD, allocation, and (no damage table here) the measured runs' perplexity against S
+    assert len(app.get("latex")) >= 3 and len(figures(app)) == 4
     assert any("2λ = 16%" in m.value for m in app.markdown)
+    # the text says what the chart shows: OWL's most and least pruned blocks, 2λ apart
+    owl = allocate("owl", cached[1], 0.7, lam=0.08, m=5.0)
+    assert any(f"block {int(np.argmax(owl.block_sparsity))} at {owl.block_sparsity.max():.1%}" in m.value
+               for m in app.markdown)
+    measured = figures(app)[-1]
+    assert measured["layout"]["yaxis"]["type"] == "log" and any("owl" in d["name"].lower() for d in measured["data"])
 
 
 def test_a_registered_allocator_and_method_get_page_controls(app, cached):
