@@ -141,7 +141,7 @@ for key, why in listing.broken:
 if not listing.runs:
     st.caption("No runs yet.")
 for run in listing.runs:
-    c = st.columns([7, 2])
+    c = st.columns([3, 2])  # wide enough for the download label with its size at 1280 px
     p = run.latest_perplexity()
     ppl_text = (f"ppl {p['perplexity']:.2f}" + (" (partial)" if p["partial"] else "")) if p else "no perplexity yet"
     c[0].markdown(f"**{run.label}** · achieved {run.achieved_overall:.2%} · {ppl_text} · `{run.key}`")
@@ -151,7 +151,7 @@ for run in listing.runs:
         continue
     built = current_zip(folder)
     size = (f"{built.stat().st_size / 2**20:,.0f} MB" if built is not None else
-            f"{tree_bytes(folder) / 2**20:,.0f} MB before compression")
+            f"{tree_bytes(folder) / 2**20:,.0f} MB unzipped")
     c[1].download_button(f"Download zip ({size})", data=lambda folder=folder: open(run_zip(folder), "rb").read(),
                          file_name=download_name(run), mime="application/zip", key=f"dl-{run.key}",
                          help=f"{download_name(run)}: the Hugging Face folder (loads with "

@@ -146,9 +146,10 @@ def distribution_figure(edges: np.ndarray, counts: np.ndarray, m: float, above: 
     held = share > 0
     fig = go.Figure(go.Bar(x=centers[held], y=share[held], width=((edges - lefts) * 0.95)[held], name="weights",
                            hovertemplate="A/Ā ≤ %{x:.3g}: %{y:.3g}%<extra></extra>"))
-    fig.add_vline(x=m, line=dict(color="crimson", dash="dash"),
-                  annotation_text=f"M = {m:g}: {above:.2%} of weights above",
-                  annotation_position="top right")
+    fig.add_vline(x=m, line=dict(color="crimson", dash="dash"))
+    # an annotation on a log axis is placed by log10(x) (the line by x itself)
+    fig.add_annotation(x=float(np.log10(m)), y=1, yref="paper", text=f"M = {m:g}: {above:.2%} of weights above",
+                       showarrow=False, xanchor="left", yanchor="top", xshift=4)
     # powers of ten on the axes: plotly's SI suffixes read "100µ" for 0.0001 (%); the x axis spans the held bins
     # (and M), not plotly's padding to 10⁶
     span = np.log10([min(lefts[held].min(), m), max(edges[held].max(), m)]) + [-0.1, 0.1] if held.any() else None

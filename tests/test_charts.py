@@ -166,6 +166,8 @@ def test_the_distribution_axes_show_powers_of_ten_and_end_where_the_data_end():
     np.testing.assert_allclose(bar.y, [5.0, 90.0, 5.0])
     assert max(bar.x) < 10 and fig.layout.xaxis.exponentformat == fig.layout.yaxis.exponentformat == "power"
     assert fig.layout.xaxis.range[1] == pytest.approx(1.1)  # the last held bin ends at 10¹ (+0.1 decade)
+    (note,) = fig.layout.annotations  # the share above M, at M (log10 on a log axis), inside the axis
+    assert note.x == pytest.approx(np.log10(5.0)) and fig.layout.xaxis.range[0] < note.x < fig.layout.xaxis.range[1]
 
 
 def test_a_perplexity_protocol_in_words():
