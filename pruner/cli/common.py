@@ -189,10 +189,14 @@ def cache_arg(args) -> Path | None:
 
 def phase_bars():
     """A workflow ``Context.progress`` that draws one tqdm bar per phase on stderr (calibration, learning, pruning,
-    evaluation), each opened when its phase first reports."""
+    evaluation), each opened when its phase has done its first step; a one-step status ("waiting for the same prune
+    in another process") shows at once. (A phase's 0-of-n start report is for the job table's ETA clock: a bar opened
+    then would be redrawn after an interruption's last line.)"""
     bars = {}
 
     def update(phase: str, done: int, total: int):
+        if done == 0 and total > 1 and phase not in bars:
+            return
         if phase not in bars:
             bars[phase] = progress_bar(phase, PHASE_UNITS.get(phase, "block"))
         bars[phase](done, total)

@@ -44,6 +44,9 @@ STATES = ("queued", "running", "done", "failed", "cancelled")
 EXECUTORS = ("local", "ray")
 ACTIVE_STATES = ("queued", "running")  # a job in these states has not ended
 FINAL_STATES = ("done", "failed", "cancelled")
+#: The phase a job shows from its start until its work's first phase reports (loading the model, tokenizing, the
+#: first block's inputs): it said "starting 0/0" for 10–18 s.
+STARTING_PHASE = "loading the model and data"
 #: Stage of each job kind within a sweep: a stage starts when the one before has finished.
 STAGES = ("stats", "learn", "prune")
 
@@ -407,6 +410,8 @@ def _execute(store: JobStore, job: Job, cache_dir: Path | None) -> dict:
 
     request = job.request
     pid = os.getpid()
+    # what the job shows until its first phase reports (the CLI, running the same workflow, shows its own bars)
+    store.progress(job.id, STARTING_PHASE, 0, 1, pid=pid)
     ctx = Context(cache_dir=cache_dir,
                   progress=lambda phase, done, total: store.progress(job.id, phase, done, total, pid=pid),
                   should_cancel=lambda: store.cancel_requested(job.id), device=str(resolve_device("auto")))

@@ -47,11 +47,6 @@ class Context:
         """A (done, total) callback for one named phase, or None."""
         return (lambda done, total: self.progress(name, done, total)) if self.progress else None
 
-    def starting(self, what: str) -> None:
-        """Say what the work is doing before its first phase reports (loading the model, say)."""
-        if self.progress:
-            self.progress(what, 0, 1)
-
     def check_cancel(self, before: str) -> None:
         if self.should_cancel is not None and self.should_cancel():
             raise Cancelled(f"cancelled before {before}")
@@ -345,20 +340,13 @@ def _perplexity(folder: Path, options: PerplexityOptions, data_dir, ctx: Context
                                        should_cancel=ctx.should_cancel, stream=options.stream)
 
 
-#: The phase a job shows from its start until its first real phase reports (loading the model, tokenizing, the
-#: first block's inputs).
-LOADING = "loading the model and calibration text"
-
-
 def run_stats(req: StatsRequest, ctx: Context) -> dict:
-    ctx.starting(LOADING)  # until the first block reports: what the job is doing
     stats = get_stats(req.spec, ctx.cache_dir, progress=ctx.phase("statistics"), should_cancel=ctx.should_cancel,
                       batch_size=req.batch_size, stream=req.stream)
     return {"stats_key": req.spec.key(), "blocks": stats.n_blocks}
 
 
 def run_learn(req: LearnRequest, ctx: Context) -> dict:
-    ctx.starting(LOADING)
     result = learn_allocation(req.spec, req.allocator, req.sparsity, req.params, ctx.cache_dir,
                               progress=ctx.phase("learn allocation"), should_cancel=ctx.should_cancel,
                               batch_size=req.batch_size, stream=req.stream)
@@ -458,7 +446,6 @@ def run_recover(req: RecoverRequest, ctx: Context) -> dict:
 
 
 def run_dense(req: DenseRequest, ctx: Context) -> dict:
-    ctx.starting(LOADING)
     r = metrics.dense_perplexity(req.model, req.data_dir, ctx.cache_dir, max_chunks=req.perplexity.max_chunks,
                                  seqlen=req.perplexity.seqlen, progress=ctx.phase("perplexity"))
     return {"perplexity": r["perplexity"], "details": {"perplexity": r}}

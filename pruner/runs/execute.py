@@ -106,8 +106,6 @@ def _make_run(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     check_fits(plan, ways=prune_ways_out(streamed=streamed, offloaded=spec.model.offload_activations,
                                          device=plan.device))
     check_writable(layout.runs, needs_bytes=plan.writes, what="the runs folder")
-    if progress and loaded is None:
-        progress("loading the model", 0, 1)
     base = loaded if loaded is not None else load_model(spec.model, cache_dir, stream=stream)
     # weights of the blocks that nothing here can prune: refused by name unless the spec says to leave them dense
     unsupported = unsupported_weights(find_blocks(base.model)[1])
