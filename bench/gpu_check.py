@@ -134,6 +134,7 @@ def _reset_peak(device: str) -> None:
 
 def run_steps(shapes: str, blocks: int, device: str, budget_s: float, keep: Path | None) -> list[Step]:
     from pruner.allocation import allocate
+    from pruner.core.scores import wanda_score
     from pruner.engine.artifacts import get_stats
     from pruner.methods.masks import lowest_mask
     from pruner.model.catalogue import ModelSpec
@@ -213,7 +214,7 @@ def run_steps(shapes: str, blocks: int, device: str, budget_s: float, keep: Path
                     continue
                 key = f"model.layers.0.{name}.weight"
                 weight = checkpoint.read([key])[key].float()
-                scores = weight.abs().double() * torch.as_tensor(norm)
+                scores = wanda_score(weight, torch.as_tensor(norm))
                 on_cpu = lowest_mask(scores, TARGET)
                 on_device = lowest_mask(scores.to(device), TARGET).cpu()
                 same.append(torch.equal(on_cpu, on_device))

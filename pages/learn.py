@@ -101,16 +101,15 @@ if sel is not None:
     from pruner.predictor.compounding import COMPOUNDING_PROBES
 
     damage = table_for(sel.stats_spec, S, sel.cache_dir)
-if sel is not None:  # the measured side: what the user's runs of this model scored
-    measured = _measured_rows(sel)
-    if measured:
-        st.plotly_chart(ppl_vs_sparsity_figure(measured, None), width="stretch")
-        st.caption("Your runs of this model, one point per run group (the first perplexity stored for each); "
-                   "compare them with their intervals on the Compare page.")
+measured = _measured_rows(sel) if sel is not None else []  # the measured side: what the user's runs scored
+if measured:
+    st.plotly_chart(ppl_vs_sparsity_figure(measured, None), width="stretch")
+    st.caption("Your runs of this model, one point per run (its latest stored perplexity); compare them with their "
+               "intervals on the Compare page.")
 if damage is None:
     st.info("No damage table for this model and calibration set yet: build it from the Allocation page "
             "(\"Predicted perplexity\") to see predictions here."
-            + ("" if sel is None or _measured_rows(sel) else " Prune a few runs (Prune page) to see measured ones."))
+            + ("" if measured else " Prune a few runs (Prune page) to see measured ones."))
 elif lam < lam_max:
     try:
         pu, po = (damage.predict(a.block_sparsity) for a in (uniform, owl))

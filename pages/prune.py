@@ -152,9 +152,10 @@ for run in listing.runs:
     built = current_zip(folder)
     size = (f"{built.stat().st_size / 2**20:,.0f} MB" if built is not None else
             f"{tree_bytes(folder) / 2**20:,.0f} MB unzipped")
+    name = download_name(run)
     c[1].download_button(f"Download zip ({size})", data=lambda folder=folder: open(run_zip(folder), "rb").read(),
-                         file_name=download_name(run), mime="application/zip", key=f"dl-{run.key}",
-                         help=f"{download_name(run)}: the Hugging Face folder (loads with "
+                         file_name=name, mime="application/zip", key=f"dl-{run.key}",
+                         help=f"{name}: the Hugging Face folder (loads with "
                               "AutoModelForCausalLM.from_pretrained) and manifest.json; compressed when first asked "
                               "for (a pruned model's zeros shrink it about 3× at 70%)",
                          on_click="ignore")  # a rerun here would race the zip being made (see JOBS_REFRESH_*)
