@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import streamlit as st
 
@@ -178,20 +179,40 @@ def queue(sel: Selection | None, request) -> int:
     return submit(job_store(sel), request, cache_dir=sel.cache_dir if sel else cache_dir())
 
 
-def param_controls(params: list[Param], prefix: str, columns=None, values: dict | None = None, sliders: bool = False) -> dict:
+def param_controls(params: list[Param], prefix: str, columns=None, values: dict | None = None, sliders: bool = False,
+                   valid: Callable[[str, float, dict], bool] | None = None) -> dict:
     """One control per declared parameter (``pruner.core.params.Param``), labelled by its paper symbol: a slider over
     the declaration's ``slider`` range when ``sliders`` and it has one, else a number input bounded by its closed
     range ends (open ends are checked when the request is built, naming the range). Returns {name: value};
-    ``values`` prefill them (e.g. from the Allocation page)."""
+    ``values`` prefill them (e.g. from the Allocation page).
+
+    ``valid(name, value, current)``: whether the parameter may take ``value`` with the others at ``current``
+    (e.g. OWL's λ at this S on this model); a slider's ends are then moved in to the outermost valid steps
+    (``valid_slider_range``), and a value left outside is moved to the nearest valid end, with a caption saying so."""
     out = {}
     columns = columns or [st]
+    current = {p.name: st.session_state.get(f"{prefix}_{p.name}", (values or {}).get(p.name, p.default))
+               for p in params}
     for i, p in enumerate(params):
         value = (values or {}).get(p.name, p.default)
-        kw = dict(step=p.step or (1 if p.kind is int else 0.01), key=f"{prefix}_{p.name}",
+        key = f"{prefix}_{p.name}"
+        kw = dict(step=p.step or (1 if p.kind is int else 0.01), key=key,
                   help=f"{p.help}; {p.range_text()}, default {p.default:g}")
+        column = columns[i % len(columns)]
         if sliders and p.slider is not None:
             low, high = (p.kind(v) for v in p.slider)
-            out[p.name] = columns[i % len(columns)].slider(p.title, low, high, p.kind(value), **kw)
+            if valid is not None:
+                low, high = valid_slider_range(p, lambda v, p=p: valid(p.name, v, current))
+            if key in st.session_state:  # the widget's own value, kept within the (possibly narrowed) range
+                held = st.session_state[key]
+                if not low <= held <= high:
+                    st.session_state[key] = min(max(held, low), high)
+                    column.caption(f"{p.title} moved from {held:g} to {st.session_state[key]:g}: the valid end "
+                                   "for the current settings")
+                out[p.name] = column.slider(p.title, low, high, **kw)
+            else:
+                out[p.name] = column.slider(p.title, low, high, min(max(p.kind(value), low), high), **kw)
+            current[p.name] = out[p.name]
             continue
         if p.low is not None and not p.low_open:
             kw["min_value"] = p.kind(p.low)
@@ -199,8 +220,32 @@ def param_controls(params: list[Param], prefix: str, columns=None, values: dict 
             kw["max_value"] = p.kind(p.high)
         if p.kind is float:
             kw["format"] = "%g"
-        out[p.name] = columns[i % len(columns)].number_input(p.title, value=p.kind(value), **kw)
+        out[p.name] = column.number_input(p.title, value=p.kind(value), **kw)
     return out
+
+
+def valid_slider_range(p: Param, valid: Callable[[float], bool]) -> tuple:
+    """The slider range of ``p`` with each end moved in to the outermost step where ``valid`` holds: the steps are
+    low + k · step over the declared ``slider`` range; validity is taken to hold on one interval around the default
+    (OWL's λ is valid from 0 up to a bound that depends on S and the model), found by bisection from the default
+    towards each end. A default that is itself invalid leaves the declared range (the page names the problem)."""
+    low, high = p.slider
+    step = p.step or (1 if p.kind is int else 0.01)
+    n = int(round((high - low) / step))
+    at = [p.kind(round(low + k * step, 10)) for k in range(n + 1)]
+    d = min(range(n + 1), key=lambda k: abs(at[k] - p.default))
+    if not valid(at[d]):
+        return at[0], at[-1]
+
+    def outermost(inside: int, outside: int) -> int:
+        if valid(at[outside]):
+            return outside
+        while abs(outside - inside) > 1:  # at[inside] valid, at[outside] not
+            mid = (inside + outside) // 2
+            inside, outside = (mid, outside) if valid(at[mid]) else (inside, mid)
+        return inside
+
+    return at[outermost(d, 0)], at[outermost(d, n)]
 
 
 def unique_params(entries) -> list[Param]:

@@ -1,10 +1,12 @@
 """Learn: outliers, the LOD, OWL's formula with the current numbers, and why uniform and global fall short."""
 
+import dataclasses
+
 import numpy as np
 import streamlit as st
 
-from pages._dashboard import page_setup, page_with_stats
-from pruner.allocation import OWL_DEFAULT_LAMBDA, OWL_DEFAULT_M, allocate, owl_lambda_max
+from pages._dashboard import page_setup, page_with_stats, param_controls
+from pruner.allocation import LAMBDA, OWL_M, allocate, owl_lambda_max
 from pruner.charts import allocation_figure, distribution_figure, lod_figure, ppl_vs_sparsity_figure
 from pruner.runs.manifest import list_runs
 
@@ -27,8 +29,12 @@ sel, stats = page_with_stats(page_setup())
 
 c = st.columns(3)
 S = c[0].slider("Target sparsity S", 0.1, 0.9, 0.7, 0.05, key="learn_S")
-lam = c[1].slider("λ", 0.0, 0.3, OWL_DEFAULT_LAMBDA, 0.01, key="learn_lam")
-m = c[2].slider("M", 1.0, 15.0, OWL_DEFAULT_M, 0.5, key="learn_M")
+# λ's slider ends where OWL is still valid at this S and M (at S = 90% on SmolLM2 well below the 0.3 shown for S = 70%)
+owl_controls = (dataclasses.replace(LAMBDA, slider=(0.0, 0.3)), dataclasses.replace(OWL_M, slider=(1.0, 15.0)))
+controls = param_controls(owl_controls, "learn", c[1:], sliders=True,
+                          valid=lambda name, v, now: owl_lambda_max(stats.lod(v if name == "m" else now["m"]), S)
+                          > (v if name == "lam" else now["lam"]))
+lam, m = controls["lam"], controls["m"]
 lod = stats.lod(m)
 
 st.header("1 · What an outlier is")
@@ -102,14 +108,16 @@ if sel is not None:
 
     damage = table_for(sel.stats_spec, S, sel.cache_dir)
 measured = _measured_rows(sel) if sel is not None else []  # the measured side: what the user's runs scored
+# the chart beside its notes, so that the section fits one 1280 × 800 screen for a class
+chart, notes = st.columns([3, 2]) if measured else (None, st.container())
 if measured:
-    st.plotly_chart(ppl_vs_sparsity_figure(measured, None), width="stretch")
-    st.caption("Your runs of this model, one point per run (its latest stored perplexity); compare them with their "
-               "intervals on the Compare page.")
+    chart.plotly_chart(ppl_vs_sparsity_figure(measured, None).update_layout(height=340), width="stretch")
+    notes.caption("Your runs of this model, one point per run (its latest stored perplexity); compare them with "
+                  "their intervals on the Compare page.")
 if damage is None:
-    st.info("No damage table for this model and calibration set yet: build it from the Allocation page "
-            "(\"Predicted perplexity\") to see predictions here."
-            + ("" if measured else " Prune a few runs (Prune page) to see measured ones."))
+    notes.info("No damage table for this model and calibration set yet: build it from the Allocation page "
+               "(\"Predicted perplexity\") to see predictions here."
+               + ("" if measured else " Prune a few runs (Prune page) to see measured ones."))
 elif lam < lam_max:
     try:
         pu, po = (damage.predict(a.block_sparsity) for a in (uniform, owl))
