@@ -9,12 +9,13 @@ import streamlit as st
 
 from pages._curves import allocation_curves
 from pages._dashboard import allocator_help, jobs_panel, page_setup, page_with_stats, param_controls, queue, unique_params
-from pruner.allocation import ALLOCATORS, allocate, owl_lambda_max
-from pruner.charts import layer_sparsity_heatmap_figure, predicted_map_figure
+from pruner.allocation import ALLOCATORS, SEARCH_GENERATIONS, allocate, owl_lambda_max
+from pruner.charts import layer_sparsity_heatmap_figure, predicted_map_figure, search_progress_figure
 from pruner.engine import artifacts
 from pruner.jobs.workflows import LearnRequest, PerplexityOptions, PredictorRequest, PruneRequest
 from pruner.predictor.cache import table_for
 from pruner.predictor.compounding import COMPOUNDING_PROBES
+from pruner.predictor.search import SEARCH_MEASURED, SEARCH_STEP, saved_search
 from pruner.predictor.table import PredictorSpec
 from pruner.specs import PruneSpec
 
@@ -79,7 +80,22 @@ def _what_if():
                            format_func=lambda k: ALLOCATORS[k].label, help=allocator_help())
     S = st.columns([1, 2])[0].slider("Target sparsity S", 0.05, 0.95, 0.70, 0.05, key="alloc_S")
     # one control per parameter the shown allocators declare (pruner.core.params), labelled by its paper symbol
-    values = param_controls(unique_params(ALLOCATORS[n] for n in shown), "alloc", st.columns(4), sliders=True)
+    closed_form = [n for n in shown if not ALLOCATORS[n].learned]
+
+    def valid(name, value, current) -> bool:  # every shown closed-form allocator with this parameter accepts it
+        for n in closed_form:
+            a = ALLOCATORS[n]
+            if any(p.name == name for p in a.params):
+                try:
+                    allocate(n, stats, S, **a.pick({**current, name: value}))
+                except ValueError:
+                    return False
+        return True
+
+    # each slider ends where the allocations are still valid at this S on this model (OWL's λ: 0.22 at S = 70%
+    # on SmolLM2 with OWL-inverse shown; the declared 0.49 drew a refusal instead of curves)
+    values = param_controls(unique_params(ALLOCATORS[n] for n in shown), "alloc", st.columns(4), sliders=True,
+                            valid=valid)
     learned_results = {name: artifacts.cached_learned(sel.stats_spec, name, S, ALLOCATORS[name].pick(values), sel.cache_dir)
                        for name in shown if ALLOCATORS[name].learned}
 
@@ -92,6 +108,11 @@ def _what_if():
                 if learned_results[name] is not None:
                     allocations.append(allocate(name, stats, S, learned=artifacts.learned_layer_sparsity(learned_results[name],
                                                                                                    stats), **params))
+                elif name == "search" and (saved := saved_search(sel.stats_spec, S, params, sel.cache_dir)):
+                    # a running (or interrupted) search: its best allocation so far
+                    block = np.asarray(saved["state"]["units"]) * SEARCH_STEP
+                    allocations.append(allocate(name, stats, S, learned=block[np.asarray(stats.layer_block)],
+                                                **params))
                 continue
             allocations.append(allocate(name, stats, S, **params))
         except ValueError as err:
@@ -229,10 +250,17 @@ def _what_if():
                    f"the dense block's on the calibration set while the block's mean is S ({a.description}). OWL gives "
                    f"every layer of a block the same sparsity; a learned allocation moves them apart." if name == "besa"
                    else f"{a.label}: {a.description}.")
+        if name == "search":
+            _search_report(result, values, S)
         if result is None:
-            cost = ("It runs every block forward and backward a few times (about 10 s per SmolLM2 block with the cpu "
-                    "preset here)." if name == "besa" else "It reads the damage table of the predictor (see "
-                    "Predicted perplexity, above; built first when missing), then solves for the allocation in a second.")
+            cost = {"besa": "It runs every block forward and backward a few times (about 10 s per SmolLM2 block with "
+                            "the cpu preset here).",
+                    "search": f"It reads the damage table of the predictor (see Predicted perplexity, above; built "
+                              f"first when missing), then runs {values.get('generations', SEARCH_GENERATIONS.default)} "
+                              f"generations, each measuring {SEARCH_MEASURED} children on calibration text; a "
+                              "stopped search resumes from its last generation."}.get(
+                name, "It reads the damage table of the predictor (see Predicted perplexity, above; built first when "
+                      "missing), then solves for the allocation in a second.")
             st.info(f"{a.label} has not been learned for S = {S:.0%} with these parameters on this model and "
                     f"calibration set yet. {cost}")
             if st.button(f"Learn {a.label} at S = {S:.0%} in the background", key=f"alloc_learn_{name}"):
@@ -256,6 +284,35 @@ def _what_if():
                        f"{result['steps_per_block']} optimiser steps per block). Block reconstruction error with hard "
                        f"Wanda masks, averaged over blocks: {np.mean(result['error_hard']):.4f} with the learned "
                        f"sparsities vs {np.mean(result['error_uniform']):.4f} with S in every layer ({gain:.0%} lower).")
+
+
+def _search_report(result: dict | None, values: dict, S: float) -> None:
+    """The search's fitness per generation, finished (its learned result) or running (its last saved generation)."""
+    a = ALLOCATORS["search"]
+    if result is None:
+        saved = saved_search(sel.stats_spec, S, a.pick(values), sel.cache_dir)
+        if saved is None:
+            return
+        state, total = saved["state"], saved["generations"]
+        st.caption(f"Generation {state['generation']} of {total} saved (the curve above is its best allocation so "
+                   "far). A running search adds one every few seconds; a stopped one resumes from here when learned "
+                   "again.")
+    else:
+        state, total = result, len(result["history"])
+    if not state["history"]:
+        return
+    st.plotly_chart(search_progress_figure(state["history"], state["seeds"]), width="stretch",
+                    key="alloc_search_progress")
+    last = state["history"][-1]
+    measured = sum(h["measured"] for h in state["history"])
+    proposed = sum(h["proposed"] for h in state["history"])
+    rho = last["rank_correlation"]
+    st.caption(f"{measured} of {proposed} children measured on calibration text "
+               + ("(the damage table chose them" if values.get("screen", 1) else "(chosen at random: screening off")
+               + f"), {last['forward_tokens']:,} tokens scored in all; the table's rank correlation with the measured "
+               f"fitness so far: {'n/a' if rho is None else f'{rho:+.2f}'}. Started from "
+               f"{ALLOCATORS[state['seeds']['chosen']].label}, the best of the seeds (dotted).")
+
 
 what_if()
 # one job list for everything the page queues (predictor tables, verifications, learned allocations)

@@ -163,7 +163,7 @@ def distribution_figure(edges: np.ndarray, counts: np.ndarray, m: float, above: 
 #: One fixed colour per allocator, so a curve keeps its colour whichever others are shown.
 ALLOCATOR_COLORS = {"uniform": "#7f7f7f", "owl": "#d62728", "owl_inverse": "#9467bd", "er": "#2ca02c",
                     "global": "#1f77b4", "alpha": "#ff7f0e", "dlp": "#e377c2", "atp": "#bcbd22", "besa": "#17becf",
-                    "predicted": "#8c564b"}
+                    "predicted": "#8c564b", "search": "#000080"}
 
 
 #: The allocation every other is compared with, and how its curve stands out from them (SVG stroke settings).
@@ -406,4 +406,28 @@ def ppl_vs_speedup_figure(rows: list[dict], dense_ppl: float | None) -> go.Figur
     fig.update_layout(title="Perplexity vs decode speed-up (labels: sparsity)", xaxis_title="decode speed-up (×)",
                       yaxis_title="WikiText-2 perplexity (log scale)", yaxis_type="log", height=440,
                       margin=dict(l=60, r=20, t=60, b=50))
+    return fig
+
+
+def search_progress_figure(history: list[dict], seeds: dict) -> go.Figure:
+    """An allocation search's fitness per generation (``pruner.predictor.search``): the parent's stage-2 KL (the
+    best so far) and the median stage-1 KL of the children measured in that generation, with the best seed's
+    fitness as generation 0 and the seeds as dotted lines in their allocators' colours."""
+    fig = go.Figure()
+    gens = [0] + [h["generation"] for h in history]
+    chosen = seeds.get("chosen")
+    best = [seeds[chosen]["fitness"]] + [h["best"] for h in history] if chosen else [h["best"] for h in history]
+    fig.add_trace(go.Scatter(x=gens if chosen else gens[1:], y=best, mode="lines", name="best (parent, stage 2)",
+                             line=dict(color=ALLOCATOR_COLORS["search"], width=3)))
+    fig.add_trace(go.Scatter(x=gens[1:], y=[h["median"] for h in history], mode="markers",
+                             name="median of the measured children (stage 1)",
+                             marker=dict(color=ALLOCATOR_COLORS["search"], size=5, opacity=0.5)))
+    for name, seed in seeds.items():
+        if name != "chosen":
+            fig.add_hline(y=seed["fitness"], line=dict(dash="dot", width=1, color=ALLOCATOR_COLORS.get(name, "#444444")),
+                          annotation_text=name, annotation_position="right")
+    fig.update_layout(title="Search: KL divergence from the dense model per generation", height=360,
+                      margin=dict(l=60, r=90, t=60, b=50), legend=dict(orientation="h", y=-0.25))
+    fig.update_xaxes(title="generation")
+    fig.update_yaxes(title="KL per token (nats, log scale)", type="log")
     return fig

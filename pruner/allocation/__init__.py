@@ -18,8 +18,9 @@ from pruner.allocation.formulas import (ALPHA_EPSILON_FRACTION, ATP_DEFAULT_DELT
                                         atp_delta_max, check_sparsity, dlp, dlp_importance, er, global_threshold, owl,
                                         owl_inverse, owl_lambda_max, to_parameter_mean, uniform)
 from pruner.allocation.registry import (ALLOCATORS, ALPHA_EPSILON, ATP_DELTA, BETA, DLP_ALPHA, LAMBDA, NEEDS,
-                                        NEEDS_LAYOUT, NEEDS_STATISTICS, NEEDS_WEIGHTS, OPTIMAL_REACH, OWL_M, Allocation,
-                                        AllocationInputs, Allocator, allocate, formula_allocators, register)
+                                        NEEDS_LAYOUT, NEEDS_STATISTICS, NEEDS_WEIGHTS, OPTIMAL_REACH, OWL_M,
+                                        SEARCH_GENERATIONS, SEARCH_SCREEN, Allocation, AllocationInputs, Allocator,
+                                        allocate, formula_allocators, register)
 
 __all__ = [
     "EXPERT_LAMBDA",
@@ -60,6 +61,8 @@ __all__ = [
     "NEEDS_STATISTICS",
     "NEEDS_WEIGHTS",
     "OPTIMAL_REACH",
+    "SEARCH_GENERATIONS",
+    "SEARCH_SCREEN",
     "OWL_M",
     "Allocation",
     "AllocationInputs",

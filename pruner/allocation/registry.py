@@ -80,8 +80,14 @@ ATP_DELTA = Param("delta", "δ", float, ATP_DEFAULT_DELTA,
 #: ranking held; unbounded on the table's whole grid, the programme piles up large moves whose predicted gains do
 #: not add (SmolLM2 at 70%: predicted 25.5, measured 514, against ATP's 358).
 OPTIMAL_REACH = Param("reach", "r", float, 0.15,
-                      "predictor-optimal: the largest |s_b − S| the dynamic programme may give a block",
-                      low=0.0, high=1.0, low_open=True, step=0.01, slider=(0.01, 0.3))
+                      "predictor-optimal and search: the largest |s_b − S| the dynamic programme or the search may "
+                      "give a block", low=0.0, high=1.0, low_open=True, step=0.01, slider=(0.01, 0.3))
+#: The search's length: each generation measures ``pruner.predictor.search.SEARCH_MEASURED`` children for real.
+SEARCH_GENERATIONS = Param("generations", "G", int, 40, "search: generations of offspring (each measures a few "
+                           "children on calibration text)", low=1, high=100_000, step=10)
+#: Screening on (1) or off (0, the ablation: the same number of children measured, picked at random).
+SEARCH_SCREEN = Param("screen", "screened", int, 1, "search: 1 lets the damage table pick which children are "
+                      "measured, 0 picks them at random (the ablation)", low=0, high=1, step=1)
 
 
 @dataclass(frozen=True)
@@ -192,6 +198,11 @@ for _a in (
               "per-block sparsities minimising the perplexity predictor's loss at mean S (dynamic programme over "
               "its damage table), each within ±r of S", params=(OPTIMAL_REACH,),
               learner="pruner.predictor.optimal:OPTIMAL_LEARNER"),
+    Allocator("search", "Search (evolutionary)", "block", _learned_elsewhere,
+              "per-block sparsities found by an evolutionary search on the KL divergence from the dense model on "
+              "calibration text (EvoPress), children screened by the damage table; each within ±r of S",
+              params=(OPTIMAL_REACH, SEARCH_GENERATIONS, SEARCH_SCREEN),
+              learner="pruner.predictor.search:SEARCH_LEARNER"),
 ):
     register(_a)
 

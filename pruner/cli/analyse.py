@@ -75,7 +75,8 @@ def cmd_allocate(args) -> int:
     stats, alloc = allocation_for(spec, args.allocator, S, params, cache_dir=cache_arg(args), expert_split=split,
                                   expert_params=split_params,
                                   progress=progress_bar("learning " + a.label if a.learned else "outlier statistics",
-                                                         "step" if args.allocator == "predicted" else "block"),
+                                                         {"predicted": "step", "search": "generation"}.get(
+                                                             args.allocator, "block")),
                                   batch_size=args.batch_size, stream=args.stream)
     learning = cached_learned(spec, args.allocator, S, params, cache_arg(args)) if a.learned else None
     if args.json:
@@ -176,6 +177,9 @@ def _print_learning(result: dict, alloc, stats) -> None:
     print(f"learned in {result['seconds']:.0f} s" + (f" ({settings['epochs']} epochs, {result['steps_per_block']} steps "
                                                      "per block)" if "epochs" in settings and "steps_per_block" in result
                                                      else ""))
+    if "history" in result:  # the search: its seeds, then every generation
+        _print_search(result)
+        return
     if "error_hard" not in result:
         return
     print("E: the block's squared error ÷ its own contribution ‖Y − X‖², with hard Wanda masks")
@@ -185,6 +189,21 @@ def _print_learning(result: dict, alloc, stats) -> None:
         layer = alloc.layer_sparsity[np.asarray(stats.layer_block) == i]
         print(f"{i:5d}  {result['learned_mean'][i]:.4f}  {result['shift'][i]:+.4f}  {result['error_hard'][i]:.4f}  "
               f"{result['error_uniform'][i]:9.4f}  " + "  ".join(f"{v:9.4f}" for v in layer))
+
+
+def _print_search(result: dict) -> None:
+    """The search's report: what each seed scored, then per generation the parent's fitness, the measured children's
+    median, whether the parent changed and the table's rank correlation so far."""
+    seeds = {k: v for k, v in result["seeds"].items() if k != "chosen"}
+    print("seed fitness (KL per token, stage 2): " + ", ".join(f"{k} {v['fitness']:.5f}" for k, v in seeds.items())
+          + f"; started from {result['seeds']['chosen']}"
+          + (f"; resumed from generation {result['resumed_from']}" if result.get("resumed_from") is not None else ""))
+    print("generation  best KL   median KL  replaced  table ρ")
+    for h in result["history"]:
+        rho = "" if h["rank_correlation"] is None else f"{h['rank_correlation']:+.3f}"
+        print(f"{h['generation']:10d}  {h['best']:.5f}  {h['median']:.5f}  {'yes' if h['replaced'] else 'no':>8}  {rho}")
+    print(f"{result['forward_tokens']:,} calibration tokens scored; predicted perplexity "
+          f"{result['predicted_perplexity']:.2f} (damage table around S)")
 
 
 def add_parsers(sub) -> None:

@@ -172,7 +172,7 @@ def progress_bar(label: str, unit: str = "block"):
     bar = {"bar": None}
 
     def update(done: int, total: int):
-        if bar["bar"] is None:
+        if bar["bar"] is None or bar["bar"].total != total:  # a new count (e.g. the search's table, then its generations)
             bar["bar"] = tqdm(total=total, desc=label, unit=unit, file=sys.stderr)
         bar["bar"].update(done - bar["bar"].n)
         if done == total:

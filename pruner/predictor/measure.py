@@ -29,43 +29,48 @@ def holdout_windows(tokenizer, data_dir, windows: int, window_tokens: int) -> to
     return chunks[np.linspace(0, len(chunks) - 1, windows).round().astype(int)]
 
 
+def head_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """The next-token logits of hidden states leaving the last block (final norm, head, logit soft-capping)."""
+    from pruner.evaluate.perplexity import _final_norm
+
+    logits = model.get_output_embeddings()(_final_norm(model)(h))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 @torch.no_grad()
 def _window_nll(model, hidden: list[torch.Tensor], windows: torch.Tensor, device) -> np.ndarray:
     """Mean NLL of each window's next-token predictions from the hidden states leaving the last block."""
-    from pruner.evaluate.perplexity import IGNORE, _final_norm, summed_nll
+    from pruner.evaluate.perplexity import IGNORE, summed_nll
 
-    norm, head = _final_norm(model), model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
     out = []
     rows = [row for h in hidden for row in h]  # one (T, hidden) per window, whatever the batching
     for h, ids in zip(rows, windows):
-        logits = head(norm(h[None]))[0]
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
+        logits = head_logits(model, h[None])[0]
         ids = ids.to(device)
         targets = torch.cat([ids[1:], torch.full_like(ids[:1], IGNORE)])
         out.append(summed_nll(logits, targets) / (len(ids) - 1))
     return np.array(out)
 
 
-class _Holdout:
-    """The held-out windows of ``spec`` and what running them through a model's blocks needs: the hidden states
-    entering block 0, each block's call arguments, and each layer's mask scores (the method's, on the dense
-    weights). Used as a context: the head and final norm sit on the compute device inside it."""
+class BlockRunner:
+    """Token windows and what running them through a model's blocks needs: the hidden states entering block 0,
+    each block's call arguments, and each layer's mask scores (``method``'s, on the dense weights). Used as a
+    context: the head and final norm sit on the compute device inside it."""
 
-    def __init__(self, model, tokenizer, stats, spec: PredictorSpec, data_dir, device):
+    def __init__(self, model, stats, windows: torch.Tensor, method: str, device):
         from pruner.engine.besa import block_input_norms
         from pruner.engine.calibrate import capture_block_inputs
         from pruner.evaluate.perplexity import _final_norm
         from pruner.model.anatomy import find_blocks
 
-        self.model, self.spec, self.device = model, spec, torch.device(device)
-        self.windows = holdout_windows(tokenizer, data_dir, spec.windows, spec.window_tokens)
+        self.model, self.method, self.device = model, method, torch.device(device)
+        self.windows = windows
         _, self.blocks = find_blocks(model)
         self.norms = block_input_norms(stats)
         if len(self.norms) != len(self.blocks):
             raise ValueError(f"the statistics have {len(self.norms)} blocks, the model {len(self.blocks)}")
-        # all held-out windows in one batch: larger matrix products, the same numbers up to float rounding
+        # all windows in one batch: larger matrix products, the same numbers up to float rounding
         self.hidden, self.calls = capture_block_inputs(model, self.windows, self.device, batch_size=len(self.windows))
         self.home = next(model.parameters()).device
         self.head = (model.get_output_embeddings(), _final_norm(model))
@@ -97,8 +102,14 @@ class _Holdout:
         """Block b's mask scores: Wanda's |W_ij|·‖X_j‖₂ (‖X_j‖₂ from the statistics) or magnitude's |W_ij|."""
         from pruner.core.scores import wanda_score
 
-        return {n: (wanda_score(w, self.norms[b][n].to(self.device)) if self.spec.method == "wanda" else w.abs())
+        return {n: (wanda_score(w, self.norms[b][n].to(self.device)) if self.method == "wanda" else w.abs())
                 for n, w in originals.items()}
+
+
+def _holdout(model, tokenizer, stats, spec: PredictorSpec, data_dir, device) -> BlockRunner:
+    """The held-out windows of ``spec`` (WikiText-2 validation) ready to run through ``model``'s blocks."""
+    return BlockRunner(model, stats, holdout_windows(tokenizer, data_dir, spec.windows, spec.window_tokens),
+                       spec.method, device)
 
 
 def _set_weights(layers, originals, scores, g: float | None) -> None:
@@ -136,7 +147,7 @@ def build_damage_table(model, tokenizer, stats, spec: PredictorSpec, data_dir, d
 
     t0 = time.perf_counter()
     dense_weights: dict[int, dict[str, torch.Tensor]] = {}  # only with an operating point: every block's originals
-    with _Holdout(model, tokenizer, stats, spec, data_dir, device) as h:
+    with _holdout(model, tokenizer, stats, spec, data_dir, device) as h:
         blocks, hidden, device, home = h.blocks, h.hidden, h.device, h.home
         window_nll = np.zeros((len(blocks), len(spec.grid), spec.windows))
         numel = np.zeros(len(blocks))
@@ -192,9 +203,6 @@ def measure_allocations(model, tokenizer, stats, spec: PredictorSpec, layer_spar
     moves; the uniform allocation at S₀ gives the operating-point table's reference exactly, and one block moved
     alone its table row. ``layer_sparsities``: one sequence per allocation, in the statistics' layer order. The
     model is left unchanged. (A, W)"""
-    from pruner.methods.masks import prune_count
-    from pruner.model.anatomy import prunable_layers, weight_matrix
-
     layer_block, names = np.asarray(stats.layer_block), list(stats.layer_names)
     allocations = [np.asarray(s, dtype=np.float64) for s in layer_sparsities]
     for s in allocations:
@@ -203,30 +211,50 @@ def measure_allocations(model, tokenizer, stats, spec: PredictorSpec, layer_spar
                              f"shape {s.shape}" + (f", {s.min():.3f}…{s.max():.3f}" if s.size else ""))
 
     out = np.zeros((len(allocations), spec.windows))
-    with _Holdout(model, tokenizer, stats, spec, data_dir, device) as h:
-        dense, ranks = {}, {}
+    with _holdout(model, tokenizer, stats, spec, data_dir, device) as h:
+        masks = LevelMasks(h)
         try:
-            for b, block in enumerate(h.blocks):
-                block.to(h.device)
-                dense[b] = _dense_weights(prunable_layers(block))
-                # each weight's place in its row's stable ascending order: the mask at any sparsity is then one
-                # comparison (rank < k), the same weights ``lowest_mask`` picks, ties by position included
-                ranks[b] = {n: row_ranks(score) for n, score in h.scores(b, dense[b]).items()}
-                block.to(h.home)
             for a, s in enumerate(allocations):
-                for b, block in enumerate(h.blocks):
-                    block.to(h.device)
-                    here = {n: float(v) for n, v, lb in zip(names, s, layer_block) if lb == b}
-                    for n, layer in prunable_layers(block).items():
-                        w = dense[b][n]
-                        weight_matrix(layer).copy_(w * (ranks[b][n] >= prune_count(w.shape[1], here[n])))
-                    block.to(h.home)
+                for b in range(len(h.blocks)):
+                    masks.set_block(b, {n: float(v) for n, v, lb in zip(names, s, layer_block) if lb == b})
                 out[a] = h.nll(h.tail(list(h.hidden), 0))
                 if progress is not None:
                     progress(a + 1, len(allocations))
         finally:
-            _restore(h.blocks, dense)
+            masks.restore()
     return out
+
+
+class LevelMasks:
+    """The prunable layers of a runner's model with their dense weights and the ranks of their mask scores, so
+    that a block is set to any sparsities by one comparison per layer (``rank < prune_count`` is pruned: the
+    weights ``lowest_mask`` picks, ties by position included). ``restore`` puts the dense weights back."""
+
+    def __init__(self, runner: BlockRunner):
+        from pruner.model.anatomy import prunable_layers
+
+        self.runner, self.dense, self.ranks = runner, {}, {}
+        for b, block in enumerate(runner.blocks):
+            block.to(runner.device)
+            self.dense[b] = _dense_weights(prunable_layers(block))
+            self.ranks[b] = {n: row_ranks(score) for n, score in runner.scores(b, self.dense[b]).items()}
+            block.to(runner.home)
+
+    def set_block(self, b: int, sparsity: float | dict[str, float]) -> None:
+        """Block b's layers pruned by their one-shot masks: each at ``sparsity`` (one value, or one per layer name)."""
+        from pruner.methods.masks import prune_count
+        from pruner.model.anatomy import prunable_layers, weight_matrix
+
+        block = self.runner.blocks[b]
+        block.to(self.runner.device)
+        for n, layer in prunable_layers(block).items():
+            w = self.dense[b][n]
+            s = sparsity[n] if isinstance(sparsity, dict) else sparsity
+            weight_matrix(layer).copy_(w * (self.ranks[b][n] >= prune_count(w.shape[1], float(s))))
+        block.to(self.runner.home)
+
+    def restore(self) -> None:
+        _restore(self.runner.blocks, self.dense)
 
 
 def row_ranks(scores: torch.Tensor) -> torch.Tensor:

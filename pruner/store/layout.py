@@ -5,6 +5,7 @@ Layout (under ``<project>/cache`` unless ``$PRUNER_CACHE_DIR``, ``--cache-dir`` 
     models/<bundled-name>/          bundled models converted once to safetensors folders
     stats/<stats key>/              outlier statistics of a dense model on a calibration set
     learned/<learned key>/          learned allocations (BESA) per model, calibration set, S and parameters
+    searches/<learned key>.json     an allocation search's last saved generation (it resumes from there)
     predictors/<predictor key>/     damage tables of the quality predictor (pruner.predictor.table)
     runs/<run key>/                 pruned (or LoRA-recovered) models with manifest.json
     exports/<run key>.zip           a run zipped for download (rebuilt when its manifest changes)
@@ -38,6 +39,7 @@ KINDS = {
     "models": "bundled models converted to safetensors",
     "stats": "outlier statistics (one per model × calibration set)",
     "learned": "learned allocations (BESA)",
+    "searches": "allocation searches' last saved generations",
     "predictors": "damage tables of the perplexity predictor",
     "runs": "pruned and LoRA-recovered models",
     "exports": "runs zipped for download",
@@ -102,6 +104,10 @@ class CacheLayout:
     def learned(self, key: str) -> Path:
         return self.root / "learned" / check_key(key, "learned-allocation key")
 
+    def search(self, key: str) -> Path:
+        """The last saved generation of a running (or interrupted) allocation search of learned-allocation ``key``."""
+        return self.root / "searches" / f"{check_key(key, 'learned-allocation key')}.json"
+
     def predictor(self, key: str) -> Path:
         return self.root / "predictors" / check_key(key, "predictor key")
 
@@ -152,7 +158,8 @@ class CacheLayout:
         runs' weight files are checked against their checksums, not only their sizes, which reads them all)."""
         out = []
         for kind, parent in (("models", self.models), ("stats", self.root / "stats"),
-                             ("learned", self.root / "learned"), ("predictors", self.root / "predictors"),
+                             ("learned", self.root / "learned"), ("searches", self.root / "searches"),
+                             ("predictors", self.root / "predictors"),
                              ("runs", self.runs)):
             for path in sorted(parent.iterdir()) if parent.is_dir() else []:
                 out.append(Entry(kind, path, tree_bytes(path), self.stale_reason(kind, path, contents=contents)))
@@ -171,7 +178,7 @@ class CacheLayout:
 
     def others(self) -> list[Path]:
         """Top-level things this layout does not own (never removed by ``remove_stale``)."""
-        owned = {"models", "stats", "learned", "predictors", "runs", "exports", "dense", "jobs.sqlite",
+        owned = {"models", "stats", "learned", "searches", "predictors", "runs", "exports", "dense", "jobs.sqlite",
                  "jobs.sqlite-wal", "jobs.sqlite-shm", "worker.log", "ray-driver.log", "locks", ".gitkeep"}
         return sorted(p for p in self.root.iterdir() if p.name not in owned) if self.root.is_dir() else []
 
@@ -214,6 +221,10 @@ class CacheLayout:
             problem = entry_problem(path, key=name, required=("learned.json",))
             if problem:
                 return f"corrupt: {problem}"
+        if kind == "searches":
+            if (self.root / "learned" / path.name.removesuffix(".json")).is_dir():
+                return "its search finished (the learned allocation holds the result)"
+            return None
         if kind == "predictors":
             version = _json_field(path / "meta.json", "format")
             if version is None:

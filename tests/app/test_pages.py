@@ -117,7 +117,8 @@ def test_allocation_sliders_redraw_as_the_allocators_predict(app, cached):
                                                                        "delta": 0.01})).block_sparsity
         np.testing.assert_allclose(curve(fig, label), expected, atol=1e-9)
     # the controls are generated from the allocators' declared parameters, labelled by paper symbol
-    assert {n.label for n in app.number_input} == {"β (beta)"}  # no slider range: a number input
+    # no slider range: a number input (BESA's β, the search's generations and screening)
+    assert {n.label for n in app.number_input} == {"β (beta)", "G (generations)", "screened (screen)"}
     assert {n.label for n in app.slider} >= {"λ (lam)", "M (m)", "ε (epsilon)", "α (alpha)", "δ (delta)"}  # what-if
     app.slider(key="alloc_delta").set_value(0.02).run()  # ATP's curve steepens: s_b = s_0 + 0.02 b
     np.testing.assert_allclose(np.diff(curve(curves(app), "ATP")), 0.02, atol=1e-9)
@@ -428,3 +429,14 @@ def test_corrupt_statistics_are_named_and_removed_on_request(cached, data_dir, t
     at.button(key="remove_corrupt_stats").click().run()
     assert not at.exception, at.exception
     assert not folder.exists() and any("Not computed yet" in i.value for i in at.info)
+
+
+def test_a_slider_range_ends_on_its_outermost_valid_steps():
+    """pages._dashboard.valid_slider_range on a hand-made validity: λ's declared 0 … 0.49 in steps of 0.01."""
+    from pages._dashboard import valid_slider_range
+    from pruner.allocation import LAMBDA
+
+    assert valid_slider_range(LAMBDA, lambda v: v < 0.225) == (0.0, 0.22)  # OWL at S = 70% with OWL-inverse shown
+    assert valid_slider_range(LAMBDA, lambda v: 0.03 < v < 0.3) == (0.04, 0.29)
+    assert valid_slider_range(LAMBDA, lambda v: True) == (0.0, 0.49)
+    assert valid_slider_range(LAMBDA, lambda v: v > 0.5) == (0.0, 0.49)  # the default invalid: the declared range

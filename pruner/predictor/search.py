@@ -1,0 +1,352 @@
+"""The searched allocation: an evolutionary search over per-block sparsities with the measured model as fitness,
+its offspring screened by the damage table (after EvoPress: Sieberling, Kuznedelev, Kurtic, Alistarh, "EvoPress:
+Accurate Dynamic Model Compression via Evolutionary Search", ICML 2025).
+
+Search space: block b's sparsity is s_b = u_b · step (``SEARCH_STEP``, 1%) with u_b whole units within the trust
+region |s_b − S| ≤ r; blocks are of equal size, so Σ_b u_b = S · B / step holds the parameter-weighted mean at
+exactly S. A mutation is EvoPress's level switch: one unit up in one block, one unit down in another (1 to
+``SEARCH_MAX_SWITCHES`` of them per child), so every candidate keeps the sum.
+
+Fitness: the mean per-token KL divergence KL(p_dense ‖ p_pruned) of the next-token distributions on calibration
+windows (the C4 calibration set's first windows; WikiText-2's test split is never read, nor its validation split
+except by the damage table). A candidate's masks are one-shot Wanda masks from the dense scores (the cached
+statistics' ‖X_j‖₂), so any level of any block is one comparison against the scores' ranks: no database of
+pruned layers. The final model is the usual sequential prune with the found allocation, by whatever method the
+run asks for (Wanda or SparseGPT): the search's masks stand in for both.
+
+One generation: ``SEARCH_OFFSPRING`` children of the current best; with screening the damage table around S ranks
+them and the ``SEARCH_MEASURED`` best are measured, without it (the ablation, at the same measured budget) a
+random ``SEARCH_MEASURED``; stage 1 scores those on the first windows, the ``SEARCH_SURVIVORS`` best are scored
+on more windows (stage 2, EvoPress's multi-step selection), and the best replaces the parent if it beats it there.
+The table's predictions of every measured child are kept beside their stage-1 fitness, and the rank correlation
+between them is reported as the search runs. Seeds: the closed-form allocations at S (uniform, OWL, DLP, ATP at
+their defaults) and the predictor-optimal one, each scored on stage 2; the best is the first parent.
+
+Each generation is saved (``CacheLayout.search``): a killed or cancelled search resumes from its last saved
+generation, with its random generator's state, and ends where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pruner.predictor.measure import BlockRunner, LevelMasks, head_logits
+
+#: Resolution of the searched block sparsities (EvoPress's level spacing; BESA's candidate step).
+SEARCH_STEP = 0.01
+#: Children proposed per generation (EvoPress's offspring count).
+SEARCH_OFFSPRING = 16
+#: Children measured per generation: the table's best few (screened) or a random few (unscreened).
+SEARCH_MEASURED = 4
+#: Children scored again on the second stage's windows (EvoPress's survivors of the first selection step).
+SEARCH_SURVIVORS = 2
+#: Level switches per child: 1 … this many, drawn uniformly.
+SEARCH_MAX_SWITCHES = 3
+#: Calibration tokens each selection stage scores on (whole calibration windows, at most the calibration set).
+SEARCH_STAGE_TOKENS = (512, 2048)
+#: The closed-form allocators whose allocations at S (default parameters) seed the search, with the
+#: predictor-optimal allocation.
+SEARCH_SEED_ALLOCATORS = ("uniform", "owl", "dlp", "atp")
+#: Bump when the search or its checkpoint changes (part of the cache key through the learner's settings).
+SEARCH_FORMAT = 1
+
+
+def block_units(sparsity: float, n_blocks: int, step: float = SEARCH_STEP) -> int:
+    """Σ_b u_b for mean S: S · B / step, which must be whole (ValueError names the steps that are)."""
+    units = sparsity * n_blocks / step
+    if abs(units - round(units)) > 1e-6:
+        raise ValueError(f"S = {sparsity:g} over {n_blocks} blocks is not a whole number of {step:g} steps of block "
+                         f"sparsity (S · B / step = {units:.3f}); choose S as a multiple of {step:g}")
+    return int(round(units))
+
+
+def unit_bounds(sparsity: float, reach: float, n_blocks: int, step: float = SEARCH_STEP) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) units of every block: s_b within [S − r, S + r] ∩ [0, 1) on the lattice. (B,) each"""
+    top = int(round(1 / step)) - 1  # the largest sparsity below 1
+    lo = max(0, math.ceil(round((sparsity - reach) / step, 9)))
+    hi = min(top, math.floor(round((sparsity + reach) / step, 9)))
+    return np.full(n_blocks, lo), np.full(n_blocks, hi)
+
+
+def to_lattice(block_sparsity, total: int, lo: np.ndarray, hi: np.ndarray, step: float = SEARCH_STEP) -> np.ndarray:
+    """The lattice point nearest a seed allocation with Σ u_b = ``total`` inside [lo, hi]: each block rounded down
+    and kept in its bounds, then the missing units given to (or the excess taken from) the blocks whose rounding
+    lost (or gained) the most. (B,) int"""
+    x = np.asarray(block_sparsity, dtype=np.float64) / step
+    u = np.clip(np.floor(x + 1e-9).astype(np.int64), lo, hi)
+    while u.sum() < total:
+        room = np.where(u < hi, x - u, -np.inf)
+        u[int(np.argmax(room))] += 1
+    while u.sum() > total:
+        room = np.where(u > lo, x - u, np.inf)
+        u[int(np.argmin(room))] -= 1
+    return u
+
+
+def mutate(units: np.ndarray, lo: np.ndarray, hi: np.ndarray, rng: np.random.Generator,
+           max_switches: int = SEARCH_MAX_SWITCHES) -> np.ndarray:
+    """A child: 1 … ``max_switches`` level switches, each one unit up in a block below its upper bound and one
+    unit down in another block above its lower bound (the sum, and so the mean, is kept)."""
+    child = units.copy()
+    for _ in range(int(rng.integers(1, max_switches + 1))):
+        up, down = np.flatnonzero(child < hi), np.flatnonzero(child > lo)
+        if len(up) == 0 or len(down) == 0:
+            break
+        i = int(rng.choice(up))
+        down = down[down != i]
+        if len(down) == 0:
+            break
+        child[i] += 1
+        child[int(rng.choice(down))] -= 1
+    return child
+
+
+@dataclass
+class SearchState:
+    """Where a search stands: the parent (units per block) and its stage-2 fitness, the generations done, the
+    random generator's state, one history row per generation, the (prediction, stage-1 fitness) pairs of every
+    measured child, the seeds' fitness, and the calibration tokens scored so far."""
+
+    units: list[int]
+    fitness: float
+    rng: dict
+    generation: int = 0
+    history: list[dict] = field(default_factory=list)
+    pairs: list[list[float]] = field(default_factory=list)
+    seeds: dict = field(default_factory=dict)
+    forward_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchState":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def evolve(state: SearchState, generations: int, lo: np.ndarray, hi: np.ndarray,
+           fitness: Callable[[np.ndarray, int], float], stage_tokens: tuple[int, int],
+           predict: Callable[[np.ndarray], float], screen: bool = True,
+           on_generation: Callable[[SearchState], None] | None = None,
+           should_cancel: Callable[[], bool] | None = None) -> SearchState:
+    """Run generations ``state.generation`` … ``generations`` − 1 (see the module docstring). ``fitness(units,
+    stage)``: the candidate's KL on stage 0's or stage 1's windows (lower is better); ``predict(units)``: the
+    table's predicted perplexity. ``on_generation`` gets the state after each generation (to save it)."""
+    from pruner.engine.calibrate import Cancelled
+
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state.rng
+    parent = np.asarray(state.units, dtype=np.int64)
+    while state.generation < generations:
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"cancelled after generation {state.generation} of {generations} (saved; it resumes there)")
+        children, seen = [], {tuple(parent)}
+        for _ in range(SEARCH_OFFSPRING):
+            child = mutate(parent, lo, hi, rng)
+            if tuple(child) not in seen:
+                seen.add(tuple(child))
+                children.append(child)
+        predicted = np.array([predict(c) for c in children])
+        if screen:
+            picked = np.argsort(predicted, kind="stable")[:SEARCH_MEASURED]
+        else:
+            picked = np.sort(rng.choice(len(children), size=min(SEARCH_MEASURED, len(children)), replace=False))
+        first = np.array([fitness(children[i], 0) for i in picked])
+        state.pairs += [[float(predicted[i]), float(f)] for i, f in zip(picked, first)]
+        survivors = picked[np.argsort(first, kind="stable")[:SEARCH_SURVIVORS]]
+        second = np.array([fitness(children[i], 1) for i in survivors])
+        state.forward_tokens += len(picked) * stage_tokens[0] + len(survivors) * stage_tokens[1]
+        best = int(np.argmin(second))
+        replaced = bool(second[best] < state.fitness)
+        if replaced:
+            parent, state.fitness = children[survivors[best]], float(second[best])
+        state.generation += 1
+        state.units = parent.tolist()
+        state.rng = rng.bit_generator.state
+        state.history.append({
+            "generation": state.generation, "best": state.fitness, "median": float(np.median(first)),
+            "proposed": len(children), "measured": len(picked), "survivors": len(survivors), "replaced": replaced,
+            "rank_correlation": _rank_correlation(state.pairs),
+            "forward_tokens": state.forward_tokens})
+        if on_generation is not None:
+            on_generation(state)
+    return state
+
+
+def _rank_correlation(pairs: list[list[float]]) -> float | None:
+    """Spearman's ρ between the table's predictions and the stage-1 fitness of every child measured so far (the
+    table's rank error; None below three children)."""
+    from pruner.predictor.tuning import spearman
+
+    rho, _ = spearman([p for p, _ in pairs], [f for _, f in pairs])
+    return None if math.isnan(rho) else rho
+
+
+class KLFitness:
+    """KL(p_dense ‖ p_pruned) per token, averaged over calibration windows, of the model with each block pruned at
+    its candidate level by one-shot masks (``LevelMasks``). Stage k scores the first ``stage_windows[k]`` windows;
+    the dense log-probabilities of the largest stage are computed once. Blocks whose level did not change since
+    the last candidate are not touched. ``restore`` leaves the model dense."""
+
+    def __init__(self, model, stats, windows: torch.Tensor, stage_windows: tuple[int, ...], device, step: float,
+                 method: str = "wanda"):
+        self.model, self.step = model, step
+        self.runners = [BlockRunner(model, stats, windows[:n], method, device) for n in stage_windows]
+        self.masks = LevelMasks(self.runners[-1])
+        self.dense_logp = self._log_probs(self.runners[-1])
+        self.applied = np.full(len(self.runners[-1].blocks), -1)
+        self.tokens = [int(windows[:n].numel()) for n in stage_windows]
+
+    @torch.no_grad()
+    def _log_probs(self, runner: BlockRunner) -> list[torch.Tensor]:
+        with runner:
+            rows = [row for h in runner.tail(list(runner.hidden), 0) for row in h]
+            return [torch.log_softmax(head_logits(self.model, row[None])[0].float(), dim=-1) for row in rows]
+
+    def __call__(self, units: np.ndarray, stage: int) -> float:
+        for b in np.flatnonzero(units != self.applied):
+            self.masks.set_block(int(b), float(units[b]) * self.step)
+            self.applied[b] = units[b]
+        pruned = self._log_probs(self.runners[stage])
+        kl = [(p.exp() * (p - q)).sum(-1).mean() for p, q in zip(self.dense_logp, pruned)]
+        return float(torch.stack(kl).mean())
+
+    def restore(self) -> None:
+        self.masks.restore()
+        self.applied[:] = -1
+
+
+def stage_windows(n_windows: int, seqlen: int, stage_tokens=SEARCH_STAGE_TOKENS) -> tuple[int, ...]:
+    """Calibration windows per stage: enough for each stage's tokens, at most the calibration set, at least one."""
+    return tuple(max(1, min(n_windows, math.ceil(t / seqlen))) for t in stage_tokens)
+
+
+def search_checkpoint(context: dict, key: str):
+    """Where a search of learned-allocation ``key`` saves its generations (None without a cache folder)."""
+    from pruner.store.layout import CacheLayout
+
+    return CacheLayout.at(context.get("cache_dir")).search(key)
+
+
+def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", progress=None, should_cancel=None,
+                  context=None, **_unused):
+    """The learned-allocator protocol (``pruner.engine.besa.Learner``) for the search: the damage table around S
+    (built or read, as the predictor-optimal allocation's), the seeds, the generations (resumed from the last saved
+    one), the dense weights put back."""
+    import json
+
+    from pruner.allocation import allocate
+    from pruner.engine.artifacts import get_stats, learned_key
+    from pruner.predictor.cache import get_damage_table
+    from pruner.predictor.optimal import optimal_block_sparsity
+    from pruner.predictor.table import PredictorSpec
+    from pruner.store.files import write_json_atomic
+
+    spec = context["spec"]
+    table = get_damage_table(PredictorSpec(spec, around=sparsity), context.get("cache_dir"),
+                             data_dir=spec.calib.data_dir, loaded=context.get("loaded"), progress=progress,
+                             should_cancel=should_cancel)
+    if stats is None:
+        stats = get_stats(spec, context.get("cache_dir"), loaded=context.get("loaded"))
+    numel = np.asarray(table.block_numel, dtype=np.float64)
+    if not np.allclose(numel, numel[0]):
+        raise ValueError("the search needs blocks of equal size (the mean of its block sparsities is then S)")
+    B, reach, generations = table.n_blocks, params["reach"], params["generations"]
+    total = block_units(sparsity, B)
+    lo, hi = unit_bounds(sparsity, reach, B)
+    if not lo.sum() <= total <= hi.sum():
+        raise ValueError(f"no allocation of mean S = {sparsity:g} lies within ±{reach:g} of it on the 1% lattice")
+    points = table.points()
+    if lo[0] * SEARCH_STEP < points[0] - 1e-9 or hi[0] * SEARCH_STEP > points[-1] + 1e-9:
+        raise ValueError(f"r = {reach:g} reaches beyond the damage table around S = {sparsity:g}, which measured "
+                         f"{points[0]:g} … {points[-1]:g}: choose r ≤ {min(sparsity - points[0], points[-1] - sparsity):.2f}")
+    windows = stage_windows(tokens.shape[0], tokens.shape[1])
+    key = learned_key(spec, "search", sparsity, params)
+    path = search_checkpoint(context, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    fitness = KLFitness(model, stats, tokens[:windows[-1]], windows, device, SEARCH_STEP)
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        if saved is not None and saved.get("key") == key and saved.get("format") == SEARCH_FORMAT:
+            state, resumed = SearchState.from_dict(saved["state"]), saved["state"]["generation"]
+        else:
+            state, resumed = _seeded_state(stats, table, sparsity, reach, total, lo, hi, fitness, spec.calib.seed,
+                                           allocate, optimal_block_sparsity), None
+
+        def save(s: SearchState) -> None:
+            write_json_atomic(path, {"key": key, "format": SEARCH_FORMAT, "sparsity": sparsity, "params": params,
+                                     "generations": generations, "state": s.to_dict()})
+            if progress is not None:
+                progress(s.generation, generations)
+
+        save(state)
+        state = evolve(state, generations, lo, hi, fitness, tuple(fitness.tokens),
+                       lambda u: table.predict(u * SEARCH_STEP).perplexity, screen=bool(params["screen"]),
+                       on_generation=save, should_cancel=should_cancel)
+    finally:
+        fitness.restore()
+    block = np.asarray(state.units) * SEARCH_STEP
+    layer_block = np.asarray(stats.layer_block)
+    return {"layer_names": list(stats.layer_names), "layer_block": layer_block.tolist(),
+            "layer_sparsity": [float(v) for v in block[layer_block]], "block_sparsity": block.tolist(),
+            "units": state.units, "fitness": state.fitness, "seeds": state.seeds, "history": state.history,
+            "forward_tokens": state.forward_tokens, "stage_tokens": fitness.tokens, "resumed_from": resumed,
+            "search_seconds": round(time.perf_counter() - t0, 2), "predictor": table.meta.get("key"),
+            "predicted_perplexity": table.predict(block).perplexity}, stats
+
+
+def _seeded_state(stats, table, sparsity, reach, total, lo, hi, fitness, seed, allocate, optimal) -> SearchState:
+    """The first parent: the best of the seed allocations on stage 2 (each put on the lattice within the bounds)."""
+    candidates = {name: allocate(name, stats, sparsity).block_sparsity for name in SEARCH_SEED_ALLOCATORS}
+    candidates["predicted"] = optimal(table, sparsity, reach=reach)
+    seeds, best = {}, None
+    for name, block in candidates.items():
+        units = to_lattice(block, total, lo, hi)
+        f = fitness(units, 1)
+        moved = float(np.abs(units * SEARCH_STEP - np.asarray(block)).max())
+        seeds[name] = {"fitness": f, "largest_move_to_lattice": round(moved, 6)}
+        if best is None or f < best[1]:
+            best = (units, f, name)
+    seeds["chosen"] = best[2]
+    rng = np.random.default_rng(seed)
+    return SearchState(units=best[0].tolist(), fitness=best[1], rng=rng.bit_generator.state, seeds=seeds,
+                       forward_tokens=len(candidates) * fitness.tokens[1])
+
+
+def _learner():
+    from pruner.engine.besa import Learner
+
+    return Learner(settings={"step": SEARCH_STEP, "offspring": SEARCH_OFFSPRING, "measured": SEARCH_MEASURED,
+                             "survivors": SEARCH_SURVIVORS, "max_switches": SEARCH_MAX_SWITCHES,
+                             "stage_tokens": list(SEARCH_STAGE_TOKENS), "seeds": list(SEARCH_SEED_ALLOCATORS),
+                             "fitness": "KL(dense || pruned) on calibration windows, one-shot Wanda masks",
+                             "format": SEARCH_FORMAT}, learn=_learn_search)
+
+
+#: The learned-allocator entry point ``pruner.allocation`` names ("pruner.predictor.search:SEARCH_LEARNER").
+SEARCH_LEARNER = _learner()
+
+
+def saved_search(spec, sparsity: float, params: dict, cache_dir=None) -> dict | None:
+    """The last saved generation of the search with these settings (``key``, ``generations``, ``state``: a
+    ``SearchState`` as a dict), or None when none was saved or it cannot be read."""
+    import json
+
+    from pruner.allocation import ALLOCATORS
+    from pruner.engine.artifacts import learned_key
+    from pruner.store.layout import CacheLayout
+
+    params = ALLOCATORS["search"].check(params)
+    path = CacheLayout.at(cache_dir).search(learned_key(spec, "search", sparsity, params))
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if saved.get("format") == SEARCH_FORMAT else None

@@ -1,0 +1,153 @@
+"""The searched allocation (pruner.predictor.search): its lattice and mutations by hand, the generation loop on a
+hand-made fitness, and the learner on a tiny real model: mean exactly S, no test text read, deterministic for a
+seed, resumed after a SIGKILL from its last saved generation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pruner.model.catalogue import ModelSpec
+from pruner.predictor.search import (SEARCH_MEASURED, SEARCH_SURVIVORS, SearchState, block_units, evolve, mutate,
+                                     to_lattice, unit_bounds)
+from pruner.specs import CalibSpec, PruneSpec, StatsSpec
+from pruner.store.files import PROJECT_ROOT
+
+
+def test_lattice_worked_by_hand():
+    assert block_units(0.7, 30) == 2100  # SmolLM2 at 70%: 2100 steps of 1% over 30 blocks
+    with pytest.raises(ValueError, match="multiple of 0.01"):
+        block_units(0.705, 31)  # 2185.5 steps
+    lo, hi = unit_bounds(0.6, 0.15, 4)
+    assert lo.tolist() == [45] * 4 and hi.tolist() == [75] * 4
+    assert unit_bounds(0.9, 0.15, 2)[1].tolist() == [99, 99]  # a block sparsity stays below 1
+    # floors 61, 58, 60, 60 (239): the missing unit goes to the block whose rounding lost most (58.8)
+    assert to_lattice([0.612, 0.588, 0.6, 0.6], 240, lo, hi).tolist() == [61, 59, 60, 60]
+    # outside the bounds a seed is moved to them, and the sum is restored from the blocks that lost least
+    assert to_lattice([0.9, 0.3, 0.62, 0.58], 240, lo, hi).tolist() == [75, 45, 62, 58]
+
+
+def test_mutations_keep_the_sum_and_the_bounds():
+    rng = np.random.default_rng(0)
+    lo, hi = np.full(6, 2), np.full(6, 5)
+    parent, moved = np.array([2, 5, 3, 4, 2, 5]), 0
+    for _ in range(300):
+        child = mutate(parent, lo, hi, rng)
+        assert child.sum() == parent.sum() and (child >= lo).all() and (child <= hi).all()
+        assert np.abs(child - parent).sum() <= 6  # one to three switches, each one up and one down
+        moved += not np.array_equal(child, parent)  # (a second switch may undo the first)
+        parent = child
+    assert moved > 250
+
+
+def _hand_made(target):
+    """A fitness and a prediction by hand: the squared distance to a target lattice point (the stage adds a
+    constant, so stage 2's scale differs from stage 1's as real windows' do)."""
+    target = np.asarray(target)
+    return (lambda u, stage: float(((u - target) ** 2).sum() + stage)), (lambda u: float(((u - target) ** 2).sum()))
+
+
+def _start(units, seed):
+    return SearchState(units=list(units), fitness=float("inf"), rng=np.random.default_rng(seed).bit_generator.state)
+
+
+def test_the_search_finds_a_hand_made_optimum_and_resumes_where_it_stopped():
+    target, lo, hi = [50, 70, 60, 60], np.full(4, 45), np.full(4, 75)
+    fitness, predict = _hand_made(target)
+    done = evolve(_start([60, 60, 60, 60], 1), 60, lo, hi, fitness, (16, 64), predict)
+    assert done.units == target and done.fitness == 1.0  # stage 2 adds 1
+    assert all(sum(h) == 240 for h in [done.units])
+    assert [h["generation"] for h in done.history] == list(range(1, 61))
+    assert done.forward_tokens == 60 * (SEARCH_MEASURED * 16 + SEARCH_SURVIVORS * 64)
+    assert done.history[-1]["rank_correlation"] > 0.9  # the prediction is the fitness less a constant
+    # deterministic for a seed; another seed takes another path
+    assert evolve(_start([60] * 4, 1), 60, lo, hi, fitness, (16, 64), predict).history == done.history
+    assert evolve(_start([60] * 4, 2), 60, lo, hi, fitness, (16, 64), predict).history != done.history
+    # stopped after 7 generations and saved as JSON, it ends exactly where the uninterrupted search did
+    partial = evolve(_start([60] * 4, 1), 7, lo, hi, fitness, (16, 64), predict)
+    resumed = evolve(SearchState.from_dict(json.loads(json.dumps(partial.to_dict()))), 60, lo, hi, fitness, (16, 64),
+                     predict)
+    assert resumed.to_dict() == done.to_dict()
+    # without screening the same number of children is measured (the ablation's equal budget)
+    blind = evolve(_start([60] * 4, 1), 60, lo, hi, fitness, (16, 64), predict, screen=False)
+    assert blind.forward_tokens == done.forward_tokens and blind.history != done.history
+
+
+@pytest.fixture(scope="module")
+def calibration_only_data(data_dir, tmp_path_factory) -> str:
+    """The data folder without WikiText-2's test split: a search that read it would fail."""
+    folder = tmp_path_factory.mktemp("no-test-split")
+    (folder / "wikitext2").mkdir()
+    (folder / "wikitext2" / "wiki.valid.raw").symlink_to(Path(data_dir) / "wikitext2" / "wiki.valid.raw")
+    (folder / "c4").symlink_to(Path(data_dir) / "c4")
+    return str(folder)
+
+
+def _search_cli(tiny_folder, data, cache, generations, **popen):
+    cmd = [sys.executable, "-m", "pruner", "allocate", "--model", tiny_folder, "--nsamples", "4", "--seqlen", "64",
+           "--data-dir", data, "--cache-dir", str(cache), "--allocator", "search", "--sparsity", "0.6",
+           "--generations", str(generations), "--json"]
+    return subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_the_search_on_a_tiny_model_resumes_after_a_kill(tiny_folder, calibration_only_data, tmp_path):
+    """Through the CLI in real processes: one search killed (SIGKILL) after its second saved generation and run
+    again ends exactly where an uninterrupted one (another cache) ends; the mean is S exactly; WikiText-2's test
+    split is absent from the data folder; the found allocation prunes a run."""
+    from pruner.engine.artifacts import learned_key
+    from pruner.store.layout import CacheLayout
+
+    generations = 12
+    spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=64, data_dir=calibration_only_data))
+    key = learned_key(spec, "search", 0.6, {"reach": 0.15, "generations": generations, "screen": 1})
+    killed = tmp_path / "killed"
+    checkpoint = CacheLayout.at(killed).search(key)
+    proc = _search_cli(tiny_folder, calibration_only_data, killed, generations)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads(checkpoint.read_text())["state"]["generation"] >= 2:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the search ended before it could be killed: {proc.communicate()[1][-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = json.loads(checkpoint.read_text())["state"]["generation"]
+    assert 2 <= saved < generations
+
+    resumed = _search_cli(tiny_folder, calibration_only_data, killed, generations)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    learning = json.loads(out)["learning"]
+    assert learning["resumed_from"] == saved and len(learning["history"]) == generations
+
+    whole = _search_cli(tiny_folder, calibration_only_data, tmp_path / "whole", generations)
+    out, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err[-2000:]
+    uninterrupted = json.loads(out)["learning"]
+    assert uninterrupted["resumed_from"] is None
+    assert learning["units"] == uninterrupted["units"] and learning["history"] == uninterrupted["history"]
+
+    units = np.asarray(learning["units"])
+    assert units.sum() == block_units(0.6, len(units))  # Σ u_b = S · B / step: the mean is S exactly
+    assert np.abs(units - 60).max() <= 15 and np.mean(learning["block_sparsity"]) == pytest.approx(0.6, abs=1e-12)
+    assert learning["history"][-1]["best"] <= min(v["fitness"] for k, v in learning["seeds"].items() if k != "chosen")
+    # the finished search's checkpoint is listed as stale (its result is the learned allocation)
+    stale = [e for e in CacheLayout.at(killed).entries() if e.kind == "searches"]
+    assert len(stale) == 1 and "finished" in stale[0].stale
+
+    # the usual sequential prune with the found allocation
+    from pruner.runs.execute import run_prune
+
+    folder = run_prune(PruneSpec(model=spec.model, calib=spec.calib, allocator="search", method="wanda", sparsity=0.6,
+                                 allocator_params={"generations": generations}), killed)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    np.testing.assert_allclose(manifest["allocation"]["block_sparsity"], learning["block_sparsity"])
