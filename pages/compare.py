@@ -47,21 +47,22 @@ for r in runs:
                  "sparsity": r.sparsity, "N:M": r.nm or "", "achieved": r.achieved_overall,
                  "ppl": p["perplexity"] if p else None,
                  # the evaluation interval: how precisely the chunks measure this one model
-                 "ppl low": ci.get("low"), "ppl high": ci.get("high"),
-                 "ppl chunks": f"{p['chunks']}/{p['chunks_total']}" if p else "",
+                 "ppl 95%": f"[{ci['low']:,.1f}, {ci['high']:,.1f}]" if ci.get("low") is not None else "",
+                 "chunks": f"{p['chunks']}/{p['chunks_total']}" if p else "",
                  # a LoRA-recovered run was trained from its parent, not pruned: its time is the training's
-                 "prune / LoRA s": r.work_seconds, "created": r.created})
+                 "prune / LoRA s": r.work_seconds})
 table = pd.DataFrame(rows)
 # columns that say nothing here go, so that the perplexity and its interval fit at 1280 px: the one model (named in
 # the sidebar), N:M and parameters when no run has any
 table = table.drop(columns=(["model"] if table["model"].nunique() == 1 else [])
                    + [c for c in ("N:M", "parameters") if not table[c].astype(bool).any()])
-st.dataframe(table.style.format({"sparsity": "{:.0%}", "achieved": "{:.4%}", "ppl": "{:,.3f}", "ppl low": "{:,.3f}",
-                                 "ppl high": "{:,.3f}", "prune / LoRA s": "{:.1f}"}, na_rep="–"),
+# the interval in one column and no creation time: every column fits at 1280 px
+st.dataframe(table.style.format({"sparsity": "{:.0%}", "achieved": "{:.4%}", "ppl": "{:,.3f}",
+                                 "prune / LoRA s": "{:.1f}"}, na_rep="–"),
              width="stretch", hide_index=True)
-st.caption("ppl low–high: the 95% evaluation interval over the chunks of WikiText-2 each run was scored on (how "
-           "precisely the text measures that model, not how the method varies; that is the seed interval below).")
-partial = table["ppl chunks"].str.split("/").apply(lambda x: len(x) == 2 and x[0] != x[1]).any()
+st.caption("ppl 95%: the evaluation interval over the chunks of WikiText-2 each run was scored on (how precisely "
+           "the text measures that model, not how the method varies; that is the seed interval below).")
+partial = table["chunks"].str.split("/").apply(lambda x: len(x) == 2 and x[0] != x[1]).any()
 if partial:
     st.caption("Perplexities marked k/n were computed on the first k of n chunks: a partial estimate.")
 
@@ -129,15 +130,14 @@ if protocols:
                            format_func=lambda t: f"{t[0]} @ {t[1]:.0%}" + (f", {t[2]}" if t[2] else ""))
     ranks = ranking([g for g, _ in summaries if (g.first.method_label, g.first.sparsity, g.first.nm or "") == setting],
                     protocol)
-    st.dataframe(pd.DataFrame([{
+    # a static table, whose cells wrap: in a data grid the long interval texts were cut off at 1280 px
+    st.table(pd.DataFrame([{
         "rank": i + 1, "run group": r.group.label, "seeds": len(r.summary.by_seed), "perplexity": r.summary.text(),
         "vs the row above": r.versus_next.text() if r.versus_next else
         ("–" if i == 0 else "cannot be paired (different seeds, or no per-chunk losses)"),
-    } for i, r in enumerate(ranks)]), width="stretch", hide_index=True,
-        column_config={"vs the row above": st.column_config.TextColumn(
-            width="large", help="perplexity of this row ÷ the row above, with its 95% interval; separable when the "
-                                "interval excludes 1 (the order of the two rows is established)")})
-    st.caption("Each row is compared with the row above it, paired by calibration seed when both groups share two "
+    } for i, r in enumerate(ranks)]).set_index("rank"))
+    st.caption("“vs the row above”: perplexity of this row ÷ the row above, with its 95% interval. "
+               "Each row is compared with the row above it, paired by calibration seed when both groups share two "
                "or more seeds, else by chunk when both are single runs on the same chunks. “Not separable”: the "
                "95% interval of the perplexity ratio contains 1, so the order of the two rows is not established.")
 

@@ -276,13 +276,15 @@ def _target_label(sparsity: float) -> str:
 def two_runs_figure(a, b) -> go.Figure:
     """Per-block allocated (line) and achieved (markers) sparsity of two runs (``pruner.runs.manifest.RunManifest``)."""
     fig = go.Figure()
-    for run, color in ((a, "#d62728"), (b, "#1f77b4")):
+    # each run in its allocator's colour (as on every chart); B dashed with other marks, for two runs of one allocator
+    for run, dash, symbol in ((a, "solid", "x"), (b, "dash", "circle-open")):
+        color = ALLOCATOR_COLORS.get(run.allocator, "#444444")
         alloc = np.asarray(run.allocation["block_sparsity"]) * 100
         achieved = np.asarray(run.achieved_block) * 100
         fig.add_trace(go.Scatter(x=np.arange(len(alloc)), y=alloc, mode="lines", name=f"{run.label} (allocated)",
-                                 line=dict(color=color)))
+                                 line=dict(color=color, dash=dash)))
         fig.add_trace(go.Scatter(x=np.arange(len(achieved)), y=achieved, mode="markers",
-                                 name=f"{run.label} (achieved)", marker=dict(color=color, symbol="x")))
+                                 name=f"{run.label} (achieved)", marker=dict(color=color, symbol=symbol)))
     fig.update_layout(title="Per-block sparsity of two runs", xaxis_title="transformer block",
                       yaxis_title="sparsity (%)", height=420, legend=dict(orientation="h", y=-0.2),
                       margin=dict(l=60, r=20, t=60, b=50))

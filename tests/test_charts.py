@@ -129,8 +129,8 @@ def test_per_task_chart_gives_the_mean_its_standard_error():
 
 
 def test_every_chart_draws_an_allocator_in_its_one_colour():
-    """Learn's allocation chart, the Allocation page's curves, Compare's perplexity, speed-up and trade-off charts:
-    uniform and OWL have the same colour in each (uniform was light blue on Learn and grey on Allocation)."""
+    """Learn's allocation chart, the Allocation page's curves, Compare's perplexity, speed-up, trade-off and two-run
+    charts: uniform and OWL have the same colour in each (uniform was light blue on Learn and grey on Allocation)."""
     import numpy as np
 
     from pruner.allocation import Allocation
@@ -149,6 +149,16 @@ def test_every_chart_draws_an_allocator_in_its_one_colour():
             key = "uniform" if "Uniform" in trace.name else "owl" if "OWL" in trace.name else None
             if key:
                 seen[key].add(trace.line.color if trace.mode and "lines" in trace.mode else trace.marker.color)
+    # Compare's two runs side by side (run A uniform, run B OWL): each in its allocator's colour, B dashed
+    from types import SimpleNamespace
+
+    from pruner.charts import two_runs_figure
+
+    runs = [SimpleNamespace(allocator=a.allocator, label=f"wanda + {a.allocator} @ 50%",
+                            achieved_block=a.block_sparsity, allocation={"block_sparsity": a.block_sparsity.tolist()}) for a in allocs]
+    for trace in two_runs_figure(*runs).data:
+        key = "uniform" if "uniform" in trace.name else "owl"
+        seen[key].add(trace.line.color if trace.mode == "lines" else trace.marker.color)
     assert seen == {"uniform": {ALLOCATOR_COLORS["uniform"]}, "owl": {ALLOCATOR_COLORS["owl"]}}, seen
 
 

@@ -243,7 +243,9 @@ def test_a_newcomer_reaches_the_goal(server, page, tmp_path):
     page.get_by_text("Your runs of this model").first.wait_for(timeout=30_000)
     tops = page.evaluate("""() => { const main = document.querySelector('[data-testid="stMain"]');
       const h = [...main.querySelectorAll('h2')].filter(e => /^\\d ·/.test(e.innerText));
-      return h.map(e => e.getBoundingClientRect().top + main.scrollTop).concat([main.scrollHeight]); }""")
+      const last = [...main.querySelectorAll('[data-testid="stElementContainer"]')].pop();  // not the page's padding
+      return h.map(e => e.getBoundingClientRect().top + main.scrollTop)
+        .concat([last.getBoundingClientRect().bottom + main.scrollTop]); }""")
     heights = [b - a for a, b in zip(tops, tops[1:])]
     _shot(page, "6-learn")
     assert len(heights) == 5 and max(heights) <= 800, heights
