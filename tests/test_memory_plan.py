@@ -125,6 +125,18 @@ def test_learning_besa_in_the_job_is_planned_by_hand():
     assert magnitude.parts["calibration activations"] == 2 * ACTIVATIONS
 
 
+def test_the_allocation_search_is_planned_by_hand():
+    plan = plan_prune(CONFIG, dtype_bytes=4, method="wanda", nsamples=8, seqlen=16, batch_size=4, streamed=False,
+                      learning="search")
+    p = plan.parts
+    assert p["the search's dense copy of the blocks' weights"] == 3 * BLOCK_PARAMS * 4
+    assert p["the search's score ranks"] == 3 * BLOCK_PARAMS * 2  # int16: rows of at most 48 weights
+    # its last stage scores 2,048 tokens, but this calibration set holds 8 windows of 16
+    assert p["the dense model's next-token log-probabilities"] == 8 * 16 * 100 * 4
+    assert p["one window's logits and KL divergence"] == 3 * 16 * 100 * 4
+    assert "BESA's per-weight state" not in p and plan.total == sum(p.values())
+
+
 def test_whole_model_evaluations_are_planned_by_hand():
     weights = (OUTSIDE_PARAMS + 3 * BLOCK_PARAMS) * 4
     zs = plan_whole_model(CONFIG, what="zero-shot", batch_size=8)

@@ -85,6 +85,9 @@ OPTIMAL_REACH = Param("reach", "r", float, 0.15,
 #: The search's length: each generation measures ``pruner.predictor.search.SEARCH_MEASURED`` children for real.
 SEARCH_GENERATIONS = Param("generations", "G", int, 40, "search: generations of offspring (each measures a few "
                            "children on calibration text)", low=1, high=100_000, step=10)
+#: Calibration tokens each selection stage of the search scores (whole calibration windows, at most the calibration
+#: set): here, below the search itself, because the memory plan reads it too.
+SEARCH_STAGE_TOKENS = (512, 2048)
 #: Screening on (1) or off (0, the ablation: the same number of children measured, picked at random).
 SEARCH_SCREEN = Param("screen", "screened", int, 1, "search: 1 lets the damage table pick which children are "
                       "measured, 0 picks them at random (the ablation)", low=0, high=1, step=1)

@@ -48,7 +48,7 @@ def save_stats(spec: StatsSpec, stats: Stats, cache_dir: Path | None = None) -> 
 
 
 def check_statistics_fit(spec: StatsSpec, cache_dir: Path | None = None, *, batch_size: int, streamed: bool,
-                         learning: bool = False) -> None:
+                         learning: bool | str = False) -> None:
     """Refuse a statistics (or learning) pass whose memory plan does not fit, naming the numbers and ways out."""
     plan = plan_for_statistics(spec, cache_dir, batch_size=batch_size, streamed=streamed, learning=learning)
     check_fits(plan, ways=prune_ways_out(streamed=streamed, offloaded=spec.model.offload_activations,
@@ -181,7 +181,8 @@ def learn_allocation(spec: StatsSpec, allocator: str, sparsity: float, params: d
         return found
     learner = ALLOCATORS[allocator].resolve_learner()
     if loaded is None:
-        check_statistics_fit(spec, cache_dir, batch_size=batch_size, streamed=stream, learning=True)
+        check_statistics_fit(spec, cache_dir, batch_size=batch_size, streamed=stream,
+                             learning="search" if allocator == "search" else True)
     loaded = loaded if loaded is not None else load_model(spec.model, cache_dir, stream=stream)
     tokens = tokens if tokens is not None else calibration_tokens(loaded.tokenizer, spec.calib)
     stats = stats if stats is not None else load_cached_stats(spec, cache_dir)

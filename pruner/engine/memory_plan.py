@@ -27,6 +27,8 @@ the numbers and the ways out. ``bench/stream_memory.py`` prints the plan next to
 
 from __future__ import annotations
 
+import math
+
 import os
 import re
 from dataclasses import dataclass, field
@@ -120,10 +122,11 @@ class _Shapes:
 
 
 def plan_prune(config, *, dtype_bytes: int, method: str, nsamples: int, seqlen: int, batch_size: int,
-               streamed: bool, needs_inputs: bool = True, trust_remote_code: bool = False, learning: bool = False,
+               streamed: bool, needs_inputs: bool = True, trust_remote_code: bool = False,
+               learning: bool | str = False,
                device: str = "cpu", offload: bool = False) -> MemoryPlan:
     """The plan of a prune of the model ``config`` (a transformers config) describes. ``learning``: a learned
-    allocation (BESA) is learned in the same job; ``device``: the compute device ("cpu" or "cuda…");
+    allocation is learned in the same job (True: BESA's pass; "search": the allocation search's state); ``device``: the compute device ("cpu" or "cuda…");
     ``offload``: the calibration activations stay in host memory."""
     from pruner.engine.calibrate import mini_batch_size
     from pruner.model.streaming import DEFAULT_SHARD_BYTES
@@ -155,7 +158,16 @@ def plan_prune(config, *, dtype_bytes: int, method: str, nsamples: int, seqlen: 
     if needs_inputs or learning:
         plan.add("calibration activations", 2 * activations, on_device=not offload)
         plan.add("one mini-batch inside a block", one_batch, on_device=True)
-    if learning:
+    if learning == "search":  # pruner.predictor.search: every block's dense weights and score ranks stay at hand
+        from pruner.allocation.registry import SEARCH_STAGE_TOKENS
+
+        plan.add("the search's dense copy of the blocks' weights", sum(m.block_params) * dtype_bytes, on_device=True)
+        rank_bytes = 2 if max(i for _, i in m.layer_shapes) < 2 ** 15 else 4  # int16 ranks while rows are short
+        plan.add("the search's score ranks", sum(m.block_params) * rank_bytes, on_device=True)
+        tokens = min(nsamples, math.ceil(max(SEARCH_STAGE_TOKENS) / seqlen)) * seqlen  # its last stage's windows
+        plan.add("the dense model's next-token log-probabilities", tokens * m.vocab * FLOAT32, on_device=True)
+        plan.add("one window's logits and KL divergence", 3 * seqlen * m.vocab * FLOAT32, on_device=True)
+    elif learning:
         plan.add("BESA's recorded block inputs and outputs", 2 * activations, on_device=not offload)
         # per weight: its rank and candidate bucket (int64 each), the masked weight and its gradient, and a float32
         # copy when the weights are not float32 already (``.float()`` of a float32 tensor is the tensor itself)
@@ -263,7 +275,8 @@ def model_config(model_spec, cache_dir=None):
         raise BrokenModelFolder(where, err) from err
 
 
-def plan_for_spec(spec, cache_dir=None, *, batch_size: int, streamed: bool, learning: bool = False) -> MemoryPlan:
+def plan_for_spec(spec, cache_dir=None, *, batch_size: int, streamed: bool,
+                  learning: bool | str = False) -> MemoryPlan:
     """``plan_prune`` for a ``PruneSpec``, reading only the model's config. ``learning``: its learned allocation
     is not cached, so the job learns it first."""
     from pruner.methods import METHODS
@@ -345,7 +358,8 @@ def device_available_bytes(device: str) -> int | None:
     return int(free)
 
 
-def plan_for_statistics(spec, cache_dir=None, *, batch_size: int, streamed: bool, learning: bool = False) -> MemoryPlan:
+def plan_for_statistics(spec, cache_dir=None, *, batch_size: int, streamed: bool,
+                        learning: bool | str = False) -> MemoryPlan:
     """The plan of a statistics pass of a ``StatsSpec`` (the calibration loop holding every sample's activations,
     Wanda's scores of the largest layer), or, with ``learning``, of a learned allocation's pass (BESA), which
     collects the statistics on the way."""

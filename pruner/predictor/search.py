@@ -36,6 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pruner.allocation.registry import SEARCH_STAGE_TOKENS
 from pruner.predictor.measure import BlockRunner, LevelMasks, head_logits
 
 #: Resolution of the searched block sparsities (EvoPress's level spacing; BESA's candidate step).
@@ -48,8 +49,6 @@ SEARCH_MEASURED = 4
 SEARCH_SURVIVORS = 2
 #: Level switches per child: 1 … this many, drawn uniformly.
 SEARCH_MAX_SWITCHES = 3
-#: Calibration tokens each selection stage scores on (whole calibration windows, at most the calibration set).
-SEARCH_STAGE_TOKENS = (512, 2048)
 #: The closed-form allocators whose allocations at S (default parameters) seed the search, with the
 #: predictor-optimal allocation.
 SEARCH_SEED_ALLOCATORS = ("uniform", "owl", "dlp", "atp")
@@ -66,7 +65,8 @@ def block_units(sparsity: float, n_blocks: int, step: float = SEARCH_STEP) -> in
     return int(round(units))
 
 
-def unit_bounds(sparsity: float, reach: float, n_blocks: int, step: float = SEARCH_STEP) -> tuple[np.ndarray, np.ndarray]:
+def unit_bounds(sparsity: float, reach: float, n_blocks: int,
+                step: float = SEARCH_STEP) -> tuple[np.ndarray, np.ndarray]:
     """(lo, hi) units of every block: s_b within [S − r, S + r] ∩ [0, 1) on the lattice. (B,) each"""
     top = int(round(1 / step)) - 1  # the largest sparsity below 1
     lo = max(0, math.ceil(round((sparsity - reach) / step, 9)))
@@ -264,8 +264,9 @@ def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", progr
         raise ValueError(f"no allocation of mean S = {sparsity:g} lies within ±{reach:g} of it on the 1% lattice")
     points = table.points()
     if lo[0] * SEARCH_STEP < points[0] - 1e-9 or hi[0] * SEARCH_STEP > points[-1] + 1e-9:
+        allowed = min(sparsity - points[0], points[-1] - sparsity)
         raise ValueError(f"r = {reach:g} reaches beyond the damage table around S = {sparsity:g}, which measured "
-                         f"{points[0]:g} … {points[-1]:g}: choose r ≤ {min(sparsity - points[0], points[-1] - sparsity):.2f}")
+                         f"{points[0]:g} … {points[-1]:g}: choose r ≤ {allowed:.2f}")
     windows = stage_windows(tokens.shape[0], tokens.shape[1])
     key = learned_key(spec, "search", sparsity, params)
     path = search_checkpoint(context, key)

@@ -102,7 +102,8 @@ def _make_run(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     streamed = stream and loaded is None
     learning = allocator.learned and cached_learned(spec.stats_spec, spec.allocator, spec.sparsity,
                                                     spec.allocator_params, cache_dir) is None
-    plan = plan_for_spec(spec, cache_dir, batch_size=batch_size, streamed=streamed, learning=learning)
+    plan = plan_for_spec(spec, cache_dir, batch_size=batch_size, streamed=streamed,
+                         learning=("search" if spec.allocator == "search" else True) if learning else False)
     check_fits(plan, ways=prune_ways_out(streamed=streamed, offloaded=spec.model.offload_activations,
                                          device=plan.device))
     check_writable(layout.runs, needs_bytes=plan.writes, what="the runs folder")
