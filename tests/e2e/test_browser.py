@@ -235,6 +235,9 @@ def test_a_newcomer_reaches_the_goal(server, page, tmp_path):
     chart = page.evaluate(PLOTLY, "WikiText-2 perplexity vs sparsity")
     dense = chart["hlines"][0]
     assert 0 < dense < min(min(t["y"]) for t in chart["traces"])  # pruning at 70% costs perplexity
+    # the evaluation controls open, so that the picture shows their labels and the zero-shot task chips
+    page.get_by_text("Evaluate runs: full perplexity").click()
+    page.get_by_text("Full WikiText-2 perplexity").first.wait_for(timeout=30_000)
     _shot(page, "5-compare")
 
     # Learn, as a class would see it: each numbered section fits one 1280 × 800 screen, and its consequence step
