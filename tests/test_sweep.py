@@ -45,6 +45,9 @@ def test_sweep_expands_axes_and_shares_prerequisites(tiny_folder, data_dir, tmp_
     # a learned allocator's allocation is a shared prerequisite too
     besa = SweepRequest(_base(tiny_folder, data_dir), allocators=("besa",), methods=("wanda", "magnitude"))
     assert [j.kind for j in besa.jobs(tmp_path)] == ["stats", "learn", "prune", "prune"]
+    # so is a search, one per calibration seed, whatever the method (a Ray sweep runs each as one task)
+    search = SweepRequest(_base(tiny_folder, data_dir), allocators=("search",), methods=("wanda", "sparsegpt"), seeds=2)
+    assert [j.kind for j in search.jobs(tmp_path)] == ["stats"] * 2 + ["learn"] * 2 + ["prune"] * 4
     assert SweepRequest.from_dict(sweep.to_dict()).specs() == specs
 
 
