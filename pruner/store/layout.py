@@ -4,7 +4,7 @@ Layout (under ``<project>/cache`` unless ``$PRUNER_CACHE_DIR``, ``--cache-dir`` 
 
     models/<bundled-name>/          bundled models converted once to safetensors folders
     stats/<stats key>/              outlier statistics of a dense model on a calibration set
-    learned/<learned key>/          learned allocations (BESA) per model, calibration set, S and parameters
+    learned/<learned key>/          learned allocations (BESA, search, …) per model, calibration set, S, parameters
     searches/<learned key>.json     an allocation search's last saved generation (it resumes from there)
     predictors/<predictor key>/     damage tables of the quality predictor (pruner.predictor.table)
     runs/<run key>/                 pruned (or LoRA-recovered) models with manifest.json
@@ -38,7 +38,7 @@ KEY_PATTERN = re.compile(r"[0-9a-f]{16}")
 KINDS = {
     "models": "bundled models converted to safetensors",
     "stats": "outlier statistics (one per model × calibration set)",
-    "learned": "learned allocations (BESA)",
+    "learned": "learned allocations (BESA, predictor-optimal, search)",
     "searches": "allocation searches' last saved generations",
     "predictors": "damage tables of the perplexity predictor",
     "runs": "pruned and LoRA-recovered models",
