@@ -132,8 +132,8 @@ class SweepRequest:
         return self.prerequisites(cache_dir) + self.cells()
 
     def label(self) -> str:
-        n = len(self.specs())
-        return f"sweep of {n} cell{'s' if n != 1 else ''} around {self.base.label()}"
+        specs = self.specs()  # named by its first cell: the base alone lacks the grid's parameter values
+        return f"sweep of {len(specs)} cell{'s' if len(specs) != 1 else ''} from {specs[0].label()}"
 
     # -- serialisation (the Prune page and the CLI build it; a Ray driver reads it back) --------------------------
     def to_dict(self) -> dict:
