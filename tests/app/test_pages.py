@@ -440,3 +440,36 @@ def test_a_slider_range_ends_on_its_outermost_valid_steps():
     assert valid_slider_range(LAMBDA, lambda v: 0.03 < v < 0.3) == (0.04, 0.29)
     assert valid_slider_range(LAMBDA, lambda v: True) == (0.0, 0.49)
     assert valid_slider_range(LAMBDA, lambda v: v > 0.5) == (0.0, 0.49)  # the default invalid: the declared range
+
+
+def test_allocation_shows_a_search_running_and_finished(tiny_folder, data_dir, tmp_path, monkeypatch):
+    """On the tiny Llama: a finished search's curve is its learned allocation and its fitness chart has one point per
+    generation; with only its last saved generation left (a running or stopped search), the page draws that
+    generation's best allocation and says which generation it is."""
+    import shutil
+
+    from pruner.engine.artifacts import learn_allocation, learned_key
+    from pruner.predictor.search import saved_search
+    from pruner.store.layout import CacheLayout
+
+    spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec.preset("tiny", data_dir=data_dir))
+    params = {"reach": 0.15, "generations": 3, "screen": 1}
+    result = learn_allocation(spec, "search", 0.7, params, tmp_path)
+    at = tiny_app(tmp_path, tiny_folder, data_dir, monkeypatch)
+    go(at, "allocation")
+    at.number_input(key="alloc_generations").set_value(3).run()
+    assert not at.exception, at.exception
+    np.testing.assert_allclose(curve(curves(at), "Search (evolutionary)"), result["block_sparsity"], atol=1e-9)
+    (fitness,) = [f for f in figures(at) if f["layout"]["title"]["text"].startswith("Search: KL divergence")]
+    best = next(t for t in fitness["data"] if t["name"].startswith("best"))
+    np.testing.assert_allclose(values(best["y"]), [result["seeds"][result["seeds"]["chosen"]]["fitness"]]
+                               + [h["best"] for h in result["history"]])
+    # the learned entry gone, the checkpoint left: what a running search looks like
+    shutil.rmtree(CacheLayout.at(tmp_path).learned(learned_key(spec, "search", 0.7, params)))
+    saved = saved_search(spec, 0.7, params, tmp_path)
+    assert saved["state"]["generation"] == 3
+    at.run()
+    assert not at.exception, at.exception
+    assert any(c.value.startswith("Generation 3 of 3 saved") for c in at.caption)
+    np.testing.assert_allclose(curve(curves(at), "Search (evolutionary)"),
+                               np.asarray(saved["state"]["units"]) * 0.01, atol=1e-9)
