@@ -15,7 +15,7 @@ from pruner.engine import artifacts
 from pruner.jobs.workflows import LearnRequest, PerplexityOptions, PredictorRequest, PruneRequest
 from pruner.predictor.cache import table_for
 from pruner.predictor.compounding import COMPOUNDING_PROBES
-from pruner.predictor.search import SEARCH_MEASURED, SEARCH_STEP, saved_search
+from pruner.predictor.search import SEARCH_MEASURED, SEARCH_STEP, generation_rank_correlations, saved_search
 from pruner.predictor.table import PredictorSpec
 from pruner.specs import PruneSpec
 
@@ -306,11 +306,12 @@ def _search_report(result: dict | None, values: dict, S: float) -> None:
     last = state["history"][-1]
     measured = sum(h["measured"] for h in state["history"])
     proposed = sum(h["proposed"] for h in state["history"])
-    rho = last["rank_correlation"]
+    within = [r for r in generation_rank_correlations(state["history"], state.get("pairs", [])) if r is not None]
+    rho = f"{sum(within) / len(within):+.2f} within a generation" if within else "n/a"
     st.caption(f"{measured} of {proposed} children measured on calibration text "
                + ("(the damage table chose them" if values.get("screen", 1) else "(chosen at random: screening off")
-               + f"), {last['forward_tokens']:,} tokens scored in all; the table's rank correlation with the measured "
-               f"fitness so far: {'n/a' if rho is None else f'{rho:+.2f}'}. Started from "
+               + f"), {last['forward_tokens']:,} tokens scored in all. How well the table ranks the measured "
+               f"children (Spearman's ρ, 1 is perfect): {rho}. Started from "
                f"{ALLOCATORS[state['seeds']['chosen']].label}, the best of the seeds (dotted).")
 
 

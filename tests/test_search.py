@@ -46,6 +46,16 @@ def test_mutations_keep_the_sum_and_the_bounds():
     assert moved > 250
 
 
+def test_the_table_s_rank_correlation_within_each_generation_by_hand():
+    from pruner.predictor.search import generation_rank_correlations
+
+    history = [{"measured": 3}, {"measured": 3}, {"measured": 2}]
+    pairs = [[1, 10], [2, 20], [3, 30],  # the table ranks the three as measured: +1
+             [1, 30], [2, 20], [3, 10],  # reversed: −1
+             [1, 5], [2, 6]]  # two children: no ρ
+    assert generation_rank_correlations(history, pairs) == [pytest.approx(1.0), pytest.approx(-1.0), None]
+
+
 def _hand_made(target):
     """A fitness and a prediction by hand: the squared distance to a target lattice point (the stage adds a
     constant, so stage 2's scale differs from stage 1's as real windows' do)."""

@@ -198,12 +198,20 @@ def _print_search(result: dict) -> None:
     print("seed fitness (KL per token, stage 2): " + ", ".join(f"{k} {v['fitness']:.5f}" for k, v in seeds.items())
           + f"; started from {result['seeds']['chosen']}"
           + (f"; resumed from generation {result['resumed_from']}" if result.get("resumed_from") is not None else ""))
-    print("generation  best KL   median KL  replaced  table ρ")
-    for h in result["history"]:
-        rho = "" if h["rank_correlation"] is None else f"{h['rank_correlation']:+.3f}"
+    from pruner.predictor.search import generation_rank_correlations
+
+    # (an allocation learned before the pairs were kept has only the running ρ)
+    within = (generation_rank_correlations(result["history"], result["pairs"]) if "pairs" in result
+              else [None] * len(result["history"]))
+    print("generation  best KL   median KL  replaced  table ρ (this generation, all so far)")
+    for h, r in zip(result["history"], within):
+        rho = "    –" if r is None else f"{r:+.2f}"
+        rho += "" if h["rank_correlation"] is None else f"  {h['rank_correlation']:+.3f}"
         print(f"{h['generation']:10d}  {h['best']:.5f}  {h['median']:.5f}  {'yes' if h['replaced'] else 'no':>8}  {rho}")
+    known = [r for r in within if r is not None]
     print(f"{result['forward_tokens']:,} calibration tokens scored; predicted perplexity "
-          f"{result['predicted_perplexity']:.2f} (damage table around S)")
+          f"{result['predicted_perplexity']:.2f} (damage table around S)"
+          + (f"; the table's ρ within a generation, mean {sum(known) / len(known):+.2f}" if known else ""))
 
 
 def add_parsers(sub) -> None:

@@ -188,6 +188,18 @@ def _rank_correlation(pairs: list[list[float]]) -> float | None:
     return None if math.isnan(rho) else rho
 
 
+def generation_rank_correlations(history: list[dict], pairs: list[list[float]]) -> list[float | None]:
+    """Spearman's ρ between the table's predictions and the stage-1 fitness *within* each generation's measured
+    children (None below three). The running ρ over all children (``rank_correlation`` in the history) also
+    follows the search's drift: on SmolLM2 the parent's predicted perplexity rose while its KL fell, which made that
+    ρ strongly negative (−0.87 after 30 generations) while the within-generation ρ averaged −0.12."""
+    out, start = [], 0
+    for h in history:
+        out.append(_rank_correlation(pairs[start:start + h["measured"]]))
+        start += h["measured"]
+    return out
+
+
 class KLFitness:
     """KL(p_dense ‖ p_pruned) per token, averaged over calibration windows, of the model with each block pruned at
     its candidate level by one-shot masks (``LevelMasks``). Stage k scores the first ``stage_windows[k]`` windows;
@@ -298,6 +310,7 @@ def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", progr
     return {"layer_names": list(stats.layer_names), "layer_block": layer_block.tolist(),
             "layer_sparsity": [float(v) for v in block[layer_block]], "block_sparsity": block.tolist(),
             "units": state.units, "fitness": state.fitness, "seeds": state.seeds, "history": state.history,
+            "pairs": state.pairs,
             "forward_tokens": state.forward_tokens, "stage_tokens": fitness.tokens, "resumed_from": resumed,
             "search_seconds": round(time.perf_counter() - t0, 2), "predictor": table.meta.get("key"),
             "predicted_perplexity": table.predict(block).perplexity}, stats
