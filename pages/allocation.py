@@ -293,12 +293,12 @@ def _search_report(result: dict | None, values: dict, S: float) -> None:
         saved = saved_search(sel.stats_spec, S, a.pick(values), sel.cache_dir)
         if saved is None:
             return
-        state, total = saved["state"], saved["generations"]
+        state, total, screened = saved["state"], saved["generations"], saved["params"]["screen"]
         st.caption(f"Generation {state['generation']} of {total} saved (the curve above is its best allocation so "
                    "far). A running search adds one every few seconds; a stopped one resumes from here when learned "
                    "again.")
     else:
-        state, total = result, len(result["history"])
+        state, total, screened = result, len(result["history"]), result["params"]["screen"]
     if not state["history"]:
         return
     st.plotly_chart(search_progress_figure(state["history"], state["seeds"]), width="stretch",
@@ -309,7 +309,7 @@ def _search_report(result: dict | None, values: dict, S: float) -> None:
     within = [r for r in generation_rank_correlations(state["history"], state.get("pairs", [])) if r is not None]
     rho = f"{sum(within) / len(within):+.2f} within a generation" if within else "n/a"
     st.caption(f"{measured} of {proposed} children measured on calibration text "
-               + ("(the damage table chose them" if values.get("screen", 1) else "(chosen at random: screening off")
+               + ("(the damage table chose them" if screened else "(chosen at random: screening off")
                + f"), {last['forward_tokens']:,} tokens scored in all. How well the table ranks the measured "
                f"children (Spearman's ρ, 1 is perfect): {rho}. Started from "
                f"{ALLOCATORS[state['seeds']['chosen']].label}, the best of the seeds (dotted).")

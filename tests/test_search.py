@@ -115,7 +115,7 @@ def test_the_search_on_a_tiny_model_resumes_after_a_kill(tiny_folder, calibratio
 
     generations = 12
     spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=64, data_dir=calibration_only_data))
-    key = learned_key(spec, "search", 0.6, {"reach": 0.15, "generations": generations, "screen": 1})
+    key = learned_key(spec, "search", 0.6, {"reach": 0.15, "generations": generations, "screen": 0})
     killed = tmp_path / "killed"
     checkpoint = CacheLayout.at(killed).search(key)
     proc = _search_cli(tiny_folder, calibration_only_data, killed, generations)

@@ -453,7 +453,7 @@ def test_allocation_shows_a_search_running_and_finished(tiny_folder, data_dir, t
     from pruner.store.layout import CacheLayout
 
     spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec.preset("tiny", data_dir=data_dir))
-    params = {"reach": 0.15, "generations": 3, "screen": 1}
+    params = {"reach": 0.15, "generations": 3, "screen": 0}
     result = learn_allocation(spec, "search", 0.7, params, tmp_path)
     at = tiny_app(tmp_path, tiny_folder, data_dir, monkeypatch)
     go(at, "allocation")
