@@ -94,8 +94,13 @@ def _what_if():
 
     # each slider ends where the allocations are still valid at this S on this model (OWL's λ: 0.22 at S = 70%
     # on SmolLM2 with OWL-inverse shown; the declared 0.49 drew a refusal instead of curves)
+    def valid_key(name, current):  # what ``valid`` reads: the model, S and the parameters checked with this one
+        others = sorted({q.name for n in closed_form for q in ALLOCATORS[n].params
+                         if any(p.name == name for p in ALLOCATORS[n].params)} - {name})
+        return sel.stats_spec.key(), S, tuple(closed_form), name, tuple((o, current[o]) for o in others)
+
     values = param_controls(unique_params(ALLOCATORS[n] for n in shown), "alloc", st.columns(4), sliders=True,
-                            valid=valid)
+                            valid=valid, valid_key=valid_key)
     learned_results = {name: artifacts.cached_learned(sel.stats_spec, name, S, ALLOCATORS[name].pick(values), sel.cache_dir)
                        for name in shown if ALLOCATORS[name].learned}
 
