@@ -200,10 +200,11 @@ def test_two_flat_runs_are_drawn_on_a_readable_axis():
     from pruner.charts import MIN_HALF_SPAN, two_runs_figure
 
     run = types.SimpleNamespace(allocation={"block_sparsity": [0.7] * 4}, achieved_block=[0.6997] * 4,
-                                label="wanda + uniform @ 70%")
+                                label="wanda + uniform @ 70%", allocator="uniform")
     fig = two_runs_figure(run, run)
     low, high = fig.layout.yaxis.range
     assert high - low == pytest.approx(2 * MIN_HALF_SPAN) and low < 69.97 and high > 70
     owl = types.SimpleNamespace(allocation={"block_sparsity": list(np.linspace(0.6, 0.8, 4))},
-                                achieved_block=list(np.linspace(0.6, 0.8, 4)), label="wanda + owl @ 70%")
+                                achieved_block=list(np.linspace(0.6, 0.8, 4)), label="wanda + owl @ 70%",
+                                allocator="owl")
     assert two_runs_figure(run, owl).layout.yaxis.range is None  # a spread allocation keeps plotly's own range

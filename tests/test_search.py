@@ -113,7 +113,7 @@ def test_the_search_on_a_tiny_model_resumes_after_a_kill(tiny_folder, calibratio
     from pruner.engine.artifacts import learned_key
     from pruner.store.layout import CacheLayout
 
-    generations = 12
+    generations = 8
     spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=64, data_dir=calibration_only_data))
     key = learned_key(spec, "search", 0.6, {"reach": 0.15, "generations": generations, "screen": 0})
     killed = tmp_path / "killed"
@@ -139,6 +139,11 @@ def test_the_search_on_a_tiny_model_resumes_after_a_kill(tiny_folder, calibratio
     learning = json.loads(out)["learning"]
     assert learning["resumed_from"] == saved and len(learning["history"]) == generations
 
+    # the uninterrupted search in a cache of its own, given the same statistics and damage table (not rebuilt)
+    import shutil
+
+    for kind in ("stats", "predictors"):
+        shutil.copytree(killed / kind, tmp_path / "whole" / kind)
     whole = _search_cli(tiny_folder, calibration_only_data, tmp_path / "whole", generations)
     out, err = whole.communicate(timeout=300)
     assert whole.returncode == 0, err[-2000:]

@@ -93,7 +93,7 @@ SEARCH_STAGE_TOKENS = (512, 2048)
 #: a generation −0.12), and the unscreened search reached a lower KL (2.306 vs 2.359 after 30 generations) and lower
 #: perplexities with Wanda and SparseGPT (docs/results.md, "The searched allocation").
 SEARCH_SCREEN = Param("screen", "screened", int, 0, "search: 1 lets the damage table pick which children are "
-                      "measured, 0 picks them at random (better on SmolLM2 at 70%)", low=0, high=1, step=1)
+                      "measured, 0 picks them at random (better on SmolLM2 at S = 0.7)", low=0, high=1, step=1)
 
 
 @dataclass(frozen=True)
