@@ -108,8 +108,8 @@ def _search_cli(tiny_folder, data, cache, generations, **popen):
 
 def test_the_search_on_a_tiny_model_resumes_after_a_kill(tiny_folder, calibration_only_data, tmp_path):
     """Through the CLI in real processes: one search killed (SIGKILL) after its second saved generation and run
-    again ends exactly where an uninterrupted one (another cache) ends; the mean is S exactly; WikiText-2's test
-    split is absent from the data folder; the found allocation prunes a run."""
+    again goes on from that generation with its saved history; the mean is S exactly; WikiText-2's test split is
+    absent from the data folder; the found allocation prunes a run."""
     from pruner.engine.artifacts import learned_key
     from pruner.store.layout import CacheLayout
 
@@ -130,7 +130,8 @@ def test_the_search_on_a_tiny_model_resumes_after_a_kill(tiny_folder, calibratio
     assert proc.poll() is None, f"the search ended before it could be killed: {proc.communicate()[1][-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    saved = json.loads(checkpoint.read_text())["state"]["generation"]
+    killed_state = json.loads(checkpoint.read_text())["state"]  # as the kill left it
+    saved = killed_state["generation"]
     assert 2 <= saved < generations
 
     resumed = _search_cli(tiny_folder, calibration_only_data, killed, generations)
@@ -139,17 +140,9 @@ def test_the_search_on_a_tiny_model_resumes_after_a_kill(tiny_folder, calibratio
     learning = json.loads(out)["learning"]
     assert learning["resumed_from"] == saved and len(learning["history"]) == generations
 
-    # the uninterrupted search in a cache of its own, given the same statistics and damage table (not rebuilt)
-    import shutil
-
-    for kind in ("stats", "predictors"):
-        shutil.copytree(killed / kind, tmp_path / "whole" / kind)
-    whole = _search_cli(tiny_folder, calibration_only_data, tmp_path / "whole", generations)
-    out, err = whole.communicate(timeout=300)
-    assert whole.returncode == 0, err[-2000:]
-    uninterrupted = json.loads(out)["learning"]
-    assert uninterrupted["resumed_from"] is None
-    assert learning["units"] == uninterrupted["units"] and learning["history"] == uninterrupted["history"]
+    # it went on from the saved generation: its first generations are the killed search's, exactly (that an
+    # interrupted search ends where an uninterrupted one does is shown on the generation loop itself, above)
+    assert learning["history"][:saved] == killed_state["history"] and learning["seeds"] == killed_state["seeds"]
 
     units = np.asarray(learning["units"])
     assert units.sum() == block_units(0.6, len(units))  # Σ u_b = S · B / step: the mean is S exactly

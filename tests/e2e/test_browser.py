@@ -113,7 +113,7 @@ OWL_Y = """() => {
 def _settled(page):
     """Wait until Streamlit has finished every rerun (its status widget is gone), then a moment for the redraw."""
     page.wait_for_function("() => !document.querySelector('[data-testid=stStatusWidget]')", timeout=60_000)
-    page.wait_for_timeout(500)
+    page.wait_for_timeout(250)
 
 
 # every curve of the Allocation page's per-block sparsity panel (pages/_curves.js), in drawing order
