@@ -282,14 +282,17 @@ with st.expander("Evaluate runs: full perplexity, zero-shot accuracy and CPU spe
                                 f"{len(labels) - len(with_weights)} run(s) kept only their metrics (weights dropped "
                                 "after evaluation) and are not offered; `python -m pruner prune ... --force` with their settings "
                                 "restores them")
+        # the task chips get a row of their own (in half of it they were cut off after the fourth of seven), and
+        # the full-test label is short with its detail in the tooltip (at 1280 px it ran off the side)
+        do_zs = st.checkbox("Zero-shot accuracy (lm-eval)", value=True, key="cmp_eval_zs")
+        tasks = st.multiselect("Tasks", list(TASKS), default=list(TASKS), format_func=lambda t: TASKS[t].label,
+                               key="cmp_eval_tasks")
         c = st.columns(2)
-        do_zs = c[0].checkbox("Zero-shot accuracy (lm-eval)", value=True, key="cmp_eval_zs")
-        tasks = c[0].multiselect("Tasks", list(TASKS), default=list(TASKS), format_func=lambda t: TASKS[t].label,
-                                 key="cmp_eval_tasks")
         limit = c[0].number_input("Documents per task (0 = full sets, slow on CPU)", min_value=0, value=100,
                                   step=50, key="cmp_eval_limit")
-        do_ppl = c[1].checkbox("Full WikiText-2 perplexity (every chunk: the headline protocol; about 8 min per "
-                               "SmolLM2 run here)", value=False, key="cmp_eval_ppl")
+        do_ppl = c[1].checkbox("Full WikiText-2 perplexity", value=False, key="cmp_eval_ppl",
+                               help="every chunk of the test set: the headline protocol; about 8 min per SmolLM2 "
+                                    "run here")
         do_speed = c[1].checkbox("CPU speed-up (ONNX export + DeepSparse)", value=False, key="cmp_eval_speed")
         seqlen = c[1].number_input("T: prefill tokens and decode KV-cache length", min_value=16, max_value=2048,
                                    value=SpeedSpec.seqlen, step=16, key="cmp_eval_seqlen")
