@@ -88,6 +88,13 @@ SEARCH_GENERATIONS = Param("generations", "G", int, 40, "search: generations of 
 #: Calibration tokens each selection stage of the search scores (whole calibration windows, at most the calibration
 #: set): here, below the search itself, because the memory plan reads it too.
 SEARCH_STAGE_TOKENS = (512, 2048)
+
+
+def search_stage_windows(n_windows: int, seqlen: int, stage_tokens=SEARCH_STAGE_TOKENS) -> tuple[int, ...]:
+    """Calibration windows per search stage: enough for each stage's tokens, at most the calibration set, at least
+    one."""
+    return tuple(max(1, min(n_windows, -(-t // seqlen))) for t in stage_tokens)
+
 #: Screening on (1: the damage table picks which children are measured) or off (0: as many, picked at random). Off
 #: by default: on SmolLM2 at 70% the table did not rank children one to three 1% switches apart (Spearman's ρ within
 #: a generation −0.12), and the unscreened search reached a lower KL (2.306 vs 2.359 after 30 generations) and lower

@@ -27,7 +27,6 @@ the numbers and the ways out. ``bench/stream_memory.py`` prints the plan next to
 
 from __future__ import annotations
 
-import math
 
 import os
 import re
@@ -159,12 +158,12 @@ def plan_prune(config, *, dtype_bytes: int, method: str, nsamples: int, seqlen: 
         plan.add("calibration activations", 2 * activations, on_device=not offload)
         plan.add("one mini-batch inside a block", one_batch, on_device=True)
     if learning == "search":  # pruner.predictor.search: every block's dense weights and score ranks stay at hand
-        from pruner.allocation.registry import SEARCH_STAGE_TOKENS
+        from pruner.allocation.registry import search_stage_windows
 
         plan.add("the search's dense copy of the blocks' weights", sum(m.block_params) * dtype_bytes, on_device=True)
         rank_bytes = 2 if max(i for _, i in m.layer_shapes) < 2 ** 15 else 4  # int16 ranks while rows are short
         plan.add("the search's score ranks", sum(m.block_params) * rank_bytes, on_device=True)
-        tokens = min(nsamples, math.ceil(max(SEARCH_STAGE_TOKENS) / seqlen)) * seqlen  # its last stage's windows
+        tokens = search_stage_windows(nsamples, seqlen)[-1] * seqlen  # its last stage's windows
         plan.add("the dense model's next-token log-probabilities", tokens * m.vocab * FLOAT32, on_device=True)
         plan.add("one window's logits and KL divergence", 3 * seqlen * m.vocab * FLOAT32, on_device=True)
     elif learning:

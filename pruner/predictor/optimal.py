@@ -15,6 +15,15 @@ from pruner.store.formats import TABLE_FORMAT
 OPTIMAL_STEP = 0.01
 
 
+def block_units(sparsity: float, n_blocks: int, step: float = OPTIMAL_STEP) -> int:
+    """Σ_b u_b for mean S: S · B / step, which must be whole (ValueError names the steps that are)."""
+    units = sparsity * n_blocks / step
+    if abs(units - round(units)) > 1e-6:
+        raise ValueError(f"S = {sparsity:g} over {n_blocks} blocks is not a whole number of {step:g} steps of block "
+                         f"sparsity (S · B / step = {units:.3f}); choose S as a multiple of {step:g}")
+    return int(round(units))
+
+
 def optimal_block_sparsity(table: DamageTable, sparsity: float, step: float = OPTIMAL_STEP,
                            reach: float | None = None) -> np.ndarray:
     """Per-block sparsities minimising the predicted loss subject to a mean of exactly S, each s_b a multiple of
@@ -33,11 +42,7 @@ def optimal_block_sparsity(table: DamageTable, sparsity: float, step: float = OP
     if not np.allclose(numel, numel[0]):
         raise ValueError("the predictor-optimal allocation needs blocks of equal size")
     B = table.n_blocks
-    units = S * B / step
-    if abs(units - round(units)) > 1e-6:
-        raise ValueError(f"S = {S:g} over {B} blocks is not a whole number of {step:g} steps of block sparsity "
-                         f"(S · B / step = {units:.3f}); choose S as a multiple of {step:g}")
-    total = int(round(units))
+    total = block_units(S, B, step)
     top = int(np.floor(float(table.grid[-1]) / step + 1e-9))
     if total > top * B:
         raise ValueError(f"S = {S:g} needs block sparsities above the table's top grid point {table.grid[-1]:g}")

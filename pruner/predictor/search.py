@@ -37,7 +37,9 @@ import numpy as np
 import torch
 
 from pruner.allocation.registry import SEARCH_STAGE_TOKENS
+from pruner.allocation.registry import search_stage_windows as stage_windows
 from pruner.predictor.measure import BlockRunner, LevelMasks, head_logits
+from pruner.predictor.optimal import block_units
 
 #: Resolution of the searched block sparsities (EvoPress's level spacing; BESA's candidate step).
 SEARCH_STEP = 0.01
@@ -54,15 +56,6 @@ SEARCH_MAX_SWITCHES = 3
 SEARCH_SEED_ALLOCATORS = ("uniform", "owl", "dlp", "atp")
 #: Bump when the search or its checkpoint changes (part of the cache key through the learner's settings).
 SEARCH_FORMAT = 1
-
-
-def block_units(sparsity: float, n_blocks: int, step: float = SEARCH_STEP) -> int:
-    """Σ_b u_b for mean S: S · B / step, which must be whole (ValueError names the steps that are)."""
-    units = sparsity * n_blocks / step
-    if abs(units - round(units)) > 1e-6:
-        raise ValueError(f"S = {sparsity:g} over {n_blocks} blocks is not a whole number of {step:g} steps of block "
-                         f"sparsity (S · B / step = {units:.3f}); choose S as a multiple of {step:g}")
-    return int(round(units))
 
 
 def unit_bounds(sparsity: float, reach: float, n_blocks: int,
@@ -232,11 +225,6 @@ class KLFitness:
     def restore(self) -> None:
         self.masks.restore()
         self.applied[:] = -1
-
-
-def stage_windows(n_windows: int, seqlen: int, stage_tokens=SEARCH_STAGE_TOKENS) -> tuple[int, ...]:
-    """Calibration windows per stage: enough for each stage's tokens, at most the calibration set, at least one."""
-    return tuple(max(1, min(n_windows, math.ceil(t / seqlen))) for t in stage_tokens)
 
 
 def search_checkpoint(context: dict, key: str):
