@@ -370,19 +370,37 @@ def zeroshot_set_label(name: str) -> str:
                             else "full sets")
 
 
-def speed_setting_label(name: str) -> str:
-    """'speed:deepsparse:b1:t128:threads2' → 'deepsparse, B=1, T=128, 2 threads'."""
-    _, engine, b, t, threads = name.split(":")
-    return f"{engine}, B={b[1:]}, T={t[1:]}, {threads[len('threads'):]} threads"
+def openvino_amx_status() -> dict:
+    """Whether this CPU has AMX, which OpenVINO's sparse weight decompression needs (``available``, ``reason``)."""
+    from pruner.evaluate.openvino_speed import amx_status
+
+    return amx_status()
+
+
+def speed_setting_label(setting: str) -> str:
+    """'b1:t128:threads2' (a speed metric's name after its engine) → 'B=1, T=128, 2 threads'."""
+    b, t, threads = setting.split(":")
+    return f"B={b[1:]}, T={t[1:]}, {threads[len('threads'):]} threads"
+
+
+def speed_settings(runs) -> tuple[str | None, list[str]]:
+    """Let the user pick one timing setting (B, T, threads); (the setting, its metric names in every engine, e.g.
+    'speed:deepsparse:b1:t128:threads2' and 'speed:openvino:b1:t128:threads2'), so one chart shows both engines."""
+    names = sorted({k for r in runs for k in r.metric_names("speed:")})
+    if not names:
+        return None, []
+    settings = sorted({name.split(":", 2)[2] for name in names})
+    setting = st.selectbox("Setting", settings, format_func=speed_setting_label, key="cmp_speed_set")
+    return setting, [name for name in names if name.split(":", 2)[2] == setting]
 
 
 def speed_table_row(run, name: str) -> dict:
     """One run's (a ``RunManifest``) timings in milliseconds (median), speed-ups, and the output checks, for the
-    Compare table."""
+    Compare table; an OpenVINO row says how many layers ran packed, or why nothing was timed."""
     r = run.metrics[name]
 
     def ms(graph, model):
-        cell = r["graphs"][graph].get(model)
+        cell = r["graphs"].get(graph, {}).get(model)
         return round(cell["median_ms"], 2) if cell else None
 
     def ratio(value):
@@ -392,14 +410,20 @@ def speed_table_row(run, name: str) -> dict:
         by_round = (r.get("speedup_by_round") or {}).get(graph)
         return f"{min(by_round):.2f}–{max(by_round):.2f}" if by_round else None
 
+    if r["engine"] == "openvino":
+        packed = r.get("packed", {}).get("pruned")
+        checks = (r["reason"] if not r.get("amx") else "no: " + "; ".join(r["rejected"]) if r["rejected"] else
+                  "8-bit; packed layers (prefill, decode): " + ", ".join(str(packed[g]["sparse"]) for g in packed))
+    else:
+        checks = ("n/a (dense ONNX Runtime timings only)" if r["engine"] != "deepsparse"
+                  else "no: " + "; ".join(r["rejected"]) if r["rejected"] else "yes")
     return {"run": run.label, "achieved": f"{run.achieved_overall:.1%}", "engine": r["engine"],
             "dense prefill ms": ms("prefill", "dense"), "pruned prefill ms": ms("prefill", "pruned"),
             "prefill ×": ratio(r["speedup"].get("prefill")), "dense decode ms": ms("decode", "dense"),
             "pruned decode ms": ms("decode", "pruned"), "decode ×": ratio(r["speedup"].get("decode")),
             "decode × per round": spread("decode"),
             "ideal decode × (estimate)": ratio(r.get("ideal_decode_speedup_estimate")),
-            "outputs match ONNX Runtime": ("n/a (dense ONNX Runtime timings only)" if r["engine"] != "deepsparse"
-                                           else "no: " + "; ".join(r["rejected"]) if r["rejected"] else "yes")}
+            "outputs checked": checks}
 
 
 def allocator_help() -> str:

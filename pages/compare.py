@@ -3,8 +3,8 @@
 import pandas as pd
 import streamlit as st
 
-from pages._dashboard import (deepsparse_available, jobs_panel, page_setup, queue, speed_setting_label, speed_table_row,
-                              zeroshot_set_label)
+from pages._dashboard import (deepsparse_available, jobs_panel, openvino_amx_status, page_setup, queue, speed_settings,
+                              speed_table_row, zeroshot_set_label)
 from pruner.charts import (accuracy_vs_sparsity_figure, ppl_vs_sparsity_figure, ppl_vs_speedup_figure,
                            predicted_vs_measured_figure, speedup_vs_sparsity_figure, two_runs_figure,
                            zeroshot_tasks_figure)
@@ -247,31 +247,38 @@ if zs_name:
                                                     len(common), note), width="stretch")
 
 # ---------------------------------------------------------------------------------------------------------------
-st.subheader("CPU speed-up (DeepSparse)")
-st.caption("⚠️ " + STATUS_NOTE)
+st.subheader("CPU speed-up (DeepSparse and OpenVINO)")
+st.caption("⚠️ " + STATUS_NOTE + " OpenVINO (maintained) compares 8-bit sparse with 8-bit dense: its sparse weight "
+           "decompression needs a CPU with AMX.")
 ds = deepsparse_available()
 if not ds["available"]:
     st.warning(f"DeepSparse cannot run here: {ds['reason']}. Speed evaluations then record dense ONNX Runtime "
                "timings and an *estimate* of the ideal decode speed-up, never a measured sparse speed-up.")
-sp_name, with_sp = metric_set("speed:", "Setting", speed_setting_label, "cmp_speed_set", "speed measurements")
-if sp_name:
-    measured = [r for r in with_sp if r.metrics[sp_name]["speedup"].get("decode")]
+ov_status = openvino_amx_status()
+if not ov_status["available"]:
+    st.info(ov_status["reason"] + " (the 8-bit perplexity still runs).")
+sp_setting, sp_names = speed_settings(runs)
+if sp_setting is None:
+    st.caption("No speed measurements yet: queue them under “Evaluate runs” below.")
+else:
+    with_sp = [(r, name) for name in sp_names for r in runs if name in r.metrics]
+    measured = [(r, name) for r, name in with_sp if r.metrics[name]["speedup"].get("decode")]
     sp_rows = [{"method": r.method_label, "allocator": r.allocator, "parameters": r.parameters_text(),
-                "target": r.sparsity, "sparsity": r.achieved_overall, **r.metrics[sp_name]["speedup"],
-                "ideal": r.metrics[sp_name].get("ideal_decode_speedup_estimate"),
-                "ppl": (r.latest_perplexity() or {}).get("perplexity")} for r in measured]
-    env = with_sp[0].metrics[sp_name]["env"]
-    timing = with_sp[0].metrics[sp_name]["spec"]
+                "target": r.sparsity, "sparsity": r.achieved_overall, **r.metrics[name]["speedup"],
+                "engine": r.metrics[name]["engine"], "ideal": r.metrics[name].get("ideal_decode_speedup_estimate"),
+                "ppl": (r.latest_perplexity() or {}).get("perplexity")} for r, name in measured]
+    first = with_sp[0][0].metrics[with_sp[0][1]]
+    env, timing = first["env"], first["spec"]
     turns = (f", dense and pruned in turn over {timing['rounds']} rounds (the table gives each round's decode "
              f"speed-up)" if timing.get("rounds") else "")
     st.caption(f"CPU: {env['cpu']} ({', '.join(env['flags'])}), {env['threads']} threads; "
                f"median of {timing['runs']} timed calls after warm-up{turns}.")
     if sp_rows:
         st.plotly_chart(speedup_vs_sparsity_figure(sp_rows), width="stretch")
-        with_ppl_sp = [r for r in sp_rows if r["ppl"] is not None]
+        with_ppl_sp = [r for r in sp_rows if r["ppl"] is not None and r["engine"] == "deepsparse"]
         if with_ppl_sp:
             st.plotly_chart(ppl_vs_speedup_figure(with_ppl_sp, dense), width="stretch")
-    st.dataframe(pd.DataFrame([speed_table_row(r, sp_name) for r in with_sp]), width="stretch", hide_index=True)
+    st.dataframe(pd.DataFrame([speed_table_row(r, name) for r, name in with_sp]), width="stretch", hide_index=True)
 
 # ---------------------------------------------------------------------------------------------------------------
 with st.expander("Evaluate runs: full perplexity, zero-shot accuracy and CPU speed-up (background jobs)"):
@@ -293,7 +300,13 @@ with st.expander("Evaluate runs: full perplexity, zero-shot accuracy and CPU spe
         do_ppl = c[1].checkbox("Full WikiText-2 perplexity", value=False, key="cmp_eval_ppl",
                                help="every chunk of the test set: the headline protocol; about 8 min per SmolLM2 "
                                     "run here")
-        do_speed = c[1].checkbox("CPU speed-up (ONNX export + DeepSparse)", value=False, key="cmp_eval_speed")
+        do_speed = c[1].checkbox("CPU speed-up (ONNX export)", value=False, key="cmp_eval_speed")
+        engine = c[1].selectbox("Speed engine", ["auto", "openvino"], key="cmp_eval_engine",
+                                format_func={"auto": "DeepSparse (end of life; dense ONNX Runtime where it cannot run)",
+                                             "openvino": "OpenVINO 8-bit (needs AMX for a speed-up)"}.get,
+                                help="OpenVINO quantizes dense and pruned to 8 bits (w8a8) and packs the pruned "
+                                     "weights on CPUs with AMX; with full perplexity chosen it also measures the "
+                                     "8-bit models' perplexity")
         seqlen = c[1].number_input("T: prefill tokens and decode KV-cache length", min_value=16, max_value=2048,
                                    value=SpeedSpec.seqlen, step=16, key="cmp_eval_seqlen")
         go = st.form_submit_button("Queue evaluations")
@@ -309,6 +322,6 @@ with st.expander("Evaluate runs: full perplexity, zero-shot accuracy and CPU spe
                 queue(sel, EvalRequest(key, perplexity=PerplexityOptions() if do_ppl else None,
                                        zeroshot=ZeroshotOptions(tuple(tasks), int(limit) or None) if do_zs else None,
                                        speed=SpeedSpec(seqlen=int(seqlen)) if do_speed else None,
-                                       data_dir=sel.data_dir))
+                                       engine=engine, data_dir=sel.data_dir))
             st.success(f"Queued {len(chosen)} evaluation job(s); results appear here when they finish.")
     jobs_panel(sel, "cmp_jobs_done")

@@ -364,30 +364,44 @@ def accuracy_vs_sparsity_figure(rows: list[dict], dense: float | None, n_tasks: 
     return fig
 
 
+#: How each speed engine's lines look: (its name in the legend, decode dash, prefill dash, marker). The allocator
+#: keeps its colour; the engine changes the line style, so one chart shows both engines' runs.
+ENGINE_STYLES = {"deepsparse": ("DeepSparse", "solid", "dash", "circle"),
+                 "openvino": ("OpenVINO 8-bit", "dot", "dashdot", "diamond")}
+
+
 def speedup_vs_sparsity_figure(rows: list[dict], title_note: str = "") -> go.Figure:
     """Measured speed-up (dense time ÷ pruned time) at each target sparsity (categories): decode solid, prefill
-    dashed, per method × allocator × parameters; the estimated ideal decode speed-up as grey crosses; 1× as the
+    dashed, per method × allocator × parameters, and per engine (a row's ``engine``, default DeepSparse: OpenVINO's
+    8-bit sparse ÷ 8-bit dense dotted, with diamonds); the estimated ideal decode speed-up as grey crosses; 1× as the
     break-even line; achieved sparsity in the hover."""
     fig = go.Figure()
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
     hover = "%{fullData.name}<br>target %{x}, achieved %{customdata[0]:.4f}%<br>%{y:.2f}×<extra></extra>"
-    for i, (method, setting, rs) in enumerate(_groups(rows)):
-        name = f"{method} + {setting}"
-        x = [_target_label(_target(r)) for r in rs]
-        achieved = [[r["sparsity"] * 100] for r in rs]
-        color = ALLOCATOR_COLORS.get(rs[0]["allocator"], palette[i % len(palette)])  # one colour per allocator everywhere
-        fig.add_trace(go.Scatter(x=x, y=[r["decode"] for r in rs], mode="lines+markers", name=f"{name}: decode",
-                                 line=dict(color=color), customdata=achieved, hovertemplate=hover))
-        fig.add_trace(go.Scatter(x=x, y=[r["prefill"] for r in rs], mode="lines+markers", name=f"{name}: prefill",
-                                 line=dict(color=color, dash="dash"), marker=dict(symbol="square"),
-                                 customdata=achieved, hovertemplate=hover))
+    engines = sorted({r.get("engine", "deepsparse") for r in rows}, key=list(ENGINE_STYLES).index)
+    for engine in engines:
+        label, decode_dash, prefill_dash, symbol = ENGINE_STYLES[engine]
+        of_engine = [r for r in rows if r.get("engine", "deepsparse") == engine]
+        for i, (method, setting, rs) in enumerate(_groups(of_engine)):
+            name = f"{method} + {setting}" if len(engines) == 1 else f"{label}: {method} + {setting}"
+            x = [_target_label(_target(r)) for r in rs]
+            achieved = [[r["sparsity"] * 100] for r in rs]
+            color = ALLOCATOR_COLORS.get(rs[0]["allocator"], palette[i % len(palette)])  # one colour per allocator
+            fig.add_trace(go.Scatter(x=x, y=[r["decode"] for r in rs], mode="lines+markers", name=f"{name}: decode",
+                                     line=dict(color=color, dash=decode_dash), marker=dict(symbol=symbol),
+                                     customdata=achieved, hovertemplate=hover))
+            fig.add_trace(go.Scatter(x=x, y=[r["prefill"] for r in rs], mode="lines+markers",
+                                     name=f"{name}: prefill", line=dict(color=color, dash=prefill_dash),
+                                     marker=dict(symbol=symbol + "-open" if engine != "deepsparse" else "square"),
+                                     customdata=achieved, hovertemplate=hover))
     ideal = sorted({(_target(r), r["ideal"]) for r in rows if r.get("ideal")})
     if ideal:
         fig.add_trace(go.Scatter(x=[_target_label(s) for s, _ in ideal], y=[v for _, v in ideal], mode="markers",
                                  name="ideal decode (estimate from weights removed)",
                                  marker=dict(symbol="x", color="#7f7f7f", size=9)))
     fig.add_hline(y=1, line=dict(dash="dot", color="black"), annotation_text="dense speed")
-    fig.update_layout(title="DeepSparse speed-up vs sparsity" + title_note, xaxis_title="target sparsity S",
+    engine_names = " and ".join(ENGINE_STYLES[e][0] for e in engines) or "DeepSparse"
+    fig.update_layout(title=f"{engine_names} speed-up vs sparsity" + title_note, xaxis_title="target sparsity S",
                       xaxis=_target_axis(rows), yaxis_title="speed-up (dense time ÷ pruned time)", height=460,
                       legend=dict(orientation="h", yanchor="top", y=-0.15, x=0), margin=dict(l=60, r=20, t=60, b=60))
     return fig

@@ -120,6 +120,22 @@ def test_accuracy_and_speed_charts_place_runs_at_their_target_sparsity():
     assert list(speed.layout.xaxis.categoryarray) == ["50%", "70%"]
 
 
+def test_speed_chart_draws_both_engines_in_the_allocators_colour_and_the_engines_style():
+    rows = [{"method": "wanda", "allocator": "owl", "parameters": "λ=0.08, M=5", "target": 0.7, "sparsity": 0.7,
+             "decode": d, "prefill": p, "engine": e} for e, d, p in (("deepsparse", 1.5, 1.2), ("openvino", 1.3, 1.0))]
+    traces = {t.name: t for t in speedup_vs_sparsity_figure(rows).data}
+    ds, ov = traces["DeepSparse: wanda + OWL (λ=0.08, M=5): decode"], traces["OpenVINO 8-bit: wanda + OWL (λ=0.08, M=5): decode"]
+    assert list(ds.y) == [1.5] and list(ov.y) == [1.3]
+    assert ds.line.color == ov.line.color == ALLOCATOR_COLORS["owl"]
+    assert (ds.line.dash, ov.line.dash) == ("solid", "dot") and ov.marker.symbol == "diamond"
+    assert list(traces["OpenVINO 8-bit: wanda + OWL (λ=0.08, M=5): prefill"].y) == [1.0]
+    assert speedup_vs_sparsity_figure(rows).layout.title.text.startswith("DeepSparse and OpenVINO 8-bit speed-up")
+    # one engine alone: the legend names no engine, the title names it
+    alone = speedup_vs_sparsity_figure(rows[1:])
+    assert "wanda + OWL (λ=0.08, M=5): decode" in {t.name for t in alone.data}
+    assert alone.layout.title.text.startswith("OpenVINO 8-bit speed-up")
+
+
 def test_per_task_chart_gives_the_mean_its_standard_error():
     entries = [{"label": "dense", "tasks": {"rte": {"acc": 0.5, "acc_stderr": 0.03},
                                             "boolq": {"acc": 0.6, "acc_stderr": 0.04}}}]

@@ -6,7 +6,7 @@ import json
 
 from pruner.cli.common import (BadInput, add_common, cache_arg, check_chunks, data_dir_arg, perplexity_options_from,
                                phase_bars, print_ppl, progress_bar)
-from pruner.evaluate.speed_spec import DEFAULT_ROUNDS, MIN_RUNS, SpeedSpec
+from pruner.evaluate.speed_spec import DEFAULT_ROUNDS, MIN_RUNS, SPEED_ENGINES, SpeedSpec
 from pruner.evaluate.zeroshot import TASKS, ZEROSHOT_DEFAULT_BATCH
 from pruner.model.catalogue import ModelSpec, model_source
 from pruner.model.loading import resolve_device
@@ -26,6 +26,10 @@ def _print_zeroshot(label: str, r: dict) -> None:
 
 
 def _print_speed(label: str, r: dict) -> None:
+    if r["engine"] == "openvino" and not r.get("amx"):
+        print(f"{label}: {r['reason']}")
+        _print_int8_perplexity(r)
+        return
     s = r["spec"]
     print(f"{label}: {r['engine']} on {r['env']['cpu']} ({', '.join(r['env']['flags'])}), {s['threads']} threads, "
           f"B={s['batch']}, T={s['seqlen']}, median of {s['runs']}"
@@ -36,13 +40,34 @@ def _print_speed(label: str, r: dict) -> None:
         by_round = (r.get("speedup_by_round") or {}).get(graph)
         rounds = f" (per round {min(by_round):.2f}–{max(by_round):.2f}×)" if by_round else ""
         print(f"  {graph}: " + ", ".join(cells) + (f", speed-up {speedup:.2f}×{rounds}" if speedup else ""))
-    if not r["deepsparse_available"]:
+    if r["engine"] == "openvino":
+        for graph, packed in r["packed"]["pruned"].items():
+            print(f"  {graph}: {packed['sparse']} of {packed['fully_connected']} matmul layers packed (sparse weight "
+                  f"decompression at rate {r['sparse_rate']:g}); dense graph: {r['packed']['dense'][graph]['sparse']}")
+        if r.get("not_attributable"):
+            print(f"  {r['not_attributable']}")
+        _print_int8_perplexity(r)
+    elif not r["deepsparse_available"]:
         print(f"  DeepSparse not used: {r['deepsparse_reason']}")
     if r.get("ideal_decode_speedup_estimate"):
         print(f"  estimate (not a measurement): ideal decode speed-up {r['ideal_decode_speedup_estimate']:.2f}× "
               f"from the weights removed")
     for reason in r["rejected"]:
         print(f"  rejected: {reason}")
+
+
+def _print_int8_perplexity(r: dict) -> None:
+    for name, row in (r.get("perplexity") or {}).items():
+        cells = []
+        for kind in ("float", "int8"):
+            p = row.get(kind)
+            if p:
+                from pruner.core.intervals import Interval
+
+                part = f", first {p['chunks']} of {p['chunks_total']} chunks" if p.get("partial") else ""
+                cells.append(f"{'8-bit' if kind == 'int8' else 'float'} {Interval.from_dict(p['interval']).text()}"
+                             f"{part}")
+        print(f"  {name} perplexity: " + "; ".join(cells))
 
 
 def _speed_spec(args):
@@ -71,7 +96,8 @@ def cmd_eval(args) -> int:
         raise BadInput("--speed compares a pruned run with its dense model: pass --run KEY")
     if args.stream and (args.zeroshot or args.speed or not args.ppl):
         raise BadInput("--stream applies to --ppl only; zero-shot accuracy and speed need the whole model in memory")
-    data_dir = data_dir_arg(args.data_dir) if (args.ppl or args.zeroshot) else None
+    # OpenVINO's 8-bit step is calibrated on the C4 text of the data folder
+    data_dir = data_dir_arg(args.data_dir) if (args.ppl or args.zeroshot or args.engine == "openvino") else None
     source = "hub" if (args.zeroshot and data_dir is None) else "local"
     device = str(resolve_device(args.device))
     results = {}
@@ -128,10 +154,12 @@ def add_parsers(sub) -> None:
     g.add_argument("--limit", type=int, help="first N documents per task only (a partial result, labelled so)")
     g.add_argument("--zeroshot-batch", type=int, default=ZEROSHOT_DEFAULT_BATCH,
                    help="lm-eval batch size (memory: the longest batch holds batch × tokens × vocabulary logits)")
-    g = p.add_argument_group("CPU speed (ONNX export, DeepSparse)")
-    g.add_argument("--speed", action="store_true", help="time dense vs pruned in DeepSparse (needs --run)")
-    g.add_argument("--engine", default="auto", choices=["auto", "deepsparse", "onnxruntime"],
-                   help="auto: DeepSparse if it can run here, else dense ONNX Runtime timings + an estimate")
+    g = p.add_argument_group("CPU speed (ONNX export, DeepSparse or OpenVINO)")
+    g.add_argument("--speed", action="store_true", help="time dense vs pruned (needs --run)")
+    g.add_argument("--engine", default="auto", choices=SPEED_ENGINES,
+                   help="auto: DeepSparse if it can run here, else dense ONNX Runtime timings + an estimate; "
+                        "openvino: 8-bit (w8a8) dense vs 8-bit sparse with OpenVINO's sparse weight decompression "
+                        "(needs a CPU with AMX; with --ppl also the 8-bit models' perplexity)")
     g.add_argument("--speed-batch", type=int, default=SpeedSpec.batch, help="batch size B of both graphs")
     g.add_argument("--speed-seqlen", type=int, default=SpeedSpec.seqlen,
                    help="T: prefill length and decode KV-cache length")

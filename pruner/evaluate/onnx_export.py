@@ -355,6 +355,51 @@ def _export(model, folder: Path, spec: SpeedSpec, progress) -> dict:
     return paths
 
 
+def export_score_graph(model, path: Path, seqlen: int) -> str:
+    """Write one graph that scores a window: (1, ``seqlen``) token ids → logits at every position (1, T, vocab), no
+    KV cache; the full-logits graph an 8-bit perplexity runs on (``pruner.evaluate.openvino_speed``). Exported and
+    checked against PyTorch as ``export_graphs`` does (EXPORT_RTOL); the model is left as it was."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    class Score(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = model
+
+        def forward(self, input_ids):
+            return self.lm(input_ids=input_ids, use_cache=False).logits
+
+    model = model.eval()
+    previous_attention = model.config._attn_implementation
+    _register_export_attention()
+    model.set_attn_implementation(EXPORT_ATTENTION)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, seqlen), generator=torch.Generator().manual_seed(0))
+    module = Score().eval()
+    try:
+        with contextlib.redirect_stdout(sys.stderr), torch.no_grad():
+            expected = module(ids).numpy()
+            with rotate_half_as_matmul(model):
+                program = torch.onnx.export(module, (ids,), dynamo=True, opset_version=ONNX_OPSET,
+                                            input_names=["input_ids"], output_names=["logits"], verbose=False)
+    finally:
+        model.set_attn_implementation(previous_attention)
+    proto = program.model_proto
+    fold_weight_transposes(proto)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    del program, proto
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids.numpy()})[0]
+    scale = float(np.abs(expected).max()) or 1.0
+    if got.shape != expected.shape or float(np.abs(got - expected).max()) > EXPORT_RTOL * scale:
+        raise RuntimeError(f"ONNX export of the score graph does not reproduce PyTorch's logits (shapes {got.shape}, "
+                           f"{expected.shape})")
+    return str(path)
+
+
 def cached_graphs(folder: Path | None) -> dict | None:
     """{graph: path} when ``folder`` holds both exported graphs, else None."""
     if folder is None or not all((Path(folder) / f"{g}.onnx").exists() for g in GRAPHS):

@@ -90,7 +90,8 @@ def measure(dense_graphs: dict, pruned_graphs: dict | None, spec: SpeedSpec, *, 
     can run, otherwise ONNX Runtime with the reason recorded).
     """
     if engine not in ("auto", "deepsparse", "onnxruntime"):
-        raise ValueError(f"engine must be auto, deepsparse or onnxruntime; got {engine!r}")
+        raise ValueError(f"engine must be auto, deepsparse or onnxruntime here (OpenVINO: "
+                         f"pruner.evaluate.openvino_speed); got {engine!r}")
     status = deepsparse_status() if engine != "onnxruntime" else {"available": False,
                                                                    "reason": "ONNX Runtime was asked for"}
     if engine == "deepsparse" and not status["available"]:
@@ -130,6 +131,23 @@ def measure(dense_graphs: dict, pruned_graphs: dict | None, spec: SpeedSpec, *, 
     return result
 
 
+def dense_graphs_for(dense_model, dense_dir: Path | None, spec: SpeedSpec, tmp: Path, progress=None) -> dict:
+    """The dense model's graphs: those cached in ``dense_dir``, else exported there (atomically: a half-written
+    export is never taken for a cached one), or into ``tmp`` when there is no cache folder."""
+    dense_graphs = cached_graphs(dense_dir)
+    if dense_graphs is not None:
+        return dense_graphs
+    if dense_model is None:
+        raise ValueError(f"no dense graphs cached in {dense_dir}: pass the dense model to export them")
+    target = Path(dense_dir) if dense_dir is not None else Path(tmp) / "dense"
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    export_graphs(dense_model, partial, spec, progress)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+    return cached_graphs(target)
+
+
 def export_and_measure(dense_model, pruned_model, spec: SpeedSpec, *, dense_dir: Path | None = None,
                        engine: str = "auto", progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Export both models (the dense graphs are reused from ``dense_dir`` when present there; ``dense_model`` may
@@ -138,17 +156,7 @@ def export_and_measure(dense_model, pruned_model, spec: SpeedSpec, *, dense_dir:
     # without DeepSparse the pruned graphs would only be timed on a dense runtime, which says nothing: skip them
     time_pruned = engine == "deepsparse" or (engine == "auto" and deepsparse_status()["available"])
     with tempfile.TemporaryDirectory(prefix="pruner-onnx-") as tmp:
-        dense_graphs = cached_graphs(dense_dir)
-        if dense_graphs is None:
-            if dense_model is None:
-                raise ValueError(f"no dense graphs cached in {dense_dir}: pass the dense model to export them")
-            target = Path(dense_dir) if dense_dir is not None else Path(tmp) / "dense"
-            partial = target.with_name(target.name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            export_graphs(dense_model, partial, spec, phase("export dense"))
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(partial, target)
-            dense_graphs = cached_graphs(target)
+        dense_graphs = dense_graphs_for(dense_model, dense_dir, spec, Path(tmp), phase("export dense"))
         pruned_graphs = (export_graphs(pruned_model, Path(tmp) / "pruned", spec, phase("export pruned"))
                          if time_pruned else None)
         if progress:

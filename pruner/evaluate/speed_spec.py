@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 from pruner.store.formats import EXPORT_VERSION
 
+#: Where a speed measurement runs: "deepsparse" (sparse kernels, end-of-life), "openvino" (8-bit sparse weight
+#: decompression, AMX CPUs), "onnxruntime" (dense timings only), "auto" (DeepSparse where it can run, else ONNX Runtime).
+SPEED_ENGINES = ("auto", "deepsparse", "onnxruntime", "openvino")
+
 #: A measurement is the median of at least this many timed calls (after warm-up).
 MIN_RUNS = 30
 

@@ -20,7 +20,7 @@ from pruner.core.params import params_text
 from pruner.engine.artifacts import get_stats, learn_allocation, learned_key
 from pruner.engine.calibrate import Cancelled
 from pruner.engine.recover import RecoverSpec
-from pruner.evaluate.speed_spec import SpeedSpec
+from pruner.evaluate.speed_spec import SPEED_ENGINES, SpeedSpec
 from pruner.evaluate.zeroshot import ZEROSHOT_DEFAULT_BATCH, parse_tasks
 from pruner.model.catalogue import ModelSpec, check_calibration_fits
 from pruner.runs import metrics
@@ -286,8 +286,8 @@ class EvalRequest(Request):
         check_key(self.run)
         if not (self.perplexity or self.zeroshot or self.speed):
             raise ValueError("nothing to evaluate: ask for perplexity, zero-shot accuracy and/or CPU speed-up")
-        if self.engine not in ("auto", "deepsparse", "onnxruntime"):
-            raise ValueError(f"engine must be auto, deepsparse or onnxruntime; got {self.engine!r}")
+        if self.engine not in SPEED_ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(SPEED_ENGINES)}; got {self.engine!r}")
 
     def label(self) -> str:
         what = [o.label() for o in (self.perplexity, self.zeroshot) if o] + (["CPU speed-up"] if self.speed else [])
@@ -418,7 +418,8 @@ def run_eval(req: EvalRequest, ctx: Context) -> dict:
         out["mean_acc"] = r["mean_acc"]
     if req.speed is not None:
         ctx.check_cancel("the speed measurement")
-        r = metrics.evaluate_speed(folder, req.speed, ctx.cache_dir, engine=req.engine, progress=ctx.progress)
+        r = metrics.evaluate_speed(folder, req.speed, ctx.cache_dir, engine=req.engine, progress=ctx.progress,
+                                   data_dir=req.data_dir, int8_perplexity=req.perplexity)
         out["details"]["speed"] = r
         out["speedup"] = r["speedup"]
     return out

@@ -293,11 +293,15 @@ def speed_metric_name(result: dict) -> str:
 
 
 def evaluate_speed(folder: Path, speed_spec=None, cache_dir: Path | None = None, *, engine: str = "auto",
-                   progress: PhaseProgress | None = None) -> dict:
-    """Time the dense model and a stored run in DeepSparse (or say why not); the result goes into the manifest.
+                   progress: PhaseProgress | None = None, data_dir: str | None = None,
+                   int8_perplexity=None) -> dict:
+    """Time the dense model and a stored run in DeepSparse or OpenVINO (or say why not); the result goes into the
+    manifest.
 
     The dense model's ONNX graphs are kept under cache/dense/<model key>/onnx/<shape>/ for later runs; the pruned
-    graphs are temporary.
+    graphs are temporary. OpenVINO (``engine="openvino"``) calibrates its 8-bit step on the C4 text of
+    ``data_dir``; with ``int8_perplexity`` (perplexity options: chunks, window) it also measures the WikiText-2
+    perplexity of the 8-bit dense and pruned models, beside the float ones.
     """
     from pruner.evaluate.onnx_export import cached_graphs
     from pruner.evaluate.speed import export_and_measure
@@ -318,9 +322,48 @@ def evaluate_speed(folder: Path, speed_spec=None, cache_dir: Path | None = None,
                       batch_size=speed_spec.batch, seqlen=speed_spec.seqlen,
                       ways=["a shorter --speed-seqlen or a smaller --speed-batch", "a machine with more memory (the "
                             "ONNX export and the engine take whole models)"])
-    dense = load_model(model_spec, cache_dir).model if dense_needed else None
-    pruned, _ = load_run(folder)
-    result = export_and_measure(dense, pruned, speed_spec, dense_dir=onnx_dir, engine=engine, progress=progress)
+    if engine == "openvino":
+        result = _openvino_speed(folder, model_spec, speed_spec, onnx_dir, cache_dir, data_dir, int8_perplexity,
+                                 progress)
+    else:
+        dense = load_model(model_spec, cache_dir).model if dense_needed else None
+        pruned, _ = load_run(folder)
+        result = export_and_measure(dense, pruned, speed_spec, dense_dir=onnx_dir, engine=engine, progress=progress)
     result["sparsity"] = run.achieved_overall
     add_metrics(folder, speed_metric_name(result), result)
     return result
+
+
+def _openvino_speed(folder: Path, model_spec, speed_spec, onnx_dir: Path, cache_dir, data_dir, int8_perplexity,
+                    progress) -> dict:
+    """``evaluate_speed`` in OpenVINO: speed (where the CPU has AMX) and, when asked, the 8-bit step's perplexity
+    next to the float perplexities of the same protocol (the pruned run's stored one, the dense model's cached)."""
+    from pruner.evaluate import openvino_speed
+    from pruner.evaluate.onnx_export import cached_graphs
+
+    amx = openvino_speed.amx_status()
+    if not amx["available"] and int8_perplexity is None:
+        # nothing to load: the one line says why no speed-up is measured
+        return openvino_speed.export_and_measure(None, None, None, speed_spec, dense_dir=onnx_dir, data_dir=data_dir)
+    pruned, tokenizer = load_run(folder)
+    need_dense = int8_perplexity is not None or not cached_graphs(onnx_dir)
+    dense = load_model(model_spec, cache_dir).model if need_dense else None
+    phase = (lambda name: (lambda d, t: progress(name, d, t))) if progress else None
+    result = openvino_speed.export_and_measure(dense, pruned, tokenizer, speed_spec, dense_dir=onnx_dir,
+                                               data_dir=data_dir, progress=progress)
+    if int8_perplexity is not None:
+        options = int8_perplexity
+        quantized = openvino_speed.int8_perplexities(dense, pruned, tokenizer, data_dir,
+                                                     max_chunks=options.max_chunks, seqlen=options.seqlen,
+                                                     threads=speed_spec.n_threads, progress=progress)
+        floats = {"pruned": stored_perplexity(folder, max_chunks=options.max_chunks, seqlen=options.seqlen),
+                  "dense": dense_perplexity(model_spec, data_dir, cache_dir, max_chunks=options.max_chunks,
+                                            seqlen=options.seqlen, progress=phase and phase("dense perplexity"))}
+        result["perplexity"] = {name: {"float": _ppl_summary(floats[name]), "int8": _ppl_summary(quantized[name])}
+                                for name in ("dense", "pruned")}
+    return result
+
+
+def _ppl_summary(result: dict | None) -> dict | None:
+    """A perplexity result without its per-chunk list (the manifest keeps the numbers and the interval)."""
+    return None if result is None else {k: v for k, v in result.items() if k != "chunk_mean_nll"}

@@ -4,6 +4,7 @@ evaluation job from the page (a real worker process)."""
 import shutil
 import time
 
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -30,6 +31,8 @@ def evaluated(tiny_run, data_dir, tmp_path_factory):
     metrics.dense_zeroshot(RunManifest.from_dict(read_manifest(folder)).model_spec(), data_dir, cache, tasks=["rte", "arc_easy"],
                        limit=2)
     metrics.evaluate_speed(folder, SpeedSpec(seqlen=16), cache)  # DeepSparse where it runs, else the labelled fallback
+    # OpenVINO: 8-bit timings where the CPU has AMX, else the one-line reason and no speed-up
+    metrics.evaluate_speed(folder, SpeedSpec(seqlen=16), cache, engine="openvino", data_dir=data_dir)
     return cache, folder
 
 
@@ -71,24 +74,39 @@ def test_zeroshot_charts_show_the_stored_accuracies(compare, evaluated):
 
 
 def test_speed_section_shows_measurements_or_says_why_not(compare, evaluated):
-    result = next(v for k, v in read_manifest(evaluated[1])["metrics"].items() if k.startswith("speed:"))
+    stored = read_manifest(evaluated[1])["metrics"]
+    result = next(v for k, v in stored.items() if k.startswith("speed:") and not k.startswith("speed:openvino"))
+    openvino = next(v for k, v in stored.items() if k.startswith("speed:openvino"))
     assert any("end-of-life" in c.value for c in compare.caption)
+    table = compare.dataframe[-1].value
+    assert sorted(table["engine"]) == sorted([result["engine"], "openvino"])  # both engines' rows, one setting
+    row = table[table["engine"] == result["engine"]].iloc[0]
+    ov_row = table[table["engine"] == "openvino"].iloc[0]
     if deepsparse_status()["available"]:
-        fig = by_title(compare, "DeepSparse speed-up vs sparsity")
-        decode = next(t for t in fig["data"] if t["name"].endswith(": decode"))
+        fig = by_title(compare, "speed-up vs sparsity")
+        decode = next(t for t in fig["data"] if t["name"].endswith(": decode") and "OpenVINO" not in t["name"])
         assert values(decode["y"]).tolist() == pytest.approx([result["speedup"]["decode"]])
         by_title(compare, "Perplexity vs decode speed-up")
     else:
         assert any("DeepSparse cannot run here" in w.value for w in compare.warning)
+    if openvino["amx"]:
+        fig = by_title(compare, "OpenVINO 8-bit")
+        decode = next(t for t in fig["data"] if t["name"].startswith("OpenVINO") and t["name"].endswith(": decode"))
+        assert values(decode["y"]).tolist() == pytest.approx([openvino["speedup"]["decode"]])
+        assert ov_row["outputs checked"].startswith("8-bit; packed layers")
+    else:  # the reason, in the table and above it; no OpenVINO speed-up anywhere
+        assert ov_row["outputs checked"] == openvino["reason"] and pd.isna(ov_row["decode ×"])
+        assert any("has no AMX" in i.value for i in compare.info)
+        assert not [t for f in figures(compare) for t in f["data"] if "OpenVINO" in (t.get("name") or "")]
+    if not deepsparse_status()["available"] and not openvino["amx"]:
         assert not [f for f in figures(compare) if "speed-up vs sparsity" in f["layout"]["title"]["text"]]
-    table = compare.dataframe[-1].value
-    assert table["dense decode ms"].iloc[0] == pytest.approx(result["graphs"]["decode"]["dense"]["median_ms"], abs=0.01)
+    assert row["dense decode ms"] == pytest.approx(result["graphs"]["decode"]["dense"]["median_ms"], abs=0.01)
     by_round = result["speedup_by_round"]["decode"]
     if by_round:  # dense and pruned took turns: the range of the rounds' decode speed-ups
-        assert table["decode × per round"].iloc[0] == f"{min(by_round):.2f}–{max(by_round):.2f}"
+        assert row["decode × per round"] == f"{min(by_round):.2f}–{max(by_round):.2f}"
         assert any(f"over {SpeedSpec().rounds} rounds" in c.value for c in compare.caption)
     else:  # dense ONNX Runtime timings only
-        assert table["decode × per round"].iloc[0] is None
+        assert row["decode × per round"] is None
 
 
 def test_queue_a_zeroshot_evaluation_from_the_page(compare, evaluated):
