@@ -312,6 +312,7 @@ def export_and_measure(dense_model, pruned_model, tokenizer, spec, *, dense_dir:
     ``reason`` and times nothing."""
     from dataclasses import asdict
 
+    from pruner.evaluate.onnx_export import export_graphs
     from pruner.evaluate.speed import dense_graphs_for
     from pruner.evaluate.speed_worker import cpu_info
 
@@ -326,8 +327,6 @@ def export_and_measure(dense_model, pruned_model, tokenizer, spec, *, dense_dir:
     rate = sparse_rate(layer_sparsities(pruned_model))
     with tempfile.TemporaryDirectory(prefix="pruner-openvino-") as tmp:
         dense = dense_graphs_for(dense_model, dense_dir, spec, Path(tmp), phase("export dense"))
-        from pruner.evaluate.onnx_export import export_graphs
-
         pruned = export_graphs(pruned_model, Path(tmp) / "pruned", spec, phase("export pruned"))
         windows = calibration_windows(tokenizer, data_dir, CALIBRATION_WINDOWS * spec.batch, spec.seqlen + 1)
         result |= measure(dense, pruned, spec, windows, rate, Path(tmp), progress)

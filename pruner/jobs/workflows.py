@@ -290,7 +290,8 @@ class EvalRequest(Request):
             raise ValueError(f"engine must be one of {', '.join(SPEED_ENGINES)}; got {self.engine!r}")
 
     def label(self) -> str:
-        what = [o.label() for o in (self.perplexity, self.zeroshot) if o] + (["CPU speed-up"] if self.speed else [])
+        speed = "CPU speed-up" + (" in OpenVINO (8-bit)" if self.engine == "openvino" else "")
+        what = [o.label() for o in (self.perplexity, self.zeroshot) if o] + ([speed] if self.speed else [])
         return f"{' + '.join(what)} of run {self.run}"
 
 
