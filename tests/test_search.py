@@ -159,3 +159,22 @@ def test_the_search_on_a_tiny_model_resumes_after_a_kill(tiny_folder, calibratio
                                  allocator_params={"generations": generations}), killed)
     manifest = json.loads((folder / "manifest.json").read_text())
     np.testing.assert_allclose(manifest["allocation"]["block_sparsity"], learning["block_sparsity"])
+
+
+def test_a_damaged_or_foreign_checkpoint_is_not_resumed(tmp_path):
+    """A truncated file, another search's, or another format: the search starts from its seeds (None), no crash."""
+    from pruner.predictor.search import SEARCH_FORMAT, read_checkpoint
+
+    path = tmp_path / "k.json"
+    assert read_checkpoint(path, "k") is None  # no file
+    good = {"key": "k", "format": SEARCH_FORMAT, "state": {"generation": 3}}
+    path.write_text(json.dumps(good)[:-7])  # cut short
+    assert read_checkpoint(path, "k") is None
+    path.write_text(json.dumps([1, 2]))
+    assert read_checkpoint(path, "k") is None
+    path.write_text(json.dumps(good | {"key": "other"}))
+    assert read_checkpoint(path, "k") is None
+    path.write_text(json.dumps(good | {"format": SEARCH_FORMAT + 1}))
+    assert read_checkpoint(path, "k") is None
+    path.write_text(json.dumps(good))
+    assert read_checkpoint(path, "k") == good

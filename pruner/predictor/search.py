@@ -239,8 +239,6 @@ def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", progr
     """The learned-allocator protocol (``pruner.engine.besa.Learner``) for the search: the damage table around S
     (built or read, as the predictor-optimal allocation's), the seeds, the generations (resumed from the last saved
     one), the dense weights put back."""
-    import json
-
     from pruner.allocation import allocate
     from pruner.engine.artifacts import get_stats, learned_key
     from pruner.predictor.cache import get_damage_table
@@ -274,8 +272,8 @@ def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", progr
     t0 = time.perf_counter()
     fitness = KLFitness(model, stats, tokens[:windows[-1]], windows, device, SEARCH_STEP)
     try:
-        saved = json.loads(path.read_text()) if path.is_file() else None
-        if saved is not None and saved.get("key") == key and saved.get("format") == SEARCH_FORMAT:
+        saved = read_checkpoint(path, key)
+        if saved is not None:
             state, resumed = SearchState.from_dict(saved["state"]), saved["state"]["generation"]
         else:
             state, resumed = _seeded_state(stats, table, sparsity, reach, total, lo, hi, fitness, spec.calib.seed,
@@ -339,16 +337,24 @@ SEARCH_LEARNER = _learner()
 def saved_search(spec, sparsity: float, params: dict, cache_dir=None) -> dict | None:
     """The last saved generation of the search with these settings (``key``, ``generations``, ``state``: a
     ``SearchState`` as a dict), or None when none was saved or it cannot be read."""
-    import json
-
     from pruner.allocation import ALLOCATORS
     from pruner.engine.artifacts import learned_key
     from pruner.store.layout import CacheLayout
 
     params = ALLOCATORS["search"].check(params)
-    path = CacheLayout.at(cache_dir).search(learned_key(spec, "search", sparsity, params))
+    key = learned_key(spec, "search", sparsity, params)
+    return read_checkpoint(CacheLayout.at(cache_dir).search(key), key)
+
+
+def read_checkpoint(path, key: str) -> dict | None:
+    """A search's saved generation at ``path`` when it is readable, of this format and for ``key``; else None (no
+    file, a damaged one, or another search's: the search then starts from its seeds, and is deterministic, so it
+    ends where the lost one would have)."""
+    import json
+
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return saved if saved.get("format") == SEARCH_FORMAT else None
+    ok = isinstance(saved, dict) and saved.get("format") == SEARCH_FORMAT and saved.get("key") == key
+    return saved if ok else None
