@@ -359,11 +359,7 @@ def _openvino_speed(folder: Path, model_spec, speed_spec, onnx_dir: Path, cache_
         floats = {"pruned": stored_perplexity(folder, max_chunks=options.max_chunks, seqlen=options.seqlen),
                   "dense": dense_perplexity(model_spec, data_dir, cache_dir, max_chunks=options.max_chunks,
                                             seqlen=options.seqlen, progress=phase and phase("dense perplexity"))}
-        result["perplexity"] = {name: {"float": _ppl_summary(floats[name]), "int8": _ppl_summary(quantized[name])}
-                                for name in ("dense", "pruned")}
+        # the per-chunk NLLs stay, so the 8-bit and float models can be compared paired by chunk
+        result["perplexity"] = {name: {"float": floats[name], "int8": quantized[name]} for name in ("dense", "pruned")}
     return result
 
-
-def _ppl_summary(result: dict | None) -> dict | None:
-    """A perplexity result without its per-chunk list (the manifest keeps the numbers and the interval)."""
-    return None if result is None else {k: v for k, v in result.items() if k != "chunk_mean_nll"}
