@@ -85,20 +85,27 @@ def test_w8a8_export_matches_pytorch_keeps_the_zeros_and_packs_where_amx(tmp_pat
 
 
 def test_eval_speed_openvino_on_a_stored_run(own_tiny_run, data_dir):
-    """The command end to end: without AMX one line and no speed-up in the manifest; with AMX timings whose
-    speed-up is attributable (packed layers)."""
+    """The command end to end: without AMX one line about speed and no speed-up in the manifest; with AMX timings
+    whose speed-up is attributable (packed layers); anywhere, the 8-bit models' perplexity beside the float one."""
     cache, folder = own_tiny_run
     env = {**os.environ, "PRUNER_CACHE_DIR": str(cache), "PRUNER_DATA_DIR": data_dir}
     proc = subprocess.run([sys.executable, "-m", "pruner", "eval", "--run", folder.name, "--speed", "--engine",
-                           "openvino", "--speed-seqlen", "16", "--threads", "1"], capture_output=True, text=True,
-                          env=env, timeout=600)
+                           "openvino", "--speed-seqlen", "16", "--threads", "1", "--ppl", "--max-chunks", "1",
+                           "--eval-seqlen", "32"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     stored = {k: v for k, v in read_manifest(folder)["metrics"].items() if k.startswith("speed:openvino")}
     assert list(stored) == ["speed:openvino:b1:t16:threads1"]
     result = stored["speed:openvino:b1:t16:threads1"]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    # the 8-bit step's perplexity beside the float one, both models, one protocol (first chunk of 32 tokens)
+    for model in ("dense", "pruned"):
+        row = result["perplexity"][model]
+        assert row["int8"]["chunks"] == row["float"]["chunks"] == 1 and row["int8"]["seqlen"] == 32
+        assert row["int8"]["perplexity"] > 1 and len(row["int8"]["chunk_mean_nll"]) == 1
+        assert any(line.strip().startswith(f"{model} perplexity: float") and "8-bit" in line for line in lines)
+    speed_lines = [line for line in lines if "OpenVINO" in line or "speed-up" in line or "packed" in line]
     if not HAS_AMX:
-        assert len(lines) == 1 and "has no AMX" in lines[0] and "no speed-up measured" in lines[0], lines
+        assert len(speed_lines) == 1 and "has no AMX" in speed_lines[0] and "no speed-up measured" in speed_lines[0]
         assert result["amx"] is False and result["speedup"] == {"prefill": None, "decode": None}
         assert result["graphs"] == {}
         return

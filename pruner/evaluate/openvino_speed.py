@@ -47,34 +47,13 @@ FLOAT_RTOL = 1e-3
 RATE_STEP = 0.01
 
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def amx_status() -> dict:
     """{"available", "cpu", "reason"}: AMX present (``amx_int8``) or the one-line reason why nothing is timed."""
-    cpu = cpu_name()
-    if AMX_FLAG in cpu_flags():
+    from pruner.evaluate.speed_worker import cpu_info
+
+    info = cpu_info()
+    cpu = info["cpu"]
+    if AMX_FLAG in info["flags"]:
         return {"available": True, "cpu": cpu, "reason": None}
     return {"available": False, "cpu": cpu,
             "reason": f"OpenVINO: this CPU ({cpu}) has no AMX ({AMX_FLAG} missing from /proc/cpuinfo), which "
@@ -155,21 +134,6 @@ def packed_layers(compiled) -> dict:
             "primitives": counts}
 
 
-def _float_check(compiled_float, session, feeds: dict) -> dict:
-    ours = [np.asarray(v) for v in compiled_float(feeds).values()]
-    reference = session.run(None, feeds)
-    worst = max(float(np.abs(a - b).max()) / (float(np.abs(b).max()) or 1.0) for a, b in zip(ours, reference))
-    return {"max_rel_diff": worst, "ok": worst <= FLOAT_RTOL}
-
-
-def _output_difference(quantized: list[np.ndarray], reference: list[np.ndarray]) -> dict:
-    logits_q, logits_f = quantized[0], reference[0]
-    rel = float(np.abs(logits_q - logits_f).max()) / (float(np.abs(logits_f).max()) or 1.0)
-    agree = float((logits_q.reshape(-1, logits_q.shape[-1]).argmax(-1)
-                   == logits_f.reshape(-1, logits_f.shape[-1]).argmax(-1)).mean())
-    return {"logits_max_rel_diff": rel, "argmax_agreement": agree}
-
-
 def calibration_feeds(graphs: dict, windows: np.ndarray) -> dict[str, list[dict]]:
     """NNCF calibration inputs per graph from real token windows (n, T + 1): prefill on the first T tokens; decode on
     token T with the KV cache the float prefill graph computes for the first T (ONNX Runtime)."""
@@ -196,7 +160,7 @@ def measure(dense_graphs: dict, pruned_graphs: dict, spec, windows: np.ndarray, 
     import onnxruntime as ort
     import openvino as ov
 
-    from pruner.evaluate.speed_worker import make_inputs, time_interleaved
+    from pruner.evaluate.speed_worker import compare, make_inputs, time_interleaved
 
     step = (lambda name, d, t: progress(name, d, t)) if progress else (lambda *a: None)
     result: dict = {"graphs": {}, "speedup": {}, "speedup_by_round": {}, "packed": {}, "checks": {},
@@ -216,12 +180,14 @@ def measure(dense_graphs: dict, pruned_graphs: dict, spec, windows: np.ndarray, 
             # the same property on both: a dense layer is never sparser than the rate, so it changes nothing there
             compiled = compile_model(ir, spec.n_threads, rate)
             reference_session = ort.InferenceSession(graphs[graph], providers=["CPUExecutionProvider"])
-            float_check = _float_check(compile_model(graphs[graph], spec.n_threads, None), reference_session, inputs)
-            # the 8-bit step's error on text like the calibration's (random KV caches lie outside its ranges)
+            float_out = [np.asarray(v) for v in compile_model(graphs[graph], spec.n_threads, None)(inputs).values()]
+            float_check = compare(float_out, reference_session.run(None, inputs), FLOAT_RTOL)
+            # the 8-bit step's error on text like the calibration's (random KV caches lie outside its ranges), reported
             text = calibration[name][graph][0]
             quantized_out = [np.asarray(v) for v in compiled(text).values()]
+            int8 = compare(quantized_out, reference_session.run(None, text), float("inf"))
             checks[name] = {"float_vs_onnxruntime": float_check,
-                            "int8_vs_float": _output_difference(quantized_out, reference_session.run(None, text))}
+                            "int8_vs_float": {"max_rel_diff": int8["max_rel_diff"], "same_argmax": int8["same_argmax"]}}
             result["packed"].setdefault(name, {})[graph] = packed_layers(compiled)
             if float_check["ok"]:
                 calls[name] = (lambda compiled=compiled: compiled(inputs))
@@ -275,9 +241,7 @@ def int8_perplexity(model, tokenizer, data_dir, *, windows: np.ndarray, seqlen: 
     import torch
 
     from pruner.evaluate.onnx_export import export_score_graph
-    from pruner.evaluate.perplexity import chunk_stream, check_window, default_seqlen, perplexity_of_chunks
-    from pruner.core.intervals import perplexity_over_chunks
-    from pruner.data import wikitext2_text
+    from pruner.evaluate.perplexity import check_window, default_seqlen, wikitext2_perplexity
 
     check_window(model, seqlen)
     seqlen = seqlen or default_seqlen(model)
@@ -286,16 +250,9 @@ def int8_perplexity(model, tokenizer, data_dir, *, windows: np.ndarray, seqlen: 
         calibration = [{"input_ids": w[None, :seqlen].astype(np.int64)} for w in windows]
         ir = quantize_w8a8(onnx_path, calibration, Path(tmp) / "score_int8.xml")
         compiled = compile_model(ir, threads or os.cpu_count() or 1, None)
-        ids = tokenizer(wikitext2_text("test", data_dir), return_tensors="pt").input_ids[0]
-        chunks = chunk_stream(ids, seqlen, max_chunks)
-        ppl, count, chunk_mean_nll = perplexity_of_chunks(CompiledLogits(compiled, model.config), chunks,
-                                                          torch.device("cpu"), 1, progress)
-    full = ids.numel() // seqlen
-    return {"dataset": "wikitext2-test", "perplexity": ppl, "seqlen": seqlen, "chunks": len(chunks),
-            "chunks_total": full, "partial": len(chunks) < full, "tokens_scored": count,
-            "quantization": "w8a8 (NNCF PERFORMANCE preset, TRANSFORMER), OpenVINO CPU",
-            "chunk_mean_nll": chunk_mean_nll, "interval": perplexity_over_chunks(chunk_mean_nll).to_dict()}
-
+        result = wikitext2_perplexity(CompiledLogits(compiled, model.config), tokenizer, data_dir, seqlen=seqlen,
+                                      max_chunks=max_chunks, device=torch.device("cpu"), progress=progress)
+    return result | {"quantization": "w8a8 (NNCF PERFORMANCE preset, TRANSFORMER), OpenVINO CPU"}
 
 def calibration_windows(tokenizer, data_dir, count: int, length: int) -> np.ndarray:
     """``count`` windows of ``length`` tokens of the C4 calibration text (seed 0): NNCF's activation ranges come

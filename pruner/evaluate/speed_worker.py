@@ -38,7 +38,7 @@ def cpu_info() -> dict:
                     model = line.split(":", 1)[1].strip()
                 if line.startswith("flags"):
                     have = set(line.split(":", 1)[1].split())
-                    flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in have]
+                    flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8") if f in have]
                     break
     except OSError:
         pass
