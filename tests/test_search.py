@@ -178,3 +178,84 @@ def test_a_damaged_or_foreign_checkpoint_is_not_resumed(tmp_path):
     assert read_checkpoint(path, "k") is None
     path.write_text(json.dumps(good))
     assert read_checkpoint(path, "k") == good
+
+
+def _kl_of_full_forward(dense, pruned, tokens) -> float:
+    """KL(p_dense ‖ p_pruned) per token, averaged over windows, from the models' own forward passes."""
+    import torch
+
+    with torch.no_grad():
+        p = torch.log_softmax(dense(tokens).logits.double(), dim=-1)
+        q = torch.log_softmax(pruned(tokens).logits.double(), dim=-1)
+    return float((p.exp() * (p - q)).sum(-1).mean(-1).mean())
+
+
+def test_the_sequential_fitness_scores_a_parent_as_its_final_wanda_prune(tiny_folder, calibration_only_data, tmp_path):
+    """With ``sequential`` = 1 the fitness of a parent is the KL divergence of the model the final (sequential)
+    Wanda prune of its allocation gives, on the search's own windows, computed here through the models' full
+    forward passes; the one-shot fitness (dense norms) of the same allocation is not. Checked on an allocation far
+    from uniform, and on what the learner reports for its result; the model is left dense."""
+    import copy
+
+    import torch
+
+    from pruner.allocation.registry import search_stage_windows
+    from pruner.data import calibration_tokens
+    from pruner.engine.artifacts import get_stats, learn_allocation
+    from pruner.engine.prune import layer_targets, prune_model
+    from pruner.model.loading import load_model
+    from pruner.predictor.search import SEARCH_STEP, KLFitness
+
+    spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=64, data_dir=calibration_only_data))
+    loaded = load_model(spec.model, tmp_path)
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    stats = get_stats(spec, tmp_path, loaded=loaded)
+    tokens = calibration_tokens(loaded.tokenizer, spec.calib)
+    windows = tokens[:search_stage_windows(4, 64)[-1]]
+
+    def final_prune_kl(units) -> float:
+        final = copy.deepcopy(loaded.model)
+        layer_sparsity = (np.asarray(units) * SEARCH_STEP)[stats.layer_block]
+        prune_model(final, tokens, "wanda", layer_targets(layer_sparsity, list(zip(stats.layer_block.tolist(),
+                                                                                      stats.layer_names)), None), "row")
+        return _kl_of_full_forward(loaded.model, final, windows)
+
+    fitness = KLFitness(loaded.model, stats, windows, (1, len(windows)), "cpu", SEARCH_STEP)
+    try:
+        units = np.array([45, 75, 50, 70])  # S = 0.6, far from uniform
+        oneshot = fitness(units, 1)
+        fitness.use_norms(fitness.sequential_norms(units, tokens))
+        sequential = fitness(units, 1)
+    finally:
+        fitness.restore()
+    assert all(torch.equal(p, before[n]) for n, p in loaded.model.named_parameters())  # dense again
+    truth = final_prune_kl(units)
+    assert sequential == pytest.approx(truth, rel=1e-4)
+    assert abs(oneshot - truth) > 20 * abs(sequential - truth)  # the dense norms' masks are another model
+
+    result = learn_allocation(spec, "search", 0.6, {"generations": 2, "sequential": 1}, tmp_path, loaded=loaded)
+    assert all(torch.equal(p, before[n]) for n, p in loaded.model.named_parameters())
+    assert result["fitness"] == pytest.approx(final_prune_kl(result["units"]), rel=1e-4)
+    # each seed was scored under its own sequential norms: a calibration pass and a stage-2 score apiece
+    assert result["forward_tokens"] == 5 * (4 * 64 + result["stage_tokens"][1]) + sum(
+        4 * result["stage_tokens"][0] + 2 * result["stage_tokens"][1] for _ in result["history"]) + sum(
+        (4 * 64 + result["stage_tokens"][1]) * h["refitted"] for h in result["history"])
+
+
+def test_a_new_parent_is_refitted_and_its_pass_counted():
+    """``evolve``'s refit hook on the hand-made fitness: called exactly for each new parent, its fitness replaces
+    the parent's, and its tokens are counted."""
+    target, lo, hi = [50, 70, 60, 60], np.full(4, 45), np.full(4, 75)
+    fitness, predict = _hand_made(target)
+    refits = []
+
+    def refit(units):
+        refits.append(units.tolist())
+        return fitness(units, 1) + 0.5, 1000
+
+    done = evolve(_start([60, 60, 60, 60], 1), 30, lo, hi, fitness, (16, 64), predict, refit=refit)
+    replaced = [h for h in done.history if h["replaced"]]
+    assert [h["refitted"] for h in done.history] == [h["replaced"] for h in done.history] and len(replaced) >= 3
+    assert len(refits) == len(replaced) and refits[-1] == done.units
+    assert done.fitness == fitness(np.asarray(done.units), 1) + 0.5  # the refit's value, not the stage-2 score
+    assert done.forward_tokens == 30 * (SEARCH_MEASURED * 16 + SEARCH_SURVIVORS * 64) + 1000 * len(replaced)

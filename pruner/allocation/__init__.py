@@ -19,8 +19,8 @@ from pruner.allocation.formulas import (ALPHA_EPSILON_FRACTION, ATP_DEFAULT_DELT
                                         owl_inverse, owl_lambda_max, to_parameter_mean, uniform)
 from pruner.allocation.registry import (ALLOCATORS, ALPHA_EPSILON, ATP_DELTA, BETA, DLP_ALPHA, LAMBDA, NEEDS,
                                         NEEDS_LAYOUT, NEEDS_STATISTICS, NEEDS_WEIGHTS, OPTIMAL_REACH, OWL_M,
-                                        SEARCH_GENERATIONS, SEARCH_SCREEN, Allocation, AllocationInputs, Allocator,
-                                        allocate, formula_allocators, register)
+                                        SEARCH_GENERATIONS, SEARCH_SCREEN, SEARCH_SEQUENTIAL, Allocation,
+                                        AllocationInputs, Allocator, allocate, formula_allocators, register)
 
 __all__ = [
     "EXPERT_LAMBDA",
@@ -63,6 +63,7 @@ __all__ = [
     "OPTIMAL_REACH",
     "SEARCH_GENERATIONS",
     "SEARCH_SCREEN",
+    "SEARCH_SEQUENTIAL",
     "OWL_M",
     "Allocation",
     "AllocationInputs",

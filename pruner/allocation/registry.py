@@ -101,6 +101,15 @@ def search_stage_windows(n_windows: int, seqlen: int, stage_tokens=SEARCH_STAGE_
 #: perplexities with Wanda and SparseGPT (docs/results.md, "The searched allocation").
 SEARCH_SCREEN = Param("screen", "screened", int, 0, "search: 1 lets the damage table pick which children are "
                       "measured, 0 picks them at random (better on SmolLM2 at S = 0.7)", low=0, high=1, step=1)
+#: Which input norms ‖X_j‖₂ the search's Wanda masks use. 0: the dense model's (one-shot masks, the statistics'
+#: norms): cheap, but the final prune is sequential (block b's norms come from the output of the pruned blocks
+#: before it), so the searched model is not the model the run ends with. 1: the norms of a sequential Wanda prune
+#: of the current parent on the whole calibration set, computed again whenever the parent changes: the parent's
+#: masks are then exactly the final Wanda prune's, and its children differ from it only downstream of the blocks
+#: they moved. One sequential pass per change of parent (a Wanda prune's time).
+SEARCH_SEQUENTIAL = Param("sequential", "sequential", int, 0, "search: 1 scores children with the input norms of the "
+                          "parent's sequential Wanda prune (its masks are then the final prune's), 0 with the dense "
+                          "model's norms (one-shot masks)", low=0, high=1, step=1)
 
 
 @dataclass(frozen=True)
@@ -214,7 +223,7 @@ for _a in (
     Allocator("search", "Search (evolutionary)", "block", _learned_elsewhere,
               "per-block sparsities found by an evolutionary search on the KL divergence from the dense model on "
               "calibration text (EvoPress), children screened by the damage table; each within ±r of S",
-              params=(OPTIMAL_REACH, SEARCH_GENERATIONS, SEARCH_SCREEN),
+              params=(OPTIMAL_REACH, SEARCH_GENERATIONS, SEARCH_SCREEN, SEARCH_SEQUENTIAL),
               learner="pruner.predictor.search:SEARCH_LEARNER"),
 ):
     register(_a)

@@ -237,8 +237,8 @@ class LevelMasks:
         for b, block in enumerate(runner.blocks):
             block.to(runner.device)
             self.dense[b] = _dense_weights(prunable_layers(block))
-            self.ranks[b] = {n: row_ranks(score) for n, score in runner.scores(b, self.dense[b]).items()}
             block.to(runner.home)
+        self.rescore()
 
     def set_block(self, b: int, sparsity: float | dict[str, float]) -> None:
         """Block b's layers pruned by their one-shot masks: each at ``sparsity`` (one value, or one per layer name)."""
@@ -252,6 +252,11 @@ class LevelMasks:
             s = sparsity[n] if isinstance(sparsity, dict) else sparsity
             weight_matrix(layer).copy_(w * (self.ranks[b][n] >= prune_count(w.shape[1], float(s))))
         block.to(self.runner.home)
+
+    def rescore(self) -> None:
+        """Rank every layer's scores again, from the runner's current input norms (the weights must be dense)."""
+        for b, block in enumerate(self.runner.blocks):
+            self.ranks[b] = {n: row_ranks(score) for n, score in self.runner.scores(b, self.dense[b]).items()}
 
     def restore(self) -> None:
         _restore(self.runner.blocks, self.dense)

@@ -9,10 +9,14 @@ exactly S. A mutation is EvoPress's level switch: one unit up in one block, one 
 
 Fitness: the mean per-token KL divergence KL(p_dense ‖ p_pruned) of the next-token distributions on calibration
 windows (the C4 calibration set's first windows; WikiText-2's test split is never read, nor its validation split
-except by the damage table). A candidate's masks are one-shot Wanda masks from the dense scores (the cached
-statistics' ‖X_j‖₂), so any level of any block is one comparison against the scores' ranks: no database of
-pruned layers. The final model is the usual sequential prune with the found allocation, by whatever method the
-run asks for (Wanda or SparseGPT): the search's masks stand in for both.
+except by the damage table). A candidate's masks are Wanda masks from ranked scores, so any level of any block
+is one comparison against the scores' ranks: no database of pruned layers. The scores' input norms ‖X_j‖₂ are
+the dense model's (the cached statistics: one-shot masks, parameter ``sequential`` = 0) or (``sequential`` = 1)
+those a sequential Wanda prune of the current parent meets on the whole calibration set, computed again for
+every new parent (and for every seed): the parent's masks are then exactly the final Wanda prune's, and a child
+differs from its own final prune only in the norms downstream of the blocks it moved. The final model is the
+usual sequential prune with the found allocation, by whatever method the run asks for (Wanda or SparseGPT): the
+search's Wanda masks stand in for both.
 
 One generation: ``SEARCH_OFFSPRING`` children of the current best; with screening the damage table around S ranks
 them and the ``SEARCH_MEASURED`` best are measured, without it (the ablation, at the same measured budget) a
@@ -127,10 +131,13 @@ def evolve(state: SearchState, generations: int, lo: np.ndarray, hi: np.ndarray,
            fitness: Callable[[np.ndarray, int], float], stage_tokens: tuple[int, int],
            predict: Callable[[np.ndarray], float], screen: bool = True,
            on_generation: Callable[[SearchState], None] | None = None,
-           should_cancel: Callable[[], bool] | None = None) -> SearchState:
+           should_cancel: Callable[[], bool] | None = None,
+           refit: Callable[[np.ndarray], tuple[float, int]] | None = None) -> SearchState:
     """Run generations ``state.generation`` … ``generations`` − 1 (see the module docstring). ``fitness(units,
     stage)``: the candidate's KL on stage 0's or stage 1's windows (lower is better); ``predict(units)``: the
-    table's predicted perplexity. ``on_generation`` gets the state after each generation (to save it)."""
+    table's predicted perplexity. ``on_generation`` gets the state after each generation (to save it).
+    ``refit(units)``, when given, is called on every new parent (the sequential fitness: its masks' input norms
+    are computed again for it) and returns its stage-2 fitness under them and the forward tokens that took."""
     from pruner.engine.calibrate import Cancelled
 
     rng = np.random.default_rng()
@@ -159,12 +166,16 @@ def evolve(state: SearchState, generations: int, lo: np.ndarray, hi: np.ndarray,
         replaced = bool(second[best] < state.fitness)
         if replaced:
             parent, state.fitness = children[survivors[best]], float(second[best])
+            if refit is not None:
+                state.fitness, tokens = refit(parent)
+                state.forward_tokens += tokens
         state.generation += 1
         state.units = parent.tolist()
         state.rng = rng.bit_generator.state
         state.history.append({
             "generation": state.generation, "best": state.fitness, "median": float(np.median(first)),
             "proposed": len(children), "measured": len(picked), "survivors": len(survivors), "replaced": replaced,
+            "refitted": replaced and refit is not None,
             "rank_correlation": _rank_correlation(state.pairs),
             "forward_tokens": state.forward_tokens})
         if on_generation is not None:
@@ -195,13 +206,14 @@ def generation_rank_correlations(history: list[dict], pairs: list[list[float]]) 
 
 class KLFitness:
     """KL(p_dense ‖ p_pruned) per token, averaged over calibration windows, of the model with each block pruned at
-    its candidate level by one-shot masks (``LevelMasks``). Stage k scores the first ``stage_windows[k]`` windows;
-    the dense log-probabilities of the largest stage are computed once. Blocks whose level did not change since
-    the last candidate are not touched. ``restore`` leaves the model dense."""
+    its candidate level by Wanda masks (``LevelMasks``) whose input norms are the dense model's (one-shot masks) or,
+    after ``use_norms``, those of a sequential prune (``sequential_norms``). Stage k scores the first
+    ``stage_windows[k]`` windows; the dense log-probabilities of the largest stage are computed once. Blocks whose
+    level did not change since the last candidate are not touched. ``restore`` leaves the model dense."""
 
     def __init__(self, model, stats, windows: torch.Tensor, stage_windows: tuple[int, ...], device, step: float,
-                 method: str = "wanda"):
-        self.model, self.step = model, step
+                 method: str = "wanda", batch_size: int = 4):
+        self.model, self.step, self.stats, self.device, self.batch_size = model, step, stats, device, batch_size
         self.runners = [BlockRunner(model, stats, windows[:n], method, device) for n in stage_windows]
         self.masks = LevelMasks(self.runners[-1])
         self.dense_logp = self._log_probs(self.runners[-1])
@@ -226,6 +238,54 @@ class KLFitness:
         self.masks.restore()
         self.applied[:] = -1
 
+    def sequential_norms(self, units: np.ndarray, tokens: torch.Tensor,
+                         should_cancel: Callable[[], bool] | None = None) -> list[dict[str, torch.Tensor]]:
+        """The input norms ‖X_j‖₂ a sequential Wanda prune of the allocation ``units`` meets on the calibration
+        ``tokens`` (the final prune's: block b's from the outputs of blocks 0 … b−1 already pruned), per block. The
+        model is dense before and after."""
+        self.restore()
+        block = np.asarray(units, dtype=np.float64) * self.step
+        try:
+            return sequential_wanda_norms(self.model, tokens, block[np.asarray(self.stats.layer_block)],
+                                          self.stats, self.device, self.batch_size, should_cancel)
+        finally:
+            self.restore()
+
+    def use_norms(self, norms: list[dict[str, torch.Tensor]]) -> None:
+        """Score every candidate from now on with these input norms (per block, name → (in,))."""
+        self.restore()
+        self.masks.runner.norms = norms
+        self.masks.rescore()
+
+
+def sequential_wanda_norms(model, tokens: torch.Tensor, layer_sparsity, stats, device, batch_size: int = 4,
+                           should_cancel: Callable[[], bool] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Prune ``model`` in place by Wanda (row-wise) to ``layer_sparsity`` (in the statistics' layer order),
+    sequentially on the calibration ``tokens``, and return the input norms ‖X_j‖₂ = √Σx_j² each layer's mask was
+    computed from, per block (name → (in,) float64). A layer that saw no token (an expert nothing was routed to)
+    keeps the dense statistics' norm."""
+    from pruner.engine.besa import block_input_norms
+    from pruner.engine.calibrate import run_blockwise
+    from pruner.engine.prune import PruningObserver, layer_targets
+
+    dense = block_input_norms(stats)
+    targets = layer_targets(np.asarray(layer_sparsity, dtype=np.float64),
+                            list(zip(np.asarray(stats.layer_block).tolist(), stats.layer_names)), None)
+
+    norms: list[dict[str, torch.Tensor]] = []
+
+    class NormRecorder(PruningObserver):
+        """The Wanda prune, keeping each layer's norms before its block is pruned."""
+
+        def finish(self, index, block, layers) -> bool:
+            seen = {n: self._state[n].sumsq.sqrt() for n in layers if n in self._state}
+            norms.append({n: seen.get(n, dense[index][n]) for n in layers})
+            return super().finish(index, block, layers)
+
+    recorder = NormRecorder("wanda", targets, "row", torch.device(device))
+    run_blockwise(model, tokens, recorder, device=device, batch_size=batch_size, should_cancel=should_cancel)
+    return norms
+
 
 def search_checkpoint(context: dict, key: str):
     """Where a search of learned-allocation ``key`` saves its generations (None without a cache folder)."""
@@ -234,8 +294,8 @@ def search_checkpoint(context: dict, key: str):
     return CacheLayout.at(context.get("cache_dir")).search(key)
 
 
-def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", progress=None, should_cancel=None,
-                  context=None, **_unused):
+def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", batch_size=4, progress=None,
+                  should_cancel=None, context=None, **_unused):
     """The learned-allocator protocol (``pruner.engine.besa.Learner``) for the search: the damage table around S
     (built or read, as the predictor-optimal allocation's), the seeds, the generations (resumed from the last saved
     one), the dense weights put back."""
@@ -270,14 +330,22 @@ def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", progr
     path = search_checkpoint(context, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    fitness = KLFitness(model, stats, tokens[:windows[-1]], windows, device, SEARCH_STEP)
+    fitness = KLFitness(model, stats, tokens[:windows[-1]], windows, device, SEARCH_STEP, batch_size=batch_size)
+
+    def refit_sequential(units: np.ndarray) -> tuple[float, int]:
+        fitness.use_norms(fitness.sequential_norms(units, tokens, should_cancel))
+        return fitness(units, 1), int(tokens.numel()) + fitness.tokens[1]
+
+    refit = refit_sequential if params["sequential"] else None
     try:
         saved = read_checkpoint(path, key)
         if saved is not None:
             state, resumed = SearchState.from_dict(saved["state"]), saved["state"]["generation"]
+            if refit is not None:  # the saved parent's fitness was measured under its own sequential norms
+                fitness.use_norms(fitness.sequential_norms(np.asarray(state.units), tokens, should_cancel))
         else:
             state, resumed = _seeded_state(stats, table, sparsity, reach, total, lo, hi, fitness, spec.calib.seed,
-                                           allocate, optimal_block_sparsity), None
+                                           allocate, optimal_block_sparsity, refit), None
 
         def save(s: SearchState) -> None:
             write_json_atomic(path, {"key": key, "format": SEARCH_FORMAT, "sparsity": sparsity, "params": params,
@@ -288,7 +356,7 @@ def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", progr
         save(state)
         state = evolve(state, generations, lo, hi, fitness, tuple(fitness.tokens),
                        lambda u: table.predict(u * SEARCH_STEP).perplexity, screen=bool(params["screen"]),
-                       on_generation=save, should_cancel=should_cancel)
+                       on_generation=save, should_cancel=should_cancel, refit=refit)
     finally:
         fitness.restore()
     block = np.asarray(state.units) * SEARCH_STEP
@@ -302,22 +370,30 @@ def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", progr
             "predicted_perplexity": table.predict(block).perplexity}, stats
 
 
-def _seeded_state(stats, table, sparsity, reach, total, lo, hi, fitness, seed, allocate, optimal) -> SearchState:
-    """The first parent: the best of the seed allocations on stage 2 (each put on the lattice within the bounds)."""
+def _seeded_state(stats, table, sparsity, reach, total, lo, hi, fitness, seed, allocate, optimal,
+                  refit=None) -> SearchState:
+    """The first parent: the best of the seed allocations on stage 2 (each put on the lattice within the bounds;
+    with ``refit``, each scored under its own sequential norms, and the chosen one's norms left in use)."""
     candidates = {name: allocate(name, stats, sparsity).block_sparsity for name in SEARCH_SEED_ALLOCATORS}
     candidates["predicted"] = optimal(table, sparsity, reach=reach)
-    seeds, best = {}, None
+    seeds, best, tokens = {}, None, 0
     for name, block in candidates.items():
         units = to_lattice(block, total, lo, hi)
-        f = fitness(units, 1)
+        if refit is None:
+            f, used = fitness(units, 1), fitness.tokens[1]
+        else:
+            (f, used), norms = refit(units), fitness.masks.runner.norms
+        tokens += used
         moved = float(np.abs(units * SEARCH_STEP - np.asarray(block)).max())
         seeds[name] = {"fitness": f, "largest_move_to_lattice": round(moved, 6)}
         if best is None or f < best[1]:
-            best = (units, f, name)
+            best = (units, f, name, None if refit is None else norms)
     seeds["chosen"] = best[2]
+    if refit is not None:
+        fitness.use_norms(best[3])
     rng = np.random.default_rng(seed)
     return SearchState(units=best[0].tolist(), fitness=best[1], rng=rng.bit_generator.state, seeds=seeds,
-                       forward_tokens=len(candidates) * fitness.tokens[1])
+                       forward_tokens=tokens)
 
 
 def _learner():
@@ -326,7 +402,7 @@ def _learner():
     return Learner(settings={"step": SEARCH_STEP, "offspring": SEARCH_OFFSPRING, "measured": SEARCH_MEASURED,
                              "survivors": SEARCH_SURVIVORS, "max_switches": SEARCH_MAX_SWITCHES,
                              "stage_tokens": list(SEARCH_STAGE_TOKENS), "seeds": list(SEARCH_SEED_ALLOCATORS),
-                             "fitness": "KL(dense || pruned) on calibration windows, one-shot Wanda masks",
+                             "fitness": "KL(dense || pruned) on calibration windows, Wanda masks",
                              "format": SEARCH_FORMAT}, learn=_learn_search)
 
 
