@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -126,11 +127,11 @@ def sample_windows(stream: torch.Tensor, nsamples: int, seqlen: int, seed: int) 
     return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
 
 
-#: Token streams of the local C4 sample kept in this process, per (tokenizer, file): tokenizing the sample takes
-#: ~3 s here and every calibration set (any seed, size or spec) is cut from the same stream. Small: ~2 bytes ×
-#: 8 per token, a few MB each.
+#: Token streams of the local files kept in this process, per (tokenizer, file): tokenizing the C4 sample takes
+#: ~3 s here and every calibration set (any seed, size or spec) is cut from the same stream; WikiText-2's test or
+#: validation split ~2 s, and every perplexity and damage table reads one. 8 bytes per token, 2–3 MB each.
 _STREAMS: dict[tuple, torch.Tensor] = {}
-_STREAMS_KEPT = 4
+_STREAMS_KEPT = 6
 
 
 def _stream_key(tokenizer, path: Path) -> tuple | None:
@@ -145,19 +146,38 @@ def _stream_key(tokenizer, path: Path) -> tuple | None:
     return hashlib.sha256(backend.to_str().encode()).hexdigest(), str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
-def c4_token_stream(tokenizer, data_dir: str | Path | None) -> torch.Tensor:
-    """The C4 calibration stream for ``tokenizer`` (``token_stream`` of ``c4_documents``), reused within the process
-    for the local sample."""
-    key = _stream_key(tokenizer, _require(data_dir, C4_FILE)) if data_dir is not None else None
+def _kept_stream(key: tuple | None, tokenize: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``tokenize()``, or what it gave earlier in this process for ``key`` (None: never kept). A kept stream is
+    returned as a copy, so no caller can change what the next one gets."""
     if key is not None and key in _STREAMS:
-        return _STREAMS[key]
-    stream = token_stream(tokenizer, c4_documents(data_dir))
+        return _STREAMS[key].clone()
+    stream = tokenize()
     return_freed_memory()  # the tokenizer's work buffers would otherwise stay resident through pruning
     if key is not None:
         while len(_STREAMS) >= _STREAMS_KEPT:
             _STREAMS.pop(next(iter(_STREAMS)))
-        _STREAMS[key] = stream
+        _STREAMS[key] = stream.clone()
     return stream
+
+
+def c4_token_stream(tokenizer, data_dir: str | Path | None) -> torch.Tensor:
+    """The C4 calibration stream for ``tokenizer`` (``token_stream`` of ``c4_documents``), reused within the process
+    for the local sample."""
+    identity = _stream_key(tokenizer, _require(data_dir, C4_FILE)) if data_dir is not None else None
+    return _kept_stream(None if identity is None else ("c4", *identity),
+                        lambda: token_stream(tokenizer, c4_documents(data_dir)))
+
+
+def wikitext2_ids(tokenizer, split: str = "test", data_dir: str | Path | None = None) -> torch.Tensor:
+    """``wikitext2_text`` tokenized with the tokenizer's defaults, as the papers' code does (a BOS, if the tokenizer
+    adds one, opens the stream): (n_tokens,) int64; reused within the process for the local files."""
+    if split not in WIKITEXT_FILES:
+        raise ValueError(f"WikiText-2 split must be one of {', '.join(WIKITEXT_FILES)}; got {split!r}")
+    key = None
+    if data_dir is not None:
+        identity = _stream_key(tokenizer, _require(data_dir, WIKITEXT_FILES[split]))
+        key = None if identity is None else ("wikitext2", split, *identity)
+    return _kept_stream(key, lambda: tokenizer(wikitext2_text(split, data_dir), return_tensors="pt").input_ids[0])
 
 
 def calibration_tokens(tokenizer, calib: CalibSpec) -> torch.Tensor:

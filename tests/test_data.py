@@ -69,22 +69,47 @@ def test_calib_spec_validation_and_presets():
     assert CalibSpec(data_dir="/a").key() == CalibSpec(data_dir="/b").key() != CalibSpec(data_dir=None).key()
 
 
-def test_c4_stream_is_reused_until_the_file_changes(smollm2, tmp_path):
-    """The tokenized C4 stream is kept per (tokenizer, file): equal to a fresh tokenization, and a changed file is
-    tokenized again."""
+def test_c4_stream_is_reused_until_the_file_changes(smollm2, tmp_path, monkeypatch):
+    """The tokenized C4 stream is kept per (tokenizer, file): equal to a fresh tokenization, read once, handed out
+    as a copy (a caller's change does not reach the next caller), and a changed file is tokenized again."""
     import json
     import os
 
+    import pruner.data
     from pruner.data import C4_FILE, c4_token_stream, token_stream
 
+    reads = []
+    real = pruner.data.c4_documents
+    monkeypatch.setattr(pruner.data, "c4_documents", lambda d: reads.append(d) or real(d))
     path = tmp_path / C4_FILE
     path.parent.mkdir(parents=True)
     path.write_text("\n".join(json.dumps({"text": t}) for t in ["one two three", "four five"]))
     tok = smollm2.tokenizer
     first = c4_token_stream(tok, tmp_path)
-    assert torch.equal(first, token_stream(tok, ["one two three", "four five"]))
-    assert c4_token_stream(tok, tmp_path) is first  # reused
+    expected = token_stream(tok, ["one two three", "four five"])
+    assert torch.equal(first, expected)
+    first[0] = -1
+    assert torch.equal(c4_token_stream(tok, tmp_path), expected) and len(reads) == 1  # reused, unchanged
     path.write_text(json.dumps({"text": "six seven eight nine"}))
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # a later modification time
     second = c4_token_stream(tok, tmp_path)
     assert torch.equal(second, token_stream(tok, ["six seven eight nine"]))
+
+
+def test_wikitext2_ids_are_the_tokenized_text_and_tokenized_once(smollm2, data_dir, monkeypatch):
+    """``wikitext2_ids`` is the tokenizer's own encoding of ``wikitext2_text`` (defaults: the papers' protocol), read
+    once per process and handed out as a copy; an unknown split is refused by name."""
+    import pruner.data
+    from pruner.data import wikitext2_ids, wikitext2_text
+
+    reads = []
+    real = pruner.data.wikitext2_text
+    monkeypatch.setattr(pruner.data, "wikitext2_text", lambda *a: reads.append(a) or real(*a))
+    expected = smollm2.tokenizer(wikitext2_text("validation", data_dir), return_tensors="pt").input_ids[0]
+    first = wikitext2_ids(smollm2.tokenizer, "validation", data_dir)
+    assert torch.equal(first, expected) and first.dtype == torch.int64
+    first[:10] = -1
+    again = wikitext2_ids(smollm2.tokenizer, "validation", data_dir)
+    assert torch.equal(again, expected) and len(reads) <= 1  # at most the first call read it (a kept one: none)
+    with pytest.raises(ValueError, match="must be one of"):
+        wikitext2_ids(smollm2.tokenizer, "train", data_dir)

@@ -99,6 +99,28 @@ def calibration_only_data(data_dir, tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="module")
+def table_cache(tiny_folder, calibration_only_data, tmp_path_factory) -> Path:
+    """A cache with the tiny Llama's statistics (4 × 64 calibration tokens) and its damage table around S = 0.6,
+    built once for this module; a test copies it (``_with_table``) rather than measuring the same table again."""
+    from pruner.predictor.cache import get_damage_table
+    from pruner.predictor.table import PredictorSpec
+
+    cache = tmp_path_factory.mktemp("search-table")
+    spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=64, data_dir=calibration_only_data))
+    get_damage_table(PredictorSpec(spec, around=0.6), cache, data_dir=calibration_only_data)
+    return cache
+
+
+def _with_table(table_cache: Path, cache: Path) -> Path:
+    import shutil
+
+    for part in ("stats", "predictors", "models"):
+        if (table_cache / part).is_dir():
+            shutil.copytree(table_cache / part, cache / part, dirs_exist_ok=True)
+    return cache
+
+
 def _search_cli(tiny_folder, data, cache, generations, **popen):
     cmd = [sys.executable, "-m", "pruner", "allocate", "--model", tiny_folder, "--nsamples", "4", "--seqlen", "64",
            "--data-dir", data, "--cache-dir", str(cache), "--allocator", "search", "--sparsity", "0.6",
@@ -106,7 +128,7 @@ def _search_cli(tiny_folder, data, cache, generations, **popen):
     return subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def test_the_search_on_a_tiny_model_resumes_after_a_kill(tiny_folder, calibration_only_data, tmp_path):
+def test_the_search_on_a_tiny_model_resumes_after_a_kill(tiny_folder, calibration_only_data, table_cache, tmp_path):
     """Through the CLI in real processes: one search killed (SIGKILL) after its second saved generation and run
     again goes on from that generation with its saved history; the mean is S exactly; WikiText-2's test split is
     absent from the data folder; the found allocation prunes a run."""
@@ -116,7 +138,7 @@ def test_the_search_on_a_tiny_model_resumes_after_a_kill(tiny_folder, calibratio
     generations = 8
     spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=64, data_dir=calibration_only_data))
     key = learned_key(spec, "search", 0.6, {"reach": 0.15, "generations": generations, "screen": 0})
-    killed = tmp_path / "killed"
+    killed = _with_table(table_cache, tmp_path / "killed")
     checkpoint = CacheLayout.at(killed).search(key)
     proc = _search_cli(tiny_folder, calibration_only_data, killed, generations)
     deadline = time.monotonic() + 240
@@ -190,7 +212,8 @@ def _kl_of_full_forward(dense, pruned, tokens) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean(-1).mean())
 
 
-def test_the_sequential_fitness_scores_a_parent_as_its_final_wanda_prune(tiny_folder, calibration_only_data, tmp_path):
+def test_the_sequential_fitness_scores_a_parent_as_its_final_wanda_prune(tiny_folder, calibration_only_data, table_cache,
+                                                                          tmp_path):
     """With ``sequential`` = 1 the fitness of a parent is the KL divergence of the model the final (sequential)
     Wanda prune of its allocation gives, on the search's own windows, computed here through the models' full
     forward passes; the one-shot fitness (dense norms) of the same allocation is not. Checked on an allocation far
@@ -207,6 +230,7 @@ def test_the_sequential_fitness_scores_a_parent_as_its_final_wanda_prune(tiny_fo
     from pruner.predictor.search import SEARCH_STEP, KLFitness
 
     spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=64, data_dir=calibration_only_data))
+    _with_table(table_cache, tmp_path)
     loaded = load_model(spec.model, tmp_path)
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     stats = get_stats(spec, tmp_path, loaded=loaded)

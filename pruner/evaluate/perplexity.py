@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pruner.core.intervals import perplexity_over_chunks
-from pruner.data import wikitext2_text
+from pruner.data import wikitext2_ids
 from pruner.engine.calibrate import Cancelled, run_blockwise
 
 #: Label value that cross_entropy skips (the last position of a chunk has no next token).
@@ -159,7 +159,7 @@ def wikitext2_perplexity(model, tokenizer, data_dir=None, split: str = "test", s
     check_window(model, seqlen)
     seqlen = seqlen or default_seqlen(model)
     # Tokenizer defaults, as the papers' code: a BOS (if the tokenizer adds one) opens the stream, not each chunk.
-    ids = tokenizer(wikitext2_text(split, data_dir), return_tensors="pt").input_ids[0]
+    ids = wikitext2_ids(tokenizer, split, data_dir)
     chunks = chunk_stream(ids, seqlen, max_chunks)
     full = ids.numel() // seqlen
     t0 = time.perf_counter()

@@ -18,10 +18,10 @@ from pruner.predictor.table import ENERGY_STEP, HOLDOUT_SPLIT, DamageTable, Pred
 def holdout_windows(tokenizer, data_dir, windows: int, window_tokens: int) -> torch.Tensor:
     """``windows`` evenly spaced, non-overlapping windows of ``window_tokens`` tokens of WikiText-2 validation:
     (windows, window_tokens)."""
-    from pruner.data import wikitext2_text
+    from pruner.data import wikitext2_ids
     from pruner.evaluate.perplexity import chunk_stream
 
-    ids = tokenizer(wikitext2_text(HOLDOUT_SPLIT, data_dir), return_tensors="pt").input_ids[0]
+    ids = wikitext2_ids(tokenizer, HOLDOUT_SPLIT, data_dir)
     chunks = chunk_stream(ids, window_tokens)
     if len(chunks) < windows:
         raise ValueError(f"WikiText-2 validation has {len(chunks)} windows of {window_tokens} tokens; asked for "

@@ -345,7 +345,7 @@ def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", batch
                 fitness.use_norms(fitness.sequential_norms(np.asarray(state.units), tokens, should_cancel))
         else:
             state, resumed = _seeded_state(stats, table, sparsity, reach, total, lo, hi, fitness, spec.calib.seed,
-                                           allocate, optimal_block_sparsity, refit), None
+                                           allocate, optimal_block_sparsity, refit, progress), None
 
         def save(s: SearchState) -> None:
             write_json_atomic(path, {"key": key, "format": SEARCH_FORMAT, "sparsity": sparsity, "params": params,
@@ -371,9 +371,10 @@ def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", batch
 
 
 def _seeded_state(stats, table, sparsity, reach, total, lo, hi, fitness, seed, allocate, optimal,
-                  refit=None) -> SearchState:
+                  refit=None, progress=None) -> SearchState:
     """The first parent: the best of the seed allocations on stage 2 (each put on the lattice within the bounds;
-    with ``refit``, each scored under its own sequential norms, and the chosen one's norms left in use)."""
+    with ``refit``, each scored under its own sequential norms, and the chosen one's norms left in use).
+    ``progress`` counts the seeds scored (with ``refit`` each takes a calibration pass)."""
     candidates = {name: allocate(name, stats, sparsity).block_sparsity for name in SEARCH_SEED_ALLOCATORS}
     candidates["predicted"] = optimal(table, sparsity, reach=reach)
     seeds, best, tokens = {}, None, 0
@@ -388,6 +389,8 @@ def _seeded_state(stats, table, sparsity, reach, total, lo, hi, fitness, seed, a
         seeds[name] = {"fitness": f, "largest_move_to_lattice": round(moved, 6)}
         if best is None or f < best[1]:
             best = (units, f, name, None if refit is None else norms)
+        if progress is not None:
+            progress(len(seeds), len(candidates))
     seeds["chosen"] = best[2]
     if refit is not None:
         fitness.use_norms(best[3])
