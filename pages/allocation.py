@@ -298,12 +298,13 @@ def _search_report(result: dict | None, values: dict, S: float) -> None:
         saved = saved_search(sel.stats_spec, S, a.pick(values), sel.cache_dir)
         if saved is None:
             return
-        state, total, screened = saved["state"], saved["generations"], saved["params"]["screen"]
+        state, total, params = saved["state"], saved["generations"], saved["params"]
         st.caption(f"Generation {state['generation']} of {total} saved (the curve above is its best allocation so "
-                   "far). A running search adds one every few seconds; a stopped one resumes from here when learned "
-                   "again.")
+                   "far). A running search adds one every few seconds (with sequential norms, a new parent adds a "
+                   "calibration pass: about a Wanda prune's time); a stopped one resumes from here when learned again.")
     else:
-        state, total, screened = result, len(result["history"]), result["params"]["screen"]
+        state, total, params = result, len(result["history"]), result["params"]
+    screened, sequential = params["screen"], params.get("sequential", 0)
     if not state["history"]:
         return
     st.plotly_chart(search_progress_figure(state["history"], state["seeds"]), width="stretch",
@@ -313,11 +314,15 @@ def _search_report(result: dict | None, values: dict, S: float) -> None:
     proposed = sum(h["proposed"] for h in state["history"])
     within = [r for r in generation_rank_correlations(state["history"], state.get("pairs", [])) if r is not None]
     rho = f"{sum(within) / len(within):+.2f} within a generation" if within else "n/a"
+    refits = sum(h.get("refitted", False) for h in state["history"])
     st.caption(f"{measured} of {proposed} children measured on calibration text "
                + ("(the damage table chose them" if screened else "(chosen at random: screening off")
                + f"), {last['forward_tokens']:,} tokens scored in all. How well the table ranks the measured "
                f"children (Spearman's ρ, 1 is perfect): {rho}. Started from "
-               f"{ALLOCATORS[state['seeds']['chosen']].label}, the best of the seeds (dotted).")
+               f"{ALLOCATORS[state['seeds']['chosen']].label}, the best of the seeds (dotted). "
+               + (f"Masks from each parent's sequential Wanda prune: {refits} new parents refitted, each a "
+                  "calibration pass (a parent's fitness is its final Wanda prune's)." if sequential
+                  else "Masks from the dense model's input norms (one-shot)."))
 
 
 what_if()

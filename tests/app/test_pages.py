@@ -471,5 +471,6 @@ def test_allocation_shows_a_search_running_and_finished(tiny_folder, data_dir, t
     at.run()
     assert not at.exception, at.exception
     assert any(c.value.startswith("Generation 3 of 3 saved") for c in at.caption)
+    assert any("Masks from the dense model's input norms (one-shot)" in c.value for c in at.caption)  # sequential 0
     np.testing.assert_allclose(curve(curves(at), "Search (evolutionary)"),
                                np.asarray(saved["state"]["units"]) * 0.01, atol=1e-9)
