@@ -399,7 +399,14 @@ def test_tuning_searches_the_slider_grid_for_the_lowest_prediction(built):
         tune_parameters(table, stats, "besa", 0.5)
 
 
-def test_cli_prune_tune_records_the_tuned_parameters(tiny_folder, data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def tune_cache(tmp_path_factory):
+    """One cache for the two `prune --tune` tests: both tune at S = 0.5 on the tiny Llama's Wanda table around it
+    (4 × 32 calibration tokens), which the first builds and the second reads (each builds it when run alone)."""
+    return tmp_path_factory.mktemp("tune-cache")
+
+
+def test_cli_prune_tune_records_the_tuned_parameters(tiny_folder, data_dir, tune_cache):
     """`prune --tune` in a real subprocess: the damage table is built, OWL's λ and M are chosen on it, and the
     run's manifest carries them and how they were chosen."""
     import json
@@ -407,11 +414,11 @@ def test_cli_prune_tune_records_the_tuned_parameters(tiny_folder, data_dir, tmp_
     from tests.test_cli import run_cli
 
     r = run_cli("prune", "--model", tiny_folder, "--nsamples", "4", "--seqlen", "32", "--allocator", "owl",
-                "--method", "wanda", "--sparsity", "0.5", "--tune", cache=tmp_path, data_dir=data_dir)
+                "--method", "wanda", "--sparsity", "0.5", "--tune", cache=tune_cache, data_dir=data_dir)
     assert r.returncode == 0, r.stderr
     assert "parameters tuned on the perplexity predictor (121 tried)" in r.stdout
     key = r.stdout.split()[1].rstrip(":")
-    manifest = json.loads((tmp_path / "runs" / key / "manifest.json").read_text())
+    manifest = json.loads((tune_cache / "runs" / key / "manifest.json").read_text())
     assert manifest["tuning"]["params"] == manifest["spec"]["allocator_params"]
     assert manifest["tuning"]["by"] == "perplexity predictor"
     stats = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir))
@@ -423,7 +430,7 @@ def test_cli_prune_tune_records_the_tuned_parameters(tiny_folder, data_dir, tmp_
                                allocator="uniform", method="wanda", sparsity=0.5), tune=True)
 
 
-def test_tuning_reads_the_method_s_own_table_or_says_it_could_not(tiny_folder, data_dir, tmp_path, capsys):
+def test_tuning_reads_the_method_s_own_table_or_says_it_could_not(tiny_folder, data_dir, tune_cache, capsys):
     """Magnitude is tuned on a magnitude table; SparseGPT (whose weight updates no table measures) on a Wanda table,
     and the run's record and the CLI say so."""
     import json
@@ -434,15 +441,15 @@ def test_tuning_reads_the_method_s_own_table_or_says_it_could_not(tiny_folder, d
     calib = CalibSpec(nsamples=4, seqlen=32, data_dir=data_dir)
     stats = StatsSpec(ModelSpec(tiny_folder), calib)
     magnitude = tuned_spec(PruneSpec(model=ModelSpec(tiny_folder), calib=calib, allocator="atp", method="magnitude",
-                                     sparsity=0.5), Context(cache_dir=tmp_path))[1]
+                                     sparsity=0.5), Context(cache_dir=tune_cache))[1]
     assert magnitude["predictor"] == PredictorSpec(stats, method="magnitude", around=0.5).key()
     assert magnitude["table_method"] == "magnitude" and "caveat" not in magnitude
     r = cli_in_process(capsys, "prune", "--model", tiny_folder, "--nsamples", "4", "--seqlen", "32", "--allocator",
-                       "atp", "--method", "sparsegpt", "--sparsity", "0.5", "--tune", cache=tmp_path, data_dir=data_dir)
+                       "atp", "--method", "sparsegpt", "--sparsity", "0.5", "--tune", cache=tune_cache, data_dir=data_dir)
     assert r.returncode == 0, r.stderr
     assert "caveat: tuned on a wanda damage table: sparsegpt updates the kept weights" in r.stdout
     key = r.stdout.split()[1].rstrip(":")
-    tuning = json.loads((tmp_path / "runs" / key / "manifest.json").read_text())["tuning"]
+    tuning = json.loads((tune_cache / "runs" / key / "manifest.json").read_text())["tuning"]
     assert tuning["predictor"] == PredictorSpec(stats, method="wanda", around=0.5).key()
     assert tuning["table_method"] == "wanda" and tuning["caveat"].startswith("tuned on a wanda damage table")
 
