@@ -7,8 +7,12 @@ If the search's allocation is lower on its own windows but not on held-out ones,
 (selection on few tokens); if it is lower on both, the gap between its KL and WikiText-2 perplexity is the one-shot
 vs sequential-prune difference.
 
-Run: `.venv/bin/python -m bench.search_holdout --seeds 0 1 [--holdout-windows 16]` (stored runs of uniform, ATP,
-predicted and search with Wanda at 70%, preset cpu, are read from the cache; nothing is pruned).
+With ``--sequential`` two more columns score each allocation's **final** Wanda model instead (the masks of the
+sequential prune on the seed's whole calibration set, ``pruner.predictor.search.sequential_wanda_norms``: what the
+search's ``sequential`` = 1 fitness measures), on the same two window sets: does that KL order the perplexities?
+
+Run: `.venv/bin/python -m bench.search_holdout --seeds 0 1 [--holdout-windows 16] [--sequential]` (stored runs of
+uniform, ATP, predicted and search with Wanda at 70%, preset cpu, are read from the cache; nothing is stored).
 """
 
 from __future__ import annotations
@@ -40,15 +44,18 @@ def main() -> None:
     ap.add_argument("--holdout-seed-offset", type=int, default=1000, help="held-out windows: calibration seed + this")
     ap.add_argument("--holdout-windows", type=int, default=16, help="held-out windows of the preset's length")
     ap.add_argument("--max-chunks", type=int, default=8, help="the perplexity column's protocol: first N chunks")
+    ap.add_argument("--sequential", action="store_true", help="also the KL of each allocation's final Wanda model")
     args = ap.parse_args()
     data_dir = str(default_data_dir())
     loaded = load_model(ModelSpec("smollm2-135m"))
     model = loaded.model
     runs = list_runs(None).runs
     print(f"# {machine()}; commit {git_rev()}; Wanda masks at S = {args.sparsity:g}; KL(dense ‖ pruned) per token")
-    print(f"| seed | allocator | KL, search's windows (2,048 tokens) | KL, {args.holdout_windows} held-out windows | "
-          f"perplexity (first {args.max_chunks} chunks) |")
-    print("|---|---|---|---|---|")
+    final = (" final Wanda model's KL, search's windows | final model's KL, held-out windows |"
+             if args.sequential else "")
+    print(f"| seed | allocator | KL, search's windows (2,048 tokens) | KL, {args.holdout_windows} held-out windows |"
+          f"{final} perplexity (first {args.max_chunks} chunks) |")
+    print("|---|---|---|---|---|" + ("---|---|" if args.sequential else ""))
     for seed in args.seeds:
         calib = CalibSpec.preset("cpu", data_dir=data_dir, seed=seed)
         spec = StatsSpec(model=ModelSpec("smollm2-135m"), calib=calib)
@@ -68,16 +75,26 @@ def main() -> None:
         lo, hi = unit_bounds(args.sparsity, 0.15, n_blocks)
         total = int(round(args.sparsity * n_blocks / SEARCH_STEP))
         kl: dict = {label: {} for label in chosen}
+        norms: dict = {}  # label → the input norms of its sequential Wanda prune (independent of the windows)
         for name, windows in (("own", own[:own_windows]), ("held", held)):
             fitness = KLFitness(model, stats, windows, (len(windows),), "cpu", SEARCH_STEP)
+            dense_norms = fitness.masks.runner.norms
             try:
                 for label, (block, _) in chosen.items():
-                    kl[label][name] = fitness(to_lattice(block, total, lo, hi), 0)
+                    units = to_lattice(block, total, lo, hi)
+                    kl[label][name] = fitness(units, 0)
+                    if args.sequential:
+                        if label not in norms:
+                            norms[label] = fitness.sequential_norms(units, own)
+                        fitness.use_norms(norms[label])
+                        kl[label]["final " + name] = fitness(units, 0)
+                        fitness.use_norms(dense_norms)
             finally:
                 fitness.restore()
         for label in sorted(chosen, key=lambda k: kl[k]["held"]):
             ppl = chosen[label][1]
-            print(f"| {seed} | {label} | {kl[label]['own']:.4f} | {kl[label]['held']:.4f} | "
+            final = (f" {kl[label]['final own']:.4f} | {kl[label]['final held']:.4f} |" if args.sequential else "")
+            print(f"| {seed} | {label} | {kl[label]['own']:.4f} | {kl[label]['held']:.4f} |{final} "
                   f"{ppl['perplexity'] if ppl else float('nan'):.1f} |", flush=True)
 
 if __name__ == "__main__":

@@ -41,6 +41,17 @@ def share_project_models(cache: Path) -> Path:
     return cache
 
 
+def copy_measured(source: Path, cache: Path) -> Path:
+    """Copy the statistics and damage tables measured in ``source`` (a test module's shared cache) into a test's
+    ``cache``, so that a test which only reads them does not measure them again. Returns ``cache``."""
+    import shutil
+
+    for part in ("stats", "predictors"):
+        if (source / part).is_dir():
+            shutil.copytree(source / part, cache / part, dirs_exist_ok=True)
+    return cache
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> str:
     """The offline data folder (CI has it at ../shared/data); its absence is a failure, not a skip."""

@@ -18,6 +18,7 @@ from pruner.predictor.search import (SEARCH_MEASURED, SEARCH_SURVIVORS, SearchSt
                                      to_lattice, unit_bounds)
 from pruner.specs import CalibSpec, PruneSpec, StatsSpec
 from pruner.store.files import PROJECT_ROOT
+from tests.conftest import copy_measured
 
 
 def test_lattice_worked_by_hand():
@@ -102,22 +103,13 @@ def calibration_only_data(data_dir, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def table_cache(tiny_folder, calibration_only_data, tmp_path_factory) -> Path:
     """A cache with the tiny Llama's statistics (4 × 64 calibration tokens) and its damage table around S = 0.6,
-    built once for this module; a test copies it (``_with_table``) rather than measuring the same table again."""
+    built once for this module; a test copies it (``copy_measured``) rather than measuring the same table again."""
     from pruner.predictor.cache import get_damage_table
     from pruner.predictor.table import PredictorSpec
 
     cache = tmp_path_factory.mktemp("search-table")
     spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=64, data_dir=calibration_only_data))
     get_damage_table(PredictorSpec(spec, around=0.6), cache, data_dir=calibration_only_data)
-    return cache
-
-
-def _with_table(table_cache: Path, cache: Path) -> Path:
-    import shutil
-
-    for part in ("stats", "predictors", "models"):
-        if (table_cache / part).is_dir():
-            shutil.copytree(table_cache / part, cache / part, dirs_exist_ok=True)
     return cache
 
 
@@ -138,7 +130,7 @@ def test_the_search_on_a_tiny_model_resumes_after_a_kill(tiny_folder, calibratio
     generations = 8
     spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=64, data_dir=calibration_only_data))
     key = learned_key(spec, "search", 0.6, {"reach": 0.15, "generations": generations, "screen": 0})
-    killed = _with_table(table_cache, tmp_path / "killed")
+    killed = copy_measured(table_cache, tmp_path / "killed")
     checkpoint = CacheLayout.at(killed).search(key)
     proc = _search_cli(tiny_folder, calibration_only_data, killed, generations)
     deadline = time.monotonic() + 240
@@ -230,7 +222,7 @@ def test_the_sequential_fitness_scores_a_parent_as_its_final_wanda_prune(tiny_fo
     from pruner.predictor.search import SEARCH_STEP, KLFitness
 
     spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=64, data_dir=calibration_only_data))
-    _with_table(table_cache, tmp_path)
+    copy_measured(table_cache, tmp_path)
     loaded = load_model(spec.model, tmp_path)
     before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     stats = get_stats(spec, tmp_path, loaded=loaded)
