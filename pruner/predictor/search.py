@@ -21,7 +21,8 @@ search's Wanda masks stand in for both.
 One generation: ``SEARCH_OFFSPRING`` children of the current best; with screening the damage table around S ranks
 them and the ``SEARCH_MEASURED`` best are measured, without it (the ablation, at the same measured budget) a
 random ``SEARCH_MEASURED``; stage 1 scores those on the first windows, the ``SEARCH_SURVIVORS`` best are scored
-on more windows (stage 2, EvoPress's multi-step selection), and the best replaces the parent if it beats it there.
+on more windows (stage 2, EvoPress's multi-step selection), and the best replaces the parent if it beats it there
+(with ``sequential`` = 1 it is scored again under its own sequential norms first, and must still beat it).
 The table's predictions of every measured child are kept beside their stage-1 fitness, and the rank correlation
 between them is reported as the search runs. Seeds: the closed-form allocations at S (uniform, OWL, DLP, ATP at
 their defaults) and the predictor-optimal one, each scored on stage 2; the best is the first parent.
@@ -59,7 +60,7 @@ SEARCH_MAX_SWITCHES = 3
 #: predictor-optimal allocation.
 SEARCH_SEED_ALLOCATORS = ("uniform", "owl", "dlp", "atp")
 #: Bump when the search or its checkpoint changes (part of the cache key through the learner's settings).
-SEARCH_FORMAT = 1
+SEARCH_FORMAT = 2  # 2: a refitted child (sequential = 1) replaces the parent only if it still beats it
 
 
 def unit_bounds(sparsity: float, reach: float, n_blocks: int,
@@ -132,12 +133,14 @@ def evolve(state: SearchState, generations: int, lo: np.ndarray, hi: np.ndarray,
            predict: Callable[[np.ndarray], float], screen: bool = True,
            on_generation: Callable[[SearchState], None] | None = None,
            should_cancel: Callable[[], bool] | None = None,
-           refit: Callable[[np.ndarray], tuple[float, int]] | None = None) -> SearchState:
+           refit: Callable[[np.ndarray, float], tuple[float, int, bool]] | None = None) -> SearchState:
     """Run generations ``state.generation`` … ``generations`` − 1 (see the module docstring). ``fitness(units,
     stage)``: the candidate's KL on stage 0's or stage 1's windows (lower is better); ``predict(units)``: the
     table's predicted perplexity. ``on_generation`` gets the state after each generation (to save it).
-    ``refit(units)``, when given, is called on every new parent (the sequential fitness: its masks' input norms
-    are computed again for it) and returns its stage-2 fitness under them and the forward tokens that took."""
+    ``refit(units, parent_fitness)``, when given (the sequential fitness), is called on the child that beat the
+    parent under the parent's norms: its masks' input norms are computed again for it, and it returns its stage-2
+    fitness under them, the forward tokens that took, and whether it kept them (only below ``parent_fitness``; else
+    the parent's norms are back). The child replaces the parent only if it kept them."""
     from pruner.engine.calibrate import Cancelled
 
     rng = np.random.default_rng()
@@ -163,19 +166,23 @@ def evolve(state: SearchState, generations: int, lo: np.ndarray, hi: np.ndarray,
         second = np.array([fitness(children[i], 1) for i in survivors])
         state.forward_tokens += len(picked) * stage_tokens[0] + len(survivors) * stage_tokens[1]
         best = int(np.argmin(second))
-        replaced = bool(second[best] < state.fitness)
-        if replaced:
+        replaced = refitted = bool(second[best] < state.fitness)
+        if replaced and refit is None:
             parent, state.fitness = children[survivors[best]], float(second[best])
-            if refit is not None:
-                state.fitness, tokens = refit(parent)
-                state.forward_tokens += tokens
+        elif replaced:  # scored again under its own norms; it must still beat the parent there
+            fitness_own, tokens, replaced = refit(children[survivors[best]], state.fitness)
+            state.forward_tokens += tokens
+            if replaced:
+                parent, state.fitness = children[survivors[best]], fitness_own
+        else:
+            refitted = False
         state.generation += 1
         state.units = parent.tolist()
         state.rng = rng.bit_generator.state
         state.history.append({
             "generation": state.generation, "best": state.fitness, "median": float(np.median(first)),
             "proposed": len(children), "measured": len(picked), "survivors": len(survivors), "replaced": replaced,
-            "refitted": replaced and refit is not None,
+            "refitted": refitted and refit is not None,
             "rank_correlation": _rank_correlation(state.pairs),
             "forward_tokens": state.forward_tokens})
         if on_generation is not None:
@@ -332,9 +339,13 @@ def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", batch
     t0 = time.perf_counter()
     fitness = KLFitness(model, stats, tokens[:windows[-1]], windows, device, SEARCH_STEP, batch_size=batch_size)
 
-    def refit_sequential(units: np.ndarray) -> tuple[float, int]:
+    def refit_sequential(units: np.ndarray, below: float = math.inf) -> tuple[float, int, bool]:
+        previous = fitness.masks.runner.norms
         fitness.use_norms(fitness.sequential_norms(units, tokens, should_cancel))
-        return fitness(units, 1), int(tokens.numel()) + fitness.tokens[1]
+        f = fitness(units, 1)
+        if not f < below:
+            fitness.use_norms(previous)  # the parent's norms again (a re-ranking, no calibration pass)
+        return f, int(tokens.numel()) + fitness.tokens[1], f < below
 
     refit = refit_sequential if params["sequential"] else None
     try:
@@ -383,7 +394,7 @@ def _seeded_state(stats, table, sparsity, reach, total, lo, hi, fitness, seed, a
         if refit is None:
             f, used = fitness(units, 1), fitness.tokens[1]
         else:
-            (f, used), norms = refit(units), fitness.masks.runner.norms
+            (f, used, _), norms = refit(units), fitness.masks.runner.norms
         tokens += used
         moved = float(np.abs(units * SEARCH_STEP - np.asarray(block)).max())
         seeds[name] = {"fitness": f, "largest_move_to_lattice": round(moved, 6)}
