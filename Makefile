@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PORT   ?= 8501
 # pytest-xdist worker processes for `make test` (each computes with ⌊CPUs ÷ workers⌋ threads, at most 2; see
-# tests/conftest.py); 0 runs the suite in one process. A file's tests stay in one worker (--dist loadfile).
+# tests/conftest.py); 0 runs the suite in one process. A file's tests stay in one worker (--dist loadfile), and
+# files start in collection order (--no-loadscope-reorder), which tests/conftest.py makes longest first.
 TEST_WORKERS ?= 2
 
 .PHONY: run test install clean-cache deepsparse results
@@ -34,7 +35,7 @@ deepsparse: $(STAMP)
 test: $(STAMP)
 	-$(BIN)/python -m pruner deepsparse-env
 	$(BIN)/python -m pyflakes app.py pages pruner bench tests
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # Regenerates the cheap tables of docs/results.md (between `<!-- generated: NAME -->` markers) from the code as it is.
 results: $(STAMP)

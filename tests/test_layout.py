@@ -227,3 +227,18 @@ def test_editable_install_gives_a_pruner_command_usable_from_anywhere(tmp_path):
     r = subprocess.run([str(venv / "bin" / "python"), "-c", "import pruner; print(pruner.__file__)"],
                        capture_output=True, text=True, cwd=elsewhere, timeout=120)
     assert Path(r.stdout.strip()).parent == PACKAGE
+
+
+def test_the_suite_s_longest_first_order_names_files_that_exist_and_leads_the_collection(request):
+    """tests/conftest.py schedules ``LONGEST_FILES`` first (two xdist workers then finish together): a renamed or
+    removed file there would silently fall back to collection order, so each must exist, and the collection this
+    test belongs to must start with them, in that order."""
+    from tests.conftest import LONGEST_FILES
+
+    missing = [p for p in LONGEST_FILES if not (PROJECT_ROOT / p).is_file()]
+    assert missing == [], f"LONGEST_FILES names files that do not exist: {missing}"
+    assert list(LONGEST_FILES.values()) == sorted(LONGEST_FILES.values(), reverse=True)  # longest first
+    collected = list(dict.fromkeys(Path(str(i.path)).relative_to(PROJECT_ROOT).as_posix()
+                                   for i in request.session.items))
+    ranked = [p for p in LONGEST_FILES if p in collected]  # all of them in a full run
+    assert collected[:len(ranked)] == ranked, collected[:len(ranked) + 1]

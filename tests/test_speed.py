@@ -207,13 +207,14 @@ def _deepsparse_or_skip():
         pytest.skip(status["reason"])
 
 
-def test_deepsparse_worker_round_trip_on_a_stored_run(own_tiny_run):
+def test_deepsparse_worker_round_trip_on_a_stored_run(speed_timed_run):
+    """The tiny run's speed as measured once per test run (engine "auto", which is DeepSparse wherever it runs:
+    the Compare page's tests read the same measurement)."""
     _deepsparse_or_skip()
-    cache, folder = own_tiny_run
-    phases = []
-    result = metrics.evaluate_speed(folder, SpeedSpec(seqlen=16), cache, engine="deepsparse",
-                                progress=lambda p, d, t: phases.append(p))
-    assert {"export pruned", "timing"} <= set(phases)  # the dense graphs may be cached by an earlier test
+    cache, folder, phases = speed_timed_run
+    (name, result), = [(k, v) for k, v in read_manifest(folder)["metrics"].items() if k.startswith("speed:")]
+    assert name == metrics.speed_metric_name(result)
+    assert {"export pruned", "timing"} <= set(phases)  # the dense graphs may have been cached before
     assert result["engine"] == "deepsparse" and result["env"]["deepsparse"] == "1.8.0" and result["rejected"] == []
     for graph in ("prefill", "decode"):
         row = result["graphs"][graph]
@@ -224,8 +225,7 @@ def test_deepsparse_worker_round_trip_on_a_stored_run(own_tiny_run):
         assert result["speedup"][graph] == pytest.approx(row["dense"]["median_ms"] / row["pruned"]["median_ms"])
         assert result["speedup_by_round"][graph] == pytest.approx(
             [d / p for d, p in zip(row["dense"]["round_medians_ms"], row["pruned"]["round_medians_ms"])])
-    stored = read_manifest(folder)["metrics"][metrics.speed_metric_name(result)]
-    assert stored["speedup"] == result["speedup"] and stored["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert result["sparsity"] == pytest.approx(0.5, abs=0.01)
     # the dense graphs are kept for the next run of the same model and shape
     assert sorted(p.name for p in next((cache / "dense").iterdir()).glob(f"onnx/v{EXPORT_VERSION}-b1-t16/*.onnx")) == [
         "decode.onnx", "prefill.onnx"]

@@ -21,17 +21,17 @@ from tests.conftest import share_project_models
 
 
 @pytest.fixture(scope="module")
-def evaluated(tiny_run, data_dir, tmp_path_factory):
-    """The session's tiny run copied alone into this module's cache and evaluated there: the page charts every run
-    of its cache and only the tasks they all share, so nothing else may sit beside it."""
+def evaluated(speed_timed_run, data_dir, tmp_path_factory):
+    """The session's tiny run, its speed measured (DeepSparse where it runs, else the labelled fallback: the
+    ``speed_timed_run`` fixture), copied alone into this module's cache and evaluated there: the page charts every
+    run of its cache and only the tasks they all share, so nothing else may sit beside it."""
     cache = share_project_models(tmp_path_factory.mktemp("compare-eval-cache"))
-    folder = cache / "runs" / tiny_run[1].name
-    shutil.copytree(tiny_run[1], folder)
+    folder = cache / "runs" / speed_timed_run[1].name
+    shutil.copytree(speed_timed_run[1], folder)
     metrics.evaluate_perplexity(folder, data_dir, max_chunks=1, seqlen=64)
     metrics.evaluate_zeroshot(folder, data_dir, tasks=["rte", "arc_easy"], limit=2)
     metrics.dense_zeroshot(RunManifest.from_dict(read_manifest(folder)).model_spec(), data_dir, cache, tasks=["rte", "arc_easy"],
                        limit=2)
-    metrics.evaluate_speed(folder, SpeedSpec(seqlen=16), cache)  # DeepSparse where it runs, else the labelled fallback
     # OpenVINO: 8-bit timings where the CPU has AMX, else the one-line reason and no speed-up
     metrics.evaluate_speed(folder, SpeedSpec(seqlen=16), cache, engine="openvino", data_dir=data_dir)
     return cache, folder

@@ -19,15 +19,15 @@ from pruner.runs.execute import run_prune
 from pruner.runs.manifest import read_run, run_folder
 from pruner.specs import CalibSpec, PruneSpec, StatsSpec
 from pruner.store.files import PROJECT_ROOT
-from tests.conftest import share_project_models
+from tests.conftest import copy_measured, share_project_models
 
 LABEL = {"uniform": "Uniform", "owl": "OWL", "owl_inverse": "OWL-inverse", "er": "Erdős–Rényi", "global": "Global",
          "dlp": "DLP", "atp": "ATP"}
 
 
 @pytest.fixture(scope="module")
-def cached(smollm2, data_dir, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("app-cache")
+def cached(smollm2, smollm2_tiny_stats, data_dir, tmp_path_factory):
+    cache = copy_measured(smollm2_tiny_stats, tmp_path_factory.mktemp("app-cache"))
     share_project_models(cache)
     calib = CalibSpec.preset("tiny", data_dir=data_dir)
     stats = artifacts.get_stats(StatsSpec(ModelSpec("smollm2-135m"), calib), cache, loaded=smollm2)
