@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pruner.jobs.queue import JobStore, submit
 from pruner.jobs.workflows import PruneRequest
@@ -79,8 +80,10 @@ def _damage(folder, fault, other_stats_folder=None):
 def test_corrupt_or_foreign_statistics_are_named_listed_as_stale_and_never_used(tiny_run, smollm2, data_dir,
                                                                                 tmp_path):
     """The session's tiny run cached its statistics; they are truncated, byte-flipped, or replaced by another
-    model's (the bundled SmolLM2's, 30 blocks, saved under the tiny model's key): each is refused by name, listed by
+    model's (a 2-block Llama's, saved under the 4-block tiny model's key): each is refused by name, listed by
     `cache --stale`, and once removed computed again."""
+    import transformers as tf
+
     from pruner.engine import artifacts
     from pruner.engine.stats import CorruptStatistics
     from pruner.model.catalogue import ModelSpec
@@ -88,9 +91,15 @@ def test_corrupt_or_foreign_statistics_are_named_listed_as_stale_and_never_used(
     from pruner.specs import CalibSpec, StatsSpec
     from pruner.store.layout import CacheLayout
 
-    other = tmp_path / "other"
-    artifacts.get_stats(StatsSpec(ModelSpec("smollm2-135m"), CalibSpec(nsamples=1, seqlen=16, data_dir=data_dir)), other,
-                  loaded=smollm2)
+    other, other_model = tmp_path / "other", tmp_path / "two-block-llama"
+    torch.manual_seed(1)
+    tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(vocab_size=len(smollm2.tokenizer), hidden_size=32,
+                                                       intermediate_size=48, num_hidden_layers=2,
+                                                       num_attention_heads=4, num_key_value_heads=2)
+                                        ).save_pretrained(other_model)
+    smollm2.tokenizer.save_pretrained(other_model)
+    assert artifacts.get_stats(StatsSpec(ModelSpec(str(other_model)), CalibSpec(nsamples=1, seqlen=16,
+                                                                             data_dir=data_dir)), other).n_blocks == 2
     for fault in ("truncated", "byte-flipped", "foreign"):
         cache, run = copy_of_tiny_run(tiny_run, tmp_path / fault)
         spec = StatsSpec(ModelSpec(**{k: v for k, v in read_run(run).raw["spec"]["model"].items()
