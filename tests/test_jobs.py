@@ -118,7 +118,7 @@ def test_a_killed_workers_job_is_queued_again_and_finishes(cache, data_dir):
     (started by the next ensure_workers, as `jobs wait`, sweeps and the pages call it) runs it again, and it ends
     done, on its second attempt, with the run stored."""
     store = JobStore(cache / "jobs.sqlite")
-    job_id = submit(store, PruneRequest(_spec(data_dir, method="sparsegpt", seed=2, allocator="uniform")),
+    job_id = submit(store, PruneRequest(_spec(data_dir, seed=2, allocator="uniform")),
                     cache_dir=cache)
     job = _wait(store, job_id, lambda j: j.phase == "prune" and j.done >= 1)
     killed = job.worker_pid

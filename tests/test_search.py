@@ -127,7 +127,7 @@ def test_the_search_on_a_tiny_model_resumes_after_a_kill(tiny_folder, calibratio
     from pruner.engine.artifacts import learned_key
     from pruner.store.layout import CacheLayout
 
-    generations = 8
+    generations = 5
     spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=64, data_dir=calibration_only_data))
     key = learned_key(spec, "search", 0.6, {"reach": 0.15, "generations": generations, "screen": 0})
     killed = copy_measured(table_cache, tmp_path / "killed")
