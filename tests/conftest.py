@@ -35,14 +35,13 @@ def pytest_collection_modifyitems(session, config, items):
     """Put the files of ``LONGEST_FILES`` first, in its order; every other file keeps its collection order after
     them, and so does every test within its file. Every xdist worker computes the same order from the same list."""
     rank = {path: i for i, path in enumerate(LONGEST_FILES)}
-    order = {id(item): i for i, item in enumerate(items)}
     root = Path(str(config.rootpath))
 
     def file_rank(item) -> int:
         path = Path(str(item.path)).relative_to(root).as_posix()
         return rank.get(path, len(rank))
 
-    items.sort(key=lambda item: (file_rank(item), order[id(item)]))
+    items.sort(key=file_rank)  # a stable sort: the rest keeps collection order
 
 
 def pytest_sessionstart(session):
