@@ -257,6 +257,28 @@ def test_the_sequential_fitness_scores_a_parent_as_its_final_wanda_prune(tiny_fo
         4 * result["stage_tokens"][0] + 2 * result["stage_tokens"][1] for _ in result["history"]) + sum(
         (4 * 64 + result["stage_tokens"][1]) * h["refitted"] for h in result["history"])
 
+    # resumed (its learned entry removed, its checkpoint at generation 2 of 2 kept): the saved generation is
+    # reported before the saved parent's calibration pass (whose blocks each ask whether to cancel), and the result
+    # is the finished search's
+    import shutil
+
+    from pruner.engine.artifacts import learned_key
+    from pruner.store.layout import CacheLayout
+
+    params = {"reach": 0.15, "generations": 2, "screen": 0, "sequential": 1}
+    shutil.rmtree(CacheLayout.at(tmp_path).learned(learned_key(spec, "search", 0.6, params)))
+    calls = []
+
+    def asked() -> bool:
+        calls.append("asked")
+        return False
+
+    again = learn_allocation(spec, "search", 0.6, params, tmp_path, loaded=loaded,
+                             progress=lambda done, total: calls.append((done, total)), should_cancel=asked)
+    assert again["resumed_from"] == 2 and calls.index((2, 2)) < calls.index("asked")
+    assert (again["units"], again["fitness"], again["history"]) == (result["units"], result["fitness"],
+                                                                     result["history"])
+
 
 def test_a_new_parent_is_refitted_and_its_pass_counted():
     """``evolve``'s refit hook on the hand-made fitness: called for every child that beat the parent, which then

@@ -352,6 +352,8 @@ def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", batch
         saved = read_checkpoint(path, key)
         if saved is not None:
             state, resumed = SearchState.from_dict(saved["state"]), saved["state"]["generation"]
+            if progress is not None:  # shown before the saved parent's calibration pass below (minutes on a real model)
+                progress(resumed, generations)
             if refit is not None:  # the saved parent's fitness was measured under its own sequential norms
                 fitness.use_norms(fitness.sequential_norms(np.asarray(state.units), tokens, should_cancel))
         else:
