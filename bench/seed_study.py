@@ -20,7 +20,14 @@ learned when their turn comes.)
 
 ``--matrix`` (with ``--versus``) ends with one Markdown table, an allocator entry per row and a (method, S) per
 column, each cell the entry's perplexity ÷ the --versus entry's, paired by seed, with its 95% interval (bold where
-it excludes 1, "–" where either group is missing), the table at the top of docs/results.md.
+it excludes 1, "–" where either group is missing), the table at the top of docs/results.md. ``--versus best``
+compares each entry, per (method, S), with the best group of *another* allocator: the lowest geometric-mean
+perplexity over the entry's own seeds, among the entries whose allocator differs (so two settings of the searched
+allocation are never each other's baseline); the cell names that group. Picking the baseline after seeing the test
+perplexities favours the baseline, never the entry.
+
+    python -m bench.seed_study --allocators uniform owl dlp atp predicted besa search:generations=30,sequential=1 \
+        --methods wanda sparsegpt --sparsities 0.6 0.7 0.8 --seeds 3 --max-chunks 8 --report --versus best --matrix
 
 Runs are ordinary cached runs (same spec → same key), so the CLI (`prune --seeds 3 --ppl`), the Prune page and
 this script share them.
@@ -110,6 +117,26 @@ def matrix_cell(d, seeds: int, note: str = "") -> str:
     return f"**{text}**" if d.separable else text
 
 
+#: ``--versus`` value comparing each entry with the best group of another allocator.
+BEST_OTHER = "best"
+
+
+def best_other(group, others, metric: str):
+    """Of ``others`` (groups of other allocators), the one with the lowest geometric-mean perplexity over
+    ``group``'s seeds under ``metric``; groups missing one of those seeds are passed over. None if none qualifies."""
+    import math
+
+    mine = group.summary(metric)
+    if mine is None:
+        return None
+    scored = []
+    for g in others:
+        theirs = g.summary(metric)
+        if theirs is not None and set(mine.by_seed) <= set(theirs.by_seed):
+            scored.append((sum(math.log(theirs.by_seed[s]) for s in mine.by_seed), len(scored), g))
+    return min(scored)[2] if scored else None
+
+
 def refusals(specs: list[PruneSpec], cache_dir: str | None) -> dict[str, str]:
     """{spec key: the allocator's refusal} for every spec whose closed-form allocation is refused (statistics
     are computed and cached where missing; runs already in the cache and learned allocators are not checked)."""
@@ -158,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--drop-weights", action="store_true",
                    help="keep only each new run's manifest and metrics (saves 0.5 GB of disk per SmolLM2 run)")
     p.add_argument("--versus", help="also compare every group with this allocator's group (an --allocators entry, "
-                                    "e.g. uniform), paired by seed")
+                                    "e.g. uniform), paired by seed; `best`: with the best group of another allocator "
+                                    "in the same (method, S), over the entry's seeds")
     p.add_argument("--matrix", action="store_true",
                    help="end with one table: every --allocators entry ÷ the --versus one, per (method, S)")
     p.add_argument("--skip-refused", action="store_true",
@@ -167,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.matrix and not args.versus:
         p.error("--matrix compares every entry with the --versus entry: give --versus (e.g. --versus uniform)")
+    if args.versus not in (None, BEST_OTHER) and args.versus not in args.allocators:
+        p.error(f"--versus must be one of the --allocators entries ({', '.join(args.allocators)}) or {BEST_OTHER!r}; "
+                f"got {args.versus!r}")
     data_dir = os.environ.get("PRUNER_DATA_DIR") or str(default_data_dir())
     calib = CalibSpec.preset(args.preset, data_dir=data_dir)
     specs = [PruneSpec(model=ModelSpec(args.model), calib=dataclasses.replace(calib, seed=seed),
@@ -226,6 +257,19 @@ def main(argv: list[str] | None = None) -> None:
                       f"{r.summary.perplexity.text(1)} | {vs} |")
             if not args.versus:
                 continue
+            if args.versus == BEST_OTHER:
+                print("\nEach group ÷ the best group of another allocator over its seeds (paired by seed):")
+                for entry in args.allocators:
+                    group = group_of(entry, groups, m, S)
+                    others = [g for e in args.allocators if e.partition(":")[0] != entry.partition(":")[0]
+                              for g in [group_of(e, groups, m, S)] if g is not None]
+                    base = best_other(group, others, protocol) if group is not None else None
+                    if base is None:
+                        continue
+                    d = compare(base, group, protocol)
+                    print(f"- {_label(group.first)} ÷ {_label(base.first)}: {d.text() if d else 'cannot be paired'}")
+                    cells[(entry, m, S)] = matrix_cell(d, args.seeds, f" vs {_label(base.first)}")
+                continue
             base = group_of(args.versus, groups, m, S)
             if base is None:
                 print(f"# no {args.versus} group at {S:.0%} to compare with")
@@ -242,7 +286,9 @@ def main(argv: list[str] | None = None) -> None:
                 cells[(entry, m, S)] = matrix_cell(d, args.seeds, tuned)
     if args.matrix:
         columns = [(m, S) for m in args.methods for S in args.sparsities]
-        print(f"\nEach entry ÷ {_entry_label(args.versus)}, paired by seed: geometric mean with its 95% t-interval; "
+        versus = ("the best group of another allocator in its column (over the entry's seeds; named in the cell)"
+                  if args.versus == BEST_OTHER else _entry_label(args.versus))
+        print(f"\nEach entry ÷ {versus}, paired by seed: geometric mean with its 95% t-interval; "
               f"bold: separable; –: not measured. Protocol {protocol}.\n")
         print("| allocator | " + " | ".join(f"{m} {S:.0%}" for m, S in columns) + " |")
         print("|---" * (len(columns) + 1) + "|")

@@ -62,6 +62,27 @@ def test_matrix_cell_is_the_paired_ratio_of_the_runs(tiny_folder, data_dir, tmp_
     assert table[2].replace("**", "").startswith(f"| OWL (λ=0.08, M=5) | ×{ratio:.3f} [")
     assert table[3] == "| Erdős–Rényi | – |"
 
+    # --versus best: each entry ÷ the best group of another allocator over the entry's seeds, that group named;
+    # OWL's second setting is never OWL's baseline (nor the other way round); a --versus that is no entry is refused
+    with pytest.raises(SystemExit):
+        seed_study.main([*common, "--allocators", "uniform", "owl", "--report", "--versus", "atp"])
+    assert "--versus must be one of the --allocators entries (uniform, owl) or 'best'; got 'atp'" in capsys.readouterr().err
+    entries = ["uniform", "owl", "owl:lam=0.2,m=10", "er"]
+    seed_study.main([*common, "--allocators", *entries[2:], "--drop-weights"])
+    seed_study.main([*common, "--allocators", *entries, "--report", "--versus", "best", "--matrix"])
+    out = capsys.readouterr().out
+    ppl = {(r.spec["allocator"], r.spec["allocator_params"].get("lam", 0.08), r.spec["calib"]["seed"]):
+           next(iter(r.metrics.values()))["perplexity"] for r in list_runs(tmp_path).runs}
+    groups = {("uniform", 0.08): "Uniform", ("owl", 0.08): "OWL (λ=0.08, M=5)", ("owl", 0.2): "OWL (λ=0.2, M=10)",
+              ("er", 0.08): "Erdős–Rényi"}
+    log_mean = {g: (math.log(ppl[(*g, 0)]) + math.log(ppl[(*g, 1)])) / 2 for g in groups}
+    rows = out[out.index("| allocator | magnitude 50% |"):].splitlines()[2:6]
+    for g, row in zip(groups, rows):
+        base = min((h for h in groups if h[0] != g[0]), key=log_mean.get)
+        expected = math.exp(log_mean[g] - log_mean[base])
+        assert row.replace("**", "").startswith(f"| {groups[g]} | ×{expected:.3f} [") and row.replace(
+            "**", "").endswith(f"] vs {groups[base]} |"), (row, base)
+
 
 def test_matrix_cell_text():
     from pruner.core.intervals import paired_ratio
