@@ -30,7 +30,8 @@ def main() -> None:
     from pruner.engine.artifacts import get_stats
     from pruner.model.catalogue import ModelSpec
     from pruner.model.loading import load_model
-    from pruner.predictor.search import SEARCH_STEP, KLFitness, to_lattice, unit_bounds
+    from pruner.predictor.fitness import KLFitness
+    from pruner.predictor.search import SEARCH_STEP, to_lattice, unit_bounds
     from pruner.evaluate.perplexity import PAPER_SEQLEN
     from pruner.runs.groups import perplexity_result
     from pruner.runs.manifest import list_runs
@@ -85,10 +86,10 @@ def main() -> None:
                     kl[label][name] = fitness(units, 0)
                     if args.sequential:
                         if label not in norms:
-                            norms[label] = fitness.sequential_norms(units, own)
-                        fitness.use_norms(norms[label])
+                            norms[label] = fitness.sequential_fit(units, own)
+                        fitness.use_fit(norms[label])
                         kl[label]["final " + name] = fitness(units, 0)
-                        fitness.use_norms(dense_norms)
+                        fitness.use_fit(dense_norms)
             finally:
                 fitness.restore()
         for label in sorted(chosen, key=lambda k: kl[k]["held"]):

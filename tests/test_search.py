@@ -219,7 +219,8 @@ def test_the_sequential_fitness_scores_a_parent_as_its_final_wanda_prune(tiny_fo
     from pruner.engine.artifacts import get_stats, learn_allocation
     from pruner.engine.prune import layer_targets, prune_model
     from pruner.model.loading import load_model
-    from pruner.predictor.search import SEARCH_STEP, KLFitness
+    from pruner.predictor.fitness import KLFitness
+    from pruner.predictor.search import SEARCH_STEP
 
     spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=64, data_dir=calibration_only_data))
     copy_measured(table_cache, tmp_path)
@@ -240,7 +241,7 @@ def test_the_sequential_fitness_scores_a_parent_as_its_final_wanda_prune(tiny_fo
     try:
         units = np.array([45, 75, 50, 70])  # S = 0.6, far from uniform
         oneshot = fitness(units, 1)
-        fitness.use_norms(fitness.sequential_norms(units, tokens))
+        fitness.use_fit(fitness.sequential_fit(units, tokens))
         sequential = fitness(units, 1)
     finally:
         fitness.restore()
@@ -278,6 +279,92 @@ def test_the_sequential_fitness_scores_a_parent_as_its_final_wanda_prune(tiny_fo
     assert again["resumed_from"] == 2 and calls.index((2, 2)) < calls.index("asked")
     assert (again["units"], again["fitness"], again["history"]) == (result["units"], result["fitness"],
                                                                      result["history"])
+
+
+def test_the_sparsegpt_fitness_scores_a_parent_as_its_final_sparsegpt_prune(tiny_folder, calibration_only_data,
+                                                                             table_cache, tmp_path):
+    """With ``sparsegpt`` = 1 (and ``sequential`` = 1) a parent's fitness is the KL divergence of the model the final
+    SparseGPT prune of its allocation gives (computed here through full forwards, on an allocation far from uniform
+    and on the learner's result); a child scored under the parent's Hessians differs from its own final prune only
+    downstream of the first block it moved; the model is left dense; without ``sequential`` it is refused; the
+    keys of every search stored before this parameter existed are unchanged."""
+    import copy
+
+    import torch
+
+    from pruner.allocation import ALLOCATORS
+    from pruner.allocation.registry import search_stage_windows
+    from pruner.data import calibration_tokens
+    from pruner.engine.artifacts import get_stats, learn_allocation, learned_key
+    from pruner.engine.prune import layer_targets, prune_model
+    from pruner.model.loading import load_model
+    from pruner.predictor.fitness import KLFitness
+    from pruner.predictor.search import SEARCH_STEP
+    from pruner.store.formats import stable_hash
+
+    spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=64, data_dir=calibration_only_data))
+    copy_measured(table_cache, tmp_path)
+    loaded = load_model(spec.model, tmp_path)
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    stats = get_stats(spec, tmp_path, loaded=loaded)
+    tokens = calibration_tokens(loaded.tokenizer, spec.calib)
+    windows = tokens[:search_stage_windows(4, 64)[-1]]
+
+    def final_prune(units):
+        final = copy.deepcopy(loaded.model)
+        layer_sparsity = (np.asarray(units) * SEARCH_STEP)[stats.layer_block]
+        prune_model(final, tokens, "sparsegpt", layer_targets(layer_sparsity, list(zip(
+            stats.layer_block.tolist(), stats.layer_names)), None), "row")
+        return final
+
+    def final_prune_kl(units) -> float:
+        return _kl_of_full_forward(loaded.model, final_prune(units), windows)
+
+    def weights(model) -> dict:
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    fitness = KLFitness(loaded.model, stats, windows, (1, len(windows)), "cpu", SEARCH_STEP, "sparsegpt")
+    parent, child = np.array([45, 75, 50, 70]), np.array([45, 75, 55, 65])  # S = 0.6; the child moves blocks 2, 3
+    try:
+        with pytest.raises(RuntimeError, match="sequential SparseGPT pass must come first"):
+            fitness(parent, 1)
+        fitness.use_fit(fitness.sequential_fit(parent, tokens))
+        scored, scored_weights = fitness(parent, 1), weights(loaded.model)
+        child_under_parent, child_weights = fitness(child, 1), weights(loaded.model)
+        again = fitness(parent, 1)  # back from the child: the parent's blocks as the pass left them
+        fitness.use_fit(fitness.sequential_fit(child, tokens))
+        child_own = fitness(child, 1)
+    finally:
+        fitness.restore()
+    assert all(torch.equal(p, before[n]) for n, p in loaded.model.named_parameters())  # dense again
+    # the parent's model is the final SparseGPT prune's, bit for bit; its KL through full forwards agrees up to the
+    # float rounding of another evaluation order (the tiny model's KL is small: 3e-4)
+    assert all(torch.equal(p, scored_weights[n]) for n, p in final_prune(parent).named_parameters())
+    assert scored == again == pytest.approx(final_prune_kl(parent), rel=1e-3)
+    assert child_own == pytest.approx(final_prune_kl(child), rel=1e-3)
+    # the child under the parent's Hessians: block 2 sees the same inputs as in its own final prune (blocks 0 and 1
+    # are unchanged), so only block 3 differs from the final prune's
+    own = final_prune(child)
+    differs = {n.split(".")[2] for n, p in own.named_parameters() if not torch.equal(p, child_weights[n])}
+    assert differs == {"3"} and child_under_parent != child_own
+
+    result = learn_allocation(spec, "search", 0.6, {"generations": 2, "sequential": 1, "sparsegpt": 1}, tmp_path,
+                              loaded=loaded)
+    assert all(torch.equal(p, before[n]) for n, p in loaded.model.named_parameters())
+    assert result["fitness"] == pytest.approx(final_prune_kl(result["units"]), rel=1e-3)
+    assert result["params"]["sparsegpt"] == 1
+
+    with pytest.raises(ValueError, match="sparsegpt = 1 .* needs sequential = 1"):
+        learn_allocation(spec, "search", 0.6, {"generations": 2, "sparsegpt": 1}, tmp_path, loaded=loaded)
+    # the key of a search stored before ``sparsegpt`` was declared, spelled by hand without it
+    settings = ALLOCATORS["search"].resolve_learner().settings
+    old = stable_hash({"model": spec.model.identity(), "calib": spec.calib.identity(), "allocator": "search",
+                       "sparsity": 0.6, "params": {"reach": 0.15, "generations": 2, "screen": 0, "sequential": 1},
+                       "settings": settings})
+    assert learned_key(spec, "search", 0.6, {"generations": 2, "sequential": 1}) == old
+    assert learned_key(spec, "search", 0.6, {"generations": 2, "sequential": 1, "sparsegpt": 1}) != old
+    run = PruneSpec(model=spec.model, calib=spec.calib, allocator="search", sparsity=0.6)
+    assert "sparsegpt" not in run.identity()["allocator_params"] and run.allocator_params["sparsegpt"] == 0
 
 
 def test_a_new_parent_is_refitted_and_its_pass_counted():

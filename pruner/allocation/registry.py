@@ -88,6 +88,10 @@ SEARCH_GENERATIONS = Param("generations", "G", int, 40, "search: generations of 
 #: Calibration tokens each selection stage of the search scores (whole calibration windows, at most the calibration
 #: set): here, below the search itself, because the memory plan reads it too.
 SEARCH_STAGE_TOKENS = (512, 2048)
+#: Children measured per generation: the table's best few (screened) or a random few (unscreened).
+SEARCH_MEASURED = 4
+#: Level switches per child: 1 … this many, drawn uniformly.
+SEARCH_MAX_SWITCHES = 3
 
 
 def search_stage_windows(n_windows: int, seqlen: int, stage_tokens=SEARCH_STAGE_TOKENS) -> tuple[int, ...]:
@@ -110,6 +114,14 @@ SEARCH_SCREEN = Param("screen", "screened", int, 0, "search: 1 lets the damage t
 SEARCH_SEQUENTIAL = Param("sequential", "sequential", int, 0, "search: 1 scores children with the input norms of the "
                           "parent's sequential Wanda prune (its masks are then the final prune's), 0 with the dense "
                           "model's norms (one-shot masks)", low=0, high=1, step=1)
+#: Which method prunes the search's candidates (with ``sequential`` = 1 only). 0: Wanda masks. 1: SparseGPT: each
+#: block at its candidate level is pruned by SparseGPT (weights updated) from the Hessians XᵀX of the parent's
+#: sequential SparseGPT prune, so the parent's model is exactly the final SparseGPT prune's and a child differs from
+#: its own only downstream of the blocks it moved — the allocation best for Wanda's final model need not be for
+#: SparseGPT's (docs/results.md, "The search's fitness on the final model").
+SEARCH_SPARSEGPT = Param("sparsegpt", "SparseGPT", int, 0, "search: 1 prunes the candidates by SparseGPT from the "
+                         "Hessians of the parent's sequential SparseGPT prune (needs sequential = 1), 0 by Wanda "
+                         "masks", low=0, high=1, step=1)
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,9 @@ class Allocator:
     #: What ``compute`` reads: one of ``NEEDS`` (a learned allocator: what its learning reads).
     needs: str = NEEDS_STATISTICS
     learner: str | None = None
+    #: Parameters declared after results with this allocator were stored: left out of cache keys while at their
+    #: default (``keyed``), so those results keep their keys.
+    late_params: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.needs not in NEEDS:
@@ -148,6 +163,12 @@ class Allocator:
     def check(self, params: dict | None) -> dict:
         """Its parameters checked, defaults filled in (ValueError names the allowed range)."""
         return check_params(f"allocator {self.name!r}", self.params, params)
+
+    def keyed(self, params: dict | None) -> dict:
+        """Its checked parameters as cache keys hold them: a ``late_params`` entry only when not at its default."""
+        checked = self.check(params)
+        defaults = {p.name: p.default for p in self.params}
+        return {k: v for k, v in checked.items() if not (k in self.late_params and v == defaults[k])}
 
     def pick(self, values: dict) -> dict:
         """The entries of ``values`` that are this allocator's parameters (for a page that shows several)."""
@@ -223,8 +244,8 @@ for _a in (
     Allocator("search", "Search (evolutionary)", "block", _learned_elsewhere,
               "per-block sparsities found by an evolutionary search on the KL divergence from the dense model on "
               "calibration text (EvoPress), children screened by the damage table; each within ±r of S",
-              params=(OPTIMAL_REACH, SEARCH_GENERATIONS, SEARCH_SCREEN, SEARCH_SEQUENTIAL),
-              learner="pruner.predictor.search:SEARCH_LEARNER"),
+              params=(OPTIMAL_REACH, SEARCH_GENERATIONS, SEARCH_SCREEN, SEARCH_SEQUENTIAL, SEARCH_SPARSEGPT),
+              learner="pruner.predictor.search:SEARCH_LEARNER", late_params=("sparsegpt",)),
 ):
     register(_a)
 

@@ -120,12 +120,22 @@ class _Shapes:
                    context=getattr(cfg, "max_position_embeddings", None))
 
 
+#: ``plan_prune``'s ``learning`` values for the allocation search: with Wanda masks, with SparseGPT.
+SEARCH_LEARNING = ("search", "search-sparsegpt")
+
+
+def search_learning(params: dict) -> str:
+    """The ``learning`` value of a search with these (checked) parameters."""
+    return "search-sparsegpt" if params.get("sparsegpt") else "search"
+
+
 def plan_prune(config, *, dtype_bytes: int, method: str, nsamples: int, seqlen: int, batch_size: int,
                streamed: bool, needs_inputs: bool = True, trust_remote_code: bool = False,
                learning: bool | str = False,
                device: str = "cpu", offload: bool = False) -> MemoryPlan:
     """The plan of a prune of the model ``config`` (a transformers config) describes. ``learning``: a learned
-    allocation is learned in the same job (True: BESA's pass; "search": the allocation search's state); ``device``: the compute device ("cpu" or "cuda…");
+    allocation is learned in the same job (True: BESA's pass; "search": the allocation search's state with Wanda masks,
+    "search-sparsegpt": with SparseGPT's); ``device``: the compute device ("cpu" or "cuda…");
     ``offload``: the calibration activations stay in host memory."""
     from pruner.engine.calibrate import mini_batch_size
     from pruner.model.streaming import DEFAULT_SHARD_BYTES
@@ -157,12 +167,23 @@ def plan_prune(config, *, dtype_bytes: int, method: str, nsamples: int, seqlen: 
     if needs_inputs or learning:
         plan.add("calibration activations", 2 * activations, on_device=not offload)
         plan.add("one mini-batch inside a block", one_batch, on_device=True)
-    if learning == "search":  # pruner.predictor.search: every block's dense weights and score ranks stay at hand
-        from pruner.allocation.registry import search_stage_windows
+    if learning in SEARCH_LEARNING:  # pruner.predictor.search: every block's dense weights and how to prune them
+        from pruner.allocation.registry import SEARCH_MAX_SWITCHES, SEARCH_MEASURED, search_stage_windows
 
         plan.add("the search's dense copy of the blocks' weights", sum(m.block_params) * dtype_bytes, on_device=True)
-        rank_bytes = 2 if max(i for _, i in m.layer_shapes) < 2 ** 15 else 4  # int16 ranks while rows are short
-        plan.add("the search's score ranks", sum(m.block_params) * rank_bytes, on_device=True)
+        if learning == "search-sparsegpt":
+            # the factors of H⁻¹ of every block (counted per layer: layers reading one input share theirs) and the
+            # pruned weights of every block, for the parent and for the refitted child until one is kept; the
+            # block levels a generation's measured children can need
+            factors = len(m.block_params) * sum(i * i for _, i in m.layer_shapes) * FLOAT32
+            plan.add("the search's SparseGPT factors of H⁻¹ (parent and refitted child)", 2 * factors, on_device=True)
+            plan.add("the search's pruned blocks of the parent and the refitted child",
+                     2 * sum(m.block_params) * FLOAT32, on_device=True)
+            plan.add("the search's blocks pruned at other levels, kept",
+                     SEARCH_MEASURED * 2 * SEARCH_MAX_SWITCHES * max(m.block_params) * FLOAT32, on_device=True)
+        else:
+            rank_bytes = 2 if max(i for _, i in m.layer_shapes) < 2 ** 15 else 4  # int16 ranks while rows are short
+            plan.add("the search's score ranks", sum(m.block_params) * rank_bytes, on_device=True)
         tokens = search_stage_windows(nsamples, seqlen)[-1] * seqlen  # its last stage's windows
         plan.add("the dense model's next-token log-probabilities", tokens * m.vocab * FLOAT32, on_device=True)
         plan.add("one window's logits and KL divergence", 3 * seqlen * m.vocab * FLOAT32, on_device=True)

@@ -51,6 +51,8 @@ class SparseGPT(LayerMethod):
         self._U = None  # factor of the dampened H⁻¹, once H is complete
 
     def accumulate(self, x):
+        if self.H is None:
+            raise RuntimeError("this SparseGPT state kept only its factor of H⁻¹ (keep_factor_only): it takes no inputs")
         self._U = None
         add_gram_(self.H, x.float())  # (in, in); its scale does not matter for the update
         self.tokens += x.shape[0]
@@ -77,6 +79,12 @@ class SparseGPT(LayerMethod):
             H[dead, dead] = 1.0
             self._U = self._inverse_cholesky(H)
         return self._U
+
+    def keep_factor_only(self) -> None:
+        """Compute the factor of H⁻¹ now and drop H (half the memory): ``prune`` reads only the factor; the state
+        accumulates no more inputs."""
+        self._factor()
+        self.H = None
 
     def prune(self, weight, sparsity, nm: NM | None = None):
         return self.prune_many([(weight, sparsity, nm)])[0]

@@ -253,6 +253,16 @@ class LevelMasks:
             weight_matrix(layer).copy_(w * (self.ranks[b][n] >= prune_count(w.shape[1], float(s))))
         block.to(self.runner.home)
 
+    @property
+    def fit(self) -> list[dict[str, torch.Tensor]]:
+        """The input norms the masks are ranked from (per block, name → (in,))."""
+        return self.runner.norms
+
+    def use(self, norms: list[dict[str, torch.Tensor]]) -> None:
+        """Rank the masks from these input norms from now on (the weights must be dense)."""
+        self.runner.norms = norms
+        self.rescore()
+
     def rescore(self) -> None:
         """Rank every layer's scores again, from the runner's current input norms (the weights must be dense)."""
         for b, block in enumerate(self.runner.blocks):

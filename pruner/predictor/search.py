@@ -16,7 +16,8 @@ those a sequential Wanda prune of the current parent meets on the whole calibrat
 every new parent (and for every seed): the parent's masks are then exactly the final Wanda prune's, and a child
 differs from its own final prune only in the norms downstream of the blocks it moved. The final model is the
 usual sequential prune with the found allocation, by whatever method the run asks for (Wanda or SparseGPT): the
-search's Wanda masks stand in for both.
+search's Wanda masks stand in for both, unless ``sparsegpt`` = 1 (with ``sequential`` = 1), where the candidates
+are pruned by SparseGPT from the Hessians of the parent's sequential SparseGPT prune (``pruner.predictor.fitness``).
 
 One generation: ``SEARCH_OFFSPRING`` children of the current best; with screening the damage table around S ranks
 them and the ``SEARCH_MEASURED`` best are measured, without it (the ablation, at the same measured budget) a
@@ -39,23 +40,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
 
-from pruner.allocation.registry import SEARCH_STAGE_TOKENS
+from pruner.allocation.registry import SEARCH_MAX_SWITCHES, SEARCH_MEASURED, SEARCH_STAGE_TOKENS
 from pruner.allocation.registry import search_stage_windows as stage_windows
-from pruner.predictor.measure import BlockRunner, LevelMasks, head_logits
+from pruner.predictor.fitness import KLFitness
 from pruner.predictor.optimal import block_units
 
 #: Resolution of the searched block sparsities (EvoPress's level spacing; BESA's candidate step).
 SEARCH_STEP = 0.01
 #: Children proposed per generation (EvoPress's offspring count).
 SEARCH_OFFSPRING = 16
-#: Children measured per generation: the table's best few (screened) or a random few (unscreened).
-SEARCH_MEASURED = 4
 #: Children scored again on the second stage's windows (EvoPress's survivors of the first selection step).
 SEARCH_SURVIVORS = 2
-#: Level switches per child: 1 … this many, drawn uniformly.
-SEARCH_MAX_SWITCHES = 3
 #: The closed-form allocators whose allocations at S (default parameters) seed the search, with the
 #: predictor-optimal allocation.
 SEARCH_SEED_ALLOCATORS = ("uniform", "owl", "dlp", "atp")
@@ -211,89 +207,6 @@ def generation_rank_correlations(history: list[dict], pairs: list[list[float]]) 
     return out
 
 
-class KLFitness:
-    """KL(p_dense ‖ p_pruned) per token, averaged over calibration windows, of the model with each block pruned at
-    its candidate level by Wanda masks (``LevelMasks``) whose input norms are the dense model's (one-shot masks) or,
-    after ``use_norms``, those of a sequential prune (``sequential_norms``). Stage k scores the first
-    ``stage_windows[k]`` windows; the dense log-probabilities of the largest stage are computed once. Blocks whose
-    level did not change since the last candidate are not touched. ``restore`` leaves the model dense."""
-
-    def __init__(self, model, stats, windows: torch.Tensor, stage_windows: tuple[int, ...], device, step: float,
-                 method: str = "wanda", batch_size: int = 4):
-        self.model, self.step, self.stats, self.device, self.batch_size = model, step, stats, device, batch_size
-        self.runners = [BlockRunner(model, stats, windows[:n], method, device) for n in stage_windows]
-        self.masks = LevelMasks(self.runners[-1])
-        self.dense_logp = self._log_probs(self.runners[-1])
-        self.applied = np.full(len(self.runners[-1].blocks), -1)
-        self.tokens = [int(windows[:n].numel()) for n in stage_windows]
-
-    @torch.no_grad()
-    def _log_probs(self, runner: BlockRunner) -> list[torch.Tensor]:
-        with runner:
-            rows = [row for h in runner.tail(list(runner.hidden), 0) for row in h]
-            return [torch.log_softmax(head_logits(self.model, row[None])[0].float(), dim=-1) for row in rows]
-
-    def __call__(self, units: np.ndarray, stage: int) -> float:
-        for b in np.flatnonzero(units != self.applied):
-            self.masks.set_block(int(b), float(units[b]) * self.step)
-            self.applied[b] = units[b]
-        pruned = self._log_probs(self.runners[stage])
-        kl = [(p.exp() * (p - q)).sum(-1).mean() for p, q in zip(self.dense_logp, pruned)]
-        return float(torch.stack(kl).mean())
-
-    def restore(self) -> None:
-        self.masks.restore()
-        self.applied[:] = -1
-
-    def sequential_norms(self, units: np.ndarray, tokens: torch.Tensor,
-                         should_cancel: Callable[[], bool] | None = None) -> list[dict[str, torch.Tensor]]:
-        """The input norms ‖X_j‖₂ a sequential Wanda prune of the allocation ``units`` meets on the calibration
-        ``tokens`` (the final prune's: block b's from the outputs of blocks 0 … b−1 already pruned), per block. The
-        model is dense before and after."""
-        self.restore()
-        block = np.asarray(units, dtype=np.float64) * self.step
-        try:
-            return sequential_wanda_norms(self.model, tokens, block[np.asarray(self.stats.layer_block)],
-                                          self.stats, self.device, self.batch_size, should_cancel)
-        finally:
-            self.restore()
-
-    def use_norms(self, norms: list[dict[str, torch.Tensor]]) -> None:
-        """Score every candidate from now on with these input norms (per block, name → (in,))."""
-        self.restore()
-        self.masks.runner.norms = norms
-        self.masks.rescore()
-
-
-def sequential_wanda_norms(model, tokens: torch.Tensor, layer_sparsity, stats, device, batch_size: int = 4,
-                           should_cancel: Callable[[], bool] | None = None) -> list[dict[str, torch.Tensor]]:
-    """Prune ``model`` in place by Wanda (row-wise) to ``layer_sparsity`` (in the statistics' layer order),
-    sequentially on the calibration ``tokens``, and return the input norms ‖X_j‖₂ = √Σx_j² each layer's mask was
-    computed from, per block (name → (in,) float64). A layer that saw no token (an expert nothing was routed to)
-    keeps the dense statistics' norm."""
-    from pruner.engine.besa import block_input_norms
-    from pruner.engine.calibrate import run_blockwise
-    from pruner.engine.prune import PruningObserver, layer_targets
-
-    dense = block_input_norms(stats)
-    targets = layer_targets(np.asarray(layer_sparsity, dtype=np.float64),
-                            list(zip(np.asarray(stats.layer_block).tolist(), stats.layer_names)), None)
-
-    norms: list[dict[str, torch.Tensor]] = []
-
-    class NormRecorder(PruningObserver):
-        """The Wanda prune, keeping each layer's norms before its block is pruned."""
-
-        def finish(self, index, block, layers) -> bool:
-            seen = {n: self._state[n].sumsq.sqrt() for n in layers if n in self._state}
-            norms.append({n: seen.get(n, dense[index][n]) for n in layers})
-            return super().finish(index, block, layers)
-
-    recorder = NormRecorder("wanda", targets, "row", torch.device(device))
-    run_blockwise(model, tokens, recorder, device=device, batch_size=batch_size, should_cancel=should_cancel)
-    return norms
-
-
 def search_checkpoint(context: dict, key: str):
     """Where a search of learned-allocation ``key`` saves its generations (None without a cache folder)."""
     from pruner.store.layout import CacheLayout
@@ -313,6 +226,9 @@ def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", batch
     from pruner.predictor.table import PredictorSpec
     from pruner.store.files import write_json_atomic
 
+    if params["sparsegpt"] and not params["sequential"]:
+        raise ValueError("sparsegpt = 1 prunes the candidates from the Hessians of the parent's sequential SparseGPT "
+                         "prune: it needs sequential = 1")
     spec = context["spec"]
     table = get_damage_table(PredictorSpec(spec, around=sparsity), context.get("cache_dir"),
                              data_dir=spec.calib.data_dir, loaded=context.get("loaded"), progress=progress,
@@ -337,14 +253,15 @@ def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", batch
     path = search_checkpoint(context, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    fitness = KLFitness(model, stats, tokens[:windows[-1]], windows, device, SEARCH_STEP, batch_size=batch_size)
+    fitness = KLFitness(model, stats, tokens[:windows[-1]], windows, device, SEARCH_STEP,
+                        "sparsegpt" if params["sparsegpt"] else "wanda", batch_size=batch_size)
 
     def refit_sequential(units: np.ndarray, below: float = math.inf) -> tuple[float, int, bool]:
-        previous = fitness.masks.runner.norms
-        fitness.use_norms(fitness.sequential_norms(units, tokens, should_cancel))
+        previous = fitness.masks.fit
+        fitness.use_fit(fitness.sequential_fit(units, tokens, should_cancel))
         f = fitness(units, 1)
         if not f < below:
-            fitness.use_norms(previous)  # the parent's norms again (a re-ranking, no calibration pass)
+            fitness.use_fit(previous)  # the parent's norms (or states) again: no calibration pass
         return f, int(tokens.numel()) + fitness.tokens[1], f < below
 
     refit = refit_sequential if params["sequential"] else None
@@ -355,7 +272,7 @@ def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", batch
             if progress is not None:  # shown before the saved parent's calibration pass below (minutes on a real model)
                 progress(resumed, generations)
             if refit is not None:  # the saved parent's fitness was measured under its own sequential norms
-                fitness.use_norms(fitness.sequential_norms(np.asarray(state.units), tokens, should_cancel))
+                fitness.use_fit(fitness.sequential_fit(np.asarray(state.units), tokens, should_cancel))
         else:
             state, resumed = _seeded_state(stats, table, sparsity, reach, total, lo, hi, fitness, spec.calib.seed,
                                            allocate, optimal_block_sparsity, refit, progress), None
@@ -396,7 +313,7 @@ def _seeded_state(stats, table, sparsity, reach, total, lo, hi, fitness, seed, a
         if refit is None:
             f, used = fitness(units, 1), fitness.tokens[1]
         else:
-            (f, used, _), norms = refit(units), fitness.masks.runner.norms
+            (f, used, _), norms = refit(units), fitness.masks.fit
         tokens += used
         moved = float(np.abs(units * SEARCH_STEP - np.asarray(block)).max())
         seeds[name] = {"fitness": f, "largest_move_to_lattice": round(moved, 6)}
@@ -406,7 +323,7 @@ def _seeded_state(stats, table, sparsity, reach, total, lo, hi, fitness, seed, a
             progress(len(seeds), len(candidates))
     seeds["chosen"] = best[2]
     if refit is not None:
-        fitness.use_norms(best[3])
+        fitness.use_fit(best[3])
     rng = np.random.default_rng(seed)
     return SearchState(units=best[0].tolist(), fitness=best[1], rng=rng.bit_generator.state, seeds=seeds,
                        forward_tokens=tokens)

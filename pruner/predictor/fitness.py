@@ -1,0 +1,203 @@
+"""The search's fitness (``pruner.predictor.search``): KL(p_dense ‖ p_pruned) per token on calibration windows of the
+model with each block pruned at its candidate level, by Wanda masks or by SparseGPT, with what a sequential prune of
+the current parent gives them (Wanda's input norms ‖X_j‖₂; SparseGPT's Hessians XᵀX) so that the parent's model is
+exactly the final prune's."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pruner.allocation.registry import SEARCH_MAX_SWITCHES, SEARCH_MEASURED
+from pruner.predictor.measure import BlockRunner, LevelMasks, _dense_weights, _restore, head_logits
+
+#: The methods that can prune the search's candidates (parameter ``sparsegpt``).
+FITNESS_METHODS = ("wanda", "sparsegpt")
+
+
+class SparseGPTLevels:
+    """The prunable layers of a runner's model set to any level by SparseGPT from fixed Hessians: the states (one
+    per group of layers reading the same input, its factor of H⁻¹ kept) that a sequential SparseGPT prune of the
+    parent computed, each pruning its layers' dense weights together (``prune_many``, in module order, as the
+    final prune calls it), so that the parent's levels give exactly the final prune's weights. The parent's blocks
+    are the pass's own; other levels are computed when asked, the ``keep`` most recent kept. ``restore`` puts the
+    dense weights back."""
+
+    def __init__(self, runner: BlockRunner, keep: int):
+        from pruner.model.anatomy import prunable_layers
+
+        self.runner, self.keep, self.dense = runner, keep, {}
+        for b, block in enumerate(runner.blocks):
+            self.dense[b] = _dense_weights(prunable_layers(block))
+        self.fit = None  # (per block: [(state, [names])], per block: (level, {name: weight}))
+        self.recent: OrderedDict = OrderedDict()  # (block, level) → {name: weight}
+
+    def use(self, fit) -> None:
+        """Prune with these states from now on; ``fit`` = (groups per block, the parent's (level, weights) per
+        block), as ``sequential_sparsegpt_fit`` returns it (the weights must be dense)."""
+        self.fit = fit
+        self.recent.clear()
+
+    def _weights(self, b: int, sparsity: float) -> dict[str, torch.Tensor]:
+        if self.fit is None:
+            raise RuntimeError("no SparseGPT Hessians yet: a sequential SparseGPT pass must come first")
+        groups, parent = self.fit
+        if parent[b][0] == sparsity:
+            return parent[b][1]
+        if (b, sparsity) in self.recent:
+            self.recent.move_to_end((b, sparsity))
+            return self.recent[(b, sparsity)]
+        weights = {}
+        for state, names in groups[b]:
+            items = [(self.dense[b][n].float(), sparsity, None) for n in names]
+            weights.update((n, w) for n, (w, _) in zip(names, state.prune_many(items)))
+        self.recent[(b, sparsity)] = weights
+        while len(self.recent) > self.keep:
+            self.recent.popitem(last=False)
+        return weights
+
+    def set_block(self, b: int, sparsity: float) -> None:
+        """Block b's layers pruned by SparseGPT at ``sparsity`` (one value for the block)."""
+        from pruner.model.anatomy import prunable_layers, weight_matrix
+
+        weights = self._weights(b, sparsity)
+        with torch.no_grad():
+            for n, layer in prunable_layers(self.runner.blocks[b]).items():
+                weight_matrix(layer).copy_(weights[n].to(weight_matrix(layer).dtype))
+
+    def restore(self) -> None:
+        _restore(self.runner.blocks, self.dense)
+
+
+class KLFitness:
+    """KL(p_dense ‖ p_pruned) per token, averaged over calibration windows, of the model with each block pruned at
+    its candidate level: by Wanda masks (``LevelMasks``) whose input norms are the dense model's (one-shot masks)
+    or, after ``use_fit``, those of a sequential Wanda prune (``sequential_fit``); or (``method`` "sparsegpt") by
+    SparseGPT from the Hessians of a sequential SparseGPT prune (``SparseGPTLevels``; a ``sequential_fit`` must come
+    first). Stage k scores the first ``stage_windows[k]`` windows; the dense log-probabilities of the largest stage
+    are computed once. Blocks whose level did not change since the last candidate are not touched. ``restore``
+    leaves the model dense."""
+
+    def __init__(self, model, stats, windows: torch.Tensor, stage_windows: tuple[int, ...], device, step: float,
+                 method: str = "wanda", batch_size: int = 4):
+        if method not in FITNESS_METHODS:
+            raise ValueError(f"the search's candidates are pruned by one of {', '.join(FITNESS_METHODS)}; got {method!r}")
+        self.model, self.step, self.stats, self.device, self.batch_size = model, step, stats, device, batch_size
+        self.method = method
+        self.runners = [BlockRunner(model, stats, windows[:n], method, device) for n in stage_windows]
+        self.masks = (SparseGPTLevels(self.runners[-1], keep=SEARCH_MEASURED * 2 * SEARCH_MAX_SWITCHES)
+                      if method == "sparsegpt" else LevelMasks(self.runners[-1]))
+        self.dense_logp = self._log_probs(self.runners[-1])
+        self.applied = np.full(len(self.runners[-1].blocks), -1)
+        self.tokens = [int(windows[:n].numel()) for n in stage_windows]
+
+    @torch.no_grad()
+    def _log_probs(self, runner: BlockRunner) -> list[torch.Tensor]:
+        with runner:
+            rows = [row for h in runner.tail(list(runner.hidden), 0) for row in h]
+            return [torch.log_softmax(head_logits(self.model, row[None])[0].float(), dim=-1) for row in rows]
+
+    def __call__(self, units: np.ndarray, stage: int) -> float:
+        for b in np.flatnonzero(units != self.applied):
+            self.masks.set_block(int(b), float(units[b]) * self.step)
+            self.applied[b] = units[b]
+        pruned = self._log_probs(self.runners[stage])
+        kl = [(p.exp() * (p - q)).sum(-1).mean() for p, q in zip(self.dense_logp, pruned)]
+        return float(torch.stack(kl).mean())
+
+    def restore(self) -> None:
+        self.masks.restore()
+        self.applied[:] = -1
+
+    def sequential_fit(self, units: np.ndarray, tokens: torch.Tensor,
+                       should_cancel: Callable[[], bool] | None = None):
+        """What a sequential prune of the allocation ``units`` on the calibration ``tokens`` (the final prune's:
+        block b's inputs are the outputs of blocks 0 … b−1 already pruned) gives the candidates: Wanda's input norms
+        ‖X_j‖₂ per block, or SparseGPT's states and the parent's weights. The model is dense before and after."""
+        self.restore()
+        block = np.asarray(units, dtype=np.float64) * self.step
+        sequential = sequential_sparsegpt_fit if self.method == "sparsegpt" else sequential_wanda_norms
+        try:
+            return sequential(self.model, tokens, block[np.asarray(self.stats.layer_block)], self.stats, self.device,
+                              self.batch_size, should_cancel)
+        finally:
+            self.restore()
+
+    def use_fit(self, fit) -> None:
+        """Score every candidate from now on with this ``sequential_fit`` result."""
+        self.restore()
+        self.masks.use(fit)
+
+
+def sequential_wanda_norms(model, tokens: torch.Tensor, layer_sparsity, stats, device, batch_size: int = 4,
+                           should_cancel: Callable[[], bool] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Prune ``model`` in place by Wanda (row-wise) to ``layer_sparsity`` (in the statistics' layer order),
+    sequentially on the calibration ``tokens``, and return the input norms ‖X_j‖₂ = √Σx_j² each layer's mask was
+    computed from, per block (name → (in,) float64). A layer that saw no token (an expert nothing was routed to)
+    keeps the dense statistics' norm."""
+    from pruner.engine.besa import block_input_norms
+    from pruner.engine.calibrate import run_blockwise
+    from pruner.engine.prune import PruningObserver, layer_targets
+
+    dense = block_input_norms(stats)
+    targets = layer_targets(np.asarray(layer_sparsity, dtype=np.float64),
+                            list(zip(np.asarray(stats.layer_block).tolist(), stats.layer_names)), None)
+
+    norms: list[dict[str, torch.Tensor]] = []
+
+    class NormRecorder(PruningObserver):
+        """The Wanda prune, keeping each layer's norms before its block is pruned."""
+
+        def finish(self, index, block, layers) -> bool:
+            seen = {n: self._state[n].sumsq.sqrt() for n in layers if n in self._state}
+            norms.append({n: seen.get(n, dense[index][n]) for n in layers})
+            return super().finish(index, block, layers)
+
+    recorder = NormRecorder("wanda", targets, "row", torch.device(device))
+    run_blockwise(model, tokens, recorder, device=device, batch_size=batch_size, should_cancel=should_cancel)
+    return norms
+
+
+def sequential_sparsegpt_fit(model, tokens: torch.Tensor, layer_sparsity, stats, device, batch_size: int = 4,
+                             should_cancel: Callable[[], bool] | None = None):
+    """Prune ``model`` in place by SparseGPT to ``layer_sparsity`` (in the statistics' layer order, one level per
+    block), sequentially on the calibration ``tokens``, and return what ``SparseGPTLevels.use`` takes: per block the
+    SparseGPT states (H of the inputs each group of layers met; only the factor of H⁻¹ kept) with their layers'
+    names in module order, and per block (its level, its pruned weights)."""
+    from pruner.engine.calibrate import run_blockwise
+    from pruner.engine.prune import PruningObserver, layer_targets
+    from pruner.model.anatomy import is_expert_unit, weight_matrix
+
+    layer_sparsity = np.asarray(layer_sparsity, dtype=np.float64)
+    targets = layer_targets(layer_sparsity, list(zip(np.asarray(stats.layer_block).tolist(), stats.layer_names)),
+                            None)
+    groups, parent = [], []
+
+    class HessianRecorder(PruningObserver):
+        """The SparseGPT prune, keeping each block's states and its pruned weights."""
+
+        def finish(self, index, block, layers) -> bool:
+            experts = [n for n in layers if is_expert_unit(n)]
+            if experts:
+                raise ValueError(f"the search's SparseGPT fitness is for dense blocks; block {index} has routed experts "
+                                 f"({experts[0]}, …): search with Wanda masks (sparsegpt = 0)")
+            found: dict[int, tuple] = {}
+            for n in layers:  # module order, as ``finish`` groups them (a layer that never ran: ``finish`` says so)
+                if self._state.get(n) is not None:
+                    found.setdefault(id(self._state[n]), (self._state[n], []))[1].append(n)
+            done = super().finish(index, block, layers)
+            for state, _ in found.values():
+                state.keep_factor_only()
+            levels = {targets[(index, n)].sparsity for n in layers}
+            if len(levels) != 1:
+                raise ValueError(f"the search gives one level per block; block {index} was given {sorted(levels)}")
+            groups.append(list(found.values()))
+            parent.append((levels.pop(), {n: weight_matrix(layer).detach().clone() for n, layer in layers.items()}))
+            return done
+
+    recorder = HessianRecorder("sparsegpt", targets, "row", torch.device(device))
+    run_blockwise(model, tokens, recorder, device=device, batch_size=batch_size, should_cancel=should_cancel)
+    return groups, parent
