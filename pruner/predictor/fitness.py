@@ -51,9 +51,9 @@ class SparseGPTLevels:
             self.recent.move_to_end((b, sparsity))
             return self.recent[(b, sparsity)]
         weights = {}
-        for state, names in groups[b]:
-            items = [(self.dense[b][n].float(), sparsity, None) for n in names]
-            weights.update((n, w) for n, (w, _) in zip(names, state.prune_many(items)))
+        for state, names in groups[b]:  # computed where the state's factor is, kept where the model lives
+            items = [(self.dense[b][n].to(state.device).float(), sparsity, None) for n in names]
+            weights.update((n, w.to(self.runner.home)) for n, (w, _) in zip(names, state.prune_many(items)))
         self.recent[(b, sparsity)] = weights
         while len(self.recent) > self.keep:
             self.recent.popitem(last=False)
@@ -175,6 +175,7 @@ def sequential_sparsegpt_fit(model, tokens: torch.Tensor, layer_sparsity, stats,
     targets = layer_targets(layer_sparsity, list(zip(np.asarray(stats.layer_block).tolist(), stats.layer_names)),
                             None)
     groups, parent = [], []
+    home = next(model.parameters()).device  # where the blocks rest between their turns
 
     class HessianRecorder(PruningObserver):
         """The SparseGPT prune, keeping each block's states and its pruned weights."""
@@ -195,7 +196,8 @@ def sequential_sparsegpt_fit(model, tokens: torch.Tensor, layer_sparsity, stats,
             if len(levels) != 1:
                 raise ValueError(f"the search gives one level per block; block {index} was given {sorted(levels)}")
             groups.append(list(found.values()))
-            parent.append((levels.pop(), {n: weight_matrix(layer).detach().clone() for n, layer in layers.items()}))
+            parent.append((levels.pop(), {n: weight_matrix(layer).detach().to(home, copy=True)
+                                          for n, layer in layers.items()}))
             return done
 
     recorder = HessianRecorder("sparsegpt", targets, "row", torch.device(device))
