@@ -304,7 +304,7 @@ def _search_report(result: dict | None, values: dict, S: float) -> None:
                    "calibration pass: about a Wanda prune's time); a stopped one resumes from here when learned again.")
     else:
         state, total, params = result, len(result["history"]), result["params"]
-    screened, sequential = params["screen"], params.get("sequential", 0)
+    screened, sequential, sparsegpt = params["screen"], params.get("sequential", 0), params.get("sparsegpt", 0)
     if not state["history"]:
         return
     st.plotly_chart(search_progress_figure(state["history"], state["seeds"]), width="stretch",
@@ -320,7 +320,10 @@ def _search_report(result: dict | None, values: dict, S: float) -> None:
                + f"), {last['forward_tokens']:,} tokens scored in all. How well the table ranks the measured "
                f"children (Spearman's ρ, 1 is perfect): {rho}. Started from "
                f"{ALLOCATORS[state['seeds']['chosen']].label}, the best of the seeds (dotted). "
-               + (f"Masks from each parent's sequential Wanda prune: {refits} new parents refitted, each a "
+               + (f"Children pruned by SparseGPT from the Hessians of each parent's sequential SparseGPT prune: "
+                  f"{refits} new parents refitted, each a calibration pass (a parent's fitness is its final "
+                  "SparseGPT prune's)." if sparsegpt else
+                  f"Masks from each parent's sequential Wanda prune: {refits} new parents refitted, each a "
                   "calibration pass (a parent's fitness is its final Wanda prune's)." if sequential
                   else "Masks from the dense model's input norms (one-shot)."))
 
