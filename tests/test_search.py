@@ -204,38 +204,57 @@ def _kl_of_full_forward(dense, pruned, tokens) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean(-1).mean())
 
 
+def _fitness_inputs(tiny_folder, data, table_cache, tmp_path):
+    """The tiny Llama (4 × 64 calibration tokens, its table copied into ``tmp_path``): spec, loaded model,
+    statistics, calibration tokens, the search's windows."""
+    from pruner.allocation.registry import search_stage_windows
+    from pruner.data import calibration_tokens
+    from pruner.engine.artifacts import get_stats
+    from pruner.model.loading import load_model
+
+    spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=64, data_dir=data))
+    copy_measured(table_cache, tmp_path)
+    loaded = load_model(spec.model, tmp_path)
+    stats = get_stats(spec, tmp_path, loaded=loaded)
+    tokens = calibration_tokens(loaded.tokenizer, spec.calib)
+    return spec, loaded, stats, tokens, tokens[:search_stage_windows(4, 64)[-1]]
+
+
+def _final_prune(loaded, stats, tokens, method: str, units):
+    """A copy of the model pruned sequentially by ``method`` to the block units (the run's final prune)."""
+    import copy
+
+    from pruner.engine.prune import layer_targets, prune_model
+    from pruner.predictor.search import SEARCH_STEP
+
+    final = copy.deepcopy(loaded.model)
+    layer_sparsity = (np.asarray(units) * SEARCH_STEP)[stats.layer_block]
+    prune_model(final, tokens, method, layer_targets(layer_sparsity, list(zip(stats.layer_block.tolist(),
+                                                                               stats.layer_names)), None), "row")
+    return final
+
+
+def _weights(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 def test_the_sequential_fitness_scores_a_parent_as_its_final_wanda_prune(tiny_folder, calibration_only_data, table_cache,
                                                                           tmp_path):
     """With ``sequential`` = 1 the fitness of a parent is the KL divergence of the model the final (sequential)
     Wanda prune of its allocation gives, on the search's own windows, computed here through the models' full
     forward passes; the one-shot fitness (dense norms) of the same allocation is not. Checked on an allocation far
     from uniform, and on what the learner reports for its result; the model is left dense."""
-    import copy
-
     import torch
 
-    from pruner.allocation.registry import search_stage_windows
-    from pruner.data import calibration_tokens
-    from pruner.engine.artifacts import get_stats, learn_allocation
-    from pruner.engine.prune import layer_targets, prune_model
-    from pruner.model.loading import load_model
+    from pruner.engine.artifacts import learn_allocation
     from pruner.predictor.fitness import KLFitness
     from pruner.predictor.search import SEARCH_STEP
 
-    spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=64, data_dir=calibration_only_data))
-    copy_measured(table_cache, tmp_path)
-    loaded = load_model(spec.model, tmp_path)
-    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    stats = get_stats(spec, tmp_path, loaded=loaded)
-    tokens = calibration_tokens(loaded.tokenizer, spec.calib)
-    windows = tokens[:search_stage_windows(4, 64)[-1]]
+    spec, loaded, stats, tokens, windows = _fitness_inputs(tiny_folder, calibration_only_data, table_cache, tmp_path)
+    before = _weights(loaded.model)
 
     def final_prune_kl(units) -> float:
-        final = copy.deepcopy(loaded.model)
-        layer_sparsity = (np.asarray(units) * SEARCH_STEP)[stats.layer_block]
-        prune_model(final, tokens, "wanda", layer_targets(layer_sparsity, list(zip(stats.layer_block.tolist(),
-                                                                                      stats.layer_names)), None), "row")
-        return _kl_of_full_forward(loaded.model, final, windows)
+        return _kl_of_full_forward(loaded.model, _final_prune(loaded, stats, tokens, "wanda", units), windows)
 
     fitness = KLFitness(loaded.model, stats, windows, (1, len(windows)), "cpu", SEARCH_STEP)
     try:
@@ -288,40 +307,22 @@ def test_the_sparsegpt_fitness_scores_a_parent_as_its_final_sparsegpt_prune(tiny
     and on the learner's result); a child scored under the parent's Hessians differs from its own final prune only
     downstream of the first block it moved; the model is left dense; without ``sequential`` it is refused; the
     keys of every search stored before this parameter existed are unchanged."""
-    import copy
-
     import torch
 
     from pruner.allocation import ALLOCATORS
-    from pruner.allocation.registry import search_stage_windows
-    from pruner.data import calibration_tokens
-    from pruner.engine.artifacts import get_stats, learn_allocation, learned_key
-    from pruner.engine.prune import layer_targets, prune_model
-    from pruner.model.loading import load_model
+    from pruner.engine.artifacts import learn_allocation, learned_key
     from pruner.predictor.fitness import KLFitness
     from pruner.predictor.search import SEARCH_STEP
     from pruner.store.formats import stable_hash
 
-    spec = StatsSpec(ModelSpec(tiny_folder), CalibSpec(nsamples=4, seqlen=64, data_dir=calibration_only_data))
-    copy_measured(table_cache, tmp_path)
-    loaded = load_model(spec.model, tmp_path)
-    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    stats = get_stats(spec, tmp_path, loaded=loaded)
-    tokens = calibration_tokens(loaded.tokenizer, spec.calib)
-    windows = tokens[:search_stage_windows(4, 64)[-1]]
+    spec, loaded, stats, tokens, windows = _fitness_inputs(tiny_folder, calibration_only_data, table_cache, tmp_path)
+    before = _weights(loaded.model)
 
     def final_prune(units):
-        final = copy.deepcopy(loaded.model)
-        layer_sparsity = (np.asarray(units) * SEARCH_STEP)[stats.layer_block]
-        prune_model(final, tokens, "sparsegpt", layer_targets(layer_sparsity, list(zip(
-            stats.layer_block.tolist(), stats.layer_names)), None), "row")
-        return final
+        return _final_prune(loaded, stats, tokens, "sparsegpt", units)
 
     def final_prune_kl(units) -> float:
         return _kl_of_full_forward(loaded.model, final_prune(units), windows)
-
-    def weights(model) -> dict:
-        return {n: p.detach().clone() for n, p in model.named_parameters()}
 
     fitness = KLFitness(loaded.model, stats, windows, (1, len(windows)), "cpu", SEARCH_STEP, "sparsegpt")
     parent, child = np.array([45, 75, 50, 70]), np.array([45, 75, 55, 65])  # S = 0.6; the child moves blocks 2, 3
@@ -329,8 +330,8 @@ def test_the_sparsegpt_fitness_scores_a_parent_as_its_final_sparsegpt_prune(tiny
         with pytest.raises(RuntimeError, match="sequential SparseGPT pass must come first"):
             fitness(parent, 1)
         fitness.use_fit(fitness.sequential_fit(parent, tokens))
-        scored, scored_weights = fitness(parent, 1), weights(loaded.model)
-        child_under_parent, child_weights = fitness(child, 1), weights(loaded.model)
+        scored, scored_weights = fitness(parent, 1), _weights(loaded.model)
+        child_under_parent, child_weights = fitness(child, 1), _weights(loaded.model)
         again = fitness(parent, 1)  # back from the child: the parent's blocks as the pass left them
         fitness.use_fit(fitness.sequential_fit(child, tokens))
         child_own = fitness(child, 1)
