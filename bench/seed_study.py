@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
             if not args.versus:
                 continue
             if args.versus == BEST_OTHER:
-                print("\nEach group ÷ the best group of another allocator over its seeds (paired by seed):")
+                print("\nEach group ÷ the best group of another allocator over its seeds (paired by seed; one seed: "
+                      "by chunk):")
                 for entry in args.allocators:
                     group = group_of(entry, groups, m, S)
                     others = [g for e in args.allocators if e.partition(":")[0] != entry.partition(":")[0]

@@ -84,7 +84,8 @@ class KLFitness:
     def __init__(self, model, stats, windows: torch.Tensor, stage_windows: tuple[int, ...], device, step: float,
                  method: str = "wanda", batch_size: int = 4):
         if method not in FITNESS_METHODS:
-            raise ValueError(f"the search's candidates are pruned by one of {', '.join(FITNESS_METHODS)}; got {method!r}")
+            raise ValueError(f"the search's candidates are pruned by one of {', '.join(FITNESS_METHODS)}; "
+                             f"got {method!r}")
         self.model, self.step, self.stats, self.device, self.batch_size = model, step, stats, device, batch_size
         self.method = method
         self.runners = [BlockRunner(model, stats, windows[:n], method, device) for n in stage_windows]
@@ -183,8 +184,8 @@ def sequential_sparsegpt_fit(model, tokens: torch.Tensor, layer_sparsity, stats,
         def finish(self, index, block, layers) -> bool:
             experts = [n for n in layers if is_expert_unit(n)]
             if experts:
-                raise ValueError(f"the search's SparseGPT fitness is for dense blocks; block {index} has routed experts "
-                                 f"({experts[0]}, …): search with Wanda masks (sparsegpt = 0)")
+                raise ValueError(f"the search's SparseGPT fitness is for dense blocks; block {index} has routed "
+                                 f"experts ({experts[0]}, …): search with Wanda masks (sparsegpt = 0)")
             found: dict[int, tuple] = {}
             for n in layers:  # module order, as ``finish`` groups them (a layer that never ran: ``finish`` says so)
                 if self._state.get(n) is not None:
