@@ -349,8 +349,10 @@ def test_the_sparsegpt_fitness_scores_a_parent_as_its_final_sparsegpt_prune(tiny
     differs = {n.split(".")[2] for n, p in own.named_parameters() if not torch.equal(p, child_weights[n])}
     assert differs == {"3"} and child_under_parent != child_own
 
+    reports = []
     result = learn_allocation(spec, "search", 0.6, {"generations": 2, "sequential": 1, "sparsegpt": 1}, tmp_path,
-                              loaded=loaded)
+                              loaded=loaded, progress=lambda done, total: reports.append((done, total)))
+    assert reports[:6] == [(0, 5), (1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]  # the seeds, shown before the first
     assert all(torch.equal(p, before[n]) for n, p in loaded.model.named_parameters())
     assert result["fitness"] == pytest.approx(final_prune_kl(result["units"]), rel=1e-3)
     assert result["params"]["sparsegpt"] == 1

@@ -308,6 +308,8 @@ def _seeded_state(stats, table, sparsity, reach, total, lo, hi, fitness, seed, a
     candidates = {name: allocate(name, stats, sparsity).block_sparsity for name in SEARCH_SEED_ALLOCATORS}
     candidates["predicted"] = optimal(table, sparsity, reach=reach)
     seeds, best, tokens = {}, None, 0
+    if progress is not None:  # before the first seed's score (with ``refit``, minutes on a real model)
+        progress(0, len(candidates))
     for name, block in candidates.items():
         units = to_lattice(block, total, lo, hi)
         if refit is None:
