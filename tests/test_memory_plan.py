@@ -136,14 +136,14 @@ def test_the_allocation_search_is_planned_by_hand():
     assert p["one window's logits and KL divergence"] == 3 * 16 * 100 * 4
     assert "BESA's per-weight state" not in p and plan.total == sum(p.values())
     # with SparseGPT's candidates: no ranks; per block the factors of H⁻¹, counted per layer (q, k, v, o and gate,
-    # up read 32 inputs, down 48), and the pruned blocks, twice each (parent and refitted child); 4 children × 2
-    # blocks × 3 switches of kept levels of the largest block
+    # up read 32 inputs, down 48), and the pruned blocks, three times each (while the seeds are scored: the best
+    # seed's, the last one's, the next one's); 4 children × 2 blocks × 3 switches of kept levels of the largest block
     sparse = plan_prune(CONFIG, dtype_bytes=4, method="sparsegpt", nsamples=8, seqlen=16, batch_size=4,
                         streamed=False, learning="search-sparsegpt").parts
     assert "the search's score ranks" not in sparse
-    assert sparse["the search's SparseGPT factors of H⁻¹ (parent and refitted child)"] == 2 * 3 * (
+    assert sparse["the search's SparseGPT factors of H⁻¹ (up to three passes' at once)"] == 3 * 3 * (
         6 * 32 * 32 + 48 * 48) * 4
-    assert sparse["the search's pruned blocks of the parent and the refitted child"] == 2 * 3 * BLOCK_PARAMS * 4
+    assert sparse["the search's pruned blocks of up to three passes"] == 3 * 3 * BLOCK_PARAMS * 4
     assert sparse["the search's blocks pruned at other levels, kept"] == 24 * BLOCK_PARAMS * 4
     assert memory_plan.search_learning({"sparsegpt": 1}) == "search-sparsegpt"
     assert memory_plan.search_learning({"sparsegpt": 0}) == "search"

@@ -120,6 +120,9 @@ class _Shapes:
                    context=getattr(cfg, "max_position_embeddings", None))
 
 
+#: Sequential passes whose results the SparseGPT search holds at once: while its seeds are scored, the best seed's,
+#: the last one's and the one being computed (``pruner.predictor.search._seeded_state``).
+SEARCH_KEPT_FITS = 3
 #: ``plan_prune``'s ``learning`` values for the allocation search: with Wanda masks, with SparseGPT.
 SEARCH_LEARNING = ("search", "search-sparsegpt")
 
@@ -173,12 +176,15 @@ def plan_prune(config, *, dtype_bytes: int, method: str, nsamples: int, seqlen: 
         plan.add("the search's dense copy of the blocks' weights", sum(m.block_params) * dtype_bytes, on_device=True)
         if learning == "search-sparsegpt":
             # the factors of H⁻¹ of every block (counted per layer: layers reading one input share theirs) and the
-            # pruned weights of every block, for the parent and for the refitted child until one is kept; the
-            # block levels a generation's measured children can need
+            # pruned weights of every block, of up to three sequential passes at once: while the seeds are scored,
+            # the best seed's, the current one's and the next one's (later, the parent's and the refitted child's);
+            # and the block levels a generation's measured children can need
+            fits = SEARCH_KEPT_FITS
             factors = len(m.block_params) * sum(i * i for _, i in m.layer_shapes) * FLOAT32
-            plan.add("the search's SparseGPT factors of H⁻¹ (parent and refitted child)", 2 * factors, on_device=True)
-            plan.add("the search's pruned blocks of the parent and the refitted child",
-                     2 * sum(m.block_params) * FLOAT32, on_device=True)
+            plan.add("the search's SparseGPT factors of H⁻¹ (up to three passes' at once)", fits * factors,
+                     on_device=True)
+            plan.add("the search's pruned blocks of up to three passes", fits * sum(m.block_params) * FLOAT32,
+                     on_device=True)
             plan.add("the search's blocks pruned at other levels, kept",
                      SEARCH_MEASURED * 2 * SEARCH_MAX_SWITCHES * max(m.block_params) * FLOAT32, on_device=True)
         else:

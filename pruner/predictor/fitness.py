@@ -91,22 +91,25 @@ class KLFitness:
         self.runners = [BlockRunner(model, stats, windows[:n], method, device) for n in stage_windows]
         self.masks = (SparseGPTLevels(self.runners[-1], keep=SEARCH_MEASURED * 2 * SEARCH_MAX_SWITCHES)
                       if method == "sparsegpt" else LevelMasks(self.runners[-1]))
-        self.dense_logp = self._log_probs(self.runners[-1])
+        self.dense_logp = list(self._log_probs(self.runners[-1]))
         self.applied = np.full(len(self.runners[-1].blocks), -1)
         self.tokens = [int(windows[:n].numel()) for n in stage_windows]
 
     @torch.no_grad()
-    def _log_probs(self, runner: BlockRunner) -> list[torch.Tensor]:
+    def _log_probs(self, runner: BlockRunner):
+        """The next-token log-probabilities of each window, one window at a time (a generator: the caller holds
+        one window's (T, vocab) at once)."""
         with runner:
             rows = [row for h in runner.tail(list(runner.hidden), 0) for row in h]
-            return [torch.log_softmax(head_logits(self.model, row[None])[0].float(), dim=-1) for row in rows]
+            for row in rows:
+                yield torch.log_softmax(head_logits(self.model, row[None])[0].float(), dim=-1)
 
     def __call__(self, units: np.ndarray, stage: int) -> float:
         for b in np.flatnonzero(units != self.applied):
             self.masks.set_block(int(b), float(units[b]) * self.step)
             self.applied[b] = units[b]
-        pruned = self._log_probs(self.runners[stage])
-        kl = [(p.exp() * (p - q)).sum(-1).mean() for p, q in zip(self.dense_logp, pruned)]
+        pruned = self._log_probs(self.runners[stage])  # the stage's windows: the first of the dense ones
+        kl = [(p.exp() * (p - q)).sum(-1).mean() for q, p in zip(pruned, self.dense_logp)]
         return float(torch.stack(kl).mean())
 
     def restore(self) -> None:
