@@ -117,8 +117,10 @@ def test_allocation_sliders_redraw_as_the_allocators_predict(app, cached):
                                                                        "delta": 0.01})).block_sparsity
         np.testing.assert_allclose(curve(fig, label), expected, atol=1e-9)
     # the controls are generated from the allocators' declared parameters, labelled by paper symbol
-    # no slider range: a number input (BESA's β, the search's generations, screening and sequential norms)
-    assert {n.label for n in app.number_input} == {"β (beta)", "G (generations)", "screened (screen)", "sequential"}
+    # no slider range: a number input (BESA's β, the search's generations, screening, sequential norms, SparseGPT's
+    # candidates)
+    assert {n.label for n in app.number_input} == {"β (beta)", "G (generations)", "screened (screen)", "sequential",
+                                                   "SparseGPT (sparsegpt)"}
     assert {n.label for n in app.slider} >= {"λ (lam)", "M (m)", "ε (epsilon)", "α (alpha)", "δ (delta)"}  # what-if
     app.slider(key="alloc_delta").set_value(0.02).run()  # ATP's curve steepens: s_b = s_0 + 0.02 b
     np.testing.assert_allclose(np.diff(curve(curves(app), "ATP")), 0.02, atol=1e-9)
