@@ -144,8 +144,8 @@ class PruneSpec:
     def identity(self) -> dict:
         d = {k: getattr(self, k) for k in ("allocator", "allocator_params", "method", "method_params", "sparsity",
                                            "nm", "scope")}
-        if self.allocator in ALLOCATORS:  # a parameter added later is in the key only when not at its default
-            d["allocator_params"] = ALLOCATORS[self.allocator].keyed(self.allocator_params)
+        # a parameter added later is in the key only when not at its default
+        d["allocator_params"] = ALLOCATORS[self.allocator].keyed(self.allocator_params)
         if self.allocator in ALLOCATORS and ALLOCATORS[self.allocator].learned:
             # a learned allocation depends on how it was learned (BESA's epochs, the predictor's table): so does the run
             d["learner"] = ALLOCATORS[self.allocator].resolve_learner().settings

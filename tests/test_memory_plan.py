@@ -145,8 +145,9 @@ def test_the_allocation_search_is_planned_by_hand():
         6 * 32 * 32 + 48 * 48) * 4
     assert sparse["the search's pruned blocks of up to three passes"] == 3 * 3 * BLOCK_PARAMS * 4
     assert sparse["the search's blocks pruned at other levels, kept"] == 24 * BLOCK_PARAMS * 4
-    assert memory_plan.search_learning({"sparsegpt": 1}) == "search-sparsegpt"
-    assert memory_plan.search_learning({"sparsegpt": 0}) == "search"
+    assert memory_plan.learning_kind("search", {"sparsegpt": 1}) == "search-sparsegpt"
+    assert memory_plan.learning_kind("search", {"sparsegpt": 0}) == "search"
+    assert memory_plan.learning_kind("besa", {"beta": 50}) is True
 
 
 def test_whole_model_evaluations_are_planned_by_hand():

@@ -20,7 +20,7 @@ from pruner.allocation import (ALLOCATORS, NEEDS_STATISTICS, NEEDS_WEIGHTS, Allo
 from pruner.data import calibration_tokens
 from pruner.engine.calibrate import ProgressFn
 from pruner.engine.layout import ModelLayout
-from pruner.engine.memory_plan import check_fits, plan_for_statistics, prune_ways_out, search_learning
+from pruner.engine.memory_plan import check_fits, plan_for_statistics, prune_ways_out, learning_kind
 from pruner.engine.stats import Stats, collect_stats
 from pruner.model.loading import LoadedModel, load_model, model_summary
 from pruner.specs import StatsSpec
@@ -182,7 +182,7 @@ def learn_allocation(spec: StatsSpec, allocator: str, sparsity: float, params: d
     learner = ALLOCATORS[allocator].resolve_learner()
     if loaded is None:
         check_statistics_fit(spec, cache_dir, batch_size=batch_size, streamed=stream,
-                             learning=search_learning(params) if allocator == "search" else True)
+                             learning=learning_kind(allocator, params))
     loaded = loaded if loaded is not None else load_model(spec.model, cache_dir, stream=stream)
     tokens = tokens if tokens is not None else calibration_tokens(loaded.tokenizer, spec.calib)
     stats = stats if stats is not None else load_cached_stats(spec, cache_dir)

@@ -127,8 +127,11 @@ SEARCH_KEPT_FITS = 3
 SEARCH_LEARNING = ("search", "search-sparsegpt")
 
 
-def search_learning(params: dict) -> str:
-    """The ``learning`` value of a search with these (checked) parameters."""
+def learning_kind(allocator: str, params: dict) -> str | bool:
+    """``plan_prune``'s ``learning`` value for learning ``allocator`` with these (checked) parameters: the search's
+    kind, or True (BESA's pass; the predictor-optimal allocation plans like it)."""
+    if allocator != "search":
+        return True
     return "search-sparsegpt" if params.get("sparsegpt") else "search"
 
 

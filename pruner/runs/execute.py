@@ -14,7 +14,7 @@ from pruner.data import calibration_tokens
 from pruner.engine.artifacts import (cached_learned, get_stats, learn_allocation, learned_layer_sparsity,
                                      load_cached_stats)
 from pruner.engine.layout import ModelLayout
-from pruner.engine.memory_plan import check_fits, check_whole_model, plan_for_spec, prune_ways_out, search_learning
+from pruner.engine.memory_plan import check_fits, check_whole_model, plan_for_spec, prune_ways_out, learning_kind
 from pruner.model.anatomy import find_blocks, is_expert_unit, unsupported_message, unsupported_weights
 from pruner.model.loading import LoadedModel, load_model, model_summary, resolve_device
 from pruner.runs.manifest import LORA_SUBFOLDER, read_run, require_weights, weight_records
@@ -103,8 +103,7 @@ def _make_run(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
     learning = allocator.learned and cached_learned(spec.stats_spec, spec.allocator, spec.sparsity,
                                                     spec.allocator_params, cache_dir) is None
     plan = plan_for_spec(spec, cache_dir, batch_size=batch_size, streamed=streamed,
-                         learning=(search_learning(spec.allocator_params) if spec.allocator == "search" else True)
-                         if learning else False)
+                         learning=learning_kind(spec.allocator, spec.allocator_params) if learning else False)
     check_fits(plan, ways=prune_ways_out(streamed=streamed, offloaded=spec.model.offload_activations,
                                          device=plan.device))
     check_writable(layout.runs, needs_bytes=plan.writes, what="the runs folder")
