@@ -1,6 +1,7 @@
 """Sweeps (issue 15): the grid's expansion, and the same sweep on the local executor and on a real Ray cluster
 (a head started here on 127.0.0.1 with 2 CPUs), including a Ray worker killed in the middle of a cell."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -49,6 +50,41 @@ def test_sweep_expands_axes_and_shares_prerequisites(tiny_folder, data_dir, tmp_
     search = SweepRequest(_base(tiny_folder, data_dir), allocators=("search",), methods=("wanda", "sparsegpt"), seeds=2)
     assert [j.kind for j in search.jobs(tmp_path)] == ["stats"] * 2 + ["learn"] * 2 + ["prune"] * 4
     assert SweepRequest.from_dict(sweep.to_dict()).specs() == specs
+
+
+def test_cancelling_a_sweeps_prerequisite_cancels_the_jobs_that_wait_for_it(tiny_folder, data_dir, tmp_path):
+    """A cancelled learning job took its cells along: before, the first cell found no learned allocation and started
+    the same learning itself, uncancelled. The dependency is by result (``Request.makes``/``needs``), so a prune
+    queued by hand (another request on the same learned allocation) waits for the same learning."""
+    from pruner.jobs.workflows import PruneRequest
+
+    sweep = SweepRequest(_base(tiny_folder, data_dir), allocators=("uniform", "besa"), methods=("wanda", "magnitude"))
+    store = JobStore(tmp_path / "jobs.sqlite")
+    ids = {(r.kind, getattr(getattr(r, "spec", None), "allocator", None) or getattr(r, "allocator", None),
+            getattr(getattr(r, "spec", None), "method", None)): store.add(r.kind, r.to_dict(), r.label())
+           for r in sweep.jobs(tmp_path)}
+    stats, learn = ids[("stats", None, None)], ids[("learn", "besa", None)]
+    besa_cells = sorted(i for (kind, a, _), i in ids.items() if kind == "prune" and a == "besa")
+    by_hand = PruneRequest(dataclasses.replace(sweep.specs()[-1], sparsity=0.5, method="sparsegpt"))
+    besa_cells.append(store.add(by_hand.kind, by_hand.to_dict(), by_hand.label()))
+    assert len(besa_cells) == 3 and len(set(besa_cells)) == 3
+    assert store.dependents(learn) == besa_cells
+    assert store.claim(os.getpid()).id == stats  # the statistics run: a running job's dependents are found too
+    assert store.dependents(stats) == sorted(i for i in store_ids(store) if i != stats)
+    store.cancel(learn)
+    states = {j.id: j.state for j in store.list()}
+    assert [states[i] for i in [learn, *besa_cells]] == ["cancelled"] * 4
+    assert sorted(i for i, st in states.items() if st != "cancelled") == sorted(
+        [stats, ids[("prune", "uniform", "wanda")], ids[("prune", "uniform", "magnitude")]])
+    # the running statistics job: asked to stop, and its remaining dependents (the uniform cells) cancelled now
+    assert store.dependents(learn) == []  # an ended job has none
+    store.cancel(stats)
+    assert store.get(stats).cancel_requested and store.get(stats).state == "running"
+    assert [j.state for j in store.list() if j.id != stats] == ["cancelled"] * (len(states) - 1)
+
+
+def store_ids(store) -> list[int]:
+    return [j.id for j in store.list()]
 
 
 @pytest.mark.parametrize("kw, message", [({"allocators": ("nope",)}, "allocators must be among"),

@@ -137,10 +137,14 @@ def cmd_jobs(args) -> int:
         if args.id is None:
             raise BadInput("jobs cancel needs a job id")
         try:
+            along = store.dependents(args.id)
             job = store.cancel(args.id)
         except ValueError as err:
             raise BadInput(str(err)) from err
         print(f"job {job.id}: {job.state}{' (cancel requested)' if job.cancel_requested else ''}")
+        if along:
+            print(f"cancelled with it, as they wait for its result: job{'s' if len(along) > 1 else ''} "
+                  f"{', '.join(map(str, along))}")
         return 0
     if args.action == "wait":
         if args.id is None:

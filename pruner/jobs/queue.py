@@ -272,12 +272,41 @@ class JobStore:
                        (json.dumps(remote), time.time(), job_id))
 
     def cancel(self, job_id: int) -> Job:
-        """Queued jobs are cancelled at once; running ones stop at their next check."""
+        """Queued jobs are cancelled at once; running ones stop at their next check. The jobs that have not ended and
+        wait for this one's results (``dependents``: a sweep's cells on their statistics or learned allocation) are
+        cancelled with it; else the first of them would start the same work itself."""
+        ids = [job_id, *self.dependents(job_id)]
         with self._db() as db:
-            db.execute("UPDATE jobs SET state = 'cancelled', finished = ? WHERE id = ? AND state = 'queued'",
-                       (time.time(), job_id))
-            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'", (job_id,))
+            for i in ids:
+                db.execute("UPDATE jobs SET state = 'cancelled', finished = ? WHERE id = ? AND state = 'queued'",
+                           (time.time(), i))
+                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'", (i,))
         return self.get(job_id)
+
+    def dependents(self, job_id: int) -> list[int]:
+        """Ids of the jobs that have not ended and read, directly or through another such job, a result that job
+        ``job_id`` writes (``Request.makes`` / ``Request.needs``); none while that job has ended (its results are
+        written, or it wrote none). Jobs whose payload this code cannot read are left out."""
+        def request(job):
+            try:
+                return job.request
+            except ValueError:
+                return None
+
+        with self._db() as db:
+            rows = db.execute(f"SELECT * FROM jobs WHERE state IN ({', '.join('?' * len(ACTIVE_STATES))}) "
+                              f"ORDER BY id", ACTIVE_STATES).fetchall()
+        active = {j.id: request(j) for j in map(self._job, rows)}
+        if active.get(job_id) is None:
+            return []
+        found, pending = [], [active.pop(job_id).makes()]
+        while pending:
+            made = pending.pop()
+            for i, req in list(active.items()):
+                if req is not None and req.needs() & made:
+                    found.append(i)
+                    pending.append(active.pop(i).makes())
+        return sorted(found)
 
     def claim(self, pid: int) -> Job | None:
         with self._db() as db:

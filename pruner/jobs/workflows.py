@@ -139,6 +139,26 @@ class Request(ABC):
     def label(self) -> str:
         """What the job list shows."""
 
+    def makes(self) -> frozenset[str]:
+        """Names of the cached results this job writes that later jobs read (``needs``). A job cancelled before it
+        writes them takes along the jobs that need them (``JobStore.cancel``): the first of those would otherwise
+        start the same work itself, uncancelled."""
+        return frozenset()
+
+    def needs(self) -> frozenset[str]:
+        """Names of the cached results this job reads that an earlier job of the same sweep writes (``makes``)."""
+        return frozenset()
+
+
+def _stats_result(spec: StatsSpec) -> str:
+    """The name of a calibration set's statistics in ``makes``/``needs``."""
+    return f"stats {spec.key()}"
+
+
+def _learned_result(spec: StatsSpec, allocator: str, sparsity: float, params: dict) -> str:
+    """The name of a learned allocation in ``makes``/``needs``."""
+    return f"learned {learned_key(spec, allocator, sparsity, params)}"
+
 
 def _perplexity_options(d: dict) -> PerplexityOptions:
     return PerplexityOptions(**d)
@@ -172,6 +192,9 @@ class StatsRequest(Request):
     def label(self) -> str:
         return f"statistics of {self.spec.model.name} on {self.spec.calib.nsamples}×{self.spec.calib.seqlen} tokens"
 
+    def makes(self) -> frozenset[str]:
+        return frozenset({_stats_result(self.spec)})
+
 
 @dataclass(frozen=True)
 class LearnRequest(Request):
@@ -200,6 +223,12 @@ class LearnRequest(Request):
         a = ALLOCATORS[self.allocator]
         return (f"{a.label} sparsities at S = {self.sparsity:.0%} ({params_text(self.params, a.params)}) of "
                 f"{self.spec.model.name} on {self.spec.calib.nsamples}×{self.spec.calib.seqlen} tokens")
+
+    def makes(self) -> frozenset[str]:
+        return frozenset({_learned_result(self.spec, self.allocator, self.sparsity, self.params)})
+
+    def needs(self) -> frozenset[str]:
+        return frozenset({_stats_result(self.spec)})
 
 
 def _predictor_spec(d: dict):
@@ -265,6 +294,12 @@ class PruneRequest(Request):
         return (self.spec.label() + (" (parameters tuned on the predictor)" if self.tune else "")
                 + (f" → {self.perplexity.label()}" if self.perplexity else "")
                 + (", weights dropped after" if self.drop_weights else ""))
+
+    def needs(self) -> frozenset[str]:
+        s = self.spec
+        learned = ({_learned_result(s.stats_spec, s.allocator, s.sparsity, s.allocator_params)}
+                   if ALLOCATORS[s.allocator].learned else set())
+        return frozenset({_stats_result(s.stats_spec), *learned})
 
 
 @dataclass(frozen=True)
