@@ -30,7 +30,9 @@ perplexities favours the baseline, never the entry.
         --methods wanda sparsegpt --sparsities 0.6 0.7 0.8 --seeds 3 --max-chunks 8 --report --versus best --matrix
 
 Runs are ordinary cached runs (same spec → same key), so the CLI (`prune --seeds 3 --ppl`), the Prune page and
-this script share them.
+this script share them. ``--records FILE`` keeps the study's runs (numbers, no weights) in a ledger under docs/
+that outlives the cache (``bench/records.py``): the Done-when table of the searched allocation is grown so, one
+search at a time, on machines that keep no cache between them.
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ import os
 import sys
 
 from bench.common import git_rev, machine
+from bench.records import read_records, write_records
 from pruner.allocation import ALLOCATORS, AllocationRefused
 from pruner.cli.common import phase_bars
 from pruner.core.params import params_text
 from pruner.engine.artifacts import allocation_for
 from pruner.jobs.workflows import Context, PerplexityOptions, PruneRequest, run
 from pruner.model.catalogue import ModelSpec
-from pruner.runs.groups import compare, group_runs, ranking
+from pruner.runs.groups import compare, group_runs, perplexity_result, ranking
 from pruner.runs.manifest import list_runs, read_run, run_dir, run_exists
 from pruner.runs.metrics import perplexity_metric_name, perplexity_protocol, stored_perplexity
 from pruner.specs import CalibSpec, PruneSpec
@@ -189,6 +192,10 @@ def main(argv: list[str] | None = None) -> None:
                                     "in the same (method, S), over the entry's seeds")
     p.add_argument("--matrix", action="store_true",
                    help="end with one table: every --allocators entry ÷ the --versus one, per (method, S)")
+    p.add_argument("--records", metavar="FILE",
+                   help="a JSON-lines ledger of the study's runs (manifest and metrics, no weights; bench/records.py): "
+                        "runs recorded there with the perplexity asked for are reported from it, not pruned again, "
+                        "and every run reported from the cache is written into it")
     p.add_argument("--skip-refused", action="store_true",
                    help="leave out allocations the allocator refuses, and stored runs whose weights were dropped "
                         "before they were evaluated as asked (and say so), instead of stopping before pruning")
@@ -205,8 +212,14 @@ def main(argv: list[str] | None = None) -> None:
                        allocator_params=_params(entry, a, m, S, calib, args.model, args.cache_dir))
              for m in args.methods for S in args.sparsities for entry in args.allocators
              for a in [entry.partition(":")[0]] for seed in range(args.seeds)]
-    refused = {} if args.report else refusals(specs, args.cache_dir)
-    dropped = {} if args.report else unanswerable(specs, args.max_chunks, args.cache_dir)
+    # the protocol of the evaluation asked for (SmolLM2's window: min(2048, its context))
+    asked = perplexity_protocol(2048, args.max_chunks)
+    recorded = read_records(args.records) if args.records else {}
+    answered = {s.key() for s in specs if s.key() in recorded and not run_exists(s.key(), args.cache_dir)
+                and perplexity_result(recorded[s.key()].run.metrics, asked) is not None}
+    to_check = [s for s in specs if s.key() not in answered]
+    refused = {} if args.report else refusals(to_check, args.cache_dir)
+    dropped = {} if args.report else unanswerable(to_check, args.max_chunks, args.cache_dir)
     if (refused or dropped) and not args.skip_refused:
         print("stopped before pruning anything (rerun with other parameters, or --skip-refused to leave these out):",
               *(f"refused by the allocator: {r}" for r in refused.values()), *dropped.values(),
@@ -216,20 +229,29 @@ def main(argv: list[str] | None = None) -> None:
     keys = {s.key() for s in specs}
     stored = sum(run_exists(k, args.cache_dir) for k in keys)
     if not args.report:
-        print(f"# {len(keys)} runs: {stored} stored, {len(keys) - stored} to prune (progress on stderr)", flush=True)
+        print(f"# {len(keys)} runs: {stored} stored, {len(keys & answered)} recorded in {args.records}, "
+              f"{len(keys - answered) - stored} to prune (progress on stderr)", flush=True)
     protocol = None
     for spec in specs:
-        if args.report:
+        if args.report or spec.key() in answered:
             continue
         result = run(PruneRequest(spec, PerplexityOptions(max_chunks=args.max_chunks), data_dir=data_dir,
                                   drop_weights=args.drop_weights and not run_exists(spec.key(), args.cache_dir)),
                      Context(cache_dir=args.cache_dir, progress=phase_bars()))
         protocol = perplexity_metric_name(result["details"]["perplexity"])
         print(f"{spec.label()}, seed {spec.calib.seed}: perplexity {result['perplexity']:.3f}", flush=True)
-    runs = [r for r in list_runs(args.cache_dir).runs if r.key in keys]
-    if protocol is None:  # --report: the protocol the asked-for evaluation would have written
-        protocol = perplexity_protocol(2048, args.max_chunks)  # SmolLM2's window: min(2048, its context)
+    cached = [r for r in list_runs(args.cache_dir).runs if r.key in keys]
+    from_records = [recorded[k].run for k in sorted(keys & set(recorded) - {r.key for r in cached})]
+    runs = cached + from_records
+    if protocol is None:  # --report, or every run answered by the records
+        protocol = asked
     print(f"# machine: {machine()}; commit {git_rev()}; protocol {protocol}; calibration preset {args.preset}")
+    if args.records:
+        commits = sorted({recorded[r.key].recorded["commit"] for r in from_records})
+        written = write_records(args.records, cached, commit=git_rev(), machine=machine())
+        print(f"# records {args.records}: {len(from_records)} run(s) reported from it"
+              + (f" (recorded at commit{'s' if len(commits) > 1 else ''} {', '.join(commits)})" if commits else "")
+              + f", {written} written to it now")
     for reason in refused.values():
         print(f"# left out, refused by the allocator: {reason}")
     for reason in dropped.values():

@@ -118,3 +118,49 @@ def test_dropped_run_that_cannot_answer_stops_the_study_before_any_prune(study_e
     assert sorted(r.spec["allocator"] for r in list_runs(tmp_path).runs) == ["owl", "uniform"]
     seed_study.main([*common, "--allocators", "owl", "--max-chunks", "1"])  # answerable from its metrics: no stop
     assert "left out" not in capsys.readouterr().out
+
+
+def test_records_carry_a_study_to_a_cache_that_lacks_its_runs(tiny_folder, data_dir, tmp_path, monkeypatch, capsys):
+    """--records FILE: the runs a study reports are written to FILE (manifest and metrics); a study on another,
+    empty cache reports them from FILE without pruning them again, prunes only what FILE lacks, and gives the same
+    table; a record is replaced when its run's metrics grew; a damaged line is refused by its number."""
+    import json
+
+    from bench.records import read_records
+
+    monkeypatch.setenv("PRUNER_DATA_DIR", data_dir)
+    ledger = tmp_path / "docs" / "study.jsonl"
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--model", tiny_folder, "--methods", "magnitude", "--sparsities", "0.5", "--seeds", "2", "--preset",
+              "tiny", "--max-chunks", "1", "--records", str(ledger), "--versus", "uniform", "--matrix"]
+    seed_study.main(["--cache-dir", str(first), "--allocators", "uniform", "owl", *common])
+    out = capsys.readouterr().out
+    assert "# 4 runs: 0 stored, 0 recorded in" in out and "4 written to it now" in out
+    table = out[out.index("| allocator | magnitude 50% |"):].splitlines()
+    records = read_records(ledger)
+    assert sorted(records) == sorted(r.key for r in list_runs(first).runs)
+    assert all(r.recorded["commit"] and "cores" in r.recorded["machine"] for r in records.values())
+    assert not list(ledger.parent.glob("*.tmp"))
+
+    # another cache: uniform and OWL come from the ledger (nothing pruned), ER is pruned and recorded
+    seed_study.main(["--cache-dir", str(second), "--allocators", "uniform", "owl", "er", *common])
+    out = capsys.readouterr().out
+    assert "# 6 runs: 0 stored, 4 recorded in" in out and ", 2 to prune" in out
+    assert "4 run(s) reported from it (recorded at commit" in out and "2 written to it now" in out
+    assert sorted(r.spec["allocator"] for r in list_runs(second).runs) == ["er", "er"]
+    matrix = out[out.index("| allocator | magnitude 50% |"):].splitlines()
+    assert matrix[2] == table[2] and matrix[2].startswith("| OWL")  # OWL's cell: the same runs, from the ledger
+    assert matrix[3].startswith("| Erdős–Rényi | ")
+    assert len(read_records(ledger)) == 6
+
+    # a second protocol on the first cache (its runs kept their weights): their records are replaced, in place
+    seed_study.main(["--cache-dir", str(first), "--allocators", "uniform", "owl", *common[:-7], "--max-chunks", "2",
+                     "--records", str(ledger)])
+    assert "4 written to it now" in capsys.readouterr().out
+    records = read_records(ledger)
+    assert len(records) == 6 and sum(len(r.run.metric_names("perplexity")) == 2 for r in records.values()) == 4
+
+    lines = ledger.read_text().splitlines()
+    ledger.write_text("\n".join([*lines[:2], json.dumps({"manifest": {}}), *lines[2:]]) + "\n")
+    with pytest.raises(ValueError, match=r"study\.jsonl, line 3: not a run record"):
+        seed_study.main(["--cache-dir", str(second), "--allocators", "uniform", *common])
