@@ -27,20 +27,25 @@ from pruner.store.layout import CacheLayout
 SOURCES = ("bundled", "local folder", "hub id")
 
 
-def _use_navigation_only() -> None:
+def _use_navigation_only() -> bool:
     """app.py declares every page with st.navigation. Streamlit 1.67 also keeps a legacy mode for apps that have
-    a pages/ folder, in force for the whole server process until some run calls st.navigation; a server whose
-    first request is a deep link (e.g. /allocation) would otherwise list bare file names in the sidebar. The
-    pages import this module, so switching the legacy mode off here covers that case."""
+    a pages/ folder, in force for the whole server process until some run calls st.navigation: a server whose
+    first request is a deep link (e.g. /prune) runs that page without app.py, under a sidebar of bare file names
+    (with this module and _curves as pages). The pages import this module, so the legacy mode is switched off
+    here; returns whether the run importing it is such a legacy run (``page_setup`` then runs it again, through
+    app.py)."""
     try:
         from streamlit.runtime.pages_manager import PagesManager
 
+        legacy = bool(PagesManager.uses_pages_directory)
         PagesManager.uses_pages_directory = False
+        return legacy
     except (ImportError, AttributeError):  # another Streamlit version: nothing to switch off
-        pass
+        return False
 
 
-_use_navigation_only()
+#: Whether this module was first imported by a page that Streamlit's legacy mode ran without app.py.
+_LEGACY_FIRST_RUN = _use_navigation_only()
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,13 @@ def page_setup() -> Selection | None:
     """Render the shared sidebar on the current page and return its selection (None: nothing usable selected).
 
     Streamlit drops a widget's state when a run does not draw it; re-assigning the keys first keeps the values
-    when the user moves between pages.
+    when the user moves between pages. The first run of a server that began in Streamlit's legacy page mode
+    (``_use_navigation_only``) is run again at once, through app.py's navigation.
     """
+    global _LEGACY_FIRST_RUN
+    if _LEGACY_FIRST_RUN:
+        _LEGACY_FIRST_RUN = False
+        st.rerun()
     for key in SIDEBAR_KEYS:
         if key in st.session_state:
             st.session_state[key] = st.session_state[key]
@@ -283,7 +293,7 @@ def keep_workers(store: JobStore, sel: Selection | None) -> None:
 
 def job_row(job) -> None:
     """One job as the pages list it: state, per-block progress, elapsed, ETA, cancel, error."""
-    cols = st.columns([5, 3, 2, 1])
+    cols = st.columns([5, 3, 1.3, 1.7])  # the last one holds "Cancel" whole at 1280 px (at 1 of 11 it read "C…")
     where = (f" · Ray {job.remote['node']} (pid {job.remote['pid']}" +
              (f", attempt {job.remote['attempt']})" if job.remote.get("attempt", 1) > 1 else ")")
              if job.remote else (" · Ray" if job.executor == "ray" else ""))

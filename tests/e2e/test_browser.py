@@ -131,6 +131,18 @@ def _alerts(page) -> list[str]:
     return [t for t in page.locator('[data-testid="stAlert"]').all_inner_texts() if any(w in t for w in PROBLEM_TEXT)]
 
 
+def test_a_bookmark_as_the_servers_first_request_shows_the_apps_pages(server, page):
+    """The first request of a fresh server is a deep link (a bookmarked /prune): Streamlit's legacy page mode ran
+    that page under a sidebar of file names ("app", "curves", "dashboard" among them, each a broken page) until some
+    other run went through app.py; now the page is run again through app.py's navigation at once. (Runs before the
+    newcomer's walk: the server's first request.)"""
+    url, _, _ = server
+    _open(page, url, "prune", "Prune copies of")
+    _settled(page)
+    links = [t.split()[-1] for t in page.locator('[data-testid="stSidebarNavLink"]').all_inner_texts()]
+    assert links == ["Model", "Outliers", "Allocation", "Prune", "Compare", "Learn"], links
+
+
 def test_a_newcomer_reaches_the_goal(server, page, data_dir, tmp_path):
     """The newcomer's goal on the bundled model (tiny calibration preset): see which blocks have outliers, compare
     OWL with uniform at 70%, prune both, compare their perplexity with the dense model's, download the OWL model."""
@@ -215,6 +227,11 @@ def test_a_newcomer_reaches_the_goal(server, page, data_dir, tmp_path):
     page.get_by_text("Queued 2 prune job(s)").wait_for(timeout=30_000)
     queue_button.click()  # a second click adds nothing, and says so
     page.get_by_text("nothing added").wait_for(timeout=30_000)
+    # an active job's Cancel button shows its whole label (in 1 of 11 columns it read "C…" at this width)
+    page.get_by_role("button", name="Cancel").first.wait_for(timeout=30_000)
+    clipped = page.evaluate("""() => [...document.querySelectorAll('button')].filter(b => b.innerText.trim() === 'Cancel')
+        .map(b => [...b.querySelectorAll('*')].some(e => e.scrollWidth > e.clientWidth + 1))""")
+    assert clipped and not any(clipped), clipped
     from pruner.jobs.queue import JobStore
     from pruner.store.layout import CacheLayout
 
