@@ -140,6 +140,9 @@ def test_records_carry_a_study_to_a_cache_that_lacks_its_runs(tiny_folder, data_
     records = read_records(ledger)
     assert sorted(records) == sorted(r.key for r in list_runs(first).runs)
     assert all(r.recorded["commit"] and "cores" in r.recorded["machine"] for r in records.values())
+    # numbers, not the per-layer table of achieved sparsities (most of a manifest's size)
+    assert all("layers" in r.raw["achieved"] for r in list_runs(first).runs)
+    assert all("layers" not in r.run.raw["achieved"] and r.run.achieved_block for r in records.values())
     assert not list(ledger.parent.glob("*.tmp"))
 
     # another cache: uniform and OWL come from the ledger (nothing pruned), ER is pruned and recorded
