@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     keys = {s.key() for s in specs}
     stored = sum(run_exists(k, args.cache_dir) for k in keys)
     if not args.report:
-        print(f"# {len(keys)} runs: {stored} stored, {len(keys & answered)} recorded in {args.records}, "
-              f"{len(keys - answered) - stored} to prune (progress on stderr)", flush=True)
+        recorded_text = f"{len(keys & answered)} recorded in {args.records}, " if args.records else ""
+        print(f"# {len(keys)} runs: {stored} stored, {recorded_text}{len(keys - answered) - stored} to prune "
+              "(progress on stderr)", flush=True)
     protocol = None
     for spec in specs:
         if args.report or spec.key() in answered:

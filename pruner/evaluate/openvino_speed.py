@@ -112,7 +112,11 @@ def int8_weight_zeros(ir_path: str | Path) -> list[float]:
 def compile_model(path: str | Path, threads: int, rate: float | None):
     import openvino as ov
 
-    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    # float32 activations everywhere: on a CPU with native bf16 (AVX512_BF16, AMX) OpenVINO otherwise computes in
+    # bf16 by default, which moved the float graph 6e-3 of the largest logit from PyTorch's (Zen 4) and would time
+    # dense and sparse in a precision other machines do not use
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+              "INFERENCE_PRECISION_HINT": "f32"}
     if rate is not None:
         config[SPARSE_RATE_PROPERTY] = rate
     return ov.Core().compile_model(str(path), "CPU", config)

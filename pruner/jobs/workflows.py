@@ -140,9 +140,8 @@ class Request(ABC):
         """What the job list shows."""
 
     def makes(self) -> frozenset[str]:
-        """Names of the cached results this job writes that later jobs read (``needs``). A job cancelled before it
-        writes them takes along the jobs that need them (``JobStore.cancel``): the first of those would otherwise
-        start the same work itself, uncancelled."""
+        """Names of the cached results this job writes that later jobs read (``needs``): cancelled before it writes
+        them, it takes those jobs along (``JobStore.cancel``), else the first would start the same work itself."""
         return frozenset()
 
     def needs(self) -> frozenset[str]:
@@ -150,13 +149,7 @@ class Request(ABC):
         return frozenset()
 
 
-def _stats_result(spec: StatsSpec) -> str:
-    """The name of a calibration set's statistics in ``makes``/``needs``."""
-    return f"stats {spec.key()}"
-
-
 def _learned_result(spec: StatsSpec, allocator: str, sparsity: float, params: dict) -> str:
-    """The name of a learned allocation in ``makes``/``needs``."""
     return f"learned {learned_key(spec, allocator, sparsity, params)}"
 
 
@@ -193,7 +186,7 @@ class StatsRequest(Request):
         return f"statistics of {self.spec.model.name} on {self.spec.calib.nsamples}×{self.spec.calib.seqlen} tokens"
 
     def makes(self) -> frozenset[str]:
-        return frozenset({_stats_result(self.spec)})
+        return frozenset({f"stats {self.spec.key()}"})
 
 
 @dataclass(frozen=True)
@@ -228,7 +221,7 @@ class LearnRequest(Request):
         return frozenset({_learned_result(self.spec, self.allocator, self.sparsity, self.params)})
 
     def needs(self) -> frozenset[str]:
-        return frozenset({_stats_result(self.spec)})
+        return frozenset({f"stats {self.spec.key()}"})
 
 
 def _predictor_spec(d: dict):
@@ -296,10 +289,9 @@ class PruneRequest(Request):
                 + (", weights dropped after" if self.drop_weights else ""))
 
     def needs(self) -> frozenset[str]:
-        s = self.spec
-        learned = ({_learned_result(s.stats_spec, s.allocator, s.sparsity, s.allocator_params)}
-                   if ALLOCATORS[s.allocator].learned else set())
-        return frozenset({_stats_result(s.stats_spec), *learned})
+        s, learned = self.spec, ALLOCATORS[self.spec.allocator].learned
+        return frozenset({f"stats {s.stats_spec.key()}", *([_learned_result(s.stats_spec, s.allocator, s.sparsity,
+                                                                           s.allocator_params)] if learned else [])})
 
 
 @dataclass(frozen=True)
