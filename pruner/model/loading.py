@@ -57,6 +57,8 @@ def convert_bundled(name: str, cache_dir: Path | None = None, progress: Callable
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pruner.model.streaming import MODEL_BUILD_LOCK
+
     say = progress or (lambda msg: None)
     with atomic_dir(target) as tmp:
         if b.locate is not None:
@@ -66,13 +68,15 @@ def convert_bundled(name: str, cache_dir: Path | None = None, progress: Callable
         say(f"converting {gguf_path.name} to safetensors (once; about 20 s)")
         t0 = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        with MODEL_BUILD_LOCK:
+            gguf_model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            )
         config = gguf_model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with MODEL_BUILD_LOCK:
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(gguf_model.state_dict())
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -168,9 +172,12 @@ def load_model(spec: ModelSpec, cache_dir: Path | None = None, progress: Callabl
             checkpoint = Checkpoint(path)
             model = build_skeleton(path, dtype, spec.trust_remote_code)
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, trust_remote_code=spec.trust_remote_code, **kwargs
-            )
+            from pruner.model.streaming import MODEL_BUILD_LOCK
+
+            with MODEL_BUILD_LOCK:
+                model = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=dtype, trust_remote_code=spec.trust_remote_code, **kwargs
+                )
     except OSError as err:
         if source == "hub":
             offline = hub_unreachable()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -73,13 +74,20 @@ def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, tor
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
+#: Held while a model is constructed in this process. ``init_empty_weights`` replaces ``nn.Module.register_parameter``
+#: for every thread while it is active, so a model loaded meanwhile by another thread (a dashboard session planning a
+#: job's memory beside one loading the model) got its parameters on the meta device ("Unsupported device type
+#: 'meta'"); every construction path takes this lock (re-entrant: a skeleton builds an empty model inside).
+MODEL_BUILD_LOCK = threading.RLock()
+
+
 def empty_model(config, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
     """The causal LM ``config`` describes with every parameter on the meta device (no memory) and a tied head tied;
     buffers stay real (rotary tables are computed at construction and are not in checkpoints). Eval mode, no grad."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False):
+    with MODEL_BUILD_LOCK, init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
                                                  **({"dtype": dtype} if dtype is not None else {}))
     model.tie_weights()

@@ -226,7 +226,10 @@ def load_run(folder: Path, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     require_weights(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
+    from pruner.model.streaming import MODEL_BUILD_LOCK
+
+    with MODEL_BUILD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
     adapters = Path(folder) / LORA_SUBFOLDER
     if (adapters / "adapter_config.json").is_file():
         from peft import PeftModel
