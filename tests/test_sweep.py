@@ -70,7 +70,7 @@ def test_cancelling_a_sweeps_prerequisite_cancels_the_jobs_that_wait_for_it(tiny
     assert len(besa_cells) == 3 and len(set(besa_cells)) == 3
     assert store.dependents(learn) == besa_cells
     assert store.claim(os.getpid()).id == stats  # the statistics run: a running job's dependents are found too
-    assert store.dependents(stats) == sorted(i for i in store_ids(store) if i != stats)
+    assert store.dependents(stats) == sorted(j.id for j in store.list() if j.id != stats)
     store.cancel(learn)
     states = {j.id: j.state for j in store.list()}
     assert [states[i] for i in [learn, *besa_cells]] == ["cancelled"] * 4
@@ -81,10 +81,6 @@ def test_cancelling_a_sweeps_prerequisite_cancels_the_jobs_that_wait_for_it(tiny
     store.cancel(stats)
     assert store.get(stats).cancel_requested and store.get(stats).state == "running"
     assert [j.state for j in store.list() if j.id != stats] == ["cancelled"] * (len(states) - 1)
-
-
-def store_ids(store) -> list[int]:
-    return [j.id for j in store.list()]
 
 
 @pytest.mark.parametrize("kw, message", [({"allocators": ("nope",)}, "allocators must be among"),
