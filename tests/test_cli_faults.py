@@ -251,3 +251,19 @@ def test_a_read_only_cache_is_refused_before_any_work(tiny_folder, data_dir, tmp
         assert _snapshot(disk) == {}
     finally:
         _unmount(disk)
+
+
+def test_a_reader_that_goes_away_stops_the_command_quietly(tmp_path):
+    """`python -m pruner cache | head -1`: the reader closes the pipe before the table is written. A real process,
+    its standard output a pipe whose reading end is already closed, so the first write fails: the command stops with
+    128 + SIGPIPE, as a shell reports a tool the signal ended, and says nothing (before: "error: Broken pipe:", exit 3)."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "pruner", "cache", "--cache-dir", str(tmp_path / "cache")],
+                           cwd=PROJECT_ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (r.returncode, r.stderr) == (141, "")

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Exit codes of a command stopped by Ctrl-C (SIGINT) or SIGTERM, as a shell reports them (128 + the signal).
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+#: Exit code of a command whose output's reader went away (``python -m pruner jobs list | head``): 128 + SIGPIPE, as
+#: a shell reports a tool the signal stopped. Python ignores SIGPIPE, so the write raises BrokenPipeError instead.
+EXIT_BROKEN_PIPE = 141
 #: Exit code of a command the machine or the cache could not serve (not the user's input): a cache folder that is a
 #: file, read-only or full, a corrupt cache entry, an operating-system error.
 EXIT_ENVIRONMENT = 3
@@ -53,6 +56,20 @@ def _environment_fault(err: BaseException) -> str:
     return f"{err.strerror or err}:{where}" if isinstance(err, OSError) else str(err)
 
 
+def _discard_stdout() -> None:
+    """Point the standard output's descriptor at the null device: its reader is gone, and the interpreter's last flush
+    of what is still buffered would otherwise print "Exception ignored ... BrokenPipeError" on the way out."""
+    import os
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a test's capture: nothing to flush at exit
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the process is, so that every ``finally`` (temporary folders, hooks) runs."""
 
@@ -72,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in WRITING_COMMANDS:
             check_writable(CacheLayout.at(cache_arg(args)).root)
         return args.func(args)
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
     except (CacheUnusable, CorruptArtifact, OSError, sqlite3.Error) as err:
         print(f"error: {_environment_fault(err)}", file=sys.stderr)
         return EXIT_ENVIRONMENT
