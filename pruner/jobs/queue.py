@@ -200,8 +200,11 @@ class JobStore:
         return self._job(row)
 
     def list(self, limit: int = 100) -> list[Job]:
+        """The newest ``limit`` jobs, newest first, and every running job besides: a sweep queues its cells after the
+        job that runs (its learning or statistics), which would otherwise drop out of a short list."""
         with self._db() as db:
-            rows = db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            rows = db.execute("SELECT * FROM jobs WHERE state = 'running' OR id IN "
+                              "(SELECT id FROM jobs ORDER BY id DESC LIMIT ?) ORDER BY id DESC", (limit,)).fetchall()
         return [self._job(r) for r in rows]
 
     def alive_workers(self) -> list[int]:
