@@ -25,7 +25,7 @@ torch.set_num_threads(THREADS)
 #: first) the 2-test browser file ran last, alone, for 209 s of a 999 s run (sum of work 1,723 s).
 LONGEST_FILES = {
     "tests/e2e/test_browser.py": 201, "tests/app/test_pages.py": 159, "tests/test_reliability.py": 126,
-    "tests/test_sweep.py": 116, "tests/test_predictor.py": 114, "tests/test_cli.py": 111, "tests/test_jobs.py": 102,
+    "tests/test_jobs.py": 125, "tests/test_sweep.py": 116, "tests/test_predictor.py": 114, "tests/test_cli.py": 111,
     "tests/test_speed.py": 87, "tests/app/test_compare_eval.py": 85, "tests/test_streaming.py": 75,
     "tests/test_moe.py": 71, "tests/test_search.py": 66, "tests/test_openvino.py": 50,
 }
