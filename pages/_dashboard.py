@@ -325,11 +325,15 @@ JOBS_REFRESH_ACTIVE_S = 2.0
 JOBS_REFRESH_IDLE_S = 15.0
 
 
+#: Jobs the pages list (the running ones always, then the newest).
+JOBS_SHOWN = 50
+
+
 def jobs_panel(sel: Selection | None, state_key: str) -> None:
     """The job list: refreshed every 2 s while a job is queued or running, every 15 s otherwise; the whole page
     reruns when a job finishes (to show its results) and when the list turns active or idle."""
     st.subheader("Jobs")
-    if any(j.state in ACTIVE_STATES for j in job_store(sel).list(50)):
+    if any(j.state in ACTIVE_STATES for j in job_store(sel).list(JOBS_SHOWN)):
         _jobs_live(sel, state_key)
     else:
         _jobs_idle(sel, state_key)
@@ -352,9 +356,13 @@ def _job_list(sel: Selection | None, state_key: str) -> bool:
     Returns whether any job is still queued or running."""
     store = job_store(sel)
     keep_workers(store, sel)
-    jobs = store.list(50)
+    jobs = store.list(JOBS_SHOWN)
     if not jobs:
         st.caption("No jobs yet.")
+    else:  # a sweep queues dozens: the totals, and how much of the list is shown
+        counts = store.counts()
+        shown = "" if sum(counts.values()) <= len(jobs) else f" (the {len(jobs)} shown: running, then newest)"
+        st.caption(" · ".join(f"{n} {state}" for state, n in counts.items()) + shown)
     for job in jobs:
         job_row(job)
     finished = sum(j.state == "done" for j in jobs)

@@ -223,16 +223,19 @@ def test_the_same_request_queued_twice_is_one_job_until_it_ends(tmp_path):
     assert submit(store, PruneRequest(PruneSpec()), start_worker=False) not in (first, other)  # ended: queued anew
 
 
-def test_a_running_job_is_listed_however_many_were_queued_after_it(tmp_path):
+def test_a_running_job_is_listed_first_however_many_were_queued_after_it(tmp_path):
     """A sweep queues its cells after the learning job that runs first: with more cells than the list's length, the
-    running job was cut off the list (`jobs list` showed 20 queued jobs and not the one at work)."""
+    running job was cut off the list (`jobs list` showed 20 queued jobs and not the one at work), and on the
+    dashboard it came below every queued cell."""
     store = JobStore(tmp_path / "jobs.sqlite")
     ids = [store.add("prune", {"n": i}, f"x{i}") for i in range(6)]
     running = store.claim(os.getpid())
     assert running.id == ids[0]
-    assert [j.id for j in store.list(3)] == [ids[5], ids[4], ids[3], ids[0]]
-    assert [j.id for j in store.list(100)] == ids[::-1]  # no job twice
+    assert [j.id for j in store.list(3)] == [ids[0], ids[5], ids[4], ids[3]]  # at work first, then the newest
+    assert [j.id for j in store.list(100)] == [ids[0], *ids[:0:-1]]  # no job twice
+    assert store.counts() == {"queued": 5, "running": 1}  # the totals the pages show above the list
     store.finish(running.id, "done", result={})
+    assert store.counts() == {"queued": 5, "done": 1}
     assert [j.id for j in store.list(3)] == ids[:2:-1]  # ended: the newest three only
 
 

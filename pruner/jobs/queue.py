@@ -200,12 +200,20 @@ class JobStore:
         return self._job(row)
 
     def list(self, limit: int = 100) -> list[Job]:
-        """The newest ``limit`` jobs, newest first, and every running job besides: a sweep queues its cells after the
-        job that runs (its learning or statistics), which would otherwise drop out of a short list."""
+        """The running jobs first, then the newest ``limit`` of the others, newest first. A sweep queues its cells
+        after the job that runs first (its learning or statistics): newest first alone put the one job at work
+        below every queued cell, or off a short list."""
         with self._db() as db:
             rows = db.execute("SELECT * FROM jobs WHERE state = 'running' OR id IN "
-                              "(SELECT id FROM jobs ORDER BY id DESC LIMIT ?) ORDER BY id DESC", (limit,)).fetchall()
+                              "(SELECT id FROM jobs ORDER BY id DESC LIMIT ?) ORDER BY state = 'running' DESC, id DESC",
+                              (limit,)).fetchall()
         return [self._job(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """How many jobs are in each state (``STATES`` order; states without a job left out)."""
+        with self._db() as db:
+            found = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        return {state: found[state] for state in STATES if found.get(state)}
 
     def alive_workers(self) -> list[int]:
         with self._db() as db:

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import re
 import time
 from pathlib import Path
 
@@ -203,6 +204,8 @@ def test_prune_page_queues_jobs_and_lists_runs(app, cached, monkeypatch):
     assert app.checkbox(key="grid_offload").disabled  # the model runs on CPU here: nothing to offload to
     app.button(key="grid_go").click().run()
     assert any("Queued 1 prune job" in s.value for s in app.success)
+    assert any(re.fullmatch(r"1 (running|queued)( · \d+ (done|cancelled))*", c.value) for c in app.caption), \
+        [c.value for c in app.caption]  # the jobs' totals above the list
     store = JobStore(default_db(cached[0]))
     job = store.list()[0]
     n_jobs = len(store.list())
