@@ -210,10 +210,11 @@ class JobStore:
         return [self._job(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        """How many jobs are in each state (``STATES`` order; states without a job left out)."""
+        """How many jobs are in each state: running, queued, then the ended ones (states without a job left out)."""
         with self._db() as db:
             found = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
-        return {state: found[state] for state in STATES if found.get(state)}
+        order = ("running", *(s for s in STATES if s != "running"))
+        return {state: found[state] for state in order if found.get(state)}
 
     def alive_workers(self) -> list[int]:
         with self._db() as db:
