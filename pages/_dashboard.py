@@ -217,21 +217,23 @@ def param_controls(params: list[Param], prefix: str, columns=None, values: dict 
             low, high = (p.kind(v) for v in p.slider)
             if valid is not None:
                 found = st.session_state.setdefault("slider_ranges", {})
-                key = (prefix, valid_key(p.name, current)) if valid_key is not None else None
-                if key is None or key not in found:
+                range_key = (prefix, valid_key(p.name, current)) if valid_key is not None else None
+                if range_key is None or range_key not in found:
                     if len(found) > SLIDER_RANGES_KEPT:
                         found.clear()
                     range_ = valid_slider_range(p, lambda v, p=p: valid(p.name, v, current))
-                    if key is None:
+                    if range_key is None:
                         low, high = range_
                     else:
-                        found[key] = range_
-                if key is not None:
-                    low, high = found[key]
+                        found[range_key] = range_
+                if range_key is not None:
+                    low, high = found[range_key]
             if key in st.session_state:  # the widget's own value, kept within the (possibly narrowed) range
                 held = st.session_state[key]
-                if not low <= held <= high:
-                    st.session_state[key] = min(max(held, low), high)
+                # written back even when unchanged: a slider whose ends moved is a new widget to Streamlit, which
+                # would otherwise start it at its low end (λ read 0 after S went 90% → 70%)
+                st.session_state[key] = min(max(held, low), high)
+                if st.session_state[key] != held:
                     column.caption(f"{p.title} moved from {held:g} to {st.session_state[key]:g}: the valid end "
                                    "for the current settings")
                 out[p.name] = column.slider(p.title, low, high, **kw)
@@ -257,13 +259,17 @@ def valid_slider_range(p: Param, valid: Callable[[float], bool]) -> tuple:
     """The slider range of ``p`` with each end moved in to the outermost step where ``valid`` holds: the steps are
     low + k · step over the declared ``slider`` range; validity is taken to hold on one interval around the default
     (OWL's λ is valid from 0 up to a bound that depends on S and the model), found by bisection from the default
-    towards each end. A default that is itself invalid leaves the declared range (the page names the problem)."""
+    towards each end. Where the default itself is invalid (OWL's λ = 0.08 at S = 90% with OWL-inverse shown), the
+    interval is the one around the valid step nearest to it; with no valid step at all, the declared range (the page
+    names the problem)."""
     low, high = p.slider
     step = p.step or (1 if p.kind is int else 0.01)
     n = int(round((high - low) / step))
     at = [p.kind(round(low + k * step, 10)) for k in range(n + 1)]
-    d = min(range(n + 1), key=lambda k: abs(at[k] - p.default))
-    if not valid(at[d]):
+    nearest = min(range(n + 1), key=lambda k: abs(at[k] - p.default))
+    # the steps by distance from the default, nearer first (one call each until a valid one: usually the first)
+    d = next((k for k in sorted(range(n + 1), key=lambda k: (abs(k - nearest), k)) if valid(at[k])), None)
+    if d is None:
         return at[0], at[-1]
 
     def outermost(inside: int, outside: int) -> int:

@@ -436,6 +436,28 @@ def test_corrupt_statistics_are_named_and_removed_on_request(cached, data_dir, t
     assert not folder.exists() and any("Not computed yet" in i.value for i in at.info)
 
 
+def test_sliders_follow_s_to_their_valid_ends_and_keep_their_values(app):
+    """λ's valid range shrinks as S grows (OWL-inverse shown). A value beyond the new end is moved to it, with a
+    caption; at S = 90% the default λ = 0.08 is itself invalid and the range ends below it; back at 70% the values
+    stay where they were. Before: the slider kept its old range at 90% (an error instead of curves), and a slider
+    whose ends moved started again at its low end (λ read 0, M 1) with no word."""
+    go(app, "allocation")
+    app.slider(key="alloc_lam").set_value(0.2).run()
+    app.slider(key="alloc_S").set_value(0.8).run()
+    lam = app.slider(key="alloc_lam")
+    assert lam.value == lam.max < 0.2 and not app.exception and not app.error
+    assert f"λ (lam) moved from 0.2 to {lam.value:g}: the valid end for the current settings" in [
+        c.value for c in app.caption]
+    app.slider(key="alloc_S").set_value(0.9).run()
+    lam = app.slider(key="alloc_lam")
+    assert lam.value == lam.max < 0.08 and not app.exception and not app.error, [e.value for e in app.error]
+    kept = lam.value
+    app.slider(key="alloc_S").set_value(0.7).run()
+    assert app.slider(key="alloc_lam").value == kept and app.slider(key="alloc_lam").max > 0.2
+    assert app.slider(key="alloc_m").value == 5.0 and not app.exception and not app.error
+    assert not any("moved from" in c.value for c in app.caption)
+
+
 def test_a_slider_range_ends_on_its_outermost_valid_steps():
     """pages._dashboard.valid_slider_range on a hand-made validity: λ's declared 0 … 0.49 in steps of 0.01."""
     from pages._dashboard import valid_slider_range
@@ -444,7 +466,11 @@ def test_a_slider_range_ends_on_its_outermost_valid_steps():
     assert valid_slider_range(LAMBDA, lambda v: v < 0.225) == (0.0, 0.22)  # OWL at S = 70% with OWL-inverse shown
     assert valid_slider_range(LAMBDA, lambda v: 0.03 < v < 0.3) == (0.04, 0.29)
     assert valid_slider_range(LAMBDA, lambda v: True) == (0.0, 0.49)
-    assert valid_slider_range(LAMBDA, lambda v: v > 0.5) == (0.0, 0.49)  # the default invalid: the declared range
+    assert valid_slider_range(LAMBDA, lambda v: v > 0.5) == (0.0, 0.49)  # nothing valid: the declared range
+    # the default (0.08) invalid: the interval around the valid step nearest to it (OWL's λ at S = 90% with
+    # OWL-inverse shown: 0 … 0.07), on either side of it
+    assert valid_slider_range(LAMBDA, lambda v: v < 0.075) == (0.0, 0.07)
+    assert valid_slider_range(LAMBDA, lambda v: 0.195 < v < 0.305) == (0.2, 0.3)
 
 
 def test_allocation_shows_a_search_running_and_finished(tiny_folder, data_dir, tmp_path, monkeypatch):
