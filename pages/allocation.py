@@ -8,14 +8,18 @@ import pandas as pd
 import streamlit as st
 
 from pages._curves import allocation_curves
-from pages._dashboard import allocator_help, jobs_panel, page_setup, page_with_stats, param_controls, queue, unique_params
+from pages._dashboard import (JOBS_SHOWN, allocator_help, job_store, jobs_panel, page_setup, page_with_stats, param_controls,
+                              queue, unique_params)
 from pruner.allocation import ALLOCATORS, SEARCH_GENERATIONS, allocate, owl_lambda_max
 from pruner.charts import layer_sparsity_heatmap_figure, predicted_map_figure, search_progress_figure
+from pruner.core.params import params_text
 from pruner.engine import artifacts
+from pruner.jobs.queue import ACTIVE_STATES
 from pruner.jobs.workflows import LearnRequest, PerplexityOptions, PredictorRequest, PruneRequest
 from pruner.predictor.cache import table_for
 from pruner.predictor.compounding import COMPOUNDING_PROBES
-from pruner.predictor.search import SEARCH_MEASURED, SEARCH_STEP, generation_rank_correlations, saved_search
+from pruner.predictor.search import (SEARCH_MEASURED, SEARCH_STEP, generation_rank_correlations, saved_search,
+                                     saved_searches)
 from pruner.predictor.table import PredictorSpec
 from pruner.specs import PruneSpec
 
@@ -271,6 +275,7 @@ def _what_if():
             if st.button(f"Learn {a.label} at S = {S:.0%} in the background", key=f"alloc_learn_{name}"):
                 queue(sel, LearnRequest(sel.stats_spec, name, S, a.pick(values)))
                 _queued(f"Queued {a.label} at S = {S:.0%}: its curve and heatmap appear here when the job is done.")
+            _other_parameters(name, S, a.pick(values))
             continue
         if heatmaps:
             learned_alloc = next(x for x in allocations if x.allocator == name)
@@ -289,6 +294,45 @@ def _what_if():
                        f"{result['steps_per_block']} optimiser steps per block). Block reconstruction error with hard "
                        f"Wanda masks, averaged over blocks: {np.mean(result['error_hard']):.4f} with the learned "
                        f"sparsities vs {np.mean(result['error_uniform']):.4f} with S in every layer ({gain:.0%} lower).")
+
+
+def _other_parameters(name: str, S: float, params: dict) -> None:
+    """The parameter sets a learned allocator has at this S on this model and calibration set besides ``params``:
+    learned, being learned or queued (the job list's), or a search stopped at a saved generation; each with a button
+    that sets the controls to it (a sweep's search, G = 30 and sequential = 1, was otherwise hidden behind the
+    page's defaults)."""
+    a = ALLOCATORS[name]
+    status: dict[str, tuple[dict, str]] = {}
+
+    def note(p: dict, text: str) -> None:
+        status.setdefault(json.dumps(p, sort_keys=True), (p, text))
+
+    for p in artifacts.learned_variants(sel.stats_spec, name, S, sel.cache_dir):
+        note(p, "learned")
+    for job in job_store(sel).list(JOBS_SHOWN):
+        r = job.request if job.kind == "learn" and job.state in ACTIVE_STATES else None
+        if r is not None and r.allocator == name and r.sparsity == S and r.spec.key() == sel.stats_spec.key():
+            note(r.params, f"{job.state}: job #{job.id}" + (f", {job.phase} {job.done}/{job.total}" if job.total else ""))
+    if name == "search":
+        for saved in saved_searches(sel.stats_spec, S, sel.cache_dir):
+            note(ALLOCATORS["search"].check(saved["params"]), f"stopped at generation {saved['state']['generation']} "
+                 f"of {saved['generations']} (resumes when learned again)")
+    status.pop(json.dumps(a.check(params), sort_keys=True), None)  # the controls' own set is the one shown above
+    if not status:
+        return
+    st.caption(f"{a.label} at S = {S:.0%} on this model and calibration set, with other parameters:")
+    for i, (p, text) in enumerate(status.values()):
+        c = st.columns([5, 1.5])
+        c[0].markdown(f"{params_text(p, a.params)} — {text}")
+        c[1].button("Show it", key=f"alloc_other_{name}_{i}", on_click=_set_controls, args=(p,),
+                    help="Set the parameter controls above to these values")
+
+
+def _set_controls(params: dict) -> None:
+    """A button's callback (run before the page, so the controls may still be set): the Allocation page's parameter
+    controls to ``params``."""
+    for k, v in params.items():
+        st.session_state[f"alloc_{k}"] = v
 
 
 def _search_report(result: dict | None, values: dict, S: float) -> None:

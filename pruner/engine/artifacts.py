@@ -162,6 +162,25 @@ def cached_learned(spec: StatsSpec, allocator: str, sparsity: float, params: dic
     return json.loads((folder / LEARNED_FILE).read_text())
 
 
+def learned_variants(spec: StatsSpec, allocator: str, sparsity: float, cache_dir: Path | None = None) -> list[dict]:
+    """The parameter sets ``allocator`` has a cached result for, on this model and calibration set at S = ``sparsity``
+    (checked, defaults filled, as ``learned_key`` takes them). An entry counts only where its key is the one these
+    parameters give now: one learned under other settings of the learner cannot be shown."""
+    sparsity = check_sparsity(sparsity)
+    found = []
+    for folder in sorted((CacheLayout.at(cache_dir).root / "learned").glob("*")):
+        try:
+            result = json.loads((folder / LEARNED_FILE).read_text())
+            if result.get("allocator") != allocator or result.get("sparsity") != sparsity:
+                continue
+            params = ALLOCATORS[allocator].check(result.get("params") or {})
+        except (OSError, ValueError, AttributeError):  # unreadable or foreign: `pruner cache --stale` names it
+            continue
+        if learned_key(spec, allocator, sparsity, params) == folder.name:
+            found.append(params)
+    return found
+
+
 def learn_allocation(spec: StatsSpec, allocator: str, sparsity: float, params: dict | None = None,
                      cache_dir: Path | None = None, *, loaded: LoadedModel | None = None, tokens=None,
                      stats: Stats | None = None, progress: ProgressFn | None = None,

@@ -357,6 +357,26 @@ def saved_search(spec, sparsity: float, params: dict, cache_dir=None) -> dict | 
     return read_checkpoint(CacheLayout.at(cache_dir).search(key), key)
 
 
+def saved_searches(spec, sparsity: float, cache_dir=None) -> list[dict]:
+    """Every search on this model and calibration set at S = ``sparsity`` with a saved generation (running, or
+    stopped and waiting to resume), whatever its parameters: the checkpoints (``saved_search``'s dicts)."""
+    from pruner.allocation import ALLOCATORS
+    from pruner.engine.artifacts import learned_key
+    from pruner.store.layout import CacheLayout
+
+    found = []
+    for path in sorted((CacheLayout.at(cache_dir).root / "searches").glob("*.json")):
+        saved = read_checkpoint(path, path.stem)
+        try:
+            ours = (saved is not None and saved["sparsity"] == sparsity
+                    and learned_key(spec, "search", sparsity, ALLOCATORS["search"].check(saved["params"])) == path.stem)
+        except (ValueError, KeyError, TypeError, AttributeError):  # a checkpoint of another shape: not shown
+            continue
+        if ours:
+            found.append(saved)
+    return found
+
+
 def read_checkpoint(path, key: str) -> dict | None:
     """A search's saved generation at ``path`` when it is readable, of this format and for ``key``; else None (no
     file, a damaged one, or another search's: the search then starts from its seeds, and is deterministic, so it

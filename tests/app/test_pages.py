@@ -12,8 +12,8 @@ from streamlit.testing.v1 import AppTest
 
 from pruner.allocation import ALLOCATORS, allocate, owl
 from pruner.engine import artifacts
-from pruner.jobs.queue import JobStore, default_db
-from pruner.jobs.workflows import Context
+from pruner.jobs.queue import JobStore, default_db, submit
+from pruner.jobs.workflows import Context, LearnRequest
 from pruner.model.catalogue import ModelSpec
 from pruner.runs import metrics
 from pruner.runs.execute import run_prune
@@ -488,8 +488,13 @@ def test_allocation_shows_a_search_running_and_finished(tiny_folder, data_dir, t
     result = learn_allocation(spec, "search", 0.7, params, tmp_path)
     at = tiny_app(tmp_path, tiny_folder, data_dir, monkeypatch)
     go(at, "allocation")
-    at.number_input(key="alloc_generations").set_value(3).run()
+    # the page opens at the default G = 40: the search learned with G = 3 is named, and a button sets the controls
+    assert at.number_input(key="alloc_generations").value == 40
+    row = "r=0.15, G=3, screened=0, sequential=0, SparseGPT=0 — learned"
+    assert row in [m.value for m in at.markdown], [m.value for m in at.markdown]
+    at.button(key="alloc_other_search_0").click().run()
     assert not at.exception, at.exception
+    assert at.number_input(key="alloc_generations").value == 3 and row not in [m.value for m in at.markdown]
     np.testing.assert_allclose(curve(curves(at), "Search (evolutionary)"), result["block_sparsity"], atol=1e-9)
     (fitness,) = [f for f in figures(at) if f["layout"]["title"]["text"].startswith("Search: KL divergence")]
     best = next(t for t in fitness["data"] if t["name"].startswith("best"))
@@ -505,3 +510,13 @@ def test_allocation_shows_a_search_running_and_finished(tiny_folder, data_dir, t
     assert any("Masks from the dense model's input norms (one-shot)" in c.value for c in at.caption)  # sequential 0
     np.testing.assert_allclose(curve(curves(at), "Search (evolutionary)"),
                                np.asarray(saved["state"]["units"]) * 0.01, atol=1e-9)
+    # from the defaults again: the stopped search, and a queued one with other parameters, each named
+    store = JobStore(default_db(tmp_path))
+    job = submit(store, LearnRequest(spec, "search", 0.7, {**params, "generations": 2}), start_worker=False)
+    at.number_input(key="alloc_generations").set_value(40).run()
+    store.cancel(job)  # the page's job list started a worker for it
+    assert not at.exception, at.exception
+    rows = [m.value for m in at.markdown if " — " in m.value]
+    assert "r=0.15, G=3, screened=0, sequential=0, SparseGPT=0 — stopped at generation 3 of 3 (resumes when learned again)" in rows
+    assert any(r.startswith(f"r=0.15, G=2, screened=0, sequential=0, SparseGPT=0 — queued: job #{job}")
+               or r.startswith(f"r=0.15, G=2, screened=0, sequential=0, SparseGPT=0 — running: job #{job}") for r in rows), rows
