@@ -270,12 +270,18 @@ def _what_if():
                               "stopped search resumes from its last generation."}.get(
                 name, "It reads the damage table of the predictor (see Predicted perplexity, above; built first when "
                       "missing), then solves for the allocation in a second.")
-            st.info(f"{a.label} has not been learned for S = {S:.0%} with these parameters on this model and "
-                    f"calibration set yet. {cost}")
-            if st.button(f"Learn {a.label} at S = {S:.0%} in the background", key=f"alloc_learn_{name}"):
-                queue(sel, LearnRequest(sel.stats_spec, name, S, a.pick(values)))
-                _queued(f"Queued {a.label} at S = {S:.0%}: its curve and heatmap appear here when the job is done.")
-            _other_parameters(name, S, a.pick(values))
+            jobs = _learn_jobs(name, S)
+            mine = jobs.get(json.dumps(a.check(a.pick(values)), sort_keys=True))
+            if mine is not None:  # queued or under way: the job list below shows its progress
+                st.info(f"{a.label} at S = {S:.0%} with these parameters is {mine.state} (job #{mine.id}, in the "
+                        "list below); its curve appears here when the job is done.")
+            else:
+                st.info(f"{a.label} has not been learned for S = {S:.0%} with these parameters on this model and "
+                        f"calibration set yet. {cost}")
+                if st.button(f"Learn {a.label} at S = {S:.0%} in the background", key=f"alloc_learn_{name}"):
+                    queue(sel, LearnRequest(sel.stats_spec, name, S, a.pick(values)))
+                    _queued(f"Queued {a.label} at S = {S:.0%}: its curve and heatmap appear here when the job is done.")
+            _other_parameters(name, S, a.pick(values), jobs)
             continue
         if heatmaps:
             learned_alloc = next(x for x in allocations if x.allocator == name)
@@ -296,7 +302,18 @@ def _what_if():
                        f"sparsities vs {np.mean(result['error_uniform']):.4f} with S in every layer ({gain:.0%} lower).")
 
 
-def _other_parameters(name: str, S: float, params: dict) -> None:
+def _learn_jobs(name: str, S: float) -> dict:
+    """The queued or running jobs learning allocator ``name`` at S on this model and calibration set, by their
+    (checked) parameters as JSON."""
+    found = {}
+    for job in job_store(sel).list(JOBS_SHOWN):
+        r = job.request if job.kind == "learn" and job.state in ACTIVE_STATES else None
+        if r is not None and r.allocator == name and r.sparsity == S and r.spec.key() == sel.stats_spec.key():
+            found.setdefault(json.dumps(r.params, sort_keys=True), job)
+    return found
+
+
+def _other_parameters(name: str, S: float, params: dict, jobs: dict) -> None:
     """The parameter sets a learned allocator has at this S on this model and calibration set besides ``params``:
     learned, being learned or queued (the job list's), or a search stopped at a saved generation; each with a button
     that sets the controls to it (a sweep's search, G = 30 and sequential = 1, was otherwise hidden behind the
@@ -309,10 +326,9 @@ def _other_parameters(name: str, S: float, params: dict) -> None:
 
     for p in artifacts.learned_variants(sel.stats_spec, name, S, sel.cache_dir):
         note(p, "learned")
-    for job in job_store(sel).list(JOBS_SHOWN):
-        r = job.request if job.kind == "learn" and job.state in ACTIVE_STATES else None
-        if r is not None and r.allocator == name and r.sparsity == S and r.spec.key() == sel.stats_spec.key():
-            note(r.params, f"{job.state}: job #{job.id}" + (f", {job.phase} {job.done}/{job.total}" if job.total else ""))
+    for job in jobs.values():
+        note(job.request.params,
+             f"{job.state}: job #{job.id}" + (f", {job.phase} {job.done}/{job.total}" if job.total else ""))
     if name == "search":
         for saved in saved_searches(sel.stats_spec, S, sel.cache_dir):
             note(ALLOCATORS["search"].check(saved["params"]), f"stopped at generation {saved['state']['generation']} "

@@ -20,6 +20,23 @@ def test_dense_label_on_the_log_perplexity_axis_sits_at_the_dense_line():
 
 
 
+def test_the_search_chart_names_its_seeds_in_the_legend_at_their_kl():
+    """The seeds' KL was drawn as horizontal lines with a text annotation each: on the log axis the text sat at 10^KL
+    (uniform's 3.47 at ~2,900), stretching the axis three decades above the curves."""
+    from pruner.charts import search_progress_figure
+
+    history = [{"generation": g, "best": b, "median": m} for g, b, m in ((1, 2.47, 2.6), (2, 2.45, 2.55))]
+    seeds = {"uniform": {"fitness": 3.4658}, "atp": {"fitness": 2.643}, "predicted": {"fitness": 2.4769},
+             "chosen": "predicted"}
+    fig = search_progress_figure(history, seeds)
+    assert fig.layout.yaxis.type == "log" and not fig.layout.annotations and not fig.layout.shapes
+    lines = {t.name: list(t.y) for t in fig.data if t.name.startswith("seed: ")}
+    assert lines == {"seed: Uniform (3.466)": [3.4658] * 2, "seed: ATP (2.643)": [2.643] * 2,
+                     "seed: Predictor-optimal (2.477)": [2.4769] * 2}
+    assert all(list(t.x) == [0, 2] for t in fig.data if t.name.startswith("seed: "))  # across the generations
+    assert max(y for t in fig.data for y in t.y) == 3.4658  # nothing drawn above the worst seed
+
+
 def test_allocation_curves_data_by_hand():
     """Two blocks of 100 and 300 weights: OWL at 25% and 75% keeps 75 of each, so each block holds 50% of the kept
     weights; uniform at 50% keeps 50 and 150 (25%, 75%). Sparsities in percent, the band S ± λ in percent."""

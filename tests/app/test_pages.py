@@ -514,9 +514,14 @@ def test_allocation_shows_a_search_running_and_finished(tiny_folder, data_dir, t
     store = JobStore(default_db(tmp_path))
     job = submit(store, LearnRequest(spec, "search", 0.7, {**params, "generations": 2}), start_worker=False)
     at.number_input(key="alloc_generations").set_value(40).run()
-    store.cancel(job)  # the page's job list started a worker for it
     assert not at.exception, at.exception
     rows = [m.value for m in at.markdown if " — " in m.value]
     assert "r=0.15, G=3, screened=0, sequential=0, SparseGPT=0 — stopped at generation 3 of 3 (resumes when learned again)" in rows
     assert any(r.startswith(f"r=0.15, G=2, screened=0, sequential=0, SparseGPT=0 — queued: job #{job}")
                or r.startswith(f"r=0.15, G=2, screened=0, sequential=0, SparseGPT=0 — running: job #{job}") for r in rows), rows
+    # the queued job's own parameters: the page says it is under way instead of offering to learn it again
+    at.number_input(key="alloc_generations").set_value(2).run()
+    store.cancel(job)  # the page's job list started a worker for it
+    assert any(f"with these parameters is queued (job #{job}," in i.value
+               or f"with these parameters is running (job #{job}," in i.value for i in at.info), [i.value for i in at.info]
+    assert not any(b.key == "alloc_learn_search" for b in at.button)
