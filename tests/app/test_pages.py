@@ -169,13 +169,18 @@ def test_allocation_besa_is_queued_then_shown_beside_owl(tiny_folder, data_dir, 
     assert any("lower)" in c.value for c in at.caption)
 
 
-def test_allocation_too_wide_lambda_says_what_is_allowed(app):
+def test_allocation_too_wide_lambda_is_moved_to_the_valid_end_and_said_so(app):
+    """At S = 95% the default λ = 0.08 is already too wide (OWL-inverse would pass 100%): the slider ends at the last
+    valid step, a wider λ is moved there with a caption, and OWL's curve is drawn (it was a "too wide" warning and
+    no OWL curve while the slider still offered 0 … 0.49)."""
     go(app, "allocation")
+    app.slider(key="alloc_lam").set_value(0.2).run()  # valid at 70%
     app.slider(key="alloc_S").set_value(0.95).run()
-    app.slider(key="alloc_lam").set_value(0.3).run()
-    assert any("too wide" in w.value and "choose λ <" in w.value for w in app.warning)
+    end = app.slider(key="alloc_lam").max
+    assert 0 < end < 0.05 and app.slider(key="alloc_lam").value == end
+    assert f"λ (lam) moved from 0.2 to {end:g}: the valid end for the current settings" in [c.value for c in app.caption]
     names = {s["name"] for s in curves(app)["series"]}
-    assert "OWL" not in names and "Uniform" in names  # no nonsense curve; the others still drawn
+    assert {"OWL", "OWL-inverse", "Uniform"} <= names and not app.warning, [w.value for w in app.warning]
 
 
 def test_allocation_prefills_prune(app):
