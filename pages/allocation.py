@@ -271,7 +271,7 @@ def _what_if():
                 name, "It reads the damage table of the predictor (see Predicted perplexity, above; built first when "
                       "missing), then solves for the allocation in a second.")
             jobs = _learn_jobs(name, S)
-            mine = jobs.get(json.dumps(a.check(a.pick(values)), sort_keys=True))
+            mine = jobs.get(artifacts.learned_key(sel.stats_spec, name, S, a.pick(values)))
             if mine is not None:  # queued or under way: the job list below shows its progress
                 st.info(f"{a.label} at S = {S:.0%} with these parameters is {mine.state} (job #{mine.id}, in the "
                         "list below); its curve appears here when the job is done.")
@@ -303,13 +303,13 @@ def _what_if():
 
 
 def _learn_jobs(name: str, S: float) -> dict:
-    """The queued or running jobs learning allocator ``name`` at S on this model and calibration set, by their
-    (checked) parameters as JSON."""
+    """The queued or running jobs learning allocator ``name`` at S on this model and calibration set, by the learned
+    key of their parameters."""
     found = {}
     for job in job_store(sel).list(JOBS_SHOWN):
         r = job.request if job.kind == "learn" and job.state in ACTIVE_STATES else None
         if r is not None and r.allocator == name and r.sparsity == S and r.spec.key() == sel.stats_spec.key():
-            found.setdefault(json.dumps(r.params, sort_keys=True), job)
+            found.setdefault(artifacts.learned_key(r.spec, name, S, r.params), job)
     return found
 
 
@@ -319,21 +319,17 @@ def _other_parameters(name: str, S: float, params: dict, jobs: dict) -> None:
     that sets the controls to it (a sweep's search, G = 30 and sequential = 1, was otherwise hidden behind the
     page's defaults)."""
     a = ALLOCATORS[name]
-    status: dict[str, tuple[dict, str]] = {}
-
-    def note(p: dict, text: str) -> None:
-        status.setdefault(json.dumps(p, sort_keys=True), (p, text))
-
-    for p in artifacts.learned_variants(sel.stats_spec, name, S, sel.cache_dir):
-        note(p, "learned")
-    for job in jobs.values():
-        note(job.request.params,
-             f"{job.state}: job #{job.id}" + (f", {job.phase} {job.done}/{job.total}" if job.total else ""))
+    # learned key → (parameters, what is there): learned first, then a job, then a stopped search
+    learned = artifacts.learned_variants(sel.stats_spec, name, S, sel.cache_dir)
+    status = {key: (p, "learned") for key, p in learned.items()}
+    for key, job in jobs.items():
+        status.setdefault(key, (job.request.params, f"{job.state}: job #{job.id}"
+                                + (f", {job.phase} {job.done}/{job.total}" if job.total else "")))
     if name == "search":
         for saved in saved_searches(sel.stats_spec, S, sel.cache_dir):
-            note(ALLOCATORS["search"].check(saved["params"]), f"stopped at generation {saved['state']['generation']} "
-                 f"of {saved['generations']} (resumes when learned again)")
-    status.pop(json.dumps(a.check(params), sort_keys=True), None)  # the controls' own set is the one shown above
+            status.setdefault(saved["key"], (ALLOCATORS["search"].check(saved["params"]), f"stopped at generation "
+                              f"{saved['state']['generation']} of {saved['generations']} (resumes when learned again)"))
+    status.pop(artifacts.learned_key(sel.stats_spec, name, S, params), None)  # the controls' own set: shown above
     if not status:
         return
     st.caption(f"{a.label} at S = {S:.0%} on this model and calibration set, with other parameters:")

@@ -162,12 +162,12 @@ def cached_learned(spec: StatsSpec, allocator: str, sparsity: float, params: dic
     return json.loads((folder / LEARNED_FILE).read_text())
 
 
-def learned_variants(spec: StatsSpec, allocator: str, sparsity: float, cache_dir: Path | None = None) -> list[dict]:
-    """The parameter sets ``allocator`` has a cached result for, on this model and calibration set at S = ``sparsity``
-    (checked, defaults filled, as ``learned_key`` takes them). An entry counts only where its key is the one these
-    parameters give now: one learned under other settings of the learner cannot be shown."""
+def learned_variants(spec: StatsSpec, allocator: str, sparsity: float, cache_dir: Path | None = None) -> dict[str, dict]:
+    """The parameter sets ``allocator`` has a cached result for, on this model and calibration set at S = ``sparsity``,
+    by learned key (checked, defaults filled, as ``learned_key`` takes them). An entry counts only where its key is the
+    one these parameters give now: one learned under other settings of the learner cannot be shown."""
     sparsity = check_sparsity(sparsity)
-    found = []
+    found = {}
     for folder in sorted((CacheLayout.at(cache_dir).root / "learned").glob("*")):
         try:
             result = json.loads((folder / LEARNED_FILE).read_text())
@@ -177,7 +177,7 @@ def learned_variants(spec: StatsSpec, allocator: str, sparsity: float, cache_dir
         except (OSError, ValueError, AttributeError):  # unreadable or foreign: `pruner cache --stale` names it
             continue
         if learned_key(spec, allocator, sparsity, params) == folder.name:
-            found.append(params)
+            found[folder.name] = params
     return found
 
 

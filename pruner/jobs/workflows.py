@@ -24,8 +24,7 @@ from pruner.evaluate.speed_spec import SPEED_ENGINES, SpeedSpec
 from pruner.evaluate.zeroshot import ZEROSHOT_DEFAULT_BATCH, parse_tasks
 from pruner.model.catalogue import ModelSpec, check_calibration_fits
 from pruner.runs import metrics
-from pruner.runs.execute import recover_run
-from pruner.runs.execute import run_prune as prune_to_run
+from pruner.runs.execute import recover_run, run_prune as prune_to_run
 from pruner.runs.manifest import read_run, run_folder
 from pruner.specs import PruneSpec, StatsSpec, spec_from_dict, spec_to_dict
 from pruner.store.layout import check_key
@@ -149,8 +148,9 @@ class Request(ABC):
         return frozenset()
 
 
-def _learned_result(spec: StatsSpec, allocator: str, sparsity: float, params: dict) -> str:
-    return f"learned {learned_key(spec, allocator, sparsity, params)}"
+def _result(spec: StatsSpec, allocator: str | None = None, sparsity: float = 0.0, params: dict | None = None) -> str:
+    """A cached result's name in ``makes``/``needs``: a calibration set's statistics, or a learned allocation's."""
+    return f"learned {learned_key(spec, allocator, sparsity, params)}" if allocator else f"stats {spec.key()}"
 
 
 def _perplexity_options(d: dict) -> PerplexityOptions:
@@ -186,7 +186,7 @@ class StatsRequest(Request):
         return f"statistics of {self.spec.model.name} on {self.spec.calib.nsamples}×{self.spec.calib.seqlen} tokens"
 
     def makes(self) -> frozenset[str]:
-        return frozenset({f"stats {self.spec.key()}"})
+        return frozenset({_result(self.spec)})
 
 
 @dataclass(frozen=True)
@@ -218,10 +218,10 @@ class LearnRequest(Request):
                 f"{self.spec.model.name} on {self.spec.calib.nsamples}×{self.spec.calib.seqlen} tokens")
 
     def makes(self) -> frozenset[str]:
-        return frozenset({_learned_result(self.spec, self.allocator, self.sparsity, self.params)})
+        return frozenset({_result(self.spec, self.allocator, self.sparsity, self.params)})
 
     def needs(self) -> frozenset[str]:
-        return frozenset({f"stats {self.spec.key()}"})
+        return frozenset({_result(self.spec)})
 
 
 def _predictor_spec(d: dict):
@@ -290,8 +290,8 @@ class PruneRequest(Request):
 
     def needs(self) -> frozenset[str]:
         s, learned = self.spec, ALLOCATORS[self.spec.allocator].learned
-        return frozenset({f"stats {s.stats_spec.key()}", *([_learned_result(s.stats_spec, s.allocator, s.sparsity,
-                                                                           s.allocator_params)] if learned else [])})
+        return frozenset({_result(s.stats_spec),
+                          *([_result(s.stats_spec, s.allocator, s.sparsity, s.allocator_params)] if learned else [])})
 
 
 @dataclass(frozen=True)
