@@ -79,7 +79,6 @@ def main() -> None:
         norms: dict = {}  # label → the input norms of its sequential Wanda prune (independent of the windows)
         for name, windows in (("own", own[:own_windows]), ("held", held)):
             fitness = KLFitness(model, stats, windows, (len(windows),), "cpu", SEARCH_STEP)
-            dense_norms = fitness.masks.runner.norms
             try:
                 for label, (block, _) in chosen.items():
                     units = to_lattice(block, total, lo, hi)
@@ -87,9 +86,10 @@ def main() -> None:
                     if args.sequential:
                         if label not in norms:
                             norms[label] = fitness.sequential_fit(units, own)
+                            norms[label].inputs = None  # no child's pass starts from it here
                         fitness.use_fit(norms[label])
                         kl[label]["final " + name] = fitness(units, 0)
-                        fitness.use_fit(dense_norms)
+                        fitness.use_fit(None)  # the dense norms again
             finally:
                 fitness.restore()
         for label in sorted(chosen, key=lambda k: kl[k]["held"]):

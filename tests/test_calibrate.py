@@ -151,3 +151,61 @@ def test_gpt2_conv1d_weight_is_out_by_in():
     layers = prunable_layers(find_blocks(model)[1][0])
     assert weight_matrix(layers["attn.c_attn"]).shape == (96, 32)  # fused q, k, v: out = 3 × 32
     assert weight_matrix(layers["mlp.c_fc"]).shape == (128, 32)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: blocks get their own masks and rotary tables
+def test_a_pass_started_at_a_kept_block_is_the_full_pass_from_there(family):
+    """A pass that keeps the hidden states entering its blocks, and a second pass, on another copy of the model,
+    started at block 1 with them: the second sees blocks 1 and 2 only, and its outputs and block weights are the
+    full pass's bit for bit; the kept tensors are left as they were; a start it cannot take is refused."""
+    import copy
+
+    from pruner.engine.calibrate import BlockInputs
+
+    class HalveEveryBlock(StatsCollector):  # changes each block, so each pass feeds the next block changed outputs
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def finish(self, index, block, layers):
+            super().finish(index, block, layers)
+            self.seen.append(index)
+            for layer in layers.values():
+                weight_matrix(layer).mul_(0.5)
+            return True
+
+    model, tokens = tiny_model(family), tiny_tokens()
+    other = copy.deepcopy(model)
+    keep = BlockInputs(every=1)
+    full = run_blockwise(model, tokens, HalveEveryBlock(), batch_size=2, keep=keep)
+    batches = tokens.shape[0] // mini_batch_size(tokens.shape[0], 2)
+    assert sorted(keep.kept) == [0, 1, 2] and len(keep.kept[1]) == batches > 1
+    entering = [h.clone() for h in keep.kept[1]]
+    observer, reports = HalveEveryBlock(), []
+    again = run_blockwise(other, tokens, observer, batch_size=2, start=(1, keep.kept[1]),
+                          progress=lambda done, total: reports.append(done))
+    assert observer.seen == [1, 2] and reports == [1, 2, 3]
+    assert torch.equal(again, full)
+    ours, theirs = dict(other.named_parameters()), dict(model.named_parameters())
+    changed = {n for n, p in ours.items() if not torch.equal(p, theirs[n])}
+    assert changed and all(".0." in n for n in changed)  # block 0 was not run: still dense there
+    assert all(torch.equal(a, b) for a, b in zip(keep.kept[1], entering))
+    with pytest.raises(ValueError, match=f"starts at a block 0 … 2 with one tensor per mini-batch \\({batches}\\)"):
+        run_blockwise(other, tokens, HalveEveryBlock(), batch_size=2, start=(1, keep.kept[1][:1]))
+    with pytest.raises(ValueError, match="got block 3"):
+        run_blockwise(other, tokens, HalveEveryBlock(), batch_size=2, start=(3, keep.kept[1]))
+
+
+def test_kept_block_inputs_by_hand():
+    from pruner.allocation.registry import search_checkpoint_every
+    from pruner.engine.calibrate import BlockInputs
+
+    kept = BlockInputs(every=4, kept={0: [], 4: [], 8: []})
+    assert [kept.wants(i) for i in range(6)] == [True, False, False, False, True, False]
+    assert [kept.start_for(b) for b in (0, 3, 4, 7, 8, 29)] == [0, 0, 4, 4, 8, 8]
+    assert sorted(kept.before(8).kept) == [0, 4] and kept.before(8).every == 4
+    assert BlockInputs(every=1).start_for(5) == 0  # nothing kept: from the beginning
+    with pytest.raises(ValueError, match="every 1 or more blocks; got every = 0"):
+        BlockInputs(every=0)
+    # SmolLM2's 30 blocks: 8 kept (0, 4, …, 28); 3 blocks: all; 9: 0, 2, 4, 6, 8
+    assert [search_checkpoint_every(b) for b in (30, 3, 8, 9, 64)] == [4, 1, 1, 2, 8]

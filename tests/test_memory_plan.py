@@ -135,6 +135,12 @@ def test_the_allocation_search_is_planned_by_hand():
     assert p["the dense model's next-token log-probabilities"] == 8 * 16 * 100 * 4
     assert p["one window's logits and KL divergence"] == 3 * 16 * 100 * 4
     assert "BESA's per-weight state" not in p and plan.total == sum(p.values())
+    assert "the search's kept block inputs (two passes')" not in p  # one-shot masks: no sequential passes
+    # sequential passes keep the inputs of blocks 0, 1, 2 (every ⌈3 ÷ 8⌉ = 1 block), of two passes at once
+    sequential = plan_prune(CONFIG, dtype_bytes=4, method="wanda", nsamples=8, seqlen=16, batch_size=4,
+                            streamed=False, learning="search-sequential").parts
+    assert sequential["the search's kept block inputs (two passes')"] == 2 * 3 * ACTIVATIONS
+    assert {k: v for k, v in sequential.items() if "kept block inputs" not in k} == p
     # with SparseGPT's candidates: no ranks; per block the factors of H⁻¹, counted per layer (q, k, v, o and gate,
     # up read 32 inputs, down 48), and the pruned blocks, three times each (while the seeds are scored: the best
     # seed's, the last one's, the next one's); 4 children × 2 blocks × 3 switches of kept levels of the largest block
@@ -145,8 +151,10 @@ def test_the_allocation_search_is_planned_by_hand():
         6 * 32 * 32 + 48 * 48) * 4
     assert sparse["the search's pruned blocks of up to three passes"] == 3 * 3 * BLOCK_PARAMS * 4
     assert sparse["the search's blocks pruned at other levels, kept"] == 24 * BLOCK_PARAMS * 4
-    assert memory_plan.learning_kind("search", {"sparsegpt": 1}) == "search-sparsegpt"
-    assert memory_plan.learning_kind("search", {"sparsegpt": 0}) == "search"
+    assert sparse["the search's kept block inputs (two passes')"] == 2 * 3 * ACTIVATIONS
+    assert memory_plan.learning_kind("search", {"sparsegpt": 1, "sequential": 1}) == "search-sparsegpt"
+    assert memory_plan.learning_kind("search", {"sparsegpt": 0, "sequential": 1}) == "search-sequential"
+    assert memory_plan.learning_kind("search", {"sparsegpt": 0, "sequential": 0}) == "search"
     assert memory_plan.learning_kind("besa", {"beta": 50}) is True
 
 

@@ -272,10 +272,18 @@ def test_the_sequential_fitness_scores_a_parent_as_its_final_wanda_prune(tiny_fo
     result = learn_allocation(spec, "search", 0.6, {"generations": 2, "sequential": 1}, tmp_path, loaded=loaded)
     assert all(torch.equal(p, before[n]) for n, p in loaded.model.named_parameters())
     assert result["fitness"] == pytest.approx(final_prune_kl(result["units"]), rel=1e-4)
-    # each seed was scored under its own sequential norms: a calibration pass and a stage-2 score apiece
-    assert result["forward_tokens"] == 5 * (4 * 64 + result["stage_tokens"][1]) + sum(
-        4 * result["stage_tokens"][0] + 2 * result["stage_tokens"][1] for _ in result["history"]) + sum(
-        (4 * 64 + result["stage_tokens"][1]) * h["refitted"] for h in result["history"])
+    # each seed was scored under its own sequential norms: a calibration pass (from block 0, or from a block the
+    # last pass kept: the 256 calibration tokens times the share of the 4 blocks it ran) and a stage-2 score apiece;
+    # each generation scores its children on the two stages, and a refitted child takes such a pass and a score
+    stage = result["stage_tokens"]
+    passes = {256 * ran // 4 + stage[1] for ran in (1, 2, 3, 4)}
+    seeds = [v["forward_tokens"] for v in result["seeds"].values() if isinstance(v, dict)]
+    assert len(seeds) == 5 and set(seeds) <= passes
+    counted = sum(seeds)
+    for h in result["history"]:
+        refit, counted = h["forward_tokens"] - counted - (4 * stage[0] + 2 * stage[1]), h["forward_tokens"]
+        assert refit in (passes if h["refitted"] else {0})
+    assert counted == result["forward_tokens"]
 
     # resumed (its learned entry removed, its checkpoint at generation 2 of 2 kept): the saved generation is
     # reported before the saved parent's calibration pass (whose blocks each ask whether to cancel), and the result
@@ -368,6 +376,58 @@ def test_the_sparsegpt_fitness_scores_a_parent_as_its_final_sparsegpt_prune(tiny
     assert learned_key(spec, "search", 0.6, {"generations": 2, "sequential": 1, "sparsegpt": 1}) != old
     run = PruneSpec(model=spec.model, calib=spec.calib, allocator="search", sparsity=0.6)
     assert "sparsegpt" not in run.identity()["allocator_params"] and run.allocator_params["sparsegpt"] == 0
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_child_s_pass_from_its_parent_s_kept_inputs_is_its_whole_pass(method, tiny_folder, calibration_only_data,
+                                                                        table_cache, tmp_path):
+    """The sequential pass of a child that moved blocks 2 and 3 of its parent starts at block 2 from the hidden
+    states the parent's pass kept, takes the parent's results for blocks 0 and 1 (the same objects), and gives
+    what the child's pass from block 0 gives, bit for bit (Wanda's norms; SparseGPT's factors of H⁻¹ and pruned
+    weights), and the same fitness. The parent's own allocation needs no pass; other tokens start from block 0."""
+    import torch
+
+    from pruner.predictor.fitness import KLFitness
+    from pruner.predictor.search import SEARCH_STEP
+
+    _, loaded, stats, tokens, windows = _fitness_inputs(tiny_folder, calibration_only_data, table_cache, tmp_path)
+    fitness = KLFitness(loaded.model, stats, windows, (1, len(windows)), "cpu", SEARCH_STEP, method)
+    parent, child = np.array([45, 75, 50, 70]), np.array([45, 75, 55, 65])  # S = 0.6; the child moves blocks 2, 3
+    try:
+        fitness.use_fit(fitness.sequential_fit(parent, tokens))
+        parents = fitness.fit
+        assert sorted(parents.inputs.kept) == [0, 1, 2, 3]  # 4 blocks: every block's inputs kept
+        assert fitness.sequential_fit(parent, tokens) is parents
+        restarted = fitness.sequential_fit(child, tokens)
+        fitness.use_fit(restarted)
+        scored_restarted = fitness(child, 1)
+        fitness.use_fit(None)  # no fit in use: the child's pass runs from block 0
+        whole = fitness.sequential_fit(child, tokens)
+        fitness.use_fit(whole)
+        scored_whole = fitness(child, 1)
+        other_tokens = fitness.sequential_fit(parent, tokens.flip(0))  # other calibration tokens: from block 0
+    finally:
+        fitness.restore()
+    assert (restarted.share_run, whole.share_run, other_tokens.share_run) == (0.5, 1.0, 1.0)
+    assert all(a is b for a, b in zip(restarted.blocks[:2], parents.blocks[:2]))
+    assert all(restarted.inputs.kept[b] is parents.inputs.kept[b] for b in (0, 1))  # shared, not copied
+    assert all(a is b for a, b in zip(restarted.inputs.kept[2], parents.inputs.kept[2]))  # where it started
+
+    def same(a, b) -> bool:
+        if isinstance(a, torch.Tensor):
+            return torch.equal(a, b)
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        if hasattr(a, "_factor"):  # a SparseGPT state: only its factor of H⁻¹ is kept
+            return torch.equal(a._factor(), b._factor())
+        return a == b
+
+    assert len(restarted.blocks) == len(whole.blocks) == 4 and same(restarted.blocks, whole.blocks)
+    assert not same(restarted.blocks, parents.blocks)  # blocks 2 and 3 did change
+    assert all(torch.equal(a, b) for a, b in zip(restarted.inputs.kept[3], whole.inputs.kept[3]))
+    assert scored_restarted == scored_whole
 
 
 def test_a_new_parent_is_refitted_and_its_pass_counted():

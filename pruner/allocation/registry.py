@@ -94,6 +94,20 @@ SEARCH_MEASURED = 4
 SEARCH_MAX_SWITCHES = 3
 
 
+#: Blocks whose entering hidden states a sequential pass of the search keeps for the passes of children
+#: (``pruner.predictor.fitness``): blocks 0, e, 2e, … with e = ⌈B ÷ this⌉ (8 of SmolLM2's 30 blocks: 0, 4, …, 28;
+#: each is the calibration set's activations, 38 MB there). Here, below the search, because the memory plan reads it.
+SEARCH_INPUT_CHECKPOINTS = 8
+#: Passes whose kept inputs the search holds at once: the parent's and the child's being computed (while the seeds
+#: are scored: the best seed's and the next one's).
+SEARCH_KEPT_INPUT_SETS = 2
+
+
+def search_checkpoint_every(n_blocks: int) -> int:
+    """Every how many blocks a sequential pass of the search keeps the hidden states entering the block."""
+    return -(-n_blocks // SEARCH_INPUT_CHECKPOINTS)
+
+
 def search_stage_windows(n_windows: int, seqlen: int, stage_tokens=SEARCH_STAGE_TOKENS) -> tuple[int, ...]:
     """Calibration windows per search stage: enough for each stage's tokens, at most the calibration set, at least
     one."""

@@ -13,6 +13,9 @@
    the tokens the router sent to it. If the observer changed the block's weights, the block runs again so that
    the next block sees the outputs of the modified block (the sequential protocol of Wanda and SparseGPT).
    The block then goes back to where it was, so only one block at a time needs to fit on the compute device.
+3. Optionally (``BlockInputs``) the pass keeps the hidden states entering some blocks, and a later pass over the
+   same tokens whose first blocks behave the same starts at one of them instead of block 0 (the allocation search
+   refits a child that moved only later blocks of its parent this way: ``pruner.predictor.fitness``).
 
 The calibration activations (every sample's hidden states between blocks, ``nsamples × seqlen × hidden`` floats)
 live on the compute device by default; with ``offload=True`` they live in CPU memory and each mini-batch visits
@@ -23,6 +26,7 @@ the same values). On a CPU-only machine both are the same place.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -74,6 +78,35 @@ class ResidentBlocks:
 
     def release(self, index: int, block: nn.Module) -> None:
         block.to(self._home.pop(index))
+
+
+@dataclass
+class BlockInputs:
+    """The hidden states entering some decoder blocks during one pass of ``run_blockwise`` (each mini-batch's
+    tensor, where the pass keeps its activations). The loop replaces list slots and never writes into a tensor, so
+    keeping them copies nothing; it only holds their memory. A later pass over the same tokens whose blocks before
+    block b compute what they computed here (the same weights, or pruned to the same levels from the same inputs)
+    can start at the latest kept block ≤ b, with exactly the inputs a pass from block 0 would give it.
+
+    ``every``: the pass keeps the inputs of blocks 0, every, 2·every, …"""
+
+    every: int
+    kept: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"block inputs are kept every 1 or more blocks; got every = {self.every}")
+
+    def wants(self, index: int) -> bool:
+        return index % self.every == 0
+
+    def start_for(self, first_changed: int) -> int:
+        """The latest kept block ≤ ``first_changed`` (0: start from the beginning)."""
+        return max((i for i in self.kept if i <= first_changed), default=0)
+
+    def before(self, index: int) -> "BlockInputs":
+        """A copy keeping only the inputs of blocks before ``index`` (the tensors are shared)."""
+        return BlockInputs(self.every, {i: h for i, h in self.kept.items() if i < index})
 
 
 class LayerNeverRan(ValueError):
@@ -240,11 +273,15 @@ def run_blockwise(
     should_cancel: Callable[[], bool] | None = None,
     blocks: BlockStore | None = None,
     offload: bool = False,
+    keep: BlockInputs | None = None,
+    start: tuple[int, list[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Walk the decoder blocks over the calibration ``tokens`` (nsamples, seqlen) with ``observer``; ``blocks``
     says where each block's weights come from and go (default: they live in memory, ``ResidentBlocks``; streamed
     from disk: ``pruner.model.streaming.StreamedBlocks``). ``offload``: keep the activations between blocks in CPU memory
-    instead of on the compute device (see the module's docstring).
+    instead of on the compute device (see the module's docstring). ``keep``: the inputs of the blocks it wants are
+    added to it. ``start`` = (b, inputs): begin at block b with these hidden states entering it (a ``BlockInputs``
+    entry of an earlier pass over the same tokens; the observer sees blocks b, b+1, … only).
 
     Returns the hidden states leaving the last block, (nsamples, seqlen, hidden), on CPU.
     Raises ``Cancelled`` between blocks when ``should_cancel()`` becomes true.
@@ -255,9 +292,20 @@ def run_blockwise(
     batch = mini_batch_size(tokens.shape[0], batch_size)
     hidden, calls = capture_block_inputs(model, tokens, device, batch,
                                          activations_device=torch.device("cpu") if offload else device)
+    first = 0
+    if start is not None:
+        first, entering = start
+        if not 0 <= first < len(decoder_blocks) or len(entering) != len(hidden):
+            raise ValueError(f"a pass starts at a block 0 … {len(decoder_blocks) - 1} with one tensor per mini-batch "
+                             f"({len(hidden)}); got block {first} with {len(entering)}")
+        hidden = list(entering)  # the pass's own list: the kept one stays as it is
     if progress is not None:  # the inputs are captured: the phase's clock starts here (ETA from block times)
-        progress(0, len(decoder_blocks))
+        progress(first, len(decoder_blocks))
     for i, block in enumerate(decoder_blocks):
+        if i < first:
+            continue
+        if keep is not None and keep.wants(i):
+            keep.kept[i] = list(hidden)
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"cancelled before block {i} of {len(decoder_blocks)}")
         store.fetch(i, block, device)

@@ -123,8 +123,9 @@ class _Shapes:
 #: Sequential passes whose results the SparseGPT search holds at once: while its seeds are scored, the best seed's,
 #: the last one's and the one being computed (``pruner.predictor.search._seeded_state``).
 SEARCH_KEPT_FITS = 3
-#: ``plan_prune``'s ``learning`` values for the allocation search: with Wanda masks, with SparseGPT.
-SEARCH_LEARNING = ("search", "search-sparsegpt")
+#: ``plan_prune``'s ``learning`` values for the allocation search: with one-shot Wanda masks, with Wanda masks from
+#: sequential passes, with SparseGPT (always from sequential passes).
+SEARCH_LEARNING = ("search", "search-sequential", "search-sparsegpt")
 
 
 def learning_kind(allocator: str, params: dict) -> str | bool:
@@ -132,7 +133,9 @@ def learning_kind(allocator: str, params: dict) -> str | bool:
     kind, or True (BESA's pass; the predictor-optimal allocation plans like it)."""
     if allocator != "search":
         return True
-    return "search-sparsegpt" if params.get("sparsegpt") else "search"
+    if params.get("sparsegpt"):
+        return "search-sparsegpt"
+    return "search-sequential" if params.get("sequential") else "search"
 
 
 def plan_prune(config, *, dtype_bytes: int, method: str, nsamples: int, seqlen: int, batch_size: int,
@@ -174,7 +177,8 @@ def plan_prune(config, *, dtype_bytes: int, method: str, nsamples: int, seqlen: 
         plan.add("calibration activations", 2 * activations, on_device=not offload)
         plan.add("one mini-batch inside a block", one_batch, on_device=True)
     if learning in SEARCH_LEARNING:  # pruner.predictor.search: every block's dense weights and how to prune them
-        from pruner.allocation.registry import SEARCH_MAX_SWITCHES, SEARCH_MEASURED, search_stage_windows
+        from pruner.allocation.registry import (SEARCH_KEPT_INPUT_SETS, SEARCH_MAX_SWITCHES, SEARCH_MEASURED,
+                                                search_checkpoint_every, search_stage_windows)
 
         plan.add("the search's dense copy of the blocks' weights", sum(m.block_params) * dtype_bytes, on_device=True)
         if learning == "search-sparsegpt":
@@ -193,6 +197,10 @@ def plan_prune(config, *, dtype_bytes: int, method: str, nsamples: int, seqlen: 
         else:
             rank_bytes = 2 if max(i for _, i in m.layer_shapes) < 2 ** 15 else 4  # int16 ranks while rows are short
             plan.add("the search's score ranks", sum(m.block_params) * rank_bytes, on_device=True)
+        if learning != "search":  # sequential passes keep the hidden states entering every e-th block (fitness.py)
+            kept = len(range(0, len(m.block_params), search_checkpoint_every(len(m.block_params))))
+            plan.add("the search's kept block inputs (two passes')", SEARCH_KEPT_INPUT_SETS * kept * activations,
+                     on_device=True)
         tokens = search_stage_windows(nsamples, seqlen)[-1] * seqlen  # its last stage's windows
         plan.add("the dense model's next-token log-probabilities", tokens * m.vocab * FLOAT32, on_device=True)
         plan.add("one window's logits and KL divergence", 3 * seqlen * m.vocab * FLOAT32, on_device=True)

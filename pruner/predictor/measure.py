@@ -234,6 +234,7 @@ class LevelMasks:
         from pruner.model.anatomy import prunable_layers
 
         self.runner, self.dense, self.ranks = runner, {}, {}
+        self.dense_norms = runner.norms  # the statistics' (the dense model's): one-shot masks
         for b, block in enumerate(runner.blocks):
             block.to(runner.device)
             self.dense[b] = _dense_weights(prunable_layers(block))
@@ -253,19 +254,16 @@ class LevelMasks:
             weight_matrix(layer).copy_(w * (self.ranks[b][n] >= prune_count(w.shape[1], float(s))))
         block.to(self.runner.home)
 
-    @property
-    def fit(self) -> list[dict[str, torch.Tensor]]:
-        """The input norms the masks are ranked from (per block, name → (in,))."""
-        return self.runner.norms
+    def use(self, norms: list[dict[str, torch.Tensor]] | None) -> None:
+        """Rank the masks from these input norms from now on (None: the dense model's; the weights must be dense).
+        A block whose norms are the very objects in use keeps its ranks."""
+        old, self.runner.norms = self.runner.norms, self.dense_norms if norms is None else norms
+        self.rescore([b for b in range(len(self.runner.blocks)) if self.runner.norms[b] is not old[b]])
 
-    def use(self, norms: list[dict[str, torch.Tensor]]) -> None:
-        """Rank the masks from these input norms from now on (the weights must be dense)."""
-        self.runner.norms = norms
-        self.rescore()
-
-    def rescore(self) -> None:
-        """Rank every layer's scores again, from the runner's current input norms (the weights must be dense)."""
-        for b, block in enumerate(self.runner.blocks):
+    def rescore(self, blocks=None) -> None:
+        """Rank the layers' scores again (of ``blocks``, default every block), from the runner's current input
+        norms (the weights must be dense)."""
+        for b in range(len(self.runner.blocks)) if blocks is None else blocks:
             self.ranks[b] = {n: row_ranks(score) for n, score in self.runner.scores(b, self.dense[b]).items()}
 
     def restore(self) -> None:

@@ -13,7 +13,8 @@ except by the damage table). A candidate's masks are Wanda masks from ranked sco
 is one comparison against the scores' ranks: no database of pruned layers. The scores' input norms ‖X_j‖₂ are
 the dense model's (the cached statistics: one-shot masks, parameter ``sequential`` = 0) or (``sequential`` = 1)
 those a sequential Wanda prune of the current parent meets on the whole calibration set, computed again for
-every new parent (and for every seed): the parent's masks are then exactly the final Wanda prune's, and a child
+every new parent (and for every seed; a child's pass starts from the hidden states its parent's pass kept at or
+before the first block it moved, ``pruner.predictor.fitness``): the parent's masks are then exactly the final Wanda prune's, and a child
 differs from its own final prune only in the norms downstream of the blocks it moved. The final model is the
 usual sequential prune with the found allocation, by whatever method the run asks for (Wanda or SparseGPT): the
 search's Wanda masks stand in for both, unless ``sparsegpt`` = 1 (with ``sequential`` = 1), where the candidates
@@ -257,12 +258,14 @@ def _learn_search(model, tokens, sparsity, stats, params, *, device="cpu", batch
                         "sparsegpt" if params["sparsegpt"] else "wanda", batch_size=batch_size)
 
     def refit_sequential(units: np.ndarray, below: float = math.inf) -> tuple[float, int, bool]:
-        previous = fitness.masks.fit
-        fitness.use_fit(fitness.sequential_fit(units, tokens, should_cancel))
+        previous = fitness.fit
+        fit = fitness.sequential_fit(units, tokens, should_cancel)  # from the parent's kept inputs where it can
+        fitness.use_fit(fit)
         f = fitness(units, 1)
         if not f < below:
             fitness.use_fit(previous)  # the parent's norms (or states) again: no calibration pass
-        return f, int(tokens.numel()) + fitness.tokens[1], f < below
+        # the pass's tokens in whole-model passes: one that started at block b of B ran (B − b) / B of one
+        return f, round(tokens.numel() * fit.share_run) + fitness.tokens[1], f < below
 
     refit = refit_sequential if params["sequential"] else None
     try:
@@ -315,10 +318,12 @@ def _seeded_state(stats, table, sparsity, reach, total, lo, hi, fitness, seed, a
         if refit is None:
             f, used = fitness(units, 1), fitness.tokens[1]
         else:
-            (f, used, _), norms = refit(units), fitness.masks.fit
+            (f, used, _), norms = refit(units), fitness.fit
+            if best is not None and not f < best[1]:
+                norms.inputs = None  # not the first parent: its kept inputs are dropped (two passes' at most)
         tokens += used
         moved = float(np.abs(units * SEARCH_STEP - np.asarray(block)).max())
-        seeds[name] = {"fitness": f, "largest_move_to_lattice": round(moved, 6)}
+        seeds[name] = {"fitness": f, "largest_move_to_lattice": round(moved, 6), "forward_tokens": used}
         if best is None or f < best[1]:
             best = (units, f, name, None if refit is None else norms)
         if progress is not None:
