@@ -185,6 +185,48 @@ def test_queued_job_starts_when_a_page_calls_ensure_workers(tiny_folder, tmp_pat
     assert job.result["blocks"] == 4
 
 
+def test_a_worker_starts_again_on_changed_code_before_its_next_job(tiny_folder, tmp_path, data_dir):
+    """The package's code changes under a waiting worker (a `git pull` beside a sweep): before its next claim the
+    worker replaces itself with a fresh process on the new code (the same pid, still registered, so the next submit
+    starts no second worker), which runs the next job. One that went on would run it with the modules it had
+    imported before the change and import the others from the new code."""
+    import shutil
+
+    from pruner.specs import StatsSpec
+
+    src = tmp_path / "src"  # a copy of the package to change; the worker imports it (it runs there)
+    shutil.copytree(PROJECT_ROOT / "pruner", src / "pruner", ignore=shutil.ignore_patterns("__pycache__"))
+    store = JobStore(tmp_path / "jobs.sqlite")
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "pruner", "jobs", "worker", "--db", str(store.path),
+                                   "--cache-dir", str(tmp_path)], cwd=src, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        def spec(seed):
+            return StatsSpec(ModelSpec(tiny_folder, device="cpu"),
+                             CalibSpec(nsamples=4, seqlen=64, seed=seed, data_dir=data_dir))
+
+        first = submit(store, StatsRequest(spec(0)), cache_dir=tmp_path, start_worker=False)
+        assert _wait(store, first, _final).state == "done"
+        marker = "imported the changed code in process"
+        with open(src / "pruner" / "jobs" / "queue.py", "a") as f:
+            f.write(f"\nprint({marker!r}, __import__('os').getpid(), flush=True)\n")
+        end = time.time() + 30
+        while marker not in log_path.read_text() and time.time() < end:
+            time.sleep(0.2)
+        text = log_path.read_text()
+        assert f"{marker} {worker.pid}" in text and worker.poll() is None, text[-2000:]
+        assert "code changed since this worker started: it starts again on the new code" in text
+        second = submit(store, StatsRequest(spec(1)), cache_dir=tmp_path)  # the live worker is counted
+        job = _wait(store, second, _final)
+        assert job.state == "done" and job.worker_pid == worker.pid, job.error
+        assert store.alive_workers() == [worker.pid]
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+
 OPEN_AND_LIST = """
 import sys, time
 from pruner.jobs.queue import JobStore

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -112,7 +113,11 @@ def cmd_jobs(args) -> int:
 
     db = Path(args.db) if args.db else default_db(cache_arg(args))
     if args.action == "worker":
-        worker_main(db, cache_arg(args))
+        if worker_main(db, cache_arg(args)):  # the code changed: the same worker again, on the new code
+            print("the package's code changed since this worker started: it starts again on the new code",
+                  file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os.execv(sys.executable, [sys.executable, "-m", "pruner", *sys.argv[1:]])
         return 0
     if args.action == "ray-driver":
         from pruner.jobs.ray_exec import RaySettings, drive

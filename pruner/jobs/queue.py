@@ -459,14 +459,28 @@ def _execute(store: JobStore, job: Job, cache_dir: Path | None) -> dict:
     return run(request, ctx)
 
 
-def worker_main(db_path: Path, cache_dir: Path | None = None, idle_exit_s: float = IDLE_EXIT_S) -> None:
-    """Claim and run jobs until none has been queued for ``idle_exit_s`` seconds."""
+def code_fingerprint(package: Path | None = None) -> tuple[int, int, int]:
+    """What the worker's code is, cheaply: (files, newest modification time in ns, total bytes) of the package's
+    Python files (``package``: default this package's folder)."""
+    folder = package if package is not None else Path(__file__).resolve().parents[1]
+    stats = [f.stat() for f in folder.rglob("*.py")]
+    return len(stats), max((st.st_mtime_ns for st in stats), default=0), sum(st.st_size for st in stats)
+
+
+def worker_main(db_path: Path, cache_dir: Path | None = None, idle_exit_s: float = IDLE_EXIT_S) -> bool:
+    """Claim and run jobs until none has been queued for ``idle_exit_s`` seconds. Returns True when it stopped
+    because the package's code changed since it started (checked before each claim): the caller then runs a fresh
+    worker (``pruner jobs worker`` replaces its process, keeping its pid and so its place in the worker table).
+    A worker that went on would run the next job with the modules it imported before the change and import the
+    others from the new code: a job that mixes two versions (or fails on a name one of them lacks)."""
     from pruner.engine.calibrate import Cancelled
 
     store = JobStore(db_path)
     pid = os.getpid()
     current: dict = {"job": None}
     stop = threading.Event()
+    code = code_fingerprint()
+    changed = False
 
     def heartbeat():
         while not stop.wait(HEARTBEAT_S):
@@ -477,6 +491,9 @@ def worker_main(db_path: Path, cache_dir: Path | None = None, idle_exit_s: float
     idle_since = time.time()
     try:
         while time.time() - idle_since < idle_exit_s:
+            if code_fingerprint() != code:
+                changed = True
+                break
             job = store.claim(pid)
             if job is None:
                 time.sleep(POLL_S)
@@ -494,4 +511,6 @@ def worker_main(db_path: Path, cache_dir: Path | None = None, idle_exit_s: float
             idle_since = time.time()
     finally:
         stop.set()
-        store.remove_worker(pid)
+        if not changed:  # a worker replaced by a fresh one keeps its pid, and its row
+            store.remove_worker(pid)
+    return changed
