@@ -111,7 +111,7 @@ def test_cancel_stops_between_blocks_and_leaves_no_run(cache, data_dir):
 def test_queued_job_cancels_at_once(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
     job_id = submit(store, PruneRequest(PruneSpec()), start_worker=False)
-    assert store.cancel(job_id).state == "cancelled"
+    assert store.cancel(job_id)[0].state == "cancelled"
 
 
 def test_a_killed_workers_job_is_queued_again_and_finishes(cache, data_dir):

@@ -83,6 +83,37 @@ def test_cancelling_a_sweeps_prerequisite_cancels_the_jobs_that_wait_for_it(tiny
     assert [j.state for j in store.list() if j.id != stats] == ["cancelled"] * (len(states) - 1)
 
 
+def test_a_whole_sweep_is_cancelled_by_its_range_of_ids(tiny_folder, data_dir, tmp_path, capsys):
+    """`jobs cancel A-B` (the range the sweep printed) cancels every cell, one line each, without repeating the ones
+    an earlier id already took along; a range reaching a job that does not exist cancels nothing and says which."""
+    from pruner.jobs.workflows import PruneRequest
+    from tests.test_cli import cli_in_process
+
+    sweep = SweepRequest(_base(tiny_folder, data_dir), allocators=("uniform", "besa"), methods=("wanda",))
+    store = JobStore(tmp_path / "jobs.sqlite")
+    ids = [store.add(r.kind, r.to_dict(), r.label()) for r in sweep.jobs(tmp_path)]
+    extra = PruneRequest(dataclasses.replace(sweep.specs()[0], sparsity=0.4))  # no cell, but on the sweep's statistics
+    other = store.add(extra.kind, extra.to_dict(), extra.label())
+    first, last = ids[0], ids[-1]
+    refused = cli_in_process(capsys, "jobs", "cancel", f"{first}-{other + 1}", cache=tmp_path, data_dir=None)
+    assert refused.returncode == 2 and f"no job {other + 1} in" in refused.stderr
+    assert "nothing was cancelled" in refused.stderr and {j.state for j in store.list()} == {"queued"}
+    done = cli_in_process(capsys, "jobs", "cancel", f"{first}-{last}", cache=tmp_path, data_dir=None)
+    assert done.returncode == 0, done.stderr
+    assert [j.state for j in store.list() if j.id in ids] == ["cancelled"] * len(ids)
+    assert store.get(other).state == "cancelled" and store.alive_workers() == []  # no worker was started for them
+    lines = done.stdout.splitlines()
+    assert [ln for ln in lines if ln.startswith("job ")] == [f"job {i}: cancelled" for i in ids]
+    # the statistics job took the other job along (it waits for them); the cells were asked for by their own ids
+    assert [ln for ln in lines if "cancelled with it" in ln] == [
+        f"cancelled with it, as they wait for its result: job {other}"]
+    for words, message in (([f"{last}-{first}"], "low end first"), (["x"], "whole numbers or ranges")):
+        bad = cli_in_process(capsys, "jobs", "cancel", *words, cache=tmp_path, data_dir=None)
+        assert bad.returncode == 2 and message in bad.stderr
+    two = cli_in_process(capsys, "jobs", "wait", str(first), str(last), cache=tmp_path, data_dir=None)
+    assert two.returncode == 2 and "jobs wait takes one job id; got 2" in two.stderr
+
+
 @pytest.mark.parametrize("kw, message", [({"allocators": ("nope",)}, "allocators must be among"),
                                          ({"params": {"lambda": [0.1]}}, "no allocator or method declares"),
                                          ({"seeds": 0}, "seeds must be an integer ≥ 1"),

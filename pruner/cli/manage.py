@@ -108,9 +108,40 @@ def _warn_broken_runs(args) -> None:
         print(f"warning: {why}")
 
 
+def job_ids(words: list[str]) -> list[int]:
+    """The job ids ``jobs`` was given: whole numbers and ranges A-B (both ends included), in order, each once."""
+    ids: list[int] = []
+    for word in words:
+        low, dash, high = word.partition("-")
+        if not (low.isdigit() and (high.isdigit() if dash else True)) or (dash and int(low) > int(high)):
+            raise BadInput(f"job ids are whole numbers or ranges such as 52-62 (low end first); got {word!r}")
+        ids += [i for i in range(int(low), int(high if dash else low) + 1) if i not in ids]
+    return ids
+
+
+def _cancel(store, ids: list[int]) -> None:
+    """Cancel every job of ``ids`` (all checked to exist first: none is cancelled if one is missing) and the jobs
+    that wait for their results; one line per job asked for."""
+    missing = [i for i in ids if not store.exists(i)]
+    if missing:
+        raise BadInput(f"no job {', '.join(map(str, missing))} in {store.path} (`jobs list` shows the ids); "
+                       "nothing was cancelled")
+    for job_id in ids:
+        job, along = store.cancel(job_id)
+        print(f"job {job.id}: {job.state}{' (cancel requested)' if job.cancel_requested else ''}")
+        along = [i for i in along if i not in ids]
+        if along:
+            print(f"cancelled with it, as they wait for its result: job{'s' if len(along) > 1 else ''} "
+                  f"{', '.join(map(str, along))}")
+
+
 def cmd_jobs(args) -> int:
     from pruner.jobs.queue import JobStore, default_db, ensure_workers, worker_main
 
+    ids = job_ids(args.id)
+    if args.action in ("list", "wait") and len(ids) > 1:
+        raise BadInput(f"jobs {args.action} takes one job id; got {len(ids)} (`jobs cancel` takes several, and ranges)")
+    args.id = ids[0] if args.action != "cancel" and ids else None
     db = Path(args.db) if args.db else default_db(cache_arg(args))
     if args.action == "worker":
         if worker_main(db, cache_arg(args)):  # the code changed: the same worker again, on the new code
@@ -124,12 +155,12 @@ def cmd_jobs(args) -> int:
 
         drive(db, [int(i) for i in args.ids.split(",")], RaySettings(**json.loads(args.ray_settings)), cache_arg(args))
         return 0
-    if args.action in ("cancel", "wait") and args.id is None:
+    if args.action in ("cancel", "wait") and not ids:
         raise BadInput(f"jobs {args.action} needs a job id (`jobs list` shows them)")
     if not db.is_file():  # nothing was ever queued here: say so, and create nothing
         if args.action in ("cancel", "wait"):
-            raise BadInput(f"no job {args.id}: {db} holds no job table (nothing was ever queued with this cache "
-                           f"folder)")
+            raise BadInput(f"no job {', '.join(map(str, ids))}: {db} holds no job table (nothing was ever queued "
+                           f"with this cache folder)")
         if args.json:
             print("[]")
             return 0
@@ -137,23 +168,13 @@ def cmd_jobs(args) -> int:
         _warn_broken_runs(args)
         return 0
     store = JobStore(db)
+    if args.action == "cancel":  # before a worker is started for jobs about to be cancelled
+        store.reap()
+        _cancel(store, ids)
     ensure_workers(store, cache_dir=cache_arg(args))  # reaps dead jobs; restarts a worker for queued ones
     if args.action == "cancel":
-        if args.id is None:
-            raise BadInput("jobs cancel needs a job id")
-        try:
-            along = store.dependents(args.id)
-            job = store.cancel(args.id)
-        except ValueError as err:
-            raise BadInput(str(err)) from err
-        print(f"job {job.id}: {job.state}{' (cancel requested)' if job.cancel_requested else ''}")
-        if along:
-            print(f"cancelled with it, as they wait for its result: job{'s' if len(along) > 1 else ''} "
-                  f"{', '.join(map(str, along))}")
         return 0
     if args.action == "wait":
-        if args.id is None:
-            raise BadInput("jobs wait needs a job id")
         import time
 
         while store.get(args.id).state not in FINAL_STATES:
@@ -200,7 +221,7 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("jobs", help="the background job table: list, wait for or cancel jobs")
     p.add_argument("action", choices=["list", "cancel", "wait", "worker", "ray-driver"])
-    p.add_argument("id", nargs="?", type=int)
+    p.add_argument("id", nargs="*", help="a job id (cancel: several, or ranges such as 52-62: a sweep's jobs)")
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
     p.add_argument("--cache-dir", help="cache folder (default: $PRUNER_CACHE_DIR, else <project>/cache)")

@@ -155,7 +155,8 @@ def cmd_sweep(args) -> int:
     store = JobStore(default_db(cache_arg(args)))
     ids = executor.submit(store, sweep, cache_arg(args))
     print(f"{sweep.label()}: {len(ids)} job(s) queued on the {executor.name} executor (jobs {ids[0]}–{ids[-1]}; "
-          f"follow them with `python -m pruner jobs list`)", flush=True)
+          f"follow them with `python -m pruner jobs list`, cancel them all with `python -m pruner jobs cancel "
+          f"{ids[0]}-{ids[-1]}`)", flush=True)
     if args.no_wait:
         return 0
 

@@ -283,17 +283,22 @@ class JobStore:
             db.execute("UPDATE jobs SET remote = ?, heartbeat = ? WHERE id = ?",
                        (json.dumps(remote), time.time(), job_id))
 
-    def cancel(self, job_id: int) -> Job:
+    def exists(self, job_id: int) -> bool:
+        with self._db() as db:
+            return db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
+
+    def cancel(self, job_id: int) -> tuple[Job, list[int]]:
         """Queued jobs are cancelled at once; running ones stop at their next check. The jobs that have not ended and
         wait for this one's results (``dependents``: a sweep's cells on their statistics or learned allocation) are
-        cancelled with it; else the first of them would start the same work itself."""
-        ids = [job_id, *self.dependents(job_id)]
+        cancelled with it; else the first of them would start the same work itself. Returns the job and the ids of
+        those cancelled with it."""
+        along = self.dependents(job_id)
         with self._db() as db:
-            for i in ids:
+            for i in [job_id, *along]:
                 db.execute("UPDATE jobs SET state = 'cancelled', finished = ? WHERE id = ? AND state = 'queued'",
                            (time.time(), i))
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = 'running'", (i,))
-        return self.get(job_id)
+        return self.get(job_id), along
 
     def dependents(self, job_id: int) -> list[int]:
         """Ids of the jobs that have not ended and read, directly or through another such job, a result that job
