@@ -25,18 +25,18 @@ from bench.common import forward_baseline, git_rev, machine
 DRAWN_CHILDREN = 20_000
 
 
-def _same(a, b) -> bool:
+def same_bits(a, b) -> bool:
     """Equal bit for bit: tensors, dicts, lists and tuples of them, SparseGPT states by their factor of H⁻¹."""
     import torch
 
     if isinstance(a, torch.Tensor):
         return torch.equal(a, b)
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_bits(x, y) for x, y in zip(a, b))
     if hasattr(a, "_factor"):
-        return _same(a._factor(), b._factor())
+        return same_bits(a._factor(), b._factor())
     return a == b
 
 
@@ -91,7 +91,7 @@ def main():
             t0 = time.perf_counter()
             whole = fitness.sequential_fit(child, tokens)
             t_whole = time.perf_counter() - t0
-            rows.append((first, restarted.share_run, t_restart, t_whole, _same(restarted.blocks, whole.blocks)))
+            rows.append((first, restarted.share_run, t_restart, t_whole, same_bits(restarted.blocks, whole.blocks)))
             del restarted, whole
             fitness.use_fit(parents)
     finally:

@@ -387,6 +387,7 @@ def test_a_child_s_pass_from_its_parent_s_kept_inputs_is_its_whole_pass(method, 
     weights), and the same fitness. The parent's own allocation needs no pass; other tokens start from block 0."""
     import torch
 
+    from bench.search_refit import same_bits
     from pruner.predictor.fitness import KLFitness
     from pruner.predictor.search import SEARCH_STEP
 
@@ -413,19 +414,8 @@ def test_a_child_s_pass_from_its_parent_s_kept_inputs_is_its_whole_pass(method, 
     assert all(restarted.inputs.kept[b] is parents.inputs.kept[b] for b in (0, 1))  # shared, not copied
     assert all(a is b for a, b in zip(restarted.inputs.kept[2], parents.inputs.kept[2]))  # where it started
 
-    def same(a, b) -> bool:
-        if isinstance(a, torch.Tensor):
-            return torch.equal(a, b)
-        if isinstance(a, dict):
-            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-        if isinstance(a, (list, tuple)):
-            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-        if hasattr(a, "_factor"):  # a SparseGPT state: only its factor of H⁻¹ is kept
-            return torch.equal(a._factor(), b._factor())
-        return a == b
-
-    assert len(restarted.blocks) == len(whole.blocks) == 4 and same(restarted.blocks, whole.blocks)
-    assert not same(restarted.blocks, parents.blocks)  # blocks 2 and 3 did change
+    assert len(restarted.blocks) == len(whole.blocks) == 4 and same_bits(restarted.blocks, whole.blocks)
+    assert not same_bits(restarted.blocks, parents.blocks)  # blocks 2 and 3 did change
     assert all(torch.equal(a, b) for a, b in zip(restarted.inputs.kept[3], whole.inputs.kept[3]))
     assert scored_restarted == scored_whole
 
