@@ -136,7 +136,8 @@ def _cancel(store, ids: list[int]) -> None:
 
 
 def cmd_jobs(args) -> int:
-    from pruner.jobs.queue import JobStore, default_db, ensure_workers, worker_main
+    from pruner.jobs.queue import JobStore, default_db, ensure_workers
+    from pruner.jobs.worker import worker_main
 
     ids = job_ids(args.id)
     if args.action in ("list", "wait") and len(ids) > 1:
