@@ -29,11 +29,10 @@ def _execute(store: JobStore, job: Job, cache_dir: Path | None) -> dict:
     return run(request, ctx)
 
 
-def code_fingerprint(package: Path | None = None) -> tuple[int, int, int]:
-    """What the worker's code is, cheaply: (files, newest modification time in ns, total bytes) of the package's
-    Python files (``package``: default this package's folder)."""
-    folder = package if package is not None else Path(__file__).resolve().parents[1]
-    stats = [f.stat() for f in folder.rglob("*.py")]
+def code_fingerprint() -> tuple[int, int, int]:
+    """What the worker's code is, cheaply: (files, newest modification time in ns, total bytes) of this package's
+    Python files."""
+    stats = [f.stat() for f in Path(__file__).resolve().parents[1].rglob("*.py")]
     return len(stats), max((st.st_mtime_ns for st in stats), default=0), sum(st.st_size for st in stats)
 
 

@@ -158,8 +158,7 @@ class KLFitness:
         units = np.asarray(units, dtype=np.int64)
         n_blocks = len(units)
         base, start = self.fit, 0
-        if (base is not None and base.inputs is not None and base.tokens.shape == tokens.shape
-                and torch.equal(base.tokens, tokens)):
+        if base is not None and base.inputs is not None and torch.equal(base.tokens, tokens):
             moved = np.flatnonzero(units != base.units)
             if len(moved) == 0:
                 return base
