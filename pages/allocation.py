@@ -10,6 +10,7 @@ import streamlit as st
 from pages._curves import allocation_curves
 from pages._dashboard import (JOBS_SHOWN, allocator_help, job_store, jobs_panel, page_setup, page_with_stats, param_controls,
                               queue, unique_params)
+from pages._search import search_caption
 from pruner.allocation import ALLOCATORS, SEARCH_GENERATIONS, allocate, owl_lambda_max
 from pruner.charts import layer_sparsity_heatmap_figure, predicted_map_figure, search_progress_figure
 from pruner.core.params import params_text
@@ -18,8 +19,7 @@ from pruner.jobs.queue import ACTIVE_STATES
 from pruner.jobs.workflows import LearnRequest, PerplexityOptions, PredictorRequest, PruneRequest
 from pruner.predictor.cache import table_for
 from pruner.predictor.compounding import COMPOUNDING_PROBES
-from pruner.predictor.search import (SEARCH_MEASURED, SEARCH_STEP, generation_rank_correlations, saved_search,
-                                     saved_searches)
+from pruner.predictor.search import SEARCH_MEASURED, SEARCH_STEP, saved_search, saved_searches
 from pruner.predictor.table import PredictorSpec
 from pruner.specs import PruneSpec
 
@@ -356,32 +356,16 @@ def _search_report(result: dict | None, values: dict, S: float) -> None:
             return
         state, total, params = saved["state"], saved["generations"], saved["params"]
         st.caption(f"Generation {state['generation']} of {total} saved (the curve above is its best allocation so "
-                   "far). A running search adds one every few seconds (with sequential norms, a new parent adds a "
-                   "calibration pass: about a Wanda prune's time); a stopped one resumes from here when learned again.")
+                   "far). A running search adds one every few seconds (with sequential fitness, each refitted child adds a "
+                   "calibration pass: about a prune's time with the search's method); a stopped one resumes from here "
+                   "when learned again.")
     else:
         state, total, params = result, len(result["history"]), result["params"]
-    screened, sequential, sparsegpt = params["screen"], params.get("sequential", 0), params.get("sparsegpt", 0)
     if not state["history"]:
         return
     st.plotly_chart(search_progress_figure(state["history"], state["seeds"]), width="stretch",
                     key="alloc_search_progress")
-    last = state["history"][-1]
-    measured = sum(h["measured"] for h in state["history"])
-    proposed = sum(h["proposed"] for h in state["history"])
-    within = [r for r in generation_rank_correlations(state["history"], state.get("pairs", [])) if r is not None]
-    rho = f"{sum(within) / len(within):+.2f} within a generation" if within else "n/a"
-    refits = sum(h.get("refitted", False) for h in state["history"])
-    st.caption(f"{measured} of {proposed} children measured on calibration text "
-               + ("(the damage table chose them" if screened else "(chosen at random: screening off")
-               + f"), {last['forward_tokens']:,} tokens scored in all. How well the table ranks the measured "
-               f"children (Spearman's ρ, 1 is perfect): {rho}. Started from "
-               f"{ALLOCATORS[state['seeds']['chosen']].label}, the best of the seeds (dotted). "
-               + (f"Children pruned by SparseGPT from the Hessians of each parent's sequential SparseGPT prune: "
-                  f"{refits} new parents refitted, each a calibration pass (a parent's fitness is its final "
-                  "SparseGPT prune's)." if sparsegpt else
-                  f"Masks from each parent's sequential Wanda prune: {refits} new parents refitted, each a "
-                  "calibration pass (a parent's fitness is its final Wanda prune's)." if sequential
-                  else "Masks from the dense model's input norms (one-shot)."))
+    st.caption(search_caption(state, params))
 
 
 what_if()

@@ -477,6 +477,29 @@ def test_a_slider_range_ends_on_its_outermost_valid_steps():
     assert valid_slider_range(LAMBDA, lambda v: v < 0.075) == (0.0, 0.07)
     assert valid_slider_range(LAMBDA, lambda v: 0.195 < v < 0.305) == (0.2, 0.3)
 
+def test_the_search_caption_counts_refits_and_new_parents_apart():
+    """pages._search.search_caption on a hand-made history of three generations: the first child refitted became
+    the parent, the second refitted lost under its own prune (SmolLM2's SparseGPT search on seed 0, generation 2),
+    the third beat nobody. The caption said "2 new parents refitted" for this."""
+    from pages._search import search_caption
+
+    history = [{"measured": 4, "proposed": 16, "refitted": True, "replaced": True, "forward_tokens": 100_000},
+               {"measured": 4, "proposed": 16, "refitted": True, "replaced": False, "forward_tokens": 120_000},
+               {"measured": 4, "proposed": 15, "refitted": False, "replaced": False, "forward_tokens": 123_584}]
+    state = {"history": history, "seeds": {"atp": {"fitness": 1.92}, "chosen": "atp"}, "pairs": []}
+    text = search_caption(state, {"screen": 0, "sequential": 1, "sparsegpt": 1})
+    assert text.startswith("12 of 47 children measured on calibration text (chosen at random: screening off), "
+                           "123,584 tokens scored in all.")
+    assert "Started from ATP, the best of the seeds" in text
+    assert ("Children pruned by SparseGPT from the Hessians of the parent's sequential SparseGPT prune: 2 children "
+            "that beat the parent refitted, each a calibration pass; 1 of them still beat it under their own prune "
+            "and became the parent") in text
+    wanda = search_caption({**state, "history": history[:1]}, {"screen": 1, "sequential": 1, "sparsegpt": 0})
+    assert "(the damage table chose them)" in wanda
+    assert "Masks from the parent's sequential Wanda prune: 1 child that beat the parent refitted" in wanda
+    assert search_caption(state, {"screen": 0}).endswith("Masks from the dense model's input norms (one-shot).")
+
+
 
 def test_allocation_shows_a_search_running_and_finished(tiny_folder, data_dir, tmp_path, monkeypatch):
     """On the tiny Llama: a finished search's curve is its learned allocation and its fitness chart has one point per
