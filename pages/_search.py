@@ -25,7 +25,8 @@ def search_caption(state: dict, params: dict) -> str:
         how = (f"Children pruned by SparseGPT from the Hessians of the parent's sequential SparseGPT prune: {refitted} "
                "(a parent's fitness is its final SparseGPT prune's).")
     elif params.get("sequential"):
-        how = f"Masks from the parent's sequential Wanda prune: {refitted} (a parent's fitness is its final Wanda prune's)."
+        how = (f"Masks from the parent's sequential Wanda prune: {refitted} (a parent's fitness is its final Wanda "
+               "prune's).")
     else:
         how = "Masks from the dense model's input norms (one-shot)."
     chosen = state["seeds"]["chosen"]

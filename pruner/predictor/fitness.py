@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from pruner.allocation.registry import SEARCH_MAX_SWITCHES, SEARCH_MEASURED, search_checkpoint_every
-from pruner.engine.calibrate import BlockInputs
+from pruner.engine.calibrate import BlockInputs, run_blockwise
+from pruner.engine.prune import PruningObserver, layer_targets
+from pruner.model.anatomy import is_expert_unit, weight_matrix
 from pruner.predictor.measure import BlockRunner, LevelMasks, _dense_weights, _restore, head_logits
 
 #: The methods that can prune the search's candidates (parameter ``sparsegpt``).
@@ -188,6 +190,51 @@ class KLFitness:
         self.masks.use(None if fit is None else fit.blocks)
 
 
+class _NormRecorder(PruningObserver):
+    """The Wanda prune, keeping each layer's norms ‖X_j‖₂ before its block is pruned (``norms``, per block from the
+    first block the pass ran). A class of this module, not of the function that uses it: a class defined in a
+    function is in a reference cycle, and its methods' closure would keep every pass's results alive until the
+    cyclic garbage collector runs."""
+
+    def __init__(self, targets: dict, device: torch.device, dense: list[dict[str, torch.Tensor]]):
+        super().__init__("wanda", targets, "row", device)
+        self.dense, self.norms = dense, []
+
+    def finish(self, index, block, layers) -> bool:
+        seen = {n: self._state[n].sumsq.sqrt() for n in layers if n in self._state}
+        self.norms.append({n: seen.get(n, self.dense[index][n]) for n in layers})
+        return super().finish(index, block, layers)
+
+
+class _HessianRecorder(PruningObserver):
+    """The SparseGPT prune, keeping each block's states (only their factors of H⁻¹) with their layers' names in
+    module order, and (its level, its pruned weights), in ``fitted`` (a module-level class for the reason
+    ``_NormRecorder`` gives)."""
+
+    def __init__(self, targets: dict, device: torch.device, home: torch.device):
+        super().__init__("sparsegpt", targets, "row", device)
+        self.home, self.fitted = home, []
+
+    def finish(self, index, block, layers) -> bool:
+        experts = [n for n in layers if is_expert_unit(n)]
+        if experts:
+            raise ValueError(f"the search's SparseGPT fitness is for dense blocks; block {index} has routed "
+                             f"experts ({experts[0]}, …): search with Wanda masks (sparsegpt = 0)")
+        found: dict[int, tuple] = {}
+        for n in layers:  # module order, as ``finish`` groups them (a layer that never ran: ``finish`` says so)
+            if self._state.get(n) is not None:
+                found.setdefault(id(self._state[n]), (self._state[n], []))[1].append(n)
+        done = super().finish(index, block, layers)
+        for state, _ in found.values():
+            state.keep_factor_only()
+        levels = {self.targets[(index, n)].sparsity for n in layers}
+        if len(levels) != 1:
+            raise ValueError(f"the search gives one level per block; block {index} was given {sorted(levels)}")
+        weights = {n: weight_matrix(layer).detach().to(self.home, copy=True) for n, layer in layers.items()}
+        self.fitted.append((list(found.values()), (levels.pop(), weights)))
+        return done
+
+
 def sequential_wanda_norms(model, tokens: torch.Tensor, layer_sparsity, stats, device, batch_size: int = 4,
                            should_cancel: Callable[[], bool] | None = None, keep: BlockInputs | None = None,
                            start: tuple[int, list[torch.Tensor]] | None = None) -> list[dict[str, torch.Tensor]]:
@@ -197,27 +244,13 @@ def sequential_wanda_norms(model, tokens: torch.Tensor, layer_sparsity, stats, d
     ``keep`` and ``start``). A layer that saw no token (an expert nothing was routed to) keeps the dense statistics'
     norm."""
     from pruner.engine.besa import block_input_norms
-    from pruner.engine.calibrate import run_blockwise
-    from pruner.engine.prune import PruningObserver, layer_targets
 
-    dense = block_input_norms(stats)
     targets = layer_targets(np.asarray(layer_sparsity, dtype=np.float64),
                             list(zip(np.asarray(stats.layer_block).tolist(), stats.layer_names)), None)
-
-    norms: list[dict[str, torch.Tensor]] = []
-
-    class NormRecorder(PruningObserver):
-        """The Wanda prune, keeping each layer's norms before its block is pruned."""
-
-        def finish(self, index, block, layers) -> bool:
-            seen = {n: self._state[n].sumsq.sqrt() for n in layers if n in self._state}
-            norms.append({n: seen.get(n, dense[index][n]) for n in layers})
-            return super().finish(index, block, layers)
-
-    recorder = NormRecorder("wanda", targets, "row", torch.device(device))
+    recorder = _NormRecorder(targets, torch.device(device), block_input_norms(stats))
     run_blockwise(model, tokens, recorder, device=device, batch_size=batch_size, should_cancel=should_cancel,
                   keep=keep, start=start)
-    return norms
+    return recorder.norms
 
 
 def sequential_sparsegpt_fit(model, tokens: torch.Tensor, layer_sparsity, stats, device, batch_size: int = 4,
@@ -228,39 +261,10 @@ def sequential_sparsegpt_fit(model, tokens: torch.Tensor, layer_sparsity, stats,
     from the first block the pass ran (``run_blockwise``'s ``keep`` and ``start``): the SparseGPT states (H of the
     inputs each group of layers met; only the factor of H⁻¹ kept) with their layers' names in module order, and
     (its level, its pruned weights)."""
-    from pruner.engine.calibrate import run_blockwise
-    from pruner.engine.prune import PruningObserver, layer_targets
-    from pruner.model.anatomy import is_expert_unit, weight_matrix
-
-    layer_sparsity = np.asarray(layer_sparsity, dtype=np.float64)
-    targets = layer_targets(layer_sparsity, list(zip(np.asarray(stats.layer_block).tolist(), stats.layer_names)),
-                            None)
-    fitted = []
+    targets = layer_targets(np.asarray(layer_sparsity, dtype=np.float64),
+                            list(zip(np.asarray(stats.layer_block).tolist(), stats.layer_names)), None)
     home = next(model.parameters()).device  # where the blocks rest between their turns
-
-    class HessianRecorder(PruningObserver):
-        """The SparseGPT prune, keeping each block's states and its pruned weights."""
-
-        def finish(self, index, block, layers) -> bool:
-            experts = [n for n in layers if is_expert_unit(n)]
-            if experts:
-                raise ValueError(f"the search's SparseGPT fitness is for dense blocks; block {index} has routed "
-                                 f"experts ({experts[0]}, …): search with Wanda masks (sparsegpt = 0)")
-            found: dict[int, tuple] = {}
-            for n in layers:  # module order, as ``finish`` groups them (a layer that never ran: ``finish`` says so)
-                if self._state.get(n) is not None:
-                    found.setdefault(id(self._state[n]), (self._state[n], []))[1].append(n)
-            done = super().finish(index, block, layers)
-            for state, _ in found.values():
-                state.keep_factor_only()
-            levels = {targets[(index, n)].sparsity for n in layers}
-            if len(levels) != 1:
-                raise ValueError(f"the search gives one level per block; block {index} was given {sorted(levels)}")
-            fitted.append((list(found.values()), (levels.pop(), {n: weight_matrix(layer).detach().to(home, copy=True)
-                                                                 for n, layer in layers.items()})))
-            return done
-
-    recorder = HessianRecorder("sparsegpt", targets, "row", torch.device(device))
+    recorder = _HessianRecorder(targets, torch.device(device), home)
     run_blockwise(model, tokens, recorder, device=device, batch_size=batch_size, should_cancel=should_cancel,
                   keep=keep, start=start)
-    return fitted
+    return recorder.fitted
