@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pruner.core.memory import PEAK_SINCE_RESET
+from pruner.engine import artifacts
 from pruner.jobs.queue import MAX_ATTEMPTS, JobStore, ensure_workers, submit
 from pruner.jobs.workflows import PruneRequest, StatsRequest
 from pruner.model.catalogue import ModelSpec
@@ -302,6 +304,10 @@ def test_a_workers_prune_after_other_jobs_equals_a_fresh_processs(cache, data_di
     jobs = [_wait(store, i, _final) for i in ids]
     assert [j.state for j in jobs] == ["done"] * 3, [j.error for j in jobs]
     assert len({j.worker_pid for j in jobs}) == 1  # one process ran the three, in turn
+    if sys.platform == "linux":  # each job's recorded peak memory is its own (the worker resets it per job)
+        learned = artifacts.cached_learned(other.stats_spec, "besa", 0.5, None, cache)
+        assert learned["peak_rss_since"] == PEAK_SINCE_RESET and learned["peak_rss_gb"] > 0
+        assert read_run(run_folder(target.key(), cache)).raw["memory"]["peak_rss_since"] == PEAK_SINCE_RESET
 
     fresh = share_project_models(tmp_path_factory.mktemp("fresh-cache"))
     r = subprocess.run([sys.executable, "-m", "pruner", "prune", "--model", tiny_folder, "--device", "cpu",

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pruner.allocation import allocate
+from pruner.core.memory import PEAK_SINCE_PROCESS, PEAK_SINCE_RESET
 from pruner.data import calibration_tokens
 from pruner.engine import artifacts
 from pruner.engine.calibrate import Cancelled
@@ -43,11 +44,41 @@ def test_run_folder_manifest_and_reuse(spec, tmp_path):
         in_features = 32 if layer["name"] != "mlp.down_proj" else 48
         assert abs(layer["achieved"] - layer["allocated"]) <= 1 / in_features
     assert m["memory"]["process_peak_rss_gb"] > 0 and m["timings_s"]["prune"] > 0
+    if sys.platform == "linux":  # this process ran earlier tests: the peak is the run's own
+        assert m["memory"]["peak_rss_since"] == PEAK_SINCE_RESET
     assert [r.key for r in list_runs(tmp_path).runs] == [spec.key()]
     # same spec: returned as is, not recomputed
     assert run_prune(spec, tmp_path, progress=lambda *a: pytest.fail("recomputed")) == folder
     again = run_prune(spec, tmp_path, force=True)
     assert read_manifest(again)["created"] >= m["created"]
+
+
+PEAK_SCRIPT = """
+import json
+from pruner.core.memory import peak_rss_gb, reset_peak_rss
+big = b"x" * (600 * 2**20)  # written, so resident
+del big  # a large allocation goes back to the OS at once
+before = peak_rss_gb()
+reset = reset_peak_rss()
+small = b"y" * (50 * 2**20)
+print(json.dumps({"before": before, "reset": reset, "after": peak_rss_gb()}))
+"""
+
+
+def test_a_run_s_peak_memory_is_its_own_not_the_process_s():
+    """A job worker runs many jobs in one process: every run after the SparseGPT search recorded the search's 9.76
+    GiB as its own peak (ru_maxrss is the process's, and survives exec). In a real process: 600 MB written and freed,
+    the peak reset, 50 MB written: the peak read afterwards is that of the window, and says so."""
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                         check=True)
+    got = json.loads(out.stdout)
+    (before, since_before), (after, since_after) = got["before"], got["after"]
+    assert before >= 0.58 and since_before == PEAK_SINCE_PROCESS
+    if sys.platform == "linux":
+        assert got["reset"] and since_after == PEAK_SINCE_RESET
+        assert after < before - 0.45  # the 600 MB are not in the window's peak
+    else:
+        assert since_after == PEAK_SINCE_PROCESS
 
 
 def test_saved_run_loads_with_the_same_logits(spec, tmp_path):

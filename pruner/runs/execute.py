@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from pruner.allocation import ALLOCATORS, NEEDS_STATISTICS, NEEDS_WEIGHTS, allocate, with_expert_split
+from pruner.core.memory import peak_rss_gb, reset_peak_rss
 from pruner.data import calibration_tokens
 from pruner.engine.artifacts import (cached_learned, get_stats, learn_allocation, learned_layer_sparsity,
                                      load_cached_stats)
@@ -25,12 +26,22 @@ from pruner.store.layout import CacheLayout, check_writable
 PhaseProgress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
-def _peak_memory() -> dict:
-    import resource
-
+def _start_peak_memory() -> None:
+    """Measure the run's own peak memory from here (``_peak_memory``), not the process's: a job worker or the
+    dashboard runs many jobs in one process, and an earlier, larger one (an allocation search) would otherwise be
+    recorded as every later run's peak."""
     import torch
 
-    out = {"process_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory() -> dict:
+    import torch
+
+    gb, since = peak_rss_gb()
+    out = {"process_peak_rss_gb": gb, "peak_rss_since": since}
     if torch.cuda.is_available():
         out["cuda_peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return out
@@ -97,6 +108,7 @@ def _make_run(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
         return folder
     phase = (lambda name: (lambda d, t: progress(name, d, t))) if progress else (lambda name: None)
     t_start = time.perf_counter()
+    _start_peak_memory()
     # memory is planned before anything is loaded: a prune that cannot fit is refused with the numbers
     allocator = ALLOCATORS[spec.allocator]
     streamed = stream and loaded is None
@@ -268,6 +280,7 @@ def recover_run(parent_folder: Path, spec, data_dir: str | None, cache_dir: Path
                       batch_size=spec.batch, seqlen=spec.seqlen, device=resolve_device(device).type,
                       ways=["a shorter --train-seqlen", "a smaller --train-batch"])
     t0 = time.perf_counter()
+    _start_peak_memory()
     model, tokenizer = load_run(parent_folder, device)
     c = parent["spec"]["calib"]
     calib = CalibSpec(dataset=c["dataset"], nsamples=spec.steps * spec.batch, seqlen=spec.seqlen,
