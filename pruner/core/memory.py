@@ -22,7 +22,7 @@ def return_freed_memory() -> None:
 
 
 #: ``peak_rss_gb``'s second value: over what the peak was taken.
-PEAK_SINCE_RESET = "since the run started"
+PEAK_SINCE_RESET = "since the job started"  # a worker's job, or a prune or recovery run
 PEAK_SINCE_PROCESS = "since the process started"
 
 _peak_reset = False
