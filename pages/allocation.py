@@ -356,9 +356,9 @@ def _search_report(result: dict | None, values: dict, S: float) -> None:
             return
         state, total, params = saved["state"], saved["generations"], saved["params"]
         st.caption(f"Generation {state['generation']} of {total} saved (the curve above is its best allocation so "
-                   "far). A running search adds one every few seconds (with sequential fitness, each refitted child adds a "
-                   "calibration pass: about a prune's time with the search's method); a stopped one resumes from here "
-                   "when learned again.")
+                   "far). A running search adds one every few seconds (with sequential fitness, each refitted child "
+                   "adds a calibration pass: about a prune's time with the search's method); a stopped one resumes "
+                   "from here when learned again.")
     else:
         state, total, params = result, len(result["history"]), result["params"]
     if not state["history"]:

@@ -11,7 +11,6 @@ import time
 import traceback
 from pathlib import Path
 
-from pruner.core.memory import reset_peak_rss
 from pruner.jobs.queue import HEARTBEAT_S, IDLE_EXIT_S, POLL_S, STARTING_PHASE, Job, JobStore
 
 
@@ -22,7 +21,6 @@ def _execute(store: JobStore, job: Job, cache_dir: Path | None) -> dict:
 
     request = job.request
     pid = os.getpid()
-    reset_peak_rss()  # what the job records as its peak memory is its own, not an earlier job's in this process
     # what the job shows until its first phase reports (the CLI, running the same workflow, shows its own bars)
     store.progress(job.id, STARTING_PHASE, 0, 1, pid=pid)
     ctx = Context(cache_dir=cache_dir,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from pruner.allocation import ALLOCATORS, check_sparsity
+from pruner.core.memory import reset_peak_rss
 from pruner.core.params import params_text
 from pruner.engine.artifacts import get_stats, learn_allocation, learned_key
 from pruner.engine.calibrate import Cancelled
@@ -24,12 +25,10 @@ from pruner.evaluate.speed_spec import SPEED_ENGINES, SpeedSpec
 from pruner.evaluate.zeroshot import ZEROSHOT_DEFAULT_BATCH, parse_tasks
 from pruner.model.catalogue import ModelSpec, check_calibration_fits
 from pruner.runs import metrics
-from pruner.runs.execute import recover_run, run_prune as prune_to_run
+from pruner.runs.execute import PhaseProgress, recover_run, run_prune as prune_to_run
 from pruner.runs.manifest import read_run, run_folder
 from pruner.specs import PruneSpec, StatsSpec, spec_from_dict, spec_to_dict
 from pruner.store.layout import check_key
-
-PhaseProgress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 @dataclass
@@ -378,8 +377,7 @@ def run_learn(req: LearnRequest, ctx: Context) -> dict:
     result = learn_allocation(req.spec, req.allocator, req.sparsity, req.params, ctx.cache_dir,
                               progress=ctx.phase("learn allocation"), should_cancel=ctx.should_cancel,
                               batch_size=req.batch_size, stream=req.stream)
-    return {"learned_key": learned_key(req.spec, req.allocator, req.sparsity, req.params),
-            "seconds": result["seconds"]}
+    return {"learned_key": learned_key(req.spec, req.allocator, req.sparsity, req.params), "seconds": result["seconds"]}
 
 
 def tuned_spec(spec: PruneSpec, ctx: Context, data_dir=None) -> tuple[PruneSpec, dict]:
@@ -497,4 +495,5 @@ def request_from_dict(kind: str, payload: dict) -> Request:
 
 def run(request: Request, ctx: Context | None = None) -> dict:
     """Run one request to completion; returns its JSON-able result."""
+    reset_peak_rss()  # the peak memory it records is its own, not an earlier request's (a worker runs many)
     return WORKFLOWS[request.kind][1](request, ctx or Context())

@@ -190,6 +190,12 @@ class KLFitness:
         self.masks.use(None if fit is None else fit.blocks)
 
 
+def _block_targets(layer_sparsity, stats) -> dict:
+    """The engine's per-layer targets for a sequential pass at ``layer_sparsity`` (the statistics' layer order)."""
+    return layer_targets(np.asarray(layer_sparsity, dtype=np.float64),
+                         list(zip(np.asarray(stats.layer_block).tolist(), stats.layer_names)), None)
+
+
 class _NormRecorder(PruningObserver):
     """The Wanda prune, keeping each layer's norms ‖X_j‖₂ before its block is pruned (``norms``, per block from the
     first block the pass ran). A class of this module, not of the function that uses it: a class defined in a
@@ -245,8 +251,7 @@ def sequential_wanda_norms(model, tokens: torch.Tensor, layer_sparsity, stats, d
     norm."""
     from pruner.engine.besa import block_input_norms
 
-    targets = layer_targets(np.asarray(layer_sparsity, dtype=np.float64),
-                            list(zip(np.asarray(stats.layer_block).tolist(), stats.layer_names)), None)
+    targets = _block_targets(layer_sparsity, stats)
     recorder = _NormRecorder(targets, torch.device(device), block_input_norms(stats))
     run_blockwise(model, tokens, recorder, device=device, batch_size=batch_size, should_cancel=should_cancel,
                   keep=keep, start=start)
@@ -261,8 +266,7 @@ def sequential_sparsegpt_fit(model, tokens: torch.Tensor, layer_sparsity, stats,
     from the first block the pass ran (``run_blockwise``'s ``keep`` and ``start``): the SparseGPT states (H of the
     inputs each group of layers met; only the factor of H⁻¹ kept) with their layers' names in module order, and
     (its level, its pruned weights)."""
-    targets = layer_targets(np.asarray(layer_sparsity, dtype=np.float64),
-                            list(zip(np.asarray(stats.layer_block).tolist(), stats.layer_names)), None)
+    targets = _block_targets(layer_sparsity, stats)
     home = next(model.parameters()).device  # where the blocks rest between their turns
     recorder = _HessianRecorder(targets, torch.device(device), home)
     run_blockwise(model, tokens, recorder, device=device, batch_size=batch_size, should_cancel=should_cancel,
