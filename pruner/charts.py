@@ -427,8 +427,9 @@ def ppl_vs_speedup_figure(rows: list[dict], dense_ppl: float | None) -> go.Figur
 
 def search_progress_figure(history: list[dict], seeds: dict) -> go.Figure:
     """An allocation search's fitness per generation (``pruner.predictor.search``): the parent's stage-2 KL (the
-    best so far) and the median stage-1 KL of the children measured in that generation, with the best seed's
-    fitness as generation 0 and the seeds as dotted lines in their allocators' colours."""
+    best so far) and the median stage-1 KL of the children measured in that generation beside their parent's KL on
+    the same stage-1 windows (where the history has it: searches saved before it was measured lack it), with the
+    best seed's fitness as generation 0 and the seeds as dotted lines in their allocators' colours."""
     fig = go.Figure()
     gens = [0] + [h["generation"] for h in history]
     chosen = seeds.get("chosen")
@@ -438,6 +439,11 @@ def search_progress_figure(history: list[dict], seeds: dict) -> go.Figure:
     fig.add_trace(go.Scatter(x=gens[1:], y=[h["median"] for h in history], mode="markers",
                              name="median of the measured children (stage 1)",
                              marker=dict(color=ALLOCATOR_COLORS["search"], size=5, opacity=0.5)))
+    own = [(h["generation"], h["parent_first"]) for h in history if h.get("parent_first") is not None]
+    if own:  # the children's median and their parent on one scale: the stage-1 windows
+        fig.add_trace(go.Scatter(x=[g for g, _ in own], y=[f for _, f in own], mode="lines", line_shape="hv",
+                                 name="their parent (stage 1)",
+                                 line=dict(color=ALLOCATOR_COLORS["search"], width=1.5, dash="dash")))
     # the seeds as dotted traces named in the legend: a horizontal line's text annotation on a log axis is placed at
     # 10^y (uniform's KL of 3.47 was drawn at ~2,900 and squeezed the curves into the bottom of the chart)
     span = [gens[0], gens[-1]] if len(gens) > 1 else [0, 1]

@@ -35,6 +35,21 @@ def test_the_search_chart_names_its_seeds_in_the_legend_at_their_kl():
                      "seed: Predictor-optimal (2.477)": [2.4769] * 2}
     assert all(list(t.x) == [0, 2] for t in fig.data if t.name.startswith("seed: "))  # across the generations
     assert max(y for t in fig.data for y in t.y) == 3.4658  # nothing drawn above the worst seed
+    assert not [t for t in fig.data if t.name == "their parent (stage 1)"]  # a history saved before it was measured
+
+
+def test_the_search_chart_draws_the_children_s_parent_on_their_windows():
+    """The children's median (stage 1) was drawn against the parent's stage-2 KL, on other windows: the median could
+    sit below the parent's line though no child beat it. The parent's stage-1 KL is drawn where the history has it."""
+    from pruner.charts import search_progress_figure
+
+    history = [{"generation": 1, "best": 2.47, "median": 2.3, "parent_first": 2.2},
+               {"generation": 2, "best": 2.45, "median": 2.31, "parent_first": 2.2},
+               {"generation": 3, "best": 2.45, "median": 2.25, "parent_first": 2.18}]
+    fig = search_progress_figure(history, {"atp": {"fitness": 2.5}, "chosen": "atp"})
+    parent = [t for t in fig.data if t.name == "their parent (stage 1)"]
+    assert len(parent) == 1 and list(parent[0].x) == [1, 2, 3] and list(parent[0].y) == [2.2, 2.2, 2.18]
+    assert parent[0].line.shape == "hv"  # a parent's value holds until the next one
 
 
 def test_allocation_curves_data_by_hand():

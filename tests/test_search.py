@@ -75,7 +75,11 @@ def test_the_search_finds_a_hand_made_optimum_and_resumes_where_it_stopped():
     assert done.units == target and done.fitness == 1.0  # stage 2 adds 1
     assert all(sum(h) == 240 for h in [done.units])
     assert [h["generation"] for h in done.history] == list(range(1, 61))
-    assert done.forward_tokens == 60 * (SEARCH_MEASURED * 16 + SEARCH_SURVIVORS * 64)
+    parents = 1 + sum(h["replaced"] for h in done.history)  # each parent scored once on stage 1's windows
+    assert done.forward_tokens == 60 * (SEARCH_MEASURED * 16 + SEARCH_SURVIVORS * 64) + parents * 16
+    # the parent's stage-1 fitness: the start's by hand, then each generation's parent's stage-2 score less stage 2's 1
+    assert done.history[0]["parent_first"] == fitness(np.array([60, 60, 60, 60]), 0) == 200.0
+    assert [h["parent_first"] for h in done.history[1:]] == [h["best"] - 1 for h in done.history[:-1]]
     assert done.history[-1]["rank_correlation"] > 0.9  # the prediction is the fitness less a constant
     # deterministic for a seed; another seed takes another path
     assert evolve(_start([60] * 4, 1), 60, lo, hi, fitness, (16, 64), predict).history == done.history
@@ -87,7 +91,8 @@ def test_the_search_finds_a_hand_made_optimum_and_resumes_where_it_stopped():
     assert resumed.to_dict() == done.to_dict()
     # without screening the same number of children is measured (the ablation's equal budget)
     blind = evolve(_start([60] * 4, 1), 60, lo, hi, fitness, (16, 64), predict, screen=False)
-    assert blind.forward_tokens == done.forward_tokens and blind.history != done.history
+    children = lambda s: s.forward_tokens - 16 * (1 + sum(h["replaced"] for h in s.history))  # noqa: E731
+    assert children(blind) == children(done) and blind.history != done.history
 
 
 @pytest.fixture(scope="module")
@@ -279,9 +284,10 @@ def test_the_sequential_fitness_scores_a_parent_as_its_final_wanda_prune(tiny_fo
     passes = {256 * ran // 4 + stage[1] for ran in (1, 2, 3, 4)}
     seeds = [v["forward_tokens"] for v in result["seeds"].values() if isinstance(v, dict)]
     assert len(seeds) == 5 and set(seeds) <= passes
-    counted = sum(seeds)
+    counted, new_parent = sum(seeds), True  # a new parent is scored once on stage 1's windows
     for h in result["history"]:
-        refit, counted = h["forward_tokens"] - counted - (4 * stage[0] + 2 * stage[1]), h["forward_tokens"]
+        scored = 4 * stage[0] + 2 * stage[1] + (stage[0] if new_parent else 0)
+        refit, counted, new_parent = h["forward_tokens"] - counted - scored, h["forward_tokens"], h["replaced"]
         assert refit in (passes if h["refitted"] else {0})
     assert counted == result["forward_tokens"]
 
@@ -441,7 +447,8 @@ def test_a_new_parent_is_refitted_and_its_pass_counted():
     assert done.fitness == own(np.asarray(done.units))  # the refit's value, not the stage-2 score
     kept = [u for u, below in refits if own(np.asarray(u)) < below]
     assert kept[-1] == done.units and len(kept) == len(replaced)
-    assert done.forward_tokens == 40 * (SEARCH_MEASURED * 16 + SEARCH_SURVIVORS * 64) + 1000 * len(refits)
+    assert done.forward_tokens == (40 * (SEARCH_MEASURED * 16 + SEARCH_SURVIVORS * 64) + 1000 * len(refits)
+                                   + 16 * (1 + len(replaced)))  # each parent's stage-1 score
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])

@@ -22,7 +22,8 @@ are pruned by SparseGPT from the Hessians of the parent's sequential SparseGPT p
 
 One generation: ``SEARCH_OFFSPRING`` children of the current best; with screening the damage table around S ranks
 them and the ``SEARCH_MEASURED`` best are measured, without it (the ablation, at the same measured budget) a
-random ``SEARCH_MEASURED``; stage 1 scores those on the first windows, the ``SEARCH_SURVIVORS`` best are scored
+random ``SEARCH_MEASURED``; stage 1 scores those (and, once, each new parent: the children's reference on the
+same windows) on the first windows, the ``SEARCH_SURVIVORS`` best are scored
 on more windows (stage 2, EvoPress's multi-step selection), and the best replaces the parent if it beats it there
 (with ``sequential`` = 1 it is scored again under its own sequential norms first, and must still beat it).
 The table's predictions of every measured child are kept beside their stage-1 fitness, and the rank correlation
@@ -106,7 +107,8 @@ def mutate(units: np.ndarray, lo: np.ndarray, hi: np.ndarray, rng: np.random.Gen
 class SearchState:
     """Where a search stands: the parent (units per block) and its stage-2 fitness, the generations done, the
     random generator's state, one history row per generation, the (prediction, stage-1 fitness) pairs of every
-    measured child, the seeds' fitness, and the calibration tokens scored so far."""
+    measured child, the seeds' fitness, the calibration tokens scored so far, and the parent's stage-1 fitness
+    (``parent_first``: its KL on the windows its children are first scored on; None until measured)."""
 
     units: list[int]
     fitness: float
@@ -116,13 +118,15 @@ class SearchState:
     pairs: list[list[float]] = field(default_factory=list)
     seeds: dict = field(default_factory=dict)
     forward_tokens: int = 0
+    parent_first: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchState":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        """The state saved by ``to_dict`` (one saved before ``parent_first`` existed measures it when it resumes)."""
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 def evolve(state: SearchState, generations: int, lo: np.ndarray, hi: np.ndarray,
@@ -146,6 +150,10 @@ def evolve(state: SearchState, generations: int, lo: np.ndarray, hi: np.ndarray,
     while state.generation < generations:
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"cancelled after generation {state.generation} of {generations} (saved; it resumes there)")
+        if state.parent_first is None:  # the children's reference on their own windows (once per parent)
+            state.parent_first = float(fitness(parent, 0))
+            state.forward_tokens += stage_tokens[0]
+        parent_first = state.parent_first
         children, seen = [], {tuple(parent)}
         for _ in range(SEARCH_OFFSPRING):
             child = mutate(parent, lo, hi, rng)
@@ -173,11 +181,14 @@ def evolve(state: SearchState, generations: int, lo: np.ndarray, hi: np.ndarray,
                 parent, state.fitness = children[survivors[best]], fitness_own
         else:
             refitted = False
+        if replaced:
+            state.parent_first = None
         state.generation += 1
         state.units = parent.tolist()
         state.rng = rng.bit_generator.state
         state.history.append({
             "generation": state.generation, "best": state.fitness, "median": float(np.median(first)),
+            "parent_first": parent_first,
             "proposed": len(children), "measured": len(picked), "survivors": len(survivors), "replaced": replaced,
             "refitted": refitted and refit is not None,
             "rank_correlation": _rank_correlation(state.pairs),
