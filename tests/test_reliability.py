@@ -140,6 +140,15 @@ def test_the_cli_names_corrupt_statistics_in_one_line(tiny_run, data_dir, tmp_pa
     assert f"cached statistics {folder} cannot be used" in out.stderr and f"cache --remove {folder.name}" in out.stderr
 
 
+def _sigint_as_in_a_terminal():
+    """SIGINT at its default in the child, as a command typed in a terminal has it: a suite started in the background
+    by a non-interactive shell (``.ci/run &``) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+    handler, so the Ctrl-C case would exit 0 having ignored the signal, as a shell's background job should."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum,code,word", [(2, 130, "interrupted"), (15, 143, "terminated")])
 def test_a_signal_mid_prune_leaves_no_temporary_folder_and_no_traceback(smollm2, data_dir, tmp_path, signum, code,
                                                                         word):
@@ -159,7 +168,7 @@ def test_a_signal_mid_prune_leaves_no_temporary_folder_and_no_traceback(smollm2,
         proc = subprocess.Popen([sys.executable, "-m", "pruner", "prune", "--allocator", "uniform", "--method",
                                  "wanda", "--sparsity", "0.5", "--preset", "tiny", "--data-dir", data_dir,
                                  "--cache-dir", str(cache), "--device", "cpu"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_in_a_terminal)
         deadline = time.time() + 240
         while time.time() < deadline and not (runs.is_dir() and any(p.name.startswith(".") for p in runs.iterdir())):
             assert proc.poll() is None, proc.communicate()
