@@ -1,6 +1,7 @@
 """`python -m pruner` in a real subprocess: tables, JSON, and one-line errors with exit code 2 and no cache."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,10 @@ import pytest
 from pruner.store.files import PROJECT_ROOT
 
 
-def run_cli(*args, cache: Path, data_dir: str):
+def run_cli(*args, cache: Path, data_dir: str, env: dict | None = None):
     cmd = [sys.executable, "-m", "pruner", *args, "--cache-dir", str(cache), "--data-dir", data_dir]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def cli_in_process(capsys, *args, cache: Path, data_dir: str | None):
@@ -106,9 +108,12 @@ def test_lambda_too_wide_leaves_cache_empty(tiny_folder, tmp_path, data_dir, cap
 def test_prune_eval_and_out(tiny_folder, tmp_path, data_dir, capsys):
     cache, out = tmp_path / "cache", tmp_path / "exported"
     r = run_cli("prune", "--model", tiny_folder, "--preset", "tiny", "--allocator", "owl", "--method", "wanda",
-                "--sparsity", "0.7", "--lam", "0.05", "--m", "3", "--out", str(out), cache=cache, data_dir=data_dir)
+                "--sparsity", "0.7", "--lam", "0.05", "--m", "3", "--out", str(out), cache=cache, data_dir=data_dir,
+                env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     key = r.stdout.split()[1].rstrip(":")
+    # the threads it computed with (a SparseGPT run's weights depend on them): the process's, here 1
+    assert json.loads((cache / "runs" / key / "manifest.json").read_text())["execution"]["torch_threads"] == 1
     assert "achieved sparsity 0.69" in r.stdout and "prune" in r.stderr  # progress bar per block
     assert (out / "model.safetensors").is_file() and json.loads((out / "manifest.json").read_text())["key"] == key
     r = cli_in_process(capsys, "eval", "--run", key, "--ppl", "--max-chunks", "2", "--eval-seqlen", "64", "--json",

@@ -304,6 +304,9 @@ def test_a_workers_prune_after_other_jobs_equals_a_fresh_processs(cache, data_di
     jobs = [_wait(store, i, _final) for i in ids]
     assert [j.state for j in jobs] == ["done"] * 3, [j.error for j in jobs]
     assert len({j.worker_pid for j in jobs}) == 1  # one process ran the three, in turn
+    # the worker computed with the threads its environment gives (conftest's), and the learned result says so
+    learned = artifacts.cached_learned(other.stats_spec, "besa", 0.5, None, cache)
+    assert (learned["device"], learned["torch_threads"]) == ("cpu", int(os.environ["OMP_NUM_THREADS"]))
     if sys.platform == "linux":  # each job's recorded peak memory is its own (the worker resets it per job)
         learned = artifacts.cached_learned(other.stats_spec, "besa", 0.5, None, cache)
         assert learned["peak_rss_since"] == PEAK_SINCE_RESET and learned["peak_rss_gb"] > 0

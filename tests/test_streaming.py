@@ -49,7 +49,8 @@ def test_streamed_prune_equals_in_memory_for_every_method(sharded_folder, data_d
     streamed = run_prune(spec, tmp_path, stream=True)
     _assert_same_weights(in_memory, streamed)
     manifest = json.loads((streamed / "manifest.json").read_text())
-    assert manifest["execution"] == {"streamed": True, "device": "cpu", "offload_activations": False}
+    assert manifest["execution"] == {"streamed": True, "device": "cpu", "offload_activations": False,
+                                     "torch_threads": torch.get_num_threads()}
     assert manifest["achieved"]["overall"] == pytest.approx(0.6, abs=0.01)
     # the streamed run loads like any run and computes what the in-memory one does
     a, _ = load_run(in_memory)
@@ -101,7 +102,8 @@ def test_streamed_besa_learns_and_prunes_as_in_memory(sharded_folder, data_dir, 
                for side in ("a", "b")]
     assert learned[0]["layer_sparsity"] == learned[1]["layer_sparsity"]
     manifest = json.loads((streamed / "manifest.json").read_text())
-    assert manifest["execution"] == {"streamed": True, "device": "cpu", "offload_activations": True}
+    assert manifest["execution"] == {"streamed": True, "device": "cpu", "offload_activations": True,
+                                     "torch_threads": torch.get_num_threads()}
     assert "BESA's per-weight state" in manifest["memory"]["plan_gb"]  # the plan counted the learning
 
 

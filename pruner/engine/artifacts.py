@@ -218,11 +218,13 @@ def learn_allocation(spec: StatsSpec, allocator: str, sparsity: float, params: d
         stats.meta.update(key=spec.key(), model=spec.model.identity(), calib=spec.calib.identity(),
                           summary=model_summary(loaded), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         save_stats(spec, stats, cache_dir)
+    import torch  # (loaded by now: the learner ran on it)
+
     peak_gb, peak_since = peak_rss_gb()  # a job's own (the worker resets it per job), else this process's
     result = {"allocator": allocator, "sparsity": S, "params": params, "settings": learner.settings,
               "model": spec.model.identity(), "calib": spec.calib.identity(),
               "seconds": round(time.perf_counter() - t0, 2), "peak_rss_gb": peak_gb, "peak_rss_since": peak_since,
-              **result}
+              "device": str(loaded.device), "torch_threads": torch.get_num_threads(), **result}
     key = learned_key(spec, allocator, S, params)
     with atomic_dir(CacheLayout.at(cache_dir).learned(key)) as tmp:
         (tmp / LEARNED_FILE).write_text(json.dumps(result, indent=1))

@@ -37,6 +37,18 @@ def _start_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def _execution(base) -> dict:
+    """How the run was computed: streamed or not, on which device, with activations offloaded or not, and with how
+    many CPU threads (``torch_threads``): SparseGPT's pruned weights depend on the thread count (float32 sums in
+    another order flip a few masks in block 0 and more in every later block; on SmolLM2 at 70%, 1 thread instead of 2
+    flipped 3.6% of the masks and moved the perplexity 9%, docs/results.md), so a run is reproduced bit for bit only
+    with the same device and threads. The run's key leaves them out: it names what was asked, not where it ran."""
+    import torch
+
+    return {"streamed": base.streamed, "device": str(base.device),
+            "offload_activations": base.spec.offload_activations, "torch_threads": torch.get_num_threads()}
+
+
 def _peak_memory() -> dict:
     import torch
 
@@ -199,8 +211,7 @@ def _make_run(spec, cache_dir: Path | None = None, *, loaded: LoadedModel | None
             # where the allocation's inputs came from: cached statistics, a statistics pass run now, or the model
             "allocation_inputs": source,
             **({"tuning": tuning} if tuning else {}),
-            "execution": {"streamed": base.streamed, "device": str(base.device),
-                          "offload_activations": base.spec.offload_activations},
+            "execution": _execution(base),
             "timings_s": {"statistics": round(t_stats, 2),
                           **({"learn_allocation": round(t_learn, 2)} if learned is not None else {}),
                           "prune": round(t_prune, 2)},
