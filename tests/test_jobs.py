@@ -308,7 +308,6 @@ def test_a_workers_prune_after_other_jobs_equals_a_fresh_processs(cache, data_di
     learned = artifacts.cached_learned(other.stats_spec, "besa", 0.5, None, cache)
     assert (learned["device"], learned["torch_threads"]) == ("cpu", int(os.environ["OMP_NUM_THREADS"]))
     if sys.platform == "linux":  # each job's recorded peak memory is its own (the worker resets it per job)
-        learned = artifacts.cached_learned(other.stats_spec, "besa", 0.5, None, cache)
         assert learned["peak_rss_since"] == PEAK_SINCE_RESET and learned["peak_rss_gb"] > 0
         assert read_run(run_folder(target.key(), cache)).raw["memory"]["peak_rss_since"] == PEAK_SINCE_RESET
 

@@ -153,7 +153,6 @@ def evolve(state: SearchState, generations: int, lo: np.ndarray, hi: np.ndarray,
         if state.parent_first is None:  # the children's reference on their own windows (once per parent)
             state.parent_first = float(fitness(parent, 0))
             state.forward_tokens += stage_tokens[0]
-        parent_first = state.parent_first
         children, seen = [], {tuple(parent)}
         for _ in range(SEARCH_OFFSPRING):
             child = mutate(parent, lo, hi, rng)
@@ -181,18 +180,18 @@ def evolve(state: SearchState, generations: int, lo: np.ndarray, hi: np.ndarray,
                 parent, state.fitness = children[survivors[best]], fitness_own
         else:
             refitted = False
-        if replaced:
-            state.parent_first = None
         state.generation += 1
         state.units = parent.tolist()
         state.rng = rng.bit_generator.state
         state.history.append({
             "generation": state.generation, "best": state.fitness, "median": float(np.median(first)),
-            "parent_first": parent_first,
+            "parent_first": state.parent_first,
             "proposed": len(children), "measured": len(picked), "survivors": len(survivors), "replaced": replaced,
             "refitted": refitted and refit is not None,
             "rank_correlation": _rank_correlation(state.pairs),
             "forward_tokens": state.forward_tokens})
+        if replaced:  # the new parent is scored on stage 1's windows when its children are
+            state.parent_first = None
         if on_generation is not None:
             on_generation(state)
     return state
